@@ -1,0 +1,1 @@
+"""The appliance: service, slide pipeline, results. Never imports torch or TensorFlow."""

@@ -1,0 +1,129 @@
+"""The one command-line entry point, ``cytoedge``.
+
+This module is the composition root: it is the only place in ``appliance``
+that reaches ``export``, ``gui`` and ``bench``, and only through their own
+Typer groups, which import torch, TensorFlow or Qt inside the commands, never
+at module level (tests/test_layering.py holds that line).
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from appliance.config import Config, ConfigError, load_config
+from appliance.logs import setup_logging
+from bench.cli import bench_app
+from export.cli import export_app
+
+NOT_AVAILABLE_EXIT = 2
+app = typer.Typer(
+    name="cytoedge",
+    help="Offline hematology slide scoring: watch an inbox, score scans, explain results.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+app.add_typer(export_app, name="export")
+app.add_typer(bench_app, name="bench")
+log = logging.getLogger("cytoedge")
+
+ConfigOption = Annotated[
+    Path | None,
+    typer.Option(
+        "--config",
+        "-c",
+        help="TOML configuration file (default: $CYTOEDGE_CONFIG).",
+        envvar="CYTOEDGE_CONFIG",
+        show_envvar=False,
+        dir_okay=False,
+    ),
+]
+
+
+def fail(message: str, code: int = NOT_AVAILABLE_EXIT) -> typer.Exit:
+    """Print one line on stderr and return the Exit to raise."""
+    sys.stderr.write(f"cytoedge: {message}\n")
+    return typer.Exit(code)
+
+
+def setup(config_path: Path | None, *, log_to_file: bool = True) -> Config:
+    """Load the configuration and start logging; a bad file exits 2 with one line."""
+    try:
+        config = load_config(config_path)
+    except ConfigError as exc:
+        raise fail(str(exc)) from None
+    try:
+        config.ensure_dirs()
+    except OSError as exc:
+        raise fail(f"cannot create the data directories: {exc}") from None
+    setup_logging(
+        config.log_dir if log_to_file else None,
+        config.logging.level,
+        config.logging.max_bytes,
+        config.logging.backups,
+    )
+    return config
+
+
+def not_available(what: str, issue: str) -> typer.Exit:
+    return fail(f"{what} is not available yet ({issue}).")
+
+
+@app.command()
+def run(config: ConfigOption = None) -> None:
+    """Run the service: watch the inbox, score each complete scan once."""
+    setup(config)
+    raise not_available("the service", "the watched inbox and job store are still being built")
+
+
+@app.command()
+def score(
+    files: Annotated[list[Path], typer.Argument(help="Scan files or single-cell folders.")],
+    case: Annotated[str | None, typer.Option(help="Score all FILES as one case.")] = None,
+    config: ConfigOption = None,
+) -> None:
+    """Score one or more scans now and print the result."""
+    setup(config)
+    raise not_available("scoring", "the slide pipeline is still being built")
+
+
+@app.command()
+def gui(
+    with_service: Annotated[
+        bool, typer.Option("--with-service", help="Also run the service in this process.")
+    ] = False,
+    config: ConfigOption = None,
+) -> None:
+    """Open the technician's window."""
+    setup(config)
+    raise not_available("the window", "the desktop window is still being built")
+
+
+@app.command()
+def demo(config: ConfigOption = None) -> None:
+    """Build the demo bundle and demo scans (once), then score them."""
+    setup(config)
+    raise not_available("the demo", "the demo bundle and synthetic smears are still being built")
+
+
+@app.command()
+def doctor(
+    bundle: Annotated[
+        Path | None, typer.Option(help="Verify this bundle instead of the configured one.")
+    ] = None,
+    config: ConfigOption = None,
+) -> None:
+    """Show what this machine can run; exit 0 when the configured setup can score."""
+    from appliance.doctor import run_doctor
+
+    cfg = setup(config, log_to_file=False)
+    raise typer.Exit(run_doctor(cfg, bundle))
+
+
+def main() -> None:
+    app()

@@ -1,0 +1,209 @@
+"""One TOML configuration file, validated on load.
+
+The file is found from ``--config``, else ``$CYTOEDGE_CONFIG``, else
+``<data_dir>/cytoedge.toml`` when it exists; with none, the defaults apply.
+Every section is a frozen dataclass: its fields are the only keys allowed, and
+their annotations are the types checked. A bad file raises ``ConfigError``
+whose message is one line naming the file and the key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tomllib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+CONFIG_ENV = "CYTOEDGE_CONFIG"
+DATA_ENV = "CYTOEDGE_DATA"
+BACKENDS = ("auto", "tensorrt", "ort-tensorrt", "ort-cuda", "ort-cpu")
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+
+
+class ConfigError(ValueError):
+    """A configuration file that cannot be used; the message is one line."""
+
+
+def default_data_dir() -> Path:
+    if os.environ.get(DATA_ENV):
+        return Path(os.environ[DATA_ENV]).expanduser()
+    xdg = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
+    return Path(xdg) / "cytoedge"
+
+
+@dataclass(frozen=True)
+class PathsConfig:
+    # Empty means "derive from data_dir"; see Config.resolved().
+    data_dir: str = ""
+    inbox: str = ""
+    outbox: str = ""
+    bundle: str = ""
+    archive: str = ""
+
+
+@dataclass(frozen=True)
+class RuntimeConfig:
+    backend: str = "auto"
+    threads: int = 0  # 0: one per core
+    encoder_batch: int = 0  # 0: the backend's own best batch size
+
+
+@dataclass(frozen=True)
+class WatchConfig:
+    quiet_seconds: float = 10.0
+    case_quiet_seconds: float = 300.0
+    rescan_seconds: float = 60.0
+    polling: bool = False
+    case_pattern: str = ""
+
+
+@dataclass(frozen=True)
+class ScanConfig:
+    # Pixel size for plain images that carry none and have no sidecar; 0: reject them.
+    pixel_size_um: float = 0.0
+
+
+@dataclass(frozen=True)
+class LoggingConfig:
+    level: str = "INFO"
+    max_bytes: int = 10_000_000
+    backups: int = 5
+
+
+@dataclass(frozen=True)
+class Config:
+    paths: PathsConfig = field(default_factory=PathsConfig)
+    runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
+    watch: WatchConfig = field(default_factory=WatchConfig)
+    scan: ScanConfig = field(default_factory=ScanConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    source: Path | None = None  # the file it was read from, None for defaults
+
+    @property
+    def data_dir(self) -> Path:
+        return Path(self.paths.data_dir).expanduser() if self.paths.data_dir else default_data_dir()
+
+    @property
+    def inbox(self) -> Path:
+        return self._path_or(self.paths.inbox, "inbox")
+
+    @property
+    def outbox(self) -> Path:
+        return self._path_or(self.paths.outbox, "outbox")
+
+    @property
+    def bundle_dir(self) -> Path:
+        return self._path_or(self.paths.bundle, "bundles/demo")
+
+    @property
+    def archive_dir(self) -> Path | None:
+        return Path(self.paths.archive).expanduser() if self.paths.archive else None
+
+    @property
+    def log_dir(self) -> Path:
+        return self.data_dir / "logs"
+
+    @property
+    def state_dir(self) -> Path:
+        return self.data_dir / "state"
+
+    @property
+    def cache_dir(self) -> Path:
+        return self.data_dir / "cache"
+
+    def _path_or(self, value: str, default_below_data: str) -> Path:
+        return Path(value).expanduser() if value else self.data_dir / default_below_data
+
+    def ensure_dirs(self) -> None:
+        """Create the directories the defaults put under the data directory."""
+        for path in (self.data_dir, self.inbox, self.outbox, self.log_dir, self.state_dir):
+            path.mkdir(parents=True, exist_ok=True)
+
+
+# Values checked beyond their type: (section, key) -> allowed values.
+_CHOICES: dict[tuple[str, str], tuple[str, ...]] = {
+    ("runtime", "backend"): BACKENDS,
+    ("logging", "level"): LOG_LEVELS,
+}
+# Paths that, when set in the file, must already exist (defaults are created).
+_MUST_EXIST = {("paths", "data_dir"), ("paths", "inbox"), ("paths", "outbox"), ("paths", "archive")}
+
+
+def find_config_file(explicit: Path | None = None) -> Path | None:
+    if explicit is not None:
+        return explicit
+    if os.environ.get(CONFIG_ENV):
+        return Path(os.environ[CONFIG_ENV]).expanduser()
+    candidate = default_data_dir() / "cytoedge.toml"
+    return candidate if candidate.is_file() else None
+
+
+def load_config(path: Path | None = None) -> Config:
+    """Load and validate the configuration; defaults when no file is found."""
+    source = find_config_file(path)
+    if source is None:
+        return Config()
+    try:
+        raw = tomllib.loads(source.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(f"{source}: configuration file not found") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{source}: cannot read: {exc}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{source}: not valid TOML: {exc}") from None
+    return _build(raw, source)
+
+
+def _build(raw: dict[str, Any], source: Path) -> Config:
+    sections: dict[str, Any] = {}
+    hints = typing.get_type_hints(Config)
+    for name, value in raw.items():
+        if name == "source" or name not in hints:
+            raise ConfigError(f"{source}: unknown section [{name}]")
+        if not isinstance(value, dict):
+            raise ConfigError(f"{source}: [{name}] must be a table")
+        sections[name] = _build_section(name, hints[name], value, source)
+    return Config(**sections, source=source)
+
+
+def _build_section(name: str, cls: type, values: dict[str, Any], source: Path) -> Any:
+    hints = typing.get_type_hints(cls)
+    for key, value in values.items():
+        if key not in hints:
+            allowed = ", ".join(f.name for f in dataclasses.fields(cls))
+            raise ConfigError(f"{source}: unknown key {name}.{key} (allowed: {allowed})")
+        expected = hints[key]
+        if not _type_ok(value, expected):
+            raise ConfigError(
+                f"{source}: {name}.{key} must be {_type_name(expected)}, "
+                f"got {type(value).__name__} {value!r}"
+            )
+        choices = _CHOICES.get((name, key))
+        if choices and value not in choices:
+            raise ConfigError(f"{source}: {name}.{key} must be one of {', '.join(choices)}")
+        if (name, key) in _MUST_EXIST and value and not Path(value).expanduser().is_dir():
+            raise ConfigError(f"{source}: {name}.{key}: directory {value} does not exist")
+        if isinstance(value, int | float) and not isinstance(value, bool) and value < 0:
+            raise ConfigError(f"{source}: {name}.{key} must not be negative")
+    return cls(**{k: float(v) if hints[k] is float else v for k, v in values.items()})
+
+
+def _type_ok(value: Any, expected: Any) -> bool:
+    if expected is bool:
+        return isinstance(value, bool)
+    if expected is float:
+        return isinstance(value, int | float) and not isinstance(value, bool)
+    if expected is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if isinstance(expected, types.UnionType):
+        return any(_type_ok(value, arg) for arg in typing.get_args(expected))
+    return isinstance(value, expected)
+
+
+def _type_name(expected: Any) -> str:
+    names = {bool: "true or false", float: "a number", int: "an integer", str: "a string"}
+    return names.get(expected, str(expected))

@@ -1,0 +1,59 @@
+"""Logging: human-readable lines on the console, JSON lines in a rotating file."""
+
+from __future__ import annotations
+
+import json
+import logging
+import logging.handlers
+import time
+from pathlib import Path
+
+from rich.logging import RichHandler
+
+LOG_FILE_NAME = "cytoedge.jsonl"
+_STANDARD_ATTRS = set(logging.LogRecord("", 0, "", 0, "", None, None).__dict__) | {"message"}
+
+
+class JsonLineFormatter(logging.Formatter):
+    """One JSON object per record; ``extra={...}`` fields are kept as keys."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        entry = {
+            "time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
+            + f".{int(record.msecs):03d}Z",
+            "level": record.levelname,
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        for key, value in record.__dict__.items():
+            if key not in _STANDARD_ATTRS and not key.startswith("_"):
+                entry[key] = value
+        if record.exc_info:
+            entry["exception"] = self.formatException(record.exc_info)
+        return json.dumps(entry, default=str, ensure_ascii=False)
+
+
+def setup_logging(
+    log_dir: Path | None,
+    level: str = "INFO",
+    max_bytes: int = 10_000_000,
+    backups: int = 5,
+) -> None:
+    """Configure the root logger once per process (calling again replaces handlers)."""
+    root = logging.getLogger()
+    for handler in list(root.handlers):
+        root.removeHandler(handler)
+        handler.close()
+    root.setLevel(level)
+    console = RichHandler(show_path=False, rich_tracebacks=False, markup=False)
+    console.setLevel(level)
+    root.addHandler(console)
+    if log_dir is not None:
+        log_dir.mkdir(parents=True, exist_ok=True)
+        file_handler = logging.handlers.RotatingFileHandler(
+            log_dir / LOG_FILE_NAME, maxBytes=max_bytes, backupCount=backups, encoding="utf-8"
+        )
+        file_handler.setFormatter(JsonLineFormatter())
+        file_handler.setLevel(logging.DEBUG)
+        root.addHandler(file_handler)
+        root.setLevel(logging.DEBUG)

@@ -1,0 +1,1 @@
+"""The torch / TensorFlow side: model definitions, loaders, export, parity, bundles."""

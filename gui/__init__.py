@@ -1,0 +1,1 @@
+"""The technician's PySide6 window."""

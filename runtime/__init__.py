@@ -1,0 +1,1 @@
+"""Inference on a bundle's networks. Imports nothing from appliance, export or gui."""

@@ -1,0 +1,60 @@
+"""The CLI as a user runs it: a real subprocess of the installed entry point."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+SUBCOMMANDS = ("run", "score", "gui", "demo", "doctor", "export", "bench")
+
+
+def cytoedge(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "appliance", *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, **(env or {})},
+    )
+
+
+def test_help_lists_every_subcommand() -> None:
+    result = cytoedge("--help")
+    assert result.returncode == 0, result.stderr
+    for name in SUBCOMMANDS:
+        assert f" {name} " in result.stdout, name
+
+
+def test_doctor_exits_zero_on_this_machine() -> None:
+    result = cytoedge("doctor")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "ort-cpu" in result.stdout
+    assert "OpenSlide: library" in result.stdout
+    assert "Ready to score once the demo bundle is built." in result.stdout
+
+
+def test_doctor_fails_for_a_configured_bundle_that_is_not_there(tmp_path: Path) -> None:
+    result = cytoedge("doctor", "--bundle", str(tmp_path / "nowhere"))
+    assert result.returncode == 1
+    assert "no bundle.json" in result.stdout
+
+
+def test_broken_config_gives_one_line_and_exit_2(tmp_path: Path) -> None:
+    config = tmp_path / "broken.toml"
+    config.write_text("[runtime]\nthreads = 'many'\n", encoding="utf-8")
+    result = cytoedge("doctor", "--config", str(config))
+    assert result.returncode == 2
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, result.stderr
+    assert "runtime.threads" in lines[0] and str(config) in lines[0]
+    assert "Traceback" not in result.stderr + result.stdout
+
+
+def test_broken_config_from_environment_gives_exit_2(tmp_path: Path) -> None:
+    config = tmp_path / "broken.toml"
+    config.write_text("[paths]\nunknown = 'x'\n", encoding="utf-8")
+    result = cytoedge("doctor", env={"CYTOEDGE_CONFIG": str(config)})
+    assert result.returncode == 2
+    assert "unknown key paths.unknown" in result.stderr
