@@ -1,0 +1,223 @@
+"""The one-page technician report: one HTML layout, printed to PDF by Qt.
+
+The HTML uses only the subset Qt's rich-text engine renders (tables, inline
+styles, images), so ``report.pdf`` is the same content as ``report.html``
+without a second layout to keep in step. PySide6 is optional: without it the
+PDF is skipped with a logged note.
+"""
+
+from __future__ import annotations
+
+import html
+import logging
+import os
+import re
+import threading
+import uuid
+from pathlib import Path
+from typing import Any
+
+DEMO_WARNING = "DEMO MODEL, NOT FOR DIAGNOSIS"
+CALL_COLOURS = {"positive": "#b00020", "negative": "#1b5e20", "indeterminate": "#8a6d00"}
+_qt_lock = threading.Lock()
+log = logging.getLogger(__name__)
+
+
+def _e(value: Any) -> str:
+    return html.escape("" if value is None else str(value))
+
+
+def _pct(value: float | None) -> str:
+    return "-" if value is None else f"{100 * value:.1f} %"
+
+
+def render_report_html(result: dict[str, Any]) -> str:
+    """Everything a technician needs on one page, from the result.json content."""
+    bundle = result.get("bundle", {})
+    parts = [
+        "<html><head><meta charset='utf-8'>",
+        f"<title>cytoedge - case {_e(result.get('case_id'))}</title></head>",
+        "<body style='font-family: sans-serif; font-size: 10pt;'>",
+    ]
+    if bundle.get("intended_use") == "demo":
+        parts.append(
+            "<table width='100%' cellpadding='8' style='background-color:#b00020;'>"
+            "<tr><td style='color:white; font-size:16pt; font-weight:bold;' align='center'>"
+            f"{DEMO_WARNING}</td></tr>"
+            "<tr><td style='color:white;' align='center'>This result comes from a demonstration"
+            " model trained on synthetic images. It says nothing about a patient.</td></tr>"
+            "</table>"
+        )
+    parts.append(
+        f"<h2>Case {_e(result.get('case_id'))} &nbsp; <small>result version "
+        f"{_e(result.get('version'))}</small></h2>"
+    )
+    parts.append(_status_block(result))
+    parts.append(_predictions_block(result))
+    parts.append(_scans_block(result))
+    parts.append(_pictures_block(result))
+    parts.append(_footer(result))
+    parts.append("</body></html>")
+    return "\n".join(parts)
+
+
+def _status_block(result: dict[str, Any]) -> str:
+    status = result.get("status", "")
+    if status == "scored":
+        colour, text = "#1b5e20", "Scored"
+    elif status == "abstained":
+        colour, text = "#8a6d00", f"No call (abstained): {_e(result.get('abstain_reason'))}"
+    else:
+        colour, text = "#b00020", f"Rejected: {_e(result.get('abstain_reason'))}"
+    cells = sum(int(scan.get("cells", 0)) for scan in result.get("scans", []))
+    mass = result.get("attention_top20_mass")
+    lines = [
+        f"<p style='font-size:13pt; font-weight:bold; color:{colour};'>{text}</p>",
+        f"<p>{cells} cells from {len(result.get('scans', []))} scan(s) scored together.",
+    ]
+    if mass is not None:
+        lines.append(f" The top 20 % of cells hold {_pct(mass)} of the attention.")
+    lines.append("</p>")
+    return "".join(lines)
+
+
+def _predictions_block(result: dict[str, Any]) -> str:
+    predictions = result.get("predictions") or []
+    if not predictions:
+        return ""
+    rows = [
+        "<h3>Predictions</h3>",
+        "<table border='1' cellspacing='0' cellpadding='4'>",
+        "<tr><th align='left'>task</th><th>probability</th><th>threshold</th><th>call</th></tr>",
+    ]
+    for p in predictions:
+        call = p.get("call", "")
+        colour = CALL_COLOURS.get(call, "black")
+        rows.append(
+            f"<tr><td>{_e(p.get('label') or p.get('task'))}</td>"
+            f"<td align='right'>{p.get('probability', 0):.3f}</td>"
+            f"<td align='right'>{p.get('threshold', 0):.3f}</td>"
+            f"<td style='color:{colour}; font-weight:bold;'>{_e(call)}</td></tr>"
+        )
+    rows.append("</table>")
+    high_risk = result.get("high_risk")
+    if high_risk is not None:
+        rows.append(f"<p><b>High risk (del(17p) and/or t(4;14)):</b> {_e(high_risk)}</p>")
+    if result.get("malignancy_probability") is not None:
+        top2 = ", ".join(
+            f"{_e(c.get('class'))} {c.get('probability', 0):.2f}" for c in result.get("top2") or []
+        )
+        rows.append(
+            f"<p><b>Malignancy probability:</b> {result['malignancy_probability']:.3f}"
+            f" &nbsp; <b>Top 2:</b> {top2}</p>"
+        )
+    return "".join(rows)
+
+
+def _scans_block(result: dict[str, Any]) -> str:
+    rows = [
+        "<h3>Scans and quality control</h3>",
+        "<table border='1' cellspacing='0' cellpadding='4'>",
+        "<tr><th align='left'>scan</th><th>format</th><th>um/px</th><th>QC</th>"
+        "<th align='left'>reasons</th><th>cells</th></tr>",
+    ]
+    for scan in result.get("scans", []):
+        qc = scan.get("qc") or {}
+        verdict = qc.get("verdict", "-")
+        colour = "#1b5e20" if verdict == "pass" else "#b00020"
+        pixel = scan.get("pixel_size_um")
+        rows.append(
+            f"<tr><td>{_e(Path(str(scan.get('path', ''))).name)}</td>"
+            f"<td>{_e(scan.get('format'))}</td>"
+            f"<td align='right'>{'-' if pixel is None else f'{pixel:.3f}'}</td>"
+            f"<td style='color:{colour}; font-weight:bold;'>{_e(verdict)}</td>"
+            f"<td>{_e('; '.join(qc.get('reasons') or []))}</td>"
+            f"<td align='right'>{_e(scan.get('cells', 0))}</td></tr>"
+        )
+    rows.append("</table>")
+    return "".join(rows)
+
+
+def _pictures_block(result: dict[str, Any]) -> str:
+    # Gallery and heatmaps side by side so that the report stays on one A4 page.
+    outputs = result.get("outputs") or {}
+    gallery = ""
+    if "gallery" in outputs:
+        gallery = (
+            "<b>The 20 cells with the highest attention</b><br>"
+            f"<img src='{_e(outputs['gallery'])}' width='400'>"
+        )
+    heatmaps = [(k, v) for k, v in outputs.items() if k.endswith(":heatmap")]
+    maps = ""
+    if heatmaps:
+        maps = "<b>Attention over each slide</b><br>(blue low, red high)<br>"
+        for key, path in heatmaps:
+            slide = key.split(":")[1]
+            width = 230 if len(heatmaps) == 1 else 150
+            maps += f"<img src='{_e(path)}' width='{width}'><br><small>{_e(slide)}</small><br>"
+    if not gallery and not maps:
+        return ""
+    return (
+        "<table cellpadding='4'><tr>"
+        f"<td valign='top'>{gallery}</td><td valign='top'>{maps}</td></tr></table>"
+    )
+
+
+def _footer(result: dict[str, Any]) -> str:
+    bundle = result.get("bundle", {})
+    timings = result.get("timings_s") or {}
+    timing_text = ", ".join(f"{k} {v:.1f} s" for k, v in timings.items())
+    return (
+        "<hr><p style='font-size:8pt; color:#555;'>"
+        f"Model bundle {_e(bundle.get('name'))} {_e(bundle.get('version'))} "
+        f"(intended use: {_e(bundle.get('intended_use'))}, sha256 "
+        f"{_e(str(bundle.get('sha256', ''))[:16])}); backend {_e(result.get('backend'))}; "
+        f"created {_e(result.get('created'))}.<br>Timings: {_e(timing_text)}</p>"
+    )
+
+
+def write_report_pdf(report_html: str, base_dir: Path, target: Path) -> bool:
+    """Print the report HTML to ``target`` with Qt; False (and a log line) without PySide6."""
+    try:
+        from PySide6.QtCore import QMarginsF, QUrl
+        from PySide6.QtGui import (
+            QGuiApplication,
+            QImage,
+            QPageLayout,
+            QPageSize,
+            QPdfWriter,
+            QTextDocument,
+        )
+    except ImportError as exc:
+        log.warning("report.pdf skipped: PySide6 is not installed (%s)", exc)
+        return False
+    tmp = target.with_name(f".{target.name}.tmp-{uuid.uuid4().hex[:8]}")
+    with _qt_lock:
+        if QGuiApplication.instance() is None:
+            # Fonts need an application object; offscreen needs no display.
+            os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")
+            _keep_alive.append(QGuiApplication(["cytoedge-report"]))
+        document = QTextDocument()
+        for src in set(re.findall(r"<img src='([^']+)'", report_html)):
+            image = QImage(str(base_dir / html.unescape(src)))
+            if not image.isNull():
+                document.addResource(QTextDocument.ResourceType.ImageResource, QUrl(src), image)
+        document.setHtml(report_html)
+        writer = QPdfWriter(str(tmp))
+        writer.setPageSize(QPageSize(QPageSize.PageSizeId.A4))
+        writer.setPageMargins(QMarginsF(12, 12, 12, 12), QPageLayout.Unit.Millimeter)
+        writer.setTitle("cytoedge report")
+        writer.setCreator("cytoedge")
+        document.print_(writer)
+        del writer
+    try:
+        if not tmp.exists() or tmp.stat().st_size == 0:
+            log.warning("report.pdf skipped: Qt wrote no PDF")
+            return False
+        os.replace(tmp, target)
+        return True
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+_keep_alive: list[Any] = []
