@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import shutil
 import subprocess
 from dataclasses import dataclass
@@ -24,23 +25,57 @@ def _version_of(module_name: str) -> str | None:
     return getattr(module, "__version__", "unknown version")
 
 
+@dataclass(frozen=True)
+class GpuInfo:
+    name: str
+    compute_capability: str  # "major.minor"; "" when the driver does not say
+
+
+def _nvidia_smi(fields: str) -> list[list[str]] | None:
+    nvidia_smi = shutil.which("nvidia-smi")
+    if not nvidia_smi:
+        return None
+    try:
+        out = subprocess.run(
+            [nvidia_smi, f"--query-gpu={fields}", "--format=csv,noheader"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=True,
+        ).stdout
+    except (subprocess.SubprocessError, OSError):
+        return []
+    return [[part.strip() for part in line.split(",")] for line in out.splitlines() if line.strip()]
+
+
+def gpu_info() -> list[GpuInfo]:
+    """Name and compute capability of each NVIDIA GPU nvidia-smi reports."""
+    rows = _nvidia_smi("name,compute_cap")
+    if rows is None:
+        return []
+    if not rows:  # drivers older than 510 have no compute_cap field
+        rows = [[name] for name in gpu_names()]
+    return [GpuInfo(row[0], row[1] if len(row) > 1 else "") for row in rows]
+
+
 def gpu_names() -> list[str]:
     """Names of the NVIDIA GPUs the driver reports; empty when none is visible."""
-    nvidia_smi = shutil.which("nvidia-smi")
-    if nvidia_smi:
-        try:
-            out = subprocess.run(
-                [nvidia_smi, "--query-gpu=name", "--format=csv,noheader"],
-                capture_output=True,
-                text=True,
-                timeout=10,
-                check=True,
-            ).stdout
-            return [line.strip() for line in out.splitlines() if line.strip()]
-        except (subprocess.SubprocessError, OSError):
-            return []
+    rows = _nvidia_smi("name")
+    if rows is not None:
+        return [row[0] for row in rows]
     proc = Path("/proc/driver/nvidia/gpus")
     return [p.name for p in proc.iterdir()] if proc.is_dir() else []
+
+
+def _cuda_python_present() -> bool:
+    """cuda-python's runtime bindings, which the TensorRT backend allocates memory with."""
+    for name in ("cuda.bindings.runtime", "cuda.cudart"):
+        try:
+            if importlib.util.find_spec(name) is not None:
+                return True
+        except ImportError:  # the parent package "cuda" is absent
+            continue
+    return False
 
 
 def probe_backends() -> list[BackendStatus]:
@@ -49,13 +84,14 @@ def probe_backends() -> list[BackendStatus]:
     gpu_note = "" if gpus else "; no GPU visible"
     statuses = []
     trt = _version_of("tensorrt")
-    statuses.append(
-        BackendStatus(
-            "tensorrt",
-            trt is not None and bool(gpus),
-            f"TensorRT {trt}{gpu_note}" if trt else "tensorrt is not installed",
+    if trt is None:
+        statuses.append(BackendStatus("tensorrt", False, "tensorrt is not installed"))
+    elif not _cuda_python_present():
+        statuses.append(
+            BackendStatus("tensorrt", False, f"TensorRT {trt}, but cuda-python is not installed")
         )
-    )
+    else:
+        statuses.append(BackendStatus("tensorrt", bool(gpus), f"TensorRT {trt}{gpu_note}"))
     ort = _version_of("onnxruntime")
     providers: list[str] = []
     if ort is not None:

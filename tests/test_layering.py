@@ -27,6 +27,23 @@ def test_importing_appliance_and_runtime_loads_no_framework() -> None:
     assert not loaded & set(HEAVY), loaded & set(HEAVY)
 
 
+def test_scoring_with_the_runtime_loads_no_framework(tmp_path: Path) -> None:
+    # Every runtime module imported, and a bundle's encoder and heads actually run.
+    from tests.runtime_models import TinyBundle
+
+    TinyBundle(tmp_path).write()
+    loaded = modules_loaded_by(
+        "import numpy as np, runtime.backends.trt, runtime.backends.cuda, runtime.engines; "
+        "from runtime.bundle import load_bundle; from runtime.encoder import Encoder; "
+        "from runtime.heads import load_heads; "
+        f"b = load_bundle({str(tmp_path / 'bundle')!r}); "
+        "e = Encoder(b).embed(np.zeros((2, 32, 32, 3), np.uint8)); "
+        "[h.predict(e) for h in load_heads(b).values()]"
+    )
+    assert "onnxruntime" in loaded
+    assert not loaded & set(HEAVY), loaded & set(HEAVY)
+
+
 def test_no_framework_import_statements_on_the_scoring_path() -> None:
     pattern = re.compile(rf"^\s*(import|from)\s+({'|'.join(HEAVY)})\b", re.MULTILINE)
     offenders = [

@@ -1,0 +1,110 @@
+"""ONNX Runtime with its TensorRT, CUDA or CPU execution provider."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from runtime.backends.base import Backend, BackendError, TensorSpec
+
+log = logging.getLogger(__name__)
+
+PROVIDERS = {
+    "ort-tensorrt": "TensorrtExecutionProvider",
+    "ort-cuda": "CUDAExecutionProvider",
+    "ort-cpu": "CPUExecutionProvider",
+}
+_DTYPES = {
+    "tensor(float)": np.dtype(np.float32),
+    "tensor(float16)": np.dtype(np.float16),
+    "tensor(double)": np.dtype(np.float64),
+    "tensor(int64)": np.dtype(np.int64),
+    "tensor(int32)": np.dtype(np.int32),
+    "tensor(uint8)": np.dtype(np.uint8),
+    "tensor(bool)": np.dtype(np.bool_),
+}
+# Batches a GPU runs best at are larger; on a CPU 257-token ViT matmuls are already
+# large at batch 1, so a small batch only bounds memory.
+GPU_BATCH = 64
+CPU_BATCH = 16
+
+
+def _spec(node: Any) -> TensorSpec:
+    shape = tuple(d if isinstance(d, int) else (d or None) for d in node.shape)
+    dtype = _DTYPES.get(node.type)
+    if dtype is None:
+        raise BackendError(f"tensor {node.name} has unsupported type {node.type}")
+    return TensorSpec(node.name, shape, dtype)
+
+
+class OrtBackend(Backend):
+    """One ONNX Runtime session; the provider is fixed at load and checked to have stuck."""
+
+    def __init__(
+        self,
+        name: str,
+        path: Path,
+        variant: str,
+        *,
+        threads: int = 0,
+        provider_options: dict[str, Any] | None = None,
+        max_batch: int | None = None,
+    ) -> None:
+        super().__init__(name, path, variant)
+        import onnxruntime as ort
+
+        provider = PROVIDERS[name]
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = max(threads, 0)  # 0: one per core
+        options.inter_op_num_threads = 1
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        options.log_severity_level = 3
+        providers: list[Any] = [(provider, provider_options or {})]
+        if provider != "CPUExecutionProvider":
+            # Nodes the GPU provider cannot take still need a home.
+            providers.append("CPUExecutionProvider")
+        try:
+            self._session = ort.InferenceSession(str(path), options, providers=providers)
+        except Exception as exc:  # ORT raises its own pybind error types
+            raise BackendError(f"{path.name}: onnxruntime cannot load it: {exc}") from None
+        active = self._session.get_providers()
+        if not active or active[0] != provider:
+            # ORT silently drops a provider whose libraries (CUDA, cuDNN, TensorRT) fail to load.
+            raise BackendError(f"{provider} did not initialise (active: {', '.join(active)})")
+        self._inputs = [_spec(node) for node in self._session.get_inputs()]
+        self._outputs = [_spec(node) for node in self._session.get_outputs()]
+        self._max_batch = max_batch
+
+    @property
+    def inputs(self) -> list[TensorSpec]:
+        return self._inputs
+
+    @property
+    def outputs(self) -> list[TensorSpec]:
+        return self._outputs
+
+    @property
+    def preferred_batch(self) -> int:
+        return CPU_BATCH if self.name == "ort-cpu" else GPU_BATCH
+
+    @property
+    def max_batch(self) -> int | None:
+        return self._max_batch
+
+    def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        self.check_feeds(feeds)
+        cast = {
+            spec.name: np.ascontiguousarray(feeds[spec.name], dtype=spec.dtype)
+            for spec in self._inputs
+        }
+        try:
+            values = self._session.run(None, cast)
+        except Exception as exc:
+            raise BackendError(f"{self.path.name}: onnxruntime failed: {exc}") from None
+        return {spec.name: value for spec, value in zip(self._outputs, values, strict=True)}
+
+    def close(self) -> None:
+        self._session = None

@@ -1,0 +1,601 @@
+"""The model bundle: ``bundle.json`` (format_version 1) and the files it lists.
+
+``load_bundle`` validates the JSON against the typed sections below and the
+sha256 of every listed file; any problem raises ``BundleError`` whose one-line
+message names the bundle and the key or file. ``write_bundle`` assembles a
+bundle folder from files and sections (no torch: the export side and the demo
+builder both call it). Sections the slide pipeline reads (segmenter, qc, cells,
+stain_reference) keep unknown keys in their ``extra`` mapping, so a stage can
+add a parameter without a format change; everything else is strict.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import hashlib
+import json
+import math
+import os
+import re
+import shutil
+import tempfile
+import types
+import typing
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+from runtime.backends.base import ModelVariants
+
+FORMAT_VERSION = 1
+BUNDLE_FILE = "bundle.json"
+ENGINES_DIR = "engines"
+INTENDED_USES = ("demo", "research", "clinical")
+HEAD_KINDS = ("gated_attention_mil", "transformer_mil")
+ENCODER_VARIANTS = ("fp32", "fp16", "int8")
+MALIGNANCY = "malignancy"  # the threshold key of a transformer head's malignancy call
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+_SHA256 = re.compile(r"^[0-9a-f]{64}$")
+
+
+class BundleError(ValueError):
+    """A bundle that cannot be used; the message is one line naming the file or key."""
+
+
+# ---------------------------------------------------------------- sections
+
+
+@dataclass(frozen=True)
+class FileEntry:
+    sha256: str
+    bytes: int
+
+    def validate(self, where: str) -> None:
+        if not _SHA256.match(self.sha256):
+            raise BundleError(f"{where}.sha256 must be 64 lower-case hex digits")
+
+
+@dataclass(frozen=True)
+class InputSpec:
+    """Encoder input: square RGB patches of ``size`` px, ``(x/255 - mean) / std``."""
+
+    size: int = 224
+    mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
+    std: tuple[float, float, float] = (0.229, 0.224, 0.225)
+
+    def validate(self, where: str) -> None:
+        if self.size <= 0:
+            raise BundleError(f"{where}.size must be positive")
+        if min(self.std) <= 0:
+            raise BundleError(f"{where}.std must be positive")
+
+
+@dataclass(frozen=True)
+class EncoderSpec:
+    architecture: str  # e.g. vit_base_patch14_dinov2
+    embed_dim: int
+    variants: dict[str, str]  # fp32 always; fp16 / int8 only when they passed their gates
+    input: InputSpec = field(default_factory=InputSpec)
+    int8_note: str = ""  # why int8 was accepted (its fidelity) or why the bundle has none
+
+    def validate(self, where: str) -> None:
+        if self.embed_dim <= 0:
+            raise BundleError(f"{where}.embed_dim must be positive")
+        if "fp32" not in self.variants:
+            raise BundleError(f"{where}.variants must name the fp32 model")
+        unknown = sorted(set(self.variants) - set(ENCODER_VARIANTS))
+        if unknown:
+            raise BundleError(f"{where}.variants: unknown {unknown} (allowed: fp32, fp16, int8)")
+
+
+@dataclass(frozen=True)
+class SegmenterSpec:
+    """StarDist network (outputs prob, dist) and its post-processing parameters."""
+
+    file: str
+    n_rays: int
+    grid: tuple[int, int]
+    div_by: int
+    prob_thresh: float
+    nms_thresh: float
+    input_channels: int
+    normalisation: dict[str, Any] = field(default_factory=dict)
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def validate(self, where: str) -> None:
+        if self.n_rays <= 0 or min(self.grid) <= 0 or self.div_by <= 0:
+            raise BundleError(f"{where}: n_rays, grid and div_by must be positive")
+        if self.input_channels not in (1, 3):
+            raise BundleError(f"{where}.input_channels must be 1 or 3")
+        for name in ("prob_thresh", "nms_thresh"):
+            if not 0 <= getattr(self, name) <= 1:
+                raise BundleError(f"{where}.{name} must lie in [0, 1]")
+
+
+@dataclass(frozen=True)
+class HeadSpec:
+    """One head (an ensemble of ONNX files whose outputs are averaged).
+
+    gated_attention_mil: ``tasks`` with sigmoid probabilities, one threshold per
+    task, ``high_risk`` tasks. transformer_mil: softmax over ``classes``,
+    ``malignant_classes`` summed into a malignancy probability called with
+    ``thresholds["malignancy"]``. A probability within ``indeterminate_band`` of
+    its threshold is called indeterminate. ``calibration`` (optional):
+    ``{"kind": "platt", "a": {task: a}, "b": {task: b}}`` for sigmoid tasks,
+    ``{"kind": "temperature", "temperature": t}`` for softmax classes.
+    """
+
+    name: str
+    kind: str
+    files: tuple[str, ...]
+    tasks: tuple[str, ...] = ()
+    classes: tuple[str, ...] = ()
+    labels: dict[str, str] = field(default_factory=dict)  # display names
+    thresholds: dict[str, float] = field(default_factory=dict)
+    indeterminate_band: float = 0.0
+    high_risk: tuple[str, ...] = ()
+    malignant_classes: tuple[str, ...] = ()
+    calibration: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def outputs(self) -> tuple[str, ...]:
+        """Task names (MIL) or class names (transformer), in model output order."""
+        return self.tasks if self.kind == "gated_attention_mil" else self.classes
+
+    def label(self, output: str) -> str:
+        return self.labels.get(output, output)
+
+    def validate(self, where: str) -> None:
+        if not _NAME.match(self.name):
+            raise BundleError(f"{where}.name {self.name!r} must be letters, digits, _ . -")
+        if self.kind not in HEAD_KINDS:
+            raise BundleError(f"{where}.kind must be one of {', '.join(HEAD_KINDS)}")
+        if not self.files:
+            raise BundleError(f"{where}.files must list at least one ONNX file")
+        if not 0 <= self.indeterminate_band < 0.5:
+            raise BundleError(f"{where}.indeterminate_band must lie in [0, 0.5)")
+        if self.kind == "gated_attention_mil":
+            self._validate_mil(where)
+        else:
+            self._validate_transformer(where)
+        for key, value in self.thresholds.items():
+            if not 0 < value < 1:
+                raise BundleError(f"{where}.thresholds.{key} must lie in (0, 1)")
+        labelled = set(self.outputs) | ({MALIGNANCY} if self.kind == "transformer_mil" else set())
+        extra_labels = sorted(set(self.labels) - labelled)
+        if extra_labels:
+            raise BundleError(f"{where}.labels: {extra_labels} are not outputs of this head")
+        self._validate_calibration(where)
+
+    def _validate_mil(self, where: str) -> None:
+        if not self.tasks or self.classes or self.malignant_classes:
+            raise BundleError(f"{where}: a gated_attention_mil head lists tasks, not classes")
+        _unique(self.tasks, f"{where}.tasks")
+        if set(self.thresholds) != set(self.tasks):
+            raise BundleError(f"{where}.thresholds must give exactly one threshold per task")
+        stray = sorted(set(self.high_risk) - set(self.tasks))
+        if stray:
+            raise BundleError(f"{where}.high_risk: {stray} are not tasks of this head")
+
+    def _validate_transformer(self, where: str) -> None:
+        if not self.classes or self.tasks or self.high_risk:
+            raise BundleError(f"{where}: a transformer_mil head lists classes, not tasks")
+        _unique(self.classes, f"{where}.classes")
+        stray = sorted(set(self.malignant_classes) - set(self.classes))
+        if stray:
+            raise BundleError(f"{where}.malignant_classes: {stray} are not classes of this head")
+        if set(self.thresholds) - {MALIGNANCY}:
+            raise BundleError(f"{where}.thresholds may only hold {MALIGNANCY!r}")
+        if self.malignant_classes and MALIGNANCY not in self.thresholds:
+            raise BundleError(f"{where}.thresholds.{MALIGNANCY} is needed with malignant_classes")
+
+    def _validate_calibration(self, where: str) -> None:
+        kind = self.calibration.get("kind", "none")
+        if kind == "none":
+            return
+        if kind == "platt" and self.kind == "gated_attention_mil":
+            for part in ("a", "b"):
+                values = self.calibration.get(part)
+                if not isinstance(values, dict) or set(values) != set(self.tasks):
+                    raise BundleError(f"{where}.calibration.{part} must map every task to a number")
+            return
+        if kind == "temperature" and self.kind == "transformer_mil":
+            temperature = self.calibration.get("temperature")
+            if not isinstance(temperature, int | float) or temperature <= 0:
+                raise BundleError(f"{where}.calibration.temperature must be a positive number")
+            return
+        raise BundleError(
+            f"{where}.calibration.kind {kind!r}: use platt for gated_attention_mil, "
+            "temperature for transformer_mil"
+        )
+
+
+@dataclass(frozen=True)
+class StainReference:
+    """Macenko reference: stain vectors (basophilic, eosinophilic) as OD rows."""
+
+    stain_matrix: tuple[tuple[float, float, float], tuple[float, float, float]]
+    max_concentrations: tuple[float, float]
+    intensity_p5: float
+    intensity_p95: float
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def validate(self, where: str) -> None:
+        if not 0 <= self.intensity_p5 <= self.intensity_p95:
+            raise BundleError(f"{where}: need 0 <= intensity_p5 <= intensity_p95")
+
+
+@dataclass(frozen=True)
+class QcSpec:
+    """Tile QC (METHOD.md A): defaults are the paper's values."""
+
+    tile_um: float = 200.0
+    laplacian_min: float = 100.0
+    min_nuclei_per_tile: int = 5
+    max_artefact_fraction: float = 0.2
+    min_plasma_cell_fraction: float = 0.10
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class CellsSpec:
+    """Cell filters and patches at ``pixel_size_um`` (METHOD.md A)."""
+
+    pixel_size_um: float = 0.25
+    min_cells: int = 50  # fewer cells in a case: abstain
+    min_object_px: int = 200
+    min_area_px: int = 500
+    max_area_px: int = 5000
+    min_circularity: float = 0.6
+    max_eccentricity: float = 0.85
+    min_confidence: float = 0.7
+    min_nucleus_ratio: float = 0.2
+    max_nucleus_ratio: float = 0.8
+    patch_px: int = 128
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Bundle:
+    path: Path
+    sha256: str  # of bundle.json's bytes; it lists every file's hash, so it names the whole
+    format_version: int
+    name: str
+    version: str
+    intended_use: str
+    created: str
+    files: dict[str, FileEntry]
+    encoder: EncoderSpec
+    heads: tuple[HeadSpec, ...]
+    segmenter: SegmenterSpec | None = None
+    stain_reference: StainReference | None = None
+    qc: QcSpec = field(default_factory=QcSpec)
+    cells: CellsSpec = field(default_factory=CellsSpec)
+    provenance: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def engines_dir(self) -> Path:
+        return self.path / ENGINES_DIR
+
+    @property
+    def is_demo(self) -> bool:
+        return self.intended_use == "demo"
+
+    def file(self, relative: str) -> Path:
+        return self.path / relative
+
+    def head(self, name: str) -> HeadSpec:
+        for head in self.heads:
+            if head.name == name:
+                return head
+        raise BundleError(f"{self.path}: no head named {name!r} ({', '.join(self.head_names)})")
+
+    @property
+    def head_names(self) -> tuple[str, ...]:
+        return tuple(head.name for head in self.heads)
+
+    def encoder_variants(self) -> ModelVariants:
+        variants = self.encoder.variants
+        optional = {k: self.file(variants[k]) if k in variants else None for k in ("fp16", "int8")}
+        return ModelVariants(fp32=self.file(variants["fp32"]), **optional)
+
+    def to_json(self) -> dict[str, Any]:
+        """The ``bundle.json`` content (without path and sha256, which are not stored)."""
+        data: dict[str, Any] = {}
+        for item in dataclasses.fields(self):
+            value = getattr(self, item.name)
+            if item.name in ("path", "sha256") or value is None:
+                continue
+            data[item.name] = _dump(value)
+        return data
+
+
+# ---------------------------------------------------------------- loading
+
+_TOP_REQUIRED = ("format_version", "name", "version", "intended_use", "files", "encoder", "heads")
+_TOP_OPTIONAL = ("created", "segmenter", "stain_reference", "qc", "cells", "provenance")
+
+
+def load_bundle(path: Path | str, *, verify_files: bool = True) -> Bundle:
+    """Parse and check ``<path>/bundle.json`` and (by default) every file's sha256."""
+    root = Path(path)
+    manifest = root / BUNDLE_FILE
+    try:
+        raw_bytes = manifest.read_bytes()
+    except FileNotFoundError:
+        raise BundleError(f"{root}: no {BUNDLE_FILE}") from None
+    except OSError as exc:
+        raise BundleError(f"{manifest}: cannot read: {exc}") from None
+    try:
+        raw = json.loads(raw_bytes)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise BundleError(f"{manifest}: not valid JSON: {exc}") from None
+    try:
+        bundle = _parse_bundle(raw, root, hashlib.sha256(raw_bytes).hexdigest())
+        if verify_files:
+            verify_bundle_files(bundle)
+    except BundleError as exc:
+        raise BundleError(f"{manifest}: {exc}") from None
+    return bundle
+
+
+def _parse_bundle(raw: Any, root: Path, digest: str) -> Bundle:
+    if not isinstance(raw, dict):
+        raise BundleError("must hold a JSON object")
+    version = raw.get("format_version")
+    if version != FORMAT_VERSION:
+        raise BundleError(
+            f"format_version {version!r} is not supported (this cytoedge reads {FORMAT_VERSION})"
+        )
+    missing = [key for key in _TOP_REQUIRED if key not in raw]
+    if missing:
+        raise BundleError(f"missing {', '.join(missing)}")
+    unknown = sorted(set(raw) - set(_TOP_REQUIRED) - set(_TOP_OPTIONAL))
+    if unknown:
+        raise BundleError(f"unknown key(s) {', '.join(unknown)}")
+    values = {key: raw[key] for key in (*_TOP_REQUIRED, *_TOP_OPTIONAL) if key in raw}
+    values.setdefault("created", "")
+    bundle = _parse(Bundle, values | {"path": str(root), "sha256": digest}, "")
+    _check_cross_references(bundle)
+    return bundle
+
+
+def _check_cross_references(bundle: Bundle) -> None:
+    if bundle.intended_use not in INTENDED_USES:
+        raise BundleError(f"intended_use must be one of {', '.join(INTENDED_USES)}")
+    if not bundle.name.strip() or not bundle.version.strip():
+        raise BundleError("name and version must not be empty")
+    for relative in bundle.files:
+        _check_relative(relative, f"files[{relative!r}]")
+    if not bundle.heads:
+        raise BundleError("heads must list at least one head")
+    _unique([h.name for h in bundle.heads], "heads[].name")
+    referenced = [(f"encoder.variants.{k}", v) for k, v in bundle.encoder.variants.items()]
+    if bundle.segmenter is not None:
+        referenced.append(("segmenter.file", bundle.segmenter.file))
+    for head in bundle.heads:
+        referenced += [(f"heads[{head.name}].files", f) for f in head.files]
+    for where, relative in referenced:
+        if relative not in bundle.files:
+            raise BundleError(f"{where}: {relative} is not listed in files")
+
+
+def verify_bundle_files(bundle: Bundle) -> None:
+    """Every listed file exists with its recorded size and sha256."""
+    for relative, entry in bundle.files.items():
+        path = bundle.file(relative)
+        if not path.is_file():
+            raise BundleError(f"{relative}: listed in files but missing")
+        size = path.stat().st_size
+        if size != entry.bytes:
+            raise BundleError(f"{relative}: {size} bytes, bundle.json records {entry.bytes}")
+        if sha256_of(path) != entry.sha256:
+            raise BundleError(f"{relative}: sha256 does not match bundle.json (changed or corrupt)")
+
+
+def sha256_of(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _check_relative(relative: str, where: str) -> None:
+    pure = PurePosixPath(relative)
+    if (
+        not relative
+        or pure.is_absolute()
+        or ".." in pure.parts
+        or "\\" in relative
+        or pure.parts[0] == ENGINES_DIR
+        or relative == BUNDLE_FILE
+    ):
+        raise BundleError(
+            f"{where}: files must be relative paths inside the bundle, "
+            f"not {BUNDLE_FILE} or under {ENGINES_DIR}/"
+        )
+
+
+def _unique(values: Sequence[str], where: str) -> None:
+    seen = [v for i, v in enumerate(values) if v in values[:i]]
+    if seen:
+        raise BundleError(f"{where}: {sorted(set(seen))} appear more than once")
+
+
+# ---------------------------------------------------------------- writing
+
+
+def write_bundle(
+    destination: Path,
+    *,
+    name: str,
+    version: str,
+    intended_use: str,
+    sources: Mapping[str, Path],
+    encoder: EncoderSpec,
+    heads: Sequence[HeadSpec],
+    segmenter: SegmenterSpec | None = None,
+    stain_reference: StainReference | None = None,
+    qc: QcSpec | None = None,
+    cells: CellsSpec | None = None,
+    provenance: Mapping[str, Any] | None = None,
+    overwrite: bool = False,
+) -> Bundle:
+    """Copy ``sources`` ({path inside the bundle: file}) and write ``bundle.json``.
+
+    The folder is assembled under a temporary name, loaded back with every check,
+    and only then renamed into place, so a half-written bundle never exists.
+    """
+    destination = Path(destination)
+    if destination.exists() and not overwrite:
+        raise BundleError(f"{destination} exists; pass overwrite to replace it")
+    for relative, source in sources.items():
+        _check_relative(relative, f"sources[{relative!r}]")
+        if not Path(source).is_file():
+            raise BundleError(f"{relative}: source file {source} not found")
+    destination.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=destination.parent, prefix=f".{destination.name}."))
+    try:
+        files: dict[str, FileEntry] = {}
+        for relative, source in sorted(sources.items()):
+            target = staging / relative
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(source, target)
+            files[relative] = FileEntry(sha256_of(target), target.stat().st_size)
+        manifest = Bundle(
+            path=staging,
+            sha256="",
+            format_version=FORMAT_VERSION,
+            name=name,
+            version=version,
+            intended_use=intended_use,
+            created=datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+            files=files,
+            encoder=encoder,
+            heads=tuple(heads),
+            segmenter=segmenter,
+            stain_reference=stain_reference,
+            qc=qc or QcSpec(),
+            cells=cells or CellsSpec(),
+            provenance=dict(provenance or {}),
+        )
+        text = json.dumps(manifest.to_json(), indent=2, ensure_ascii=False) + "\n"
+        (staging / BUNDLE_FILE).write_text(text, encoding="utf-8")
+        load_bundle(staging)  # the same checks a site runs, before anything is renamed
+        if destination.exists():
+            retired = destination.with_name(f".{destination.name}.old-{os.getpid()}")
+            os.replace(destination, retired)
+            os.replace(staging, destination)
+            shutil.rmtree(retired, ignore_errors=True)
+        else:
+            os.replace(staging, destination)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return load_bundle(destination)
+
+
+# ---------------------------------------------------------------- typed JSON
+
+
+def _parse(cls: type, data: Any, where: str) -> Any:
+    """Build dataclass ``cls`` from a JSON object, checking every field's type."""
+    if not isinstance(data, dict):
+        raise BundleError(f"{where} must be an object")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    known = [name for name in fields if name != "extra"]
+    unknown = sorted(set(data) - set(known))
+    if unknown and "extra" not in fields:
+        raise BundleError(f"{where or 'bundle'}: unknown key(s) {', '.join(unknown)}")
+    values: dict[str, Any] = {}
+    for name in known:
+        spec = fields[name]
+        if name in data:
+            values[name] = _convert(data[name], hints[name], _key(where, name))
+        elif spec.default is dataclasses.MISSING and spec.default_factory is dataclasses.MISSING:
+            raise BundleError(f"{_key(where, name)} is missing")
+    if "extra" in fields:
+        values["extra"] = {key: data[key] for key in unknown}
+    try:
+        instance = cls(**values)
+    except TypeError as exc:
+        raise BundleError(f"{where}: {exc}") from None
+    validate = getattr(instance, "validate", None)
+    if validate is not None:
+        validate(where)
+    return instance
+
+
+def _key(where: str, name: str) -> str:
+    return f"{where}.{name}" if where else name
+
+
+def _convert(value: Any, hint: Any, where: str) -> Any:
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if hint is Any:
+        return value
+    if origin in (types.UnionType, typing.Union):
+        if value is None and type(None) in args:
+            return None
+        (inner,) = (a for a in args if a is not type(None))
+        return _convert(value, inner, where)
+    if dataclasses.is_dataclass(hint):
+        return _parse(typing.cast(type, hint), value, where)
+    if hint is Path and isinstance(value, str):
+        return Path(value)
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+    elif hint is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif hint is float:
+        if isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value):
+            return float(value)
+    elif hint is str:
+        if isinstance(value, str):
+            return value
+    elif origin is tuple:
+        if isinstance(value, list):
+            if len(args) == 2 and args[1] is Ellipsis:
+                return tuple(_convert(v, args[0], f"{where}[{i}]") for i, v in enumerate(value))
+            if len(value) == len(args):
+                return tuple(
+                    _convert(v, a, f"{where}[{i}]")
+                    for i, (v, a) in enumerate(zip(value, args, strict=True))
+                )
+    elif origin is dict and isinstance(value, dict):
+        return {str(k): _convert(v, args[1], _key(where, str(k))) for k, v in value.items()}
+    raise BundleError(f"{where} must be {_describe(hint)}, got {json.dumps(value)[:60]}")
+
+
+def _describe(hint: Any) -> str:
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin is tuple:
+        if len(args) == 2 and args[1] is Ellipsis:
+            return f"a list of {_describe(args[0])}"
+        return f"a list of {len(args)} {_describe(args[0])}"
+    if origin is dict:
+        return f"an object of {_describe(args[1])}"
+    names = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}
+    return names.get(hint, "an object")
+
+
+def _dump(value: Any) -> Any:
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        data: dict[str, Any] = {}
+        for item in dataclasses.fields(value):
+            if item.name == "extra":
+                data.update(_dump(getattr(value, item.name)))
+            else:
+                data[item.name] = _dump(getattr(value, item.name))
+        return data
+    if isinstance(value, tuple | list):
+        return [_dump(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _dump(v) for k, v in value.items()}
+    return value

@@ -1,0 +1,162 @@
+"""Encoder and heads runners on a small bundle, checked against numpy twins."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from runtime.bundle import HeadSpec, load_bundle
+from runtime.encoder import Encoder, EncoderInputError
+from runtime.heads import (
+    INDETERMINATE,
+    NEGATIVE,
+    POSITIVE,
+    BagError,
+    HeadRunner,
+    call,
+    combine_calls,
+    load_heads,
+)
+from tests.runtime_models import MEAN, STD, TinyBundle, encoder_reference, head_reference
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory: pytest.TempPathFactory) -> TinyBundle:
+    made = TinyBundle(tmp_path_factory.mktemp("tiny"), with_int8=True)
+    made.write()
+    return made
+
+
+def normalised(patches: np.ndarray) -> np.ndarray:
+    scaled = patches.astype(np.float64) / 255.0 if patches.dtype == np.uint8 else patches
+    return ((scaled - np.array(MEAN)) / np.array(STD)).transpose(0, 3, 1, 2)
+
+
+def test_encoder_normalises_batches_and_uses_int8_on_cpu(tiny: TinyBundle) -> None:
+    encoder = Encoder(load_bundle(tiny.path), batch_size=4)
+    assert (encoder.backend_name, encoder.variant) == ("ort-cpu", "int8")
+    patches = np.random.default_rng(3).integers(0, 256, size=(11, 32, 32, 3), dtype=np.uint8)
+    seen: list[tuple[int, int]] = []
+    embeddings = encoder.embed(patches, progress=lambda done, total: seen.append((done, total)))
+    assert embeddings.dtype == np.float32 and embeddings.shape == (11, 16)
+    expected = encoder_reference(normalised(patches), tiny.int8_w)
+    np.testing.assert_allclose(embeddings, expected, atol=1e-5)
+    assert seen == [(4, 11), (8, 11), (11, 11)]
+    as_float = encoder.embed(patches.astype(np.float32) / 255.0)
+    np.testing.assert_allclose(as_float, embeddings, atol=1e-5)
+    assert encoder.embed(patches[:0]).shape == (0, 16)
+
+
+def test_encoder_without_int8_runs_fp32(tmp_path: Path) -> None:
+    made = TinyBundle(tmp_path)
+    encoder = Encoder(made.write(), "ort-cpu", threads=1)
+    assert encoder.variant == "fp32" and encoder.batch_size == 16
+    patches = np.full((2, 32, 32, 3), 200, dtype=np.uint8)
+    expected = encoder_reference(normalised(patches), made.encoder_w)
+    np.testing.assert_allclose(encoder.embed(patches), expected, atol=1e-5)
+
+
+def test_encoder_refuses_wrong_patches(tiny: TinyBundle) -> None:
+    encoder = Encoder(load_bundle(tiny.path))
+    with pytest.raises(EncoderInputError, match=r"must be \(N, 32, 32, 3\)"):
+        encoder.embed(np.zeros((2, 3, 32, 32), dtype=np.uint8))
+    with pytest.raises(EncoderInputError, match="uint8 or float"):
+        encoder.embed(np.zeros((2, 32, 32, 3), dtype=np.int32))
+
+
+def test_mil_head_averages_members_and_calls(tiny: TinyBundle) -> None:
+    runner = load_heads(load_bundle(tiny.path))["mm_risk"]
+    features = np.random.default_rng(4).normal(size=(7, 16)).astype(np.float32)
+    result = runner.predict(features)
+    refs = [head_reference(features, aw, ow, "gated_attention_mil") for aw, ow in tiny.mil]
+    probabilities = np.mean([r[0] for r in refs], axis=0)
+    np.testing.assert_allclose(list(result.probabilities.values()), probabilities, atol=1e-5)
+    np.testing.assert_allclose(result.attention, np.mean([r[1] for r in refs], 0), atol=1e-6)
+    assert result.attention.shape == (7,) and abs(result.attention.sum() - 1) < 1e-5
+    assert result.member_probabilities.shape == (2, 4)
+    spec = runner.spec
+    for prediction, p in zip(result.predictions, probabilities, strict=True):
+        threshold = spec.thresholds[prediction.task]
+        assert prediction.threshold == threshold
+        assert prediction.call == call(p, threshold, spec.indeterminate_band)
+    assert result.predictions[0].label == "del(17p)"
+    calls = {p.task: p.call for p in result.predictions}
+    assert result.high_risk == combine_calls([calls["del17p"], calls["t4_14"]])
+    assert result.malignancy_probability is None and result.hemoglobin is None
+
+
+def test_transformer_head_gives_malignancy_top2_and_hemoglobin(tiny: TinyBundle) -> None:
+    runner = HeadRunner(load_bundle(tiny.path), "pb_screen", "ort-cpu")
+    features = np.random.default_rng(5).normal(size=(1, 16)).astype(np.float32)
+    result = runner.predict(features)
+    refs = [head_reference(features, aw, ow, "transformer_mil") for aw, ow in tiny.pb]
+    probabilities = np.mean([r[0] for r in refs], axis=0)
+    classes = list(result.probabilities)
+    np.testing.assert_allclose(list(result.probabilities.values()), probabilities, atol=1e-5)
+    assert result.malignancy_probability == pytest.approx(probabilities[:3].sum(), abs=1e-5)
+    order = np.argsort(-probabilities)[:2]
+    assert [name for name, _ in result.top2] == [classes[i] for i in order]
+    assert result.hemoglobin == pytest.approx(np.mean([r[2] for r in refs]), abs=1e-4)
+    (prediction,) = result.predictions
+    assert prediction.task == "malignancy" and prediction.threshold == 0.5
+    np.testing.assert_allclose(result.attention, [1.0], atol=1e-6)
+
+
+def test_bags_of_1_7_and_5000_cells(tiny: TinyBundle) -> None:
+    runner = HeadRunner(load_bundle(tiny.path), "mm_risk")
+    rng = np.random.default_rng(6)
+    for cells in (1, 7, 5000):
+        features = rng.normal(size=(cells, 16)).astype(np.float32)
+        result = runner.predict(features)
+        expected = np.mean(
+            [head_reference(features, a, o, "gated_attention_mil")[0] for a, o in tiny.mil], 0
+        )
+        np.testing.assert_allclose(list(result.probabilities.values()), expected, atol=1e-5)
+        assert result.attention.shape == (cells,)
+
+
+def test_bad_bags_are_refused(tiny: TinyBundle) -> None:
+    runner = HeadRunner(load_bundle(tiny.path), "mm_risk")
+    with pytest.raises(BagError, match="empty"):
+        runner.predict(np.zeros((0, 16), dtype=np.float32))
+    with pytest.raises(BagError, match=r"must be \(N, 16\)"):
+        runner.predict(np.zeros((3, 8), dtype=np.float32))
+
+
+def test_calls_and_their_combination() -> None:
+    assert call(0.56, 0.5, 0.05) == POSITIVE
+    assert call(0.55, 0.5, 0.05) == POSITIVE
+    assert call(0.54, 0.5, 0.05) == INDETERMINATE
+    assert call(0.45, 0.5, 0.05) == INDETERMINATE
+    assert call(0.44, 0.5, 0.05) == NEGATIVE
+    assert call(0.5, 0.5, 0.0) == POSITIVE
+    assert combine_calls([NEGATIVE, POSITIVE]) == POSITIVE
+    assert combine_calls([NEGATIVE, INDETERMINATE]) == INDETERMINATE
+    assert combine_calls([NEGATIVE, NEGATIVE]) == NEGATIVE
+
+
+def test_calibration_is_applied_to_the_ensemble_mean(tmp_path: Path) -> None:
+    made = TinyBundle(tmp_path)
+    platt = {"kind": "platt", "a": dict.fromkeys(made.heads[0].tasks, 2.0)}
+    platt["b"] = dict.fromkeys(made.heads[0].tasks, -0.5)
+    heads = [
+        HeadSpec(**{**made.heads[0].__dict__, "calibration": platt}),
+        HeadSpec(
+            **{**made.heads[1].__dict__, "calibration": {"kind": "temperature", "temperature": 2.0}}
+        ),
+    ]
+    bundle = made.write(heads=heads)
+    features = np.random.default_rng(8).normal(size=(9, 16)).astype(np.float32)
+    mil = HeadRunner(bundle, "mm_risk").predict(features)
+    raw = mil.member_probabilities.astype(np.float64).mean(axis=0)
+    logits = np.log(raw / (1 - raw))
+    expected = 1 / (1 + np.exp(-(2.0 * logits - 0.5)))
+    np.testing.assert_allclose(list(mil.probabilities.values()), expected, atol=1e-5)
+    pb = HeadRunner(bundle, "pb_screen").predict(features)
+    raw = pb.member_probabilities.astype(np.float64).mean(axis=0)
+    tempered = np.exp(np.log(raw) / 2.0)
+    np.testing.assert_allclose(
+        list(pb.probabilities.values()), tempered / tempered.sum(), atol=1e-5
+    )
