@@ -62,6 +62,13 @@ class WatchConfig:
 
 
 @dataclass(frozen=True)
+class ServiceConfig:
+    max_attempts: int = 5  # tries of a job that fails with a transient error
+    retry_seconds: float = 10.0  # first retry delay; doubles each attempt, at most 10 min
+    stop_grace_seconds: float = 20.0  # on SIGTERM, time for the current job to finish
+
+
+@dataclass(frozen=True)
 class ScanConfig:
     # Pixel size for plain images that carry none and have no sidecar; 0: reject them.
     pixel_size_um: float = 0.0
@@ -79,6 +86,7 @@ class Config:
     paths: PathsConfig = field(default_factory=PathsConfig)
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
     watch: WatchConfig = field(default_factory=WatchConfig)
+    service: ServiceConfig = field(default_factory=ServiceConfig)
     scan: ScanConfig = field(default_factory=ScanConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     source: Path | None = None  # the file it was read from, None for defaults

@@ -1,0 +1,210 @@
+"""The service: watcher thread + worker thread over one job store.
+
+``Service.run(stop)`` returns once ``stop`` is set and the current job has
+finished or been abandoned; the window can run it in a thread, ``cytoedge
+run`` runs it in the main thread with SIGTERM / SIGINT setting ``stop``.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import logging
+import os
+import shutil
+import socket
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import sdnotify
+
+from appliance.config import Config
+from appliance.results import safe_name
+from appliance.service.audit import AUDIT_FILE, AuditLog
+from appliance.service.store import QUEUED, JobStore, store_path
+from appliance.service.units import compile_case_pattern
+from appliance.service.watcher import InboxWatcher, ProbeFn, WatchSettings
+from appliance.service.worker import Engine, Worker, WorkerSettings
+
+log = logging.getLogger(__name__)
+
+HEARTBEAT_SECONDS = 5.0
+# After the grace period, an abandoned job has this long to unwind before the
+# process gives up on it (it is then recovered as interrupted on the next start).
+ABANDON_SECONDS = 15.0
+
+
+def software_version() -> str:
+    try:
+        return importlib.metadata.version("cytoedge")
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown"
+
+
+@dataclass(frozen=True)
+class BundleIdentity:
+    name: str
+    version: str
+    sha256: str
+
+
+class Service:
+    def __init__(
+        self,
+        config: Config,
+        engine: Engine,
+        *,
+        probe: ProbeFn,
+        bundle: BundleIdentity,
+        backend: str,
+    ) -> None:
+        self.config = config
+        self.engine = engine
+        self.probe = probe
+        self.bundle = bundle
+        self.backend = backend
+        self.store_path = store_path(config.state_dir)
+        self.audit = AuditLog(
+            config.state_dir / AUDIT_FILE,
+            bundle={"name": bundle.name, "version": bundle.version, "sha256": bundle.sha256},
+            backend=backend,
+            software_version=software_version(),
+        )
+        self.notifier = sdnotify.SystemdNotifier()
+        self.worker: Worker | None = None
+
+    def run(self, stop: threading.Event) -> bool:
+        """Serve until ``stop``; True when the worker ended within the bounded time."""
+        cfg = self.config
+        store = JobStore(self.store_path)
+        self._recover(store)
+        store.register_service(
+            os.getpid(),
+            socket.gethostname(),
+            f"{self.bundle.name} {self.bundle.version}",
+            self.backend,
+            software_version(),
+            time.time(),
+        )
+        wake = threading.Event()
+        worker_stop, abandon, watcher_stop = threading.Event(), threading.Event(), threading.Event()
+        watcher = InboxWatcher(
+            WatchSettings(
+                inbox=cfg.inbox,
+                quiet_seconds=cfg.watch.quiet_seconds,
+                rescan_seconds=cfg.watch.rescan_seconds,
+                polling=cfg.watch.polling,
+                case_pattern=compile_case_pattern(cfg.watch.case_pattern),
+                bundle_hash=self.bundle.sha256,
+            ),
+            self.store_path,
+            self.probe,
+            self.audit,
+            on_admitted=wake.set,
+        )
+        self.worker = Worker(
+            self.engine,
+            self.store_path,
+            WorkerSettings(
+                outbox=cfg.outbox,
+                case_quiet_seconds=cfg.watch.case_quiet_seconds,
+                max_attempts=cfg.service.max_attempts,
+                retry_seconds=cfg.service.retry_seconds,
+            ),
+            self.audit,
+            stop=worker_stop,
+            abandon=abandon,
+            wake=wake,
+        )
+        threads = [
+            threading.Thread(target=watcher.run, args=(watcher_stop,), name="watcher", daemon=True),
+            threading.Thread(target=self.worker.run, name="worker", daemon=True),
+        ]
+        for thread in threads:
+            thread.start()
+        self.audit.record("service_started", pid=os.getpid(), inbox=str(cfg.inbox))
+        log.info(
+            "service running",
+            extra={"inbox": str(cfg.inbox), "outbox": str(cfg.outbox), "backend": self.backend},
+        )
+        self.notifier.notify("READY=1")
+        try:
+            self._supervise(stop, store, threads)
+        finally:
+            clean = self._shut_down(threads, watcher_stop, worker_stop, abandon, wake)
+            store.close()
+        return clean
+
+    def _supervise(
+        self, stop: threading.Event, store: JobStore, threads: list[threading.Thread]
+    ) -> None:
+        watchdog_s = int(os.environ.get("WATCHDOG_USEC", "0")) / 1e6
+        ping_every = min(HEARTBEAT_SECONDS, watchdog_s / 3) if watchdog_s else HEARTBEAT_SECONDS
+        while not stop.wait(ping_every):
+            assert self.worker is not None
+            alive = all(t.is_alive() for t in threads)
+            # A worker stuck inside one call (no progress for the whole watchdog
+            # period) stops the pings, and systemd restarts the service.
+            fresh = not watchdog_s or time.monotonic() - self.worker.heartbeat < watchdog_s
+            if alive and fresh:
+                self.notifier.notify("WATCHDOG=1")
+            elif not alive:
+                log.error("a service thread died; stopping so the service manager restarts")
+                raise SystemExit(1)
+            try:
+                store.heartbeat()
+            except Exception:
+                log.warning("could not write the service heartbeat", exc_info=True)
+            counts = store.counts()
+            queued = counts["slides"].get(QUEUED, 0) + counts["cases"].get(QUEUED, 0)
+            self.notifier.notify(f"STATUS=queued {queued}; running {self.worker.current or '-'}")
+
+    def _shut_down(
+        self,
+        threads: list[threading.Thread],
+        watcher_stop: threading.Event,
+        worker_stop: threading.Event,
+        abandon: threading.Event,
+        wake: threading.Event,
+    ) -> bool:
+        """Finish the current job within the grace period, else abandon it cleanly."""
+        self.notifier.notify("STOPPING=1")
+        watcher_stop.set()
+        worker_stop.set()
+        wake.set()
+        watcher_thread, worker_thread = threads
+        worker_thread.join(self.config.service.stop_grace_seconds)
+        if worker_thread.is_alive():
+            log.info("stopping: abandoning the current job", extra={"job": self._current()})
+            abandon.set()
+            worker_thread.join(ABANDON_SECONDS)
+        watcher_thread.join(5)
+        clean = not worker_thread.is_alive()
+        self.audit.record("service_stopped", pid=os.getpid(), clean=clean)
+        if not clean:
+            log.error("the current job did not stop in time", extra={"job": self._current()})
+        return clean
+
+    def _current(self) -> str:
+        return self.worker.current if self.worker else ""
+
+    def _recover(self, store: JobStore) -> None:
+        for kind, row_id, state in store.recover(self.config.service.max_attempts, time.time()):
+            log.warning(
+                "job interrupted by a stop or crash",
+                extra={"kind": kind, "id": row_id, "to": state},
+            )
+            self.audit.record("recovered", kind=kind, id=row_id, state=state)
+            if kind == "case":
+                _remove_staging(self.config.outbox / safe_name(store.case(row_id).case_key))
+
+
+def _remove_staging(case_dir: Path) -> None:
+    """Half-assembled versions of a job that was interrupted (never a result)."""
+    if not case_dir.is_dir():
+        return
+    for child in case_dir.iterdir():
+        if child.is_dir() and child.name.startswith(".staging-"):
+            shutil.rmtree(child, ignore_errors=True)
+            log.info("removed an interrupted result's staging folder", extra={"path": str(child)})

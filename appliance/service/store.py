@@ -1,0 +1,642 @@
+"""The durable job store: cases and slides as rows in SQLite (WAL).
+
+One file, ``<data_dir>/state/jobs.sqlite``. The service is the only writer
+(plus ``cytoedge rescore``, which only flags rows); the window and
+``cytoedge status`` open it read-only and never wait on the worker because
+every write is a short transaction and WAL keeps readers on the last commit.
+
+States (docs/DESIGN.md "Job store"): waiting (being written / case still
+collecting slides), queued, running (stage, progress), done, rejected,
+failed. Times are UTC epoch seconds.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+STORE_FILE = "jobs.sqlite"
+SCHEMA_VERSION = 1
+WAITING, QUEUED, RUNNING, DONE, REJECTED, FAILED = (
+    "waiting",
+    "queued",
+    "running",
+    "done",
+    "rejected",
+    "failed",
+)
+STATES = (WAITING, QUEUED, RUNNING, DONE, REJECTED, FAILED)
+TERMINAL = (DONE, REJECTED, FAILED)
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS cases (
+    id INTEGER PRIMARY KEY,
+    case_key TEXT NOT NULL UNIQUE,
+    state TEXT NOT NULL,
+    received_at REAL NOT NULL,
+    updated_at REAL NOT NULL,
+    ready INTEGER NOT NULL DEFAULT 0,
+    stage TEXT NOT NULL DEFAULT '',
+    progress REAL NOT NULL DEFAULT 0,
+    result_version INTEGER,
+    result_dir TEXT NOT NULL DEFAULT '',
+    reason TEXT NOT NULL DEFAULT '',
+    attempts INTEGER NOT NULL DEFAULT 0,
+    single INTEGER NOT NULL DEFAULT 0,
+    last_slide_at REAL NOT NULL,
+    started_at REAL,
+    finished_at REAL,
+    last_error TEXT NOT NULL DEFAULT '',
+    next_attempt_at REAL NOT NULL DEFAULT 0,
+    pending_version INTEGER
+);
+CREATE TABLE IF NOT EXISTS slides (
+    id INTEGER PRIMARY KEY,
+    case_id INTEGER NOT NULL REFERENCES cases(id),
+    path TEXT NOT NULL UNIQUE,
+    size INTEGER NOT NULL DEFAULT 0,
+    mtime REAL NOT NULL DEFAULT 0,
+    fingerprint TEXT,
+    state TEXT NOT NULL,
+    stage TEXT NOT NULL DEFAULT '',
+    progress REAL NOT NULL DEFAULT 0,
+    seen_at REAL NOT NULL,
+    started_at REAL,
+    finished_at REAL,
+    attempts INTEGER NOT NULL DEFAULT 0,
+    last_error TEXT NOT NULL DEFAULT '',
+    reason TEXT NOT NULL DEFAULT '',
+    n_cells INTEGER,
+    bundle_hash TEXT NOT NULL DEFAULT '',
+    duplicate_of INTEGER REFERENCES slides(id),
+    next_attempt_at REAL NOT NULL DEFAULT 0,
+    rescore INTEGER NOT NULL DEFAULT 0
+);
+-- Idempotency: one live row per content and bundle; copies point at it.
+CREATE UNIQUE INDEX IF NOT EXISTS slides_content ON slides(fingerprint, bundle_hash)
+    WHERE fingerprint IS NOT NULL AND duplicate_of IS NULL;
+CREATE INDEX IF NOT EXISTS slides_case ON slides(case_id);
+CREATE TABLE IF NOT EXISTS service (
+    id INTEGER PRIMARY KEY CHECK (id = 1),
+    pid INTEGER NOT NULL,
+    host TEXT NOT NULL,
+    started_at REAL NOT NULL,
+    heartbeat_at REAL NOT NULL,
+    bundle TEXT NOT NULL DEFAULT '',
+    backend TEXT NOT NULL DEFAULT '',
+    software_version TEXT NOT NULL DEFAULT ''
+);
+"""
+
+
+class StoreError(RuntimeError):
+    """The job store cannot be opened or used; the message is one line."""
+
+
+@dataclass(frozen=True)
+class Slide:
+    id: int
+    case_id: int
+    path: str
+    size: int
+    mtime: float
+    fingerprint: str | None
+    state: str
+    stage: str
+    progress: float
+    seen_at: float
+    started_at: float | None
+    finished_at: float | None
+    attempts: int
+    last_error: str
+    reason: str
+    n_cells: int | None
+    bundle_hash: str
+    duplicate_of: int | None
+    next_attempt_at: float
+    rescore: int
+
+
+@dataclass(frozen=True)
+class Case:
+    id: int
+    case_key: str
+    state: str
+    received_at: float
+    updated_at: float
+    ready: int
+    stage: str
+    progress: float
+    result_version: int | None
+    result_dir: str
+    reason: str
+    attempts: int
+    single: int
+    last_slide_at: float
+    started_at: float | None
+    finished_at: float | None
+    last_error: str
+    next_attempt_at: float
+    pending_version: int | None
+
+
+def store_path(state_dir: Path) -> Path:
+    return state_dir / STORE_FILE
+
+
+def _connect(path: Path, *, readonly: bool, timeout: float) -> sqlite3.Connection:
+    if readonly:
+        if not path.is_file():
+            raise StoreError(f"no job store at {path} (has the service run yet?)")
+        uri = f"{path.resolve().as_uri()}?mode=ro"
+        conn = sqlite3.connect(uri, uri=True, timeout=timeout, isolation_level=None)
+        conn.execute("PRAGMA query_only = ON")
+    else:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        conn = sqlite3.connect(path, timeout=timeout, isolation_level=None)
+        conn.execute("PRAGMA journal_mode = WAL")
+        # NORMAL in WAL mode: a power cut may lose the last commit, never corrupt.
+        conn.execute("PRAGMA synchronous = NORMAL")
+        conn.execute("PRAGMA foreign_keys = ON")
+    conn.row_factory = sqlite3.Row
+    return conn
+
+
+class JobStore:
+    """One connection to the store; create one per thread."""
+
+    def __init__(self, path: Path, *, readonly: bool = False, timeout: float = 10.0) -> None:
+        self.path = path
+        self.readonly = readonly
+        try:
+            self._conn = _connect(path, readonly=readonly, timeout=timeout)
+            if not readonly:
+                self._create_schema()
+            else:
+                self._conn.execute("SELECT 1 FROM cases LIMIT 1")
+        except sqlite3.Error as exc:
+            raise StoreError(f"cannot open the job store {path}: {exc}") from None
+
+    def _create_schema(self) -> None:
+        # executescript commits on its own; the statements are idempotent.
+        self._conn.executescript(_SCHEMA)
+        self._conn.execute(
+            "INSERT OR IGNORE INTO meta(key, value) VALUES ('schema_version', ?)",
+            (str(SCHEMA_VERSION),),
+        )
+
+    def close(self) -> None:
+        self._conn.close()
+
+    @contextmanager
+    def _write(self) -> Iterator[sqlite3.Connection]:
+        """One short write transaction; BEGIN IMMEDIATE so it never deadlocks."""
+        if self.readonly:
+            raise StoreError("the job store was opened read-only")
+        self._conn.execute("BEGIN IMMEDIATE")
+        try:
+            yield self._conn
+        except BaseException:
+            self._conn.execute("ROLLBACK")
+            raise
+        self._conn.execute("COMMIT")
+
+    # --- reading ----------------------------------------------------------
+
+    def slide(self, slide_id: int) -> Slide:
+        row = self._conn.execute("SELECT * FROM slides WHERE id = ?", (slide_id,)).fetchone()
+        if row is None:
+            raise StoreError(f"no slide {slide_id} in the job store")
+        return Slide(**dict(row))
+
+    def slide_by_path(self, path: str) -> Slide | None:
+        row = self._conn.execute("SELECT * FROM slides WHERE path = ?", (path,)).fetchone()
+        return Slide(**dict(row)) if row else None
+
+    def case(self, case_id: int) -> Case:
+        row = self._conn.execute("SELECT * FROM cases WHERE id = ?", (case_id,)).fetchone()
+        if row is None:
+            raise StoreError(f"no case {case_id} in the job store")
+        return Case(**dict(row))
+
+    def case_by_key(self, case_key: str) -> Case | None:
+        row = self._conn.execute("SELECT * FROM cases WHERE case_key = ?", (case_key,)).fetchone()
+        return Case(**dict(row)) if row else None
+
+    def cases(self) -> list[Case]:
+        rows = self._conn.execute("SELECT * FROM cases ORDER BY received_at, id").fetchall()
+        return [Case(**dict(r)) for r in rows]
+
+    def slides(self, case_id: int | None = None) -> list[Slide]:
+        if case_id is None:
+            rows = self._conn.execute("SELECT * FROM slides ORDER BY seen_at, id").fetchall()
+        else:
+            rows = self._conn.execute(
+                "SELECT * FROM slides WHERE case_id = ? ORDER BY seen_at, id", (case_id,)
+            ).fetchall()
+        return [Slide(**dict(r)) for r in rows]
+
+    def live_by_fingerprint(self, fingerprint: str, bundle_hash: str) -> Slide | None:
+        row = self._conn.execute(
+            "SELECT * FROM slides WHERE fingerprint = ? AND bundle_hash = ? "
+            "AND duplicate_of IS NULL",
+            (fingerprint, bundle_hash),
+        ).fetchone()
+        return Slide(**dict(row)) if row else None
+
+    def next_slide_job(self, now: float) -> Slide | None:
+        row = self._conn.execute(
+            "SELECT * FROM slides WHERE state = ? AND next_attempt_at <= ? "
+            "ORDER BY seen_at, id LIMIT 1",
+            (QUEUED, now),
+        ).fetchone()
+        return Slide(**dict(row)) if row else None
+
+    def next_case_job(self, now: float) -> Case | None:
+        row = self._conn.execute(
+            "SELECT * FROM cases WHERE state = ? AND next_attempt_at <= ? "
+            "ORDER BY received_at, id LIMIT 1",
+            (QUEUED, now),
+        ).fetchone()
+        return Case(**dict(row)) if row else None
+
+    def counts(self) -> dict[str, dict[str, int]]:
+        """How many cases and slides are in each state."""
+        out: dict[str, dict[str, int]] = {"cases": {}, "slides": {}}
+        for table in ("cases", "slides"):
+            for state, n in self._conn.execute(
+                f"SELECT state, COUNT(*) FROM {table} GROUP BY state"
+            ).fetchall():
+                out[table][state] = n
+        return out
+
+    def service_info(self) -> sqlite3.Row | None:
+        return self._conn.execute("SELECT * FROM service WHERE id = 1").fetchone()
+
+    # --- the watcher's writes -----------------------------------------------
+
+    def ensure_case(self, case_key: str, *, single: bool, now: float) -> Case:
+        with self._write() as conn:
+            conn.execute(
+                "INSERT OR IGNORE INTO cases(case_key, state, received_at, updated_at, "
+                "single, last_slide_at) VALUES (?, ?, ?, ?, ?, ?)",
+                (case_key, WAITING, now, now, int(single), now),
+            )
+        case = self.case_by_key(case_key)
+        assert case is not None  # inserted or already there
+        return case
+
+    def add_waiting_slide(
+        self, case_key: str, path: str, size: int, mtime: float, *, single: bool, now: float
+    ) -> Slide:
+        """A unit seen for the first time: a waiting row, and its case back to collecting."""
+        case = self.ensure_case(case_key, single=single, now=now)
+        with self._write() as conn:
+            inserted = conn.execute(
+                "INSERT OR IGNORE INTO slides(case_id, path, size, mtime, state, seen_at) "
+                "VALUES (?, ?, ?, ?, ?, ?)",
+                (case.id, path, size, mtime, WAITING, now),
+            ).rowcount
+            if inserted:
+                conn.execute(
+                    "UPDATE cases SET last_slide_at = ?, updated_at = ? WHERE id = ?",
+                    (now, now, case.id),
+                )
+                # A late slide: the case collects again and is re-scored (heads only).
+                # A running case job notices it when it finishes (see finish_case).
+                conn.execute(
+                    "UPDATE cases SET state = ?, reason = '', attempts = 0, last_error = '', "
+                    "next_attempt_at = 0 WHERE id = ? AND state != ?",
+                    (WAITING, case.id, RUNNING),
+                )
+        slide = self.slide_by_path(path)
+        assert slide is not None
+        return slide
+
+    def update_waiting(self, slide_id: int, size: int, mtime: float, now: float) -> None:
+        with self._write() as conn:
+            conn.execute(
+                "UPDATE slides SET size = ?, mtime = ? WHERE id = ? AND state = ?",
+                (size, mtime, slide_id, WAITING),
+            )
+
+    def admit_slide(
+        self,
+        slide_id: int,
+        *,
+        fingerprint: str,
+        bundle_hash: str,
+        size: int,
+        mtime: float,
+        now: float,
+    ) -> Slide:
+        """A complete, readable unit: queued, or a copy of content already held."""
+        with self._write() as conn:
+            case_id, previous = conn.execute(
+                "SELECT case_id, state FROM slides WHERE id = ?", (slide_id,)
+            ).fetchone()
+            if previous != WAITING:
+                # New content under a known name: its case is scored again.
+                self._reopen_case(conn, case_id, now)
+            original = conn.execute(
+                "SELECT id, path FROM slides WHERE fingerprint = ? AND bundle_hash = ? "
+                "AND duplicate_of IS NULL AND id != ?",
+                (fingerprint, bundle_hash, slide_id),
+            ).fetchone()
+            if original is None:
+                conn.execute(
+                    "UPDATE slides SET fingerprint = ?, bundle_hash = ?, size = ?, mtime = ?, "
+                    "state = ?, reason = '', last_error = '', duplicate_of = NULL, "
+                    "attempts = 0, next_attempt_at = 0, n_cells = NULL WHERE id = ?",
+                    (fingerprint, bundle_hash, size, mtime, QUEUED, slide_id),
+                )
+            else:
+                conn.execute(
+                    "UPDATE slides SET fingerprint = ?, bundle_hash = ?, size = ?, mtime = ?, "
+                    "state = ?, duplicate_of = ?, reason = ?, finished_at = ? WHERE id = ?",
+                    (
+                        fingerprint,
+                        bundle_hash,
+                        size,
+                        mtime,
+                        DONE,
+                        original["id"],
+                        f"same scan as {original['path']}: already scored, not scored again",
+                        now,
+                        slide_id,
+                    ),
+                )
+        return self.slide(slide_id)
+
+    def reject_slide(
+        self, slide_id: int, reason: str, now: float, *, size: int, mtime: float
+    ) -> None:
+        """Not a usable scan (unsupported, unreadable): no pipeline run, the reason kept."""
+        with self._write() as conn:
+            row = conn.execute("SELECT case_id, state FROM slides WHERE id = ?", (slide_id,))
+            case_id, previous = row.fetchone()
+            conn.execute(
+                "UPDATE slides SET state = ?, reason = ?, finished_at = ?, stage = '', "
+                "progress = 0, size = ?, mtime = ?, fingerprint = NULL, duplicate_of = NULL "
+                "WHERE id = ?",
+                (REJECTED, reason, now, size, mtime, slide_id),
+            )
+            if previous != WAITING:
+                self._reopen_case(conn, case_id, now)
+
+    def touch_slide(self, slide_id: int, size: int, mtime: float) -> None:
+        """Same bytes with a new mtime (touched, copied over): remember the new stat."""
+        with self._write() as conn:
+            conn.execute(
+                "UPDATE slides SET size = ?, mtime = ? WHERE id = ?", (size, mtime, slide_id)
+            )
+
+    def forget_slide(self, slide_id: int) -> None:
+        """A waiting unit that vanished before it was complete (e.g. renamed away)."""
+        with self._write() as conn:
+            conn.execute("DELETE FROM slides WHERE id = ? AND state = ?", (slide_id, WAITING))
+
+    def set_case_ready(self, case_id: int, ready: bool, now: float) -> None:
+        with self._write() as conn:
+            conn.execute(
+                "UPDATE cases SET ready = ?, updated_at = ? WHERE id = ? AND ready != ?",
+                (int(ready), now, case_id, int(ready)),
+            )
+
+    # --- the worker's writes --------------------------------------------------
+
+    def recover(self, max_attempts: int, now: float) -> list[tuple[str, int, str]]:
+        """Rows left running by a crash go back to queued; a job that keeps crashing
+        the service (attempts counted at start) fails instead of looping forever.
+        Returns (kind, id, new state) for each row touched."""
+        touched: list[tuple[str, int, str]] = []
+        reason = "the service stopped while processing it {n} times; not retried"
+        with self._write() as conn:
+            for table, kind in (("slides", "slide"), ("cases", "case")):
+                rows = conn.execute(
+                    f"SELECT id, attempts FROM {table} WHERE state = ?", (RUNNING,)
+                ).fetchall()
+                for row in rows:
+                    if row["attempts"] >= max_attempts:
+                        conn.execute(
+                            f"UPDATE {table} SET state = ?, reason = ?, stage = '', "
+                            "progress = 0, finished_at = ? WHERE id = ?",
+                            (FAILED, reason.format(n=row["attempts"]), now, row["id"]),
+                        )
+                        touched.append((kind, row["id"], FAILED))
+                    else:
+                        conn.execute(
+                            f"UPDATE {table} SET state = ?, stage = '', progress = 0, "
+                            "next_attempt_at = 0 WHERE id = ?",
+                            (QUEUED, row["id"]),
+                        )
+                        touched.append((kind, row["id"], QUEUED))
+        return touched
+
+    def start_slide(self, slide_id: int, now: float) -> Slide:
+        with self._write() as conn:
+            conn.execute(
+                "UPDATE slides SET state = ?, stage = 'starting', progress = 0, "
+                "attempts = attempts + 1, started_at = ? WHERE id = ?",
+                (RUNNING, now, slide_id),
+            )
+        return self.slide(slide_id)
+
+    def slide_progress(self, slide_id: int, stage: str, progress: float) -> None:
+        with self._write() as conn:
+            conn.execute(
+                "UPDATE slides SET stage = ?, progress = ? WHERE id = ? AND state = ?",
+                (stage, max(0.0, min(1.0, progress)), slide_id, RUNNING),
+            )
+
+    def finish_slide(
+        self, slide_id: int, state: str, *, reason: str = "", n_cells: int | None, now: float
+    ) -> None:
+        with self._write() as conn:
+            conn.execute(
+                "UPDATE slides SET state = ?, reason = ?, n_cells = ?, finished_at = ?, "
+                "stage = '', progress = ?, rescore = 0 WHERE id = ?",
+                (state, reason, n_cells, now, 1.0 if state == DONE else 0.0, slide_id),
+            )
+
+    def retry_slide(self, slide_id: int, error: str, at: float) -> None:
+        with self._write() as conn:
+            conn.execute(
+                "UPDATE slides SET state = ?, last_error = ?, next_attempt_at = ?, stage = '', "
+                "progress = 0 WHERE id = ?",
+                (QUEUED, error, at, slide_id),
+            )
+
+    def fail_slide(self, slide_id: int, error: str, now: float) -> None:
+        with self._write() as conn:
+            conn.execute(
+                "UPDATE slides SET state = ?, last_error = ?, reason = ?, finished_at = ?, "
+                "stage = '', progress = 0, rescore = 0 WHERE id = ?",
+                (FAILED, error, error, now, slide_id),
+            )
+
+    def abandon_slide(self, slide_id: int) -> None:
+        """Stopped on purpose (SIGTERM): back to queued, the attempt not counted."""
+        with self._write() as conn:
+            conn.execute(
+                "UPDATE slides SET state = ?, stage = '', progress = 0, "
+                "attempts = MAX(attempts - 1, 0) WHERE id = ?",
+                (QUEUED, slide_id),
+            )
+
+    def promote_ready_cases(self, case_quiet_seconds: float, now: float) -> list[Case]:
+        """Waiting cases whose slides are all finished and that are ready: `.ready`,
+        a loose file (a case of one), or no new slide for the quiet period."""
+        promoted = []
+        with self._write() as conn:
+            rows = conn.execute(
+                "SELECT c.* FROM cases c WHERE c.state = ? "
+                "AND EXISTS (SELECT 1 FROM slides s WHERE s.case_id = c.id) "
+                "AND NOT EXISTS (SELECT 1 FROM slides s WHERE s.case_id = c.id "
+                "                AND s.state IN (?, ?, ?)) "
+                "AND (c.ready = 1 OR c.single = 1 OR c.last_slide_at <= ?)",
+                (WAITING, WAITING, QUEUED, RUNNING, now - case_quiet_seconds),
+            ).fetchall()
+            for row in rows:
+                conn.execute(
+                    "UPDATE cases SET state = ?, updated_at = ? WHERE id = ?",
+                    (QUEUED, now, row["id"]),
+                )
+                promoted.append(Case(**{**dict(row), "state": QUEUED}))
+        return promoted
+
+    def start_case(self, case_id: int, pending_version: int, now: float) -> Case:
+        """Running; the version this job will write is noted first, so a crash after
+        the result was renamed into place is recognised and not written twice."""
+        with self._write() as conn:
+            conn.execute(
+                "UPDATE cases SET state = ?, stage = 'starting', progress = 0, "
+                "attempts = attempts + 1, started_at = ?, updated_at = ?, pending_version = ? "
+                "WHERE id = ?",
+                (RUNNING, now, now, pending_version, case_id),
+            )
+        return self.case(case_id)
+
+    def case_progress(self, case_id: int, stage: str, progress: float, now: float) -> None:
+        with self._write() as conn:
+            conn.execute(
+                "UPDATE cases SET stage = ?, progress = ?, updated_at = ? "
+                "WHERE id = ? AND state = ?",
+                (stage, max(0.0, min(1.0, progress)), now, case_id, RUNNING),
+            )
+
+    def finish_case(
+        self,
+        case_id: int,
+        state: str,
+        *,
+        reason: str,
+        result_version: int | None,
+        result_dir: str,
+        now: float,
+    ) -> None:
+        with self._write() as conn:
+            conn.execute(
+                "UPDATE cases SET state = ?, reason = ?, result_version = ?, result_dir = ?, "
+                "finished_at = ?, updated_at = ?, stage = '', progress = ?, "
+                "pending_version = NULL, last_error = '', attempts = 0 WHERE id = ?",
+                (
+                    state,
+                    reason,
+                    result_version,
+                    result_dir,
+                    now,
+                    now,
+                    1.0 if state == DONE else 0.0,
+                    case_id,
+                ),
+            )
+            # A slide that arrived while this job ran: collect again, re-score later.
+            conn.execute(
+                "UPDATE cases SET state = ? WHERE id = ? AND EXISTS (SELECT 1 FROM slides s "
+                "WHERE s.case_id = cases.id AND s.seen_at > cases.started_at)",
+                (WAITING, case_id),
+            )
+
+    def retry_case(self, case_id: int, error: str, at: float, now: float) -> None:
+        with self._write() as conn:
+            conn.execute(
+                "UPDATE cases SET state = ?, last_error = ?, reason = ?, next_attempt_at = ?, "
+                "stage = '', progress = 0, updated_at = ? WHERE id = ?",
+                (QUEUED, error, f"will retry: {error}", at, now, case_id),
+            )
+
+    def fail_case(self, case_id: int, error: str, now: float) -> None:
+        with self._write() as conn:
+            conn.execute(
+                "UPDATE cases SET state = ?, last_error = ?, reason = ?, finished_at = ?, "
+                "updated_at = ?, stage = '', progress = 0, pending_version = NULL WHERE id = ?",
+                (FAILED, error, error, now, now, case_id),
+            )
+
+    def abandon_case(self, case_id: int, now: float) -> None:
+        with self._write() as conn:
+            conn.execute(
+                "UPDATE cases SET state = ?, stage = '', progress = 0, updated_at = ?, "
+                "attempts = MAX(attempts - 1, 0) WHERE id = ?",
+                (QUEUED, now, case_id),
+            )
+
+    # --- rescore (any process may call this) ------------------------------------
+
+    def request_rescore_slide(self, slide_id: int, now: float) -> Slide:
+        """Process the slide again (caches bypassed) and re-score its case."""
+        slide = self.slide(slide_id)
+        target = self.slide(slide.duplicate_of) if slide.duplicate_of else slide
+        with self._write() as conn:
+            conn.execute(
+                "UPDATE slides SET state = ?, rescore = 1, attempts = 0, next_attempt_at = 0, "
+                "reason = '', last_error = '', stage = '', progress = 0 "
+                "WHERE id = ? AND state != ? AND fingerprint IS NOT NULL",
+                (QUEUED, target.id, RUNNING),
+            )
+            self._reopen_case(conn, target.case_id, now)
+        return self.slide(target.id)
+
+    def request_rescore_case(self, case_id: int, now: float) -> list[Slide]:
+        targets = [s for s in self.slides(case_id) if s.state != WAITING]
+        return [self.request_rescore_slide(s.id, now) for s in targets] or (
+            self._reopen_case_only(case_id, now)
+        )
+
+    def _reopen_case_only(self, case_id: int, now: float) -> list[Slide]:
+        with self._write() as conn:
+            self._reopen_case(conn, case_id, now)
+        return []
+
+    @staticmethod
+    def _reopen_case(conn: sqlite3.Connection, case_id: int, now: float) -> None:
+        conn.execute(
+            "UPDATE cases SET state = ?, ready = 1, reason = '', attempts = 0, "
+            "last_error = '', next_attempt_at = 0, updated_at = ? WHERE id = ? AND state != ?",
+            (WAITING, now, case_id, RUNNING),
+        )
+
+    # --- service presence -------------------------------------------------------
+
+    def register_service(
+        self, pid: int, host: str, bundle: str, backend: str, software_version: str, now: float
+    ) -> None:
+        with self._write() as conn:
+            conn.execute(
+                "INSERT OR REPLACE INTO service(id, pid, host, started_at, heartbeat_at, "
+                "bundle, backend, software_version) VALUES (1, ?, ?, ?, ?, ?, ?, ?)",
+                (pid, host, now, now, bundle, backend, software_version),
+            )
+
+    def heartbeat(self, now: float | None = None) -> None:
+        with self._write() as conn:
+            conn.execute(
+                "UPDATE service SET heartbeat_at = ? WHERE id = 1",
+                (time.time() if now is None else now,),
+            )

@@ -1,0 +1,455 @@
+"""The one worker that drives the accelerator: slide jobs, then case jobs.
+
+The unit of work is the ``Engine`` seam: ``process_slide`` (a slide up to
+cached embeddings) and ``score_case`` (the heads over a case, which writes the
+versioned result folder atomically). ``appliance.service.engine`` adapts the
+real pipeline to it; tests may drive the worker with their own engine.
+
+Crash safety: attempts are counted when a job starts, so a job that keeps
+killing the process ends failed instead of looping. Before a case job runs,
+the version it will write is stored; if the process dies after the result was
+renamed into place, the re-run adopts that folder instead of writing another.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import logging
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+from appliance.results import ResultWriteError, existing_versions, safe_name, write_json_atomic
+from appliance.service.audit import AuditLog, iso
+from appliance.service.store import (
+    DONE,
+    FAILED,
+    REJECTED,
+    Case,
+    JobStore,
+    Slide,
+)
+
+log = logging.getLogger(__name__)
+
+ProgressFn = Callable[[str, float], None]
+PROGRESS_WRITE_SECONDS = 0.5
+MAX_RETRY_SECONDS = 600.0
+IDLE_WAIT_SECONDS = 0.5
+TRANSIENT_ERRNOS = frozenset(
+    {
+        errno.ENOSPC,
+        errno.EDQUOT,
+        errno.EIO,
+        errno.EAGAIN,
+        errno.EBUSY,
+        errno.ENOMEM,
+        errno.ETIMEDOUT,
+        errno.ESTALE,
+        errno.EROFS,
+        errno.ENFILE,
+        errno.EMFILE,
+    }
+)
+_TRANSIENT_WORDS = ("out of memory", "failed to allocate", "no space left", "resource exhausted")
+
+
+class JobAbandoned(Exception):  # noqa: N818 - it is a signal, not an error
+    """Raised from the progress callback when the service is stopping."""
+
+
+@dataclass(frozen=True)
+class SlideOutcome:
+    """What ``process_slide`` produced: ``handle`` is what ``score_case`` needs."""
+
+    handle: object
+    n_cells: int
+    rejected_reason: str = ""  # QC failed or too few cells: kept, the case result says why
+
+
+@dataclass(frozen=True)
+class CaseOutcome:
+    status: str  # scored | abstained | rejected (result.json "status")
+    reason: str
+    version: int
+    result_dir: Path
+
+
+class Engine(Protocol):
+    """The slide pipeline as the worker sees it."""
+
+    def process_slide(self, path: Path, progress: ProgressFn, *, use_cache: bool) -> SlideOutcome:
+        """One slide up to cached embeddings; ScanError for an input at fault."""
+        ...
+
+    def score_case(
+        self, case_key: str, slides: Sequence[object], outbox: Path, progress: ProgressFn
+    ) -> CaseOutcome:
+        """The heads over the slides' handles; writes the next result version atomically."""
+        ...
+
+
+@dataclass(frozen=True)
+class WorkerSettings:
+    outbox: Path
+    case_quiet_seconds: float
+    max_attempts: int
+    retry_seconds: float
+
+
+def classify(exc: BaseException) -> str:
+    """rejected (the input is at fault), transient (retry later) or permanent."""
+    from appliance.readers.errors import ScanError
+
+    if isinstance(exc, ScanError):
+        return "rejected"
+    if isinstance(exc, OSError) and exc.errno in TRANSIENT_ERRNOS:
+        return "transient"
+    if isinstance(exc, MemoryError | ResultWriteError | TimeoutError):
+        return "transient"
+    cause = exc.__cause__ or exc.__context__
+    if cause is not None and cause is not exc and classify(cause) == "transient":
+        return "transient"
+    text = str(exc).lower()
+    return "transient" if any(w in text for w in _TRANSIENT_WORDS) else "permanent"
+
+
+def error_text(exc: BaseException) -> str:
+    reason = getattr(exc, "reason", None)
+    text = str(reason) if reason else f"{type(exc).__name__}: {exc}"
+    return " ".join(text.split())[:500]
+
+
+def retry_delay(attempts: int, base: float) -> float:
+    return min(MAX_RETRY_SECONDS, base * 2 ** max(0, attempts - 1))
+
+
+class Worker:
+    """One job at a time; ``stop`` ends it after the current job, ``abandon`` cuts it short."""
+
+    def __init__(
+        self,
+        engine: Engine,
+        store_path: Path,
+        settings: WorkerSettings,
+        audit: AuditLog,
+        *,
+        stop: threading.Event,
+        abandon: threading.Event,
+        wake: threading.Event,
+    ) -> None:
+        self.engine = engine
+        self.store_path = store_path
+        self.settings = settings
+        self.audit = audit
+        self.stop = stop
+        self.abandon = abandon
+        self.wake = wake
+        self.heartbeat = time.monotonic()  # the service's watchdog reads this
+        self.current: str = ""
+        # Slide handles kept until their case is scored; after a restart the
+        # pipeline's embedding cache makes process_slide cheap instead.
+        self._handles: dict[int, object] = {}
+        self._store: JobStore | None = None
+
+    @property
+    def store(self) -> JobStore:
+        if self._store is None:
+            self._store = JobStore(self.store_path)
+        return self._store
+
+    def run(self) -> None:
+        """The thread body."""
+        try:
+            while not self.stop.is_set():
+                self.heartbeat = time.monotonic()
+                try:
+                    worked = self.run_one()
+                except Exception:
+                    log.exception("worker loop error; continuing")
+                    worked = False
+                if not worked:
+                    self.wake.wait(IDLE_WAIT_SECONDS)
+                    self.wake.clear()
+        finally:
+            if self._store is not None:
+                self._store.close()
+                self._store = None
+
+    def run_one(self) -> bool:
+        """Run the next job, if any: ready cases first (cheap, a result), then slides."""
+        now = time.time()
+        for case in self.store.promote_ready_cases(self.settings.case_quiet_seconds, now):
+            log.info("case complete, queued for scoring", extra={"case": case.case_key})
+        case = self.store.next_case_job(now)
+        if case is not None:
+            self.run_case(case)
+            return True
+        slide = self.store.next_slide_job(now)
+        if slide is not None:
+            self.run_slide(slide)
+            return True
+        return False
+
+    # --- progress -------------------------------------------------------------
+
+    def _progress(self, write: Callable[[str, float], None]) -> ProgressFn:
+        last = {"stage": "", "at": 0.0}
+
+        def report(stage: str, fraction: float) -> None:
+            self.heartbeat = time.monotonic()
+            if self.abandon.is_set():
+                raise JobAbandoned("the service is stopping")
+            if stage != last["stage"] or self.heartbeat - last["at"] >= PROGRESS_WRITE_SECONDS:
+                last["stage"], last["at"] = stage, self.heartbeat
+                write(stage, fraction)
+
+        return report
+
+    # --- slides -----------------------------------------------------------------
+
+    def run_slide(self, queued: Slide) -> None:
+        slide = self.store.start_slide(queued.id, time.time())
+        self.current = slide.path
+        log.info("slide started", extra={"path": slide.path, "attempt": slide.attempts})
+        progress = self._progress(lambda s, f: self.store.slide_progress(slide.id, s, f))
+        try:
+            outcome = self.engine.process_slide(
+                Path(slide.path), progress, use_cache=not slide.rescore
+            )
+        except JobAbandoned:
+            self.store.abandon_slide(slide.id)
+            log.info("slide abandoned: the service is stopping", extra={"path": slide.path})
+            return
+        except Exception as exc:
+            self._slide_error(slide, exc)
+            return
+        finally:
+            self.current = ""
+        self._handles[slide.id] = outcome.handle
+        state = REJECTED if outcome.rejected_reason else DONE
+        now = time.time()
+        self.store.finish_slide(
+            slide.id, state, reason=outcome.rejected_reason, n_cells=outcome.n_cells, now=now
+        )
+        self._audit_slide(slide, state, outcome.rejected_reason, now, n_cells=outcome.n_cells)
+        log.info("slide finished", extra={"path": slide.path, "state": state})
+
+    def _slide_error(self, slide: Slide, exc: Exception) -> None:
+        kind = classify(exc)
+        text = error_text(exc)
+        now = time.time()
+        if kind == "rejected":
+            self.store.finish_slide(slide.id, REJECTED, reason=text, n_cells=None, now=now)
+            self._audit_slide(slide, REJECTED, text, now)
+            log.warning("slide rejected", extra={"path": slide.path, "reason": text})
+        elif kind == "transient" and slide.attempts < self.settings.max_attempts:
+            at = now + retry_delay(slide.attempts, self.settings.retry_seconds)
+            self.store.retry_slide(slide.id, text, at)
+            self.audit.record(
+                "retry", kind="slide", slide_id=slide.id, path=slide.path, error=text,
+                attempt=slide.attempts, next_attempt_at=iso(at),
+            )  # fmt: skip
+            log.warning("slide failed, will retry", extra={"path": slide.path, "error": text})
+        else:
+            if kind == "transient":
+                text = f"{text} (gave up after {slide.attempts} attempts)"
+            else:
+                log.error("slide failed", exc_info=exc, extra={"path": slide.path})
+            self.store.fail_slide(slide.id, text, now)
+            self._audit_slide(slide, FAILED, text, now)
+
+    def _audit_slide(
+        self, slide: Slide, outcome: str, reason: str, now: float, n_cells: int | None = None
+    ) -> None:
+        self.audit.record(
+            "finished",
+            kind="slide",
+            slide_id=slide.id,
+            case_id=slide.case_id,
+            path=slide.path,
+            size=slide.size,
+            fingerprint=slide.fingerprint,
+            seen_at=iso(slide.seen_at),
+            started_at=iso(slide.started_at),
+            finished_at=iso(now),
+            attempts=slide.attempts,
+            n_cells=n_cells,
+            outcome=outcome,
+            reason=reason,
+        )
+
+    # --- cases ------------------------------------------------------------------
+
+    def run_case(self, queued: Case) -> None:
+        slides = self.store.slides(queued.id)
+        members = [s for s in slides if s.duplicate_of is None and s.n_cells is not None]
+        if not members:
+            self._finish_without_scoring(queued, slides)
+            return
+        case_dir = self.settings.outbox / safe_name(queued.case_key)
+        adopted = self._adopt_written_result(queued, case_dir)
+        if adopted is not None:
+            self._finish_case(queued, adopted, slides)
+            return
+        version = (existing_versions(case_dir) or [0])[-1] + 1
+        case = self.store.start_case(queued.id, version, time.time())
+        self.current = case.case_key
+        log.info("case scoring started", extra={"case": case.case_key, "slides": len(members)})
+        progress = self._progress(lambda s, f: self.store.case_progress(case.id, s, f, time.time()))
+        try:
+            handles = [self._handle(s, progress) for s in members]
+            outcome = self.engine.score_case(case.case_key, handles, self.settings.outbox, progress)
+        except JobAbandoned:
+            self.store.abandon_case(case.id, time.time())
+            log.info("case abandoned: the service is stopping", extra={"case": case.case_key})
+            return
+        except Exception as exc:
+            self._case_error(case, exc)
+            return
+        finally:
+            self.current = ""
+        self._finish_case(case, outcome, slides)
+
+    def _handle(self, slide: Slide, progress: ProgressFn) -> object:
+        handle = self._handles.get(slide.id)
+        if handle is None:  # after a restart: the pipeline's cache answers
+            handle = self.engine.process_slide(Path(slide.path), progress, use_cache=True).handle
+        return handle
+
+    def _adopt_written_result(self, case: Case, case_dir: Path) -> CaseOutcome | None:
+        """The previous run of this job died after its result was renamed into place."""
+        if case.pending_version is None:
+            return None
+        folder = case_dir / f"v{case.pending_version}"
+        try:
+            result = json.loads((folder / "result.json").read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return None
+        latest = case_dir / "latest.json"
+        try:
+            pointed = int(json.loads(latest.read_text(encoding="utf-8"))["version"])
+        except (OSError, ValueError, KeyError, TypeError):
+            pointed = 0
+        if pointed < case.pending_version:
+            write_json_atomic(latest, {"version": case.pending_version, "path": folder.name})
+        log.info(
+            "result of an interrupted job found and kept",
+            extra={"case": case.case_key, "version": case.pending_version},
+        )
+        return CaseOutcome(
+            status=str(result.get("status", "scored")),
+            reason=str(result.get("abstain_reason") or ""),
+            version=case.pending_version,
+            result_dir=folder,
+        )
+
+    def _finish_case(self, case: Case, outcome: CaseOutcome, slides: list[Slide]) -> None:
+        state = REJECTED if outcome.status == "rejected" else DONE
+        reason = outcome.reason
+        failed = [
+            s for s in slides if s.state == FAILED or (s.state == REJECTED and s.n_cells is None)
+        ]
+        if failed:
+            note = "; ".join(f"{Path(s.path).name}: {s.reason or s.last_error}" for s in failed)
+            reason = f"{reason}; left out: {note}" if reason else f"left out: {note}"
+        now = time.time()
+        self.store.finish_case(
+            case.id,
+            state,
+            reason=reason,
+            result_version=outcome.version,
+            result_dir=str(outcome.result_dir),
+            now=now,
+        )
+        for slide in slides:
+            self._handles.pop(slide.id, None)
+        self._audit_case(case, slides, state, reason, now, outcome)
+        log.info(
+            "case finished",
+            extra={"case": case.case_key, "state": state, "version": outcome.version},
+        )
+
+    def _finish_without_scoring(self, case: Case, slides: list[Slide]) -> None:
+        """No slide to score: all copies of scans held elsewhere, or all unusable."""
+        now = time.time()
+        copies = [s for s in slides if s.duplicate_of is not None]
+        result_version, result_dir = None, ""
+        if copies and len(copies) == len(slides):
+            original = self.store.slide(copies[0].duplicate_of or 0)
+            holder = self.store.case(original.case_id)
+            state = DONE
+            reason = f"same scan as case {holder.case_key}: not scored again"
+            result_version, result_dir = holder.result_version, holder.result_dir
+        else:
+            bad = [s for s in slides if s.duplicate_of is None]
+            state = FAILED if any(s.state == FAILED for s in bad) else REJECTED
+            reason = "; ".join(f"{Path(s.path).name}: {s.reason or s.last_error}" for s in bad)
+        self.store.finish_case(
+            case.id,
+            state,
+            reason=reason,
+            result_version=result_version,
+            result_dir=result_dir,
+            now=now,
+        )
+        self._audit_case(case, slides, state, reason, now, None)
+
+    def _case_error(self, case: Case, exc: Exception) -> None:
+        kind = classify(exc)
+        text = error_text(exc)
+        now = time.time()
+        if kind == "transient" and case.attempts < self.settings.max_attempts:
+            at = now + retry_delay(case.attempts, self.settings.retry_seconds)
+            self.store.retry_case(case.id, text, at, now)
+            self.audit.record(
+                "retry", kind="case", case=case.case_key, error=text,
+                attempt=case.attempts, next_attempt_at=iso(at),
+            )  # fmt: skip
+            log.warning("case failed, will retry", extra={"case": case.case_key, "error": text})
+            return
+        if kind == "transient":
+            text = f"{text} (gave up after {case.attempts} attempts)"
+        elif kind == "permanent":
+            log.error("case failed", exc_info=exc, extra={"case": case.case_key})
+        state = REJECTED if kind == "rejected" else FAILED
+        if state == REJECTED:
+            self.store.finish_case(
+                case.id, REJECTED, reason=text, result_version=None, result_dir="", now=now
+            )
+        else:
+            self.store.fail_case(case.id, text, now)
+        self._audit_case(case, self.store.slides(case.id), state, text, now, None)
+
+    def _audit_case(
+        self,
+        case: Case,
+        slides: list[Slide],
+        outcome: str,
+        reason: str,
+        now: float,
+        result: CaseOutcome | None,
+    ) -> None:
+        self.audit.record(
+            "finished",
+            kind="case",
+            case=case.case_key,
+            case_id=case.id,
+            slides=[
+                {"path": s.path, "size": s.size, "fingerprint": s.fingerprint, "state": s.state}
+                for s in slides
+            ],
+            received_at=iso(case.received_at),
+            started_at=iso(case.started_at),
+            finished_at=iso(now),
+            attempts=case.attempts,
+            outcome=outcome,
+            status=result.status if result else None,
+            version=result.version if result else None,
+            result_dir=str(result.result_dir) if result else None,
+            reason=reason,
+        )

@@ -1,0 +1,179 @@
+"""What in the inbox is a scan, its case, and when it is complete (no pipeline)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from appliance.service import units
+from appliance.service.units import (
+    Signature,
+    StabilityTracker,
+    compile_case_pattern,
+    discover,
+    fingerprint,
+    signature,
+)
+
+
+def write(path: Path, data: bytes = b"scan-bytes") -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(data)
+    return path
+
+
+def by_path(inbox: Path, pattern: str = "") -> dict[str, units.Unit]:
+    found = discover(inbox, compile_case_pattern(pattern))
+    return {str(u.path.relative_to(inbox)): u for u in found.units}
+
+
+def test_subfolders_are_cases_and_loose_files_are_cases_of_one(tmp_path: Path) -> None:
+    write(tmp_path / "P-001" / "a.svs")
+    write(tmp_path / "P-001" / "b.ndpi")
+    write(tmp_path / "loose.tiff")
+    found = by_path(tmp_path)
+    assert set(found) == {"P-001/a.svs", "P-001/b.ndpi", "loose.tiff"}
+    assert {found["P-001/a.svs"].case_key, found["P-001/b.ndpi"].case_key} == {"P-001"}
+    assert not found["P-001/a.svs"].single
+    assert (found["loose.tiff"].case_key, found["loose.tiff"].single) == ("loose", True)
+
+
+def test_a_case_pattern_groups_loose_files(tmp_path: Path) -> None:
+    for name in ("AB-12_1.svs", "AB-12_2.svs", "CD-9_1.svs", "other.svs"):
+        write(tmp_path / name)
+    write(tmp_path / "AB-12.ready", b"")
+    found = by_path(tmp_path, r"(?P<case>[A-Z0-9-]+)_\d+\.svs")
+    assert found["AB-12_1.svs"].case_key == found["AB-12_2.svs"].case_key == "AB-12"
+    assert not found["AB-12_1.svs"].single
+    assert found["CD-9_1.svs"].case_key == "CD-9"
+    assert (found["other.svs"].case_key, found["other.svs"].single) == ("other", True)
+    ready = discover(tmp_path, compile_case_pattern(r"(?P<case>[A-Z0-9-]+)_\d+\.svs"))
+    assert ready.ready_cases == {"AB-12"}
+
+
+def test_a_case_pattern_without_the_case_group_is_refused() -> None:
+    with pytest.raises(ValueError, match="named group"):
+        compile_case_pattern(r"([A-Z]+)_\d+")
+    with pytest.raises(ValueError, match="not a valid regex"):
+        compile_case_pattern(r"(?P<case>[A-Z")
+
+
+def test_ready_file_marks_a_case_folder_complete(tmp_path: Path) -> None:
+    write(tmp_path / "P1" / "a.svs")
+    write(tmp_path / "P2" / "a.svs")
+    write(tmp_path / "P2" / ".ready", b"")
+    assert discover(tmp_path).ready_cases == {"P2"}
+
+
+@pytest.mark.parametrize(
+    "name", ["scan.svs.part", "scan.tmp", "~$scan.svs", ".hidden.svs", "scan.svs.crdownload"]
+)
+def test_temporary_and_hidden_names_are_ignored_until_renamed(tmp_path: Path, name: str) -> None:
+    write(tmp_path / name)
+    write(tmp_path / "P" / name)
+    assert by_path(tmp_path) == {}
+    (tmp_path / name).rename(tmp_path / "scan.svs")
+    assert set(by_path(tmp_path)) == {"scan.svs"}
+
+
+def test_mrxs_with_its_folder_is_one_unit_and_its_data_counts(tmp_path: Path) -> None:
+    write(tmp_path / "slide.mrxs", b"index")
+    write(tmp_path / "slide" / "Slidedat.ini", b"ini")
+    write(tmp_path / "slide" / "Data0000.dat", b"data")
+    found = by_path(tmp_path)
+    assert set(found) == {"slide.mrxs"}
+    unit = found["slide.mrxs"]
+    assert unit.kind == "mrxs"
+    sig = signature(unit)
+    assert sig is not None and (sig.files, sig.size) == (3, len(b"index" + b"ini" + b"data"))
+
+
+def test_dicom_and_single_cell_folders_are_single_units(tmp_path: Path) -> None:
+    write(tmp_path / "dicom-slide" / "level0.dcm")
+    write(tmp_path / "dicom-slide" / "level1.dcm")
+    cells = tmp_path / "patient-7"
+    cells.mkdir()
+    for i in range(3):
+        Image.fromarray(np.full((144, 144, 3), 200, np.uint8)).save(cells / f"c{i}.png")
+    found = by_path(tmp_path)
+    assert set(found) == {"dicom-slide", "patient-7"}
+    assert found["dicom-slide"].kind == "dicom"
+    assert (found["patient-7"].kind, found["patient-7"].case_key) == ("cells", "patient-7")
+
+
+def test_a_case_folder_of_large_images_is_not_a_cell_folder(tmp_path: Path) -> None:
+    case = tmp_path / "P"
+    case.mkdir()
+    Image.fromarray(np.full((900, 900, 3), 200, np.uint8)).save(case / "field.png")
+    write(case / "field.png.json", b'{"pixel_size_um": 0.25}')
+    found = by_path(tmp_path)
+    assert set(found) == {"P/field.png"}
+    unit = found["P/field.png"]
+    assert unit.kind == "file" and unit.case_key == "P"
+    assert unit.extras == (case / "field.png.json",), "the pixel-size sidecar is part of it"
+
+
+def test_symlinks_out_of_the_inbox_are_not_followed(tmp_path: Path) -> None:
+    inbox, outside = tmp_path / "inbox", tmp_path / "outside"
+    write(outside / "secret.svs")
+    write(outside / "case" / "a.svs")
+    inbox.mkdir()
+    os.symlink(outside / "secret.svs", inbox / "link.svs")
+    os.symlink(outside / "case", inbox / "linked-case")
+    write(inbox / "real.svs")
+    os.symlink(inbox / "real.svs", inbox / "inside-link.svs")
+    assert set(by_path(inbox)) == {"real.svs", "inside-link.svs"}
+
+
+def test_unsupported_extensions_are_units_that_say_why(tmp_path: Path) -> None:
+    write(tmp_path / "notes.docx")
+    write(tmp_path / "sidecar-only.png.json")
+    unit = by_path(tmp_path)["notes.docx"]
+    assert not unit.supported
+    assert "unsupported file type .docx" in unit.unsupported_reason
+
+
+def test_fingerprint_is_content_only_so_copies_and_renames_match(tmp_path: Path) -> None:
+    write(tmp_path / "a.svs", b"x" * 10_000)
+    write(tmp_path / "renamed.svs", b"x" * 10_000)
+    write(tmp_path / "other.svs", b"y" * 10_000)
+    write(tmp_path / "m1.mrxs", b"idx")
+    write(tmp_path / "m1" / "Data0000.dat", b"d")
+    write(tmp_path / "m2.mrxs", b"idx")
+    write(tmp_path / "m2" / "Data0000.dat", b"d")
+    found = by_path(tmp_path)
+    fp = {k: fingerprint(u) for k, u in found.items()}
+    assert fp["a.svs"] == fp["renamed.svs"] != fp["other.svs"]
+    assert fp["m1.mrxs"] == fp["m2.mrxs"]
+    import hashlib
+
+    assert fp["a.svs"] == hashlib.sha256(b"x" * 10_000).hexdigest()
+
+
+def test_stability_needs_the_same_signature_for_the_whole_quiet_period() -> None:
+    tracker = StabilityTracker(quiet_seconds=2.0)
+    path = Path("/in/a.svs")
+    growing = [Signature(1, n, n) for n in (10, 20, 30)]
+    for t, sig in enumerate(growing):
+        assert not tracker.is_stable(path, sig, float(t))
+    assert not tracker.is_stable(path, growing[-1], 3.9)
+    assert tracker.is_stable(path, growing[-1], 4.0)
+    # A touch (new mtime, same size) restarts the wait.
+    assert not tracker.is_stable(path, Signature(1, 30, 99), 4.5)
+    assert tracker.observe(path, Signature(1, 30, 99), 6.5) == pytest.approx(2.0)
+
+
+def test_signature_follows_size_and_mtime_and_none_when_gone(tmp_path: Path) -> None:
+    path = write(tmp_path / "a.svs", b"1234")
+    unit = by_path(tmp_path)["a.svs"]
+    first = signature(unit)
+    with open(path, "ab") as handle:
+        handle.write(b"56")
+    second = signature(unit)
+    assert first is not None and second is not None and second.size == first.size + 2
+    path.unlink()
+    assert signature(unit) is None

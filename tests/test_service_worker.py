@@ -1,0 +1,334 @@
+"""Watcher + worker + store in one process with a stand-in engine (no pipeline).
+
+The engine here honours the worker's seam exactly: process_slide reads the
+file (ScanError for bad bytes), score_case writes a real result folder with
+appliance.results, so atomicity and versioning are the real ones.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import pytest
+
+from appliance.config import Config, PathsConfig, ServiceConfig, WatchConfig
+from appliance.readers.errors import NotAnImageError
+from appliance.results import CaseOutputs, write_case_result
+from appliance.service.audit import read_audit
+from appliance.service.service import BundleIdentity, Service
+from appliance.service.store import (
+    DONE,
+    FAILED,
+    QUEUED,
+    REJECTED,
+    RUNNING,
+    JobStore,
+    StoreError,
+)
+from appliance.service.worker import CaseOutcome, ProgressFn, SlideOutcome
+
+BUNDLE = BundleIdentity("test-bundle", "1.0", "a" * 64)
+
+
+@dataclass
+class StandInEngine:
+    """Cells = bytes / 100; a file starting with b'BAD' is not an image. ``calls``
+    records the expensive work only (cache misses), as the pipeline would do it."""
+
+    slide_delay: float = 0.0
+    score_errors: list[BaseException] | None = None
+    calls: list[str] | None = None
+
+    def __post_init__(self) -> None:
+        self.cache: dict[Path, SlideOutcome] = {}  # like the pipeline's embedding cache
+
+    def process_slide(self, path: Path, progress: ProgressFn, *, use_cache: bool) -> SlideOutcome:
+        if use_cache and path in self.cache:
+            return self.cache[path]
+        data = path.read_bytes()
+        if data.startswith(b"BAD"):
+            raise NotAnImageError(path, "the bytes are not an image")
+        steps = 10
+        for i in range(steps):
+            progress("segmentation", i / steps)
+            time.sleep(self.slide_delay / steps)
+        (self.calls if self.calls is not None else []).append(f"slide:{path.name}")
+        outcome = SlideOutcome(handle={"path": str(path), "cells": len(data) // 100}, n_cells=1)
+        self.cache[path] = outcome
+        return outcome
+
+    def score_case(
+        self, case_key: str, slides: Sequence[object], outbox: Path, progress: ProgressFn
+    ) -> CaseOutcome:
+        progress("heads", 0.5)
+        if self.score_errors:
+            raise self.score_errors.pop(0)
+        (self.calls if self.calls is not None else []).append(f"case:{case_key}")
+        result = {"case_id": case_key, "status": "scored", "slides": list(slides)}
+        folder = write_case_result(outbox, case_key, CaseOutputs(result, []), write_pdf=False)
+        return CaseOutcome("scored", "", folder.version, folder.path)
+
+
+def probe(path: Path) -> None:
+    if path.is_file() and path.stat().st_size == 0:
+        from appliance.readers.errors import EmptyFileError
+
+        raise EmptyFileError(path, "the file is empty (0 bytes)")
+
+
+def make_config(tmp_path: Path, **service: float) -> Config:
+    for name in ("inbox", "outbox", "data"):
+        (tmp_path / name).mkdir(exist_ok=True)
+    return Config(
+        paths=PathsConfig(
+            data_dir=str(tmp_path / "data"),
+            inbox=str(tmp_path / "inbox"),
+            outbox=str(tmp_path / "outbox"),
+        ),
+        watch=WatchConfig(quiet_seconds=0.4, case_quiet_seconds=2.0, rescan_seconds=1.0),
+        service=ServiceConfig(
+            max_attempts=int(service.get("max_attempts", 3)),
+            retry_seconds=service.get("retry_seconds", 0.3),
+            stop_grace_seconds=service.get("stop_grace_seconds", 5.0),
+        ),
+    )
+
+
+class Running:
+    def __init__(self, config: Config, engine: StandInEngine) -> None:
+        self.config = config
+        self.engine = engine
+        self.stop = threading.Event()
+        self.service = Service(config, engine, probe=probe, bundle=BUNDLE, backend="stand-in")
+        self.clean: bool | None = None
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        self.clean = self.service.run(self.stop)
+
+    def halt(self, timeout: float = 30.0) -> None:
+        self.stop.set()
+        self.thread.join(timeout)
+        assert not self.thread.is_alive()
+
+    @property
+    def store(self) -> JobStore:
+        return wait_for(self._open_store)  # type: ignore[return-value]
+
+    def _open_store(self) -> JobStore | None:
+        try:  # the service creates it when it starts
+            return JobStore(self.service.store_path, readonly=True)
+        except StoreError:
+            return None
+
+
+@pytest.fixture
+def run_service(tmp_path: Path) -> Iterator[Callable[..., Running]]:
+    started: list[Running] = []
+
+    def start(engine: StandInEngine | None = None, config: Config | None = None) -> Running:
+        running = Running(config or make_config(tmp_path), engine or StandInEngine())
+        started.append(running)
+        return running
+
+    yield start
+    for running in started:
+        if running.thread.is_alive():
+            running.halt()
+
+
+def wait_for(check: Callable[[], object], timeout: float = 20.0) -> object:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = check()
+        if value:
+            return value
+        time.sleep(0.1)
+    raise AssertionError(f"timed out waiting for {check}")
+
+
+def case_state(running: Running, key: str) -> str | None:
+    store = running.store
+    try:
+        case = store.case_by_key(key)
+        return case.state if case else None
+    finally:
+        store.close()
+
+
+def versions(outbox: Path, key: str) -> list[str]:
+    folder = outbox / key
+    return (
+        sorted(p.name for p in folder.iterdir() if p.name.startswith("v"))
+        if folder.is_dir()
+        else []
+    )
+
+
+def test_a_loose_scan_is_scored_once_with_an_audit_trail(run_service, tmp_path: Path) -> None:
+    running = run_service()
+    (tmp_path / "inbox" / "S1.svs").write_bytes(b"x" * 5000)
+    wait_for(lambda: case_state(running, "S1") == DONE)
+    assert versions(tmp_path / "outbox", "S1") == ["v1"]
+    running.halt()
+    assert running.clean
+    records = read_audit(tmp_path / "data" / "state" / "audit.jsonl")
+    slide = next(r for r in records if r["event"] == "finished" and r["kind"] == "slide")
+    for key in ("path", "size", "fingerprint", "seen_at", "started_at", "finished_at", "host"):
+        assert slide[key], key
+    assert slide["bundle"] == {"name": "test-bundle", "version": "1.0", "sha256": "a" * 64}
+    assert slide["backend"] == "stand-in" and slide["software_version"]
+    assert slide["outcome"] == DONE
+    case = next(r for r in records if r["event"] == "finished" and r["kind"] == "case")
+    assert (case["outcome"], case["version"]) == (DONE, 1)
+
+
+def test_copies_and_renames_are_not_scored_again(run_service, tmp_path: Path) -> None:
+    engine = StandInEngine(calls=[])
+    running = run_service(engine)
+    inbox = tmp_path / "inbox"
+    (inbox / "A.svs").write_bytes(b"same" * 1000)
+    wait_for(lambda: case_state(running, "A") == DONE)
+    (inbox / "A-renamed.svs").write_bytes(b"same" * 1000)
+    (inbox / "A.svs").unlink()
+    (inbox / "A.svs").write_bytes(b"same" * 1000)  # the same scan dropped again
+    wait_for(lambda: case_state(running, "A-renamed") == DONE)
+    time.sleep(1.5)  # a rescan and a quiet period: nothing more may happen
+    assert engine.calls == ["slide:A.svs", "case:A"]
+    assert versions(tmp_path / "outbox", "A") == ["v1"]
+    assert not (tmp_path / "outbox" / "A-renamed").exists()
+    store = running.store
+    copy = store.case_by_key("A-renamed")
+    assert copy is not None and "same scan as case A" in copy.reason
+    assert copy.result_version == 1
+
+
+def test_a_transient_error_retries_and_leaves_nothing_half_written(
+    run_service, tmp_path: Path
+) -> None:
+    disk_full = OSError(errno.ENOSPC, "No space left on device")
+    engine = StandInEngine(score_errors=[disk_full, disk_full])
+    running = run_service(engine)
+    (tmp_path / "inbox" / "T.svs").write_bytes(b"t" * 3000)
+    wait_for(lambda: case_state(running, "T") == DONE)
+    store = running.store
+    case = store.case_by_key("T")
+    assert case is not None and case.result_version == 1
+    retries = [
+        r for r in read_audit(tmp_path / "data" / "state" / "audit.jsonl") if r["event"] == "retry"
+    ]
+    assert len(retries) == 2 and "No space left" in retries[0]["error"]
+    assert versions(tmp_path / "outbox", "T") == ["v1"]
+
+
+def test_bad_inputs_end_rejected_with_a_reason_and_service_goes_on(
+    run_service, tmp_path: Path
+) -> None:
+    running = run_service()
+    inbox = tmp_path / "inbox"
+    (inbox / "empty.svs").write_bytes(b"")
+    (inbox / "garbage.svs").write_bytes(b"BAD not an image")
+    (inbox / "letter.docx").write_bytes(b"PK\x03\x04")
+    wait_for(
+        lambda: all(case_state(running, k) == REJECTED for k in ("empty", "garbage", "letter"))
+    )
+    (inbox / "good.svs").write_bytes(b"g" * 2000)
+    wait_for(lambda: case_state(running, "good") == DONE)
+    store = running.store
+    reasons = {c.case_key: c.reason for c in store.cases()}
+    assert "empty" in reasons["empty"]
+    assert "not an image" in reasons["garbage"]
+    assert "unsupported file type .docx" in reasons["letter"]
+
+
+def test_a_permanent_error_fails_at_once(run_service, tmp_path: Path) -> None:
+    engine = StandInEngine(score_errors=[ValueError("heads disagree on shape")])
+    running = run_service(engine)
+    (tmp_path / "inbox" / "P.svs").write_bytes(b"p" * 1000)
+    wait_for(lambda: case_state(running, "P") == FAILED)
+    case = running.store.case_by_key("P")
+    assert case is not None and case.attempts == 1 and "heads disagree" in case.reason
+
+
+def test_case_folder_waits_for_ready_and_a_late_slide_bumps_the_version(
+    run_service, tmp_path: Path
+) -> None:
+    config = make_config(tmp_path)
+    config = replace(config, watch=replace(config.watch, case_quiet_seconds=60.0))
+    engine = StandInEngine(calls=[])
+    running = run_service(engine, config)
+    case = tmp_path / "inbox" / "P-7"
+    case.mkdir()
+    (case / "a.svs").write_bytes(b"a" * 1000)
+    (case / "b.svs").write_bytes(b"b" * 1000)
+    store = running.store
+    wait_for(lambda: len([s for s in store.slides() if s.state == DONE]) == 2)
+    time.sleep(1.0)
+    assert case_state(running, "P-7") == "waiting", "no .ready yet, quiet period not over"
+    (case / ".ready").write_bytes(b"")
+    wait_for(lambda: case_state(running, "P-7") == DONE)
+    assert versions(tmp_path / "outbox", "P-7") == ["v1"]
+    (case / "c.svs").write_bytes(b"c" * 1000)
+    wait_for(lambda: versions(tmp_path / "outbox", "P-7") == ["v1", "v2"])
+    wait_for(lambda: case_state(running, "P-7") == DONE)
+    assert engine.calls.count("slide:a.svs") == 1, "a late slide costs only the heads"
+    latest = json.loads((tmp_path / "outbox" / "P-7" / "latest.json").read_text())
+    assert latest["version"] == 2
+
+
+def test_stop_abandons_a_long_job_cleanly_within_the_grace_period(
+    run_service, tmp_path: Path
+) -> None:
+    config = make_config(tmp_path, stop_grace_seconds=0.5)
+    running = run_service(StandInEngine(slide_delay=60.0), config)
+    (tmp_path / "inbox" / "L.svs").write_bytes(b"l" * 1000)
+    store = running.store
+    wait_for(
+        lambda: (s := store.slide_by_path(str(tmp_path / "inbox" / "L.svs"))) and s.state == RUNNING
+    )
+    started = time.monotonic()
+    running.halt()
+    assert time.monotonic() - started < 10
+    assert running.clean
+    slide = store.slide_by_path(str(tmp_path / "inbox" / "L.svs"))
+    assert slide is not None and (slide.state, slide.attempts) == (QUEUED, 0)
+
+
+def test_a_result_written_before_a_crash_is_adopted_not_written_again(
+    run_service, tmp_path: Path
+) -> None:
+    config = make_config(tmp_path)
+    config.ensure_dirs()
+    config.state_dir.mkdir(parents=True, exist_ok=True)
+    store = JobStore(config.state_dir / "jobs.sqlite")
+    scan = tmp_path / "inbox" / "C.svs"
+    scan.write_bytes(b"c" * 1000)
+    row = store.add_waiting_slide("C", str(scan), 1000, scan.stat().st_mtime, single=True, now=1.0)
+    store.admit_slide(
+        row.id, fingerprint="fc", bundle_hash=BUNDLE.sha256, size=1000,
+        mtime=scan.stat().st_mtime, now=1.0,
+    )  # fmt: skip
+    store.start_slide(row.id, 2.0)
+    store.finish_slide(row.id, DONE, n_cells=10, now=3.0)
+    case = store.case_by_key("C")
+    assert case is not None
+    store.start_case(case.id, 1, 4.0)
+    # The crashed run had renamed v1 into place but not yet recorded it.
+    write_case_result(
+        config.outbox, "C", CaseOutputs({"case_id": "C", "status": "scored"}, []), write_pdf=False
+    )
+    (config.outbox / "C" / ".staging-leftover").mkdir()
+    store.close()
+    engine = StandInEngine(calls=[])
+    running = run_service(engine, config)
+    wait_for(lambda: case_state(running, "C") == DONE)
+    assert versions(config.outbox, "C") == ["v1"]
+    assert engine.calls == []
+    assert not (config.outbox / "C" / ".staging-leftover").exists()
