@@ -1,0 +1,594 @@
+"""The result pane: what a case predicts, how sure, which cells drove it, and QC.
+
+Files are read and images decoded on a pool thread (``read_folder``); the pane
+only turns the decoded images into pixmaps and lays them out, so a large
+heatmap or a slow share never freezes the window.
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from PySide6.QtCore import QObject, QPointF, QRectF, QSize, Qt, QThreadPool, Signal
+from PySide6.QtGui import QColor, QImage, QPainter, QPaintEvent, QPen, QPixmap, QPolygonF
+from PySide6.QtWidgets import (
+    QAbstractItemView,
+    QCheckBox,
+    QComboBox,
+    QDialog,
+    QDialogButtonBox,
+    QFormLayout,
+    QGridLayout,
+    QGroupBox,
+    QHBoxLayout,
+    QHeaderView,
+    QLabel,
+    QListWidget,
+    QListWidgetItem,
+    QSizePolicy,
+    QStackedWidget,
+    QTableWidget,
+    QTableWidgetItem,
+    QTabWidget,
+    QVBoxLayout,
+    QWidget,
+)
+
+from gui.result_data import (
+    CaseResult,
+    ResultUnreadableError,
+    TopCell,
+    cell_measurements,
+    load_result,
+)
+
+CALL_COLOURS = {"positive": "#b00020", "negative": "#1b5e20", "indeterminate": "#8a6d00"}
+BANNER_STYLES = {
+    "demo": "background:#b00020; color:white;",
+    "rejected": "background:#7f1010; color:white;",
+    "abstained": "background:#f2c200; color:#1a1a1a;",
+}
+GALLERY_ICON_PX = 96
+ENLARGED_PX = 384
+
+
+@dataclass
+class LoadedResult:
+    """A result with its pictures decoded, ready for the UI thread."""
+
+    result: CaseResult
+    images: dict[Path, QImage] = field(default_factory=dict)
+    measurements: dict[tuple[str, str], dict[str, str]] = field(default_factory=dict)
+
+    def image(self, path: Path | None) -> QImage | None:
+        return None if path is None else self.images.get(path)
+
+
+def read_folder(path: Path) -> LoadedResult:
+    """Everything the pane shows for one result folder (runs off the UI thread)."""
+    result = load_result(path)
+    wanted = [c.image for c in result.top_cells] + [result.gallery]
+    for slide in result.slides:
+        wanted += [slide.heatmap, slide.thumbnail]
+    images = {}
+    for image_path in wanted:
+        if image_path is not None:
+            image = QImage(str(image_path))
+            if not image.isNull():
+                images[image_path] = image
+    measurements: dict[tuple[str, str], dict[str, str]] = {}
+    csv_of = {s.slide_id: s.cells_csv for s in result.slides}
+    for cell in result.top_cells:
+        table = csv_of.get(cell.slide)
+        if table is not None:
+            measurements[(cell.slide, cell.cell_id)] = cell_measurements(table, cell.cell_id)
+    return LoadedResult(result, images, measurements)
+
+
+class ResultLoader(QObject):
+    """Reads result folders on the global thread pool; only the newest request is delivered."""
+
+    loaded = Signal(object)  # LoadedResult
+    failed = Signal(str)
+
+    def __init__(self, parent: QObject | None = None) -> None:
+        super().__init__(parent)
+        self._latest = 0
+        self._counter = itertools.count(1)
+
+    def request(self, path: Path) -> None:
+        token = next(self._counter)
+        self._latest = token
+        QThreadPool.globalInstance().start(lambda: self._run(token, path))
+
+    def cancel(self) -> None:
+        self._latest = next(self._counter)
+
+    def _run(self, token: int, path: Path) -> None:
+        try:
+            loaded: LoadedResult | str = read_folder(path)
+        except ResultUnreadableError as exc:
+            loaded = str(exc)
+        if token != self._latest:
+            return
+        try:
+            if isinstance(loaded, str):
+                self.failed.emit(loaded)
+            else:
+                self.loaded.emit(loaded)
+        except RuntimeError:  # the pane was closed while the folder was read
+            pass
+
+
+class ProbabilityBar(QWidget):
+    """A horizontal bar to the probability, coloured by the call, with the threshold marked."""
+
+    def __init__(self, probability: float, threshold: float, call: str, name: str) -> None:
+        super().__init__()
+        self.probability = min(1.0, max(0.0, probability))
+        self.threshold = min(1.0, max(0.0, threshold))
+        self.call = call
+        text = f"{name}: probability {probability:.2f}, threshold {threshold:.2f}, {call}"
+        self.setAccessibleName(text)
+        self.setToolTip(text)
+        self.setSizePolicy(QSizePolicy.Policy.Expanding, QSizePolicy.Policy.Fixed)
+
+    def sizeHint(self) -> QSize:  # noqa: N802
+        return QSize(220, self.fontMetrics().height() + 12)
+
+    def minimumSizeHint(self) -> QSize:  # noqa: N802
+        return QSize(120, self.fontMetrics().height() + 12)
+
+    def paintEvent(self, event: QPaintEvent) -> None:  # noqa: N802
+        painter = QPainter(self)
+        painter.setRenderHint(QPainter.RenderHint.Antialiasing)
+        tick = 5.0
+        track = QRectF(1, tick + 1, self.width() - 2, self.height() - 2 * tick - 2)
+        painter.setPen(QPen(QColor("#8c8c8c"), 1))
+        painter.setBrush(QColor("#ececec"))
+        painter.drawRect(track)
+        fill = QRectF(track.left(), track.top(), track.width() * self.probability, track.height())
+        painter.setPen(Qt.PenStyle.NoPen)
+        painter.setBrush(QColor(CALL_COLOURS.get(self.call, "#555555")))
+        painter.drawRect(fill)
+        x = track.left() + track.width() * self.threshold
+        painter.setPen(QPen(QColor("#000000"), 2.5))
+        painter.drawLine(QPointF(x, 1), QPointF(x, self.height() - 1))
+        painter.setPen(Qt.PenStyle.NoPen)
+        painter.setBrush(QColor("#000000"))
+        painter.drawPolygon(
+            QPolygonF([QPointF(x - tick, 0), QPointF(x + tick, 0), QPointF(x, tick)])
+        )
+        painter.end()
+
+
+def call_label(call: str, big: bool = False) -> QLabel:
+    label = QLabel(call.upper() if call == "positive" else call)
+    size = "15pt" if big else "12pt"
+    label.setStyleSheet(
+        f"color:{CALL_COLOURS.get(call, '#333333')}; font-weight:bold; font-size:{size};"
+    )
+    return label
+
+
+class ScaledImage(QLabel):
+    """A picture that keeps its aspect ratio while the pane is resized."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._image: QImage | None = None
+        self.setAlignment(Qt.AlignmentFlag.AlignCenter)
+        self.setSizePolicy(QSizePolicy.Policy.Ignored, QSizePolicy.Policy.Ignored)
+        self.setMinimumSize(120, 90)
+
+    def set_image(self, image: QImage | None, missing_text: str = "no picture") -> None:
+        self._image = image
+        if image is None:
+            self.setPixmap(QPixmap())
+            self.setText(missing_text)
+        else:
+            self.setText("")
+            self._rescale()
+
+    def resizeEvent(self, event: object) -> None:  # noqa: N802
+        self._rescale()
+
+    def _rescale(self) -> None:
+        if self._image is None or self.width() < 2 or self.height() < 2:
+            return
+        scaled = self._image.scaled(
+            self.size(),
+            Qt.AspectRatioMode.KeepAspectRatio,
+            Qt.TransformationMode.SmoothTransformation,
+        )
+        self.setPixmap(QPixmap.fromImage(scaled))
+
+
+class CellDialog(QDialog):
+    """One top cell, enlarged, with its attention and its measurements."""
+
+    def __init__(
+        self,
+        cell: TopCell,
+        image: QImage | None,
+        measurements: dict[str, str],
+        parent: QWidget | None = None,
+    ) -> None:
+        super().__init__(parent)
+        self.setWindowTitle(f"Cell #{cell.rank}")
+        layout = QHBoxLayout(self)
+        picture = QLabel()
+        picture.setAlignment(Qt.AlignmentFlag.AlignCenter)
+        if image is not None:
+            picture.setPixmap(
+                QPixmap.fromImage(
+                    image.scaled(
+                        ENLARGED_PX,
+                        ENLARGED_PX,
+                        Qt.AspectRatioMode.KeepAspectRatio,
+                        Qt.TransformationMode.SmoothTransformation,
+                    )
+                )
+            )
+        else:
+            picture.setText("no crop stored for this cell")
+        layout.addWidget(picture)
+        form = QFormLayout()
+        form.addRow("Rank:", QLabel(f"#{cell.rank} of the highest-attention cells"))
+        form.addRow("Attention:", QLabel(f"{cell.attention * 100:.2f} % of the case's attention"))
+        form.addRow("Slide:", QLabel(cell.slide))
+        form.addRow("Cell:", QLabel(cell.cell_id))
+        form.addRow("Position (px):", QLabel(f"x {cell.x:,.0f}, y {cell.y:,.0f}"))
+        shown = {"cell_id", "id", "x", "y", "attention"}
+        for key, value in measurements.items():
+            if key not in shown and value not in ("", None):
+                form.addRow(f"{key.replace('_', ' ')}:", QLabel(str(value)))
+        buttons = QDialogButtonBox(QDialogButtonBox.StandardButton.Close)
+        buttons.rejected.connect(self.reject)
+        side = QVBoxLayout()
+        side.addLayout(form)
+        side.addStretch(1)
+        side.addWidget(buttons)
+        layout.addLayout(side)
+        self.measurements = measurements
+
+
+class ResultPane(QWidget):
+    """Right-hand side of the window for the selected case."""
+
+    cell_opened = Signal(object)  # CellDialog, for tests and the main window
+
+    def __init__(self, parent: QWidget | None = None) -> None:
+        super().__init__(parent)
+        self.loaded: LoadedResult | None = None
+        self.loader = ResultLoader(self)
+        self.loader.loaded.connect(self.show_result)
+        self.loader.failed.connect(lambda reason: self.show_message("Result not readable", reason))
+        self._stack = QStackedWidget()
+        self._message_title = QLabel()
+        self._message_title.setStyleSheet("font-size:16pt; font-weight:bold;")
+        self._message_body = QLabel()
+        self._message_body.setWordWrap(True)
+        message = QWidget()
+        message_layout = QVBoxLayout(message)
+        message_layout.addWidget(self._message_title)
+        message_layout.addWidget(self._message_body)
+        message_layout.addStretch(1)
+        self._stack.addWidget(message)
+        self._stack.addWidget(self._build_result_page())
+        layout = QVBoxLayout(self)
+        layout.setContentsMargins(0, 0, 0, 0)
+        layout.addWidget(self._stack)
+        self.show_message("No case selected", "Choose a case in the queue to see its result.")
+
+    # --- building -------------------------------------------------------------
+    def _build_result_page(self) -> QWidget:
+        page = QWidget()
+        layout = QVBoxLayout(page)
+        layout.setContentsMargins(6, 0, 6, 0)
+        self.banner_box = QVBoxLayout()
+        self.banner_box.setSpacing(4)
+        layout.addLayout(self.banner_box)
+        self.title = QLabel()
+        self.title.setStyleSheet("font-size:17pt; font-weight:bold;")
+        self.title.setTextInteractionFlags(Qt.TextInteractionFlag.TextSelectableByMouse)
+        self.summary = QLabel()
+        self.summary.setWordWrap(True)
+        self.qc_line = QLabel()
+        self.qc_line.setWordWrap(True)
+        layout.addWidget(self.title)
+        layout.addWidget(self.summary)
+        layout.addWidget(self.qc_line)
+
+        self.predictions_box = QGroupBox("Predictions")
+        self.predictions_grid = QGridLayout(self.predictions_box)
+        self.predictions_grid.setColumnStretch(1, 1)
+        self.predictions_grid.setHorizontalSpacing(12)
+        layout.addWidget(self.predictions_box)
+
+        self.tabs = QTabWidget()
+        self.gallery = QListWidget()
+        self.gallery.setViewMode(QListWidget.ViewMode.IconMode)
+        self.gallery.setIconSize(QSize(GALLERY_ICON_PX, GALLERY_ICON_PX))
+        self.gallery.setResizeMode(QListWidget.ResizeMode.Adjust)
+        self.gallery.setMovement(QListWidget.Movement.Static)
+        self.gallery.setSpacing(4)
+        self.gallery.setUniformItemSizes(True)
+        self.gallery.setSelectionMode(QAbstractItemView.SelectionMode.SingleSelection)
+        self.gallery.itemActivated.connect(self._open_cell)
+        self.gallery.itemClicked.connect(self._open_cell)
+        self.gallery.setAccessibleName("Highest-attention cells")
+        self.gallery_picture = ScaledImage()
+        self.gallery_picture.setAccessibleName("Gallery of the highest-attention cells")
+        cells_tab = QWidget()
+        cells_layout = QVBoxLayout(cells_tab)
+        cells_layout.setContentsMargins(2, 2, 2, 2)
+        self.cells_hint = QLabel(
+            "The 20 cells the model weighed most. Click a cell, or select it and press Enter."
+        )
+        self.cells_hint.setWordWrap(True)
+        cells_layout.addWidget(self.cells_hint)
+        cells_layout.addWidget(self.gallery_picture, 2)
+        cells_layout.addWidget(self.gallery, 3)
+        self.tabs.addTab(cells_tab, "&Cells that drove it")
+
+        heat_tab = QWidget()
+        heat_layout = QVBoxLayout(heat_tab)
+        heat_layout.setContentsMargins(2, 2, 2, 2)
+        row = QHBoxLayout()
+        row.addWidget(QLabel("Slide:"))
+        self.slide_choice = QComboBox()
+        self.slide_choice.setAccessibleName("Slide shown in the heatmap")
+        self.slide_choice.currentIndexChanged.connect(self._show_heatmap)
+        row.addWidget(self.slide_choice, 1)
+        self.heat_only_slide = QCheckBox("Slide only (hide attention)")
+        self.heat_only_slide.toggled.connect(self._show_heatmap)
+        row.addWidget(self.heat_only_slide)
+        heat_layout.addLayout(row)
+        self.heatmap = ScaledImage()
+        self.heatmap.setAccessibleName("Attention heatmap over the slide, blue low, red high")
+        heat_layout.addWidget(self.heatmap, 1)
+        self.tabs.addTab(heat_tab, "Attention &heatmap")
+
+        self.slides_table = QTableWidget(0, 4)
+        self.slides_table.setHorizontalHeaderLabels(["Slide", "QC", "Cells", "QC reasons"])
+        self.slides_table.verticalHeader().setVisible(False)
+        self.slides_table.setEditTriggers(QAbstractItemView.EditTrigger.NoEditTriggers)
+        self.slides_table.setWordWrap(True)
+        header = self.slides_table.horizontalHeader()
+        header.setSectionResizeMode(0, QHeaderView.ResizeMode.ResizeToContents)
+        header.setSectionResizeMode(1, QHeaderView.ResizeMode.ResizeToContents)
+        header.setSectionResizeMode(2, QHeaderView.ResizeMode.ResizeToContents)
+        header.setSectionResizeMode(3, QHeaderView.ResizeMode.Stretch)
+        self.tabs.addTab(self.slides_table, "&Slides and QC")
+        layout.addWidget(self.tabs, 1)
+        return page
+
+    # --- showing --------------------------------------------------------------
+    def show_message(self, title: str, body: str) -> None:
+        """A case without a result to show: queued, running, failed, or nothing selected."""
+        self.loader.cancel()
+        self.loaded = None
+        self._message_title.setText(title)
+        self._message_body.setText(body)
+        self._stack.setCurrentIndex(0)
+
+    def load(self, folder: Path) -> None:
+        """Read a result folder in the background; the pane updates when it arrives."""
+        self.loader.request(folder)
+
+    def show_result(self, loaded: LoadedResult) -> None:
+        self.loaded = loaded
+        result = loaded.result
+        self._stack.setCurrentIndex(1)
+        self._fill_banners(result)
+        self.title.setText(f"{result.case_id}")
+        slides = len(result.slides)
+        parts = [
+            f"Result v{result.version}",
+            {"scored": "scored", "abstained": "no call", "rejected": "rejected"}.get(
+                result.status, result.status
+            ),
+            f"{result.cells_analysed:,} cells analysed from {slides} slide{'s' * (slides != 1)}",
+        ]
+        if result.attention_top20_mass is not None:
+            parts.append(f"top 20 % of cells hold {result.attention_top20_mass:.0%} of attention")
+        self.summary.setText(" · ".join(parts))
+        self._fill_qc(result)
+        self._fill_predictions(result)
+        self._fill_gallery(loaded)
+        self.slide_choice.blockSignals(True)
+        self.slide_choice.clear()
+        for slide in result.slides:
+            self.slide_choice.addItem(slide.name, slide.slide_id)
+        self.slide_choice.blockSignals(False)
+        self._show_heatmap()
+        self._fill_slides(result)
+        if result.status == "rejected":
+            self.tabs.setCurrentIndex(2)
+
+    def select_slide(self, file_name: str) -> None:
+        """Show this slide's heatmap (the queue's slide rows are named by file)."""
+        for row in range(self.slide_choice.count()):
+            if self.slide_choice.itemText(row) == file_name:
+                self.slide_choice.setCurrentIndex(row)
+                return
+
+    def _fill_banners(self, result: CaseResult) -> None:
+        while self.banner_box.count():
+            item = self.banner_box.takeAt(0)
+            if item is not None and item.widget() is not None:
+                item.widget().deleteLater()
+        for kind, text in result.banners():
+            banner = QLabel(text)
+            banner.setObjectName(f"banner_{kind}")
+            banner.setWordWrap(True)
+            banner.setAlignment(Qt.AlignmentFlag.AlignCenter)
+            banner.setStyleSheet(
+                BANNER_STYLES[kind] + "font-size:15pt; font-weight:bold; padding:6px;"
+            )
+            banner.setAccessibleName(text)
+            self.banner_box.addWidget(banner)
+
+    def banner_texts(self) -> list[str]:
+        texts = []
+        for index in range(self.banner_box.count()):
+            item = self.banner_box.itemAt(index)
+            widget = item.widget() if item is not None else None
+            if isinstance(widget, QLabel):
+                texts.append(widget.text())
+        return texts
+
+    def _fill_qc(self, result: CaseResult) -> None:
+        failed = [s for s in result.slides if s.qc_verdict and not s.qc_passed]
+        if not result.slides:
+            self.qc_line.setText("QC: no scan information")
+        elif failed:
+            reasons = sorted({r for s in failed for r in s.qc_reasons})
+            self.qc_line.setText(
+                f"<b style='color:#b00020'>QC failed</b> on {len(failed)} of "
+                f"{len(result.slides)} slide(s): {'; '.join(reasons) or 'no reason given'}"
+            )
+        else:
+            self.qc_line.setText(
+                f"<b style='color:#1b5e20'>QC passed</b> on all {len(result.slides)} slide(s)"
+            )
+
+    def _fill_predictions(self, result: CaseResult) -> None:
+        grid = self.predictions_grid
+        while grid.count():
+            item = grid.takeAt(0)
+            if item is not None and item.widget() is not None:
+                item.widget().deleteLater()
+        row = 0
+        for prediction in result.predictions:
+            name = QLabel(prediction.label)
+            name.setStyleSheet("font-weight:bold;")
+            grid.addWidget(name, row, 0)
+            bar = ProbabilityBar(
+                prediction.probability, prediction.threshold, prediction.call, prediction.label
+            )
+            grid.addWidget(bar, row, 1)
+            numbers = QLabel(
+                f"{prediction.probability:.2f}  (threshold {prediction.threshold:.2f})"
+            )
+            grid.addWidget(numbers, row, 2)
+            grid.addWidget(call_label(prediction.call), row, 3)
+            row += 1
+        if result.high_risk is not None:
+            grid.addWidget(QLabel("<b>High risk</b> (del(17p) and/or t(4;14)):"), row, 0, 1, 3)
+            grid.addWidget(call_label(result.high_risk, big=True), row, 3)
+            row += 1
+        if result.malignancy_probability is not None:
+            top2 = ", ".join(f"{name} {p:.2f}" for name, p in result.top2)
+            text = f"<b>Malignancy probability</b> {result.malignancy_probability:.2f}"
+            if top2:
+                text += f" · <b>most likely</b>: {top2}"
+            label = QLabel(text)
+            label.setWordWrap(True)
+            grid.addWidget(label, row, 0, 1, 4)
+            row += 1
+        if row == 0:
+            reason = result.abstain_reason or "no predictions in this result"
+            grid.addWidget(QLabel(f"No call was made: {reason}."), 0, 0, 1, 4)
+        self.predictions_box.setVisible(True)
+
+    def _fill_gallery(self, loaded: LoadedResult) -> None:
+        result = loaded.result
+        self.gallery.clear()
+        have_crops = any(loaded.image(c.image) is not None for c in result.top_cells)
+        gallery_image = loaded.image(result.gallery)
+        self.gallery_picture.setVisible(not have_crops and gallery_image is not None)
+        if gallery_image is not None and not have_crops:
+            self.gallery_picture.set_image(gallery_image)
+        if have_crops:
+            self.gallery.setViewMode(QListWidget.ViewMode.IconMode)
+            line = self.gallery.fontMetrics()
+            self.gallery.setGridSize(
+                QSize(
+                    max(GALLERY_ICON_PX, line.horizontalAdvance("#20  0.00 %")) + 16,
+                    GALLERY_ICON_PX + line.height() + 14,
+                )
+            )
+        else:
+            self.gallery.setViewMode(QListWidget.ViewMode.ListMode)
+            self.gallery.setGridSize(QSize())
+        for cell in result.top_cells:
+            text = f"#{cell.rank}  {cell.attention * 100:.2f} %"
+            if not have_crops:
+                text += f"  ·  slide {cell.slide}, cell {cell.cell_id}"
+            item = QListWidgetItem(text)
+            image = loaded.image(cell.image)
+            if image is not None:
+                item.setIcon(QPixmap.fromImage(image))
+            item.setData(Qt.ItemDataRole.UserRole, cell)
+            item.setToolTip(f"Cell {cell.cell_id} on {cell.slide}: attention {cell.attention:.4f}")
+            self.gallery.addItem(item)
+        self.gallery.setVisible(bool(result.top_cells))
+        self.cells_hint.setText(
+            "The 20 cells the model weighed most. Click a cell, or select it and press Enter."
+            if result.top_cells
+            else "No cells were scored for this case."
+        )
+
+    def _open_cell(self, item: QListWidgetItem) -> None:
+        cell: TopCell = item.data(Qt.ItemDataRole.UserRole)
+        self.open_cell(cell)
+
+    def open_cell(self, cell: TopCell) -> CellDialog | None:
+        if self.loaded is None:
+            return None
+        dialog = CellDialog(
+            cell,
+            self.loaded.image(cell.image),
+            self.loaded.measurements.get((cell.slide, cell.cell_id), {}),
+            self,
+        )
+        self.cell_opened.emit(dialog)
+        dialog.open()
+        return dialog
+
+    def _show_heatmap(self, *_: object) -> None:
+        if self.loaded is None:
+            return
+        slide_id = self.slide_choice.currentData()
+        slide = next((s for s in self.loaded.result.slides if s.slide_id == slide_id), None)
+        if slide is None:
+            self.heatmap.set_image(None, "no slide")
+            return
+        path = slide.thumbnail if self.heat_only_slide.isChecked() else slide.heatmap
+        self.heatmap.set_image(self.loaded.image(path), "no picture for this slide")
+
+    def _fill_slides(self, result: CaseResult) -> None:
+        table = self.slides_table
+        table.setRowCount(len(result.slides))
+        for row, slide in enumerate(result.slides):
+            verdict = QTableWidgetItem(slide.qc_verdict or "-")
+            verdict.setForeground(QColor("#1b5e20" if slide.qc_passed else "#b00020"))
+            cells = QTableWidgetItem("-" if slide.cells is None else f"{slide.cells:,}")
+            cells.setTextAlignment(Qt.AlignmentFlag.AlignRight | Qt.AlignmentFlag.AlignVCenter)
+            items = [
+                QTableWidgetItem(slide.name),
+                verdict,
+                cells,
+                QTableWidgetItem("; ".join(slide.qc_reasons) or "-"),
+            ]
+            for column, item in enumerate(items):
+                item.setToolTip(item.text())
+                table.setItem(row, column, item)
+        table.resizeRowsToContents()
+
+
+def text_of_grid(grid: QGridLayout) -> list[str]:
+    """The texts shown in a grid layout, row by row (used by the tests and accessibility)."""
+    texts = []
+    for index in range(grid.count()):
+        item = grid.itemAt(index)
+        widget = item.widget() if item is not None else None
+        if isinstance(widget, QLabel):
+            texts.append(widget.text())
+        elif isinstance(widget, ProbabilityBar):
+            texts.append(widget.accessibleName())
+    return texts
