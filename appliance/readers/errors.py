@@ -1,0 +1,58 @@
+"""Why a scan cannot be read: one exception type per cause, each with a one-line reason.
+
+The service and ``cytoedge score`` catch ``ScanError`` and report ``reason``
+(the job becomes *rejected*, not *failed*: the input is at fault, not the code).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+class ScanError(Exception):
+    """A scan that cannot be used. ``reason`` is one line, safe to show a technician."""
+
+    def __init__(self, path: Path | str, reason: str) -> None:
+        self.path = Path(path)
+        self.reason = " ".join(reason.split())  # always one line
+        super().__init__(f"{self.path.name}: {self.reason}")
+
+
+class ScanNotFoundError(ScanError):
+    """The path does not exist or is not a regular file / folder."""
+
+
+class EmptyFileError(ScanError):
+    """A zero-byte file (often a copy still in progress or a failed transfer)."""
+
+
+class NotAnImageError(ScanError):
+    """The bytes are not an image format we read, whatever the extension says."""
+
+
+class UnreadableScanError(ScanError):
+    """An image format we know whose data is damaged (truncated, corrupt tiles)."""
+
+
+class UnsupportedScanError(ScanError):
+    """A valid file in a layout we do not read (e.g. a compression codec we lack)."""
+
+
+class PixelSizeError(ScanError):
+    """No physical pixel size (none in the file, no sidecar, none configured) or an absurd one."""
+
+
+class NotBrightfieldError(ScanError):
+    """Grayscale, multi-channel fluorescence or dark-field: not a Romanowsky brightfield stain."""
+
+
+class ImageTooLargeError(ScanError):
+    """Dimensions beyond any real slide (decompression-bomb guard); checked before decoding."""
+
+
+class BlankScanError(ScanError):
+    """No stained cells anywhere on the scan: nothing to analyse."""
+
+
+class CellFolderError(ScanError):
+    """A folder of single-cell images that is incomplete, empty or holds unusable images."""

@@ -1,0 +1,83 @@
+"""Single microscope fields (PNG, JPEG, BMP, small TIFF) read whole with Pillow.
+
+The dimensions are checked from the header before decoding; Pillow's own bomb
+limit is raised to ours so that its check never fires first with another message.
+"""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+from . import pixel_size
+from .base import Level, Scan
+from .errors import NotAnImageError, NotBrightfieldError, UnreadableScanError
+from .limits import MAX_FIELD_PIXELS, check_dimensions
+
+_RGB_MODES = {"RGB", "RGBA", "P", "CMYK", "YCbCr"}
+
+
+def _metadata_um(image: Image.Image) -> tuple[float, float] | None:
+    dpi = image.info.get("dpi")
+    if image.format == "JPEG" and image.info.get("jfif_unit") == 2:
+        density = image.info.get("jfif_density", (0, 0))
+        x, y = (pixel_size.from_resolution(float(d), "centimeter") for d in density)
+        return (x, y) if x and y else None
+    if image.format == "JPEG" and image.info.get("jfif_unit") == 0:
+        return None  # JFIF unit 0: an aspect ratio, not a size
+    if dpi:
+        x, y = (pixel_size.from_resolution(float(d), "inch") for d in dpi)
+        return (x, y) if x and y else None
+    return None
+
+
+def open_image(path: Path, max_pixels: int = MAX_FIELD_PIXELS) -> Image.Image:
+    """Open with Pillow and check the header's size; raises ScanError subclasses."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        previous = Image.MAX_IMAGE_PIXELS
+        Image.MAX_IMAGE_PIXELS = None  # our own check below, from the header
+        try:
+            image = Image.open(path)
+        except UnidentifiedImageError:
+            raise NotAnImageError(path, "not an image Pillow recognises") from None
+        except OSError as exc:
+            raise UnreadableScanError(path, f"damaged image: {exc}") from None
+        finally:
+            Image.MAX_IMAGE_PIXELS = previous
+    check_dimensions(path, image.width, image.height, max_pixels=max_pixels)
+    return image
+
+
+def decode_rgb(path: Path, image: Image.Image) -> np.ndarray:
+    """Decode to uint8 RGB; grayscale / 16-bit / multi-frame fluorescence is rejected."""
+    if image.mode not in _RGB_MODES:
+        raise NotBrightfieldError(
+            path, f"{image.mode} image: an 8-bit colour brightfield is needed"
+        )
+    if getattr(image, "n_frames", 1) > 1 and image.format == "TIFF":
+        raise NotBrightfieldError(path, f"{image.n_frames}-frame TIFF: looks like fluorescence")
+    try:
+        image.load()
+    except (OSError, ValueError) as exc:
+        raise UnreadableScanError(path, f"damaged or truncated image data: {exc}") from None
+    rgb = image.convert("RGBA").convert("RGB") if image.mode == "P" else image.convert("RGB")
+    return np.asarray(rgb)
+
+
+class ImageScan(Scan):
+    def __init__(self, path: Path, configured_um: float) -> None:
+        image = open_image(path)
+        with image:
+            metadata = _metadata_um(image)
+            mpp_x, mpp_y, source = pixel_size.resolve(path, metadata, configured_um)
+            self._pixels = decode_rgb(path, image)
+            self.format = f"image:{(image.format or 'unknown').lower()}"
+        height, width = self._pixels.shape[:2]
+        super().__init__(path, (Level(width, height, 1.0),), mpp_x, mpp_y, source)
+
+    def _read_level(self, level: int, x: int, y: int, w: int, h: int) -> np.ndarray:
+        return self._pixels[y : y + h, x : x + w]

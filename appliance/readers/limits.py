@@ -1,0 +1,24 @@
+"""Size limits checked from headers, before any pixel is decoded (decompression-bomb guard)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from .errors import ImageTooLargeError
+
+# A 75 x 25 mm slide at 0.25 um/px is 300,000 x 100,000 px; nothing real is larger.
+MAX_SIDE = 400_000
+MAX_PIXELS = 60_000_000_000
+# Images decoded whole (PNG / JPEG / untiled TIFF fields, single cells): ~300 MB RGB at most.
+MAX_FIELD_PIXELS = 100_000_000
+# One tile of a tiled TIFF.
+MAX_TILE_PIXELS = 16 * 1024 * 1024
+
+
+def check_dimensions(path: Path, width: int, height: int, max_pixels: int = MAX_PIXELS) -> None:
+    if width <= 0 or height <= 0:
+        raise ImageTooLargeError(path, f"invalid dimensions {width}x{height}")
+    if width > MAX_SIDE or height > MAX_SIDE or width * height > max_pixels:
+        raise ImageTooLargeError(
+            path, f"dimensions {width}x{height} exceed any real slide (decompression-bomb guard)"
+        )

@@ -1,0 +1,80 @@
+"""Scans OpenSlide reads: SVS, NDPI, MRXS, SCN, DICOM WSI, generic tiled TIFF, ..."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import openslide
+
+from . import pixel_size
+from .base import Level, Scan
+from .errors import UnreadableScanError
+
+
+def detect(path: Path) -> str | None:
+    """OpenSlide's vendor name for ``path`` (e.g. "aperio", "generic-tiff") or None."""
+    try:
+        return openslide.OpenSlide.detect_format(str(path))
+    except openslide.OpenSlideError:
+        return None
+
+
+def metadata_um(props: dict[str, str]) -> tuple[float, float] | None:
+    try:
+        return float(props[openslide.PROPERTY_NAME_MPP_X]), float(
+            props[openslide.PROPERTY_NAME_MPP_Y]
+        )
+    except (KeyError, ValueError):
+        pass
+    # Some writers store only TIFF resolution tags; OpenSlide copies them as tiff.* properties.
+    unit = props.get("tiff.ResolutionUnit", "")
+    try:
+        x = pixel_size.from_resolution(float(props["tiff.XResolution"]), unit)
+        y = pixel_size.from_resolution(float(props["tiff.YResolution"]), unit)
+    except (KeyError, ValueError):
+        return None
+    return (x, y) if x and y else None
+
+
+class OpenSlideScan(Scan):
+    def __init__(self, path: Path, vendor: str, configured_um: float) -> None:
+        try:
+            self._slide = openslide.OpenSlide(str(path))
+        except openslide.OpenSlideError as exc:
+            raise UnreadableScanError(
+                path, f"OpenSlide cannot open this {vendor} file: {exc}"
+            ) from None
+        try:
+            props = dict(self._slide.properties)
+            levels = tuple(
+                Level(w, h, float(d))
+                for (w, h), d in zip(
+                    self._slide.level_dimensions, self._slide.level_downsamples, strict=True
+                )
+            )
+            mpp_x, mpp_y, source = pixel_size.resolve(path, metadata_um(props), configured_um)
+        except BaseException:
+            self._slide.close()
+            raise
+        self.format = f"openslide:{vendor}"
+        super().__init__(path, levels, mpp_x, mpp_y, source)
+
+    def _read_level(self, level: int, x: int, y: int, w: int, h: int) -> np.ndarray:
+        downsample = self.levels[level].downsample
+        try:
+            region = self._slide.read_region(
+                (round(x * downsample), round(y * downsample)), level, (w, h)
+            )
+        except openslide.OpenSlideError as exc:
+            raise UnreadableScanError(self.path, f"damaged image data: {exc}") from None
+        rgba = np.asarray(region)
+        # OpenSlide returns un-premultiplied RGBA; transparent means "no data": white glass.
+        alpha = rgba[..., 3:4].astype(np.uint16)
+        if alpha.min() == 255:
+            return np.ascontiguousarray(rgba[..., :3])
+        rgb = (rgba[..., :3].astype(np.uint16) * alpha + 255 * (255 - alpha) + 127) // 255
+        return rgb.astype(np.uint8)
+
+    def close(self) -> None:
+        self._slide.close()

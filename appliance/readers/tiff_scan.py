@@ -1,0 +1,156 @@
+"""TIFFs OpenSlide rejects (OME-TIFF with sub-IFD pyramids, untiled fields), read with tifffile.
+
+Tiled pages are read tile by tile straight from the file (no whole-page decode);
+an untiled page is decoded whole once, so it must be small (``MAX_FIELD_PIXELS``).
+"""
+
+from __future__ import annotations
+
+import math
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+import numpy as np
+import tifffile
+
+from . import pixel_size
+from .base import Level, Scan
+from .errors import (
+    ImageTooLargeError,
+    NotBrightfieldError,
+    UnreadableScanError,
+    UnsupportedScanError,
+)
+from .limits import MAX_FIELD_PIXELS, MAX_TILE_PIXELS, check_dimensions
+
+_OME_UNITS_UM = {"µm": 1.0, "um": 1.0, "nm": 1e-3, "mm": 1e3, "cm": 1e4, "m": 1e6}
+
+
+def _ome_um(xml: str) -> tuple[float, float] | None:
+    try:
+        root = ET.fromstring(xml)
+    except ET.ParseError:
+        return None
+    for element in root.iter():
+        if element.tag.endswith("}Pixels") or element.tag == "Pixels":
+            try:
+                x = float(element.attrib["PhysicalSizeX"])
+                y = float(element.attrib.get("PhysicalSizeY", x))
+            except (KeyError, ValueError):
+                return None
+            scale = _OME_UNITS_UM.get(element.attrib.get("PhysicalSizeXUnit", "µm"))
+            return None if scale is None else (x * scale, y * scale)
+    return None
+
+
+def _tag_um(page: tifffile.TiffPage) -> tuple[float, float] | None:
+    tags = page.tags
+    if "XResolution" not in tags or "ResolutionUnit" not in tags:
+        return None
+    unit = {2: "inch", 3: "centimeter"}.get(int(tags["ResolutionUnit"].value), "none")
+
+    def per_unit(name: str) -> float:
+        num, den = tags[name].value
+        return num / den if den else 0.0
+
+    x = pixel_size.from_resolution(per_unit("XResolution"), unit)
+    y = pixel_size.from_resolution(per_unit("YResolution"), unit) if "YResolution" in tags else x
+    return (x, y) if x and y else None
+
+
+class TiffScan(Scan):
+    def __init__(self, path: Path, configured_um: float) -> None:
+        try:
+            self._tif = tifffile.TiffFile(path)
+        except (tifffile.TiffFileError, ValueError, OSError) as exc:
+            raise UnreadableScanError(path, f"damaged TIFF: {exc}") from None
+        try:
+            self._pages, levels, kind, metadata = self._inspect(path)
+            mpp_x, mpp_y, source = pixel_size.resolve(path, metadata, configured_um)
+        except BaseException:
+            self._tif.close()
+            raise
+        self.format = f"tifffile:{kind}"
+        self._whole: dict[int, np.ndarray] = {}
+        super().__init__(path, levels, mpp_x, mpp_y, source)
+        self._read_level(len(levels) - 1, 0, 0, 1, 1)  # decode one tile now: fail early
+
+    def _inspect(
+        self, path: Path
+    ) -> tuple[list[tifffile.TiffPage], tuple[Level, ...], str, tuple[float, float] | None]:
+        try:
+            series = self._tif.series[0]
+            pages = [level.keyframe for level in series.levels]
+        except (IndexError, tifffile.TiffFileError, ValueError) as exc:
+            raise UnreadableScanError(path, f"damaged TIFF structure: {exc}") from None
+        first = pages[0]
+        channels = first.samplesperpixel
+        if first.photometric in (tifffile.PHOTOMETRIC.MINISBLACK, tifffile.PHOTOMETRIC.MINISWHITE):
+            extra = f" with {series.shape[0]} channels" if len(series.shape) > 2 else ""
+            raise NotBrightfieldError(path, f"grayscale or fluorescence TIFF{extra}, not RGB")
+        if channels < 3 or first.dtype != np.uint8:
+            raise NotBrightfieldError(
+                path, f"{channels}-sample {first.dtype} TIFF: an 8-bit RGB scan is needed"
+            )
+        if first.planarconfig != tifffile.PLANARCONFIG.CONTIG:
+            raise UnsupportedScanError(path, "planar (separate-channel) RGB TIFF is not supported")
+        base_w, base_h = first.imagewidth, first.imagelength
+        check_dimensions(path, base_w, base_h)
+        levels = []
+        for page in pages:
+            if page.is_tiled and page.tilewidth * page.tilelength > MAX_TILE_PIXELS:
+                raise ImageTooLargeError(
+                    path, f"tile {page.tilewidth}x{page.tilelength} is absurdly large"
+                )
+            if not page.is_tiled and page.imagewidth * page.imagelength > MAX_FIELD_PIXELS:
+                raise ImageTooLargeError(
+                    path,
+                    f"untiled {page.imagewidth}x{page.imagelength} image cannot be read without "
+                    "loading it whole: convert it to a tiled pyramidal TIFF",
+                )
+            levels.append(Level(page.imagewidth, page.imagelength, base_w / page.imagewidth))
+        kind = "ome" if self._tif.is_ome else ("pyramid" if len(pages) > 1 else "tiff")
+        metadata = _ome_um(self._tif.ome_metadata or "") if self._tif.is_ome else None
+        return pages, tuple(levels), kind, metadata or _tag_um(first)
+
+    def _read_level(self, level: int, x: int, y: int, w: int, h: int) -> np.ndarray:
+        page = self._pages[level]
+        try:
+            if not page.is_tiled:
+                if level not in self._whole:
+                    self._whole[level] = page.asarray()[..., :3]
+                return self._whole[level][y : y + h, x : x + w]
+            return self._read_tiles(page, x, y, w, h)
+        except (ValueError, NotImplementedError, tifffile.TiffFileError, OSError) as exc:
+            reason = f"cannot decode {page.compression.name} image data: {exc}"
+            raise UnsupportedScanError(self.path, reason) from None
+        except (IndexError, KeyError) as exc:
+            raise UnreadableScanError(self.path, f"damaged TIFF tiles: {exc}") from None
+
+    def _read_tiles(self, page: tifffile.TiffPage, x: int, y: int, w: int, h: int) -> np.ndarray:
+        tw, th = page.tilewidth, page.tilelength
+        tiles_across = math.ceil(page.imagewidth / tw)
+        out = np.full((h, w, 3), 255, np.uint8)
+        handle = self._tif.filehandle
+        for row in range(y // th, (y + h - 1) // th + 1):
+            for col in range(x // tw, (x + w - 1) // tw + 1):
+                index = row * tiles_across + col
+                offset, count = page.dataoffsets[index], page.databytecounts[index]
+                if count == 0:
+                    continue  # a sparse tile: empty glass
+                handle.seek(offset)
+                data = handle.read(count)
+                if len(data) != count:
+                    raise UnreadableScanError(self.path, "truncated file: tile data missing")
+                segment, _, _ = page.decode(data, index, jpegtables=page.jpegtables)
+                tile = segment[0, :, :, :3]
+                ty0, tx0 = row * th, col * tw
+                sy0, sx0 = max(y, ty0), max(x, tx0)
+                sy1, sx1 = min(y + h, ty0 + th), min(x + w, tx0 + tw)
+                out[sy0 - y : sy1 - y, sx0 - x : sx1 - x] = tile[
+                    sy0 - ty0 : sy1 - ty0, sx0 - tx0 : sx1 - tx0
+                ]
+        return out
+
+    def close(self) -> None:
+        self._tif.close()
