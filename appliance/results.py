@@ -245,6 +245,9 @@ def _write_version_files(
         files["embeddings"] = "embeddings.npz"
         done("embeddings.npz")
     if outputs.gallery_patches:
+        # One crop per top cell (rank order), for the window's enlarged view.
+        for rank, patch in enumerate(outputs.gallery_patches, start=1):
+            write_png_atomic(folder / "top_cells" / f"{rank:02d}.png", Image.fromarray(patch))
         gallery = render_gallery(outputs.gallery_patches, outputs.gallery_captions)
         write_png_atomic(folder / "gallery.png", gallery)
         files["gallery"] = "gallery.png"

@@ -1,0 +1,474 @@
+"""From scan files to a scored case: the two calls the service and ``cytoedge score`` make.
+
+``process_slide`` takes one scan (or a single-cell folder) up to cached
+embeddings and its cell table; ``score_case`` runs the heads over the union of
+a case's slides' cells and writes the next version of the case's result folder.
+Per-slide work is cached by (slide content, bundle), so re-scoring a case
+after a late slide costs only the heads.
+"""
+
+from __future__ import annotations
+
+import csv
+import datetime
+import io
+import logging
+import time
+from collections.abc import Callable, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from appliance import slide_cache
+from appliance.results import (
+    GALLERY_CELLS,
+    CaseOutputs,
+    ResultFolder,
+    SlideOutputs,
+    write_case_result,
+)
+from appliance.scoring import abstain_reason, top_attention_mass
+from appliance.slide_cache import SlideCells
+from runtime.bundle import Bundle
+from runtime.heads import HeadResult, load_heads
+
+ProgressCallback = Callable[[str, float], None]
+TOP_CELLS = 20
+log = logging.getLogger(__name__)
+
+
+def no_progress(stage: str, fraction: float) -> None:
+    """The default progress callback: ignore."""
+
+
+class StageTimer:
+    """Seconds spent per stage, summed over tiles; reports progress as it goes."""
+
+    def __init__(self, progress: ProgressCallback) -> None:
+        self.seconds: dict[str, float] = {}
+        self.progress = progress
+
+    @contextmanager
+    def stage(self, name: str) -> Any:
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - start
+
+    def rounded(self) -> dict[str, float]:
+        return {k: round(v, 3) for k, v in self.seconds.items()}
+
+
+@dataclass
+class SlideResult:
+    """One processed scan: what result.json says about it, and where its cells are cached."""
+
+    slide_id: str
+    path: Path
+    fingerprint: str
+    scan: dict[str, Any]  # result.json's scans[] entry
+    qc_passed: bool
+    qc_reason: str | None
+    n_cells: int
+    cache_entry: Path
+    timings_s: dict[str, float]
+    backend: str
+    from_cache: bool = False
+
+    def cells(self) -> SlideCells:
+        return slide_cache.read_cells(self.cache_entry)
+
+
+@dataclass
+class CaseResult:
+    case_id: str
+    status: str  # scored | abstained
+    abstain_reason: str | None
+    folder: ResultFolder
+    result: dict[str, Any]
+    slides: list[SlideResult] = field(default_factory=list)
+
+    @property
+    def version(self) -> int:
+        return self.folder.version
+
+
+# --- case scoring ------------------------------------------------------------------
+
+
+def score_case(
+    case_id: str,
+    slides: Sequence[SlideResult],
+    bundle: Bundle,
+    outbox: Path,
+    *,
+    backend: str = "auto",
+    threads: int = 0,
+    progress: ProgressCallback = no_progress,
+    write_pdf: bool = True,
+) -> CaseResult:
+    """Run the bundle's heads over all cells of the case's slides; write version N+1."""
+    if not slides:
+        raise ValueError("a case needs at least one slide")
+    timer = StageTimer(progress)
+    progress("heads", 0.0)
+    with timer.stage("load cells"):
+        passed = [s for s in slides if s.qc_passed]
+        cells = {s.slide_id: s.cells() for s in passed}
+    qc_failures = [f"{s.slide_id}: {s.qc_reason}" for s in slides if not s.qc_passed]
+    n_cells = sum(len(c.embeddings) for c in cells.values())
+    min_cells = bundle.cells.min_cells
+
+    head_results: list[HeadResult] = []
+    attention = np.zeros(n_cells, np.float32)
+    backend_used = slides[0].backend
+    if n_cells >= min_cells and len(qc_failures) < len(slides):
+        bag = np.concatenate([c.embeddings for c in cells.values()])
+        with timer.stage("heads"):
+            runners = load_heads(bundle, backend, threads)
+            try:
+                head_results = [runner.predict(bag) for runner in runners.values()]
+                backend_used = next(iter(runners.values())).backend_name
+            finally:
+                for runner in runners.values():
+                    runner.close()
+        attention = np.mean([h.attention for h in head_results], axis=0).astype(np.float32)
+    progress("heads", 1.0)
+
+    predictions = [
+        {"head": h.head, **_prediction_dict(p)} for h in head_results for p in h.predictions
+    ]
+    reason = abstain_reason(n_cells, min_cells, qc_failures, len(slides), predictions)
+    status = "abstained" if reason else "scored"
+    result = _result_json(case_id, slides, bundle, backend_used, status, reason, predictions)
+    result["high_risk"] = next((h.high_risk for h in head_results if h.high_risk), None)
+    pb = next((h for h in head_results if h.malignancy_probability is not None), None)
+    result["malignancy_probability"] = pb.malignancy_probability if pb else None
+    result["top2"] = [{"class": c, "probability": p} for c, p in pb.top2] if pb else None
+    result["attention_top20_mass"] = top_attention_mass(attention) if n_cells else None
+    result["heads"] = [
+        {"name": h.head, "kind": h.kind, "probabilities": h.probabilities} for h in head_results
+    ]
+
+    outputs = _case_outputs(result, passed, cells, attention, bool(head_results))
+    progress("write", 0.0)
+    with timer.stage("write"):
+        result["timings_s"] = {**_slide_timings(slides), **timer.rounded()}
+        folder = write_case_result(outbox, case_id, outputs, write_pdf=write_pdf)
+    progress("write", 1.0)
+    log.info(
+        "case %s scored: %s (version %d)",
+        case_id,
+        status if not reason else f"abstained: {reason}",
+        folder.version,
+        extra={"case": case_id, "status": status, "cells": n_cells},
+    )
+    return CaseResult(case_id, status, reason, folder, result, list(slides))
+
+
+def _prediction_dict(prediction: Any) -> dict[str, Any]:
+    return {
+        "task": prediction.task,
+        "label": prediction.label,
+        "probability": float(prediction.probability),
+        "threshold": float(prediction.threshold),
+        "call": prediction.call,
+    }
+
+
+def _slide_timings(slides: Sequence[SlideResult]) -> dict[str, float]:
+    total: dict[str, float] = {}
+    for slide in slides:
+        for stage, seconds in slide.timings_s.items():
+            total[stage] = round(total.get(stage, 0.0) + seconds, 3)
+    return total
+
+
+def _result_json(
+    case_id: str,
+    slides: Sequence[SlideResult],
+    bundle: Bundle,
+    backend: str,
+    status: str,
+    reason: str | None,
+    predictions: list[dict[str, Any]],
+) -> dict[str, Any]:
+    return {
+        "case_id": case_id,
+        "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "status": status,
+        "abstain_reason": reason,
+        "scans": [s.scan for s in slides],
+        "bundle": {
+            "name": bundle.name,
+            "version": bundle.version,
+            "sha256": bundle.sha256,
+            "intended_use": bundle.intended_use,
+        },
+        "backend": backend,
+        "predictions": predictions,
+    }
+
+
+def _case_outputs(
+    result: dict[str, Any],
+    slides: Sequence[SlideResult],
+    cells: dict[str, SlideCells],
+    attention: np.ndarray,
+    scored: bool,
+) -> CaseOutputs:
+    """Per-slide pictures and tables with the attention of each cell, and the gallery."""
+    slide_outputs, offsets, start = [], {}, 0
+    for slide in slides:
+        c = cells[slide.slide_id]
+        n = len(c.embeddings)
+        offsets[slide.slide_id] = start
+        share = attention[start : start + n]
+        slide_outputs.append(
+            SlideOutputs(
+                slide_id=slide.slide_id,
+                thumbnail=c.thumbnail,
+                thumbnail_scale=c.thumbnail_scale,
+                cell_xy=c.xy,
+                attention=share,
+                cells_csv=_csv_with_attention(c.table_csv, share if scored else None),
+                geojson=_geojson_with_attention(
+                    c.geojson, slide.slide_id, share if scored else None
+                ),
+            )
+        )
+        start += n
+    gallery, captions, top_cells = [], [], []
+    if scored and len(attention):
+        order = np.argsort(-attention)[:TOP_CELLS]
+        owners = [(s.slide_id, offsets[s.slide_id], cells[s.slide_id]) for s in slides]
+        for rank, index in enumerate(order, start=1):
+            slide_id, offset, c = next(o for o in owners if o[1] <= index < o[1] + len(o[2].xy))
+            local = int(index - offset)
+            x, y = (float(v) for v in c.xy[local])
+            top_cells.append(
+                {
+                    "slide": slide_id,
+                    "cell_id": int(c.cell_ids[local]),
+                    "x": x,
+                    "y": y,
+                    "attention": float(attention[index]),
+                    "image": f"top_cells/{rank:02d}.png",
+                }
+            )
+            gallery.append(c.patches[local])
+            captions.append(
+                f"#{rank} a={attention[index]:.4f}\n{slide_id[:14]} cell {c.cell_ids[local]}"
+            )
+    result["top_cells"] = top_cells
+    embeddings: dict[str, np.ndarray] = {}
+    if cells:
+        embeddings = {
+            "embeddings": np.concatenate([cells[s.slide_id].embeddings for s in slides]),
+            "attention": attention,
+            "slide": np.array([s.slide_id for s in slides for _ in cells[s.slide_id].cell_ids]),
+            "cell_id": np.concatenate([cells[s.slide_id].cell_ids for s in slides]),
+            "xy": np.concatenate([cells[s.slide_id].xy for s in slides]),
+        }
+    return CaseOutputs(
+        result=result,
+        slides=slide_outputs,
+        gallery_patches=gallery[:GALLERY_CELLS],
+        gallery_captions=captions[:GALLERY_CELLS],
+        embeddings=embeddings,
+    )
+
+
+def _csv_with_attention(table_csv: str, attention: np.ndarray | None) -> str:
+    if attention is None or not table_csv:
+        return table_csv
+    rows = list(csv.reader(io.StringIO(table_csv)))
+    out = io.StringIO()
+    writer = csv.writer(out, lineterminator="\n")
+    writer.writerow([*rows[0], "attention"])
+    for row, value in zip(rows[1:], attention, strict=True):
+        writer.writerow([*row, f"{float(value):.6g}"])
+    return out.getvalue()
+
+
+def _geojson_with_attention(
+    collection: dict[str, Any], slide_id: str, attention: np.ndarray | None
+) -> dict[str, Any]:
+    source = collection.get("features") or []
+    if not source:  # a single-cell folder has no geometry
+        return {"type": "FeatureCollection", "features": []}
+    features = []
+    values = attention if attention is not None else [None] * len(source)
+    for feature, value in zip(source, values, strict=True):
+        properties = dict(feature.get("properties") or {})
+        measurements = dict(properties.get("measurements") or {})
+        if value is not None:
+            measurements["attention"] = float(value)
+        properties["measurements"] = measurements
+        properties["slide"] = slide_id
+        features.append({**feature, "properties": properties})
+    return {"type": "FeatureCollection", "features": features}
+
+
+# --- slides ------------------------------------------------------------------------
+
+
+def process_slide(
+    path: Path | str,
+    bundle: Bundle,
+    *,
+    cache_dir: Path,
+    backend: str = "auto",
+    threads: int = 0,
+    batch_size: int = 0,
+    pixel_size_um: float = 0.0,
+    slide_id: str | None = None,
+    progress: ProgressCallback = no_progress,
+) -> SlideResult:
+    """One scan (or single-cell folder) up to cached embeddings and its cell table.
+
+    Raises ``appliance.readers.ScanError`` (with a one-line ``reason``) for an
+    input that cannot be used. A slide that fails QC is not an error: it comes
+    back with ``qc_passed`` False and no cells.
+    """
+    path = Path(path)
+    slide_id = slide_id or (path.stem if path.is_file() else path.name) or "slide"
+    timer = StageTimer(progress)
+    progress("fingerprint", 0.0)
+    with timer.stage("fingerprint"):
+        if not path.exists():
+            from appliance.readers import ScanNotFoundError
+
+            raise ScanNotFoundError(path, "file not found")
+        digest = slide_cache.fingerprint(path)
+    progress("fingerprint", 1.0)
+    entry = slide_cache.entry_dir(cache_dir, digest, bundle.sha256)
+    meta = slide_cache.read_meta(entry)
+    if meta is not None:
+        progress("cached", 1.0)
+        return _slide_result(meta, slide_id, path, entry, from_cache=True)
+
+    from runtime.encoder import Encoder
+
+    encoder = Encoder(bundle, backend, threads, batch_size)
+    try:
+        if path.is_dir():
+            cells, scan, verdict = _cell_folder(path, bundle, encoder, timer)
+        else:
+            cells, scan, verdict = _scan_file(path, bundle, encoder, timer, threads, pixel_size_um)
+        backend_used = encoder.backend_name
+    finally:
+        encoder.close()
+    scan = {
+        **scan,
+        "slide_id": slide_id,
+        "sha256": digest,
+        "qc": verdict,
+        "cells": len(cells.embeddings),
+    }
+    meta = {
+        "scan": scan,
+        "qc_passed": verdict["verdict"] == "pass",
+        "qc_reason": "; ".join(verdict.get("reasons") or []) or None,
+        "n_cells": len(cells.embeddings),
+        "timings_s": timer.rounded(),
+        "backend": backend_used,
+    }
+    slide_cache.write_entry(entry, meta, cells)
+    return _slide_result(slide_cache.read_meta(entry) or meta, slide_id, path, entry)
+
+
+def _slide_result(
+    meta: dict[str, Any], slide_id: str, path: Path, entry: Path, *, from_cache: bool = False
+) -> SlideResult:
+    scan = {**meta["scan"], "slide_id": slide_id, "path": str(path)}
+    return SlideResult(
+        slide_id=slide_id,
+        path=path,
+        fingerprint=scan["sha256"],
+        scan=scan,
+        qc_passed=bool(meta["qc_passed"]),
+        qc_reason=meta.get("qc_reason"),
+        n_cells=int(meta["n_cells"]),
+        cache_entry=entry,
+        timings_s=dict(meta["timings_s"]) if not from_cache else {},
+        backend=str(meta.get("backend", "")),
+        from_cache=from_cache,
+    )
+
+
+MOSAIC_CELL_PX = 32
+
+
+def _cell_folder(
+    path: Path, bundle: Bundle, encoder: Any, timer: StageTimer
+) -> tuple[SlideCells, dict[str, Any], dict[str, Any]]:
+    """PB workflow: the folder's crops are the cells; no segmentation, no tile QC."""
+    from PIL import Image
+
+    from appliance.readers import open_cell_folder
+
+    size = bundle.encoder.input.size
+    patch_px = bundle.cells.patch_px
+    with timer.stage("read"):
+        folder = open_cell_folder(path)
+        names, crops, inputs = [], [], []
+        for index, (name, image) in enumerate(folder):
+            names.append(name)
+            pil = Image.fromarray(image)
+            crops.append(np.asarray(pil.resize((patch_px, patch_px), Image.Resampling.BILINEAR)))
+            inputs.append(np.asarray(pil.resize((size, size), Image.Resampling.BILINEAR)))
+            timer.progress("read", (index + 1) / len(folder))
+    with timer.stage("embed"):
+        embeddings = encoder.embed(
+            np.stack(inputs), progress=lambda done, total: timer.progress("embed", done / total)
+        )
+    n = len(names)
+    columns = max(1, int(np.ceil(np.sqrt(n))))
+    rows = max(1, -(-n // columns))
+    mosaic = np.full((rows * MOSAIC_CELL_PX, columns * MOSAIC_CELL_PX, 3), 255, np.uint8)
+    xy = np.zeros((n, 2), np.float32)
+    for index, crop in enumerate(crops):
+        r, c = divmod(index, columns)
+        small = Image.fromarray(crop).resize((MOSAIC_CELL_PX, MOSAIC_CELL_PX))
+        y0, x0 = r * MOSAIC_CELL_PX, c * MOSAIC_CELL_PX
+        mosaic[y0 : y0 + MOSAIC_CELL_PX, x0 : x0 + MOSAIC_CELL_PX] = np.asarray(small)
+        xy[index] = ((c + 0.5) * MOSAIC_CELL_PX, (r + 0.5) * MOSAIC_CELL_PX)
+    table = io.StringIO()
+    writer = csv.writer(table, lineterminator="\n")
+    writer.writerow(["cell_id", "file", "x", "y"])
+    for index, name in enumerate(names):
+        writer.writerow([index, name, f"{xy[index, 0]:.1f}", f"{xy[index, 1]:.1f}"])
+    cells = SlideCells(
+        embeddings=embeddings,
+        xy=xy,
+        cell_ids=np.arange(n, dtype=np.int64),
+        patches=np.stack(crops) if crops else np.zeros((0, patch_px, patch_px, 3), np.uint8),
+        table_csv=table.getvalue(),
+        geojson={"type": "FeatureCollection", "features": []},
+        thumbnail=mosaic,
+        thumbnail_scale=1.0,
+    )
+    scan = {
+        "path": str(path),
+        "format": "cells",
+        "bytes": sum(p.stat().st_size for p in folder.image_paths),
+        "pixel_size_um": folder.pixel_size_um,
+    }
+    verdict = {"verdict": "pass", "reasons": [], "fractions": {}}
+    return cells, scan, verdict
+
+
+def _scan_file(
+    path: Path,
+    bundle: Bundle,
+    encoder: Any,
+    timer: StageTimer,
+    threads: int,
+    pixel_size_um: float,
+) -> tuple[SlideCells, dict[str, Any], dict[str, Any]]:
+    raise NotImplementedError("scan files: waiting for appliance.tiles, appliance.qc and cells")

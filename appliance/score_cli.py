@@ -1,0 +1,114 @@
+"""What ``cytoedge score`` and ``cytoedge demo`` show: progress per stage and a short table."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from appliance.config import Config
+from appliance.pipeline import CaseResult, SlideResult, process_slide, score_case
+from appliance.readers import ScanError
+from runtime.bundle import Bundle
+
+
+@dataclass
+class ScoreRun:
+    """The outcome of scoring some inputs: cases written and inputs rejected."""
+
+    cases: list[CaseResult] = field(default_factory=list)
+    rejected: list[tuple[Path, str]] = field(default_factory=list)
+
+
+class StageBars:
+    """One rich progress bar per pipeline stage, created when the stage first reports."""
+
+    def __init__(self, progress: Progress, prefix: str) -> None:
+        self.progress = progress
+        self.prefix = prefix
+        self.tasks: dict[str, TaskID] = {}
+
+    def __call__(self, stage: str, fraction: float) -> None:
+        if stage not in self.tasks:
+            self.tasks[stage] = self.progress.add_task(f"{self.prefix}{stage}", total=1.0)
+        self.progress.update(self.tasks[stage], completed=max(0.0, min(1.0, fraction)))
+
+
+def new_progress(console: Console) -> Progress:
+    return Progress(
+        TextColumn("{task.description:<34}"),
+        BarColumn(),
+        TextColumn("{task.percentage:>3.0f}%"),
+        TimeElapsedColumn(),
+        console=console,
+        transient=False,
+    )
+
+
+def score_inputs(
+    groups: Sequence[tuple[str, Sequence[Path]]],
+    bundle: Bundle,
+    config: Config,
+    console: Console,
+) -> ScoreRun:
+    """Process every input and score each group as a case; rejected inputs are collected."""
+    run = ScoreRun()
+    with new_progress(console) as progress:
+        for case_id, paths in groups:
+            slides: list[SlideResult] = []
+            for path in paths:
+                bars = StageBars(progress, f"{path.name[:18]}: ")
+                try:
+                    slides.append(
+                        process_slide(
+                            path,
+                            bundle,
+                            cache_dir=config.cache_dir,
+                            backend=config.runtime.backend,
+                            threads=config.runtime.threads,
+                            batch_size=config.runtime.encoder_batch,
+                            pixel_size_um=config.scan.pixel_size_um,
+                            progress=bars,
+                        )
+                    )
+                except ScanError as exc:
+                    run.rejected.append((path, exc.reason))
+            if slides:
+                bars = StageBars(progress, f"case {case_id[:18]}: ")
+                run.cases.append(
+                    score_case(
+                        case_id,
+                        slides,
+                        bundle,
+                        config.outbox,
+                        backend=config.runtime.backend,
+                        threads=config.runtime.threads,
+                        progress=bars,
+                    )
+                )
+    return run
+
+
+def print_table(run: ScoreRun, console: Console) -> None:
+    table = Table(title="cytoedge results", show_lines=False)
+    for column in ("case", "v", "status", "cells", "calls", "result folder"):
+        table.add_column(column)
+    for case in run.cases:
+        cells = sum(int(s.get("cells", 0)) for s in case.result.get("scans", []))
+        calls = ", ".join(
+            f"{p['label']} {p['call']} ({p['probability']:.2f})"
+            for p in case.result.get("predictions", [])
+        )
+        if case.result.get("high_risk"):
+            calls += f"; high risk {case.result['high_risk']}"
+        status = case.status if case.status == "scored" else f"abstained: {case.abstain_reason}"
+        table.add_row(
+            case.case_id, str(case.version), status, str(cells), calls or "-", str(case.folder.path)
+        )
+    for path, reason in run.rejected:
+        table.add_row(path.name, "-", f"rejected: {reason}", "-", "-", "-")
+    console.print(table)

@@ -1,0 +1,125 @@
+"""Per-slide results cached on disk, keyed by (slide content, bundle).
+
+A case is re-scored when a late slide arrives; its other slides are not
+processed again: their embeddings, cells and pictures come from here, so a
+re-score costs only the heads. One folder per (slide fingerprint, bundle
+sha256) under ``<data_dir>/cache/slides/``, written under a temporary name and
+renamed whole, so a crash never leaves a half entry that looks complete.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+CACHE_FORMAT = 1
+META_FILE = "slide.json"
+_CHUNK = 1 << 22
+
+
+def fingerprint(path: Path) -> str:
+    """sha256 of a scan's bytes; for a cell folder, of its file names and bytes."""
+    digest = hashlib.sha256()
+    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+    for file in files:
+        if path.is_dir():
+            digest.update(str(file.relative_to(path)).encode("utf-8") + b"\0")
+        with open(file, "rb") as handle:
+            while chunk := handle.read(_CHUNK):
+                digest.update(chunk)
+    return digest.hexdigest()
+
+
+@dataclass
+class SlideCells:
+    """Everything the heads and the result folder need from one processed slide."""
+
+    embeddings: np.ndarray  # (N, D) float32
+    xy: np.ndarray  # (N, 2) float32, cell centre (x, y) at 0.25 um/px
+    cell_ids: np.ndarray  # (N,) int64, the cell table's ids
+    patches: np.ndarray  # (N, s, s, 3) uint8, the crops the encoder saw (before resizing)
+    table_csv: str  # cells.csv, one row per cell in the order above
+    geojson: dict[str, Any]  # FeatureCollection, one feature per cell in the order above
+    thumbnail: np.ndarray  # (h, w, 3) uint8
+    thumbnail_scale: float  # 0.25-um pixels per thumbnail pixel
+
+    @classmethod
+    def empty(cls, dim: int, thumbnail: np.ndarray, scale: float, patch_px: int) -> SlideCells:
+        return cls(
+            embeddings=np.zeros((0, dim), np.float32),
+            xy=np.zeros((0, 2), np.float32),
+            cell_ids=np.zeros(0, np.int64),
+            patches=np.zeros((0, patch_px, patch_px, 3), np.uint8),
+            table_csv="",
+            geojson={"type": "FeatureCollection", "features": []},
+            thumbnail=thumbnail,
+            thumbnail_scale=scale,
+        )
+
+
+def entry_dir(cache_root: Path, slide_fingerprint: str, bundle_sha256: str) -> Path:
+    return cache_root / "slides" / f"{slide_fingerprint[:32]}-{bundle_sha256[:16]}"
+
+
+def read_meta(entry: Path) -> dict[str, Any] | None:
+    """The entry's metadata, or None when there is no complete entry of this format."""
+    try:
+        meta = json.loads((entry / META_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return meta if meta.get("cache_format") == CACHE_FORMAT else None
+
+
+def write_entry(entry: Path, meta: dict[str, Any], cells: SlideCells) -> None:
+    """Write a complete entry (replacing an older one) in one rename."""
+    entry.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{entry.name}.", dir=entry.parent))
+    try:
+        np.savez(
+            staging / "cells.npz",
+            embeddings=cells.embeddings,
+            xy=cells.xy,
+            cell_ids=cells.cell_ids,
+            patches=cells.patches,
+        )
+        (staging / "cells.csv").write_text(cells.table_csv, encoding="utf-8")
+        (staging / "cells.geojson").write_text(json.dumps(cells.geojson), encoding="utf-8")
+        Image.fromarray(cells.thumbnail).save(staging / "thumbnail.png")
+        meta = {**meta, "cache_format": CACHE_FORMAT, "thumbnail_scale": cells.thumbnail_scale}
+        (staging / META_FILE).write_text(json.dumps(meta, indent=1), encoding="utf-8")
+        if entry.exists():
+            shutil.rmtree(entry)
+        os.replace(staging, entry)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+
+
+def read_cells(entry: Path) -> SlideCells:
+    meta = read_meta(entry)
+    if meta is None:
+        raise FileNotFoundError(f"{entry}: no complete cache entry")
+    with np.load(entry / "cells.npz") as arrays:
+        loaded = {k: arrays[k] for k in arrays.files}
+    with Image.open(entry / "thumbnail.png") as image:
+        thumbnail = np.asarray(image.convert("RGB"))
+    return SlideCells(
+        embeddings=loaded["embeddings"],
+        xy=loaded["xy"],
+        cell_ids=loaded["cell_ids"],
+        patches=loaded["patches"],
+        table_csv=(entry / "cells.csv").read_text(encoding="utf-8"),
+        geojson=json.loads((entry / "cells.geojson").read_text(encoding="utf-8")),
+        thumbnail=thumbnail,
+        thumbnail_scale=float(meta["thumbnail_scale"]),
+    )
+
