@@ -100,8 +100,11 @@ def test_dicom_and_single_cell_folders_are_single_units(tmp_path: Path) -> None:
     for i in range(3):
         Image.fromarray(np.full((144, 144, 3), 200, np.uint8)).save(cells / f"c{i}.png")
     found = by_path(tmp_path)
-    assert set(found) == {"dicom-slide", "patient-7"}
-    assert found["dicom-slide"].kind == "dicom"
+    assert set(found) == {"dicom-slide/level0.dcm", "patient-7"}
+    dicom = found["dicom-slide/level0.dcm"]
+    assert (dicom.kind, dicom.case_key, dicom.single) == ("dicom", "dicom-slide", True)
+    sig = signature(dicom)
+    assert sig is not None and sig.files == 2
     assert (found["patient-7"].kind, found["patient-7"].case_key) == ("cells", "patient-7")
 
 

@@ -91,7 +91,7 @@ class Service:
         worker_stop, abandon, watcher_stop = threading.Event(), threading.Event(), threading.Event()
         watcher = InboxWatcher(
             WatchSettings(
-                inbox=cfg.inbox,
+                inbox=cfg.inbox.resolve(),
                 quiet_seconds=cfg.watch.quiet_seconds,
                 rescan_seconds=cfg.watch.rescan_seconds,
                 polling=cfg.watch.polling,

@@ -52,7 +52,7 @@ _HASH_CHUNK = 4 * 1024 * 1024
 class Unit:
     """One scan: what the pipeline is given, and what the service watches."""
 
-    path: Path  # the file or folder handed to the pipeline
+    path: Path  # the file or folder handed to the pipeline (a DICOM WSI: one of its files)
     case_key: str
     single: bool  # a case of one: scored as soon as its slide is finished
     kind: str  # file | mrxs | dicom | cells
@@ -169,7 +169,12 @@ def _units_in(
                 log.debug("nested folder ignored", extra={"path": str(path)})
                 continue
             key, single = (entry.name, True) if case_key is None else (case_key, False)
-            yield Unit(path, key, single, kind, path if kind == "cells" else folder)
+            if kind == "dicom":
+                # OpenSlide opens a DICOM WSI through any one of its files.
+                first = min(e.path for e in _entries(path, root) if e.name.lower().endswith(".dcm"))
+                yield Unit(Path(first), key, single, kind, folder, (path,))
+            else:
+                yield Unit(path, key, single, kind, path)
             continue
         if not entry.is_file() or entry.name.lower().endswith(SIDECAR_SUFFIXES):
             continue
@@ -224,7 +229,7 @@ def unit_files(unit: Unit) -> list[Path]:
                 )
         elif root.exists():
             files.append(root)
-    return sorted(files)
+    return sorted(set(files))
 
 
 @dataclass(frozen=True)

@@ -69,6 +69,7 @@ class SlideOutcome:
     handle: object
     n_cells: int
     rejected_reason: str = ""  # QC failed or too few cells: kept, the case result says why
+    backend: str = ""  # the backend that actually ran it, when known
 
 
 @dataclass(frozen=True)
@@ -77,6 +78,7 @@ class CaseOutcome:
     reason: str
     version: int
     result_dir: Path
+    backend: str = ""
 
 
 class Engine(Protocol):
@@ -236,7 +238,10 @@ class Worker:
         self.store.finish_slide(
             slide.id, state, reason=outcome.rejected_reason, n_cells=outcome.n_cells, now=now
         )
-        self._audit_slide(slide, state, outcome.rejected_reason, now, n_cells=outcome.n_cells)
+        self._audit_slide(
+            slide, state, outcome.rejected_reason, now, n_cells=outcome.n_cells,
+            backend=outcome.backend,
+        )  # fmt: skip
         log.info("slide finished", extra={"path": slide.path, "state": state})
 
     def _slide_error(self, slide: Slide, exc: Exception) -> None:
@@ -264,7 +269,13 @@ class Worker:
             self._audit_slide(slide, FAILED, text, now)
 
     def _audit_slide(
-        self, slide: Slide, outcome: str, reason: str, now: float, n_cells: int | None = None
+        self,
+        slide: Slide,
+        outcome: str,
+        reason: str,
+        now: float,
+        n_cells: int | None = None,
+        backend: str = "",
     ) -> None:
         self.audit.record(
             "finished",
@@ -281,6 +292,7 @@ class Worker:
             n_cells=n_cells,
             outcome=outcome,
             reason=reason,
+            **({"backend": backend} if backend else {}),
         )
 
     # --- cases ------------------------------------------------------------------
@@ -452,4 +464,5 @@ class Worker:
             version=result.version if result else None,
             result_dir=str(result.result_dir) if result else None,
             reason=reason,
+            **({"backend": result.backend} if result and result.backend else {}),
         )

@@ -1,0 +1,156 @@
+"""What ``cytoedge run``, ``cytoedge status`` and ``cytoedge rescore`` do."""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import sys
+import threading
+import time
+from pathlib import Path
+from types import FrameType
+
+from rich.console import Console
+from rich.table import Table
+
+from appliance.config import Config
+from appliance.service.store import RUNNING, JobStore, Slide, StoreError, store_path
+from appliance.service.units import compile_case_pattern
+
+log = logging.getLogger(__name__)
+
+EXIT_OK, EXIT_ERROR, EXIT_UNUSABLE = 0, 1, 2
+# The service counts as running when its heartbeat is younger than this.
+ALIVE_SECONDS = 30.0
+
+
+def _fail(message: str) -> int:
+    sys.stderr.write(f"cytoedge: {message}\n")
+    return EXIT_UNUSABLE
+
+
+def run_service(config: Config) -> int:
+    """Serve until SIGTERM / SIGINT; the exit code for the service manager."""
+    from appliance.readers import probe
+    from appliance.service.engine import PipelineEngine
+    from appliance.service.service import BundleIdentity, Service
+    from runtime.bundle import BundleError, load_bundle
+
+    try:
+        compile_case_pattern(config.watch.case_pattern)
+    except ValueError as exc:
+        return _fail(str(exc))
+    try:
+        bundle = load_bundle(config.bundle_dir)
+    except BundleError as exc:
+        return _fail(f"no usable model bundle ({exc}); `cytoedge demo` builds the demo bundle")
+    engine = PipelineEngine(config, bundle)
+    service = Service(
+        config,
+        engine,
+        probe=lambda path: probe(path, pixel_size_um=config.scan.pixel_size_um),
+        bundle=BundleIdentity(bundle.name, bundle.version, bundle.sha256),
+        backend=config.runtime.backend,
+    )
+    stop = threading.Event()
+
+    def on_signal(signum: int, _frame: FrameType | None) -> None:
+        log.info("stop requested", extra={"signal": signal.Signals(signum).name})
+        stop.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    try:
+        clean = service.run(stop)
+    except StoreError as exc:
+        return _fail(str(exc))
+    if not clean:
+        # The job is stuck inside a native call; it is recovered as interrupted on
+        # the next start. Leaving now keeps the stop within its bound.
+        logging.shutdown()
+        os._exit(EXIT_ERROR)
+    return EXIT_OK
+
+
+def print_status(config: Config, limit: int, console: Console) -> int:
+    """The queue, most recent cases first, with their slides."""
+    try:
+        store = JobStore(store_path(config.state_dir), readonly=True, timeout=1.0)
+    except StoreError as exc:
+        return _fail(str(exc))
+    try:
+        service = store.service_info()
+        cases = store.cases()[::-1][:limit]
+        slides = {c.id: store.slides(c.id) for c in cases}
+        counts = store.counts()
+    finally:
+        store.close()
+    if service is None:
+        console.print("service: has not run yet")
+    else:
+        age = time.time() - service["heartbeat_at"]
+        alive = "running" if age < ALIVE_SECONDS else f"not running (last seen {age:.0f} s ago)"
+        console.print(
+            f"service: {alive}; pid {service['pid']} on {service['host']}; "
+            f"bundle {service['bundle']}; backend {service['backend']}; "
+            f"cytoedge {service['software_version']}"
+        )
+    summary = ", ".join(f"{n} {state}" for state, n in sorted(counts["cases"].items()))
+    console.print(f"cases: {summary or 'none'}")
+    table = Table(show_lines=False)
+    for column in ("case / slide", "state", "stage", "version", "attempts", "reason / result"):
+        table.add_column(column, overflow="fold")
+    for case in cases:
+        stage = f"{case.stage} {case.progress:.0%}" if case.state == RUNNING else ""
+        detail = case.reason or case.result_dir
+        version = str(case.result_version) if case.result_version else ""
+        table.add_row(case.case_key, case.state, stage, version, str(case.attempts), detail)
+        for slide in slides[case.id]:
+            stage = f"{slide.stage} {slide.progress:.0%}" if slide.state == RUNNING else ""
+            cells = f"{slide.n_cells} cells" if slide.n_cells is not None else ""
+            table.add_row(
+                f"  {Path(slide.path).name}",
+                slide.state,
+                stage,
+                "",
+                str(slide.attempts),
+                slide.reason or slide.last_error or cells,
+            )
+    console.print(table)
+    return EXIT_OK
+
+
+def request_rescore(config: Config, targets: list[str], console: Console) -> int:
+    """Flag slides (by path) or cases (by folder or case id) to be scored again."""
+    path = store_path(config.state_dir)
+    if not path.is_file():
+        return _fail(f"no job store at {path} (has the service run yet?)")
+    store = JobStore(path)
+    status = EXIT_OK
+    try:
+        now = time.time()
+        for target in targets:
+            slide = _find_slide(store, target)
+            if slide is not None:
+                flagged = store.request_rescore_slide(slide.id, now)
+                console.print(f"{target}: slide {flagged.path} will be processed and scored again")
+                continue
+            case = store.case_by_key(Path(target).name) or store.case_by_key(target)
+            if case is not None:
+                store.request_rescore_case(case.id, now)
+                console.print(f"{target}: case {case.case_key} will be scored again")
+                continue
+            sys.stderr.write(f"cytoedge: {target}: no such slide or case in the job store\n")
+            status = EXIT_ERROR
+    finally:
+        store.close()
+    return status
+
+
+def _find_slide(store: JobStore, target: str) -> Slide | None:
+    for candidate in {target, str(Path(target).absolute()), str(Path(target).resolve())}:
+        slide = store.slide_by_path(candidate)
+        if slide is not None:
+            return slide
+    return None

@@ -1,0 +1,63 @@
+"""The real slide pipeline behind the worker's ``Engine`` seam."""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Sequence
+from pathlib import Path
+
+from appliance import pipeline, slide_cache
+from appliance.config import Config
+from appliance.service.worker import CaseOutcome, ProgressFn, SlideOutcome
+from runtime.bundle import Bundle
+
+
+class PipelineEngine:
+    """``appliance.pipeline.process_slide`` / ``score_case`` with the site's settings."""
+
+    def __init__(self, config: Config, bundle: Bundle) -> None:
+        self.config = config
+        self.bundle = bundle
+
+    def process_slide(self, path: Path, progress: ProgressFn, *, use_cache: bool) -> SlideOutcome:
+        cfg = self.config
+        if not use_cache:  # a re-score asked for: the slide is processed from scratch
+            entry = slide_cache.entry_dir(
+                cfg.cache_dir, slide_cache.fingerprint(path), self.bundle.sha256
+            )
+            shutil.rmtree(entry, ignore_errors=True)
+        result = pipeline.process_slide(
+            path,
+            self.bundle,
+            cache_dir=cfg.cache_dir,
+            backend=cfg.runtime.backend,
+            threads=cfg.runtime.threads,
+            batch_size=cfg.runtime.encoder_batch,
+            pixel_size_um=cfg.scan.pixel_size_um,
+            progress=progress,
+        )
+        rejected = "" if result.qc_passed else f"slide QC failed: {result.qc_reason or 'no reason'}"
+        return SlideOutcome(
+            handle=result, n_cells=result.n_cells, rejected_reason=rejected, backend=result.backend
+        )
+
+    def score_case(
+        self, case_key: str, slides: Sequence[object], outbox: Path, progress: ProgressFn
+    ) -> CaseOutcome:
+        results = [s for s in slides if isinstance(s, pipeline.SlideResult)]
+        case = pipeline.score_case(
+            case_key,
+            results,
+            self.bundle,
+            outbox,
+            backend=self.config.runtime.backend,
+            threads=self.config.runtime.threads,
+            progress=progress,
+        )
+        return CaseOutcome(
+            status=case.status,
+            reason=case.abstain_reason or "",
+            version=case.version,
+            result_dir=case.folder.path,
+            backend=str(case.result.get("backend", "")),
+        )
