@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.metadata
+import logging
 import platform
 import sys
 from pathlib import Path
@@ -11,6 +12,8 @@ from rich.console import Console
 from rich.table import Table
 
 from appliance.config import Config
+from runtime.backends import BackendError, open_model, plan_backends
+from runtime.bundle import BundleError, load_bundle
 from runtime.probe import gpu_names, probe_backends
 
 PACKAGES = (
@@ -67,15 +70,68 @@ def _openslide_line() -> tuple[bool, str]:
     return True, f"library {version}; formats: {formats}"
 
 
-def _bundle_line(config: Config, explicit: Path | None) -> tuple[bool, str]:
-    """(usable, text). A default bundle that was never built is not an error."""
+def _bundle_check(
+    config: Config, explicit: Path | None, out: Console, skipped_up_front: set[str]
+) -> tuple[bool, bool]:
+    """Verify the bundle and load each of its networks as scoring would.
+
+    Returns (usable, built). A default bundle that was never built is not an error.
+    """
     path = explicit or config.bundle_dir
     configured = explicit is not None or bool(config.paths.bundle)
     if not (path / "bundle.json").is_file():
         if configured:
-            return False, f"{path}: no bundle.json"
-        return True, f"{path}: not built yet (`cytoedge demo` builds the demo bundle)"
-    return True, f"{path}: bundle.json present"
+            out.print(f"Bundle: {path}: no bundle.json")
+            return False, False
+        out.print(f"Bundle: {path}: not built yet (`cytoedge demo` builds the demo bundle)")
+        return True, False
+    try:
+        bundle = load_bundle(path)
+    except BundleError as exc:
+        out.print(f"Bundle: [bold red]refused[/]: {exc}")
+        return False, True
+    out.print(
+        f"Bundle: {path}: {bundle.name} {bundle.version}, intended use {bundle.intended_use}, "
+        f"{len(bundle.files)} files verified (sha256), bundle sha256 {bundle.sha256[:12]}"
+    )
+    if bundle.is_demo:
+        out.print("[bold yellow]Demo model, not for diagnosis.[/]")
+    models = Table(title="Bundle networks on this machine")
+    for column in ("network", "runs on", "variant", "skipped (reason above unless given)"):
+        models.add_column(column)
+    ok = True
+    # The table says what the per-model log lines would; keep the console to the table.
+    backend_log = logging.getLogger("runtime.backends")
+    level = backend_log.level
+    backend_log.setLevel(logging.WARNING)
+    networks = [("encoder", bundle.encoder_variants())] + [
+        (f"head {head.name} [{k}]", bundle.file(rel))
+        for head in bundle.heads
+        for k, rel in enumerate(head.files)
+    ]
+    for label, model in networks:
+        try:
+            # No engine builds here: a stale TensorRT engine shows as a skip with its reason.
+            loaded = open_model(
+                model,
+                config.runtime.backend,
+                config.runtime.threads,
+                engine_dir=bundle.engines_dir,
+                build_engines=False,
+            )
+        except BackendError as exc:
+            models.add_row(label, "[red]none[/]", "-", str(exc))
+            ok = False
+            continue
+        skipped = "; ".join(
+            f.backend if f.backend in skipped_up_front else str(f) for f in loaded.fallbacks
+        )
+        models.add_row(label, loaded.name, loaded.variant, skipped or "-")
+        loaded.close()
+    backend_log.setLevel(level)
+    out.print(models)
+    out.print(f"Encoder int8: {bundle.encoder.int8_note or 'no note'}")
+    return ok, True
 
 
 def run_doctor(config: Config, bundle: Path | None = None) -> int:
@@ -102,19 +158,23 @@ def run_doctor(config: Config, bundle: Path | None = None) -> int:
     gpus = gpu_names()
     out.print(f"GPU: {', '.join(gpus) if gpus else 'none visible'}")
     chosen = config.runtime.backend
-    usable = {s.name for s in statuses if s.available}
-    backend_ok = bool(usable) if chosen == "auto" else chosen in usable
+    candidates, skipped = plan_backends(chosen)
+    backend_ok = bool(candidates)
     out.print(f"Configured backend: {chosen} ({'usable' if backend_ok else 'NOT usable'})")
+    if candidates:
+        out.print(f"Would run on: {candidates[0]} (tried in order: {', '.join(candidates)})")
+    for fallback in skipped:
+        out.print(f"  skipped {fallback.backend}: {fallback.reason}")
 
     slide_ok, slide_text = _openslide_line()
     out.print(f"OpenSlide: {slide_text}")
-    bundle_ok, bundle_text = _bundle_line(config, bundle)
-    out.print(f"Bundle: {bundle_text}")
+    up_front = {fallback.backend for fallback in skipped}
+    bundle_ok, bundle_built = _bundle_check(config, bundle, out, up_front)
 
     ok = backend_ok and slide_ok and bundle_ok
     if not ok:
         out.print("[bold red]Cannot score; see above.[/]")
-    elif (bundle or config.bundle_dir).joinpath("bundle.json").is_file():
+    elif bundle_built:
         out.print("[bold green]Ready to score.[/]")
     else:
         out.print("[bold yellow]Ready to score once the demo bundle is built.[/]")

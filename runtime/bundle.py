@@ -97,7 +97,7 @@ class SegmenterSpec:
     file: str
     n_rays: int
     grid: tuple[int, int]
-    div_by: int
+    div_by: tuple[int, int]  # input sides must be multiples of these (grid x 2^depth)
     prob_thresh: float
     nms_thresh: float
     input_channels: int
@@ -105,7 +105,7 @@ class SegmenterSpec:
     extra: dict[str, Any] = field(default_factory=dict)
 
     def validate(self, where: str) -> None:
-        if self.n_rays <= 0 or min(self.grid) <= 0 or self.div_by <= 0:
+        if self.n_rays <= 0 or min(self.grid) <= 0 or min(self.div_by) <= 0:
             raise BundleError(f"{where}: n_rays, grid and div_by must be positive")
         if self.input_channels not in (1, 3):
             raise BundleError(f"{where}.input_channels must be 1 or 3")
@@ -357,7 +357,7 @@ def _parse_bundle(raw: Any, root: Path, digest: str) -> Bundle:
         raise BundleError(f"unknown key(s) {', '.join(unknown)}")
     values = {key: raw[key] for key in (*_TOP_REQUIRED, *_TOP_OPTIONAL) if key in raw}
     values.setdefault("created", "")
-    bundle = _parse(Bundle, values | {"path": str(root), "sha256": digest}, "")
+    bundle = parse_section(Bundle, values | {"path": str(root), "sha256": digest}, "")
     _check_cross_references(bundle)
     return bundle
 
@@ -501,7 +501,7 @@ def write_bundle(
 # ---------------------------------------------------------------- typed JSON
 
 
-def _parse(cls: type, data: Any, where: str) -> Any:
+def parse_section(cls: type, data: Any, where: str) -> Any:
     """Build dataclass ``cls`` from a JSON object, checking every field's type."""
     if not isinstance(data, dict):
         raise BundleError(f"{where} must be an object")
@@ -544,7 +544,7 @@ def _convert(value: Any, hint: Any, where: str) -> Any:
         (inner,) = (a for a in args if a is not type(None))
         return _convert(value, inner, where)
     if dataclasses.is_dataclass(hint):
-        return _parse(typing.cast(type, hint), value, where)
+        return parse_section(typing.cast(type, hint), value, where)
     if hint is Path and isinstance(value, str):
         return Path(value)
     if hint is bool:

@@ -43,7 +43,7 @@ def test_round_trip_keeps_every_section(tiny: TinyBundle) -> None:
         file="segmenter.onnx",
         n_rays=32,
         grid=(2, 2),
-        div_by=16,
+        div_by=(16, 16),
         prob_thresh=0.5,
         nms_thresh=0.4,
         input_channels=3,

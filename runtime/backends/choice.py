@@ -59,7 +59,8 @@ def open_model(
     engines = engine_dir or variants.fp32.parent / "engines"
     candidates, fallbacks = plan_backends(backend)
     for fallback in fallbacks:
-        log.info("not using %s for %s: %s", fallback.backend, variants.fp32.name, fallback.reason)
+        # Expected on most sites (no GPU, no TensorRT); the INFO line below repeats every reason.
+        log.debug("not using %s for %s: %s", fallback.backend, variants.fp32.name, fallback.reason)
     for name in candidates:
         variant, path = variants.for_backend(name)
         try:
