@@ -476,8 +476,8 @@ def _look(spec: SmearSpec) -> _Look:
     stains = np.abs(stains) / np.linalg.norm(stains, axis=1, keepdims=True)
     strength = rng.normal(1.0, jitter * 2, 2).clip(0.7, 1.3)
     strength *= {"faint": 0.3, "dark": 2.3}.get(spec.variant, 1.0)
-    background = np.array(BACKGROUND_RGB) + rng.normal(0, 3, 3)
-    blur = 4.0 if spec.variant == "blurred" else 0.6  # optics: slightly soft even when focused
+    background = np.array(BACKGROUND_RGB) + rng.normal(0, 2, 3)
+    blur = 4.0 if spec.variant == "blurred" else 0.4  # optics: slightly soft even when focused
     return _Look(stains.astype(np.float32), strength.astype(np.float32), background, blur)
 
 
