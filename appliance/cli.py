@@ -97,11 +97,38 @@ def gui(
     with_service: Annotated[
         bool, typer.Option("--with-service", help="Also run the service in this process.")
     ] = False,
+    screenshots: Annotated[
+        Path | None,
+        typer.Option(
+            help="Render the window over sample data to PNG files in this folder, then exit.",
+            file_okay=False,
+        ),
+    ] = None,
     config: ConfigOption = None,
 ) -> None:
     """Open the technician's window."""
-    setup(config)
-    raise not_available("the window", "the desktop window is still being built")
+    try:
+        from gui.app import render_screenshots, run_window
+    except ImportError as exc:
+        raise fail(f"the window needs PySide6: pip install 'cytoedge[gui]' ({exc})") from None
+    if screenshots is not None:
+        for path in render_screenshots(screenshots):
+            typer.echo(path)
+        return
+    cfg = setup(config)
+    service = None
+    if with_service:
+        try:
+            from appliance.service.commands import build_service
+        except ImportError:
+            raise fail(
+                "this build cannot run the service inside the window; run `cytoedge run` beside it"
+            ) from None
+        try:
+            service = build_service(cfg)
+        except (ValueError, RuntimeError) as exc:
+            raise fail(str(exc)) from None
+    raise typer.Exit(run_window(cfg, service))
 
 
 @app.command()

@@ -268,7 +268,15 @@ class QueueDelegate(QStyledItemDelegate):
 
     def sizeHint(self, option: QStyleOptionViewItem, index: AnyIndex) -> QSize:  # noqa: N802
         hint = super().sizeHint(option, index)
-        return QSize(hint.width() + 8, max(hint.height(), option.fontMetrics.height() + 12))
+        width = hint.width() + 8
+        if index.data(PROGRESS_ROLE) is not None and index.column() == QueueModel.STATE:
+            width = option.fontMetrics.horizontalAdvance(self.bar_text(index)) + 24
+        return QSize(width, max(hint.height(), option.fontMetrics.height() + 12))
+
+    @staticmethod
+    def bar_text(index: AnyIndex) -> str:
+        """The bar itself says "running"; its text is the stage and the percentage."""
+        return str(index.data()).removeprefix("running: ")
 
     def paint(self, painter: QPainter, option: QStyleOptionViewItem, index: AnyIndex) -> None:
         fraction = index.data(PROGRESS_ROLE)
@@ -290,7 +298,9 @@ class QueueDelegate(QStyledItemDelegate):
         painter.setBrush(QColor("#f2c46d"))
         painter.drawRoundedRect(done, 3, 3)
         painter.setPen(QColor("#1a1a1a"))
-        text = str(index.data()).removeprefix("running: ")
+        text = option.fontMetrics.elidedText(
+            self.bar_text(index), Qt.TextElideMode.ElideMiddle, int(track.width()) - 6
+        )
         painter.drawText(track, Qt.AlignmentFlag.AlignCenter, text)
         painter.restore()
 

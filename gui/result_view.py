@@ -362,7 +362,15 @@ class ResultPane(QWidget):
         header.setSectionResizeMode(1, QHeaderView.ResizeMode.ResizeToContents)
         header.setSectionResizeMode(2, QHeaderView.ResizeMode.ResizeToContents)
         header.setSectionResizeMode(3, QHeaderView.ResizeMode.Stretch)
-        self.tabs.addTab(self.slides_table, "&Slides and QC")
+        self.slide_picture = ScaledImage()
+        self.slide_picture.setAccessibleName("The selected slide, as scanned")
+        self.slides_table.currentCellChanged.connect(self._show_slide_picture)
+        slides_tab = QWidget()
+        slides_layout = QVBoxLayout(slides_tab)
+        slides_layout.setContentsMargins(2, 2, 2, 2)
+        slides_layout.addWidget(self.slides_table, 1)
+        slides_layout.addWidget(self.slide_picture, 2)
+        self.tabs.addTab(slides_tab, "&Slides and QC")
         layout.addWidget(self.tabs, 1)
         return page
 
@@ -394,7 +402,8 @@ class ResultPane(QWidget):
             f"{result.cells_analysed:,} cells analysed from {slides} slide{'s' * (slides != 1)}",
         ]
         if result.attention_top20_mass is not None:
-            parts.append(f"top 20 % of cells hold {result.attention_top20_mass:.0%} of attention")
+            mass = result.attention_top20_mass * 100
+            parts.append(f"top 20 % of cells hold {mass:.0f} % of attention")
         self.summary.setText(" · ".join(parts))
         self._fill_qc(result)
         self._fill_predictions(result)
@@ -452,9 +461,9 @@ class ResultPane(QWidget):
                 f"{len(result.slides)} slide(s): {'; '.join(reasons) or 'no reason given'}"
             )
         else:
-            self.qc_line.setText(
-                f"<b style='color:#1b5e20'>QC passed</b> on all {len(result.slides)} slide(s)"
-            )
+            count = len(result.slides)
+            where = "the slide" if count == 1 else f"all {count} slides"
+            self.qc_line.setText(f"<b style='color:#1b5e20'>QC passed</b> on {where}")
 
     def _fill_predictions(self, result: CaseResult) -> None:
         grid = self.predictions_grid
@@ -579,6 +588,16 @@ class ResultPane(QWidget):
                 item.setToolTip(item.text())
                 table.setItem(row, column, item)
         table.resizeRowsToContents()
+        if result.slides:
+            table.setCurrentCell(0, 0)
+        self._show_slide_picture(0)
+
+    def _show_slide_picture(self, row: int, *_: int) -> None:
+        if self.loaded is None or not 0 <= row < len(self.loaded.result.slides):
+            self.slide_picture.set_image(None, "")
+            return
+        slide = self.loaded.result.slides[row]
+        self.slide_picture.set_image(self.loaded.image(slide.thumbnail), "no picture of this slide")
 
 
 def text_of_grid(grid: QGridLayout) -> list[str]:

@@ -113,7 +113,9 @@ def draw_cell(rng: np.random.Generator, size: int = 128, plasma_like: bool = Fal
     return np.clip(pixels, 0, 255).astype(np.uint8)
 
 
-def draw_thumbnail(rng: np.random.Generator, n_cells: int, size: int = 240) -> np.ndarray:
+def draw_thumbnail(
+    rng: np.random.Generator, n_cells: int, size: int = 240, blur: float = 0.6
+) -> np.ndarray:
     """A low-resolution smear: pale background, red cells, a few purple nuclei."""
     image = Image.new("RGB", (size, int(size * 0.75)), (240, 232, 234))
     draw = ImageDraw.Draw(image)
@@ -123,7 +125,7 @@ def draw_thumbnail(rng: np.random.Generator, n_cells: int, size: int = 240) -> n
     for _ in range(n_cells):
         x, y = rng.uniform(0, image.width), rng.uniform(0, image.height)
         draw.ellipse([x - 2, y - 2, x + 2, y + 2], fill=(110, 70, 150))
-    return np.asarray(image.filter(ImageFilter.GaussianBlur(0.6)))
+    return np.asarray(image.filter(ImageFilter.GaussianBlur(blur)))
 
 
 # --- results --------------------------------------------------------------------
@@ -175,7 +177,7 @@ def sample_outputs(
         ids = list(range(1, per_slide + 1))
         xy = rng.uniform(200, 9000, (per_slide, 2))
         attention = rng.gamma(0.6, 1.0, per_slide)
-        thumb = draw_thumbnail(rng, max(per_slide // 3, 6))
+        thumb = draw_thumbnail(rng, max(per_slide // 3, 6), blur=4.0 if rejected else 0.6)
         scale = 9400 / thumb.shape[1]
         slides.append(
             SlideOutputs(
@@ -343,7 +345,10 @@ def add_case(
     store.promote_ready_cases(0.0, received + 22)
     store.start_case(case_id, 1, received + 23)
     if case.state == "failed":
-        store.fail_case(case_id, case.reason, received + 24)
+        for attempt in range(1, case.attempts):  # earlier tries that were retried
+            store.retry_case(case_id, case.reason, received + 30 * attempt, received + 24)
+            store.start_case(case_id, 1, received + 30 * attempt)
+        store.fail_case(case_id, case.reason, received + 30 * case.attempts)
     else:
         store.finish_case(
             case_id,

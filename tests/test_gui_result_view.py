@@ -74,7 +74,8 @@ def test_qc_failed_case_shows_the_reasons_and_opens_on_the_qc_tab(qtbot, folders
     pane = shown(qtbot, folders["qc_failed"])
     assert pane.banner_texts()[0] == "Rejected: QC failed: 71 % of tiles blurred"
     assert "QC failed" in pane.qc_line.text() and "71 % of tiles blurred" in pane.qc_line.text()
-    assert pane.tabs.currentWidget() is pane.slides_table
+    assert pane.tabs.tabText(pane.tabs.currentIndex()) == "&Slides and QC"
+    assert not pane.slide_picture.pixmap().isNull()  # the scan itself, to see the blur
     assert pane.slides_table.rowCount() == 2
     assert pane.slides_table.item(0, 1).text() == "fail"
     assert "71 % of tiles blurred" in pane.slides_table.item(0, 3).text()

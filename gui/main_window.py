@@ -1,0 +1,386 @@
+"""The technician's window: the queue on the left, the selected case's result on the right."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import time
+from datetime import datetime
+from pathlib import Path
+from typing import Protocol
+
+from PySide6.QtCore import QModelIndex, QObject, Qt, QThreadPool, QUrl, Signal
+from PySide6.QtGui import QAction, QCloseEvent, QDesktopServices, QKeySequence
+from PySide6.QtWidgets import (
+    QAbstractItemView,
+    QHBoxLayout,
+    QHeaderView,
+    QLabel,
+    QMainWindow,
+    QMessageBox,
+    QPushButton,
+    QSplitter,
+    QTreeView,
+    QVBoxLayout,
+    QWidget,
+)
+
+from appliance.results import safe_name
+from appliance.service.store import JobStore, StoreError
+from gui.models import PollingThread, QueueDelegate, QueueModel
+from gui.result_view import ResultPane
+from gui.store_reader import CaseRow, QueueSnapshot, ServiceInfo
+
+SHOWS_RESULT = ("done", "rejected")
+STALE_HEARTBEAT_S = 30.0
+
+
+class ServiceControl(Protocol):
+    """A service running in this process, as the window may steer it."""
+
+    @property
+    def paused(self) -> bool: ...
+
+    def set_paused(self, paused: bool) -> None: ...
+
+
+class _Relay(QObject):
+    """Carries a background job's one-line outcome back to the UI thread."""
+
+    done = Signal(bool, str)
+
+
+def case_result_folder(case: CaseRow, outbox: Path) -> Path:
+    """Where a case's result lives: the store's result_dir, else the outbox's case folder."""
+    return Path(case.result_dir) if case.result_dir else outbox / safe_name(case.case_key)
+
+
+def service_text(service: ServiceInfo | None, now: datetime | None = None) -> str:
+    if service is None:
+        return "No service has used this job store yet."
+    moment = now or datetime.now().astimezone()
+    where = f"on {service.host}" if service.host else ""
+    if service.heartbeat_at is None:
+        return f"Service {where}: state unknown"
+    age = (moment - service.heartbeat_at).total_seconds()
+    if age > STALE_HEARTBEAT_S:
+        seen = service.heartbeat_at.astimezone().strftime("%d %b %H:%M")
+        return f"Service {where} not responding (last seen {seen})"
+    parts = [f"Service {where} running", service.bundle, service.backend]
+    return " · ".join(p for p in parts if p)
+
+
+def read_about(bundle_dir: Path | None, service: ServiceInfo | None, version: str) -> str:
+    """Rich text for the About box: software version and the bundle's provenance."""
+    lines = [f"<h3>cytoedge {version}</h3>", "<p>Offline hematology slide scoring.</p>"]
+    if service is not None:
+        lines.append(
+            f"<p>Service: {service.bundle or 'no bundle'} on {service.backend or '?'}, "
+            f"software {service.software_version or '?'}</p>"
+        )
+    manifest = bundle_dir / "bundle.json" if bundle_dir else None
+    try:
+        bundle = json.loads(manifest.read_text(encoding="utf-8")) if manifest else None
+    except (OSError, ValueError) as exc:
+        bundle = None
+        lines.append(f"<p>Bundle manifest not readable: {exc}</p>")
+    if bundle is None:
+        if manifest is not None and not manifest.exists():
+            lines.append(f"<p>No bundle at {bundle_dir}.</p>")
+        return "".join(lines)
+    use = str(bundle.get("intended_use", "?"))
+    lines.append(
+        f"<p><b>Bundle</b> {bundle.get('name', '?')} {bundle.get('version', '')} · "
+        f"intended use: <b>{use}</b> · created {bundle.get('created', '?')}</p>"
+    )
+    if use == "demo":
+        lines.append("<p style='color:#b00020'><b>Demo model, not for diagnosis.</b></p>")
+    provenance = bundle.get("provenance") or {}
+    rows = []
+    for key, value in provenance.items():
+        if isinstance(value, dict):
+            value = ", ".join(f"{k}: {v}" for k, v in value.items())
+        rows.append(f"<tr><td><b>{key.replace('_', ' ')}</b></td><td>{value}</td></tr>")
+    if rows:
+        lines.append("<table cellpadding='2'>" + "".join(rows) + "</table>")
+    return "".join(lines)
+
+
+class MainWindow(QMainWindow):
+    def __init__(
+        self,
+        store_path: Path,
+        outbox: Path,
+        *,
+        bundle_dir: Path | None = None,
+        service: ServiceControl | None = None,
+        version: str = "unknown",
+        poll_ms: int = 1000,
+    ) -> None:
+        super().__init__()
+        self.store_path = store_path
+        self.outbox = outbox
+        self.bundle_dir = bundle_dir
+        self.service = service
+        self.version = version
+        self.service_info: ServiceInfo | None = None
+        self._shown_case: CaseRow | None = None
+        self.setWindowTitle("cytoedge")
+        self.model = QueueModel(self)
+        self.queue = self._build_queue_view()
+        self.pane = ResultPane()
+        self.relay = _Relay(self)
+        self.relay.done.connect(self._background_done)
+
+        buttons = self._build_buttons()
+        left = QWidget()
+        left_layout = QVBoxLayout(left)
+        left_layout.setContentsMargins(6, 6, 0, 6)
+        title = QLabel("&Queue")
+        title.setBuddy(self.queue)
+        title.setStyleSheet("font-size:15pt; font-weight:bold;")
+        left_layout.addWidget(title)
+        left_layout.addWidget(self.queue, 1)
+        left_layout.addLayout(buttons)
+        splitter = QSplitter()
+        splitter.addWidget(left)
+        splitter.addWidget(self.pane)
+        splitter.setStretchFactor(0, 2)
+        splitter.setStretchFactor(1, 3)
+        splitter.setSizes([520, 760])  # at 1280 px: every queue column whole, the bars wide
+        splitter.setChildrenCollapsible(False)
+        self.setCentralWidget(splitter)
+        self.splitter = splitter
+        self.status_label = QLabel()
+        self.statusBar().addWidget(self.status_label, 1)
+        self._set_tab_order()
+
+        self.polling = PollingThread(store_path, poll_ms)
+        self.polling.poller.snapshot.connect(self.apply_snapshot)
+        self.polling.poller.unavailable.connect(self._store_problem)
+        self._update_buttons()
+
+    # --- building ---------------------------------------------------------------
+    def _build_queue_view(self) -> QTreeView:
+        view = QTreeView()
+        view.setModel(self.model)
+        view.setItemDelegate(QueueDelegate(view))
+        view.setSelectionBehavior(QAbstractItemView.SelectionBehavior.SelectRows)
+        view.setSelectionMode(QAbstractItemView.SelectionMode.SingleSelection)
+        view.setAlternatingRowColors(True)
+        view.setUniformRowHeights(True)
+        view.setAllColumnsShowFocus(True)
+        view.setAccessibleName("Queue of cases and slides")
+        header = view.header()
+        header.setStretchLastSection(False)
+        header.setSectionResizeMode(QueueModel.NAME, QHeaderView.ResizeMode.ResizeToContents)
+        header.setSectionResizeMode(QueueModel.RECEIVED, QHeaderView.ResizeMode.ResizeToContents)
+        header.setSectionResizeMode(QueueModel.STATE, QHeaderView.ResizeMode.Stretch)
+        header.setSectionResizeMode(QueueModel.CELLS, QHeaderView.ResizeMode.ResizeToContents)
+        view.selectionModel().currentRowChanged.connect(self._current_changed)
+        view.activated.connect(lambda index: self.open_report())
+        return view
+
+    def _action(self, text: str, keys: str | QKeySequence, slot: object) -> QAction:
+        action = QAction(text, self)
+        action.setShortcut(QKeySequence(keys))
+        action.setShortcutContext(Qt.ShortcutContext.WindowShortcut)
+        action.triggered.connect(slot)
+        self.addAction(action)
+        return action
+
+    def _build_buttons(self) -> QHBoxLayout:
+        self.report_action = self._action("Open &report", "Ctrl+R", self.open_report)
+        self.folder_action = self._action("Open &folder", "Ctrl+Shift+F", self.open_folder)
+        self.rescore_action = self._action("Re-&score", "Ctrl+Shift+S", self.ask_rescore)
+        self.pause_action = self._action("&Pause watching", "Ctrl+P", self.toggle_pause)
+        self.about_action = self._action(
+            "&About", QKeySequence.StandardKey.HelpContents, self.about
+        )
+        self._action("Queue", "Ctrl+1", lambda: self.queue.setFocus())
+        self._action("Result", "Ctrl+2", lambda: self.pane.tabs.setFocus())
+        row = QHBoxLayout()
+        self.buttons: dict[str, QPushButton] = {}
+        for name, action in (
+            ("report", self.report_action),
+            ("folder", self.folder_action),
+            ("rescore", self.rescore_action),
+            ("pause", self.pause_action),
+            ("about", self.about_action),
+        ):
+            button = QPushButton(action.text())
+            button.clicked.connect(action.trigger)
+            button.setToolTip(f"{action.text().replace('&', '')} ({action.shortcut().toString()})")
+            self.buttons[name] = button
+            row.addWidget(button)
+        self.buttons["pause"].setVisible(self.service is not None)
+        return row
+
+    def _set_tab_order(self) -> None:
+        chain = [self.queue, *self.buttons.values(), self.pane.tabs]
+        for first, second in itertools.pairwise(chain):
+            self.setTabOrder(first, second)
+
+    # --- running ----------------------------------------------------------------
+    def start(self) -> None:
+        """Start watching the store (call once the window is shown)."""
+        self.polling.start()
+
+    def closeEvent(self, event: QCloseEvent) -> None:  # noqa: N802
+        self.polling.stop()
+        self.pane.loader.cancel()
+        QThreadPool.globalInstance().waitForDone(5000)
+        super().closeEvent(event)
+
+    def apply_snapshot(self, snapshot: QueueSnapshot) -> None:
+        self.service_info = snapshot.service
+        self.model.apply(snapshot.cases)
+        self.status_label.setText(service_text(snapshot.service))
+        self._refresh_pane()
+        self._update_buttons()
+
+    def _store_problem(self, reason: str) -> None:
+        if reason:
+            self.status_label.setText(reason)
+
+    def selected_case(self) -> CaseRow | None:
+        return self.model.case_at(self.queue.currentIndex())
+
+    def select_case(self, case_key: str) -> None:
+        for case in self.model.cases():
+            if case.case_key == case_key:
+                self.queue.setCurrentIndex(self.model.case_index(case.id))
+                return
+        raise KeyError(case_key)
+
+    def _current_changed(self, current: QModelIndex, previous: QModelIndex) -> None:
+        self._shown_case = None
+        self._refresh_pane()
+        slide = self.model.slide_at(current)
+        if slide is not None:
+            self.pane.select_slide(slide.name)
+        self._update_buttons()
+
+    def _refresh_pane(self) -> None:
+        """Show the selected case; reload only when what the pane shows has changed."""
+        case = self.selected_case()
+        if case is None:
+            self._shown_case = None
+            self.pane.show_message("No case selected", "Choose a case in the queue.")
+            return
+        before = self._shown_case
+        if before is not None and (before.id, before.shown, before.result_dir) == (
+            case.id,
+            case.shown,
+            case.result_dir,
+        ):
+            return
+        self._shown_case = case
+        state, stage, progress = case.shown
+        if state in SHOWS_RESULT:
+            self.pane.load(case_result_folder(case, self.outbox))
+        elif state == "running":
+            self.pane.show_message(
+                f"{case.case_key}: running",
+                f"Stage: {stage or 'starting'} ({round(progress * 100)} %). "
+                "The result appears here when the case is done.",
+            )
+        elif state == "failed":
+            attempts = f" after {case.attempts} attempts" if case.attempts > 1 else ""
+            self.pane.show_message(
+                f"{case.case_key}: failed{attempts}",
+                f"{case.reason or 'no reason recorded'}\n\nRe-score it once the cause is fixed.",
+            )
+        elif state == "queued":
+            self.pane.show_message(f"{case.case_key}: queued", "Waiting for its turn.")
+        else:
+            self.pane.show_message(
+                f"{case.case_key}: waiting",
+                "Waiting for the scan files to finish arriving, or for more slides of this case.",
+            )
+
+    def _update_buttons(self) -> None:
+        case = self.selected_case()
+        has_result = case is not None and case.shown[0] in SHOWS_RESULT
+        self.report_action.setEnabled(has_result)
+        self.folder_action.setEnabled(has_result)
+        self.rescore_action.setEnabled(case is not None and case.shown[0] not in ("running",))
+        self.pause_action.setEnabled(self.service is not None)
+        if self.service is not None:
+            self.pause_action.setText(
+                "Resume &watching" if self.service.paused else "&Pause watching"
+            )
+        for name, action in (
+            ("report", self.report_action),
+            ("folder", self.folder_action),
+            ("rescore", self.rescore_action),
+            ("pause", self.pause_action),
+        ):
+            self.buttons[name].setEnabled(action.isEnabled())
+            self.buttons[name].setText(action.text())
+
+    # --- actions ------------------------------------------------------------------
+    def open_report(self) -> bool:
+        loaded = self.pane.loaded
+        report = loaded.result.report if loaded is not None else None
+        if report is None:
+            self.statusBar().showMessage("This case has no report yet.", 5000)
+            return False
+        return QDesktopServices.openUrl(QUrl.fromLocalFile(str(report)))
+
+    def open_folder(self) -> bool:
+        case = self.selected_case()
+        if case is None:
+            return False
+        folder = case_result_folder(case, self.outbox)
+        return QDesktopServices.openUrl(QUrl.fromLocalFile(str(folder)))
+
+    def ask_rescore(self) -> None:
+        case = self.selected_case()
+        if case is None:
+            return
+        answer = QMessageBox.question(
+            self,
+            "Re-score",
+            f"Score case {case.case_key} again from its scans?\n"
+            "The current result stays readable; the new one gets the next version.",
+        )
+        if answer == QMessageBox.StandardButton.Yes:
+            self.request_rescore(case)
+
+    def request_rescore(self, case: CaseRow) -> None:
+        """Flag the case in the store, as `cytoedge rescore` does, off the UI thread."""
+        store_path, relay = self.store_path, self.relay
+
+        def flag() -> None:
+            try:
+                store = JobStore(store_path, timeout=5.0)
+                try:
+                    store.request_rescore_case(case.id, time.time())
+                finally:
+                    store.close()
+            except (StoreError, OSError) as exc:
+                relay.done.emit(False, f"Could not ask for a re-score of {case.case_key}: {exc}")
+                return
+            relay.done.emit(True, f"{case.case_key} will be scored again.")
+
+        self.statusBar().showMessage(f"Asking the service to re-score {case.case_key}...")
+        QThreadPool.globalInstance().start(flag)
+
+    def _background_done(self, ok: bool, message: str) -> None:
+        self.statusBar().showMessage(message, 10000)
+        if not ok:
+            box = QMessageBox(QMessageBox.Icon.Warning, "cytoedge", message, parent=self)
+            box.setObjectName("rescore_problem")
+            box.open()  # not exec(): the queue keeps updating behind it
+
+    def toggle_pause(self) -> None:
+        if self.service is None:
+            return
+        self.service.set_paused(not self.service.paused)
+        self._update_buttons()
+
+    def about(self) -> None:
+        QMessageBox.about(
+            self, "About cytoedge", read_about(self.bundle_dir, self.service_info, self.version)
+        )
