@@ -77,8 +77,37 @@ def not_available(what: str, issue: str) -> typer.Exit:
 @app.command()
 def run(config: ConfigOption = None) -> None:
     """Run the service: watch the inbox, score each complete scan once."""
-    setup(config)
-    raise not_available("the service", "the watched inbox and job store are still being built")
+    from appliance.service.commands import run_service
+
+    raise typer.Exit(run_service(setup(config)))
+
+
+@app.command()
+def status(
+    limit: Annotated[int, typer.Option(help="Show at most this many recent cases.")] = 50,
+    config: ConfigOption = None,
+) -> None:
+    """Print the service's queue: cases and their slides, most recent first."""
+    from rich.console import Console
+
+    from appliance.service.commands import print_status
+
+    raise typer.Exit(print_status(setup(config, log_to_file=False), limit, Console()))
+
+
+@app.command()
+def rescore(
+    targets: Annotated[
+        list[str], typer.Argument(help="Scan paths in the inbox, case folders or case ids.")
+    ],
+    config: ConfigOption = None,
+) -> None:
+    """Score scans or cases again (caches bypassed); the running service picks them up."""
+    from rich.console import Console
+
+    from appliance.service.commands import request_rescore
+
+    raise typer.Exit(request_rescore(setup(config, log_to_file=False), targets, Console()))
 
 
 @app.command()

@@ -332,3 +332,14 @@ def test_a_result_written_before_a_crash_is_adopted_not_written_again(
     assert versions(config.outbox, "C") == ["v1"]
     assert engine.calls == []
     assert not (config.outbox / "C" / ".staging-leftover").exists()
+
+
+def test_paused_watching_takes_no_new_scan_until_resumed(run_service, tmp_path: Path) -> None:
+    running = run_service()
+    running.service.watching_paused.set()
+    store = running.store
+    (tmp_path / "inbox" / "W.svs").write_bytes(b"w" * 1000)
+    time.sleep(2.0)
+    assert store.slides() == []
+    running.service.watching_paused.clear()
+    wait_for(lambda: case_state(running, "W") == DONE)

@@ -15,6 +15,7 @@ from rich.console import Console
 from rich.table import Table
 
 from appliance.config import Config
+from appliance.service.service import BundleIdentity, Service
 from appliance.service.store import RUNNING, JobStore, Slide, StoreError, store_path
 from appliance.service.units import compile_case_pattern
 
@@ -30,29 +31,41 @@ def _fail(message: str) -> int:
     return EXIT_UNUSABLE
 
 
-def run_service(config: Config) -> int:
-    """Serve until SIGTERM / SIGINT; the exit code for the service manager."""
+class ServiceSetupError(RuntimeError):
+    """The service cannot start with this configuration; the message is one line."""
+
+
+def build_service(config: Config) -> Service:
+    """The service over the configured bundle; ServiceSetupError when it cannot start."""
     from appliance.readers import probe
     from appliance.service.engine import PipelineEngine
-    from appliance.service.service import BundleIdentity, Service
     from runtime.bundle import BundleError, load_bundle
 
     try:
         compile_case_pattern(config.watch.case_pattern)
     except ValueError as exc:
-        return _fail(str(exc))
+        raise ServiceSetupError(str(exc)) from None
     try:
         bundle = load_bundle(config.bundle_dir)
     except BundleError as exc:
-        return _fail(f"no usable model bundle ({exc}); `cytoedge demo` builds the demo bundle")
-    engine = PipelineEngine(config, bundle)
-    service = Service(
+        raise ServiceSetupError(
+            f"no usable model bundle ({exc}); `cytoedge demo` builds the demo bundle"
+        ) from None
+    return Service(
         config,
-        engine,
+        PipelineEngine(config, bundle),
         probe=lambda path: probe(path, pixel_size_um=config.scan.pixel_size_um),
         bundle=BundleIdentity(bundle.name, bundle.version, bundle.sha256),
         backend=config.runtime.backend,
     )
+
+
+def run_service(config: Config) -> int:
+    """Serve until SIGTERM / SIGINT; the exit code for the service manager."""
+    try:
+        service = build_service(config)
+    except ServiceSetupError as exc:
+        return _fail(str(exc))
     stop = threading.Event()
 
     def on_signal(signum: int, _frame: FrameType | None) -> None:
@@ -65,12 +78,15 @@ def run_service(config: Config) -> int:
         clean = service.run(stop)
     except StoreError as exc:
         return _fail(str(exc))
-    if not clean:
-        # The job is stuck inside a native call; it is recovered as interrupted on
-        # the next start. Leaving now keeps the stop within its bound.
-        logging.shutdown()
-        os._exit(EXIT_ERROR)
-    return EXIT_OK
+    # Everything is committed and the audit is synced. Leave without interpreter
+    # teardown: native objects made on the worker thread (Qt's application for
+    # the PDF report, ONNX sessions) crash when destroyed from this thread, and a
+    # job stuck inside a native call would block the exit; it is recovered as
+    # interrupted on the next start.
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(EXIT_OK if clean else EXIT_ERROR)
 
 
 def print_status(config: Config, limit: int, console: Console) -> int:

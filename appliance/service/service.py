@@ -73,6 +73,9 @@ class Service:
         )
         self.notifier = sdnotify.SystemdNotifier()
         self.worker: Worker | None = None
+        # Set: no new scans are taken from the inbox (the window's pause button);
+        # queued jobs still run.
+        self.watching_paused = threading.Event()
 
     def run(self, stop: threading.Event) -> bool:
         """Serve until ``stop``; True when the worker ended within the bounded time."""
@@ -102,6 +105,7 @@ class Service:
             self.probe,
             self.audit,
             on_admitted=wake.set,
+            paused=self.watching_paused,
         )
         self.worker = Worker(
             self.engine,

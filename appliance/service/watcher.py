@@ -65,12 +65,14 @@ class InboxWatcher:
         probe: ProbeFn,
         audit: AuditLog,
         on_admitted: Callable[[], None],
+        paused: threading.Event | None = None,
     ) -> None:
         self.settings = settings
         self.store_path = store_path
         self.probe = probe
         self.audit = audit
         self.on_admitted = on_admitted
+        self.paused = paused or threading.Event()
         self.tracker = units.StabilityTracker(settings.quiet_seconds)
         self.pending: dict[Path, units.Unit] = {}
         self._nudged = threading.Event()
@@ -103,6 +105,9 @@ class InboxWatcher:
         try:
             self.start_observer()
             while not stop.is_set():
+                if self.paused.is_set():
+                    stop.wait(TICK_SECONDS)
+                    continue
                 try:
                     self.tick(time.monotonic())
                 except Exception:  # one bad look at the inbox must not end the watching
