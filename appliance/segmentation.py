@@ -1,0 +1,267 @@
+"""StarDist segmentation on a tile: the network through the runtime, NMS from stardist.
+
+Input: RGB (the StarDist H&E / SegPC convention; a model with one input channel
+gets the grey level instead). Normalisation is the bundle's: by default the
+1st and 99.8th percentile of the tile, jointly over the channels, mapped to 0
+and 1 (what csbdeep's ``normalize`` does for StarDist's RGB models). The same
+function normalises the tiles the demo network is trained on.
+
+The rest mirrors StarDist's own ``predict_instances`` (sparse mode, one tile):
+reflect-pad at the end of each axis to a multiple of ``div_by`` (grid x 2^depth),
+run the network, clip distances at 1e-3, keep grid cells with prob above the
+threshold away from a 2-cell border, drop candidates in the padding, then
+star-convex NMS and polygons from ``stardist.nms`` / ``stardist.geometry``
+(pure numpy + C: no TensorFlow is loaded; tests/test_layering.py checks it).
+
+Tiles overlap; a cell whose StarDist centre lies in a tile's *core* (the tile
+minus half the overlap on each inner side) belongs to that tile only, so a cell
+on a seam is counted once. The overlap must exceed the largest cell's diameter
+for the neighbour to see the whole of a cell it keeps.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import functools
+import logging
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+
+SEGMENTER_FILE = "segmenter.onnx"
+INPUT_NAME = "input"
+DEFAULT_NORMALISATION: dict[str, Any] = {"kind": "percentile", "low": 1.0, "high": 99.8}
+DIST_MIN = 1e-3  # StarDist's own floor on predicted distances
+BORDER_CELLS = 2  # candidates this close (in grid cells) to the tile edge are dropped
+log = logging.getLogger(__name__)
+
+
+class SegmentationError(ValueError):
+    """A segmenter specification or input that cannot be used; one line."""
+
+
+class Network(Protocol):
+    def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]: ...
+
+
+@dataclass(frozen=True)
+class SegmenterSpec:
+    """The bundle's ``segmenter`` section, checked."""
+
+    file: str
+    n_rays: int
+    grid: tuple[int, int]
+    div_by: tuple[int, int]
+    prob_thresh: float
+    nms_thresh: float
+    input_channels: int
+    normalisation: dict[str, Any]
+
+    @classmethod
+    def from_section(cls, section: Mapping[str, Any]) -> SegmenterSpec:
+        try:
+            spec = cls(
+                file=str(section.get("file", SEGMENTER_FILE)),
+                n_rays=int(section["n_rays"]),
+                grid=_pair(section["grid"]),
+                div_by=_pair(section["div_by"]),
+                prob_thresh=float(section["prob_thresh"]),
+                nms_thresh=float(section["nms_thresh"]),
+                input_channels=int(section["input_channels"]),
+                normalisation=dict(section.get("normalisation", DEFAULT_NORMALISATION)),
+            )
+        except KeyError as exc:
+            raise SegmentationError(f"segmenter section lacks {exc.args[0]!r}") from None
+        except (TypeError, ValueError) as exc:
+            raise SegmentationError(f"segmenter section is malformed: {exc}") from None
+        if spec.n_rays < 3:
+            raise SegmentationError(f"segmenter n_rays must be >= 3, got {spec.n_rays}")
+        if spec.input_channels not in (1, 3):
+            raise SegmentationError(
+                f"segmenter input_channels must be 1 or 3, got {spec.input_channels}"
+            )
+        if any(d % g for d, g in zip(spec.div_by, spec.grid, strict=True)):
+            raise SegmentationError(
+                f"segmenter div_by {spec.div_by} is not a multiple of grid {spec.grid}"
+            )
+        if not (0 < spec.prob_thresh < 1 and 0 <= spec.nms_thresh < 1):
+            raise SegmentationError("segmenter thresholds must lie in (0, 1)")
+        normalise(np.zeros((4, 4, 3), np.uint8), spec.normalisation)  # validates the spec
+        return spec
+
+
+def _pair(value: Any) -> tuple[int, int]:
+    values = tuple(int(v) for v in value)
+    if len(values) != 2 or min(values) < 1:
+        raise ValueError(f"expected two positive integers, got {value!r}")
+    return values  # type: ignore[return-value]
+
+
+def normalise(image: np.ndarray, spec: Mapping[str, Any]) -> np.ndarray:
+    """Tile (H, W, C) -> float32 as the network was trained on (see module docstring)."""
+    kind = spec.get("kind")
+    x = np.asarray(image, dtype=np.float32)
+    if kind == "percentile":
+        low, high = float(spec.get("low", 1.0)), float(spec.get("high", 99.8))
+        if not 0 <= low < high <= 100:
+            raise SegmentationError("normalisation percentiles must be 0 <= low < high <= 100")
+        lo, hi = np.percentile(x, (low, high))
+        return (x - np.float32(lo)) / np.float32(hi - lo + 1e-20)
+    if kind == "scale":
+        return x * np.float32(spec.get("factor", 1 / 255))
+    raise SegmentationError(f"unknown normalisation kind {kind!r} (percentile or scale)")
+
+
+def network_input(image: np.ndarray, spec: SegmenterSpec) -> np.ndarray:
+    """RGB uint8 tile -> normalised (H, W, C) float32 with the channels the network takes."""
+    if image.ndim != 3 or image.shape[2] not in (3, 4):
+        raise SegmentationError(
+            f"segmentation needs an RGB tile (H, W, 3), got shape {image.shape}"
+        )
+    rgb = image[..., :3]
+    if spec.input_channels == 1:
+        rgb = rgb.astype(np.float32) @ np.array([0.299, 0.587, 0.114], np.float32)
+        rgb = rgb[..., None]
+    return normalise(rgb, spec.normalisation)
+
+
+@dataclass(frozen=True)
+class Detections:
+    """Star-convex objects of one tile, in tile pixel coordinates (row, column)."""
+
+    points: np.ndarray  # (N, 2) int, the StarDist centre of each object
+    dist: np.ndarray  # (N, n_rays) float32, ray lengths in pixels
+    prob: np.ndarray  # (N,) float32, object probability (the detection confidence)
+
+    def __len__(self) -> int:
+        return len(self.prob)
+
+    def polygons(self) -> np.ndarray:
+        """(N, n_rays, 2) float32 vertices (row, column)."""
+        from stardist.geometry import dist_to_coord
+
+        if not len(self):
+            return np.zeros((0, self.dist.shape[1], 2), np.float32)
+        return np.moveaxis(dist_to_coord(self.dist, self.points), 1, 2)
+
+    def labels(self, shape: tuple[int, int]) -> np.ndarray:
+        """Label image as StarDist renders it (higher probability drawn last)."""
+        from stardist.geometry import polygons_to_label
+
+        if not len(self):
+            return np.zeros(shape, np.int32)
+        return polygons_to_label(self.dist, self.points, prob=self.prob, shape=shape)
+
+    def select(self, keep: np.ndarray) -> Detections:
+        return Detections(self.points[keep], self.dist[keep], self.prob[keep])
+
+
+class Segmenter:
+    """Runs one segmentation network on tiles; thread counts follow the runtime's."""
+
+    def __init__(self, network: Network, spec: SegmenterSpec, threads: int = 0) -> None:
+        self.network = network
+        self.spec = spec
+        self.threads = threads
+
+    @classmethod
+    def open(
+        cls, bundle_dir: Path, section: Mapping[str, Any], backend: str = "auto", threads: int = 0
+    ) -> Segmenter:
+        """The bundle's segmenter on the chosen backend."""
+        spec = SegmenterSpec.from_section(section)
+        path = Path(bundle_dir) / spec.file
+        if not path.is_file():
+            raise SegmentationError(f"{path}: segmenter network not found")
+        return cls(open_network(path, backend, threads), spec, threads)
+
+    def predict(self, image: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """prob (h, w) and dist (h, w, n_rays) on the grid of the *padded* tile."""
+        x = network_input(image, self.spec)
+        pad = [(0, (-s) % d) for s, d in zip(x.shape[:2], self.spec.div_by, strict=True)]
+        x = np.pad(x, [*pad, (0, 0)], mode="reflect")
+        out = self.network.run({INPUT_NAME: x[None]})
+        prob, dist = out["prob"][0, ..., 0], out["dist"][0]
+        if dist.shape[-1] != self.spec.n_rays:
+            raise SegmentationError(
+                f"network gives {dist.shape[-1]} rays, bundle says {self.spec.n_rays}"
+            )
+        return prob, np.maximum(dist, DIST_MIN)
+
+    def detect(
+        self, image: np.ndarray, core: tuple[int, int, int, int] | None = None
+    ) -> Detections:
+        """Objects of one RGB tile; with ``core`` = (row0, col0, row1, col1), only those
+        whose centre lies in [row0, row1) x [col0, col1)."""
+        from stardist.nms import _ind_prob_thresh, non_maximum_suppression_sparse
+
+        prob, dist = self.predict(image)
+        candidates = _ind_prob_thresh(prob, self.spec.prob_thresh, b=BORDER_CELLS)
+        points = np.argwhere(candidates) * np.asarray(self.spec.grid)
+        inside = np.all(points < np.asarray(image.shape[:2]), axis=1)
+        points = points[inside]
+        if not len(points):
+            return _empty(self.spec.n_rays)
+        probs = prob[candidates][inside]
+        dists = dist[candidates][inside]
+        set_openmp_threads(self.threads)
+        points, probs, dists, _ = non_maximum_suppression_sparse(
+            dists, probs, points, nms_thresh=self.spec.nms_thresh
+        )
+        found = Detections(
+            points.astype(np.int64), dists.astype(np.float32), probs.astype(np.float32)
+        )
+        if core is None:
+            return found
+        row0, col0, row1, col1 = core
+        p = found.points
+        keep = (p[:, 0] >= row0) & (p[:, 0] < row1) & (p[:, 1] >= col0) & (p[:, 1] < col1)
+        return found.select(keep)
+
+    def segment(self, image: np.ndarray) -> tuple[np.ndarray, Detections]:
+        """Label image and detections of one tile (what ``predict_instances`` returns)."""
+        found = self.detect(image)
+        return found.labels(image.shape[:2]), found
+
+
+def _empty(n_rays: int) -> Detections:
+    return Detections(
+        np.zeros((0, 2), np.int64), np.zeros((0, n_rays), np.float32), np.zeros(0, np.float32)
+    )
+
+
+def open_network(path: Path, backend: str = "auto", threads: int = 0) -> Network:
+    """The segmentation network on the runtime's backend (ONNX Runtime CPU at least)."""
+    from runtime.backends import open_model
+
+    return open_model(path, backend, threads)
+
+
+def set_openmp_threads(threads: int) -> None:
+    """Cap stardist's OpenMP NMS at ``threads`` (0: leave OpenMP's default).
+
+    The setting is per calling thread in OpenMP, so it is applied before every call.
+    """
+    if threads > 0 and (omp := _openmp_library()) is not None:
+        omp.omp_set_num_threads(ctypes.c_int(threads))
+
+
+@functools.cache
+def _openmp_library() -> Any:
+    import stardist
+    import stardist.lib.stardist2d  # loads the libgomp stardist was built with
+
+    bundled = Path(stardist.__file__).resolve().parents[1] / "stardist.libs"
+    candidates = sorted(bundled.glob("libgomp*.so*")) or [ctypes.util.find_library("gomp")]
+    for candidate in candidates:
+        if candidate:
+            try:
+                return ctypes.CDLL(str(candidate))
+            except OSError:
+                continue
+    log.warning("OpenMP runtime of stardist not found; NMS uses OpenMP's default threads")
+    return None

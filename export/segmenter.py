@@ -1,0 +1,371 @@
+"""StarDist2D model folder -> ``segmenter.onnx`` and the bundle's ``segmenter`` section.
+
+TensorFlow, Keras, StarDist's model classes and tf2onnx are imported inside the
+functions: importing this module costs nothing. The ONNX file is written only
+after a parity gate (ONNX Runtime against TensorFlow on fixed, image-like
+inputs of two shapes) passes; a failed gate writes nothing.
+
+``train_synthetic_segmenter`` trains the small demo network on synthetic smear
+tiles (appliance.synthetic) normalised by the very function the appliance runs
+before inference (appliance.segmentation.normalise), so training and scoring
+cannot drift apart.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from appliance.segmentation import (
+    DEFAULT_NORMALISATION,
+    SEGMENTER_FILE,
+    SegmenterSpec,
+    normalise,
+)
+
+INPUT_NAME = "input"
+OPSET = 17
+# ONNX Runtime vs TensorFlow, float32 both sides: seen here at 2.5e-6 (prob) and
+# 2.5e-5 px (dist); the tolerances leave two orders of magnitude of headroom.
+PROB_TOLERANCE = 1e-4
+DIST_TOLERANCE = 2e-3
+PARITY_SHAPES = ((256, 256), (192, 320))
+PARITY_SEED = 20261127
+log = logging.getLogger(__name__)
+
+
+class SegmenterExportError(RuntimeError):
+    """A model folder that cannot be exported; the message is one line."""
+
+
+@dataclass(frozen=True)
+class ParityReport:
+    """Largest absolute difference per output between ONNX Runtime and TensorFlow."""
+
+    max_abs_diff: dict[str, float]
+    tolerance: dict[str, float]
+    shapes: tuple[tuple[int, ...], ...]
+
+    @property
+    def passed(self) -> bool:
+        return all(self.max_abs_diff[k] <= self.tolerance[k] for k in self.tolerance)
+
+    def summary(self) -> str:
+        parts = [
+            f"{name} max |diff| {self.max_abs_diff[name]:.2e} "
+            f"(tolerance {self.tolerance[name]:.0e})"
+            for name in self.tolerance
+        ]
+        shapes = ", ".join("x".join(str(s) for s in shape) for shape in self.shapes)
+        return f"{'; '.join(parts)} on inputs {shapes}"
+
+
+class ParityError(SegmenterExportError):
+    """The exported network does not reproduce TensorFlow's outputs."""
+
+    def __init__(self, report: ParityReport) -> None:
+        super().__init__(f"parity gate failed: {report.summary()}")
+        self.report = report
+
+
+@dataclass(frozen=True)
+class ExportedSegmenter:
+    onnx_path: Path
+    section: dict[str, Any]  # the bundle's "segmenter" section
+    parity: ParityReport
+    provenance: dict[str, Any] = field(default_factory=dict)
+
+
+def _quiet_tensorflow(threads: int) -> Any:
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    import tensorflow as tf
+
+    if threads > 0:
+        try:
+            tf.config.threading.set_intra_op_parallelism_threads(threads)
+            tf.config.threading.set_inter_op_parallelism_threads(1)
+        except RuntimeError:  # already initialised in this process: keep its setting
+            pass
+    return tf
+
+
+def load_stardist(model_dir: Path, threads: int = 0) -> Any:
+    """Load a StarDist2D model folder (config.json, weights_*.h5, thresholds.json)."""
+    model_dir = Path(model_dir)
+    if not (model_dir / "config.json").is_file():
+        raise SegmenterExportError(f"{model_dir}: not a StarDist model folder (no config.json)")
+    if not any(model_dir.glob("weights*.h5")):
+        raise SegmenterExportError(f"{model_dir}: no weights*.h5 file")
+    _quiet_tensorflow(threads)
+    from stardist.models import StarDist2D
+
+    try:
+        config = json.loads((model_dir / "config.json").read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as exc:
+        raise SegmenterExportError(f"{model_dir}/config.json: unreadable: {exc}") from None
+    if config.get("n_dim", 2) != 2:
+        raise SegmenterExportError(f"{model_dir}: a {config.get('n_dim')}D model; need 2D")
+    if config.get("n_classes") not in (None, 0):
+        raise SegmenterExportError(f"{model_dir}: multi-class StarDist is not supported")
+    try:
+        model = StarDist2D(None, name=model_dir.name, basedir=str(model_dir.parent))
+    except Exception as exc:  # StarDist raises many kinds on a broken folder
+        raise SegmenterExportError(f"{model_dir}: cannot load: {exc}") from None
+    return model
+
+
+def segmenter_section(
+    model: Any, normalisation: dict[str, Any] | None = None, file: str = SEGMENTER_FILE
+) -> dict[str, Any]:
+    """The bundle's ``segmenter`` section for a loaded StarDist2D model."""
+    config = model.config
+    if config.backbone != "unet":
+        raise SegmenterExportError(f"backbone {config.backbone!r} is not supported (unet only)")
+    div_by = [
+        int(p**config.unet_n_depth * g) for p, g in zip(config.unet_pool, config.grid, strict=True)
+    ]
+    section = {
+        "file": file,
+        "n_rays": int(config.n_rays),
+        "grid": [int(g) for g in config.grid],
+        "div_by": div_by,
+        "prob_thresh": float(model.thresholds.prob),
+        "nms_thresh": float(model.thresholds.nms),
+        "input_channels": int(config.n_channel_in),
+        "normalisation": dict(normalisation or DEFAULT_NORMALISATION),
+    }
+    SegmenterSpec.from_section(section)  # the appliance must accept what we write
+    return section
+
+
+def convert_to_onnx(keras_model: Any, n_channels: int) -> bytes:
+    """Keras model -> serialized ONNX with input ``input`` (N, H, W, C) and outputs prob, dist."""
+    tf = _quiet_tensorflow(0)
+    import tf2onnx
+
+    signature = (tf.TensorSpec((None, None, None, n_channels), tf.float32, name=INPUT_NAME),)
+    try:
+        proto, _ = tf2onnx.convert.from_keras(keras_model, input_signature=signature, opset=OPSET)
+    except Exception as exc:  # tf2onnx raises bare Exceptions on unsupported graphs
+        raise SegmenterExportError(f"tf2onnx could not convert the network: {exc}") from None
+    outputs = [o.name for o in proto.graph.output]
+    if len(outputs) != 2:
+        raise SegmenterExportError(f"expected 2 outputs (prob, dist), got {outputs}")
+    # Name the outputs as the appliance reads them, whatever Keras called its layers.
+    renames = dict(zip(outputs, ("prob", "dist"), strict=True))
+    for node in proto.graph.node:
+        node.output[:] = [renames.get(n, n) for n in node.output]
+    for output in proto.graph.output:
+        output.name = renames[output.name]
+    return proto.SerializeToString()
+
+
+def parity_inputs(n_channels: int, div_by: Sequence[int]) -> list[np.ndarray]:
+    """Fixed image-like inputs: seeded blobs on a smooth background, in [0, 1]."""
+    rng = np.random.default_rng(PARITY_SEED)
+    inputs = []
+    for height, width in PARITY_SHAPES:
+        h = -(-height // div_by[0]) * div_by[0]
+        w = -(-width // div_by[1]) * div_by[1]
+        yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
+        image = np.zeros((h, w, n_channels), np.float32) + 0.2 * rng.random(n_channels)
+        for _ in range(24):
+            cy, cx = rng.uniform(0, h), rng.uniform(0, w)
+            ry, rx = rng.uniform(6, 24, size=2)
+            blob = np.exp(-(((yy - cy) / ry) ** 2 + ((xx - cx) / rx) ** 2))
+            image += blob[..., None] * rng.uniform(0.3, 0.9, size=n_channels)
+        image += 0.03 * rng.standard_normal(image.shape).astype(np.float32)
+        inputs.append(np.clip(image, 0, 1.5)[None].astype(np.float32))
+    return inputs
+
+
+def parity_gate(
+    keras_model: Any, onnx_bytes: bytes, inputs: Sequence[np.ndarray], threads: int = 0
+) -> ParityReport:
+    """Run both on the same inputs; the report holds the largest difference per output."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    if threads > 0:
+        options.intra_op_num_threads = threads
+    session = ort.InferenceSession(onnx_bytes, options, providers=["CPUExecutionProvider"])
+    diffs = {"prob": 0.0, "dist": 0.0}
+    for x in inputs:
+        reference = [np.asarray(t) for t in keras_model(x, training=False)]
+        outputs = session.run(["prob", "dist"], {INPUT_NAME: x})
+        got = dict(zip(("prob", "dist"), outputs, strict=True))
+        for name, ref in zip(("prob", "dist"), reference, strict=True):
+            if got[name].shape != ref.shape:
+                raise SegmenterExportError(
+                    f"{name}: ONNX shape {got[name].shape} != TensorFlow {ref.shape}"
+                )
+            diffs[name] = max(diffs[name], float(np.max(np.abs(got[name] - ref))))
+    return ParityReport(
+        max_abs_diff=diffs,
+        tolerance={"prob": PROB_TOLERANCE, "dist": DIST_TOLERANCE},
+        shapes=tuple(tuple(x.shape) for x in inputs),
+    )
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def export_segmenter(
+    model_dir: Path,
+    out_dir: Path,
+    normalisation: dict[str, Any] | None = None,
+    threads: int = 0,
+) -> ExportedSegmenter:
+    """Convert, gate, then write ``segmenter.onnx`` and ``segmenter.json`` into ``out_dir``.
+
+    Raises ``ParityError`` (nothing written) when ONNX Runtime and TensorFlow disagree.
+    """
+    model = load_stardist(model_dir, threads)
+    section = segmenter_section(model, normalisation)
+    onnx_bytes = convert_to_onnx(model.keras_model, section["input_channels"])
+    report = parity_gate(
+        model.keras_model,
+        onnx_bytes,
+        parity_inputs(section["input_channels"], section["div_by"]),
+        threads,
+    )
+    log.info("segmenter parity: %s", report.summary())
+    if not report.passed:
+        raise ParityError(report)
+
+    import tensorflow as tf
+    import tf2onnx
+
+    weights = sorted(Path(model_dir).glob("weights*.h5"))
+    provenance = {
+        "source": str(Path(model_dir).resolve()),
+        "source_sha256": {p.name: _sha256(p) for p in weights},
+        "parity_max_abs_diff": report.max_abs_diff,
+        "parity_tolerance": report.tolerance,
+        "exporter": {"tensorflow": tf.__version__, "tf2onnx": tf2onnx.__version__, "opset": OPSET},
+    }
+    thresholds_file = Path(model_dir) / "thresholds.json"
+    if thresholds_file.is_file():
+        provenance["thresholds_source"] = "thresholds.json"
+    else:
+        provenance["thresholds_source"] = "StarDist defaults (no thresholds.json)"
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    onnx_path = out_dir / section["file"]
+    _write_atomic(onnx_path, onnx_bytes)
+    document = {"segmenter": section, "provenance": provenance}
+    _write_atomic(out_dir / "segmenter.json", json.dumps(document, indent=2).encode("utf-8"))
+    return ExportedSegmenter(onnx_path, section, report, provenance)
+
+
+def _write_atomic(target: Path, data: bytes) -> None:
+    tmp = target.with_name(f".{target.name}.tmp")
+    tmp.write_bytes(data)
+    tmp.replace(target)
+
+
+# --- the demo network, trained on synthetic smears ---------------------------------
+
+
+@dataclass(frozen=True)
+class TrainingRecipe:
+    """A small StarDist2D: n_rays 32, grid 2x2, U-Net depth 3 with 16 base filters."""
+
+    n_tiles: int = 40  # synthetic tiles generated; 1 in 5 held out for validation
+    tile_px: int = 256
+    epochs: int = 10
+    steps_per_epoch: int = 40
+    batch_size: int = 4
+    n_rays: int = 32
+    unet_depth: int = 3
+    unet_filters: int = 16
+    learning_rate: float = 3e-4
+    seed: int = 0
+
+
+TileSource = Callable[[int, int, int], tuple[list[np.ndarray], list[np.ndarray]]]
+
+
+def synthetic_tiles(n: int, size: int, seed: int) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """(RGB uint8 tiles, nucleated-cell instance masks) from the synthetic smear generator."""
+    from appliance import synthetic
+
+    images, masks = [], []
+    for index in range(n):
+        spec = synthetic.SmearSpec(
+            width=size, height=size, seed=seed * 1000 + index, nucleated_per_mm2=1500.0
+        )
+        field_ = synthetic.render_field(spec)
+        images.append(field_.image)
+        masks.append(field_.cells.astype(np.int32))
+    return images, masks
+
+
+def train_synthetic_segmenter(
+    model_dir: Path,
+    recipe: TrainingRecipe | None = None,
+    tiles: TileSource = synthetic_tiles,
+    threads: int = 0,
+    progress: Callable[[int, int], None] | None = None,
+) -> Path:
+    """Train the demo StarDist2D into ``model_dir`` (a new folder) and return it."""
+    recipe = recipe or TrainingRecipe()
+    model_dir = Path(model_dir)
+    if model_dir.exists() and any(model_dir.iterdir()):
+        raise SegmenterExportError(f"{model_dir}: exists and is not empty")
+    _quiet_tensorflow(threads)
+    import keras
+    from stardist.models import Config2D, StarDist2D
+
+    keras.utils.set_random_seed(recipe.seed)
+    images, masks = tiles(recipe.n_tiles, recipe.tile_px, recipe.seed)
+    if not images:
+        raise SegmenterExportError("the synthetic tile source returned no tiles")
+    x = [normalise(image, DEFAULT_NORMALISATION) for image in images]
+    y = [mask.astype(np.int32) for mask in masks]
+    n_val = max(1, len(x) // 5)
+    config = Config2D(
+        n_rays=recipe.n_rays,
+        grid=(2, 2),
+        n_channel_in=int(x[0].shape[-1]),
+        unet_n_depth=recipe.unet_depth,
+        unet_n_filter_base=recipe.unet_filters,
+        train_patch_size=(min(recipe.tile_px, 256),) * 2,
+        train_batch_size=recipe.batch_size,
+        train_epochs=recipe.epochs,
+        train_steps_per_epoch=recipe.steps_per_epoch,
+        train_learning_rate=recipe.learning_rate,
+        train_tensorboard=False,  # TensorBoard is not installed
+        use_gpu=False,
+    )
+    model = StarDist2D(config, name=model_dir.name, basedir=str(model_dir.parent))
+    model.prepare_for_training()
+    if progress is not None:
+        model.callbacks.append(_epoch_callback(recipe.epochs, progress))
+    model.train(x[n_val:], y[n_val:], validation_data=(x[:n_val], y[:n_val]), epochs=recipe.epochs)
+    model.optimize_thresholds(x[:n_val], y[:n_val], predict_kwargs={"verbose": 0})
+    return model_dir
+
+
+def _epoch_callback(total: int, progress: Callable[[int, int], None]) -> Any:
+    """A Keras callback forwarding epoch ends to ``progress(done, total)``."""
+    import keras
+
+    class EpochProgress(keras.callbacks.Callback):
+        def on_epoch_end(self, epoch: int, logs: Any = None) -> None:
+            progress(epoch + 1, total)
+
+    return EpochProgress()
