@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+from typing import Annotated
+
 import typer
 
 bench_app = typer.Typer(
@@ -27,6 +30,38 @@ def pipeline() -> None:
 
 
 @bench_app.command()
-def soak(scans: int = 200) -> None:
+def soak(
+    scans: Annotated[int, typer.Argument(min=1, help="How many scans to drop.")] = 200,
+    bundle: Annotated[
+        Path | None, typer.Option(help="Model bundle (default: the configured one).")
+    ] = None,
+    kind: Annotated[str, typer.Option(help="smear (1024 px TIFF) | cells (PB folder).")] = "smear",
+    burst: Annotated[int, typer.Option(min=1, help="Scans dropped at once.")] = 10,
+    quiet: Annotated[float, typer.Option(min=0.1, help="The service's quiet period, s.")] = 2.0,
+    workdir: Annotated[
+        Path | None, typer.Option(help="Inbox, outbox and store here (default: a temp dir).")
+    ] = None,
+) -> None:
     """N small scans through the service: scans/min, failures, memory growth."""
-    raise _not_available("soak")
+    from rich.console import Console
+
+    from appliance.config import ConfigError, load_config
+    from bench.soak import print_report, run_soak
+
+    if bundle is None:
+        try:
+            bundle = load_config().bundle_dir
+        except ConfigError as exc:
+            typer.echo(f"cytoedge: {exc}", err=True)
+            raise typer.Exit(2) from None
+    if not (bundle / "bundle.json").is_file():
+        typer.echo(
+            f"cytoedge: no model bundle at {bundle} (--bundle, or `cytoedge demo`)", err=True
+        )
+        raise typer.Exit(2)
+    console = Console()
+    report = run_soak(
+        scans, bundle=bundle.resolve(), kind=kind, burst=burst, quiet=quiet, work=workdir
+    )
+    print_report(report, console)
+    raise typer.Exit(0 if report.failures == 0 and report.exit_code == 0 else 1)
