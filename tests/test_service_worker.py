@@ -343,3 +343,34 @@ def test_paused_watching_takes_no_new_scan_until_resumed(run_service, tmp_path: 
     assert store.slides() == []
     running.service.watching_paused.clear()
     wait_for(lambda: case_state(running, "W") == DONE)
+
+
+def test_an_archive_move_takes_finished_inputs_out_of_the_inbox(
+    run_service, tmp_path: Path
+) -> None:
+    archive = tmp_path / "archive"
+    archive.mkdir()
+    config = make_config(tmp_path)
+    config = replace(config, paths=replace(config.paths, archive=str(archive)))
+    running = run_service(StandInEngine(), config)
+    inbox = tmp_path / "inbox"
+    case = inbox / "P-9"
+    case.mkdir()
+    (case / "a.svs").write_bytes(b"a" * 1000)
+    (case / ".ready").write_bytes(b"")
+    (inbox / "loose.png").write_bytes(b"l" * 1000)
+    (inbox / "loose.png.json").write_bytes(b'{"pixel_size_um": 0.25}')
+    wait_for(lambda: case_state(running, "P-9") == DONE and case_state(running, "loose") == DONE)
+    wait_for(lambda: not case.exists() and not (inbox / "loose.png").exists())
+    assert (archive / "P-9" / "a.svs").read_bytes() == b"a" * 1000
+    assert (archive / "P-9" / ".ready").exists()
+    assert (archive / "loose.png.json").exists(), "the sidecar moves with its scan"
+    store = running.store
+    paths = {Path(s.path).name: s.path for s in store.slides()}
+    assert paths["a.svs"] == str((archive / "P-9" / "a.svs").resolve())
+    # A late slide for the archived case is scored with the archived one.
+    case.mkdir()
+    (case / "b.svs").write_bytes(b"b" * 1000)
+    (case / ".ready").write_bytes(b"")
+    wait_for(lambda: versions(tmp_path / "outbox", "P-9") == ["v1", "v2"])
+    wait_for(lambda: (archive / "P-9" / "b.svs").exists())

@@ -389,6 +389,11 @@ class JobStore:
             if previous != WAITING:
                 self._reopen_case(conn, case_id, now)
 
+    def move_slide(self, slide_id: int, new_path: str) -> None:
+        """The input was moved to the archive: remember where it is now."""
+        with self._write() as conn:
+            conn.execute("UPDATE slides SET path = ? WHERE id = ?", (new_path, slide_id))
+
     def touch_slide(self, slide_id: int, size: int, mtime: float) -> None:
         """Same bytes with a new mtime (touched, copied over): remember the new stat."""
         with self._write() as conn:

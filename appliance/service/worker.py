@@ -16,6 +16,7 @@ from __future__ import annotations
 import errno
 import json
 import logging
+import re
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -24,6 +25,7 @@ from pathlib import Path
 from typing import Protocol
 
 from appliance.results import ResultWriteError, existing_versions, safe_name, write_json_atomic
+from appliance.service.archive import archive_case
 from appliance.service.audit import AuditLog, iso
 from appliance.service.store import (
     DONE,
@@ -101,6 +103,9 @@ class WorkerSettings:
     case_quiet_seconds: float
     max_attempts: int
     retry_seconds: float
+    inbox: Path | None = None
+    archive: Path | None = None  # set: a finished case's inputs move there
+    case_pattern: re.Pattern[str] | None = None
 
 
 def classify(exc: BaseException) -> str:
@@ -381,6 +386,7 @@ class Worker:
         for slide in slides:
             self._handles.pop(slide.id, None)
         self._audit_case(case, slides, state, reason, now, outcome)
+        self._archive(case, slides)
         log.info(
             "case finished",
             extra={"case": case.case_key, "state": state, "version": outcome.version},
@@ -410,6 +416,26 @@ class Worker:
             now=now,
         )
         self._audit_case(case, slides, state, reason, now, None)
+        if state != FAILED:
+            self._archive(case, slides)
+
+    def _archive(self, case: Case, slides: list[Slide]) -> None:
+        """The configured archive move; a failure to move is logged, never fatal."""
+        settings = self.settings
+        if settings.archive is None or settings.inbox is None:
+            return
+        try:
+            moved = archive_case(
+                [s.path for s in slides], settings.inbox, settings.archive, settings.case_pattern
+            )
+        except OSError as exc:
+            log.error("archive move failed", extra={"case": case.case_key, "error": str(exc)})
+            return
+        by_path = {s.path: s for s in slides}
+        for old, new in moved.items():
+            self.store.move_slide(by_path[old].id, new)
+        if moved:
+            self.audit.record("archived", kind="case", case=case.case_key, moved=moved)
 
     def _case_error(self, case: Case, exc: Exception) -> None:
         kind = classify(exc)
