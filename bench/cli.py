@@ -18,15 +18,58 @@ def _not_available(what: str) -> typer.Exit:
 
 
 @bench_app.command()
-def encoder() -> None:
+def encoder(
+    arch: Annotated[
+        str, typer.Option(help="vit_small | vit_base | vit_large | vit_giant.")
+    ] = "vit_base",
+    batch: Annotated[int, typer.Option(min=1, help="Cells per batch (the same images).")] = 8,
+    repeats: Annotated[int, typer.Option(min=1, help="Timed repeats; the median counts.")] = 3,
+    warmup: Annotated[int, typer.Option(min=0, help="Untimed runs first.")] = 1,
+    threads: Annotated[int, typer.Option(min=0, help="CPU threads; 0: one per core.")] = 0,
+    weights: Annotated[
+        Path | None, typer.Option(help="Real encoder weights (default: seeded random).")
+    ] = None,
+    checkpoint_format: Annotated[
+        str, typer.Option(help="dinobloom | timm-cache, for --weights.")
+    ] = "dinobloom",
+    workdir: Annotated[
+        Path | None, typer.Option(help="Where the exported models go (default: a temp dir).")
+    ] = None,
+) -> None:
     """Encoder cells/s: torch eager vs ONNX Runtime fp32 / int8 (and GPU where present)."""
-    raise _not_available("encoder")
+    from bench.encoder import run_encoder_bench
+
+    run_encoder_bench(
+        arch=arch,
+        batch=batch,
+        repeats=repeats,
+        warmup=warmup,
+        threads=threads,
+        weights=weights,
+        checkpoint_format=checkpoint_format,
+        workdir=workdir,
+    )
 
 
 @bench_app.command()
-def pipeline() -> None:
+def pipeline(
+    size: Annotated[int, typer.Option(help="Side of the bench slide, px at 0.25 um/px.")] = 8192,
+    large: Annotated[int, typer.Option(help="Also a LARGE x LARGE slide (RSS check).")] = 0,
+    bundle: Annotated[Path | None, typer.Option(help="Bundle (default: configured).")] = None,
+) -> None:
     """One bench slide end to end: seconds per stage, peak memory, 2x-area ratio."""
-    raise _not_available("pipeline")
+    from appliance.config import load_config
+    from bench.pipeline import run_pipeline_bench
+
+    config = load_config(None)
+    run_pipeline_bench(
+        bundle or config.bundle_dir,
+        config.data_dir / "bench",
+        size=size,
+        large=large,
+        backend=config.runtime.backend,
+        threads=config.runtime.threads,
+    )
 
 
 @bench_app.command()
