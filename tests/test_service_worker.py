@@ -374,3 +374,22 @@ def test_an_archive_move_takes_finished_inputs_out_of_the_inbox(
     (case / ".ready").write_bytes(b"")
     wait_for(lambda: versions(tmp_path / "outbox", "P-9") == ["v1", "v2"])
     wait_for(lambda: (archive / "P-9" / "b.svs").exists())
+
+
+def test_rescore_processes_the_scan_again_and_adds_a_version(run_service, tmp_path: Path) -> None:
+    from rich.console import Console
+
+    from appliance.service.commands import request_rescore
+
+    engine = StandInEngine(calls=[])
+    running = run_service(engine)
+    scan = tmp_path / "inbox" / "R.svs"
+    scan.write_bytes(b"r" * 1000)
+    wait_for(lambda: case_state(running, "R") == DONE)
+    console = Console(quiet=True)
+    assert request_rescore(running.config, [str(scan)], console) == 0
+    wait_for(lambda: versions(tmp_path / "outbox", "R") == ["v1", "v2"])
+    assert engine.calls.count("slide:R.svs") == 2, "the cache is bypassed on a re-score"
+    assert request_rescore(running.config, ["R"], console) == 0  # by case id
+    wait_for(lambda: versions(tmp_path / "outbox", "R") == ["v1", "v2", "v3"])
+    assert request_rescore(running.config, ["no-such-case"], console) == 1
