@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -18,15 +18,231 @@ def _not_available(what: str) -> typer.Exit:
 
 
 @export_app.command()
-def encoder() -> None:
+def encoder(
+    checkpoint: Annotated[
+        Path,
+        typer.Option(
+            help="DinoBloom-*.pth, or the model-hub cache folder for --format timm-cache."
+        ),
+    ],
+    out: Annotated[
+        Path, typer.Option(help="Output folder (ONNX files and export.json).", file_okay=False)
+    ],
+    arch: Annotated[str, typer.Option(help="vit_small | vit_base | vit_large | vit_giant")] = (
+        "vit_base"
+    ),
+    checkpoint_format: Annotated[
+        str, typer.Option("--format", help="dinobloom (official .pth) | timm-cache")
+    ] = "dinobloom",
+    fp16: Annotated[
+        bool, typer.Option(help="Also write encoder.fp16.onnx (ONNX Runtime CUDA).")
+    ] = False,
+    int8: Annotated[
+        bool, typer.Option(help="Also try encoder.int8.onnx for CPU-only sites (gated).")
+    ] = False,
+    check_heads: Annotated[
+        list[Path] | None,
+        typer.Option(help="Folder from `export heads` whose calls int8 must keep; repeatable."),
+    ] = None,
+) -> None:
     """DinoBloom encoder to ONNX (fp32, fp16, int8) with parity gates."""
-    raise _not_available("encoder")
+    from rich.console import Console
+
+    from export.documents import (
+        exporter_versions,
+        file_sha256,
+        parity_entry,
+        write_document,
+    )
+    from export.encoder import (
+        MEAN,
+        STD,
+        CheckpointError,
+        architecture,
+        load_encoder,
+        weights_file,
+    )
+    from export.int8 import quantize_encoder
+    from export.onnx_export import ParityError, export_encoder
+
+    console = Console(stderr=True)
+    try:
+        spec = architecture(arch)
+        if checkpoint_format not in ("dinobloom", "timm-cache"):
+            raise CheckpointError(
+                f"--format must be dinobloom or timm-cache, not {checkpoint_format!r}"
+            )
+        with console.status(f"Loading {checkpoint} ({checkpoint_format}, {arch}) strictly..."):
+            model = load_encoder(checkpoint, arch, checkpoint_format)  # type: ignore[arg-type]
+        out.mkdir(parents=True, exist_ok=True)
+        parity, variants = {}, {"fp32": "encoder.onnx"}
+        with console.status("Exporting encoder.onnx and checking it against torch..."):
+            report = export_encoder(model, out / "encoder.onnx", metadata={"cytoedge.arch": arch})
+        console.print(report.summary())
+        parity["encoder.onnx"] = parity_entry(report)
+        if fp16:
+            from export.fp16 import export_encoder_fp16
+
+            with console.status("Converting to fp16 and checking it (CPU, loose)..."):
+                report = export_encoder_fp16(out / "encoder.onnx", out / "encoder.fp16.onnx")
+            console.print(report.summary())
+            parity["encoder.fp16.onnx"] = parity_entry(report)
+            variants["fp16"] = "encoder.fp16.onnx"
+        int8_note = "int8 not requested at export"
+        if int8:
+            with console.status("Quantising to int8 and checking it on rendered cells..."):
+                result = quantize_encoder(
+                    out / "encoder.onnx",
+                    out / "encoder.int8.onnx",
+                    heads=_head_probes(check_heads or []),
+                )
+            int8_note = result.reason
+            console.print(int8_note)
+            if result.accepted:
+                variants["int8"] = "encoder.int8.onnx"
+                parity["encoder.int8.onnx"] = {"passed": True, **result.metrics}
+        source = weights_file(checkpoint, checkpoint_format)  # type: ignore[arg-type]
+        extra = sorted(p.name for p in out.glob("encoder*.onnx.data"))
+        write_document(
+            out,
+            {
+                "kind": "encoder",
+                "section": {
+                    "architecture": spec.timm_name,
+                    "embed_dim": spec.embed_dim,
+                    "variants": variants,
+                    "input": {"size": 224, "mean": list(MEAN), "std": list(STD)},
+                    "int8_note": int8_note,
+                },
+                "parity": parity,
+                "provenance": {
+                    "source_weights": {
+                        "file": source.name,
+                        "format": checkpoint_format,
+                        "sha256": file_sha256(source),
+                    },
+                    "embedding": "CLS token after the final LayerNorm",
+                    "exporter": exporter_versions(),
+                },
+                "extra_files": extra,
+            },
+        )
+    except (CheckpointError, ParityError) as error:
+        typer.echo(f"cytoedge: {error}", err=True)
+        raise typer.Exit(1) from None
+    console.print(f"Encoder {arch} exported to {out} ({', '.join(variants)})")
+
+
+def _head_probes(folders: list[Path]) -> list[Any]:
+    """int8 head checks from folders written by `export heads` (their export.json)."""
+    import json
+
+    from export.int8 import HeadProbe
+
+    probes = []
+    for folder in folders:
+        try:
+            section = json.loads((folder / "export.json").read_text(encoding="utf-8"))["section"]
+        except (OSError, ValueError, KeyError) as error:
+            raise typer.BadParameter(f"{folder}: no readable export.json ({error})") from None
+        outputs = section.get("tasks") or section.get("classes") or []
+        probes.append(
+            HeadProbe(
+                section["name"],
+                section["kind"],
+                tuple(folder / f for f in section["files"]),
+                dict(section.get("thresholds", {})),
+                tuple(outputs),
+            )
+        )
+    return probes
 
 
 @export_app.command()
-def heads() -> None:
-    """MIL heads to ONNX with parity gates."""
-    raise _not_available("heads")
+def heads(
+    checkpoint: Annotated[
+        Path, typer.Option(help="Head checkpoint (cytoedge-head format, see docs/export.md).")
+    ],
+    out: Annotated[
+        Path, typer.Option(help="Output folder (ONNX files and export.json).", file_okay=False)
+    ],
+    name: Annotated[str, typer.Option(help="Head name in the bundle, e.g. mm-risk.")],
+    kind: Annotated[
+        str | None,
+        typer.Option(help="gated_attention_mil | transformer_mil (checked against the file)."),
+    ] = None,
+    bag_lengths: Annotated[
+        str, typer.Option(help="Bag lengths the parity gate runs, comma-separated.")
+    ] = "1,7,5000",
+    indeterminate_band: Annotated[
+        float, typer.Option(help="Calls within this distance of a threshold: indeterminate.")
+    ] = 0.0,
+) -> None:
+    """MIL heads (all ensemble members) to ONNX with parity gates."""
+    from rich.console import Console
+
+    from export.documents import (
+        default_head_section_fields,
+        exporter_versions,
+        file_sha256,
+        parity_entry,
+        write_document,
+    )
+    from export.heads import HeadCheckpointError, load_heads
+    from export.onnx_export import ParityError, export_head_member
+
+    console = Console(stderr=True)
+    try:
+        lengths = [int(n) for n in bag_lengths.split(",") if n.strip()]
+        if not lengths or min(lengths) < 1:
+            raise typer.BadParameter("bag lengths must be positive integers")
+        head_set = load_heads(checkpoint)
+        if kind is not None and kind != head_set.kind:
+            raise HeadCheckpointError(f"{checkpoint} holds a {head_set.kind} head, not {kind}")
+        out.mkdir(parents=True, exist_ok=True)
+        files, parity = [], {}
+        count = len(head_set.members)
+        for index, member in enumerate(head_set.members):
+            file = f"{name}.{index}.onnx"
+            with console.status(f"Exporting member {index + 1}/{count} and checking it..."):
+                report = export_head_member(
+                    member,
+                    out / file,
+                    bag_lengths=lengths,
+                    metadata={"cytoedge.ensemble_member": f"{index}/{count}"},
+                )
+            console.print(f"{file}: {report.summary()}")
+            files.append(file)
+            parity[file] = parity_entry(report)
+        fields, notes = default_head_section_fields(
+            head_set.kind, head_set.outputs, head_set.thresholds
+        )
+        for note in notes:
+            console.print(f"[yellow]note:[/yellow] {note}")
+        write_document(
+            out,
+            {
+                "kind": "head",
+                "section": {
+                    "name": name,
+                    "kind": head_set.kind,
+                    "files": files,
+                    "indeterminate_band": indeterminate_band,
+                    **fields,
+                },
+                "parity": parity,
+                "provenance": {
+                    "source_weights": {"file": checkpoint.name, "sha256": file_sha256(checkpoint)},
+                    "config": head_set.config,
+                    "notes": notes,
+                    "exporter": exporter_versions(),
+                },
+            },
+        )
+    except (HeadCheckpointError, ParityError) as error:
+        typer.echo(f"cytoedge: {error}", err=True)
+        raise typer.Exit(1) from None
+    console.print(f"Head {name} ({head_set.kind}, {count} member(s)) exported to {out}")
 
 
 @export_app.command()
@@ -36,9 +252,39 @@ def segmenter() -> None:
 
 
 @export_app.command()
-def engines() -> None:
-    """Build fp16 TensorRT engines for this GPU."""
-    raise _not_available("engines")
+def engines(
+    bundle: Annotated[Path, typer.Argument(help="Bundle folder whose engines to build.")],
+) -> None:
+    """Build fp16 TensorRT engines for this GPU, each checked against fp32 ONNX."""
+    from rich.console import Console
+
+    from export.onnx_export import ParityError
+    from export.tensorrt_build import (
+        TensorRTUnavailableError,
+        build_checked_engine,
+        bundle_targets,
+        require_tensorrt,
+    )
+    from runtime.backends.base import BackendError
+    from runtime.bundle import BundleError, load_bundle
+
+    console = Console(stderr=True)
+    try:
+        version = require_tensorrt()
+        engines_dir = load_bundle(bundle).engines_dir
+        targets = bundle_targets(bundle)
+        console.print(f"TensorRT {version}: {len(targets)} engine(s) into {engines_dir}")
+        for index, target in enumerate(targets, start=1):
+            label = f"{index}/{len(targets)} {target.onnx_path.name}"
+            with console.status(f"Building / checking {label} (minutes on first build)..."):
+                engine_path, report = build_checked_engine(target, engines_dir)
+            console.print(f"{engine_path.name}: {report.summary()}")
+    except TensorRTUnavailableError as error:
+        typer.echo(f"cytoedge: {error}", err=True)
+        raise typer.Exit(2) from None
+    except (BundleError, BackendError, ParityError) as error:
+        typer.echo(f"cytoedge: {error}", err=True)
+        raise typer.Exit(1) from None
 
 
 @export_app.command()

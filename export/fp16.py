@@ -1,0 +1,100 @@
+"""fp16 ONNX of a checked fp32 model, for ONNX Runtime's CUDA provider.
+
+Weights and most arithmetic go to fp16; LayerNormalization and Softmax stay fp32 (their
+reductions lose accuracy or overflow in fp16) and the graph keeps float32 inputs and
+outputs, so callers feed the same arrays as for fp32. On a CPU, ONNX Runtime runs fp16 by
+upcasting, so the gate here checks the conversion loosely (cosine >= 0.999); the
+precision that matters is measured on the GPU by ``cytoedge bench encoder``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from export.onnx_export import (
+    ParityReport,
+    default_encoder_probe,
+    gated_export,
+    ort_session,
+    row_cosines,
+)
+
+if TYPE_CHECKING:
+    from collections.abc import Sequence
+
+    import onnx
+
+FP16_MIN_COSINE = 0.999
+KEEP_FP32_OPS = ("LayerNormalization", "Softmax")
+
+
+def convert_to_fp16(fp32_path: Path, out_path: Path) -> None:
+    """Write the fp16 version of ``fp32_path`` (no check: see :func:`export_encoder_fp16`)."""
+    import onnx
+    from onnxconverter_common import float16
+
+    model = _fold_initializer_identities(onnx.load(str(fp32_path)))
+    converted = float16.convert_float_to_float16(
+        model,
+        keep_io_types=True,
+        op_block_list=[*float16.DEFAULT_OP_BLOCK_LIST, *KEEP_FP32_OPS],
+    )
+    onnx.save_model(converted, str(out_path))
+
+
+def _fold_initializer_identities(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Give each ``Identity(initializer)`` output its own initializer.
+
+    The torch exporter shares equal weights (e.g. LayerNorm biases) through Identity nodes;
+    the fp16 converter then mistypes them where a kept-fp32 op reads them.
+    """
+    from onnx import numpy_helper
+
+    initializers = {init.name: init for init in model.graph.initializer}
+    kept = []
+    for node in model.graph.node:
+        if node.op_type == "Identity" and node.input[0] in initializers:
+            array = numpy_helper.to_array(initializers[node.input[0]])
+            model.graph.initializer.append(numpy_helper.from_array(array, node.output[0]))
+        else:
+            kept.append(node)
+    del model.graph.node[:]
+    model.graph.node.extend(kept)
+    return model
+
+
+def fp16_parity(
+    fp32_path: Path, fp16_path: Path, batches: Sequence[np.ndarray] | None = None
+) -> ParityReport:
+    """fp16 vs fp32 ONNX embeddings on cell-like images (CPU execution)."""
+    batches = list(batches) if batches is not None else default_encoder_probe()
+    reference_session, candidate_session = ort_session(fp32_path), ort_session(fp16_path)
+    cosines, diffs = [], []
+    for pixels in batches:
+        (reference,) = reference_session.run(["embedding"], {"pixels": pixels})
+        (candidate,) = candidate_session.run(["embedding"], {"pixels": pixels})
+        cosines.append(row_cosines(reference, candidate))
+        diffs.append(float(np.abs(reference - candidate).max()))
+    min_cosine = float(np.concatenate(cosines).min())
+    return ParityReport(
+        what=f"encoder {fp16_path.name} (fp16 ONNX vs fp32 ONNX, CPU)",
+        passed=min_cosine >= FP16_MIN_COSINE,
+        metrics={"min_cosine": min_cosine, "max_abs_diff": max(diffs)},
+        limits={"min_cosine": f">= {FP16_MIN_COSINE}"},
+    )
+
+
+def export_encoder_fp16(
+    fp32_path: str | Path, out_path: str | Path, batches: Sequence[np.ndarray] | None = None
+) -> ParityReport:
+    """Convert, check and only then write ``out_path``; raises ParityError on a failed gate."""
+    fp32_path = Path(fp32_path)
+    return gated_export(
+        lambda path: convert_to_fp16(fp32_path, path),
+        lambda path: fp16_parity(fp32_path, path, batches),
+        Path(out_path),
+        {"cytoedge.model": "encoder", "cytoedge.precision": "fp16"},
+    )

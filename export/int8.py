@@ -1,0 +1,189 @@
+"""int8 ONNX of the encoder for CPU-only sites, accepted only if it keeps fidelity.
+
+Dynamic quantisation (ONNX Runtime, QInt8 weights per output channel, after ORT's
+``quant_pre_process`` so every Linear is quantised) is tried first; static QDQ calibrated
+on cell patches only if dynamic fails. A candidate is accepted when, on rendered cell
+images (not noise), every embedding keeps cosine >= 0.99 against fp32 AND every head
+given makes the same calls on bags of those cells. Otherwise nothing is written and the
+result says why, so the bundle keeps fp32 and records the reason.
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from export.cell_images import cell_pixels
+from export.onnx_export import ort_session, row_cosines
+
+if TYPE_CHECKING:
+    from collections.abc import Iterator, Sequence
+
+INT8_MIN_COSINE = 0.99
+GATE_CELLS = 48  # 3 bags of 16 cells
+BAG_SIZE = 16
+
+
+@dataclass(frozen=True)
+class HeadProbe:
+    """A head whose calls must not change: its member ONNX files and decision rule.
+
+    gated_attention_mil: a task is called positive at probability >= its threshold
+    (0.5 when none is given). transformer_mil: the call is the top class.
+    """
+
+    name: str
+    kind: str
+    files: tuple[Path, ...]
+    thresholds: dict[str, float] = field(default_factory=dict)
+    outputs: tuple[str, ...] = ()
+
+
+@dataclass
+class Int8Result:
+    accepted: bool
+    reason: str  # one line for the bundle's int8_note
+    method: str | None = None  # "dynamic" or "static-qdq" when accepted
+    metrics: dict[str, float] = field(default_factory=dict)
+    path: Path | None = None
+
+
+def quantize_encoder(
+    fp32_path: str | Path,
+    out_path: str | Path,
+    *,
+    heads: Sequence[HeadProbe] = (),
+    pixels: np.ndarray | None = None,
+) -> Int8Result:
+    """Try dynamic, then static int8; write ``out_path`` only for an accepted model."""
+    from onnxruntime.quantization import QuantType, quant_pre_process, quantize_dynamic
+
+    fp32_path, out_path = Path(fp32_path), Path(out_path)
+    pixels = pixels if pixels is not None else cell_pixels(GATE_CELLS, seed=2024)
+    (reference,) = ort_session(fp32_path).run(["embedding"], {"pixels": pixels})
+    reference_calls = {probe.name: _calls(probe, reference) for probe in heads}
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out_path.name}.", dir=out_path.parent))
+    failures = []
+    try:
+        prepared = staging / "prepared.onnx"
+        quant_pre_process(str(fp32_path), str(prepared))
+        candidates = {
+            "dynamic": lambda path: quantize_dynamic(
+                str(prepared), str(path), weight_type=QuantType.QInt8, per_channel=True
+            ),
+            "static-qdq": lambda path: _quantize_static(prepared, path),
+        }
+        for method, quantise in candidates.items():
+            candidate = staging / f"{method}.onnx"
+            quantise(candidate)
+            (embeddings,) = ort_session(candidate).run(["embedding"], {"pixels": pixels})
+            metrics = _fidelity(reference, embeddings)
+            changed = [
+                f"{probe.name} ({n} calls changed)"
+                for probe in heads
+                if (n := _changed(reference_calls[probe.name], _calls(probe, embeddings)))
+            ]
+            metrics["head_calls_changed"] = float(len(changed))
+            if metrics["min_cosine"] >= INT8_MIN_COSINE and not changed:
+                shutil.move(str(candidate), out_path)
+                checked = ", ".join(p.name for p in heads) or "none given"
+                return Int8Result(
+                    True,
+                    f"{method} int8 accepted: min cosine {metrics['min_cosine']:.5f} vs fp32 "
+                    f"on {len(pixels)} rendered cells (>= {INT8_MIN_COSINE}); head calls "
+                    f"unchanged (heads checked: {checked})",
+                    method,
+                    metrics,
+                    out_path,
+                )
+            why = f"min cosine {metrics['min_cosine']:.5f}"
+            if changed:
+                why += f", {'; '.join(changed)}"
+            failures.append(f"{method}: {why}")
+        return Int8Result(
+            False,
+            "int8 rejected, bundle keeps fp32: " + " | ".join(failures),
+            None,
+            metrics,
+        )
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def _quantize_static(prepared: Path, out_path: Path) -> None:
+    from onnxruntime.quantization import (
+        CalibrationDataReader,
+        QuantFormat,
+        QuantType,
+        quantize_static,
+    )
+
+    class CellBatches(CalibrationDataReader):
+        """Calibration on cells the gate does not see (another seed)."""
+
+        def __init__(self) -> None:
+            self._batches: Iterator[np.ndarray] = iter(
+                [cell_pixels(8, seed=3000 + i) for i in range(4)]
+            )
+
+        def get_next(self) -> dict[str, np.ndarray] | None:
+            batch = next(self._batches, None)
+            return None if batch is None else {"pixels": batch}
+
+    quantize_static(
+        str(prepared),
+        str(out_path),
+        CellBatches(),
+        quant_format=QuantFormat.QDQ,
+        per_channel=True,
+        weight_type=QuantType.QInt8,
+        activation_type=QuantType.QUInt8,
+    )
+
+
+def _fidelity(reference: np.ndarray, candidate: np.ndarray) -> dict[str, float]:
+    cosines = row_cosines(reference, candidate)
+    mean = reference.mean(0, keepdims=True)
+    centred = row_cosines(reference - mean, candidate - mean)
+    return {
+        "min_cosine": float(cosines.min()),
+        "mean_cosine": float(cosines.mean()),
+        "min_centred_cosine": float(centred.min()),
+        "max_abs_diff": float(np.abs(reference - candidate).max()),
+    }
+
+
+def _calls(probe: HeadProbe, embeddings: np.ndarray) -> list[tuple[str, ...]]:
+    """The head's calls on consecutive bags of BAG_SIZE cells (members averaged)."""
+    sessions = [ort_session(path) for path in probe.files]
+    calls = []
+    for start in range(0, len(embeddings), BAG_SIZE):
+        bag = np.ascontiguousarray(embeddings[start : start + BAG_SIZE], dtype=np.float32)
+        probabilities = np.mean(
+            [s.run(["probabilities"], {"features": bag})[0] for s in sessions], axis=0
+        )
+        outputs = probe.outputs or tuple(str(i) for i in range(len(probabilities)))
+        if probe.kind == "gated_attention_mil":
+            calls.append(
+                tuple(
+                    "positive" if p >= probe.thresholds.get(name, 0.5) else "negative"
+                    for name, p in zip(outputs, probabilities, strict=True)
+                )
+            )
+        else:
+            calls.append((outputs[int(np.argmax(probabilities))],))
+    return calls
+
+
+def _changed(before: list[tuple[str, ...]], after: list[tuple[str, ...]]) -> int:
+    return sum(
+        a != b
+        for bag_a, bag_b in zip(before, after, strict=True)
+        for a, b in zip(bag_a, bag_b, strict=True)
+    )

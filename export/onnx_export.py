@@ -1,0 +1,364 @@
+"""ONNX export of the encoder and heads, each behind a parity gate against torch.
+
+Contract (docs/DESIGN.md): encoder ``pixels`` float32 (N, 3, 224, 224), normalised with the
+bundle's mean / std -> ``embedding`` (N, D). Heads ``features`` float32 (N, D) ->
+``probabilities`` and ``attention`` (N,) (+ ``hemoglobin`` (1,) for the transformer).
+A model that fails its gate is never written: the export goes to a temporary folder
+beside the target and is moved into place only after the gate passed.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from export.cell_images import cell_pixels
+
+if TYPE_CHECKING:
+    from collections.abc import Callable, Sequence
+
+    from torch import nn
+
+OPSET = 17
+ENCODER_MIN_COSINE = 0.99999
+HEAD_MAX_PROBABILITY_DIFF = 1e-4
+HEAD_MIN_ATTENTION_COSINE = 0.99999
+DEFAULT_BAG_LENGTHS = (1, 7, 5000)
+# protobuf caps one file at 2 GB: larger models (ViT-G) keep weights in "<name>.data".
+_EXTERNAL_DATA_BYTES = 1_800_000_000
+
+
+@dataclass
+class ParityReport:
+    """What a gate measured, the limits it applied and whether every limit held."""
+
+    what: str
+    passed: bool
+    metrics: dict[str, float] = field(default_factory=dict)
+    limits: dict[str, str] = field(default_factory=dict)
+
+    def summary(self) -> str:
+        verdict = "passed" if self.passed else "FAILED"
+        numbers = ", ".join(f"{k}={_format(v)}" for k, v in self.metrics.items())
+        limits = ", ".join(f"{k} {v}" for k, v in self.limits.items())
+        return f"parity {verdict} for {self.what}: {numbers} (limits: {limits})"
+
+
+class ParityError(RuntimeError):
+    """A converted model disagrees with its reference; nothing was written."""
+
+    def __init__(self, report: ParityReport) -> None:
+        self.report = report
+        super().__init__(report.summary())
+
+
+def _format(value: float) -> str:
+    if value == int(value) and abs(value) >= 1:
+        return str(int(value))
+    return f"{value:.3e}" if abs(value) < 1e-3 else f"{value:.9f}"
+
+
+def row_cosines(reference: np.ndarray, candidate: np.ndarray) -> np.ndarray:
+    """Cosine similarity of matching rows (float64, so the metric adds no error itself)."""
+    a = reference.astype(np.float64).reshape(len(reference), -1)
+    b = candidate.astype(np.float64).reshape(len(candidate), -1)
+    norms = np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1)
+    return (a * b).sum(1) / np.maximum(norms, 1e-30)
+
+
+def ort_session(path: str | Path, threads: int = 0) -> object:
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
+def centred_cosine(reference: np.ndarray, candidate: np.ndarray) -> float:
+    """Cosine of two vectors after removing the reference's mean from both."""
+    mean = float(reference.astype(np.float64).mean())
+    return float(row_cosines(reference[None] - mean, candidate[None] - mean)[0])
+
+
+# ---- encoder -----------------------------------------------------------------------------
+
+
+def default_encoder_probe() -> list[np.ndarray]:
+    """Batches the encoder gate runs: one cell and a batch of eight (checks the dynamic axis)."""
+    return [cell_pixels(1, seed=101), cell_pixels(8, seed=102)]
+
+
+def encoder_parity(
+    model: nn.Module, onnx_path: str | Path, batches: Sequence[np.ndarray] | None = None
+) -> ParityReport:
+    """fp32 ONNX Runtime vs torch on cell-like images: per-row cosine and max-abs-diff."""
+    import torch
+
+    batches = list(batches) if batches is not None else default_encoder_probe()
+    session = ort_session(onnx_path)
+    cosines, diffs = [], []
+    for pixels in batches:
+        with torch.no_grad():
+            reference = model(torch.from_numpy(pixels)).numpy()
+        (candidate,) = session.run(["embedding"], {"pixels": pixels})
+        cosines.append(row_cosines(reference, candidate))
+        diffs.append(float(np.abs(reference - candidate).max()))
+    min_cosine = float(np.concatenate(cosines).min())
+    report = ParityReport(
+        what=f"encoder {Path(onnx_path).name} (fp32 ONNX vs torch)",
+        passed=min_cosine >= ENCODER_MIN_COSINE,
+        metrics={
+            "min_cosine": min_cosine,
+            "max_abs_diff": max(diffs),
+            "rows": float(sum(len(b) for b in batches)),
+        },
+        limits={"min_cosine": f">= {ENCODER_MIN_COSINE}"},
+    )
+    return report
+
+
+def export_encoder(
+    model: nn.Module,
+    out_path: str | Path,
+    *,
+    metadata: dict[str, str] | None = None,
+    batches: Sequence[np.ndarray] | None = None,
+) -> ParityReport:
+    """Export ``model`` (eval mode) to ``out_path`` if and only if its parity gate passes."""
+    import torch
+
+    model = model.eval()
+    # Plain attention (q @ k^T * constant scale, softmax, @ v) instead of torch's fused
+    # kernel: the fused op exports with the scale computed from runtime shapes, which
+    # the fp16 converter mistypes and TensorRT cannot fold. Same arithmetic.
+    for module in model.modules():
+        if hasattr(module, "fused_attn"):
+            module.fused_attn = False
+    example = torch.from_numpy(cell_pixels(2, seed=100))
+
+    def write(path: Path) -> None:
+        torch.onnx.export(
+            model,
+            (example,),
+            str(path),
+            input_names=["pixels"],
+            output_names=["embedding"],
+            dynamic_axes={"pixels": {0: "batch"}, "embedding": {0: "batch"}},
+            opset_version=OPSET,
+            dynamo=False,
+        )
+
+    size = sum(p.numel() * p.element_size() for p in model.parameters())
+    return gated_export(
+        write,
+        lambda path: encoder_parity(model, path, batches),
+        Path(out_path),
+        {"cytoedge.model": "encoder", **(metadata or {})},
+        external_data=size > _EXTERNAL_DATA_BYTES,
+    )
+
+
+# ---- heads -------------------------------------------------------------------------------
+
+
+def bag_features(length: int, dim: int, seed: int) -> np.ndarray:
+    """An embedding-like bag: a shared offset (embeddings of one bag are correlated) + spread."""
+    rng = np.random.default_rng(seed)
+    common = rng.normal(0.0, 1.0, dim)
+    return (common + rng.normal(0.0, 1.0, (length, dim))).astype(np.float32)
+
+
+def head_parity(
+    members: Sequence[nn.Module],
+    onnx_paths: Sequence[str | Path],
+    bag_lengths: Sequence[int] = DEFAULT_BAG_LENGTHS,
+) -> ParityReport:
+    """Every member's ONNX vs torch on bags of the given lengths.
+
+    Probabilities (and hemoglobin) must agree within 1e-4. Attention weights in a long bag
+    are of order 1 / N, so they are compared by the cosine of their deviations from the
+    uniform 1 / N (a plain cosine of two near-uniform vectors is ~1 whatever they hold).
+    """
+    import torch
+
+    from export.heads import head_kind, output_names
+
+    names = output_names(head_kind(members[0]))
+    worst = {"max_probability_diff": 0.0, "min_attention_cosine": 1.0, "max_attention_diff": 0.0}
+    if "hemoglobin" in names:
+        worst["max_hemoglobin_diff"] = 0.0
+    for index, (member, path) in enumerate(zip(members, onnx_paths, strict=True)):
+        session = ort_session(path)
+        dim = member.config.in_dim
+        for length in bag_lengths:
+            features = bag_features(length, dim, seed=1000 + 17 * index + length)
+            with torch.no_grad():
+                outputs = [t.numpy() for t in member(torch.from_numpy(features))]
+            reference = dict(zip(names, outputs, strict=True))
+            candidate = dict(
+                zip(names, session.run(list(names), {"features": features}), strict=True)
+            )
+            for name in names:
+                if reference[name].shape != candidate[name].shape:
+                    raise ParityError(
+                        ParityReport(
+                            what=f"head {Path(path).name}",
+                            passed=False,
+                            metrics={"bag_length": float(length)},
+                            limits={
+                                name: f"shape {reference[name].shape}, got {candidate[name].shape}"
+                            },
+                        )
+                    )
+            diff = float(np.abs(reference["probabilities"] - candidate["probabilities"]).max())
+            worst["max_probability_diff"] = max(worst["max_probability_diff"], diff)
+            if length > 1:
+                worst["min_attention_cosine"] = min(
+                    worst["min_attention_cosine"],
+                    centred_cosine(reference["attention"], candidate["attention"]),
+                )
+            worst["max_attention_diff"] = max(
+                worst["max_attention_diff"],
+                float(np.abs(reference["attention"] - candidate["attention"]).max()),
+            )
+            if "hemoglobin" in names:
+                worst["max_hemoglobin_diff"] = max(
+                    worst["max_hemoglobin_diff"],
+                    float(np.abs(reference["hemoglobin"] - candidate["hemoglobin"]).max()),
+                )
+    passed = (
+        worst["max_probability_diff"] <= HEAD_MAX_PROBABILITY_DIFF
+        and worst["min_attention_cosine"] >= HEAD_MIN_ATTENTION_COSINE
+        and worst.get("max_hemoglobin_diff", 0.0) <= HEAD_MAX_PROBABILITY_DIFF
+    )
+    limits = {
+        "max_probability_diff": f"<= {HEAD_MAX_PROBABILITY_DIFF}",
+        "min_attention_cosine": f">= {HEAD_MIN_ATTENTION_COSINE}",
+    }
+    if "hemoglobin" in names:
+        limits["max_hemoglobin_diff"] = f"<= {HEAD_MAX_PROBABILITY_DIFF}"
+    lengths = ",".join(str(n) for n in bag_lengths)
+    return ParityReport(
+        what=f"{len(members)} head member(s), bag lengths {lengths} (fp32 ONNX vs torch)",
+        passed=passed,
+        metrics=worst,
+        limits=limits,
+    )
+
+
+def export_head_member(
+    member: nn.Module,
+    out_path: str | Path,
+    *,
+    bag_lengths: Sequence[int] = DEFAULT_BAG_LENGTHS,
+    metadata: dict[str, str] | None = None,
+) -> ParityReport:
+    """Export one ensemble member with a dynamic ``cells`` axis, behind its parity gate."""
+    import torch
+
+    from export.heads import head_config, head_kind, output_names
+
+    member = member.eval()
+    kind = head_kind(member)
+    names = output_names(kind)
+    # trace with 7 cells so that no size-1 dimension gets specialised
+    example = torch.from_numpy(bag_features(7, member.config.in_dim, seed=7))
+
+    def write(path: Path) -> None:
+        torch.onnx.export(
+            member,
+            (example,),
+            str(path),
+            input_names=["features"],
+            output_names=list(names),
+            dynamic_axes={"features": {0: "cells"}, "attention": {0: "cells"}},
+            opset_version=OPSET,
+            dynamo=False,
+        )
+
+    info = {
+        "cytoedge.model": "head",
+        "cytoedge.head_kind": kind,
+        "cytoedge.head_config": json.dumps(head_config(member)),
+        **(metadata or {}),
+    }
+    return gated_export(
+        write, lambda path: head_parity([member], [path], bag_lengths), Path(out_path), info
+    )
+
+
+def export_heads(
+    members: Sequence[nn.Module],
+    out_dir: str | Path,
+    name: str,
+    *,
+    bag_lengths: Sequence[int] = DEFAULT_BAG_LENGTHS,
+) -> tuple[list[Path], list[ParityReport]]:
+    """One ONNX file per member, ``<out_dir>/<name>.<k>.onnx`` (the bundle's layout)."""
+    out_dir = Path(out_dir)
+    paths, reports = [], []
+    for index, member in enumerate(members):
+        path = out_dir / f"{name}.{index}.onnx"
+        reports.append(
+            export_head_member(
+                member,
+                path,
+                bag_lengths=bag_lengths,
+                metadata={"cytoedge.ensemble_member": f"{index}/{len(members)}"},
+            )
+        )
+        paths.append(path)
+    return paths, reports
+
+
+# ---- shared ------------------------------------------------------------------------------
+
+
+def gated_export(
+    write: Callable[[Path], None],
+    check: Callable[[Path], ParityReport],
+    out_path: Path,
+    metadata: dict[str, str],
+    *,
+    external_data: bool = False,
+) -> ParityReport:
+    """Write into a temporary folder beside ``out_path``; move into place only on a pass."""
+    import onnx
+
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out_path.name}.", dir=out_path.parent))
+    try:
+        raw = staging / "raw" / out_path.name
+        raw.parent.mkdir()
+        write(raw)
+        model = onnx.load(str(raw))
+        merged = {entry.key: entry.value for entry in model.metadata_props} | metadata
+        del model.metadata_props[:]
+        for key, value in merged.items():
+            entry = model.metadata_props.add()
+            entry.key, entry.value = key, value
+        staged = staging / out_path.name
+        data_name = f"{out_path.name}.data"
+        onnx.save_model(
+            model,
+            str(staged),
+            save_as_external_data=external_data,
+            all_tensors_to_one_file=True,
+            location=data_name,
+        )
+        onnx.checker.check_model(str(staged))
+        report = check(staged)
+        if not report.passed:
+            raise ParityError(report)
+        if external_data:
+            shutil.move(str(staging / data_name), out_path.parent / data_name)
+        staged.replace(out_path)
+        return report
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
