@@ -182,7 +182,12 @@ def test_rescore_requeues_the_slide_with_caches_bypassed_and_reopens_its_case(
     assert store.slide(s.id).rescore == 0
 
 
-def test_a_vanished_waiting_scan_is_forgotten(store: JobStore) -> None:
+def test_a_vanished_waiting_scan_is_forgotten_with_its_empty_case(store: JobStore) -> None:
     row = store.add_waiting_slide("A", "/in/A.svs", 5, 1.0, single=True, now=100.0)
+    kept = store.add_waiting_slide("B", "/in/B/1.svs", 5, 1.0, single=False, now=100.0)
+    store.add_waiting_slide("B", "/in/B/2.svs", 5, 1.0, single=False, now=100.0)
     store.forget_slide(row.id)
+    store.forget_slide(kept.id)
     assert store.slide_by_path("/in/A.svs") is None
+    assert store.case_by_key("A") is None
+    assert store.case_by_key("B") is not None, "B still has a slide"

@@ -402,9 +402,17 @@ class JobStore:
             )
 
     def forget_slide(self, slide_id: int) -> None:
-        """A waiting unit that vanished before it was complete (e.g. renamed away)."""
+        """A waiting unit that vanished before it was complete (e.g. renamed away);
+        a case left without any slide goes with it."""
         with self._write() as conn:
+            row = conn.execute("SELECT case_id FROM slides WHERE id = ?", (slide_id,)).fetchone()
             conn.execute("DELETE FROM slides WHERE id = ? AND state = ?", (slide_id, WAITING))
+            if row is not None:
+                conn.execute(
+                    "DELETE FROM cases WHERE id = ? AND state = ? "
+                    "AND NOT EXISTS (SELECT 1 FROM slides WHERE case_id = cases.id)",
+                    (row["case_id"], WAITING),
+                )
 
     def set_case_ready(self, case_id: int, ready: bool, now: float) -> None:
         with self._write() as conn:

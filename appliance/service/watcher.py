@@ -103,6 +103,7 @@ class InboxWatcher:
         """The thread body: until ``stop`` is set."""
         self._store = JobStore(self.store_path)
         try:
+            self.forget_vanished()
             self.start_observer()
             while not stop.is_set():
                 if self.paused.is_set():
@@ -117,6 +118,13 @@ class InboxWatcher:
             self.stop_observer()
             self._store.close()
             self._store = None
+
+    def forget_vanished(self) -> None:
+        """Scans that were being written when the service stopped and are gone now."""
+        for slide in self.store.slides():
+            if slide.state == WAITING and not Path(slide.path).exists():
+                self.store.forget_slide(slide.id)
+                log.info("a scan seen before the restart is gone", extra={"path": slide.path})
 
     @property
     def store(self) -> JobStore:
