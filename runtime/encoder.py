@@ -83,7 +83,9 @@ class Encoder:
         out = np.empty((patches.shape[0], 3, size, size), dtype=self._input.dtype)
         if patches.dtype == np.uint8:
             for channel in range(3):
-                np.take(self._table[channel], patches[..., channel], out=out[:, channel])
+                np.take(
+                    self._table[channel], patches[..., channel], out=out[:, channel], mode="clip"
+                )
         elif np.issubdtype(patches.dtype, np.floating):
             for channel in range(3):
                 out[:, channel] = (patches[..., channel] - self._mean[channel]) / self._std[channel]

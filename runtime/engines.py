@@ -43,6 +43,10 @@ class StaleEngineError(BackendError):
     """No current engine for this GPU and building was not allowed."""
 
 
+class UnsupportedModelError(BackendError):
+    """TensorRT cannot take this ONNX file (recorded, so it is not retried for the same key)."""
+
+
 @dataclass(frozen=True)
 class EngineKey:
     onnx_sha256: str
@@ -119,9 +123,8 @@ def stale_reason(engine_path: Path, key: EngineKey) -> str | None:
     if not engine_path.is_file():
         return "no engine built yet"
     sidecar = sidecar_path(engine_path)
-    try:
-        recorded = json.loads(sidecar.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+    recorded = _read_sidecar(sidecar)
+    if not recorded:
         return f"{sidecar.name} is missing or unreadable"
     wanted = key.to_json()
     for field_name, value in wanted.items():
@@ -132,10 +135,21 @@ def stale_reason(engine_path: Path, key: EngineKey) -> str | None:
     return None
 
 
+def _read_sidecar(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
 def ensure_engine(onnx_path: Path, engines_dir: Path, *, build: bool = True) -> Path:
     """A current fp16 engine for ``onnx_path`` on this GPU, built when stale or missing."""
     key = engine_key(onnx_path)
     engine_path = engine_path_for(onnx_path, engines_dir)
+    recorded = _read_sidecar(sidecar_path(engine_path))
+    if recorded.get("key") == key.to_json() and "unsupported" in recorded:
+        raise UnsupportedModelError(str(recorded["unsupported"]))
     reason = stale_reason(engine_path, key)
     if reason is None:
         return engine_path
@@ -144,7 +158,14 @@ def ensure_engine(onnx_path: Path, engines_dir: Path, *, build: bool = True) -> 
             f"{engine_path.name}: {reason}; run `cytoedge export engines` to build it"
         )
     log.warning("building TensorRT engine %s (%s); this takes minutes", engine_path.name, reason)
-    build_engine(onnx_path, engine_path, fp16=True, timing_cache=timing_cache_path(engines_dir))
+    try:
+        build_engine(onnx_path, engine_path, fp16=True, timing_cache=timing_cache_path(engines_dir))
+    except UnsupportedModelError as exc:
+        # The same file on the same GPU and TensorRT will fail the same way: say so once.
+        engine_path.unlink(missing_ok=True)
+        document = {"key": key.to_json(), "unsupported": str(exc)}
+        _write_atomic(sidecar_path(engine_path), json.dumps(document, indent=2).encode())
+        raise
     _write_atomic(
         sidecar_path(engine_path),
         json.dumps(
@@ -183,7 +204,7 @@ def build_engine(
     parser = trt.OnnxParser(network, logger)
     if not parser.parse_from_file(str(onnx_path)):
         errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
-        raise BackendError(f"{onnx_path.name}: TensorRT cannot parse it: {errors}")
+        raise UnsupportedModelError(f"{onnx_path.name}: TensorRT cannot parse it: {errors}")
     config = builder.create_builder_config()
     config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, WORKSPACE_BYTES)
     profile = builder.create_optimization_profile()
@@ -191,7 +212,7 @@ def build_engine(
         tensor = network.get_input(index)
         shape = tuple(tensor.shape)
         if any(d < 0 for d in shape[1:]):
-            raise BackendError(
+            raise UnsupportedModelError(
                 f"{onnx_path.name}: input {tensor.name} has dynamic axes besides the first "
                 f"{shape}; only the batch / bag axis may be dynamic"
             )

@@ -127,3 +127,57 @@ def test_tensorrt_head_takes_bags_of_1_to_5000(tmp_path: Path) -> None:
         assert out["attention"].shape == (cells,)
         np.testing.assert_allclose(out["attention"], attention, atol=1e-2)
     backend.close()
+
+
+def test_a_model_tensorrt_cannot_take_is_recorded_not_retried(
+    tmp_path: Path, fake_device: dict[str, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    attempts: list[Path] = []
+
+    def refuse(onnx_path: Path, engine_path: Path, **_: object) -> None:
+        attempts.append(onnx_path)
+        raise engines.UnsupportedModelError(f"{onnx_path.name}: dynamic H and W")
+
+    monkeypatch.setattr(engines, "build_engine", refuse)
+    path = encoder_model(tmp_path / "segmenter.onnx", np.ones((3, 4)), 8)
+    for _ in range(2):
+        with pytest.raises(engines.UnsupportedModelError, match="dynamic H and W"):
+            engines.ensure_engine(path, tmp_path / "engines")
+    assert len(attempts) == 1
+    fake_device["trt"] = "10.9.0"  # a new TensorRT may take it: tried again
+    with pytest.raises(engines.UnsupportedModelError):
+        engines.ensure_engine(path, tmp_path / "engines")
+    assert len(attempts) == 2
+
+
+def test_ort_tensorrt_profiles_follow_the_batch_table(
+    tmp_path: Path, fake_device: dict[str, str]
+) -> None:
+    from onnx import TensorProto, helper, save
+
+    from runtime.backends.base import BackendError
+    from runtime.backends.choice import _ort_tensorrt_options
+
+    path = encoder_model(tmp_path / "encoder.onnx", np.ones((3, 4)), 16)
+    options, max_batch = _ort_tensorrt_options(path, tmp_path / "engines")
+    assert options["trt_profile_min_shapes"] == "pixels:1x3x16x16"
+    assert options["trt_profile_opt_shapes"] == "pixels:64x3x16x16"
+    assert options["trt_profile_max_shapes"] == "pixels:256x3x16x16"
+    assert max_batch == 256 and options["trt_fp16_enable"] is True
+    cache = Path(str(options["trt_engine_cache_path"]))
+    assert cache.parent == tmp_path / "engines" / "ort-tensorrt" and cache.is_dir()
+    fake_device["gpu"] = "NVIDIA L4"  # another GPU gets another cache folder
+    assert _ort_tensorrt_options(path, tmp_path / "engines")[0]["trt_engine_cache_path"] != str(
+        cache
+    )
+
+    spatial = helper.make_graph(
+        [helper.make_node("Identity", ["input"], ["prob"])],
+        "segmenter",
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["n", "h", "w", 3])],
+        [helper.make_tensor_value_info("prob", TensorProto.FLOAT, ["n", "h", "w", 3])],
+    )
+    dynamic = tmp_path / "segmenter.onnx"
+    save(helper.make_model(spatial, opset_imports=[helper.make_opsetid("", 17)]), str(dynamic))
+    with pytest.raises(BackendError, match="dynamic axes besides the first"):
+        _ort_tensorrt_options(dynamic, tmp_path / "engines")

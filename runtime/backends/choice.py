@@ -65,7 +65,8 @@ def open_model(
         variant, path = variants.for_backend(name)
         try:
             loaded = _load(name, path, variant, threads, engines, build_engines)
-        except BackendError as exc:
+        except (BackendError, OSError) as exc:
+            # OSError: e.g. a read-only bundle folder where engines cannot be cached.
             fallback = Fallback(name, str(exc))
             log.warning("not using %s for %s: %s", name, path.name, fallback.reason)
             fallbacks.append(fallback)
@@ -126,6 +127,12 @@ def _ort_tensorrt_options(path: Path, engines: Path) -> tuple[dict[str, object],
     max_batch = 0
     for tensor in reader.get_inputs():
         dims = list(tensor.shape)
+        if not all(isinstance(d, int) for d in dims[1:]):
+            # Without fixed sizes there is no profile to give; the provider would
+            # rebuild its engine for every new shape.
+            raise BackendError(
+                f"{path.name}: input {tensor.name} {dims} has dynamic axes besides the first"
+            )
         profile = BATCH_PROFILES.get(tensor.name, DEFAULT_PROFILE)
         max_batch = max(max_batch, profile[2])
         for label, first in zip(("min", "opt", "max"), profile, strict=True):
