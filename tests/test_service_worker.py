@@ -44,6 +44,7 @@ class StandInEngine:
     slide_delay: float = 0.0
     score_errors: list[BaseException] | None = None
     calls: list[str] | None = None
+    abstain: str = ""  # set: every case abstains with this reason and no predictions
 
     def __post_init__(self) -> None:
         self.cache: dict[Path, SlideOutcome] = {}  # like the pipeline's embedding cache
@@ -70,9 +71,13 @@ class StandInEngine:
         if self.score_errors:
             raise self.score_errors.pop(0)
         (self.calls if self.calls is not None else []).append(f"case:{case_key}")
-        result = {"case_id": case_key, "status": "scored", "slides": list(slides)}
+        result: dict[str, object] = {"case_id": case_key, "slides": list(slides)}
+        if self.abstain:
+            result.update(status="abstained", abstain_reason=self.abstain, predictions=[])
+        else:
+            result.update(status="scored", predictions=[{"task": "t", "call": "positive"}])
         folder = write_case_result(outbox, case_key, CaseOutputs(result, []), write_pdf=False)
-        return CaseOutcome("scored", "", folder.version, folder.path)
+        return CaseOutcome.from_result(result, folder.path)
 
 
 def probe(path: Path) -> None:
@@ -393,3 +398,16 @@ def test_rescore_processes_the_scan_again_and_adds_a_version(run_service, tmp_pa
     assert request_rescore(running.config, ["R"], console) == 0  # by case id
     wait_for(lambda: versions(tmp_path / "outbox", "R") == ["v1", "v2", "v3"])
     assert request_rescore(running.config, ["no-such-case"], console) == 1
+
+
+def test_a_case_with_no_call_possible_is_rejected_and_its_result_says_why(
+    run_service, tmp_path: Path
+) -> None:
+    running = run_service(StandInEngine(abstain="too few cells: 3 (the bundle needs at least 50)"))
+    (tmp_path / "inbox" / "F.svs").write_bytes(b"f" * 1000)
+    wait_for(lambda: case_state(running, "F") == REJECTED)
+    case = running.store.case_by_key("F")
+    assert case is not None and case.reason.startswith("too few cells")
+    assert case.result_version == 1
+    result = json.loads((tmp_path / "outbox" / "F" / "v1" / "result.json").read_text())
+    assert result["abstain_reason"] == case.reason

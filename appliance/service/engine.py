@@ -54,10 +54,4 @@ class PipelineEngine:
             threads=self.config.runtime.threads,
             progress=progress,
         )
-        return CaseOutcome(
-            status=case.status,
-            reason=case.abstain_reason or "",
-            version=case.version,
-            result_dir=case.folder.path,
-            backend=str(case.result.get("backend", "")),
-        )
+        return CaseOutcome.from_result(case.result, case.folder.path)

@@ -81,6 +81,21 @@ class CaseOutcome:
     version: int
     result_dir: Path
     backend: str = ""
+    # The result says no call could be made from this input (QC failed, too few
+    # cells): the case is *rejected*, with the result folder saying why.
+    no_call: bool = False
+
+    @classmethod
+    def from_result(cls, result: dict[str, object], folder: Path, backend: str = "") -> CaseOutcome:
+        status = str(result.get("status", "scored"))
+        return cls(
+            status=status,
+            reason=str(result.get("abstain_reason") or ""),
+            version=int(str(result.get("version", folder.name.lstrip("v")))),
+            result_dir=folder,
+            backend=backend or str(result.get("backend") or ""),
+            no_call=status == "abstained" and not result.get("predictions"),
+        )
 
 
 class Engine(Protocol):
@@ -358,15 +373,10 @@ class Worker:
             "result of an interrupted job found and kept",
             extra={"case": case.case_key, "version": case.pending_version},
         )
-        return CaseOutcome(
-            status=str(result.get("status", "scored")),
-            reason=str(result.get("abstain_reason") or ""),
-            version=case.pending_version,
-            result_dir=folder,
-        )
+        return CaseOutcome.from_result(result, folder)
 
     def _finish_case(self, case: Case, outcome: CaseOutcome, slides: list[Slide]) -> None:
-        state = REJECTED if outcome.status == "rejected" else DONE
+        state = REJECTED if outcome.status == "rejected" or outcome.no_call else DONE
         reason = outcome.reason
         failed = [
             s for s in slides if s.state == FAILED or (s.state == REJECTED and s.n_cells is None)
