@@ -19,6 +19,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import tifffile
+
 from . import openslide_scan
 from .base import TARGET_UM_PER_PX, Level, Scan, ScanInfo, check_brightfield
 from .cell_folder import CellFolder, is_complete, open_cell_folder
@@ -36,7 +38,6 @@ from .errors import (
     UnsupportedScanError,
 )
 from .image_scan import ImageScan
-from .limits import check_dimensions
 from .tiff_scan import TiffScan
 
 __all__ = [
@@ -83,6 +84,14 @@ def _sniff(path: Path) -> str:
     return "unknown"
 
 
+def _is_ome(path: Path) -> bool:
+    try:
+        with tifffile.TiffFile(path) as tif:
+            return bool(tif.is_ome)
+    except (tifffile.TiffFileError, ValueError, OSError):
+        return False
+
+
 def _check_file(path: Path) -> None:
     if not path.exists():
         raise ScanNotFoundError(path, "file not found")
@@ -96,9 +105,11 @@ def _open_unchecked(path: Path, pixel_size_um: float) -> Scan:
     kind = _sniff(path)
     if kind in ("tiff", "dicom") or path.suffix.lower() in _OPENSLIDE_ONLY:
         vendor = openslide_scan.detect(path)
+        if vendor == "generic-tiff" and _is_ome(path):
+            vendor = None  # OpenSlide ignores OME's sub-IFD pyramid and PhysicalSizeX
         if vendor is not None:
             try:
-                return _checked_dims(openslide_scan.OpenSlideScan(path, vendor, pixel_size_um))
+                return openslide_scan.OpenSlideScan(path, vendor, pixel_size_um)
             except UnreadableScanError:
                 if kind != "tiff":
                     raise
@@ -111,15 +122,6 @@ def _open_unchecked(path: Path, pixel_size_um: float) -> Scan:
     raise NotAnImageError(
         path, f"not an image: {path.suffix or 'no extension'} file of unknown type"
     )
-
-
-def _checked_dims(scan: Scan) -> Scan:
-    try:
-        check_dimensions(scan.path, scan.levels[0].width, scan.levels[0].height)
-    except ScanError:
-        scan.close()
-        raise
-    return scan
 
 
 def open_scan(path: Path | str, pixel_size_um: float = 0.0) -> Scan:

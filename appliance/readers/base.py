@@ -194,15 +194,15 @@ class Scan(ABC):
 def check_brightfield(path: Path, thumbnail: np.ndarray) -> None:
     """Reject grayscale and dark-background (fluorescence / dark-field) images.
 
-    A Romanowsky smear is mostly bright glass with coloured cells: its brightest
-    decile is near white and its stained pixels differ between channels.
+    A Romanowsky smear is mostly bright glass with coloured cells: its brighter
+    half is bright and its stained pixels differ between channels.
     """
     pixels = thumbnail.reshape(-1, 3).astype(np.int16)
     spread = np.abs(pixels[:, 0] - pixels[:, 1]) + np.abs(pixels[:, 1] - pixels[:, 2])
     if pixels.shape[0] >= 16 and np.percentile(spread, 99.5) < 6 and pixels.std() > 2:
         raise NotBrightfieldError(path, "grayscale image: a colour brightfield scan is needed")
     luminance = pixels @ np.array([299, 587, 114]) / 1000
-    if np.percentile(luminance, 90) < 100:
+    if np.median(luminance) < 80:
         raise NotBrightfieldError(
             path, "dark background: looks like fluorescence or dark-field, not a brightfield stain"
         )

@@ -10,6 +10,7 @@ import openslide
 from . import pixel_size
 from .base import Level, Scan
 from .errors import UnreadableScanError
+from .limits import check_dimensions
 
 
 def detect(path: Path) -> str | None:
@@ -53,6 +54,7 @@ class OpenSlideScan(Scan):
                     self._slide.level_dimensions, self._slide.level_downsamples, strict=True
                 )
             )
+            check_dimensions(path, levels[0].width, levels[0].height)
             mpp_x, mpp_y, source = pixel_size.resolve(path, metadata_um(props), configured_um)
         except BaseException:
             self._slide.close()

@@ -96,6 +96,13 @@ class TiffScan(Scan):
             raise UnsupportedScanError(path, "planar (separate-channel) RGB TIFF is not supported")
         base_w, base_h = first.imagewidth, first.imagelength
         check_dimensions(path, base_w, base_h)
+        size = path.stat().st_size
+        for page in pages:
+            end = max((o + c for o, c in zip(page.dataoffsets, page.databytecounts, strict=True)))
+            if end > size:
+                raise UnreadableScanError(
+                    path, f"truncated file: image data runs to byte {end} of {size}"
+                )
         levels = []
         for page in pages:
             if page.is_tiled and page.tilewidth * page.tilelength > MAX_TILE_PIXELS:
