@@ -27,6 +27,7 @@ if TYPE_CHECKING:
 INT8_MIN_COSINE = 0.99
 GATE_CELLS = 48  # 3 bags of 16 cells
 BAG_SIZE = 16
+CALIBRATION_BATCHES = 2  # x 8 cells, seeds the gate never sees
 
 
 @dataclass(frozen=True)
@@ -129,7 +130,7 @@ def _quantize_static(prepared: Path, out_path: Path) -> None:
 
         def __init__(self) -> None:
             self._batches: Iterator[np.ndarray] = iter(
-                [cell_pixels(8, seed=3000 + i) for i in range(4)]
+                [cell_pixels(8, seed=3000 + i) for i in range(CALIBRATION_BATCHES)]
             )
 
         def get_next(self) -> dict[str, np.ndarray] | None:

@@ -59,7 +59,7 @@ class ParityError(RuntimeError):
 
 
 def _format(value: float) -> str:
-    if value == int(value) and abs(value) >= 1:
+    if value == int(value) and (abs(value) >= 1 or value == 0):
         return str(int(value))
     return f"{value:.3e}" if abs(value) < 1e-3 else f"{value:.9f}"
 

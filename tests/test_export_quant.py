@@ -1,0 +1,86 @@
+"""fp16 and int8 encoder variants: conversion, fidelity gates on rendered cells, rejection."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from export_models import meaningful_encoder, peaky_head
+
+import export.int8 as int8
+from export.cell_images import cell_pixels, render_cells
+from export.fp16 import export_encoder_fp16
+from export.heads import build_head
+from export.int8 import HeadProbe, quantize_encoder
+from export.onnx_export import export_encoder, export_head_member
+
+
+@pytest.fixture(scope="module")
+def fp32_encoder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("enc") / "encoder.onnx"
+    export_encoder(meaningful_encoder("vit_small", seed=11), path, batches=[cell_pixels(2, 1)])
+    return path
+
+
+@pytest.fixture(scope="module")
+def mil_probe(tmp_path_factory: pytest.TempPathFactory) -> HeadProbe:
+    path = tmp_path_factory.mktemp("head") / "mm.0.onnx"
+    head = peaky_head(build_head("gated_attention_mil", {"in_dim": 384}), seed=12)
+    export_head_member(head, path, bag_lengths=(16,))
+    return HeadProbe("mm", "gated_attention_mil", (path,), {}, head.config.tasks)
+
+
+def test_rendered_cells_are_deterministic_and_cell_like() -> None:
+    images = render_cells(4, seed=7)
+    assert images.shape == (4, 224, 224, 3) and images.dtype == np.uint8
+    np.testing.assert_array_equal(images, render_cells(4, seed=7))
+    corner, centre = images[:, :20, :20].mean(), images[:, 100:124, 100:124].mean()
+    assert corner > 190 and centre < 150  # pale background, dark nucleus in the middle
+    blue_over_red = images[:, 100:124, 100:124, 2].mean() / images[:, 100:124, 100:124, 0].mean()
+    assert blue_over_red > 1.1  # purple (basophilic) nucleus
+
+
+def test_fp16_keeps_float32_io_and_fp32_layernorm_softmax(fp32_encoder: Path) -> None:
+    out = fp32_encoder.with_name("encoder.fp16.onnx")
+    report = export_encoder_fp16(fp32_encoder, out, [cell_pixels(2, seed=13)])
+    print(report.summary())
+    assert report.passed and report.metrics["min_cosine"] >= 0.999
+    model = onnx.load(str(out))
+    float32 = onnx.TensorProto.FLOAT
+    assert [i.type.tensor_type.elem_type for i in model.graph.input] == [float32]
+    assert [o.type.tensor_type.elem_type for o in model.graph.output] == [float32]
+    weights = {i.name: i.data_type for i in model.graph.initializer}
+    assert onnx.TensorProto.FLOAT16 in weights.values()
+    norms = [n for n in model.graph.node if n.op_type == "LayerNormalization"]
+    assert len(norms) == 25  # 12 blocks x 2 + final norm, all still present
+    for node in norms:  # their scale and bias stay fp32, so the op runs in fp32
+        assert weights[node.input[1]] == float32
+
+
+def test_dynamic_int8_is_accepted_on_rendered_cells_with_unchanged_calls(
+    fp32_encoder: Path, mil_probe: HeadProbe
+) -> None:
+    out = fp32_encoder.with_name("encoder.int8.onnx")
+    result = quantize_encoder(fp32_encoder, out, heads=[mil_probe], pixels=cell_pixels(16, 14))
+    print(result.reason, result.metrics)
+    assert result.accepted and result.method == "dynamic"
+    assert result.metrics["min_cosine"] >= 0.99 and result.metrics["head_calls_changed"] == 0
+    ops = {n.op_type for n in onnx.load(str(out)).graph.node}
+    assert "MatMulInteger" in ops or "DynamicQuantizeMatMul" in ops
+
+
+@pytest.mark.slow
+def test_int8_that_misses_the_gate_writes_nothing_and_says_why(
+    fp32_encoder: Path, mil_probe: HeadProbe, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A bar no int8 model can clear: both dynamic and the static QDQ fallback must fail.
+    monkeypatch.setattr(int8, "INT8_MIN_COSINE", 0.9999999)
+    out = fp32_encoder.parent / "rejected" / "encoder.int8.onnx"
+    result = quantize_encoder(fp32_encoder, out, heads=[mil_probe], pixels=cell_pixels(16, 15))
+    print(result.reason)
+    assert not result.accepted and result.path is None
+    assert "dynamic: min cosine" in result.reason and "static-qdq: min cosine" in result.reason
+    assert result.reason.startswith("int8 rejected, bundle keeps fp32")
+    assert list(out.parent.iterdir()) == []
