@@ -265,3 +265,67 @@ def _openmp_library() -> Any:
                 continue
     log.warning("OpenMP runtime of stardist not found; NMS uses OpenMP's default threads")
     return None
+
+
+@dataclass(frozen=True)
+class MatchCounts:
+    """Instance matching of a prediction against ground truth at one IoU threshold."""
+
+    true_positives: int
+    false_positives: int
+    false_negatives: int
+
+    def __add__(self, other: MatchCounts) -> MatchCounts:
+        return MatchCounts(
+            self.true_positives + other.true_positives,
+            self.false_positives + other.false_positives,
+            self.false_negatives + other.false_negatives,
+        )
+
+    @property
+    def precision(self) -> float:
+        found = self.true_positives + self.false_positives
+        return self.true_positives / found if found else 1.0
+
+    @property
+    def recall(self) -> float:
+        present = self.true_positives + self.false_negatives
+        return self.true_positives / present if present else 1.0
+
+    @property
+    def f1(self) -> float:
+        total = 2 * self.true_positives + self.false_positives + self.false_negatives
+        return 2 * self.true_positives / total if total else 1.0
+
+
+def match_instances(truth: np.ndarray, predicted: np.ndarray, iou: float = 0.5) -> MatchCounts:
+    """Count one-to-one matches with IoU >= ``iou`` between two label images (0 = background).
+
+    Pairs are taken greedily by decreasing IoU; at ``iou`` > 0.5 any matching pair is
+    unique anyway, so greedy equals optimal there.
+    """
+    if truth.shape != predicted.shape:
+        raise ValueError(f"label images differ in shape: {truth.shape} vs {predicted.shape}")
+    t_ids, t = np.unique(truth.ravel(), return_inverse=True)
+    p_ids, p = np.unique(predicted.ravel(), return_inverse=True)
+    overlap = np.bincount(t * len(p_ids) + p, minlength=len(t_ids) * len(p_ids))
+    overlap = overlap.reshape(len(t_ids), len(p_ids))
+    # Drop the background row / column wherever label 0 is present.
+    overlap = overlap[1:] if t_ids[0] == 0 else overlap
+    overlap = overlap[:, 1:] if p_ids[0] == 0 else overlap
+    n_true, n_pred = overlap.shape
+    if not n_true or not n_pred:
+        return MatchCounts(0, n_pred, n_true)
+    t_area = np.bincount(t, minlength=len(t_ids))[len(t_ids) - n_true :]
+    p_area = np.bincount(p, minlength=len(p_ids))[len(p_ids) - n_pred :]
+    union = t_area[:, None] + p_area[None, :] - overlap
+    scores = overlap / np.maximum(union, 1)
+    rows, cols = np.nonzero(scores >= iou)
+    order = np.argsort(-scores[rows, cols], kind="stable")
+    used_t, used_p, matched = set(), set(), 0
+    for r, c in zip(rows[order], cols[order], strict=True):
+        if r not in used_t and c not in used_p:
+            used_t.add(r)
+            used_p.add(c)
+            matched += 1
+    return MatchCounts(matched, n_pred - matched, n_true - matched)

@@ -73,6 +73,27 @@ def pipeline(
 
 
 @bench_app.command()
+def segmentation(
+    segmenter_dir: Annotated[
+        Path, typer.Argument(help="Folder written by `cytoedge export segmenter`.")
+    ],
+    stardist: Annotated[
+        Path | None,
+        typer.Option(help="Its StarDist model folder: TensorFlow baseline on the same tiles."),
+    ] = None,
+    tiles: Annotated[int, typer.Option(min=1, help="Held-out synthetic tiles.")] = 8,
+    size: Annotated[int, typer.Option(min=64, help="Tile side in px (0.25 um/px).")] = 512,
+    seed: Annotated[int, typer.Option(help="Generator seed of the held-out tiles.")] = 777,
+    backend: Annotated[str, typer.Option(help="Runtime backend.")] = "auto",
+    threads: Annotated[int, typer.Option(min=0, help="CPU threads; 0: one per core.")] = 0,
+) -> None:
+    """Segmentation F1 at IoU 0.5 on held-out synthetic tiles; s/tile vs TensorFlow."""
+    from bench.segmentation import run_segmentation_bench
+
+    run_segmentation_bench(segmenter_dir, stardist, tiles, size, seed, backend, threads)
+
+
+@bench_app.command()
 def soak(
     scans: Annotated[int, typer.Argument(min=1, help="How many scans to drop.")] = 200,
     bundle: Annotated[

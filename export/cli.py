@@ -246,9 +246,60 @@ def heads(
 
 
 @export_app.command()
-def segmenter() -> None:
-    """StarDist network to ONNX with a parity gate."""
-    raise _not_available("segmenter")
+def segmenter(
+    out: Annotated[
+        Path,
+        typer.Option(help="Output folder (segmenter.onnx, segmenter.json).", file_okay=False),
+    ],
+    model_dir: Annotated[
+        Path | None,
+        typer.Argument(
+            help="StarDist2D model folder (config.json, thresholds.json, weights_best.h5); "
+            "with --train-synthetic, the new folder the trained model goes to "
+            "(default: OUT/stardist)."
+        ),
+    ] = None,
+    train_synthetic: Annotated[
+        bool, typer.Option(help="First train the small demo StarDist on synthetic smears.")
+    ] = False,
+    epochs: Annotated[int, typer.Option(min=1, help="--train-synthetic: epochs.")] = 10,
+    steps: Annotated[int, typer.Option(min=1, help="--train-synthetic: steps per epoch.")] = 40,
+    tiles: Annotated[
+        int, typer.Option(min=5, help="--train-synthetic: synthetic 256 px tiles.")
+    ] = 40,
+    seed: Annotated[int, typer.Option(help="--train-synthetic: random seed.")] = 0,
+    norm_low: Annotated[
+        float | None,
+        typer.Option(help="Percentile mapped to 0 before the network (default 1.0).", min=0),
+    ] = None,
+    norm_high: Annotated[
+        float | None,
+        typer.Option(help="Percentile mapped to 1 before the network (default 99.8).", max=100),
+    ] = None,
+    threads: Annotated[int, typer.Option(min=0, help="CPU threads; 0: one per core.")] = 0,
+) -> None:
+    """StarDist network to ONNX with a parity gate (ONNX Runtime vs TensorFlow)."""
+    from export.segmenter import run_export_command
+
+    raise typer.Exit(
+        run_export_command(
+            model_dir,
+            out,
+            train_synthetic=train_synthetic,
+            epochs=epochs,
+            steps=steps,
+            tiles=tiles,
+            seed=seed,
+            normalisation=None
+            if norm_low is None and norm_high is None
+            else {
+                "kind": "percentile",
+                "low": 1.0 if norm_low is None else norm_low,
+                "high": 99.8 if norm_high is None else norm_high,
+            },
+            threads=threads,
+        )
+    )
 
 
 @export_app.command()

@@ -27,6 +27,7 @@ import numpy as np
 from appliance.segmentation import (
     DEFAULT_NORMALISATION,
     SEGMENTER_FILE,
+    SegmentationError,
     SegmenterSpec,
     normalise,
 )
@@ -39,6 +40,8 @@ PROB_TOLERANCE = 1e-4
 DIST_TOLERANCE = 2e-3
 PARITY_SHAPES = ((256, 256), (192, 320))
 PARITY_SEED = 20261127
+# Written beside a model trained here: how its tiles were normalised (export reads it back).
+NORMALISATION_FILE = "cytoedge_normalisation.json"
 log = logging.getLogger(__name__)
 
 
@@ -229,11 +232,15 @@ def export_segmenter(
     normalisation: dict[str, Any] | None = None,
     threads: int = 0,
 ) -> ExportedSegmenter:
-    """Convert, gate, then write ``segmenter.onnx`` and ``segmenter.json`` into ``out_dir``.
+    """Convert, gate, then write ``segmenter.onnx``, ``export.json`` and ``segmenter.json``.
 
-    Raises ``ParityError`` (nothing written) when ONNX Runtime and TensorFlow disagree.
+    ``normalisation`` None: the one recorded beside a model trained here, else
+    StarDist's usual 1-99.8 percentiles. Raises ``ParityError`` (nothing written)
+    when ONNX Runtime and TensorFlow disagree.
     """
     model = load_stardist(model_dir, threads)
+    if normalisation is None and (Path(model_dir) / NORMALISATION_FILE).is_file():
+        normalisation = json.loads((Path(model_dir) / NORMALISATION_FILE).read_text("utf-8"))
     section = segmenter_section(model, normalisation)
     onnx_bytes = convert_to_onnx(model.keras_model, section["input_channels"])
     report = parity_gate(
@@ -266,6 +273,16 @@ def export_segmenter(
     out_dir.mkdir(parents=True, exist_ok=True)
     onnx_path = out_dir / section["file"]
     _write_atomic(onnx_path, onnx_bytes)
+    # export.json is what `cytoedge export bundle` reads (docs/DESIGN.md); segmenter.json
+    # is the section alone with its provenance, as the demo builder reads it.
+    gate = {"passed": True, "max_abs_diff": report.max_abs_diff, "tolerance": report.tolerance}
+    export_document = {
+        "kind": "segmenter",
+        "section": section,
+        "parity": {section["file"]: gate},
+        "provenance": provenance,
+    }
+    _write_atomic(out_dir / "export.json", json.dumps(export_document, indent=2).encode())
     document = {"segmenter": section, "provenance": provenance}
     _write_atomic(out_dir / "segmenter.json", json.dumps(document, indent=2).encode("utf-8"))
     return ExportedSegmenter(onnx_path, section, report, provenance)
@@ -286,14 +303,16 @@ class TrainingRecipe:
 
     n_tiles: int = 40  # synthetic tiles generated; 1 in 5 held out for validation
     tile_px: int = 256
+    patch_px: int = 128  # random training crops; cells are at most ~80 px across
     epochs: int = 10
     steps_per_epoch: int = 40
     batch_size: int = 4
     n_rays: int = 32
     unet_depth: int = 3
     unet_filters: int = 16
-    learning_rate: float = 3e-4
+    learning_rate: float = 1e-3
     seed: int = 0
+    nms_threshs: tuple[float, ...] = (0.3, 0.4, 0.5)  # tried by StarDist's threshold search
 
 
 TileSource = Callable[[int, int, int], tuple[list[np.ndarray], list[np.ndarray]]]
@@ -320,8 +339,10 @@ def train_synthetic_segmenter(
     tiles: TileSource = synthetic_tiles,
     threads: int = 0,
     progress: Callable[[int, int], None] | None = None,
+    normalisation: dict[str, Any] | None = None,
 ) -> Path:
     """Train the demo StarDist2D into ``model_dir`` (a new folder) and return it."""
+    normalisation = dict(normalisation or DEFAULT_NORMALISATION)
     recipe = recipe or TrainingRecipe()
     model_dir = Path(model_dir)
     if model_dir.exists() and any(model_dir.iterdir()):
@@ -334,7 +355,7 @@ def train_synthetic_segmenter(
     images, masks = tiles(recipe.n_tiles, recipe.tile_px, recipe.seed)
     if not images:
         raise SegmenterExportError("the synthetic tile source returned no tiles")
-    x = [normalise(image, DEFAULT_NORMALISATION) for image in images]
+    x = [normalise(image, normalisation) for image in images]
     y = [mask.astype(np.int32) for mask in masks]
     n_val = max(1, len(x) // 5)
     config = Config2D(
@@ -343,7 +364,7 @@ def train_synthetic_segmenter(
         n_channel_in=int(x[0].shape[-1]),
         unet_n_depth=recipe.unet_depth,
         unet_n_filter_base=recipe.unet_filters,
-        train_patch_size=(min(recipe.tile_px, 256),) * 2,
+        train_patch_size=(min(recipe.tile_px, recipe.patch_px),) * 2,
         train_batch_size=recipe.batch_size,
         train_epochs=recipe.epochs,
         train_steps_per_epoch=recipe.steps_per_epoch,
@@ -356,7 +377,10 @@ def train_synthetic_segmenter(
     if progress is not None:
         model.callbacks.append(_epoch_callback(recipe.epochs, progress))
     model.train(x[n_val:], y[n_val:], validation_data=(x[:n_val], y[:n_val]), epochs=recipe.epochs)
-    model.optimize_thresholds(x[:n_val], y[:n_val], predict_kwargs={"verbose": 0})
+    model.optimize_thresholds(
+        x[:n_val], y[:n_val], nms_threshs=list(recipe.nms_threshs), predict_kwargs={"verbose": 0}
+    )
+    (model_dir / NORMALISATION_FILE).write_text(json.dumps(normalisation), encoding="utf-8")
     return model_dir
 
 
@@ -369,3 +393,55 @@ def _epoch_callback(total: int, progress: Callable[[int, int], None]) -> Any:
             progress(epoch + 1, total)
 
     return EpochProgress()
+
+
+def run_export_command(
+    model_dir: Path | None,
+    out: Path,
+    *,
+    train_synthetic: bool,
+    epochs: int,
+    steps: int,
+    tiles: int,
+    seed: int,
+    normalisation: dict[str, Any] | None,
+    threads: int,
+) -> int:
+    """``cytoedge export segmenter``: progress on the terminal; the exit status."""
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
+
+    console = Console(stderr=True)
+    try:
+        if train_synthetic:
+            model_dir = model_dir or Path(out) / "stardist"
+            recipe = TrainingRecipe(n_tiles=tiles, epochs=epochs, steps_per_epoch=steps, seed=seed)
+            columns = (BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+            with Progress("Training StarDist (epochs)", *columns, console=console) as bar:
+                task = bar.add_task("train", total=epochs)
+                train_synthetic_segmenter(
+                    model_dir,
+                    recipe,
+                    threads=threads,
+                    progress=lambda done, _total: bar.update(task, completed=done),
+                    normalisation=normalisation,
+                )
+        elif model_dir is None:
+            console.print("cytoedge: give a StarDist model folder or --train-synthetic")
+            return 2
+        with console.status("Converting to ONNX and checking parity against TensorFlow..."):
+            made = export_segmenter(model_dir, out, normalisation, threads)
+    except ParityError as exc:
+        console.print(f"cytoedge: {exc}; nothing written")
+        return 1
+    except (SegmenterExportError, SegmentationError) as exc:
+        console.print(f"cytoedge: {exc}")
+        return 1
+    section = made.section
+    console.print(f"parity passed: {made.parity.summary()}")
+    console.print(
+        f"{made.onnx_path} + segmenter.json: n_rays {section['n_rays']}, grid {section['grid']}, "
+        f"div_by {section['div_by']}, prob_thresh {section['prob_thresh']:.3f}, "
+        f"nms_thresh {section['nms_thresh']:.3f}, {section['input_channels']} input channel(s)"
+    )
+    return 0
