@@ -180,3 +180,26 @@ def test_signature_follows_size_and_mtime_and_none_when_gone(tmp_path: Path) -> 
     assert first is not None and second is not None and second.size == first.size + 2
     path.unlink()
     assert signature(unit) is None
+
+
+def test_a_folder_that_changes_shape_while_written_leaves_no_stray_rows(tmp_path: Path) -> None:
+    from appliance.service.audit import AuditLog
+    from appliance.service.store import JobStore
+    from appliance.service.watcher import InboxWatcher, WatchSettings
+
+    inbox = tmp_path / "inbox"
+    folder = inbox / "P1"
+    write(folder / "cell_0000.tif", b"II*\0")  # a crop whose header is not written yet
+    settings = WatchSettings(inbox, 60.0, 0.0, False, None, "b" * 64)
+    store_file = tmp_path / "jobs.sqlite"
+    watcher = InboxWatcher(
+        settings, store_file, lambda p: None, AuditLog(tmp_path / "a.jsonl"), lambda: None
+    )
+    watcher.tick(0.0)
+    store = JobStore(store_file, readonly=True)
+    assert [Path(s.path).name for s in store.slides()] == ["cell_0000.tif"]
+    Image.fromarray(np.full((144, 144, 3), 200, np.uint8)).save(folder / "cell_0000.tif")
+    watcher.tick(1.0)
+    assert [(Path(s.path).name, s.state) for s in store.slides()] == [("P1", "waiting")]
+    cases = store.cases()
+    assert [(c.case_key, c.single) for c in cases] == [("P1", 1)]

@@ -135,6 +135,8 @@ def _is_dicom_folder(folder: Path, root: Path) -> bool:
 
 
 def _is_cell_folder(folder: Path, root: Path) -> bool:
+    """A manifest, or image files that are single-cell crops (decided by the first
+    image whose header reads; one still being written or deleted is skipped)."""
     if (folder / MANIFEST_FILE).is_file():
         return True
     for entry in _entries(folder, root):
@@ -143,7 +145,7 @@ def _is_cell_folder(folder: Path, root: Path) -> bool:
                 with Image.open(entry.path) as image:  # reads the header only
                     return max(image.size) <= MAX_CELL_SIDE
             except (OSError, ValueError, Image.DecompressionBombError):
-                return False
+                continue
     return False
 
 

@@ -148,6 +148,15 @@ class InboxWatcher:
     def scan_inbox(self) -> None:
         found = units.discover(self.settings.inbox, self.settings.case_pattern)
         wall = time.time()
+        current = {unit.path for unit in found.units}
+        for path in [p for p in self.pending if p not in current]:
+            # Gone, or no longer a unit of its own (a folder now seen whole).
+            del self.pending[path]
+            self.tracker.forget(path)
+            row = self.store.slide_by_path(str(path))
+            if row is not None and row.state == WAITING:
+                self.store.forget_slide(row.id)
+                log.info("a waiting scan is gone or changed shape", extra={"path": str(path)})
         for unit in found.units:
             if unit.path in self.pending:
                 continue
