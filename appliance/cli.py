@@ -116,9 +116,32 @@ def score(
     case: Annotated[str | None, typer.Option(help="Score all FILES as one case.")] = None,
     config: ConfigOption = None,
 ) -> None:
-    """Score one or more scans now and print the result."""
-    setup(config)
-    raise not_available("scoring", "the slide pipeline is still being built")
+    """Score one or more scans now and print the result.
+
+    Each FILE is a case of its own unless --case groups them. Exit 0 when every
+    case was scored or abstained; 1 with one line per rejected input; 2 when
+    no usable model bundle is configured.
+    """
+    from rich.console import Console
+
+    from appliance.score_cli import print_table, score_inputs
+    from runtime.bundle import BundleError, load_bundle
+
+    cfg = setup(config)
+    try:
+        bundle = load_bundle(cfg.bundle_dir)
+    except BundleError as exc:
+        raise fail(
+            f"no usable model bundle ({exc}); `cytoedge demo` builds the demo bundle"
+        ) from None
+    groups = [(case, files)] if case else [(path.stem or path.name, [path]) for path in files]
+    console = Console(stderr=True)
+    run = score_inputs(groups, bundle, cfg, console)
+    print_table(run, Console())
+    for path, reason in run.rejected:
+        sys.stderr.write(f"cytoedge: rejected {path}: {reason}\n")
+    if run.rejected:
+        raise typer.Exit(1)
 
 
 @app.command()
@@ -161,10 +184,23 @@ def gui(
 
 
 @app.command()
-def demo(config: ConfigOption = None) -> None:
+def demo(
+    rebuild: Annotated[bool, typer.Option(help="Build the demo bundle again.")] = False,
+    config: ConfigOption = None,
+) -> None:
     """Build the demo bundle and demo scans (once), then score them."""
-    setup(config)
-    raise not_available("the demo", "the demo bundle and synthetic smears are still being built")
+    import importlib.util
+
+    cfg = setup(config)
+    missing = [m for m in ("torch", "timm", "tensorflow") if importlib.util.find_spec(m) is None]
+    if missing:
+        raise fail(
+            f"the demo trains its models and needs {', '.join(missing)}: "
+            "install the export extra (pip install 'cytoedge[export]')"
+        )
+    from export.demo import run_demo
+
+    raise typer.Exit(run_demo(cfg, rebuild=rebuild))
 
 
 @app.command()

@@ -463,6 +463,10 @@ def _cell_folder(
     return cells, scan, verdict
 
 
+THUMBNAIL_LONG_SIDE = 1024
+STAIN_SAMPLE_TILES = 8
+
+
 def _scan_file(
     path: Path,
     bundle: Bundle,
@@ -471,4 +475,294 @@ def _scan_file(
     threads: int,
     pixel_size_um: float,
 ) -> tuple[SlideCells, dict[str, Any], dict[str, Any]]:
-    raise NotImplementedError("scan files: waiting for appliance.tiles, appliance.qc and cells")
+    """Reader -> cellular zone -> stains -> per tile QC, normalisation, StarDist, cells."""
+    from appliance import qc, stain, tiles
+    from appliance.readers import open_scan
+    from appliance.segmentation import Segmenter
+
+    reference = _stain_reference(bundle)
+    params = qc.QCParams.from_bundle(_qc_section(bundle), reference)
+    size = bundle.encoder.input.size
+    patch_px = bundle.cells.patch_px
+    with timer.stage("read"), open_scan(path, pixel_size_um) as scan:
+        timer.progress("read", 0.0)
+        info = scan.info()
+        scan_entry = {
+            "path": str(path),
+            "format": info.format,
+            "bytes": info.bytes,
+            "pixel_size_um": info.pixel_size_um,
+            "width": info.width,
+            "height": info.height,
+        }
+        long_side = max(scan.width, scan.height) * tiles.TARGET_UM_PER_PX
+        thumb_um = max(tiles.TARGET_UM_PER_PX, long_side / THUMBNAIL_LONG_SIDE)
+        thumbnail = scan.thumbnail(thumb_um)
+        thumb_scale = thumb_um / tiles.TARGET_UM_PER_PX
+        zone = tiles.cellular_zone(scan)
+        specs = tiles.tile_grid(scan, zone)
+        timer.progress("read", 1.0)
+        empty = SlideCells.empty(bundle.encoder.embed_dim, thumbnail, thumb_scale, patch_px)
+        if not specs:
+            return empty, scan_entry, qc.slide_verdict([], params).to_dict()
+        with timer.stage("stain"):
+            sample = [
+                t.core
+                for t in tiles.iter_tiles(scan, tiles.sample_specs(specs, STAIN_SAMPLE_TILES))
+            ]
+            try:
+                stains = stain.estimate_stains(sample)
+            except stain.StainError as exc:
+                verdict = {"verdict": "fail", "reasons": [exc.reason], "fractions": {}}
+                return empty, scan_entry, verdict
+        segmenter = Segmenter.open(bundle.path, _segmenter_section(bundle), threads=threads)
+        tile_qcs, found = [], []
+        for index, tile in enumerate(tiles.iter_tiles(scan, specs)):
+            with timer.stage("qc"):
+                result = qc.assess_tile(tile.spec.tile_id, tile.core, stains, params)
+                tile_qcs.append(result)
+            if result.ok:
+                with timer.stage("stain"):
+                    normalised = stain.normalize(tile.image, stains, reference)
+                found.extend(_tile_cells(tile, normalised, segmenter, bundle, timer))
+            timer.progress("segment", (index + 1) / len(specs))
+        verdict = qc.slide_verdict(tile_qcs, params).to_dict()
+    if verdict["verdict"] == "fail" or not found:
+        return empty, scan_entry, verdict
+    with timer.stage("embed"):
+        patches = np.stack([c.patch for c in found])
+        inputs = _resize_patches(patches, size)
+        embeddings = encoder.embed(
+            inputs, progress=lambda done, total: timer.progress("embed", done / total)
+        )
+    cells = SlideCells(
+        embeddings=embeddings,
+        xy=np.array([[c.x, c.y] for c in found], np.float32),
+        cell_ids=np.arange(len(found), dtype=np.int64),
+        patches=patches,
+        table_csv=_cells_csv(found),
+        geojson=_cells_geojson(found),
+        thumbnail=thumbnail,
+        thumbnail_scale=thumb_scale,
+    )
+    return cells, scan_entry, verdict
+
+
+def _stain_reference(bundle: Bundle) -> Any:
+    """The bundle's Macenko reference as appliance.stain takes it (None: no normalisation)."""
+    from appliance import stain
+
+    ref = bundle.stain_reference
+    if ref is None:
+        return None
+    return stain.StainReference.from_dict(
+        {
+            "stain_matrix": ref.stain_matrix,
+            "max_concentrations": ref.max_concentrations,
+            "intensity_p5": ref.intensity_p5,
+            "intensity_p95": ref.intensity_p95,
+            **({"background": ref.extra["background"]} if "background" in ref.extra else {}),
+        }
+    )
+
+
+def _qc_section(bundle: Bundle) -> dict[str, Any]:
+    section = bundle.qc
+    return {
+        "laplacian_min": section.laplacian_min,
+        "min_nuclei_per_tile": section.min_nuclei_per_tile,
+        "max_artefact_fraction": section.max_artefact_fraction,
+        **section.extra,
+    }
+
+
+def _segmenter_section(bundle: Bundle) -> dict[str, Any]:
+    spec = bundle.segmenter
+    if spec is None:
+        raise ValueError(f"bundle {bundle.name} has no segmenter: it scores cell folders only")
+    return {
+        "file": spec.file,
+        "n_rays": spec.n_rays,
+        "grid": list(spec.grid),
+        "div_by": list(spec.div_by),
+        "prob_thresh": spec.prob_thresh,
+        "nms_thresh": spec.nms_thresh,
+        "input_channels": spec.input_channels,
+        "normalisation": spec.normalisation or {"kind": "percentile", "low": 1.0, "high": 99.8},
+    }
+
+
+def _resize_patches(patches: np.ndarray, size: int) -> np.ndarray:
+    """(N, s, s, 3) crops -> (N, size, size, 3) bilinear, as the encoder takes them."""
+    from PIL import Image
+
+    if patches.shape[1] == size:
+        return patches
+    return np.stack(
+        [
+            np.asarray(Image.fromarray(p).resize((size, size), Image.Resampling.BILINEAR))
+            for p in patches
+        ]
+    )
+
+
+@dataclass
+class _Cell:
+    """One kept cell: slide coordinates at 0.25 um/px and its measurements."""
+
+    x: float  # intensity-weighted nucleus centroid
+    y: float
+    polygon: np.ndarray  # (n_rays, 2) slide (x, y)
+    area_px: int
+    nc_ratio: float
+    circularity: float
+    eccentricity: float
+    confidence: float
+    tile_id: int
+    patch: np.ndarray  # (patch_px, patch_px, 3) uint8, centred on (x, y)
+
+
+def _tile_cells(
+    tile: Any, normalised: np.ndarray, segmenter: Any, bundle: Bundle, timer: StageTimer
+) -> list[_Cell]:
+    """StarDist objects of one tile -> METHOD.md A's post-filters, nucleus, patch."""
+    from skimage.filters import threshold_otsu
+    from skimage.measure import regionprops
+    from skimage.morphology import binary_closing
+
+    from appliance import stain
+
+    spec, m = tile.spec, tile.spec.margin
+    with timer.stage("segment"):
+        found = segmenter.detect(normalised, core=(m, m, m + spec.height, m + spec.width))
+    if not len(found):
+        return []
+    with timer.stage("cells"):
+        f = bundle.cells
+        labels = found.labels(normalised.shape[:2])
+        polygons = found.polygons()
+        reference = _stain_reference(bundle)
+        estimate = reference.estimate if reference is not None else None
+        baso = (
+            stain.basophilic(normalised, estimate)
+            if estimate is not None
+            else 255.0 - normalised.mean(axis=2)
+        )
+        background = (
+            np.asarray(reference.background, np.uint8)
+            if reference is not None
+            else np.percentile(normalised.reshape(-1, 3), 98, axis=0).astype(np.uint8)
+        )
+        ox, oy = spec.origin
+        kept = []
+        for region in regionprops(labels):
+            index = region.label - 1
+            area = int(region.area)
+            perimeter = max(float(region.perimeter), 1e-6)
+            circularity = float(4 * np.pi * area / perimeter**2)
+            confidence = float(found.prob[index])
+            if not (
+                area >= f.min_object_px
+                and f.min_area_px <= area <= f.max_area_px
+                and circularity > f.min_circularity
+                and region.eccentricity < f.max_eccentricity
+                and confidence > f.min_confidence
+            ):
+                continue
+            r0, c0, r1, c1 = region.bbox
+            mask = region.image
+            values = baso[r0:r1, c0:c1][mask]
+            if values.size < 4 or np.ptp(values) <= 0:
+                continue
+            nucleus = binary_closing(
+                (baso[r0:r1, c0:c1] > threshold_otsu(values)) & mask, np.ones((3, 3), bool)
+            )
+            ratio = float(nucleus.sum() / area)
+            if not f.min_nucleus_ratio <= ratio <= f.max_nucleus_ratio:
+                continue
+            weights = baso[r0:r1, c0:c1] * nucleus
+            rows, cols = np.nonzero(nucleus)
+            total = weights[rows, cols].sum()
+            cy = r0 + float((rows * weights[rows, cols]).sum() / total)
+            cx = c0 + float((cols * weights[rows, cols]).sum() / total)
+            kept.append(
+                _Cell(
+                    x=ox + cx,
+                    y=oy + cy,
+                    polygon=polygons[index][:, ::-1] + np.array([ox, oy], np.float32),
+                    area_px=area,
+                    nc_ratio=ratio,
+                    circularity=circularity,
+                    eccentricity=float(region.eccentricity),
+                    confidence=confidence,
+                    tile_id=spec.tile_id,
+                    patch=_crop(normalised, cy, cx, f.patch_px, background),
+                )
+            )
+    return kept
+
+
+def _crop(image: np.ndarray, cy: float, cx: float, side: int, fill: np.ndarray) -> np.ndarray:
+    """``side`` x ``side`` crop centred on (cy, cx), padded with ``fill`` beyond the image."""
+    out = np.empty((side, side, 3), np.uint8)
+    out[:] = fill
+    top, left = round(cy) - side // 2, round(cx) - side // 2
+    r0, c0 = max(top, 0), max(left, 0)
+    r1, c1 = min(top + side, image.shape[0]), min(left + side, image.shape[1])
+    if r1 > r0 and c1 > c0:
+        out[r0 - top : r1 - top, c0 - left : c1 - left] = image[r0:r1, c0:c1]
+    return out
+
+
+CELL_COLUMNS = (
+    "cell_id", "x", "y", "area_um2", "nc_ratio", "circularity", "eccentricity", "confidence",
+    "tile_id",
+)  # fmt: skip
+
+
+def _cells_csv(cells: Sequence[_Cell]) -> str:
+    out = io.StringIO()
+    writer = csv.writer(out, lineterminator="\n")
+    writer.writerow(CELL_COLUMNS)
+    for index, c in enumerate(cells):
+        writer.writerow(
+            [
+                index,
+                f"{c.x:.1f}",
+                f"{c.y:.1f}",
+                f"{c.area_px * 0.0625:.1f}",
+                f"{c.nc_ratio:.3f}",
+                f"{c.circularity:.3f}",
+                f"{c.eccentricity:.3f}",
+                f"{c.confidence:.3f}",
+                c.tile_id,
+            ]
+        )
+    return out.getvalue()
+
+
+def _cells_geojson(cells: Sequence[_Cell]) -> dict[str, Any]:
+    """QuPath detections: polygons in 0.25-um/px pixel coordinates, measurements per cell."""
+    features = []
+    for index, c in enumerate(cells):
+        ring = [[round(float(x), 1), round(float(y), 1)] for x, y in c.polygon]
+        features.append(
+            {
+                "type": "Feature",
+                "id": str(index),
+                "geometry": {"type": "Polygon", "coordinates": [[*ring, ring[0]]]},
+                "properties": {
+                    "objectType": "detection",
+                    "classification": {"name": "Nucleated cell"},
+                    "measurements": {
+                        "cell_id": index,
+                        "area_um2": round(c.area_px * 0.0625, 2),
+                        "nc_ratio": round(c.nc_ratio, 4),
+                        "circularity": round(c.circularity, 4),
+                        "eccentricity": round(c.eccentricity, 4),
+                        "confidence": round(c.confidence, 4),
+                    },
+                },
+            }
+        )
+    return {"type": "FeatureCollection", "features": features}

@@ -94,17 +94,19 @@ def score_inputs(
 
 
 def print_table(run: ScoreRun, console: Console) -> None:
-    table = Table(title="cytoedge results", show_lines=False)
-    for column in ("case", "v", "status", "cells", "calls", "result folder"):
+    table = Table(title="cytoedge results", show_lines=True)
+    for column in ("case", "v", "status", "cells", "calls"):
         table.add_column(column)
+    table.add_column("result folder", overflow="fold")
     for case in run.cases:
         cells = sum(int(s.get("cells", 0)) for s in case.result.get("scans", []))
-        calls = ", ".join(
-            f"{p['label']} {p['call']} ({p['probability']:.2f})"
+        lines = [
+            f"{p['label']}: {p['call']} {p['probability']:.2f}"
             for p in case.result.get("predictions", [])
-        )
+        ]
         if case.result.get("high_risk"):
-            calls += f"; high risk {case.result['high_risk']}"
+            lines.append(f"high risk: {case.result['high_risk']}")
+        calls = "\n".join(lines)
         status = case.status if case.status == "scored" else f"abstained: {case.abstain_reason}"
         table.add_row(
             case.case_id, str(case.version), status, str(cells), calls or "-", str(case.folder.path)
