@@ -14,11 +14,11 @@ import datetime
 import io
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 
@@ -36,6 +36,7 @@ from runtime.bundle import Bundle
 from runtime.heads import HeadResult, load_heads
 
 ProgressCallback = Callable[[str, float], None]
+T = TypeVar("T")
 TOP_CELLS = 20
 log = logging.getLogger(__name__)
 
@@ -58,6 +59,17 @@ class StageTimer:
             yield
         finally:
             self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - start
+
+    def timed(self, items: Iterable[T], stage: str) -> Iterator[T]:
+        """Yield from ``items``, counting the time spent producing each as ``stage``."""
+        iterator = iter(items)
+        while True:
+            with self.stage(stage):
+                try:
+                    item = next(iterator)
+                except StopIteration:
+                    return
+            yield item
 
     def rounded(self) -> dict[str, float]:
         return {k: round(v, 3) for k, v in self.seconds.items()}
@@ -484,8 +496,9 @@ def _scan_file(
     params = qc.QCParams.from_bundle(_qc_section(bundle), reference)
     size = bundle.encoder.input.size
     patch_px = bundle.cells.patch_px
-    with timer.stage("read"), open_scan(path, pixel_size_um) as scan:
-        timer.progress("read", 0.0)
+    timer.progress("read", 0.0)
+    with open_scan(path, pixel_size_um) as scan:
+        opened = time.perf_counter()
         info = scan.info()
         scan_entry = {
             "path": str(path),
@@ -501,6 +514,7 @@ def _scan_file(
         thumb_scale = thumb_um / tiles.TARGET_UM_PER_PX
         zone = tiles.cellular_zone(scan)
         specs = tiles.tile_grid(scan, zone)
+        timer.seconds["read"] = time.perf_counter() - opened
         timer.progress("read", 1.0)
         empty = SlideCells.empty(bundle.encoder.embed_dim, thumbnail, thumb_scale, patch_px)
         if not specs:
@@ -516,15 +530,21 @@ def _scan_file(
                 verdict = {"verdict": "fail", "reasons": [exc.reason], "fractions": {}}
                 return empty, scan_entry, verdict
         segmenter = Segmenter.open(bundle.path, _segmenter_section(bundle), threads=threads)
+        # Nuclei are found on normalised tiles, whose stains are the reference's.
+        nuclei_stains = reference.estimate if reference is not None else stains
         tile_qcs, found = [], []
-        for index, tile in enumerate(tiles.iter_tiles(scan, specs)):
+        for index, tile in enumerate(timer.timed(tiles.iter_tiles(scan, specs), "read")):
             with timer.stage("qc"):
                 result = qc.assess_tile(tile.spec.tile_id, tile.core, stains, params)
                 tile_qcs.append(result)
             if result.ok:
                 with timer.stage("stain"):
-                    normalised = stain.normalize(tile.image, stains, reference)
-                found.extend(_tile_cells(tile, normalised, segmenter, bundle, timer))
+                    normalised = (
+                        stain.normalize(tile.image, stains, reference)
+                        if reference is not None
+                        else tile.image
+                    )
+                found.extend(_tile_cells(tile, normalised, segmenter, nuclei_stains, bundle, timer))
             timer.progress("segment", (index + 1) / len(specs))
         verdict = qc.slide_verdict(tile_qcs, params).to_dict()
     if verdict["verdict"] == "fail" or not found:
@@ -623,7 +643,12 @@ class _Cell:
 
 
 def _tile_cells(
-    tile: Any, normalised: np.ndarray, segmenter: Any, bundle: Bundle, timer: StageTimer
+    tile: Any,
+    normalised: np.ndarray,
+    segmenter: Any,
+    stains: Any,
+    bundle: Bundle,
+    timer: StageTimer,
 ) -> list[_Cell]:
     """StarDist objects of one tile -> METHOD.md A's post-filters, nucleus, patch."""
     from skimage.filters import threshold_otsu
@@ -641,18 +666,8 @@ def _tile_cells(
         f = bundle.cells
         labels = found.labels(normalised.shape[:2])
         polygons = found.polygons()
-        reference = _stain_reference(bundle)
-        estimate = reference.estimate if reference is not None else None
-        baso = (
-            stain.basophilic(normalised, estimate)
-            if estimate is not None
-            else 255.0 - normalised.mean(axis=2)
-        )
-        background = (
-            np.asarray(reference.background, np.uint8)
-            if reference is not None
-            else np.percentile(normalised.reshape(-1, 3), 98, axis=0).astype(np.uint8)
-        )
+        baso = stain.basophilic(normalised, stains)
+        background = np.asarray(stains.background, np.uint8)
         ox, oy = spec.origin
         kept = []
         for region in regionprops(labels):
