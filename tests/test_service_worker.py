@@ -7,8 +7,10 @@ appliance.results, so atomicity and versioning are the real ones.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
+import socket
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -411,3 +413,35 @@ def test_a_case_with_no_call_possible_is_rejected_and_its_result_says_why(
     assert case.result_version == 1
     result = json.loads((tmp_path / "outbox" / "F" / "v1" / "result.json").read_text())
     assert result["abstain_reason"] == case.reason
+
+
+def test_polling_observer_mode_serves_too(run_service, tmp_path: Path) -> None:
+    config = make_config(tmp_path)
+    config = replace(config, watch=replace(config.watch, polling=True))
+    running = run_service(StandInEngine(), config)
+    (tmp_path / "inbox" / "N.svs").write_bytes(b"n" * 1000)
+    wait_for(lambda: case_state(running, "N") == DONE)
+
+
+def test_systemd_hears_ready_watchdog_pings_and_stopping(
+    run_service, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    sock_path = tmp_path / "notify.sock"
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sock.bind(str(sock_path))
+    sock.settimeout(10)
+    monkeypatch.setenv("NOTIFY_SOCKET", str(sock_path))
+    monkeypatch.setenv("WATCHDOG_USEC", "600000")  # pings every 0.2 s
+    running = run_service()
+    heard: list[str] = []
+    while heard.count("WATCHDOG=1") < 2:
+        heard.append(sock.recv(4096).decode())
+    assert heard[0] == "READY=1"
+    running.halt()
+    rest = []
+    with contextlib.suppress(TimeoutError):
+        sock.settimeout(1)
+        while True:
+            rest.append(sock.recv(4096).decode())
+    assert "STOPPING=1" in rest
+    sock.close()
