@@ -202,7 +202,7 @@ def parity_gate(
     session = ort.InferenceSession(onnx_bytes, options, providers=["CPUExecutionProvider"])
     diffs = {"prob": 0.0, "dist": 0.0}
     for x in inputs:
-        reference = [np.asarray(t) for t in keras_model(x, training=False)]
+        reference = [np.asarray(t) for t in keras_model([x], training=False)]
         outputs = session.run(["prob", "dist"], {INPUT_NAME: x})
         got = dict(zip(("prob", "dist"), outputs, strict=True))
         for name, ref in zip(("prob", "dist"), reference, strict=True):
@@ -427,21 +427,27 @@ def run_export_command(
                     normalisation=normalisation,
                 )
         elif model_dir is None:
-            console.print("cytoedge: give a StarDist model folder or --train-synthetic")
+            _say(console, "cytoedge: give a StarDist model folder or --train-synthetic")
             return 2
         with console.status("Converting to ONNX and checking parity against TensorFlow..."):
             made = export_segmenter(model_dir, out, normalisation, threads)
     except ParityError as exc:
-        console.print(f"cytoedge: {exc}; nothing written")
+        _say(console, f"cytoedge: {exc}; nothing written")
         return 1
     except (SegmenterExportError, SegmentationError) as exc:
-        console.print(f"cytoedge: {exc}")
+        _say(console, f"cytoedge: {exc}")
         return 1
     section = made.section
-    console.print(f"parity passed: {made.parity.summary()}")
-    console.print(
+    _say(console, f"parity passed: {made.parity.summary()}")
+    _say(
+        console,
         f"{made.onnx_path} + segmenter.json: n_rays {section['n_rays']}, grid {section['grid']}, "
         f"div_by {section['div_by']}, prob_thresh {section['prob_thresh']:.3f}, "
-        f"nms_thresh {section['nms_thresh']:.3f}, {section['input_channels']} input channel(s)"
+        f"nms_thresh {section['nms_thresh']:.3f}, {section['input_channels']} input channel(s)",
     )
     return 0
+
+
+def _say(console: Any, text: str) -> None:
+    """One unwrapped line, no rich markup (paths may hold brackets)."""
+    console.print(text, soft_wrap=True, markup=False, highlight=False)
