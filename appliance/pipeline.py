@@ -364,9 +364,7 @@ def process_slide(
         progress("cached", 1.0)
         return _slide_result(meta, slide_id, path, entry, from_cache=True)
 
-    from runtime.encoder import Encoder
-
-    encoder = Encoder(bundle, backend, threads, batch_size)
+    encoder = _LazyEncoder(bundle, backend, threads, batch_size)
     try:
         if path.is_dir():
             cells, scan, verdict = _cell_folder(path, bundle, encoder, timer)
@@ -384,7 +382,7 @@ def process_slide(
     }
     meta = {
         "scan": scan,
-        "qc_passed": verdict["verdict"] == "pass",
+        "qc_passed": verdict["verdict"] != "fail",  # a warning is shown, not fatal
         "qc_reason": "; ".join(verdict.get("reasons") or []) or None,
         "n_cells": len(cells.embeddings),
         "timings_s": timer.rounded(),
@@ -392,6 +390,29 @@ def process_slide(
     }
     slide_cache.write_entry(entry, meta, cells)
     return _slide_result(slide_cache.read_meta(entry) or meta, slide_id, path, entry)
+
+
+class _LazyEncoder:
+    """The bundle's encoder, loaded on first use: a slide failing QC never loads it."""
+
+    def __init__(self, bundle: Bundle, backend: str, threads: int, batch_size: int) -> None:
+        self._args = (bundle, backend, threads, batch_size)
+        self._encoder: Any = None
+
+    def embed(self, patches: np.ndarray, progress: Callable[[int, int], None]) -> np.ndarray:
+        if self._encoder is None:
+            from runtime.encoder import Encoder
+
+            self._encoder = Encoder(*self._args)
+        return self._encoder.embed(patches, progress=progress)
+
+    @property
+    def backend_name(self) -> str:
+        return self._encoder.backend_name if self._encoder is not None else ""
+
+    def close(self) -> None:
+        if self._encoder is not None:
+            self._encoder.close()
 
 
 def _slide_result(
@@ -476,6 +497,8 @@ def _cell_folder(
 
 
 THUMBNAIL_LONG_SIDE = 1024
+# The QC's "no nucleus at all" level of basophilic concentration (appliance.qc.QCParams).
+QC_MIN_BASOPHILIC = 0.12
 STAIN_SAMPLE_TILES = 8
 
 
@@ -651,13 +674,14 @@ def _tile_cells(
     timer: StageTimer,
 ) -> list[_Cell]:
     """StarDist objects of one tile -> METHOD.md A's post-filters, nucleus, patch."""
+    from scipy.ndimage import binary_closing
     from skimage.filters import threshold_otsu
     from skimage.measure import regionprops
-    from skimage.morphology import binary_closing
 
     from appliance import stain
 
     spec, m = tile.spec, tile.spec.margin
+    min_basophilic = QC_MIN_BASOPHILIC
     with timer.stage("segment"):
         found = segmenter.detect(normalised, core=(m, m, m + spec.height, m + spec.width))
     if not len(found):
@@ -689,8 +713,12 @@ def _tile_cells(
             values = baso[r0:r1, c0:c1][mask]
             if values.size < 4 or np.ptp(values) <= 0:
                 continue
+            level = threshold_otsu(values)
+            if level < min_basophilic:  # no nucleus: a red cell or debris
+                continue
             nucleus = binary_closing(
-                (baso[r0:r1, c0:c1] > threshold_otsu(values)) & mask, np.ones((3, 3), bool)
+                (baso[r0:r1, c0:c1] > level) & mask,
+                structure=np.ones((3, 3), bool),
             )
             ratio = float(nucleus.sum() / area)
             if not f.min_nucleus_ratio <= ratio <= f.max_nucleus_ratio:

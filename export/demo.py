@@ -56,8 +56,8 @@ class DemoRecipe:
     encoder_arch: str = "vit_small"
     encoder_depth: int = 0  # 0: the architecture's own; fewer blocks only for test fixtures
     seed: int = 20261127
-    train_slides: int = 28
-    val_slides: int = 10
+    train_slides: int = 24
+    val_slides: int = 8
     test_slides: int = 16
     slide_px: int = 1024  # a square field at 0.25 um/px
     nucleated_per_mm2: float = 2400.0  # dense, so that a small field holds enough cells
