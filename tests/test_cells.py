@@ -231,3 +231,15 @@ def test_csv_holds_one_row_per_cell_with_its_polygon() -> None:
     assert wkt.startswith("POLYGON ((") and wkt.endswith("))")
     vertices = wkt[len("POLYGON ((") : -2].split(", ")
     assert len(vertices) == N_RAYS + 1 and vertices[0] == vertices[-1]
+
+
+def test_filters_come_from_the_bundle_section() -> None:
+    from runtime.bundle import CellsSpec
+
+    assert CellFilters.from_section(CellsSpec()) == CellFilters()
+    custom = CellFilters.from_section({"min_confidence": 0.5, "patch_px": 96, "min_cells": 50})
+    assert (custom.min_confidence, custom.patch_px, custom.max_area_px) == (0.5, 96, 5000.0)
+    with pytest.raises(CellError, match="malformed"):
+        CellFilters.from_section({"min_area_px": "large"})
+    with pytest.raises(CellError, match="min_area_px"):
+        CellFilters.from_section({"min_area_px": 6000})
