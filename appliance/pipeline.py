@@ -370,7 +370,7 @@ def process_slide(
             cells, scan, verdict = _cell_folder(path, bundle, encoder, timer)
         else:
             cells, scan, verdict = _scan_file(path, bundle, encoder, timer, threads, pixel_size_um)
-        backend_used = encoder.backend_name
+        backend_used, variant = encoder.backend_name, encoder.variant
     finally:
         encoder.close()
     scan = {
@@ -379,6 +379,7 @@ def process_slide(
         "sha256": digest,
         "qc": verdict,
         "cells": len(cells.embeddings),
+        "encoder_variant": variant,
     }
     meta = {
         "scan": scan,
@@ -409,6 +410,10 @@ class _LazyEncoder:
     @property
     def backend_name(self) -> str:
         return self._encoder.backend_name if self._encoder is not None else ""
+
+    @property
+    def variant(self) -> str | None:
+        return self._encoder.variant if self._encoder is not None else None
 
     def close(self) -> None:
         if self._encoder is not None:

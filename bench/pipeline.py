@@ -57,7 +57,7 @@ def score_one(slide: Path, bundle_dir: Path, backend: str, threads: int) -> dict
         "cells": result.n_cells,
         "status": case.status,
         "backend": case.result["backend"],
-        "encoder_variant": bundle.encoder.variants.get("int8") and "int8 available",
+        "encoder": result.scan.get("encoder_variant") or "-",
         "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
     }
 
@@ -105,22 +105,21 @@ def run_pipeline_bench(
 
 
 def _print(rows: list[dict[str, Any]], console: Console) -> None:
-    stages = sorted({k for row in rows for k in row["stages"]})
-    table = Table(title="cytoedge bench pipeline (seconds per stage, summed over tiles)")
-    table.add_column("slide")
-    for stage in stages:
-        table.add_column(stage, justify="right")
-    for name in ("total s", "cells kept", "peak RSS MB", "backend"):
-        table.add_column(name, justify="right")
+    """One column per slide, one row per stage (seconds summed over tiles), then totals."""
+    order = ["fingerprint", "read", "stain", "qc", "segment", "cells", "embed"]
+    stages = [s for s in order if any(s in r["stages"] for r in rows)]
+    stages += sorted({k for r in rows for k in r["stages"]} - set(stages))
+    table = Table(title="cytoedge bench pipeline")
+    table.add_column("seconds")
     for row in rows:
-        table.add_row(
-            row["slide"],
-            *(f"{row['stages'].get(s, 0.0):.1f}" for s in stages),
-            f"{row['total_s']:.1f}",
-            str(row["cells"]),
-            f"{row['peak_rss_mb']:.0f}",
-            row["backend"],
-        )
+        table.add_column(row["slide"].removeprefix("bench-").removesuffix(".tif"), justify="right")
+    for stage in stages:
+        table.add_row(stage, *(f"{r['stages'].get(stage, 0.0):.1f}" for r in rows))
+    table.add_row("total", *(f"{r['total_s']:.1f}" for r in rows))
+    table.add_row("cells kept", *(str(r["cells"]) for r in rows))
+    table.add_row("peak RSS MB", *(f"{r['peak_rss_mb']:.0f}" for r in rows))
+    table.add_row("backend", *(str(r["backend"]) for r in rows))
+    table.add_row("encoder", *(str(r["encoder"]) for r in rows))
     console.print(table)
     if len(rows) >= 2 and rows[0]["total_s"] > 0:
         ratio = rows[1]["total_s"] / rows[0]["total_s"]

@@ -59,7 +59,7 @@ class DemoRecipe:
     train_slides: int = 24
     val_slides: int = 8
     test_slides: int = 16
-    slide_px: int = 1024  # a square field at 0.25 um/px
+    slide_px: int = 768  # a square field at 0.25 um/px (~65 cells kept when dense)
     nucleated_per_mm2: float = 2400.0  # dense, so that a small field holds enough cells
     plasma_fraction: float = 0.6
     segmenter_tiles: int = 40
@@ -384,6 +384,11 @@ def train_demo_head(
 ) -> dict[str, Any]:
     from export.train_heads import HeadRecipe, auc, predict_bags, train_gated_mil
 
+    empty = [split for split in ("train", "val", "test") if not bags[split]]
+    if empty:
+        raise RuntimeError(
+            f"no {'/'.join(empty)} slide gave cells: the segmenter found none it trusts"
+        )
     head_recipe = HeadRecipe(epochs=recipe.head_epochs, seed=recipe.seed % 10_000)
     trained = train_gated_mil(
         bags["train"],
