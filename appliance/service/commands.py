@@ -106,7 +106,12 @@ def print_status(config: Config, limit: int, console: Console) -> int:
         console.print("service: has not run yet")
     else:
         age = time.time() - service["heartbeat_at"]
-        alive = "running" if age < ALIVE_SECONDS else f"not running (last seen {age:.0f} s ago)"
+        if service["stopped_at"]:
+            alive = f"stopped {time.time() - service['stopped_at']:.0f} s ago"
+        elif age < ALIVE_SECONDS:
+            alive = "running"
+        else:
+            alive = f"not running (last seen {age:.0f} s ago; it did not stop cleanly)"
         console.print(
             f"service: {alive}; pid {service['pid']} on {service['host']}; "
             f"bundle {service['bundle']}; backend {service['backend']}; "

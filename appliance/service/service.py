@@ -140,6 +140,7 @@ class Service:
             self._supervise(stop, store, threads)
         finally:
             clean = self._shut_down(threads, watcher_stop, worker_stop, abandon, wake)
+            store.service_stopped(time.time())
             store.close()
         return clean
 

@@ -89,7 +89,8 @@ CREATE TABLE IF NOT EXISTS service (
     heartbeat_at REAL NOT NULL,
     bundle TEXT NOT NULL DEFAULT '',
     backend TEXT NOT NULL DEFAULT '',
-    software_version TEXT NOT NULL DEFAULT ''
+    software_version TEXT NOT NULL DEFAULT '',
+    stopped_at REAL
 );
 """
 
@@ -643,9 +644,15 @@ class JobStore:
         with self._write() as conn:
             conn.execute(
                 "INSERT OR REPLACE INTO service(id, pid, host, started_at, heartbeat_at, "
-                "bundle, backend, software_version) VALUES (1, ?, ?, ?, ?, ?, ?, ?)",
+                "bundle, backend, software_version, stopped_at) "
+                "VALUES (1, ?, ?, ?, ?, ?, ?, ?, NULL)",
                 (pid, host, now, now, bundle, backend, software_version),
             )
+
+    def service_stopped(self, now: float) -> None:
+        """A clean stop: readers need not wait for the heartbeat to go stale."""
+        with self._write() as conn:
+            conn.execute("UPDATE service SET stopped_at = ? WHERE id = 1", (now,))
 
     def heartbeat(self, now: float | None = None) -> None:
         with self._write() as conn:
