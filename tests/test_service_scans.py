@@ -30,12 +30,13 @@ def shared_fixture(request: pytest.FixtureRequest, name: str) -> object:
 
 @pytest.fixture(scope="module")
 def scans(tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest) -> Path:
-    """Two small smears, written outside the inbox (the generator adds truth files)."""
+    """Small smears, written outside the inbox (the generator adds truth files)."""
     writer = shared_fixture(request, "small_scan_writer")
     assert callable(writer)
     root = tmp_path_factory.mktemp("scans")
-    for seed in (1, 2):
-        writer(root / f"smear-{seed}.tif", seed=seed)
+    writer(root / "smear-1.tif", seed=1)
+    for seed in (2, 3):  # smaller: the case test processes two
+        writer(root / f"small-{seed}.tif", seed=seed, size=768)
     return root
 
 
@@ -43,7 +44,7 @@ def scans(tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureReque
 def service(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[ServiceProcess]:
     bundle = shared_fixture(request, "tiny_bundle")
     assert isinstance(bundle, Path)
-    config = write_config(tmp_path, bundle, quiet_seconds=2.0, case_quiet_seconds=60.0)
+    config = write_config(tmp_path, bundle, quiet_seconds=2.0, case_quiet_seconds=600.0)
     running = ServiceProcess(config, tmp_path / "data" / "state")
     yield running
     running.ensure_stopped()
@@ -83,7 +84,7 @@ def test_a_case_folder_of_two_slides_is_scored_as_one_case_on_ready(
     service.start()
     case = tmp_path / "inbox" / "PATIENT-1"
     case.mkdir()
-    for name in ("smear-1.tif", "smear-2.tif"):
+    for name in ("small-2.tif", "small-3.tif"):
         shutil.copyfile(scans / name, case / name)
 
     def both_processed() -> bool:
