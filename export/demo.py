@@ -297,7 +297,9 @@ def stain_reference(recipe: DemoRecipe) -> dict[str, Any]:
         ).image
         for i, d in enumerate(np.linspace(300.0, recipe.nucleated_per_mm2 * 1.5, 16))
     ]
-    values = stain.derive_reference(images).to_dict()
+    # Intensity percentiles over 100-um sub-tiles: their spread covers the partial
+    # tiles at the edge of small fields, which QC judges like whole ones.
+    values = stain.derive_reference(images, tile_px=400).to_dict()
     background = values.pop("background")
     return {**values, "extra": {"background": background}}
 
@@ -495,7 +497,12 @@ def write_demo_scans(folder: Path, seed: int = 7, size: int = 2048) -> dict[str,
         path = case_dir / f"smear-{index + 1}.tif"
         if not path.is_file():
             spec = synthetic.SmearSpec(
-                width=size, height=size, seed=seed + index, labels=labels, plasma_fraction=0.6
+                width=size,
+                height=size,
+                seed=seed + index,
+                labels=labels,
+                nucleated_per_mm2=1200.0,
+                plasma_fraction=0.6,
             )
             synthetic.write_smear(path, spec)
         written["case"].append(path)
@@ -510,6 +517,19 @@ def write_demo_scans(folder: Path, seed: int = 7, size: int = 2048) -> dict[str,
 # --- cytoedge demo ----------------------------------------------------------------------
 
 
+def _demo_target(config: Config) -> Path:
+    """Where the demo bundle goes: the configured bundle folder unless a real bundle is there."""
+    target = config.bundle_dir
+    try:
+        existing = load_bundle(target, verify_files=False)
+    except BundleError:
+        return target  # nothing usable there
+    if existing.is_demo and existing.name == DEMO_NAME:
+        return target
+    fallback = config.data_dir / "bundles" / "demo"
+    return fallback if fallback != target else config.data_dir / "bundles" / DEMO_NAME
+
+
 def run_demo(config: Config, *, rebuild: bool = False) -> int:
     """Build (once) the demo bundle and scans, score them, say where the results are."""
     from rich.console import Console
@@ -517,14 +537,7 @@ def run_demo(config: Config, *, rebuild: bool = False) -> int:
     from appliance.score_cli import StageBars, new_progress, print_table, score_inputs
 
     console = Console(stderr=True)
-    target = config.bundle_dir
-    if (target / "bundle.json").exists() and demo_bundle_is_current(target) is None:
-        try:
-            load_bundle(target, verify_files=False)
-            # A real bundle is configured there: never overwrite it with the demo.
-            target = config.data_dir / "bundles" / "demo"
-        except BundleError:
-            pass
+    target = _demo_target(config)
     bundle = None if rebuild else demo_bundle_is_current(target)
     if bundle is None:
         console.print(f"Building the demo bundle in {target} (once; a few minutes on a CPU)")
