@@ -153,7 +153,7 @@ def _pictures_block(result: dict[str, Any]) -> str:
         maps = "<b>Attention over each slide</b><br>(blue low, red high)<br>"
         for key, path in heatmaps:
             slide = key.split(":")[1]
-            width = 230 if len(heatmaps) == 1 else 150
+            width = {1: 230, 2: 150}.get(len(heatmaps), 100)
             maps += f"<img src='{_e(path)}' width='{width}'><br><small>{_e(slide)}</small><br>"
     if not gallery and not maps:
         return ""

@@ -56,8 +56,8 @@ class DemoRecipe:
     encoder_arch: str = "vit_small"
     encoder_depth: int = 0  # 0: the architecture's own; fewer blocks only for test fixtures
     seed: int = 20261127
-    train_slides: int = 24
-    val_slides: int = 8
+    train_slides: int = 32
+    val_slides: int = 12
     test_slides: int = 16
     slide_px: int = 768  # a square field at 0.25 um/px (~65 cells kept when dense)
     nucleated_per_mm2: float = 2400.0  # dense, so that a small field holds enough cells
@@ -65,7 +65,8 @@ class DemoRecipe:
     segmenter_tiles: int = 40
     segmenter_epochs: int = 10
     segmenter_steps: int = 40
-    head_epochs: int = 40
+    head_epochs: int = 60
+    head_bags_per_step: int = 4  # a few dozen bags: more, smaller steps than the paper's 16
     int8: bool = True
     threads: int = 0
     tags: dict[str, str] = field(default_factory=dict)
@@ -391,7 +392,11 @@ def train_demo_head(
         raise RuntimeError(
             f"no {'/'.join(empty)} slide gave cells: the segmenter found none it trusts"
         )
-    head_recipe = HeadRecipe(epochs=recipe.head_epochs, seed=recipe.seed % 10_000)
+    head_recipe = HeadRecipe(
+        epochs=recipe.head_epochs,
+        bags_per_step=recipe.head_bags_per_step,
+        seed=recipe.seed % 10_000,
+    )
     trained = train_gated_mil(
         bags["train"],
         labels["train"],
@@ -486,7 +491,7 @@ def _segmenter_spec(spec_type: type, section: dict[str, Any]) -> Any:
     return spec_type(**values)
 
 
-def write_demo_scans(folder: Path, seed: int = 7, size: int = 2048) -> dict[str, list[Path]]:
+def write_demo_scans(folder: Path, seed: int = 7, size: int = 1280) -> dict[str, list[Path]]:
     """Demo scans: three smears of one patient (a case) and a blurred one QC rejects."""
     folder.mkdir(parents=True, exist_ok=True)
     labels = {"del(17p)": True, "t(4;14)": False, "t(11;14)": False, "gain(1q)": True}
@@ -501,8 +506,8 @@ def write_demo_scans(folder: Path, seed: int = 7, size: int = 2048) -> dict[str,
                 height=size,
                 seed=seed + index,
                 labels=labels,
-                nucleated_per_mm2=1200.0,
-                plasma_fraction=0.6,
+                nucleated_per_mm2=DemoRecipe.nucleated_per_mm2,  # as the head was trained on
+                plasma_fraction=DemoRecipe.plasma_fraction,
             )
             synthetic.write_smear(path, spec)
         written["case"].append(path)
