@@ -13,6 +13,8 @@ import csv
 import datetime
 import io
 import logging
+import os
+import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
@@ -365,12 +367,19 @@ def process_slide(
         return _slide_result(meta, slide_id, path, entry, from_cache=True)
 
     encoder = _LazyEncoder(bundle, backend, threads, batch_size)
+    spool = cache_dir / "spool" / f"{digest[:16]}-{os.getpid()}-{threading.get_ident()}.raw"
+    spool.parent.mkdir(parents=True, exist_ok=True)
     try:
         if path.is_dir():
             cells, scan, verdict = _cell_folder(path, bundle, encoder, timer)
         else:
-            cells, scan, verdict = _scan_file(path, bundle, encoder, timer, threads, pixel_size_um)
+            cells, scan, verdict = _scan_file(
+                path, bundle, encoder, timer, threads, pixel_size_um, spool
+            )
         backend_used, variant = encoder.backend_name, encoder.variant
+    except BaseException:
+        spool.unlink(missing_ok=True)
+        raise
     finally:
         encoder.close()
     scan = {
@@ -389,7 +398,10 @@ def process_slide(
         "timings_s": timer.rounded(),
         "backend": backend_used,
     }
-    slide_cache.write_entry(entry, meta, cells)
+    try:
+        slide_cache.write_entry(entry, meta, cells)
+    finally:
+        spool.unlink(missing_ok=True)
     return _slide_result(slide_cache.read_meta(entry) or meta, slide_id, path, entry)
 
 
@@ -514,6 +526,7 @@ def _scan_file(
     timer: StageTimer,
     threads: int,
     pixel_size_um: float,
+    spool: Path,
 ) -> tuple[SlideCells, dict[str, Any], dict[str, Any]]:
     """Reader -> cellular zone -> stains -> per tile QC, normalisation, StarDist, cells."""
     from appliance import qc, stain, tiles
@@ -560,7 +573,8 @@ def _scan_file(
         segmenter = Segmenter.open(bundle.path, _segmenter_section(bundle), threads=threads)
         # Nuclei are found on normalised tiles, whose stains are the reference's.
         nuclei_stains = reference.estimate if reference is not None else stains
-        tile_qcs, found = [], []
+        tile_qcs = []
+        sink = _CellSink(encoder, size, patch_px, spool, timer)
         for index, tile in enumerate(timer.timed(tiles.iter_tiles(scan, specs), "read")):
             with timer.stage("qc"):
                 result = qc.assess_tile(tile.spec.tile_id, tile.core, stains, params)
@@ -572,17 +586,12 @@ def _scan_file(
                         if reference is not None
                         else tile.image
                     )
-                found.extend(_tile_cells(tile, normalised, segmenter, nuclei_stains, bundle, timer))
+                sink.add(_tile_cells(tile, normalised, segmenter, nuclei_stains, bundle, timer))
             timer.progress("segment", (index + 1) / len(specs))
         verdict = qc.slide_verdict(tile_qcs, params).to_dict()
-    if verdict["verdict"] == "fail" or not found:
+    if verdict["verdict"] == "fail" or not sink.count:
         return empty, scan_entry, verdict
-    with timer.stage("embed"):
-        patches = np.stack([c.patch for c in found])
-        inputs = _resize_patches(patches, size)
-        embeddings = encoder.embed(
-            inputs, progress=lambda done, total: timer.progress("embed", done / total)
-        )
+    found, embeddings, patches = sink.finish()
     cells = SlideCells(
         embeddings=embeddings,
         xy=np.array([[c.x, c.y] for c in found], np.float32),
@@ -594,6 +603,60 @@ def _scan_file(
         thumbnail_scale=thumb_scale,
     )
     return cells, scan_entry, verdict
+
+
+EMBED_CHUNK = 256
+
+
+class _CellSink:
+    """Kept cells are embedded in chunks as tiles yield them, and their crops spooled to
+    disk, so memory holds a chunk of crops, never a slide's worth."""
+
+    def __init__(
+        self, encoder: Any, size: int, patch_px: int, spool: Path, timer: StageTimer
+    ) -> None:
+        self.encoder, self.size, self.patch_px, self.timer = encoder, size, patch_px, timer
+        self.spool = spool
+        self.spool_file = open(spool, "wb")  # noqa: SIM115 - closed in finish()
+        self.pending: list[_Cell] = []
+        self.done: list[_Cell] = []
+        self.embeddings: list[np.ndarray] = []
+
+    @property
+    def count(self) -> int:
+        return len(self.done) + len(self.pending)
+
+    def add(self, cells: Sequence[_Cell]) -> None:
+        self.pending.extend(cells)
+        if len(self.pending) >= EMBED_CHUNK:
+            self._flush()
+
+    def _flush(self) -> None:
+        if not self.pending:
+            return
+        with self.timer.stage("embed"):
+            patches = np.stack([c.patch for c in self.pending])
+            self.spool_file.write(patches.tobytes())
+            self.embeddings.append(
+                self.encoder.embed(_resize_patches(patches, self.size), progress=_ignore)
+            )
+        for cell in self.pending:
+            cell.patch = None  # the spool holds it now
+        self.done.extend(self.pending)
+        self.pending = []
+        self.timer.progress("embed", 1.0)
+
+    def finish(self) -> tuple[list[_Cell], np.ndarray, np.ndarray]:
+        """(cells, embeddings (N, D), crops (N, s, s, 3) memory-mapped from the spool)."""
+        self._flush()
+        self.spool_file.close()
+        shape = (len(self.done), self.patch_px, self.patch_px, 3)
+        patches = np.memmap(self.spool, dtype=np.uint8, mode="r", shape=shape)
+        return self.done, np.concatenate(self.embeddings), patches
+
+
+def _ignore(done: int, total: int) -> None:
+    """Chunks are small; the sink reports progress per chunk."""
 
 
 def _stain_reference(bundle: Bundle) -> Any:
@@ -667,7 +730,7 @@ class _Cell:
     eccentricity: float
     confidence: float
     tile_id: int
-    patch: np.ndarray  # (patch_px, patch_px, 3) uint8, centred on (x, y)
+    patch: np.ndarray | None  # (patch_px, patch_px, 3) uint8 centred on (x, y); None once spooled
 
 
 def _tile_cells(

@@ -21,7 +21,8 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-CACHE_FORMAT = 1
+CACHE_FORMAT = 2
+_PATCH_CHUNK = 256  # rows copied at a time: memory stays bounded for any slide
 META_FILE = "slide.json"
 _CHUNK = 1 << 22
 
@@ -89,8 +90,8 @@ def write_entry(entry: Path, meta: dict[str, Any], cells: SlideCells) -> None:
             embeddings=cells.embeddings,
             xy=cells.xy,
             cell_ids=cells.cell_ids,
-            patches=cells.patches,
         )
+        save_npy_chunked(staging / "patches.npy", cells.patches)
         (staging / "cells.csv").write_text(cells.table_csv, encoding="utf-8")
         (staging / "cells.geojson").write_text(json.dumps(cells.geojson), encoding="utf-8")
         Image.fromarray(cells.thumbnail).save(staging / "thumbnail.png")
@@ -104,12 +105,23 @@ def write_entry(entry: Path, meta: dict[str, Any], cells: SlideCells) -> None:
         raise
 
 
+def save_npy_chunked(path: Path, array: np.ndarray) -> None:
+    """``np.save`` that copies ``array`` (possibly a memmap) a few rows at a time."""
+    with open(path, "wb") as handle:
+        header = {"descr": np.lib.format.dtype_to_descr(array.dtype), "fortran_order": False}
+        np.lib.format.write_array_header_1_0(handle, {**header, "shape": array.shape})
+        for start in range(0, len(array), _PATCH_CHUNK):
+            handle.write(np.ascontiguousarray(array[start : start + _PATCH_CHUNK]).tobytes())
+
+
 def read_cells(entry: Path) -> SlideCells:
     meta = read_meta(entry)
     if meta is None:
         raise FileNotFoundError(f"{entry}: no complete cache entry")
     with np.load(entry / "cells.npz") as arrays:
         loaded = {k: arrays[k] for k in arrays.files}
+    # Memory-mapped: a case reads the crops of its top cells only.
+    loaded["patches"] = np.load(entry / "patches.npy", mmap_mode="r")
     with Image.open(entry / "thumbnail.png") as image:
         thumbnail = np.asarray(image.convert("RGB"))
     return SlideCells(
@@ -122,4 +134,3 @@ def read_cells(entry: Path) -> SlideCells:
         thumbnail=thumbnail,
         thumbnail_scale=float(meta["thumbnail_scale"]),
     )
-
