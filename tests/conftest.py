@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
 
 import pytest
 
 os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")
+# With TensorFlow 2.21 already loaded, importing torch's compiler stack (triton)
+# segfaults; the other order is fine. The suite trains StarDist and exports ViTs
+# in one process, so torch, when installed, is loaded first.
+with contextlib.suppress(ImportError):
+    import torch._dynamo  # noqa: F401
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
 
