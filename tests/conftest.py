@@ -25,3 +25,22 @@ def isolated_data_dir(
     monkeypatch.setenv("CYTOEDGE_DATA", str(data))
     monkeypatch.delenv("CYTOEDGE_CONFIG", raising=False)
     return data
+
+
+@pytest.fixture(scope="session")
+def tiny_bundle() -> Path:
+    """Path of a small, honestly built bundle (tests/fixtures/tiny_bundle.py); cached."""
+    from tests.fixtures.tiny_bundle import missing_build_dependencies, tiny_bundle_path
+
+    missing = missing_build_dependencies()
+    if missing:
+        pytest.skip(f"building the tiny bundle needs {', '.join(missing)} (the export extra)")
+    return tiny_bundle_path()
+
+
+@pytest.fixture(scope="session")
+def small_scan_writer() -> object:
+    """``write_small_scan(path, seed=0, size=1024, variant="good") -> Path``."""
+    from tests.fixtures.tiny_bundle import write_small_scan
+
+    return write_small_scan
