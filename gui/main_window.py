@@ -147,7 +147,7 @@ class MainWindow(QMainWindow):
         splitter.addWidget(self.pane)
         splitter.setStretchFactor(0, 2)
         splitter.setStretchFactor(1, 3)
-        splitter.setSizes([520, 760])  # at 1280 px: every queue column whole, the bars wide
+        splitter.setSizes([600, 680])  # at 1280 px: every queue column whole, dates included
         splitter.setChildrenCollapsible(False)
         self.setCentralWidget(splitter)
         self.splitter = splitter
