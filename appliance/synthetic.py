@@ -52,18 +52,11 @@ import tifffile
 from PIL import Image
 from scipy import ndimage
 
+from runtime.labels import MYELOMA_MARKERS as MARKERS
+from runtime.labels import PB_CLASSES
+
 PIXEL_UM = 0.25
-MARKERS = ("del(17p)", "t(4;14)", "t(11;14)", "gain(1q)")
-PB_CLASSES = (
-    "acute leukemia",
-    "lymphoma",
-    "MDS",
-    "MDS/MPN",
-    "MPN",
-    "plasma cell neoplasm",
-    "reactive changes",
-    "healthy",
-)
+
 VARIANTS = ("good", "blurred", "faint", "dark", "blank")
 LAYOUTS = ("monolayer", "smear")
 CLONE_FRACTION = 0.7  # plasma cells carrying a positive slide's morphology change

@@ -22,24 +22,15 @@ from typing import TYPE_CHECKING, Any, Literal
 import torch
 from torch import nn
 
+from runtime.labels import MYELOMA_MARKERS as MYELOMA_TASKS
+from runtime.labels import PB_CLASSES
+
 if TYPE_CHECKING:
     from collections.abc import Sequence
 
 HeadKind = Literal["gated_attention_mil", "transformer_mil"]
 CHECKPOINT_FORMAT = "cytoedge-head"
 CHECKPOINT_VERSION = 1
-
-MYELOMA_TASKS = ("del(17p)", "t(4;14)", "t(11;14)", "gain(1q)")
-PB_CLASSES = (
-    "acute leukemia",
-    "lymphoma",
-    "MDS",
-    "MDS/MPN",
-    "MPN",
-    "plasma cell neoplasm",
-    "reactive changes",
-    "healthy",
-)
 
 
 class HeadCheckpointError(ValueError):

@@ -21,6 +21,7 @@ from PIL import Image, ImageDraw, ImageFilter
 
 from appliance.results import CaseOutputs, ResultFolder, SlideOutputs, write_case_result
 from appliance.service.store import STORE_FILE, JobStore
+from runtime.labels import PB_CLASSES
 
 MM_TASKS = (
     ("del17p", "del(17p)"),
@@ -28,16 +29,7 @@ MM_TASKS = (
     ("t11_14", "t(11;14)"),
     ("gain1q", "gain(1q)"),
 )
-PB_CLASSES = (
-    "acute leukemia",
-    "lymphoma",
-    "MDS",
-    "MDS/MPN",
-    "MPN",
-    "plasma cell neoplasm",
-    "reactive changes",
-    "healthy",
-)
+
 KINDS = ("mm_positive", "mm_negative", "abstained", "qc_failed", "pb", "research")
 BAND = 0.05
 

@@ -1,0 +1,13 @@
+"""The label lists of the two workloads (docs/METHOD.md A and B), in one place."""
+
+MYELOMA_MARKERS = ("del(17p)", "t(4;14)", "t(11;14)", "gain(1q)")
+PB_CLASSES = (
+    "acute leukemia",
+    "lymphoma",
+    "MDS",
+    "MDS/MPN",
+    "MPN",
+    "plasma cell neoplasm",
+    "reactive changes",
+    "healthy",
+)
