@@ -4,22 +4,30 @@ The HTML uses only the subset Qt's rich-text engine renders (tables, inline
 styles, images), so ``report.pdf`` is the same content as ``report.html``
 without a second layout to keep in step. PySide6 is optional: without it the
 PDF is skipped with a logged note.
+
+Qt prints in a short-lived child process (``python -m appliance.report``,
+about half a second per report): Qt objects made on the service's worker
+thread cannot be destroyed safely at interpreter exit, and a printer that
+hangs is killed after a timeout instead of holding the job.
 """
 
 from __future__ import annotations
 
 import html
+import importlib.util
 import logging
 import os
 import re
-import threading
+import subprocess
+import sys
 import uuid
 from pathlib import Path
 from typing import Any
 
 DEMO_WARNING = "DEMO MODEL, NOT FOR DIAGNOSIS"
 CALL_COLOURS = {"positive": "#b00020", "negative": "#1b5e20", "indeterminate": "#8a6d00"}
-_qt_lock = threading.Lock()
+# Printing takes well under a second; this bounds a printer that hangs.
+PRINT_TIMEOUT_SECONDS = 60.0
 log = logging.getLogger(__name__)
 
 
@@ -176,48 +184,87 @@ def _footer(result: dict[str, Any]) -> str:
     )
 
 
-def write_report_pdf(report_html: str, base_dir: Path, target: Path) -> bool:
-    """Print the report HTML to ``target`` with Qt; False (and a log line) without PySide6."""
-    try:
-        from PySide6.QtCore import QMarginsF, QUrl
-        from PySide6.QtGui import (
-            QGuiApplication,
-            QImage,
-            QPageLayout,
-            QPageSize,
-            QPdfWriter,
-            QTextDocument,
-        )
-    except ImportError as exc:
-        log.warning("report.pdf skipped: PySide6 is not installed (%s)", exc)
+class ReportPrintError(RuntimeError):
+    """The PDF printer failed; ``reason`` is one line."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+def write_report_pdf(
+    report_html: str, base_dir: Path, target: Path, *, timeout: float = PRINT_TIMEOUT_SECONDS
+) -> bool:
+    """Print the report HTML to ``target``; False (and a log line saying why) when no PDF."""
+    if importlib.util.find_spec("PySide6") is None:
+        log.warning("report.pdf skipped: PySide6 is not installed")
         return False
     tmp = target.with_name(f".{target.name}.tmp-{uuid.uuid4().hex[:8]}")
-    with _qt_lock:
-        if QGuiApplication.instance() is None:
-            # Fonts need an application object; offscreen needs no display.
-            os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")
-            _keep_alive.append(QGuiApplication(["cytoedge-report"]))
-        document = QTextDocument()
-        for src in set(re.findall(r"<img src='([^']+)'", report_html)):
-            image = QImage(str(base_dir / html.unescape(src)))
-            if not image.isNull():
-                document.addResource(QTextDocument.ResourceType.ImageResource, QUrl(src), image)
-        document.setHtml(report_html)
-        writer = QPdfWriter(str(tmp))
-        writer.setPageSize(QPageSize(QPageSize.PageSizeId.A4))
-        writer.setPageMargins(QMarginsF(12, 12, 12, 12), QPageLayout.Unit.Millimeter)
-        writer.setTitle("cytoedge report")
-        writer.setCreator("cytoedge")
-        document.print_(writer)
-        del writer
     try:
-        if not tmp.exists() or tmp.stat().st_size == 0:
-            log.warning("report.pdf skipped: Qt wrote no PDF")
-            return False
+        print_pdf_in_child(report_html, base_dir, tmp, timeout=timeout)
         os.replace(tmp, target)
         return True
+    except ReportPrintError as exc:
+        log.error("report.pdf not written: %s", exc.reason)
+        return False
     finally:
         tmp.unlink(missing_ok=True)
 
 
-_keep_alive: list[Any] = []
+def print_pdf_in_child(
+    report_html: str, base_dir: Path, target: Path, *, timeout: float = PRINT_TIMEOUT_SECONDS
+) -> None:
+    """Run ``python -m appliance.report`` on the HTML; ReportPrintError unless it wrote a PDF."""
+    try:
+        done = subprocess.run(
+            [sys.executable, "-m", "appliance.report", str(base_dir), str(target)],
+            input=report_html.encode("utf-8"),
+            capture_output=True,
+            timeout=timeout,
+            env={**os.environ, "QT_QPA_PLATFORM": "offscreen"},
+            check=False,
+        )
+    except subprocess.TimeoutExpired:
+        raise ReportPrintError(f"the PDF printer did not finish within {timeout:g} s") from None
+    except OSError as exc:
+        raise ReportPrintError(f"the PDF printer could not start: {exc}") from None
+    if done.returncode != 0:
+        lines = done.stderr.decode("utf-8", "replace").strip().splitlines()
+        detail = lines[-1] if lines else "no message"
+        raise ReportPrintError(f"the PDF printer exited with {done.returncode}: {detail}")
+    if not target.is_file() or target.stat().st_size == 0:
+        raise ReportPrintError("the PDF printer wrote no PDF")
+
+
+def _print_pdf(report_html: str, base_dir: Path, target: Path) -> None:
+    """The child's work: lay the HTML out with Qt and print it to an A4 PDF."""
+    from PySide6.QtCore import QMarginsF, QUrl
+    from PySide6.QtGui import (
+        QGuiApplication,
+        QImage,
+        QPageLayout,
+        QPageSize,
+        QPdfWriter,
+        QTextDocument,
+    )
+
+    app = QGuiApplication(["cytoedge-report"])  # fonts need an application object
+    document = QTextDocument()
+    for src in set(re.findall(r"<img src='([^']+)'", report_html)):
+        image = QImage(str(base_dir / html.unescape(src)))
+        if not image.isNull():
+            document.addResource(QTextDocument.ResourceType.ImageResource, QUrl(src), image)
+    document.setHtml(report_html)
+    writer = QPdfWriter(str(target))
+    writer.setPageSize(QPageSize(QPageSize.PageSizeId.A4))
+    writer.setPageMargins(QMarginsF(12, 12, 12, 12), QPageLayout.Unit.Millimeter)
+    writer.setTitle("cytoedge report")
+    writer.setCreator("cytoedge")
+    document.print_(writer)
+    del writer, document, app  # the PDF is complete once the writer is gone
+
+
+if __name__ == "__main__":
+    if len(sys.argv) != 3:
+        sys.exit("usage: python -m appliance.report BASE_DIR TARGET_PDF < report.html")
+    _print_pdf(sys.stdin.buffer.read().decode("utf-8"), Path(sys.argv[1]), Path(sys.argv[2]))
