@@ -78,15 +78,17 @@ def run_service(config: Config) -> int:
         clean = service.run(stop)
     except StoreError as exc:
         return _fail(str(exc))
-    # Everything is committed and the audit is synced. Leave without interpreter
-    # teardown: native objects made on the worker thread (Qt's application for
-    # the PDF report, ONNX sessions) crash when destroyed from this thread, and a
-    # job stuck inside a native call would block the exit; it is recovered as
-    # interrupted on the next start.
+    if clean:
+        return EXIT_OK  # the worker has ended: a normal interpreter exit is safe
+    # The worker is still inside one call after the grace and abandon periods
+    # (a native call that does not return). Its job is recovered as interrupted
+    # on the next start; tearing the interpreter down under a thread that is
+    # running native code could crash or hang, so leave at once.
+    log.error("leaving with the current job unfinished; it is recovered on the next start")
     logging.shutdown()
     sys.stdout.flush()
     sys.stderr.flush()
-    os._exit(EXIT_OK if clean else EXIT_ERROR)
+    os._exit(EXIT_ERROR)
 
 
 def print_status(config: Config, limit: int, console: Console) -> int:
