@@ -68,6 +68,25 @@ def test_unloadable_files_are_clear(tmp_path: Path) -> None:
         open_model(broken)
 
 
+def test_expected_fallbacks_log_at_debug_and_the_choice_in_one_info_line(
+    model: tuple[Path, np.ndarray],
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # A CPU-only site: TensorRT and CUDA are absent, which every session would repeat.
+    monkeypatch.setattr(choice, "probe_backends", lambda: statuses(ort_cpu=True))
+    with caplog.at_level(logging.DEBUG, logger="runtime.backends.choice"):
+        backend = open_model(model[0])
+    loud = [r for r in caplog.records if r.levelno >= logging.INFO]
+    assert [r.levelname for r in loud] == ["INFO"]
+    line = loud[0].getMessage()
+    assert "runs on ort-cpu (fp32)" in line and "skipped tensorrt, ort-tensorrt, ort-cuda" in line
+    assert "probed" not in line  # the reasons are not repeated at INFO...
+    quiet = [r.getMessage() for r in caplog.records if r.levelno == logging.DEBUG]
+    assert sum("probed" in m for m in quiet) == 3  # ...they are at DEBUG
+    assert "ort-cuda probed" in backend.describe()  # and what cytoedge doctor shows
+
+
 def test_a_gpu_provider_that_does_not_initialise_falls_back_with_its_reason(
     model: tuple[Path, np.ndarray],
     monkeypatch: pytest.MonkeyPatch,

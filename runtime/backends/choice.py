@@ -59,7 +59,7 @@ def open_model(
     engines = engine_dir or variants.fp32.parent / "engines"
     candidates, fallbacks = plan_backends(backend)
     for fallback in fallbacks:
-        # Expected on most sites (no GPU, no TensorRT); the INFO line below repeats every reason.
+        # Expected on most sites (no GPU, no TensorRT): every session would repeat them.
         log.debug("not using %s for %s: %s", fallback.backend, variants.fp32.name, fallback.reason)
     for name in candidates:
         variant, path = variants.for_backend(name)
@@ -72,7 +72,10 @@ def open_model(
             fallbacks.append(fallback)
             continue
         loaded.fallbacks = fallbacks
-        log.info("%s runs on %s", path.name, loaded.describe())
+        # The choice in one line; the reasons of the skipped backends are at DEBUG
+        # above and in ``describe()``, which ``cytoedge doctor`` shows.
+        skipped = f" (skipped {', '.join(f.backend for f in fallbacks)})" if fallbacks else ""
+        log.info("%s runs on %s (%s)%s", path.name, loaded.name, loaded.variant, skipped)
         return loaded
     reasons = "; ".join(str(f) for f in fallbacks)
     if backend != "auto":
