@@ -99,7 +99,11 @@ def soak(
     bundle: Annotated[
         Path | None, typer.Option(help="Model bundle (default: the configured one).")
     ] = None,
-    kind: Annotated[str, typer.Option(help="smear (1024 px TIFF) | cells (PB folder).")] = "smear",
+    kind: Annotated[str, typer.Option(help="smear (TIFF) | cells (PB folder).")] = "smear",
+    size: Annotated[int, typer.Option(min=256, help="Smear side in pixels (0.25 um/px).")] = 512,
+    cells: Annotated[
+        int, typer.Option(min=2, help="Nucleated cells placed on each scan (about).")
+    ] = 20,
     burst: Annotated[int, typer.Option(min=1, help="Scans dropped at once.")] = 10,
     quiet: Annotated[float, typer.Option(min=0.1, help="The service's quiet period, s.")] = 2.0,
     workdir: Annotated[
@@ -125,7 +129,14 @@ def soak(
         raise typer.Exit(2)
     console = Console()
     report = run_soak(
-        scans, bundle=bundle.resolve(), kind=kind, burst=burst, quiet=quiet, work=workdir
+        scans,
+        bundle=bundle.resolve(),
+        kind=kind,
+        size_px=size,
+        cells=cells,
+        burst=burst,
+        quiet=quiet,
+        work=workdir,
     )
     print_report(report, console)
     raise typer.Exit(0 if report.failures == 0 and report.exit_code == 0 else 1)
