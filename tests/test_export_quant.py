@@ -10,7 +10,8 @@ import pytest
 from export_models import meaningful_encoder, peaky_head
 
 import export.int8 as int8
-from export.cell_images import cell_pixels, render_cells
+from export.cell_images import cell_pixels
+from export.encoder import MEAN, STD
 from export.fp16 import export_encoder_fp16
 from export.heads import build_head
 from export.int8 import HeadProbe, quantize_encoder
@@ -32,10 +33,12 @@ def mil_probe(tmp_path_factory: pytest.TempPathFactory) -> HeadProbe:
     return HeadProbe("mm", "gated_attention_mil", (path,), {}, head.config.tasks)
 
 
-def test_rendered_cells_are_deterministic_and_cell_like() -> None:
-    images = render_cells(4, seed=7)
-    assert images.shape == (4, 224, 224, 3) and images.dtype == np.uint8
-    np.testing.assert_array_equal(images, render_cells(4, seed=7))
+def test_cell_pixels_are_deterministic_normalised_cells() -> None:
+    pixels = cell_pixels(4, seed=7)
+    assert pixels.shape == (4, 3, 224, 224) and pixels.dtype == np.float32
+    np.testing.assert_array_equal(pixels, cell_pixels(4, seed=7))
+    mean, std = np.asarray(MEAN, np.float32), np.asarray(STD, np.float32)
+    images = (pixels.transpose(0, 2, 3, 1) * std + mean) * 255.0
     corner, centre = images[:, :20, :20].mean(), images[:, 100:124, 100:124].mean()
     assert corner > 190 and centre < 150  # pale background, dark nucleus in the middle
     blue_over_red = images[:, 100:124, 100:124, 2].mean() / images[:, 100:124, 100:124, 0].mean()
