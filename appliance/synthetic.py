@@ -10,15 +10,20 @@ own (jittered) stain vectors, so Macenko estimation has a true answer
 
 Hidden per-slide labels for the 4 markers shift the morphology of a fraction
 (``CLONE_FRACTION``) of the plasma cells. METHOD.md has no per-marker table,
-so these directions are chosen, documented and deliberately learnable:
+so these directions are chosen, documented and deliberately learnable. Each
+marker moves a feature of its own, so that markers present together do not
+mimic each other (an earlier table had t(11;14) and gain(1q) both shrink the
+cell, and the demo head confused them):
 
 =========  ==============================================================
 del(17p)   larger nuclei (x1.22 radius), immature fine chromatin (clumping
            x0.4), visible nucleolus
-t(4;14)    deeply basophilic cytoplasm (x1.8 azure), slightly larger cell
-t(11;14)   lymphoplasmacytoid: small cells (x0.78), nucleus less eccentric
-           (x0.4 offset), coarser chromatin
-gain(1q)   higher N:C: smaller cytoplasm (cell x0.86), nucleus x1.08
+t(4;14)    deeply basophilic cytoplasm (x2.2 azure), slightly larger cell
+t(11;14)   lymphoplasmacytoid: small cells (x0.78), nucleus central (x0.3
+           offset), coarse chromatin (clumping x1.6), faint perinuclear
+           Golgi zone (x0.2)
+gain(1q)   higher N:C (cell x0.92, nucleus x1.08) and eosin-tinged
+           cytoplasm (+0.1 eosin concentration)
 =========  ==============================================================
 
 Everything is deterministic by seed and rendered in horizontal strips, so an
@@ -215,12 +220,15 @@ def _nucleated(
     if affected:
         if labels["del(17p)"]:
             nuc_r, clump, nucleolus = nuc_r * 1.22, clump * 0.4, True
+        # Each marker moves its own feature (nucleus, cytoplasm blue, cell shape and
+        # Golgi zone, cytoplasm pink), so that co-occurring markers do not mimic each other.
         if labels["t(4;14)"]:
-            cyto_baso, cell_r = cyto_baso * 1.8, cell_r * 1.06
+            cyto_baso, cell_r = cyto_baso * 2.2, cell_r * 1.06
         if labels["t(11;14)"]:
-            cell_r, nuc_r, off, clump = cell_r * 0.78, nuc_r * 0.88, off * 0.4, clump * 1.3
+            cell_r, nuc_r, off, clump = cell_r * 0.78, nuc_r * 0.88, off * 0.3, clump * 1.6
+            halo *= 0.2
         if labels["gain(1q)"]:
-            cell_r, nuc_r = cell_r * 0.86, nuc_r * 1.08
+            cell_r, nuc_r, cyto_eos = cell_r * 0.92, nuc_r * 1.08, cyto_eos + 0.1
     cell_r = max(cell_r, 3.0)
     nuc_r = float(np.clip(nuc_r, 1.5, cell_r * 0.92))
     aspect = rng.uniform(0.8, 0.97)

@@ -85,16 +85,23 @@ def _plasma_measures(labels: dict[str, bool], seed: int) -> dict[str, float]:
         np.ones(2, np.float32),
         np.array(field.truth.background_rgb, np.float32),
     )
-    baso = stain.basophilic(field.image, estimate)
+    conc = stain.concentrations(field.image, estimate)
     cytoplasm = (field.cells > 0) & (field.nuclei == 0)
-    cyto_sum = np.bincount(field.cells[cytoplasm], weights=baso[cytoplasm], minlength=len(nuc_area))
-    cyto_n = np.bincount(field.cells[cytoplasm], minlength=len(nuc_area))
+    cyto_n = np.maximum(np.bincount(field.cells[cytoplasm], minlength=len(nuc_area)), 1)
     sel = np.array(ids)
+
+    def cytoplasm_mean(channel: int) -> float:
+        total = np.bincount(
+            field.cells[cytoplasm], weights=conc[..., channel][cytoplasm], minlength=len(nuc_area)
+        )
+        return float(np.median(total[sel] / cyto_n[sel]))
+
     return {
         "nucleus": float(np.median(nuc_area[sel])),
         "cell": float(np.median(cell_area[sel])),
         "nc": float(np.median(nuc_area[sel] / cell_area[sel])),
-        "cyto_baso": float(np.median(cyto_sum[sel] / np.maximum(cyto_n[sel], 1))),
+        "cyto_baso": cytoplasm_mean(0),
+        "cyto_eos": cytoplasm_mean(1),
     }
 
 
@@ -108,6 +115,10 @@ def test_each_marker_shifts_plasma_cell_morphology_measurably() -> None:
     assert t414["cyto_baso"] > base["cyto_baso"] * 1.4  # more basophilic cytoplasm
     assert t1114["cell"] < base["cell"] * 0.75  # small lymphoplasmacytoid cells
     assert g1q["nc"] > base["nc"] * 1.25  # higher N:C
+    assert g1q["cyto_eos"] > base["cyto_eos"] + 0.05  # eosin-tinged cytoplasm
+    # Distinct signatures: gain(1q) cells are not shrunk like t(11;14); t(11;14) cells not pink.
+    assert g1q["cell"] > base["cell"] * 0.8
+    assert t1114["cyto_eos"] < base["cyto_eos"] + 0.02
 
 
 def test_qc_variants_change_the_pixels_as_named() -> None:
