@@ -35,6 +35,9 @@ def encoder(
     workdir: Annotated[
         Path | None, typer.Option(help="Where the exported models go (default: a temp dir).")
     ] = None,
+    gemm: Annotated[
+        bool, typer.Option(help="Also time fp32 vs int8 GEMM kernels at the model's shapes.")
+    ] = True,
 ) -> None:
     """Encoder cells/s: torch eager vs ONNX Runtime fp32 / int8 (and GPU where present)."""
     from bench.encoder import run_encoder_bench
@@ -48,6 +51,7 @@ def encoder(
         weights=weights,
         checkpoint_format=checkpoint_format,
         workdir=workdir,
+        gemm=gemm,
     )
 
 

@@ -92,8 +92,13 @@ def run_encoder_bench(
     checkpoint_format: str = "dinobloom",
     workdir: Path | None = None,
     console: Console | None = None,
+    gemm: bool = True,
 ) -> list[PathResult]:
-    """Measure every available path on the same batch and print the table."""
+    """Measure every available path on the same batch and print the table.
+
+    With ``gemm``, then also the int8 GEMM ceiling at the model's Linear shapes
+    (bench/gemm.py), which bounds what the int8 row can reach on this CPU.
+    """
     import os
 
     import torch
@@ -207,6 +212,18 @@ def run_encoder_bench(
         )
         engine.close()
     print_table(out, results, flops)
+    if gemm:
+        from bench.gemm import (
+            cpu_description,
+            linear_shapes,
+            measure_gemm_ceiling,
+            print_gemm_table,
+        )
+
+        with out.status("Timing fp32 vs int8 GEMM kernels at the model's shapes..."):
+            kernels = measure_gemm_ceiling(linear_shapes(model, batch), threads)
+        out.print(cpu_description())
+        print_gemm_table(out, kernels)
     return results
 
 
