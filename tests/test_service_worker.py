@@ -50,8 +50,11 @@ class StandInEngine:
 
     def __post_init__(self) -> None:
         self.cache: dict[Path, SlideOutcome] = {}  # like the pipeline's embedding cache
+        self.job_threads: set[int] = set()  # the threads that ran jobs
+        self.closed_on: list[int] = []  # the thread of each close()
 
     def process_slide(self, path: Path, progress: ProgressFn, *, use_cache: bool) -> SlideOutcome:
+        self.job_threads.add(threading.get_ident())
         if use_cache and path in self.cache:
             return self.cache[path]
         data = path.read_bytes()
@@ -80,6 +83,9 @@ class StandInEngine:
             result.update(status="scored", predictions=[{"task": "t", "call": "positive"}])
         folder = write_case_result(outbox, case_key, CaseOutputs(result, []), write_pdf=False)
         return CaseOutcome.from_result(result, folder.path)
+
+    def close(self) -> None:
+        self.closed_on.append(threading.get_ident())
 
 
 def probe(path: Path) -> None:
@@ -308,6 +314,9 @@ def test_stop_abandons_a_long_job_cleanly_within_the_grace_period(
     assert running.clean
     slide = store.slide_by_path(str(tmp_path / "inbox" / "L.svs"))
     assert slide is not None and (slide.state, slide.attempts) == (QUEUED, 0)
+    engine = running.engine
+    # Closed once, on the thread that ran the job (where its sessions were made).
+    assert len(engine.job_threads) == 1 and engine.closed_on == list(engine.job_threads)
 
 
 def test_a_result_written_before_a_crash_is_adopted_not_written_again(

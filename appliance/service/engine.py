@@ -55,3 +55,7 @@ class PipelineEngine:
             progress=progress,
         )
         return CaseOutcome.from_result(case.result, case.folder.path)
+
+    def close(self) -> None:
+        """The worker calls this on its own thread as it ends."""
+        # Nothing is kept: each slide opens and closes its own sessions.

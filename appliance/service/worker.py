@@ -111,6 +111,10 @@ class Engine(Protocol):
         """The heads over the slides' handles; writes the next result version atomically."""
         ...
 
+    def close(self) -> None:
+        """Release what is kept between jobs; called on the worker thread as it ends."""
+        ...
+
 
 @dataclass(frozen=True)
 class WorkerSettings:
@@ -198,9 +202,13 @@ class Worker:
                     self.wake.wait(IDLE_WAIT_SECONDS)
                     self.wake.clear()
         finally:
-            if self._store is not None:
-                self._store.close()
-                self._store = None
+            try:
+                # Sessions made on this thread are released on it, not at interpreter exit.
+                self.engine.close()
+            finally:
+                if self._store is not None:
+                    self._store.close()
+                    self._store = None
 
     def run_one(self) -> bool:
         """Run the next job, if any: ready cases first (cheap, a result), then slides."""
