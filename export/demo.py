@@ -392,6 +392,15 @@ def train_demo_head(
         raise RuntimeError(
             f"no {'/'.join(empty)} slide gave cells: the segmenter found none it trusts"
         )
+    # Every demo slide is dense: slides without cells mean the segmenter's detections
+    # fail the cells filters (typically its confidence), and AUCs on what is left mislead.
+    total = recipe.train_slides + recipe.val_slides + recipe.test_slides
+    missing = total - sum(len(bags[split]) for split in ("train", "val", "test"))
+    if missing > max(2, total // 10):
+        raise RuntimeError(
+            f"{missing} of {total} synthetic slides gave no cells: the segmenter's detections "
+            "do not pass the cells filters (e.g. min_confidence); train it longer"
+        )
     head_recipe = HeadRecipe(
         epochs=recipe.head_epochs,
         bags_per_step=recipe.head_bags_per_step,
