@@ -1,7 +1,9 @@
 """int8 ONNX of the encoder for CPU-only sites, accepted only if it keeps fidelity.
 
-Dynamic quantisation (ONNX Runtime, QInt8 weights per output channel, after ORT's
-``quant_pre_process`` so every Linear is quantised) is tried first; static QDQ calibrated
+Dynamic quantisation (ONNX Runtime, QInt8 weights per output channel, uint8
+activations, after ORT's ``quant_pre_process`` so every Linear is quantised, with the
+attention blocks fused to ORT's Attention op so that they become QAttention, see
+export/attention_fusion.py) is tried first; static QDQ calibrated
 on cell patches only if dynamic fails. A candidate is accepted when, on rendered cell
 images (not noise), every embedding keeps cosine >= 0.99 against fp32 AND every head
 given makes the same calls on bags of those cells. Otherwise nothing is written and the
@@ -18,6 +20,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from export.attention_fusion import fuse_attention
 from export.cell_images import cell_pixels
 from export.onnx_export import ort_session, row_cosines
 
@@ -62,6 +65,7 @@ def quantize_encoder(
     pixels: np.ndarray | None = None,
 ) -> Int8Result:
     """Try dynamic, then static int8; write ``out_path`` only for an accepted model."""
+    from onnx import TensorProto
     from onnxruntime.quantization import QuantType, quant_pre_process, quantize_dynamic
 
     fp32_path, out_path = Path(fp32_path), Path(out_path)
@@ -72,13 +76,30 @@ def quantize_encoder(
     staging = Path(tempfile.mkdtemp(prefix=f".{out_path.name}.", dir=out_path.parent))
     failures = []
     try:
+        # Fused before ORT's pre-processing, which reorders the chain the fusion matches.
+        fused = staging / "fused.onnx"
+        fused_blocks = _fused_attention(fp32_path, fused)
         prepared = staging / "prepared.onnx"
-        quant_pre_process(str(fp32_path), str(prepared))
+        quant_pre_process(str(fused if fused_blocks else fp32_path), str(prepared))
+
+        def prepared_unfused() -> Path:
+            if not fused_blocks:
+                return prepared
+            unfused = staging / "prepared-unfused.onnx"
+            quant_pre_process(str(fp32_path), str(unfused))
+            return unfused
+
         candidates = {
             "dynamic": lambda path: quantize_dynamic(
-                str(prepared), str(path), weight_type=QuantType.QInt8, per_channel=True
+                str(prepared),
+                str(path),
+                weight_type=QuantType.QInt8,
+                per_channel=True,
+                # shape inference cannot type the fused Attention's output
+                extra_options={"DefaultTensorType": TensorProto.FLOAT},
             ),
-            "static-qdq": lambda path: _quantize_static(prepared, path),
+            # static QDQ has no Attention: it quantises the plain graph
+            "static-qdq": lambda path: _quantize_static(prepared_unfused(), path),
         }
         for method, quantise in candidates.items():
             candidate = staging / f"{method}.onnx"
@@ -94,6 +115,8 @@ def quantize_encoder(
             if metrics["min_cosine"] >= INT8_MIN_COSINE and not changed:
                 shutil.move(str(candidate), out_path)
                 checked = ", ".join(p.name for p in heads) or "none given"
+                if method == "dynamic" and fused_blocks:
+                    metrics["qattention_blocks"] = float(fused_blocks)
                 return Int8Result(
                     True,
                     f"{method} int8 accepted: min cosine {metrics['min_cosine']:.5f} vs fp32 "
@@ -115,6 +138,26 @@ def quantize_encoder(
         )
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+
+
+def _fused_attention(fp32_path: Path, out_path: Path) -> int:
+    """Write the model with its attention blocks as fused Attention (see attention_fusion).
+
+    Dynamic quantisation turns those into QAttention. Returns the number of blocks
+    fused; 0 (nothing written) when none matches or the weights are stored externally.
+    """
+    import onnx
+
+    if any(
+        init.data_location == onnx.TensorProto.EXTERNAL
+        for init in onnx.load(str(fp32_path), load_external_data=False).graph.initializer
+    ):
+        return 0
+    model = onnx.load(str(fp32_path))
+    blocks = fuse_attention(model)
+    if blocks:
+        onnx.save(model, str(out_path))
+    return blocks
 
 
 def _quantize_static(prepared: Path, out_path: Path) -> None:

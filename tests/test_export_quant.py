@@ -2,20 +2,23 @@
 
 from __future__ import annotations
 
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
 import onnx
+import onnxruntime as ort
 import pytest
 from export_models import meaningful_encoder, peaky_head
 
 import export.int8 as int8
+from export.attention_fusion import fuse_attention
 from export.cell_images import cell_pixels
 from export.encoder import MEAN, STD
 from export.fp16 import export_encoder_fp16
 from export.heads import build_head
 from export.int8 import HeadProbe, quantize_encoder
-from export.onnx_export import export_encoder, export_head_member
+from export.onnx_export import export_encoder, export_head_member, row_cosines
 
 
 @pytest.fixture(scope="module")
@@ -70,8 +73,30 @@ def test_dynamic_int8_is_accepted_on_rendered_cells_with_unchanged_calls(
     print(result.reason, result.metrics)
     assert result.accepted and result.method == "dynamic"
     assert result.metrics["min_cosine"] >= 0.99 and result.metrics["head_calls_changed"] == 0
-    ops = {n.op_type for n in onnx.load(str(out)).graph.node}
-    assert "MatMulInteger" in ops or "DynamicQuantizeMatMul" in ops
+    ops = Counter(n.op_type for n in onnx.load(str(out)).graph.node)
+    # 12 blocks: attention as QAttention, the other 36 Linear layers as int8 matmuls
+    assert ops["QAttention"] == 12 and result.metrics["qattention_blocks"] == 12
+    assert ops["MatMulInteger"] + ops["DynamicQuantizeMatMul"] == 36
+
+
+def test_attention_fusion_rewrites_every_block_without_changing_the_embeddings(
+    fp32_encoder: Path,
+) -> None:
+    plain = onnx.load(str(fp32_encoder))
+    fused = onnx.load(str(fp32_encoder))
+    assert fuse_attention(fused) == 12
+    onnx.checker.check_model(fused)
+    ops = Counter(n.op_type for n in fused.graph.node)
+    assert ops["Attention"] == 12 and ops["Softmax"] == 0 and ops["Split"] == 0
+    pixels = cell_pixels(3, seed=15)
+    (reference,) = _session(plain).run(["embedding"], {"pixels": pixels})
+    (candidate,) = _session(fused).run(["embedding"], {"pixels": pixels})
+    assert row_cosines(reference, candidate).min() >= 0.99999
+    assert fuse_attention(fused) == 0  # nothing left to match
+
+
+def _session(model: onnx.ModelProto) -> ort.InferenceSession:
+    return ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
 
 
 @pytest.mark.slow
