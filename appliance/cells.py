@@ -17,18 +17,19 @@ Per object (a StarDist star-convex polygon):
   beyond the image, resized to the encoder's input (bilinear) on demand.
 
 Tables: CSV (one row per cell, polygon as WKT) and a QuPath-importable GeoJSON
-FeatureCollection of detections with measurements (attention added after scoring).
+FeatureCollection of detections with measurements, both in level-0 pixels of the
+scan so that they overlay it; a slide's tables are made once (and cached) and
+the case's attention is added to them after scoring (``csv_with_attention``,
+``geojson_with_attention``).
 """
 
 from __future__ import annotations
 
 import csv
 import io
-import json
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, fields, replace
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -38,14 +39,14 @@ from skimage.draw import polygon as draw_polygon
 from skimage.filters import threshold_otsu
 
 from appliance.segmentation import Detections
+from runtime.bundle import CellsSpec
 
-METHOD_UM_PER_PX = 0.25  # the pixel size METHOD.md's numbers are stated at
 ENCODER_INPUT_PX = 224
 CLOSING_PX = 3  # nucleus closing footprint at 0.25 um/px
 CLASSIFICATION = "Nucleated cell"
 CSV_COLUMNS = (
-    "cell_id", "x", "y", "area_px", "area_um2", "nucleus_area_px", "nc_ratio",
-    "circularity", "eccentricity", "confidence", "tile_id", "polygon_wkt",
+    "cell_id", "x", "y", "area_um2", "nucleus_area_um2", "nc_ratio", "circularity",
+    "eccentricity", "confidence", "tile_id", "polygon_wkt",
 )  # fmt: skip
 
 
@@ -58,18 +59,21 @@ class CellError(ValueError):
 
 @dataclass(frozen=True)
 class CellFilters:
-    """METHOD.md A's post-filters and patch size, stated at ``pixel_size_um``."""
+    """METHOD.md A's post-filters and patch size, stated at ``pixel_size_um``.
 
-    pixel_size_um: float = METHOD_UM_PER_PX
-    min_object_px: float = 200.0
-    min_area_px: float = 500.0
-    max_area_px: float = 5000.0
-    min_circularity: float = 0.6
-    max_eccentricity: float = 0.85
-    min_confidence: float = 0.7
-    min_nucleus_ratio: float = 0.2
-    max_nucleus_ratio: float = 0.8
-    patch_px: int = 128
+    The defaults are the bundle's (``runtime.bundle.CellsSpec``, METHOD.md's values).
+    """
+
+    pixel_size_um: float = CellsSpec.pixel_size_um
+    min_object_px: float = CellsSpec.min_object_px
+    min_area_px: float = CellsSpec.min_area_px
+    max_area_px: float = CellsSpec.max_area_px
+    min_circularity: float = CellsSpec.min_circularity
+    max_eccentricity: float = CellsSpec.max_eccentricity
+    min_confidence: float = CellsSpec.min_confidence
+    min_nucleus_ratio: float = CellsSpec.min_nucleus_ratio
+    max_nucleus_ratio: float = CellsSpec.max_nucleus_ratio
+    patch_px: int = CellsSpec.patch_px
     closing_px: int = CLOSING_PX
 
     @classmethod
@@ -129,6 +133,10 @@ class Cell:
     def area_um2(self) -> float:
         return self.area_px * self.pixel_size_um**2
 
+    @property
+    def nucleus_area_um2(self) -> float:
+        return self.nucleus_area_px * self.pixel_size_um**2
+
 
 def polygon_circularity(vertices: np.ndarray) -> float:
     """4 pi A / P^2 of a closed polygon given as (n, 2) vertices; 1 for a circle."""
@@ -149,13 +157,23 @@ def mask_eccentricity(mask: np.ndarray) -> float:
 
 
 def nucleus_mask(
-    basophilic: np.ndarray, cell: np.ndarray, closing_px: int = CLOSING_PX
+    basophilic: np.ndarray,
+    cell: np.ndarray,
+    closing_px: int = CLOSING_PX,
+    min_level: float = 0.0,
 ) -> np.ndarray:
-    """Otsu on the basophilic concentration inside ``cell``, closed, kept inside the cell."""
+    """Otsu on the basophilic concentration inside ``cell``, closed, kept inside the cell.
+
+    Empty when the Otsu level is below ``min_level``: then even the darkest part of
+    the object is not a nucleus (a red cell or debris), whatever the split.
+    """
     values = basophilic[cell]
     if values.size < 2 or float(np.ptp(values)) <= 0:
         return np.zeros_like(cell)
-    nucleus = (basophilic > threshold_otsu(values)) & cell
+    level = threshold_otsu(values)
+    if level < min_level:
+        return np.zeros_like(cell)
+    nucleus = (basophilic > level) & cell
     footprint = np.ones((closing_px, closing_px), bool)
     # Pad so that the closing does not treat the bounding box edge as background.
     padded = np.pad(nucleus, closing_px)
@@ -205,13 +223,16 @@ def measure_cells(
     origin: tuple[float, float] = (0.0, 0.0),
     tile_id: int = 0,
     background: Sequence[float] | np.ndarray | None = None,
+    min_basophilic: float = 0.0,
 ) -> list[Cell]:
     """Objects of one tile that pass the filters, with nucleus, centre and patch.
 
     ``image`` is the (stain-normalised) RGB tile the detections come from,
     ``basophilic`` its basophilic concentration (H, W); ``filters`` must already be
     at the tile's pixel size (``CellFilters.at``); ``origin`` = slide (x, y) of
-    the tile's pixel (0, 0).
+    the tile's pixel (0, 0); ``background`` = the padding colour of patches (the
+    tile's glass when None); an object whose basophilic Otsu level is below
+    ``min_basophilic`` has no nucleus and is dropped (``nucleus_mask``).
     """
     if image.shape[:2] != basophilic.shape:
         raise CellError(f"image {image.shape[:2]} and basophilic {basophilic.shape} differ")
@@ -236,9 +257,9 @@ def measure_cells(
         if eccentricity >= filters.max_eccentricity:
             continue
         baso = basophilic[r0 : r0 + mask.shape[0], c0 : c0 + mask.shape[1]]
-        nucleus = nucleus_mask(baso, mask, filters.closing_px)
+        nucleus = nucleus_mask(baso, mask, filters.closing_px, min_basophilic)
         ratio = float(nucleus.sum()) / area
-        if not filters.min_nucleus_ratio <= ratio <= filters.max_nucleus_ratio:
+        if not nucleus.any() or not filters.min_nucleus_ratio <= ratio <= filters.max_nucleus_ratio:
             continue
         row, col = weighted_centroid(baso, nucleus)
         row, col = row + r0, col + c0
@@ -261,31 +282,24 @@ def measure_cells(
     return kept
 
 
+def resize_bilinear(image: np.ndarray, size: int) -> np.ndarray:
+    """uint8 (h, w, 3) -> (size, size, 3), bilinear (what the encoder's input is made with)."""
+    if image.shape[:2] == (size, size):
+        return image
+    return np.asarray(Image.fromarray(image).resize((size, size), Image.Resampling.BILINEAR))
+
+
 def encoder_patches(cells: Sequence[Cell], size: int = ENCODER_INPUT_PX) -> np.ndarray:
     """uint8 (N, size, size, 3): each cell's patch resized bilinearly for the encoder."""
     out = np.empty((len(cells), size, size, 3), np.uint8)
     for index, cell in enumerate(cells):
         if cell.patch is None:
             raise CellError(f"cell {index} has no patch")
-        patch = cell.patch
-        if patch.shape[0] != size:
-            patch = np.asarray(
-                Image.fromarray(patch).resize((size, size), Image.Resampling.BILINEAR)
-            )
-        out[index] = patch
+        out[index] = resize_bilinear(cell.patch, size)
     return out
 
 
 # --- tables ------------------------------------------------------------------------
-
-
-def _check_attention(cells: Sequence[Cell], attention: np.ndarray | None) -> np.ndarray | None:
-    if attention is None:
-        return None
-    values = np.asarray(attention, np.float64).ravel()
-    if len(values) != len(cells):
-        raise CellError(f"{len(values)} attention values for {len(cells)} cells")
-    return values
 
 
 def _wkt(polygon: np.ndarray, scale: float) -> str:
@@ -293,63 +307,54 @@ def _wkt(polygon: np.ndarray, scale: float) -> str:
     return "POLYGON ((" + ", ".join(f"{x * scale:.1f} {y * scale:.1f}" for x, y in ring) + "))"
 
 
-def cells_csv(
-    cells: Sequence[Cell], attention: np.ndarray | None = None, level0_scale: float = 1.0
-) -> str:
+def cells_csv(cells: Sequence[Cell], level0_scale: float = 1.0) -> str:
     """The per-cell table as CSV text; ``cell_id`` is the cell's index in ``cells``.
 
     Coordinates are multiplied by ``level0_scale`` (analysis pixel size / level-0
     pixel size) so that they are level-0 slide pixels, as in the GeoJSON.
     """
-    values = _check_attention(cells, attention)
     out = io.StringIO()
     writer = csv.writer(out, lineterminator="\n")
-    writer.writerow([*CSV_COLUMNS, *(["attention"] if values is not None else [])])
+    writer.writerow(CSV_COLUMNS)
     for index, c in enumerate(cells):
-        row = [
-            index,
-            f"{c.x * level0_scale:.1f}",
-            f"{c.y * level0_scale:.1f}",
-            f"{c.area_px:.0f}",
-            f"{c.area_um2:.2f}",
-            f"{c.nucleus_area_px:.0f}",
-            f"{c.nc_ratio:.4f}",
-            f"{c.circularity:.4f}",
-            f"{c.eccentricity:.4f}",
-            f"{c.confidence:.4f}",
-            c.tile_id,
-            _wkt(c.polygon, level0_scale),
-        ]
-        if values is not None:
-            row.append(f"{values[index]:.6g}")
-        writer.writerow(row)
+        writer.writerow(
+            [
+                index,
+                f"{c.x * level0_scale:.1f}",
+                f"{c.y * level0_scale:.1f}",
+                f"{c.area_um2:.2f}",
+                f"{c.nucleus_area_um2:.2f}",
+                f"{c.nc_ratio:.4f}",
+                f"{c.circularity:.4f}",
+                f"{c.eccentricity:.4f}",
+                f"{c.confidence:.4f}",
+                c.tile_id,
+                _wkt(c.polygon, level0_scale),
+            ]
+        )
     return out.getvalue()
 
 
-def cells_geojson(
-    cells: Sequence[Cell], attention: np.ndarray | None = None, level0_scale: float = 1.0
-) -> dict[str, Any]:
+def cells_geojson(cells: Sequence[Cell], level0_scale: float = 1.0) -> dict[str, Any]:
     """QuPath-importable FeatureCollection: one detection per cell, polygon in level-0 pixels."""
-    values = _check_attention(cells, attention)
     features = []
     for index, c in enumerate(cells):
         ring = [
-            [round(float(x) * level0_scale, 2), round(float(y) * level0_scale, 2)]
+            [round(float(x) * level0_scale, 1), round(float(y) * level0_scale, 1)]
             for x, y in c.polygon
         ]
         measurements = {
             "cell_id": index,
-            "centroid_x": round(c.x * level0_scale, 2),
-            "centroid_y": round(c.y * level0_scale, 2),
-            "area_um2": round(c.area_um2, 3),
+            "centroid_x": round(c.x * level0_scale, 1),
+            "centroid_y": round(c.y * level0_scale, 1),
+            "area_um2": round(c.area_um2, 2),
+            "nucleus_area_um2": round(c.nucleus_area_um2, 2),
             "nc_ratio": round(c.nc_ratio, 4),
             "circularity": round(c.circularity, 4),
             "eccentricity": round(c.eccentricity, 4),
             "confidence": round(c.confidence, 4),
             "tile_id": c.tile_id,
         }
-        if values is not None:
-            measurements["attention"] = float(values[index])
         features.append(
             {
                 "type": "Feature",
@@ -365,30 +370,43 @@ def cells_geojson(
     return {"type": "FeatureCollection", "features": features}
 
 
-def write_geojson(
-    cells: Sequence[Cell],
-    path: Path,
-    attention: np.ndarray | None = None,
-    level0_scale: float = 1.0,
-) -> Path:
-    """Write ``cells_geojson`` to ``path`` atomically (temporary name, then rename)."""
-    path = Path(path)
-    text = json.dumps(cells_geojson(cells, attention, level0_scale), ensure_ascii=False)
-    return _write_text_atomic(path, text)
+def _attention_values(rows: int, attention: np.ndarray) -> np.ndarray:
+    values = np.asarray(attention, np.float64).ravel()
+    if len(values) != rows:
+        raise CellError(f"{len(values)} attention values for {rows} cells")
+    return values
 
 
-def write_cells_csv(
-    cells: Sequence[Cell],
-    path: Path,
-    attention: np.ndarray | None = None,
-    level0_scale: float = 1.0,
-) -> Path:
-    """Write ``cells_csv`` to ``path`` atomically."""
-    return _write_text_atomic(Path(path), cells_csv(cells, attention, level0_scale))
+def csv_with_attention(table_csv: str, attention: np.ndarray | None) -> str:
+    """A cell table with an ``attention`` column added, row by row (unchanged when None)."""
+    if attention is None or not table_csv:
+        return table_csv
+    header, *rows = csv.reader(io.StringIO(table_csv))
+    values = _attention_values(len(rows), attention)
+    out = io.StringIO()
+    writer = csv.writer(out, lineterminator="\n")
+    writer.writerow([*header, "attention"])
+    for row, value in zip(rows, values, strict=True):
+        writer.writerow([*row, f"{value:.6g}"])
+    return out.getvalue()
 
 
-def _write_text_atomic(path: Path, text: str) -> Path:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    tmp.replace(path)
-    return path
+def geojson_with_attention(
+    collection: Mapping[str, Any], slide_id: str, attention: np.ndarray | None
+) -> dict[str, Any]:
+    """The slide's detections named with ``slide`` and, when given, each cell's attention.
+
+    A collection without features (a single-cell folder has no geometry) stays empty.
+    """
+    source = list(collection.get("features") or [])
+    values = _attention_values(len(source), attention) if attention is not None and source else None
+    features = []
+    for index, feature in enumerate(source):
+        properties = dict(feature.get("properties") or {})
+        measurements = dict(properties.get("measurements") or {})
+        if values is not None:
+            measurements["attention"] = float(values[index])
+        properties["measurements"] = measurements
+        properties["slide"] = slide_id
+        features.append({**feature, "properties": properties})
+    return {"type": "FeatureCollection", "features": features}

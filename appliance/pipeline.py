@@ -14,6 +14,7 @@ import datetime
 import io
 import logging
 import os
+import re
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -25,6 +26,17 @@ from typing import Any, TypeVar
 import numpy as np
 
 from appliance import slide_cache
+from appliance.cells import (
+    Cell,
+    CellFilters,
+    cells_csv,
+    cells_geojson,
+    csv_with_attention,
+    encoder_patches,
+    geojson_with_attention,
+    measure_cells,
+    resize_bilinear,
+)
 from appliance.results import (
     GALLERY_CELLS,
     CaseOutputs,
@@ -40,6 +52,7 @@ from runtime.heads import HeadResult, load_heads
 ProgressCallback = Callable[[str, float], None]
 T = TypeVar("T")
 TOP_CELLS = 20
+_SHA256 = re.compile(r"[0-9a-f]{64}")
 log = logging.getLogger(__name__)
 
 
@@ -249,8 +262,8 @@ def _case_outputs(
                 thumbnail_scale=c.thumbnail_scale,
                 cell_xy=c.xy,
                 attention=share,
-                cells_csv=_csv_with_attention(c.table_csv, share if scored else None),
-                geojson=_geojson_with_attention(
+                cells_csv=csv_with_attention(c.table_csv, share if scored else None),
+                geojson=geojson_with_attention(
                     c.geojson, slide.slide_id, share if scored else None
                 ),
             )
@@ -297,37 +310,6 @@ def _case_outputs(
     )
 
 
-def _csv_with_attention(table_csv: str, attention: np.ndarray | None) -> str:
-    if attention is None or not table_csv:
-        return table_csv
-    rows = list(csv.reader(io.StringIO(table_csv)))
-    out = io.StringIO()
-    writer = csv.writer(out, lineterminator="\n")
-    writer.writerow([*rows[0], "attention"])
-    for row, value in zip(rows[1:], attention, strict=True):
-        writer.writerow([*row, f"{float(value):.6g}"])
-    return out.getvalue()
-
-
-def _geojson_with_attention(
-    collection: dict[str, Any], slide_id: str, attention: np.ndarray | None
-) -> dict[str, Any]:
-    source = collection.get("features") or []
-    if not source:  # a single-cell folder has no geometry
-        return {"type": "FeatureCollection", "features": []}
-    features = []
-    values = attention if attention is not None else [None] * len(source)
-    for feature, value in zip(source, values, strict=True):
-        properties = dict(feature.get("properties") or {})
-        measurements = dict(properties.get("measurements") or {})
-        if value is not None:
-            measurements["attention"] = float(value)
-        properties["measurements"] = measurements
-        properties["slide"] = slide_id
-        features.append({**feature, "properties": properties})
-    return {"type": "FeatureCollection", "features": features}
-
-
 # --- slides ------------------------------------------------------------------------
 
 
@@ -342,8 +324,17 @@ def process_slide(
     pixel_size_um: float = 0.0,
     slide_id: str | None = None,
     progress: ProgressCallback = no_progress,
+    fingerprint: str | None = None,
+    encoder: SlideEncoder | None = None,
 ) -> SlideResult:
     """One scan (or single-cell folder) up to cached embeddings and its cell table.
+
+    ``fingerprint``: the sha256 of the scan's content when the caller already has
+    it (the service hashes a scan when it arrives); computed here otherwise.
+    ``encoder``: a ``SlideEncoder`` of ``bundle`` shared by the caller's slides
+    (one session for all of them); without it, one is opened for this slide when
+    it has cells to embed, and closed. ``backend``, ``threads`` and ``batch_size``
+    are then the shared encoder's.
 
     Raises ``appliance.readers.ScanError`` (with a one-line ``reason``) for an
     input that cannot be used. A slide that fails QC is not an error: it comes
@@ -351,6 +342,10 @@ def process_slide(
     """
     path = Path(path)
     slide_id = slide_id or (path.stem if path.is_file() else path.name) or "slide"
+    if fingerprint is not None and not _SHA256.fullmatch(fingerprint):
+        raise ValueError(f"fingerprint must be a sha256 in lower-case hex, got {fingerprint!r}")
+    if encoder is not None and encoder.bundle.sha256 != bundle.sha256:
+        raise ValueError(f"the shared encoder is {encoder.bundle.name}'s, not {bundle.name}'s")
     timer = StageTimer(progress)
     progress("fingerprint", 0.0)
     with timer.stage("fingerprint"):
@@ -358,7 +353,7 @@ def process_slide(
             from appliance.readers import ScanNotFoundError
 
             raise ScanNotFoundError(path, "file not found")
-        digest = slide_cache.fingerprint(path)
+        digest = fingerprint or slide_cache.fingerprint(path)
     progress("fingerprint", 1.0)
     entry = slide_cache.entry_dir(cache_dir, digest, bundle.sha256)
     meta = slide_cache.read_meta(entry)
@@ -366,22 +361,28 @@ def process_slide(
         progress("cached", 1.0)
         return _slide_result(meta, slide_id, path, entry, from_cache=True)
 
-    encoder = _LazyEncoder(bundle, backend, threads, batch_size)
+    own_encoder = encoder is None
+    slide_encoder = SlideEncoder(bundle, backend, threads, batch_size) if own_encoder else encoder
+    embedded_before = slide_encoder.embedded
     spool = cache_dir / "spool" / f"{digest[:16]}-{os.getpid()}-{threading.get_ident()}.raw"
     spool.parent.mkdir(parents=True, exist_ok=True)
     try:
         if path.is_dir():
-            cells, scan, verdict = _cell_folder(path, bundle, encoder, timer)
+            cells, scan, verdict = _cell_folder(path, bundle, slide_encoder, timer)
         else:
             cells, scan, verdict = _scan_file(
-                path, bundle, encoder, timer, threads, pixel_size_um, spool
+                path, bundle, slide_encoder, timer, threads, pixel_size_um, spool
             )
-        backend_used, variant = encoder.backend_name, encoder.variant
+        # What embedded this slide (nothing, when it had no cells).
+        embedded = slide_encoder.embedded > embedded_before
+        backend_used = slide_encoder.backend_name if embedded else ""
+        variant = slide_encoder.variant if embedded else None
     except BaseException:
         spool.unlink(missing_ok=True)
         raise
     finally:
-        encoder.close()
+        if own_encoder:
+            slide_encoder.close()
     scan = {
         **scan,
         "slide_id": slide_id,
@@ -405,19 +406,41 @@ def process_slide(
     return _slide_result(slide_cache.read_meta(entry) or meta, slide_id, path, entry)
 
 
-class _LazyEncoder:
-    """The bundle's encoder, loaded on first use: a slide failing QC never loads it."""
+class SlideEncoder:
+    """The bundle's encoder, opened on first use and kept for every slide after that.
 
-    def __init__(self, bundle: Bundle, backend: str, threads: int, batch_size: int) -> None:
+    A caller that processes several slides makes one, passes it to each
+    ``process_slide`` and closes it at the end (or uses ``with``): one session
+    instead of one per slide. Lazy: a slide read from the cache, or one without
+    cells, never opens it.
+    """
+
+    def __init__(
+        self, bundle: Bundle, backend: str = "auto", threads: int = 0, batch_size: int = 0
+    ) -> None:
+        self.bundle = bundle
         self._args = (bundle, backend, threads, batch_size)
         self._encoder: Any = None
+        self.embedded = 0  # images embedded so far, over all slides
+
+    def __enter__(self) -> SlideEncoder:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
     def embed(self, patches: np.ndarray, progress: Callable[[int, int], None]) -> np.ndarray:
         if self._encoder is None:
             from runtime.encoder import Encoder
 
             self._encoder = Encoder(*self._args)
-        return self._encoder.embed(patches, progress=progress)
+        embeddings = self._encoder.embed(patches, progress=progress)
+        self.embedded += len(patches)
+        return embeddings
+
+    @property
+    def is_open(self) -> bool:
+        return self._encoder is not None
 
     @property
     def backend_name(self) -> str:
@@ -430,6 +453,7 @@ class _LazyEncoder:
     def close(self) -> None:
         if self._encoder is not None:
             self._encoder.close()
+            self._encoder = None
 
 
 def _slide_result(
@@ -469,9 +493,8 @@ def _cell_folder(
         names, crops, inputs = [], [], []
         for index, (name, image) in enumerate(folder):
             names.append(name)
-            pil = Image.fromarray(image)
-            crops.append(np.asarray(pil.resize((patch_px, patch_px), Image.Resampling.BILINEAR)))
-            inputs.append(np.asarray(pil.resize((size, size), Image.Resampling.BILINEAR)))
+            crops.append(resize_bilinear(image, patch_px))
+            inputs.append(resize_bilinear(image, size))
             timer.progress("read", (index + 1) / len(folder))
     with timer.stage("embed"):
         embeddings = encoder.embed(
@@ -514,8 +537,6 @@ def _cell_folder(
 
 
 THUMBNAIL_LONG_SIDE = 1024
-# The QC's "no nucleus at all" level of basophilic concentration (appliance.qc.QCParams).
-QC_MIN_BASOPHILIC = 0.12
 STAIN_SAMPLE_TILES = 8
 
 
@@ -536,7 +557,9 @@ def _scan_file(
     reference = _stain_reference(bundle)
     params = qc.QCParams.from_bundle(_qc_section(bundle), reference)
     size = bundle.encoder.input.size
-    patch_px = bundle.cells.patch_px
+    # Tiles are on the 0.25 um/px working grid, whatever the scan's own pixel size.
+    filters = CellFilters.from_section(bundle.cells).at(tiles.TARGET_UM_PER_PX)
+    patch_px = filters.patch_px
     timer.progress("read", 0.0)
     with open_scan(path, pixel_size_um) as scan:
         opened = time.perf_counter()
@@ -553,6 +576,8 @@ def _scan_file(
         thumb_um = max(tiles.TARGET_UM_PER_PX, long_side / THUMBNAIL_LONG_SIDE)
         thumbnail = scan.thumbnail(thumb_um)
         thumb_scale = thumb_um / tiles.TARGET_UM_PER_PX
+        # The cell tables are in the scan's level-0 pixels, so that they overlay it.
+        level0_scale = tiles.TARGET_UM_PER_PX / info.pixel_size_um
         zone = tiles.cellular_zone(scan)
         specs = tiles.tile_grid(scan, zone)
         timer.seconds["read"] = time.perf_counter() - opened
@@ -570,7 +595,9 @@ def _scan_file(
             except stain.StainError as exc:
                 verdict = {"verdict": "fail", "reasons": [exc.reason], "fractions": {}}
                 return empty, scan_entry, verdict
-        segmenter = Segmenter.open(bundle.path, _segmenter_section(bundle), threads=threads)
+        if bundle.segmenter is None:
+            raise ValueError(f"bundle {bundle.name} has no segmenter: it scores cell folders only")
+        segmenter = Segmenter.open(bundle.path, bundle.segmenter, threads=threads)
         # Nuclei are found on normalised tiles, whose stains are the reference's.
         nuclei_stains = reference.estimate if reference is not None else stains
         tile_qcs = []
@@ -586,7 +613,9 @@ def _scan_file(
                         if reference is not None
                         else tile.image
                     )
-                sink.add(_tile_cells(tile, normalised, segmenter, nuclei_stains, bundle, timer))
+                sink.add(
+                    _tile_cells(tile, normalised, segmenter, nuclei_stains, filters, params, timer)
+                )
             timer.progress("segment", (index + 1) / len(specs))
         verdict = qc.slide_verdict(tile_qcs, params).to_dict()
     if verdict["verdict"] == "fail" or not sink.count:
@@ -597,12 +626,42 @@ def _scan_file(
         xy=np.array([[c.x, c.y] for c in found], np.float32),
         cell_ids=np.arange(len(found), dtype=np.int64),
         patches=patches,
-        table_csv=_cells_csv(found),
-        geojson=_cells_geojson(found),
+        table_csv=cells_csv(found, level0_scale),
+        geojson=cells_geojson(found, level0_scale),
         thumbnail=thumbnail,
         thumbnail_scale=thumb_scale,
     )
     return cells, scan_entry, verdict
+
+
+def _tile_cells(
+    tile: Any,
+    normalised: np.ndarray,
+    segmenter: Any,
+    stains: Any,
+    filters: CellFilters,
+    params: Any,
+    timer: StageTimer,
+) -> list[Cell]:
+    """StarDist objects whose centre lies in the tile's core -> the kept cells."""
+    from appliance import stain
+
+    spec, m = tile.spec, tile.spec.margin
+    with timer.stage("segment"):
+        detections = segmenter.detect(normalised, core=(m, m, m + spec.height, m + spec.width))
+    if not len(detections):
+        return []
+    with timer.stage("cells"):
+        return measure_cells(
+            detections,
+            normalised,
+            stain.basophilic(normalised, stains),
+            filters,
+            origin=spec.origin,
+            tile_id=spec.tile_id,
+            background=stains.background,
+            min_basophilic=params.min_basophilic,  # the QC's "no nucleus at all" level
+        )
 
 
 EMBED_CHUNK = 256
@@ -618,15 +677,15 @@ class _CellSink:
         self.encoder, self.size, self.patch_px, self.timer = encoder, size, patch_px, timer
         self.spool = spool
         self.spool_file = open(spool, "wb")  # noqa: SIM115 - closed in finish()
-        self.pending: list[_Cell] = []
-        self.done: list[_Cell] = []
+        self.pending: list[Cell] = []
+        self.done: list[Cell] = []
         self.embeddings: list[np.ndarray] = []
 
     @property
     def count(self) -> int:
         return len(self.done) + len(self.pending)
 
-    def add(self, cells: Sequence[_Cell]) -> None:
+    def add(self, cells: Sequence[Cell]) -> None:
         self.pending.extend(cells)
         if len(self.pending) >= EMBED_CHUNK:
             self._flush()
@@ -635,10 +694,9 @@ class _CellSink:
         if not self.pending:
             return
         with self.timer.stage("embed"):
-            patches = np.stack([c.patch for c in self.pending])
-            self.spool_file.write(patches.tobytes())
+            self.spool_file.write(np.stack([c.patch for c in self.pending]).tobytes())
             self.embeddings.append(
-                self.encoder.embed(_resize_patches(patches, self.size), progress=_ignore)
+                self.encoder.embed(encoder_patches(self.pending, self.size), progress=_ignore)
             )
         for cell in self.pending:
             cell.patch = None  # the spool holds it now
@@ -646,7 +704,7 @@ class _CellSink:
         self.pending = []
         self.timer.progress("embed", 1.0)
 
-    def finish(self) -> tuple[list[_Cell], np.ndarray, np.ndarray]:
+    def finish(self) -> tuple[list[Cell], np.ndarray, np.ndarray]:
         """(cells, embeddings (N, D), crops (N, s, s, 3) memory-mapped from the spool)."""
         self._flush()
         self.spool_file.close()
@@ -685,195 +743,3 @@ def _qc_section(bundle: Bundle) -> dict[str, Any]:
         "max_artefact_fraction": section.max_artefact_fraction,
         **section.extra,
     }
-
-
-def _segmenter_section(bundle: Bundle) -> dict[str, Any]:
-    spec = bundle.segmenter
-    if spec is None:
-        raise ValueError(f"bundle {bundle.name} has no segmenter: it scores cell folders only")
-    return {
-        "file": spec.file,
-        "n_rays": spec.n_rays,
-        "grid": list(spec.grid),
-        "div_by": list(spec.div_by),
-        "prob_thresh": spec.prob_thresh,
-        "nms_thresh": spec.nms_thresh,
-        "input_channels": spec.input_channels,
-        "normalisation": spec.normalisation or {"kind": "percentile", "low": 1.0, "high": 99.8},
-    }
-
-
-def _resize_patches(patches: np.ndarray, size: int) -> np.ndarray:
-    """(N, s, s, 3) crops -> (N, size, size, 3) bilinear, as the encoder takes them."""
-    from PIL import Image
-
-    if patches.shape[1] == size:
-        return patches
-    return np.stack(
-        [
-            np.asarray(Image.fromarray(p).resize((size, size), Image.Resampling.BILINEAR))
-            for p in patches
-        ]
-    )
-
-
-@dataclass
-class _Cell:
-    """One kept cell: slide coordinates at 0.25 um/px and its measurements."""
-
-    x: float  # intensity-weighted nucleus centroid
-    y: float
-    polygon: np.ndarray  # (n_rays, 2) slide (x, y)
-    area_px: int
-    nc_ratio: float
-    circularity: float
-    eccentricity: float
-    confidence: float
-    tile_id: int
-    patch: np.ndarray | None  # (patch_px, patch_px, 3) uint8 centred on (x, y); None once spooled
-
-
-def _tile_cells(
-    tile: Any,
-    normalised: np.ndarray,
-    segmenter: Any,
-    stains: Any,
-    bundle: Bundle,
-    timer: StageTimer,
-) -> list[_Cell]:
-    """StarDist objects of one tile -> METHOD.md A's post-filters, nucleus, patch."""
-    from scipy.ndimage import binary_closing
-    from skimage.filters import threshold_otsu
-    from skimage.measure import regionprops
-
-    from appliance import stain
-
-    spec, m = tile.spec, tile.spec.margin
-    min_basophilic = QC_MIN_BASOPHILIC
-    with timer.stage("segment"):
-        found = segmenter.detect(normalised, core=(m, m, m + spec.height, m + spec.width))
-    if not len(found):
-        return []
-    with timer.stage("cells"):
-        f = bundle.cells
-        labels = found.labels(normalised.shape[:2])
-        polygons = found.polygons()
-        baso = stain.basophilic(normalised, stains)
-        background = np.asarray(stains.background, np.uint8)
-        ox, oy = spec.origin
-        kept = []
-        for region in regionprops(labels):
-            index = region.label - 1
-            area = int(region.area)
-            perimeter = max(float(region.perimeter), 1e-6)
-            circularity = float(4 * np.pi * area / perimeter**2)
-            confidence = float(found.prob[index])
-            if not (
-                area >= f.min_object_px
-                and f.min_area_px <= area <= f.max_area_px
-                and circularity > f.min_circularity
-                and region.eccentricity < f.max_eccentricity
-                and confidence > f.min_confidence
-            ):
-                continue
-            r0, c0, r1, c1 = region.bbox
-            mask = region.image
-            values = baso[r0:r1, c0:c1][mask]
-            if values.size < 4 or np.ptp(values) <= 0:
-                continue
-            level = threshold_otsu(values)
-            if level < min_basophilic:  # no nucleus: a red cell or debris
-                continue
-            nucleus = binary_closing(
-                (baso[r0:r1, c0:c1] > level) & mask,
-                structure=np.ones((3, 3), bool),
-            )
-            ratio = float(nucleus.sum() / area)
-            if not f.min_nucleus_ratio <= ratio <= f.max_nucleus_ratio:
-                continue
-            weights = baso[r0:r1, c0:c1] * nucleus
-            rows, cols = np.nonzero(nucleus)
-            total = weights[rows, cols].sum()
-            cy = r0 + float((rows * weights[rows, cols]).sum() / total)
-            cx = c0 + float((cols * weights[rows, cols]).sum() / total)
-            kept.append(
-                _Cell(
-                    x=ox + cx,
-                    y=oy + cy,
-                    polygon=polygons[index][:, ::-1] + np.array([ox, oy], np.float32),
-                    area_px=area,
-                    nc_ratio=ratio,
-                    circularity=circularity,
-                    eccentricity=float(region.eccentricity),
-                    confidence=confidence,
-                    tile_id=spec.tile_id,
-                    patch=_crop(normalised, cy, cx, f.patch_px, background),
-                )
-            )
-    return kept
-
-
-def _crop(image: np.ndarray, cy: float, cx: float, side: int, fill: np.ndarray) -> np.ndarray:
-    """``side`` x ``side`` crop centred on (cy, cx), padded with ``fill`` beyond the image."""
-    out = np.empty((side, side, 3), np.uint8)
-    out[:] = fill
-    top, left = round(cy) - side // 2, round(cx) - side // 2
-    r0, c0 = max(top, 0), max(left, 0)
-    r1, c1 = min(top + side, image.shape[0]), min(left + side, image.shape[1])
-    if r1 > r0 and c1 > c0:
-        out[r0 - top : r1 - top, c0 - left : c1 - left] = image[r0:r1, c0:c1]
-    return out
-
-
-CELL_COLUMNS = (
-    "cell_id", "x", "y", "area_um2", "nc_ratio", "circularity", "eccentricity", "confidence",
-    "tile_id",
-)  # fmt: skip
-
-
-def _cells_csv(cells: Sequence[_Cell]) -> str:
-    out = io.StringIO()
-    writer = csv.writer(out, lineterminator="\n")
-    writer.writerow(CELL_COLUMNS)
-    for index, c in enumerate(cells):
-        writer.writerow(
-            [
-                index,
-                f"{c.x:.1f}",
-                f"{c.y:.1f}",
-                f"{c.area_px * 0.0625:.1f}",
-                f"{c.nc_ratio:.3f}",
-                f"{c.circularity:.3f}",
-                f"{c.eccentricity:.3f}",
-                f"{c.confidence:.3f}",
-                c.tile_id,
-            ]
-        )
-    return out.getvalue()
-
-
-def _cells_geojson(cells: Sequence[_Cell]) -> dict[str, Any]:
-    """QuPath detections: polygons in 0.25-um/px pixel coordinates, measurements per cell."""
-    features = []
-    for index, c in enumerate(cells):
-        ring = [[round(float(x), 1), round(float(y), 1)] for x, y in c.polygon]
-        features.append(
-            {
-                "type": "Feature",
-                "id": str(index),
-                "geometry": {"type": "Polygon", "coordinates": [[*ring, ring[0]]]},
-                "properties": {
-                    "objectType": "detection",
-                    "classification": {"name": "Nucleated cell"},
-                    "measurements": {
-                        "cell_id": index,
-                        "area_um2": round(c.area_px * 0.0625, 2),
-                        "nc_ratio": round(c.nc_ratio, 4),
-                        "circularity": round(c.circularity, 4),
-                        "eccentricity": round(c.eccentricity, 4),
-                        "confidence": round(c.confidence, 4),
-                    },
-                },
-            }
-        )
-    return {"type": "FeatureCollection", "features": features}

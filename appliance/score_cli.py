@@ -11,7 +11,7 @@ from rich.progress import BarColumn, Progress, TaskID, TextColumn, TimeElapsedCo
 from rich.table import Table
 
 from appliance.config import Config
-from appliance.pipeline import CaseResult, SlideResult, process_slide, score_case
+from appliance.pipeline import CaseResult, SlideEncoder, SlideResult, process_slide, score_case
 from appliance.readers import ScanError
 from runtime.bundle import Bundle
 
@@ -57,7 +57,10 @@ def score_inputs(
 ) -> ScoreRun:
     """Process every input and score each group as a case; rejected inputs are collected."""
     run = ScoreRun()
-    with new_progress(console) as progress:
+    rt = config.runtime
+    # One encoder session for every scan of the run, opened by the first that has cells.
+    encoder = SlideEncoder(bundle, rt.backend, rt.threads, rt.encoder_batch)
+    with new_progress(console) as progress, encoder:
         for case_id, paths in groups:
             slides: list[SlideResult] = []
             for path in paths:
@@ -73,6 +76,7 @@ def score_inputs(
                             batch_size=config.runtime.encoder_batch,
                             pixel_size_um=config.scan.pixel_size_um,
                             progress=bars,
+                            encoder=encoder,
                         )
                     )
                 except ScanError as exc:

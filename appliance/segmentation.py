@@ -26,11 +26,13 @@ import ctypes.util
 import functools
 import logging
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
+
+from runtime.bundle import BundleError, SegmenterSpec, parse_section
 
 SEGMENTER_FILE = "segmenter.onnx"
 INPUT_NAME = "input"
@@ -48,57 +50,21 @@ class Network(Protocol):
     def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]: ...
 
 
-@dataclass(frozen=True)
-class SegmenterSpec:
-    """The bundle's ``segmenter`` section, checked."""
-
-    file: str
-    n_rays: int
-    grid: tuple[int, int]
-    div_by: tuple[int, int]
-    prob_thresh: float
-    nms_thresh: float
-    input_channels: int
-    normalisation: dict[str, Any]
-
-    @classmethod
-    def from_section(cls, section: Mapping[str, Any]) -> SegmenterSpec:
-        try:
-            spec = cls(
-                file=str(section.get("file", SEGMENTER_FILE)),
-                n_rays=int(section["n_rays"]),
-                grid=_pair(section["grid"]),
-                div_by=_pair(section["div_by"]),
-                prob_thresh=float(section["prob_thresh"]),
-                nms_thresh=float(section["nms_thresh"]),
-                input_channels=int(section["input_channels"]),
-                normalisation=dict(section.get("normalisation", DEFAULT_NORMALISATION)),
-            )
-        except KeyError as exc:
-            raise SegmentationError(f"segmenter section lacks {exc.args[0]!r}") from None
-        except (TypeError, ValueError) as exc:
-            raise SegmentationError(f"segmenter section is malformed: {exc}") from None
-        if spec.n_rays < 3:
-            raise SegmentationError(f"segmenter n_rays must be >= 3, got {spec.n_rays}")
-        if spec.input_channels not in (1, 3):
-            raise SegmentationError(
-                f"segmenter input_channels must be 1 or 3, got {spec.input_channels}"
-            )
-        if any(d % g for d, g in zip(spec.div_by, spec.grid, strict=True)):
-            raise SegmentationError(
-                f"segmenter div_by {spec.div_by} is not a multiple of grid {spec.grid}"
-            )
-        if not (0 < spec.prob_thresh < 1 and 0 <= spec.nms_thresh < 1):
-            raise SegmentationError("segmenter thresholds must lie in (0, 1)")
-        normalise(np.zeros((4, 4, 3), np.uint8), spec.normalisation)  # validates the spec
-        return spec
-
-
-def _pair(value: Any) -> tuple[int, int]:
-    values = tuple(int(v) for v in value)
-    if len(values) != 2 or min(values) < 1:
-        raise ValueError(f"expected two positive integers, got {value!r}")
-    return values  # type: ignore[return-value]
+def segmenter_spec(section: SegmenterSpec | Mapping[str, Any]) -> SegmenterSpec:
+    """The bundle's ``segmenter`` section (``runtime.bundle.SegmenterSpec``, which is
+    the authority on it, or the JSON object it is parsed from), checked, with the
+    default normalisation filled in."""
+    try:
+        if isinstance(section, SegmenterSpec):
+            spec = section
+            spec.validate("segmenter")
+        else:
+            spec = parse_section(SegmenterSpec, {"file": SEGMENTER_FILE, **section}, "segmenter")
+    except BundleError as exc:
+        raise SegmentationError(str(exc)) from None
+    normalisation = dict(spec.normalisation or DEFAULT_NORMALISATION)
+    normalise(np.zeros((4, 4, 3), np.uint8), normalisation)  # an unusable one raises here
+    return replace(spec, normalisation=normalisation)
 
 
 def normalise(image: np.ndarray, spec: Mapping[str, Any]) -> np.ndarray:
@@ -163,17 +129,23 @@ class Detections:
 class Segmenter:
     """Runs one segmentation network on tiles; thread counts follow the runtime's."""
 
-    def __init__(self, network: Network, spec: SegmenterSpec, threads: int = 0) -> None:
+    def __init__(
+        self, network: Network, spec: SegmenterSpec | Mapping[str, Any], threads: int = 0
+    ) -> None:
         self.network = network
-        self.spec = spec
+        self.spec = segmenter_spec(spec)
         self.threads = threads
 
     @classmethod
     def open(
-        cls, bundle_dir: Path, section: Mapping[str, Any], backend: str = "auto", threads: int = 0
+        cls,
+        bundle_dir: Path,
+        section: SegmenterSpec | Mapping[str, Any],
+        backend: str = "auto",
+        threads: int = 0,
     ) -> Segmenter:
         """The bundle's segmenter on the chosen backend."""
-        spec = SegmenterSpec.from_section(section)
+        spec = segmenter_spec(section)
         path = Path(bundle_dir) / spec.file
         if not path.is_file():
             raise SegmentationError(f"{path}: segmenter network not found")

@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-CACHE_FORMAT = 2
+CACHE_FORMAT = 3  # 3: cell tables in level-0 pixels, cells from appliance.cells
 _PATCH_CHUNK = 256  # rows copied at a time: memory stays bounded for any slide
 META_FILE = "slide.json"
 _CHUNK = 1 << 22

@@ -353,7 +353,7 @@ def embed_synthetic_slides(
     folder: Path, bundle: Bundle, recipe: DemoRecipe, progress: Progress
 ) -> tuple[dict[str, list[np.ndarray]], dict[str, np.ndarray]]:
     """Write each synthetic slide and run the appliance's slide pipeline on it."""
-    from appliance.pipeline import process_slide
+    from appliance.pipeline import SlideEncoder, process_slide
 
     folder.mkdir(parents=True)
     specs = synthetic_specs(recipe)
@@ -361,21 +361,29 @@ def embed_synthetic_slides(
     done = 0
     bags: dict[str, list[np.ndarray]] = {}
     labels: dict[str, np.ndarray] = {}
-    for split, split_specs in specs.items():
-        bags[split], rows = [], []
-        for spec in split_specs:
-            path = folder / f"{split}-{spec.seed}.tif"
-            synthetic.write_smear(path, spec)
-            slide = process_slide(path, bundle, cache_dir=folder / "cache", threads=recipe.threads)
-            if slide.n_cells == 0:
-                log.warning("synthetic slide %s gave no cells; left out", path.name)
-            else:
-                bags[split].append(slide.cells().embeddings)
-                rows.append([float(spec.labels[m]) for m in synthetic.MARKERS])  # type: ignore[index]
-            path.unlink()
-            done += 1
-            progress("synthetic slides", done / total)
-        labels[split] = np.asarray(rows, np.float32)
+    # One encoder session for every slide, opened by the first that has cells.
+    with SlideEncoder(bundle, threads=recipe.threads) as encoder:
+        for split, split_specs in specs.items():
+            bags[split], rows = [], []
+            for spec in split_specs:
+                path = folder / f"{split}-{spec.seed}.tif"
+                synthetic.write_smear(path, spec)
+                slide = process_slide(
+                    path,
+                    bundle,
+                    cache_dir=folder / "cache",
+                    threads=recipe.threads,
+                    encoder=encoder,
+                )
+                if slide.n_cells == 0:
+                    log.warning("synthetic slide %s gave no cells; left out", path.name)
+                else:
+                    bags[split].append(slide.cells().embeddings)
+                    rows.append([float(spec.labels[m]) for m in synthetic.MARKERS])  # type: ignore[index]
+                path.unlink()
+                done += 1
+                progress("synthetic slides", done / total)
+            labels[split] = np.asarray(rows, np.float32)
     return bags, labels
 
 

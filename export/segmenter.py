@@ -31,8 +31,8 @@ from appliance.segmentation import (
     DEFAULT_NORMALISATION,
     SEGMENTER_FILE,
     SegmentationError,
-    SegmenterSpec,
     normalise,
+    segmenter_spec,
 )
 
 INPUT_NAME = "input"
@@ -151,7 +151,7 @@ def segmenter_section(
         "input_channels": int(config.n_channel_in),
         "normalisation": dict(normalisation or DEFAULT_NORMALISATION),
     }
-    SegmenterSpec.from_section(section)  # the appliance must accept what we write
+    segmenter_spec(section)  # the appliance must accept what we write
     return section
 
 

@@ -241,7 +241,8 @@ class CellDialog(QDialog):
         form.addRow("Slide:", QLabel(cell.slide))
         form.addRow("Cell:", QLabel(cell.cell_id))
         form.addRow("Position (px):", QLabel(f"x {cell.x:,.0f}, y {cell.y:,.0f}"))
-        shown = {"cell_id", "id", "x", "y", "attention"}
+        # Shown above, or not a measurement (the outline, for QuPath and GIS tools).
+        shown = {"cell_id", "id", "x", "y", "attention", "polygon_wkt"}
         for key, value in measurements.items():
             if key not in shown and value not in ("", None):
                 form.addRow(f"{key.replace('_', ' ')}:", QLabel(str(value)))

@@ -105,13 +105,16 @@ class SegmenterSpec:
     extra: dict[str, Any] = field(default_factory=dict)
 
     def validate(self, where: str) -> None:
-        if self.n_rays <= 0 or min(self.grid) <= 0 or min(self.div_by) <= 0:
-            raise BundleError(f"{where}: n_rays, grid and div_by must be positive")
+        if min(self.grid) <= 0 or min(self.div_by) <= 0:
+            raise BundleError(f"{where}: grid and div_by must be positive")
+        if self.n_rays < 3:  # fewer rays make no polygon
+            raise BundleError(f"{where}.n_rays must be >= 3, got {self.n_rays}")
+        if any(d % g for d, g in zip(self.div_by, self.grid, strict=True)):
+            raise BundleError(f"{where}.div_by {self.div_by} is not a multiple of grid {self.grid}")
         if self.input_channels not in (1, 3):
-            raise BundleError(f"{where}.input_channels must be 1 or 3")
-        for name in ("prob_thresh", "nms_thresh"):
-            if not 0 <= getattr(self, name) <= 1:
-                raise BundleError(f"{where}.{name} must lie in [0, 1]")
+            raise BundleError(f"{where}.input_channels must be 1 or 3, got {self.input_channels}")
+        if not (0 < self.prob_thresh < 1 and 0 <= self.nms_thresh < 1):
+            raise BundleError(f"{where}: prob_thresh must lie in (0, 1), nms_thresh in [0, 1)")
 
 
 @dataclass(frozen=True)

@@ -19,12 +19,13 @@ from appliance.cells import (
     cells_csv,
     cells_geojson,
     crop_patch,
+    csv_with_attention,
     encoder_patches,
+    geojson_with_attention,
     mask_eccentricity,
     measure_cells,
     polygon_circularity,
     weighted_centroid,
-    write_geojson,
 )
 from appliance.segmentation import Detections
 
@@ -111,6 +112,18 @@ def test_filters_drop_what_method_md_excludes() -> None:
     full = np.where(baso > 0, 1.0, 0.0).astype(np.float32)
     full[100, 100] = 1.5  # Otsu needs two levels inside the cell
     assert measure_cells(star([(100, 100)], [24], [0.9]), image, full, filters) == []
+
+
+def test_an_object_without_a_basophilic_nucleus_is_dropped() -> None:
+    # A red cell: round, confident, the right size, but only faintly basophilic
+    # everywhere, so Otsu still splits it in two (0.05 vs 0.1) yet finds no nucleus.
+    image, baso = drawn_cell((200, 200), (100, 100), 24, 12)
+    faint = np.where(baso == 1.0, 0.1, np.where(baso > 0, 0.05, 0.0)).astype(np.float32)
+    detections = star([(100, 100)], [24], [0.9])
+    assert len(measure_cells(detections, image, faint, CellFilters())) == 1
+    assert measure_cells(detections, image, faint, CellFilters(), min_basophilic=0.12) == []
+    # A real nucleus (level 0.2..1.0) clears the same floor.
+    assert len(measure_cells(detections, image, baso, CellFilters(), min_basophilic=0.12)) == 1
 
 
 def test_elongated_objects_are_dropped() -> None:
@@ -209,28 +222,42 @@ def test_geojson_is_a_qupath_detection_collection() -> None:
     )
 
 
-def test_attention_is_added_by_position_and_checked(tmp_path) -> None:
+def test_attention_is_added_to_both_tables_by_position_and_checked() -> None:
     cells = some_cells()
-    path = write_geojson(cells, tmp_path / "cells.geojson", attention=np.array([0.25, 0.75]))
-    features = json.loads(path.read_text(encoding="utf-8"))["features"]
+    collection = geojson_with_attention(cells_geojson(cells), "s1", np.array([0.25, 0.75]))
+    features = collection["features"]
     assert [f["properties"]["measurements"]["attention"] for f in features] == [0.25, 0.75]
-    assert not list(tmp_path.glob(".*.tmp"))
-    with pytest.raises(CellError, match="2 cells"):
-        cells_geojson(cells, attention=np.array([1.0]))
-
-
-def test_csv_holds_one_row_per_cell_with_its_polygon() -> None:
-    cells = some_cells()
-    rows = list(csv.DictReader(io.StringIO(cells_csv(cells, attention=np.array([0.1, 0.9])))))
+    assert {f["properties"]["slide"] for f in features} == {"s1"}
+    unscored = geojson_with_attention(cells_geojson(cells), "s1", None)["features"]
+    assert "attention" not in unscored[0]["properties"]["measurements"]
+    rows = list(csv.DictReader(io.StringIO(csv_with_attention(cells_csv(cells), [0.1, 0.9]))))
     assert list(rows[0]) == [*CSV_COLUMNS, "attention"]
-    assert [int(r["cell_id"]) for r in rows] == [0, 1]
-    assert float(rows[0]["x"]) == pytest.approx(1100, abs=0.5)
-    assert float(rows[0]["y"]) == pytest.approx(2100, abs=0.5)
     assert float(rows[1]["attention"]) == pytest.approx(0.9)
+    assert csv_with_attention(cells_csv(cells), None) == cells_csv(cells)
+    with pytest.raises(CellError, match="2 cells"):
+        geojson_with_attention(cells_geojson(cells), "s1", np.array([1.0]))
+    with pytest.raises(CellError, match="2 cells"):
+        csv_with_attention(cells_csv(cells), np.array([1.0, 2.0, 3.0]))
+
+
+def test_csv_holds_one_row_per_cell_with_its_polygon_in_level0_pixels() -> None:
+    cells = some_cells()
+    rows = list(csv.DictReader(io.StringIO(cells_csv(cells, level0_scale=0.5))))
+    assert list(rows[0]) == list(CSV_COLUMNS)
+    assert [int(r["cell_id"]) for r in rows] == [0, 1]
+    assert float(rows[0]["x"]) == pytest.approx(0.5 * 1100, abs=0.5)
+    assert float(rows[0]["y"]) == pytest.approx(0.5 * 2100, abs=0.5)
+    # Areas are physical: the level-0 scale does not change them.
+    assert float(rows[0]["area_um2"]) == pytest.approx(cells[0].area_um2, abs=0.01)
+    assert float(rows[0]["nucleus_area_um2"]) == pytest.approx(
+        cells[0].nc_ratio * cells[0].area_um2, abs=0.01
+    )
     wkt = rows[0]["polygon_wkt"]
     assert wkt.startswith("POLYGON ((") and wkt.endswith("))")
     vertices = wkt[len("POLYGON ((") : -2].split(", ")
     assert len(vertices) == N_RAYS + 1 and vertices[0] == vertices[-1]
+    xs = [float(v.split()[0]) for v in vertices]
+    assert min(xs) <= 0.5 * cells[0].x <= max(xs)
 
 
 def test_filters_come_from_the_bundle_section() -> None:

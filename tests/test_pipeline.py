@@ -7,15 +7,18 @@ the demo run the real segmenter and encoder.
 
 from __future__ import annotations
 
+import csv
 import dataclasses
+import io
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from appliance import slide_cache
-from appliance.pipeline import SlideResult, process_slide, score_case
+from appliance.pipeline import SlideEncoder, SlideResult, process_slide, score_case
 from appliance.scoring import abstain_reason, top_attention_mass
 from appliance.synthetic import write_cell_folders
 from runtime.bundle import Bundle
@@ -57,6 +60,63 @@ def test_a_cell_folder_is_embedded_once_and_then_read_from_the_cache(
     again = process_slide(pb_folders / "P0001", bundle, cache_dir=tmp_path)
     assert again.from_cache and again.fingerprint == first.fingerprint
     np.testing.assert_array_equal(again.cells().embeddings, cells.embeddings)
+
+
+def test_one_shared_encoder_session_serves_every_slide_and_a_cached_one_opens_none(
+    tiny: tuple[TinyBundle, Bundle],
+    pb_folders: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import runtime.encoder
+
+    _, bundle = tiny
+    opened: list[object] = []
+
+    class CountedEncoder(runtime.encoder.Encoder):
+        def __init__(self, *args: object, **kwargs: object) -> None:
+            super().__init__(*args, **kwargs)  # type: ignore[arg-type]
+            opened.append(self)
+
+    monkeypatch.setattr(runtime.encoder, "Encoder", CountedEncoder)
+    with SlideEncoder(bundle) as shared:
+        slides = [
+            process_slide(pb_folders / name, bundle, cache_dir=tmp_path, encoder=shared)
+            for name in ("P0001", "P0002")
+        ]
+        assert shared.is_open and shared.embedded == 120
+    assert len(opened) == 1 and not shared.is_open
+    assert all(s.backend == "ort-cpu" and s.scan["encoder_variant"] == "fp32" for s in slides)
+    # Both slides cached: a fresh shared encoder is never opened.
+    with SlideEncoder(bundle) as idle:
+        again = process_slide(pb_folders / "P0001", bundle, cache_dir=tmp_path, encoder=idle)
+        assert again.from_cache and not idle.is_open
+    assert len(opened) == 1
+    # Without a shared encoder, each slide that embeds opens (and closes) its own.
+    process_slide(pb_folders / "P0001", bundle, cache_dir=tmp_path / "other")
+    assert len(opened) == 2
+
+
+def test_a_fingerprint_from_the_caller_is_not_recomputed(
+    tiny: tuple[TinyBundle, Bundle],
+    pb_folders: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    _, bundle = tiny
+    first = process_slide(pb_folders / "P0001", bundle, cache_dir=tmp_path)
+    assert first.fingerprint == slide_cache.fingerprint(pb_folders / "P0001")
+
+    def no_hashing(path: Path) -> str:
+        raise AssertionError(f"{path} hashed again")
+
+    monkeypatch.setattr(slide_cache, "fingerprint", no_hashing)
+    again = process_slide(
+        pb_folders / "P0001", bundle, cache_dir=tmp_path, fingerprint=first.fingerprint
+    )
+    assert again.from_cache and again.fingerprint == first.fingerprint
+    with pytest.raises(ValueError, match="sha256"):
+        process_slide(pb_folders / "P0001", bundle, cache_dir=tmp_path, fingerprint="abc")
 
 
 def test_a_case_over_two_slides_is_scored_and_rescoring_adds_a_version(
@@ -161,3 +221,40 @@ def test_top_attention_mass() -> None:
     assert top_attention_mass(np.full(10, 0.1)) == pytest.approx(0.2)
     peaked = np.array([0.91] + [0.01] * 9)
     assert top_attention_mass(peaked) == pytest.approx(0.92)
+
+
+@pytest.mark.slow
+def test_a_scan_gives_qupath_tables_in_the_level0_pixels_of_the_scan(
+    tiny_bundle: Path, small_scan_writer: Callable[..., Path], tmp_path: Path
+) -> None:
+    # The same smear as a 0.125 um/px field (each pixel doubled, so that it reads back
+    # unchanged at 0.25 um/px: a smoother upsampling would fail the blur QC): the
+    # tables must come back in the file's own pixels (twice the working grid).
+    import tifffile
+    from PIL import Image
+
+    from runtime.bundle import load_bundle
+
+    bundle = load_bundle(tiny_bundle)
+    scan = small_scan_writer(tmp_path / "smear.tif", seed=5)
+    fine = tmp_path / "smear-fine.png"
+    image = Image.fromarray(tifffile.imread(scan, level=0))
+    image.resize((2 * image.width, 2 * image.height), Image.Resampling.NEAREST).save(fine)
+    slide = process_slide(fine, bundle, cache_dir=tmp_path / "cache", pixel_size_um=0.125)
+    cells = slide.cells()
+    assert slide.n_cells > 0 and slide.scan["pixel_size_um"] == 0.125
+
+    features = cells.geojson["features"]
+    rows = list(csv.DictReader(io.StringIO(cells.table_csv)))
+    assert len(features) == len(rows) == slide.n_cells
+    for feature, row, (x, y) in zip(features, rows, cells.xy, strict=True):
+        measured = feature["properties"]["measurements"]
+        assert measured["centroid_x"] == pytest.approx(2 * x, abs=0.1)
+        assert measured["centroid_y"] == pytest.approx(2 * y, abs=0.1)
+        assert float(row["x"]) == pytest.approx(2 * x, abs=0.1)
+        (ring,) = feature["geometry"]["coordinates"]
+        xs, ys = [p[0] for p in ring], [p[1] for p in ring]
+        assert min(xs) <= 2 * x <= max(xs) and min(ys) <= 2 * y <= max(ys)
+    # Areas are physical: METHOD.md's 500-5000 px at 0.25 um/px is 31-313 um2.
+    areas = [float(r["area_um2"]) for r in rows]
+    assert min(areas) >= 500 * 0.0625 and max(areas) <= 5000 * 0.0625

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import subprocess
 import sys
 from pathlib import Path
@@ -15,11 +16,12 @@ from appliance.segmentation import (
     MatchCounts,
     SegmentationError,
     Segmenter,
-    SegmenterSpec,
     match_instances,
     network_input,
     normalise,
+    segmenter_spec,
 )
+from runtime.bundle import SegmenterSpec
 from tests.segmenter_model import (
     OracleNetwork,
     discs,
@@ -35,7 +37,7 @@ F1_TARGET = 0.9
 
 
 def oracle_segmenter() -> Segmenter:
-    return Segmenter(OracleNetwork(), SegmenterSpec.from_section(oracle_section()))
+    return Segmenter(OracleNetwork(), segmenter_spec(oracle_section()))
 
 
 def test_every_disc_is_found_once_with_its_shape() -> None:
@@ -102,13 +104,23 @@ def test_normalisation_matches_csbdeep_percentiles() -> None:
 def test_bad_sections_and_inputs_are_refused() -> None:
     section = oracle_section()
     with pytest.raises(SegmentationError, match="n_rays"):
-        SegmenterSpec.from_section({k: v for k, v in section.items() if k != "n_rays"})
+        segmenter_spec({k: v for k, v in section.items() if k != "n_rays"})
     with pytest.raises(SegmentationError, match="multiple"):
-        SegmenterSpec.from_section({**section, "div_by": [9, 8]})
+        segmenter_spec({**section, "div_by": [9, 8]})
     with pytest.raises(SegmentationError, match="input_channels"):
-        SegmenterSpec.from_section({**section, "input_channels": 2})
+        segmenter_spec({**section, "input_channels": 2})
+    with pytest.raises(SegmentationError, match="normalisation"):
+        segmenter_spec({**section, "normalisation": {"kind": "zscore"}})
+    # The bundle's own section object is checked the same way.
+    spec = segmenter_spec(section)
+    assert isinstance(spec, SegmenterSpec) and segmenter_spec(spec) == spec
+    with pytest.raises(SegmentationError, match="n_rays"):
+        segmenter_spec(dataclasses.replace(spec, n_rays=2))
+    # No normalisation in the section: the default (percentile 1 / 99.8).
+    bare = {k: v for k, v in section.items() if k != "normalisation"}
+    assert segmenter_spec(bare).normalisation == DEFAULT_NORMALISATION
     with pytest.raises(SegmentationError, match="RGB"):
-        network_input(np.zeros((10, 10), np.uint8), SegmenterSpec.from_section(section))
+        network_input(np.zeros((10, 10), np.uint8), segmenter_spec(section))
 
 
 def test_matching_counts_one_to_one_pairs() -> None:
@@ -132,8 +144,8 @@ def test_segmentation_imports_no_framework() -> None:
     code = (
         "import sys, numpy as np; from appliance.segmentation import Segmenter; "
         "from tests.segmenter_model import OracleNetwork, discs, oracle_section; "
-        "from appliance.segmentation import SegmenterSpec; "
-        "s = Segmenter(OracleNetwork(), SegmenterSpec.from_section(oracle_section()), threads=1); "
+        "from appliance.segmentation import segmenter_spec; "
+        "s = Segmenter(OracleNetwork(), segmenter_spec(oracle_section()), threads=1); "
         "s.segment(discs((64, 64), [(32, 32)], 12)); "
         "print(sorted({m.split('.')[0] for m in sys.modules} & {'tensorflow', 'keras', 'torch'}))"
     )

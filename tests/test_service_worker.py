@@ -53,7 +53,9 @@ class StandInEngine:
         self.job_threads: set[int] = set()  # the threads that ran jobs
         self.closed_on: list[int] = []  # the thread of each close()
 
-    def process_slide(self, path: Path, progress: ProgressFn, *, use_cache: bool) -> SlideOutcome:
+    def process_slide(
+        self, path: Path, progress: ProgressFn, *, use_cache: bool, fingerprint: str | None = None
+    ) -> SlideOutcome:
         self.job_threads.add(threading.get_ident())
         if use_cache and path in self.cache:
             return self.cache[path]

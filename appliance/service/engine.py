@@ -18,13 +18,17 @@ class PipelineEngine:
     def __init__(self, config: Config, bundle: Bundle) -> None:
         self.config = config
         self.bundle = bundle
+        rt = config.runtime
+        # One encoder session for the service's life, opened by the first slide with cells.
+        self.encoder = pipeline.SlideEncoder(bundle, rt.backend, rt.threads, rt.encoder_batch)
 
-    def process_slide(self, path: Path, progress: ProgressFn, *, use_cache: bool) -> SlideOutcome:
+    def process_slide(
+        self, path: Path, progress: ProgressFn, *, use_cache: bool, fingerprint: str | None = None
+    ) -> SlideOutcome:
         cfg = self.config
         if not use_cache:  # a re-score asked for: the slide is processed from scratch
-            entry = slide_cache.entry_dir(
-                cfg.cache_dir, slide_cache.fingerprint(path), self.bundle.sha256
-            )
+            fingerprint = fingerprint or slide_cache.fingerprint(path)
+            entry = slide_cache.entry_dir(cfg.cache_dir, fingerprint, self.bundle.sha256)
             shutil.rmtree(entry, ignore_errors=True)
         result = pipeline.process_slide(
             path,
@@ -35,6 +39,8 @@ class PipelineEngine:
             batch_size=cfg.runtime.encoder_batch,
             pixel_size_um=cfg.scan.pixel_size_um,
             progress=progress,
+            fingerprint=fingerprint,
+            encoder=self.encoder,
         )
         rejected = "" if result.qc_passed else f"slide QC failed: {result.qc_reason or 'no reason'}"
         return SlideOutcome(
@@ -58,4 +64,4 @@ class PipelineEngine:
 
     def close(self) -> None:
         """The worker calls this on its own thread as it ends."""
-        # Nothing is kept: each slide opens and closes its own sessions.
+        self.encoder.close()

@@ -101,8 +101,12 @@ class CaseOutcome:
 class Engine(Protocol):
     """The slide pipeline as the worker sees it."""
 
-    def process_slide(self, path: Path, progress: ProgressFn, *, use_cache: bool) -> SlideOutcome:
-        """One slide up to cached embeddings; ScanError for an input at fault."""
+    def process_slide(
+        self, path: Path, progress: ProgressFn, *, use_cache: bool, fingerprint: str | None = None
+    ) -> SlideOutcome:
+        """One slide up to cached embeddings; ScanError for an input at fault.
+
+        ``fingerprint``: the content sha256 the watcher computed (None: hash it again)."""
         ...
 
     def score_case(
@@ -249,7 +253,10 @@ class Worker:
         progress = self._progress(lambda s, f: self.store.slide_progress(slide.id, s, f))
         try:
             outcome = self.engine.process_slide(
-                Path(slide.path), progress, use_cache=not slide.rescore
+                Path(slide.path),
+                progress,
+                use_cache=not slide.rescore,
+                fingerprint=slide.fingerprint,
             )
         except JobAbandoned:
             self.store.abandon_slide(slide.id)
@@ -358,7 +365,9 @@ class Worker:
     def _handle(self, slide: Slide, progress: ProgressFn) -> object:
         handle = self._handles.get(slide.id)
         if handle is None:  # after a restart: the pipeline's cache answers
-            handle = self.engine.process_slide(Path(slide.path), progress, use_cache=True).handle
+            handle = self.engine.process_slide(
+                Path(slide.path), progress, use_cache=True, fingerprint=slide.fingerprint
+            ).handle
         return handle
 
     def _adopt_written_result(self, case: Case, case_dir: Path) -> CaseOutcome | None:
