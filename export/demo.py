@@ -63,7 +63,7 @@ class DemoRecipe:
     nucleated_per_mm2: float = 2400.0  # dense, so that a small field holds enough cells
     plasma_fraction: float = 0.6
     segmenter_tiles: int = 40
-    segmenter_epochs: int = 10
+    segmenter_epochs: int = 16  # at 10 its detection confidence can stay below the cells filter
     segmenter_steps: int = 40
     head_epochs: int = 60
     head_bags_per_step: int = 4  # a few dozen bags: more, smaller steps than the paper's 16
