@@ -285,16 +285,23 @@ def _try_int8(fp32: Path, out_dir: Path, files: dict[str, Path]) -> tuple[dict[s
 def stain_reference(recipe: DemoRecipe) -> dict[str, Any]:
     """Macenko reference and QC intensity range from synthetic fields.
 
-    The fields span the stain jitter and the cell densities the demo meets
-    (demo scans at the generator's default density, training slides denser),
-    so that the reference's 5th-95th percentile of tile intensity is the range
-    of good synthetic slides, not of one image.
+    The fields span the stain jitter and the cell densities the demo meets, at the
+    recipe's plasma-cell share (training slides and demo scans have it; plasma
+    cells carry the darkest cytoplasm), so that the reference's 5th-95th
+    percentile of tile intensity is the range of good synthetic slides, not of
+    one image.
     """
     from appliance import stain
 
     images = [
         synthetic.render_field(
-            synthetic.SmearSpec(width=800, height=800, seed=recipe.seed + i, nucleated_per_mm2=d)
+            synthetic.SmearSpec(
+                width=800,
+                height=800,
+                seed=recipe.seed + i,
+                nucleated_per_mm2=d,
+                plasma_fraction=recipe.plasma_fraction,
+            )
         ).image
         for i, d in enumerate(np.linspace(300.0, recipe.nucleated_per_mm2 * 1.5, 16))
     ]
