@@ -353,7 +353,11 @@ def process_slide(
             from appliance.readers import ScanNotFoundError
 
             raise ScanNotFoundError(path, "file not found")
-        digest = fingerprint or slide_cache.fingerprint(path)
+        if fingerprint is None:
+            from appliance.service.units import scan_fingerprint
+
+            fingerprint = scan_fingerprint(path)
+        digest = fingerprint
     progress("fingerprint", 1.0)
     entry = slide_cache.entry_dir(cache_dir, digest, bundle.sha256)
     meta = slide_cache.read_meta(entry)

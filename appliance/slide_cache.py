@@ -9,7 +9,6 @@ renamed whole, so a crash never leaves a half entry that looks complete.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -24,20 +23,6 @@ from PIL import Image
 CACHE_FORMAT = 3  # 3: cell tables in level-0 pixels, cells from appliance.cells
 _PATCH_CHUNK = 256  # rows copied at a time: memory stays bounded for any slide
 META_FILE = "slide.json"
-_CHUNK = 1 << 22
-
-
-def fingerprint(path: Path) -> str:
-    """sha256 of a scan's bytes; for a cell folder, of its file names and bytes."""
-    digest = hashlib.sha256()
-    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
-    for file in files:
-        if path.is_dir():
-            digest.update(str(file.relative_to(path)).encode("utf-8") + b"\0")
-        with open(file, "rb") as handle:
-            while chunk := handle.read(_CHUNK):
-                digest.update(chunk)
-    return digest.hexdigest()
 
 
 @dataclass

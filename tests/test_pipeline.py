@@ -20,6 +20,8 @@ import pytest
 from appliance import slide_cache
 from appliance.pipeline import SlideEncoder, SlideResult, process_slide, score_case
 from appliance.scoring import abstain_reason, top_attention_mass
+from appliance.service import units
+from appliance.service.units import scan_fingerprint
 from appliance.synthetic import write_cell_folders
 from runtime.bundle import Bundle
 from tests.runtime_models import TinyBundle
@@ -105,12 +107,12 @@ def test_a_fingerprint_from_the_caller_is_not_recomputed(
 ) -> None:
     _, bundle = tiny
     first = process_slide(pb_folders / "P0001", bundle, cache_dir=tmp_path)
-    assert first.fingerprint == slide_cache.fingerprint(pb_folders / "P0001")
+    assert first.fingerprint == scan_fingerprint(pb_folders / "P0001")
 
     def no_hashing(path: Path) -> str:
         raise AssertionError(f"{path} hashed again")
 
-    monkeypatch.setattr(slide_cache, "fingerprint", no_hashing)
+    monkeypatch.setattr(units, "scan_fingerprint", no_hashing)
     again = process_slide(
         pb_folders / "P0001", bundle, cache_dir=tmp_path, fingerprint=first.fingerprint
     )

@@ -157,6 +157,35 @@ def test_fingerprint_is_content_only_so_copies_and_renames_match(tmp_path: Path)
     assert fp["a.svs"] == hashlib.sha256(b"x" * 10_000).hexdigest()
 
 
+def test_a_scan_handed_over_directly_has_the_watchers_fingerprint(tmp_path: Path) -> None:
+    """`cytoedge score PATH` and the service share slide-cache entries: same members,
+    same fingerprint (a sidecar's pixel size or an MRXS data file is part of the scan)."""
+    write(tmp_path / "field.png", b"png")
+    write(tmp_path / "field.png.json", b'{"pixel_size_um": 0.25}')
+    write(tmp_path / "m1.mrxs", b"idx")
+    write(tmp_path / "m1" / "Data0000.dat", b"d")
+    for name in ("0001.dcm", "0002.dcm"):
+        write(tmp_path / "wsi" / name, name.encode())
+    cells = tmp_path / "P0001"
+    cells.mkdir()
+    Image.fromarray(np.zeros((32, 32, 3), np.uint8)).save(cells / "cell_0000.png")
+    (cells / ".ready").touch()
+    found = by_path(tmp_path)
+    watched = {k: fingerprint(u) for k, u in found.items()}
+    assert watched["field.png"] == units.scan_fingerprint(tmp_path / "field.png")
+    assert watched["m1.mrxs"] == units.scan_fingerprint(tmp_path / "m1.mrxs")
+    assert watched["P0001"] == units.scan_fingerprint(cells)
+    dicom = watched["wsi/0001.dcm"]
+    assert dicom == units.scan_fingerprint(tmp_path / "wsi")
+    assert dicom == units.scan_fingerprint(tmp_path / "wsi" / "0002.dcm")
+    # The sidecar and the data file count: change one and the scan is another.
+    plain_png = units.scan_fingerprint(tmp_path / "field.png")
+    write(tmp_path / "field.png.json", b'{"pixel_size_um": 0.5}')
+    assert units.scan_fingerprint(tmp_path / "field.png") != plain_png
+    write(tmp_path / "m1" / "Data0000.dat", b"e")
+    assert units.scan_fingerprint(tmp_path / "m1.mrxs") != watched["m1.mrxs"]
+
+
 def test_stability_needs_the_same_signature_for_the_whole_quiet_period() -> None:
     tracker = StabilityTracker(quiet_seconds=2.0)
     path = Path("/in/a.svs")

@@ -278,6 +278,32 @@ def fingerprint(unit: Unit) -> str:
     return digest.hexdigest()
 
 
+def unit_for(path: Path) -> Unit:
+    """The unit a scan handed over directly (``cytoedge score``) makes: the same
+    members, hence the same fingerprint and slide-cache entry, as the watcher
+    gives it in the inbox (its sidecar, an MRXS data folder, every file of a
+    DICOM folder). A folder without ``.dcm`` files is a single-cell folder."""
+    path = Path(path)
+    if path.is_dir():
+        dicom = sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() == ".dcm")
+        if dicom:
+            return Unit(dicom[0], path.name, True, "dicom", path.parent, (path,))
+        return Unit(path, path.name, True, "cells", path)
+    key, _ = case_for_loose(path.name, None)
+    if path.suffix.lower() == ".dcm":
+        return unit_for(path.parent)
+    sidecar = path.with_name(path.name + ".json")
+    extras = (sidecar,) if sidecar.is_file() else ()
+    if path.suffix.lower() == ".mrxs" and path.with_name(path.stem).is_dir():
+        return Unit(path, key, True, "mrxs", None, (*extras, path.with_name(path.stem)))
+    return Unit(path, key, True, "file", None, extras)
+
+
+def scan_fingerprint(path: Path) -> str:
+    """``fingerprint`` of the unit ``path`` makes (see ``unit_for``)."""
+    return fingerprint(unit_for(path))
+
+
 def _member_name(unit: Unit, path: Path) -> str:
     if unit.path.is_dir():
         return path.relative_to(unit.path).as_posix()
