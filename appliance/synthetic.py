@@ -22,9 +22,14 @@ t(4;14)    deeply basophilic cytoplasm (x2.2 azure), slightly larger cell
 t(11;14)   lymphoplasmacytoid: small cells (x0.78), nucleus central (x0.3
            offset), coarse chromatin (clumping x1.6), faint perinuclear
            Golgi zone (x0.2)
-gain(1q)   higher N:C (cell x0.92, nucleus x1.08) and eosin-tinged
-           cytoplasm (+0.1 eosin concentration)
+gain(1q)   flame-cell cytoplasm: strongly eosinophilic, red-purple (+0.3
+           eosin concentration)
 =========  ==============================================================
+
+The changes are sized to be seen by the demo's random-weight encoder, whose
+features follow colour and size far more than shape: an earlier gain(1q) of
+higher N:C plus a faint eosin tint (+0.1), or two nuclei instead of one,
+barely moved its embeddings, and the demo head could not find it at slide level.
 
 Everything is deterministic by seed and rendered in horizontal strips, so an
 8192x8192 slide is never held as a float array. Nothing here needs torch.
@@ -221,14 +226,14 @@ def _nucleated(
         if labels["del(17p)"]:
             nuc_r, clump, nucleolus = nuc_r * 1.22, clump * 0.4, True
         # Each marker moves its own feature (nucleus, cytoplasm blue, cell shape and
-        # Golgi zone, cytoplasm pink), so that co-occurring markers do not mimic each other.
+        # Golgi zone, cytoplasm red), so that co-occurring markers do not mimic each other.
         if labels["t(4;14)"]:
             cyto_baso, cell_r = cyto_baso * 2.2, cell_r * 1.06
         if labels["t(11;14)"]:
             cell_r, nuc_r, off, clump = cell_r * 0.78, nuc_r * 0.88, off * 0.3, clump * 1.6
             halo *= 0.2
         if labels["gain(1q)"]:
-            cell_r, nuc_r, cyto_eos = cell_r * 0.92, nuc_r * 1.08, cyto_eos + 0.1
+            cyto_eos += 0.3
     cell_r = max(cell_r, 3.0)
     nuc_r = float(np.clip(nuc_r, 1.5, cell_r * 0.92))
     aspect = rng.uniform(0.8, 0.97)
