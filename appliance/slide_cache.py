@@ -22,6 +22,7 @@ from PIL import Image
 
 CACHE_FORMAT = 3  # 3: cell tables in level-0 pixels, cells from appliance.cells
 _PATCH_CHUNK = 256  # rows copied at a time: memory stays bounded for any slide
+_COPY_BYTES = 1 << 22
 META_FILE = "slide.json"
 
 
@@ -91,10 +92,24 @@ def write_entry(entry: Path, meta: dict[str, Any], cells: SlideCells) -> None:
 
 
 def save_npy_chunked(path: Path, array: np.ndarray) -> None:
-    """``np.save`` that copies ``array`` (possibly a memmap) a few rows at a time."""
+    """``np.save`` that copies ``array`` a few rows at a time; a file-backed memmap
+    (the pipeline's spool of crops) is copied with plain reads: reading through
+    the mapping would keep every page of it resident, and a 40,000 px slide's
+    crops are over a gigabyte."""
     with open(path, "wb") as handle:
         header = {"descr": np.lib.format.dtype_to_descr(array.dtype), "fortran_order": False}
         np.lib.format.write_array_header_1_0(handle, {**header, "shape": array.shape})
+        if isinstance(array, np.memmap) and array.filename and array.flags.c_contiguous:
+            with open(array.filename, "rb") as source:
+                source.seek(array.offset)
+                left = array.nbytes
+                while left:
+                    chunk = source.read(min(left, _COPY_BYTES))
+                    if not chunk:
+                        raise OSError(f"{array.filename}: shorter than its {array.nbytes} bytes")
+                    handle.write(chunk)
+                    left -= len(chunk)
+            return
         for start in range(0, len(array), _PATCH_CHUNK):
             handle.write(np.ascontiguousarray(array[start : start + _PATCH_CHUNK]).tobytes())
 
