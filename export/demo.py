@@ -198,24 +198,10 @@ def _segmenter_child(args: dict[str, Any]) -> None:
     model_dir = train_synthetic_segmenter(
         Path(args["model_dir"]),
         recipe,
-        tiles=synthetic_fields,
         threads=args["threads"],
         progress=report,
     )
     export_segmenter(model_dir, Path(args["out_dir"]), threads=args["threads"])
-
-
-def synthetic_fields(n: int, size: int, seed: int) -> tuple[list[np.ndarray], list[np.ndarray]]:
-    """StarDist training tiles: synthetic fields and their nucleated-cell instance masks."""
-    images, masks = [], []
-    for index in range(n):
-        spec = synthetic.SmearSpec(
-            width=size, height=size, seed=seed * 1000 + index, nucleated_per_mm2=1500.0
-        )
-        field_ = synthetic.render_field(spec)
-        images.append(field_.image)
-        masks.append(field_.cells.astype(np.int32))
-    return images, masks
 
 
 # --- 2. encoder -----------------------------------------------------------------------

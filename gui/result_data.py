@@ -15,21 +15,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-CALLS = ("positive", "negative", "indeterminate")
+from runtime.heads import INDETERMINATE, NEGATIVE, POSITIVE, Prediction
+
+CALLS = (POSITIVE, NEGATIVE, INDETERMINATE)
 DEMO_BANNER = "Demo model, not for diagnosis"
 
 
 class ResultUnreadableError(RuntimeError):
     """No usable result.json at the given place; the message is one line."""
-
-
-@dataclass(frozen=True)
-class Prediction:
-    task: str
-    label: str
-    probability: float
-    threshold: float
-    call: str
 
 
 @dataclass(frozen=True)
