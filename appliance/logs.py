@@ -33,6 +33,13 @@ class JsonLineFormatter(logging.Formatter):
         return json.dumps(entry, default=str, ensure_ascii=False)
 
 
+def _no_root_chatter(record: logging.LogRecord) -> bool:
+    """Keep below-warning records of the bare root logger off the console: libraries
+    that log there (onnxruntime's quantiser writes a line per tensor) would bury
+    ours, which all use named loggers. The log file still gets them."""
+    return record.name != "root" or record.levelno >= logging.WARNING
+
+
 def setup_logging(
     log_dir: Path | None,
     level: str = "INFO",
@@ -47,6 +54,7 @@ def setup_logging(
     root.setLevel(level)
     console = RichHandler(show_path=False, rich_tracebacks=False, markup=False)
     console.setLevel(level)
+    console.addFilter(_no_root_chatter)
     root.addHandler(console)
     if log_dir is not None:
         log_dir.mkdir(parents=True, exist_ok=True)

@@ -4,6 +4,8 @@ import json
 import logging
 from pathlib import Path
 
+import pytest
+
 from appliance.logs import LOG_FILE_NAME, setup_logging
 
 
@@ -26,3 +28,25 @@ def test_records_go_to_a_json_lines_file_with_extra_fields(tmp_path: Path) -> No
     assert entries[0]["case"] == "C1" and entries[0]["bytes"] == 12
     assert entries[0]["level"] == "INFO" and entries[0]["time"].endswith("Z")
     assert entries[1]["level"] == "ERROR" and "ValueError: boom" in entries[1]["exception"]
+
+
+def test_root_logger_chatter_stays_off_the_console_but_reaches_the_file(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    setup_logging(tmp_path, "INFO")
+    try:
+        logging.info("Quantization parameters for tensor x not specified")  # a library's
+        logging.warning("a library's warning")
+        logging.getLogger("cytoedge.test").info("ours")
+        for handler in logging.getLogger().handlers:
+            handler.flush()
+        messages = [
+            json.loads(line)["message"]
+            for line in (tmp_path / LOG_FILE_NAME).read_text(encoding="utf-8").splitlines()
+        ]
+    finally:
+        setup_logging(None)
+    shown = capsys.readouterr().out
+    assert "ours" in shown and "a library's warning" in shown
+    assert "Quantization parameters" not in shown
+    assert "Quantization parameters for tensor x not specified" in messages
