@@ -325,16 +325,16 @@ def process_slide(
     slide_id: str | None = None,
     progress: ProgressCallback = no_progress,
     fingerprint: str | None = None,
-    encoder: SlideEncoder | None = None,
+    networks: SlideNetworks | None = None,
 ) -> SlideResult:
     """One scan (or single-cell folder) up to cached embeddings and its cell table.
 
     ``fingerprint``: the sha256 of the scan's content when the caller already has
     it (the service hashes a scan when it arrives); computed here otherwise.
-    ``encoder``: a ``SlideEncoder`` of ``bundle`` shared by the caller's slides
-    (one session for all of them); without it, one is opened for this slide when
-    it has cells to embed, and closed. ``backend``, ``threads`` and ``batch_size``
-    are then the shared encoder's.
+    ``networks``: ``SlideNetworks`` of ``bundle`` shared by the caller's slides
+    (one encoder and one segmenter session for all of them); without it, this
+    slide opens the ones it needs and closes them. ``backend``, ``threads`` and
+    ``batch_size`` are then the shared networks'.
 
     Raises ``appliance.readers.ScanError`` (with a one-line ``reason``) for an
     input that cannot be used. A slide that fails QC is not an error: it comes
@@ -344,8 +344,8 @@ def process_slide(
     slide_id = slide_id or (path.stem if path.is_file() else path.name) or "slide"
     if fingerprint is not None and not _SHA256.fullmatch(fingerprint):
         raise ValueError(f"fingerprint must be a sha256 in lower-case hex, got {fingerprint!r}")
-    if encoder is not None and encoder.bundle.sha256 != bundle.sha256:
-        raise ValueError(f"the shared encoder is {encoder.bundle.name}'s, not {bundle.name}'s")
+    if networks is not None and networks.bundle.sha256 != bundle.sha256:
+        raise ValueError(f"the shared networks are {networks.bundle.name}'s, not {bundle.name}'s")
     timer = StageTimer(progress)
     progress("fingerprint", 0.0)
     with timer.stage("fingerprint"):
@@ -365,28 +365,26 @@ def process_slide(
         progress("cached", 1.0)
         return _slide_result(meta, slide_id, path, entry, from_cache=True)
 
-    own_encoder = encoder is None
-    slide_encoder = SlideEncoder(bundle, backend, threads, batch_size) if own_encoder else encoder
-    embedded_before = slide_encoder.embedded
+    own_networks = networks is None
+    nets = SlideNetworks(bundle, backend, threads, batch_size) if own_networks else networks
+    embedded_before = nets.embedded
     spool = cache_dir / "spool" / f"{digest[:16]}-{os.getpid()}-{threading.get_ident()}.raw"
     spool.parent.mkdir(parents=True, exist_ok=True)
     try:
         if path.is_dir():
-            cells, scan, verdict = _cell_folder(path, bundle, slide_encoder, timer)
+            cells, scan, verdict = _cell_folder(path, bundle, nets, timer)
         else:
-            cells, scan, verdict = _scan_file(
-                path, bundle, slide_encoder, timer, threads, pixel_size_um, spool
-            )
+            cells, scan, verdict = _scan_file(path, bundle, nets, timer, pixel_size_um, spool)
         # What embedded this slide (nothing, when it had no cells).
-        embedded = slide_encoder.embedded > embedded_before
-        backend_used = slide_encoder.backend_name if embedded else ""
-        variant = slide_encoder.variant if embedded else None
+        embedded = nets.embedded > embedded_before
+        backend_used = nets.backend_name if embedded else ""
+        variant = nets.variant if embedded else None
     except BaseException:
         spool.unlink(missing_ok=True)
         raise
     finally:
-        if own_encoder:
-            slide_encoder.close()
+        if own_networks:
+            nets.close()
     scan = {
         **scan,
         "slide_id": slide_id,
@@ -410,13 +408,15 @@ def process_slide(
     return _slide_result(slide_cache.read_meta(entry) or meta, slide_id, path, entry)
 
 
-class SlideEncoder:
-    """The bundle's encoder, opened on first use and kept for every slide after that.
+class SlideNetworks:
+    """The bundle's encoder and segmenter, each opened on first use and kept for
+    every slide after that.
 
     A caller that processes several slides makes one, passes it to each
     ``process_slide`` and closes it at the end (or uses ``with``): one session
-    instead of one per slide. Lazy: a slide read from the cache, or one without
-    cells, never opens it.
+    of each network instead of one per slide. Lazy: a slide read from the cache
+    opens neither, a single-cell folder never opens the segmenter, and a slide
+    without cells never opens the encoder.
     """
 
     def __init__(
@@ -425,9 +425,10 @@ class SlideEncoder:
         self.bundle = bundle
         self._args = (bundle, backend, threads, batch_size)
         self._encoder: Any = None
+        self._segmenter: Any = None
         self.embedded = 0  # images embedded so far, over all slides
 
-    def __enter__(self) -> SlideEncoder:
+    def __enter__(self) -> SlideNetworks:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -442,8 +443,22 @@ class SlideEncoder:
         self.embedded += len(patches)
         return embeddings
 
+    def segmenter(self) -> Any:
+        """The bundle's ``appliance.segmentation.Segmenter``."""
+        if self._segmenter is None:
+            from appliance.segmentation import Segmenter
+
+            bundle, backend, threads, _ = self._args
+            if bundle.segmenter is None:
+                raise ValueError(
+                    f"bundle {bundle.name} has no segmenter: it scores cell folders only"
+                )
+            self._segmenter = Segmenter.open(bundle.path, bundle.segmenter, backend, threads)
+        return self._segmenter
+
     @property
     def is_open(self) -> bool:
+        """Whether the encoder session is open."""
         return self._encoder is not None
 
     @property
@@ -458,6 +473,9 @@ class SlideEncoder:
         if self._encoder is not None:
             self._encoder.close()
             self._encoder = None
+        if self._segmenter is not None:
+            self._segmenter.network.close()
+            self._segmenter = None
 
 
 def _slide_result(
@@ -483,7 +501,7 @@ MOSAIC_CELL_PX = 32
 
 
 def _cell_folder(
-    path: Path, bundle: Bundle, encoder: Any, timer: StageTimer
+    path: Path, bundle: Bundle, networks: SlideNetworks, timer: StageTimer
 ) -> tuple[SlideCells, dict[str, Any], dict[str, Any]]:
     """PB workflow: the folder's crops are the cells; no segmentation, no tile QC."""
     from PIL import Image
@@ -501,7 +519,7 @@ def _cell_folder(
             inputs.append(resize_bilinear(image, size))
             timer.progress("read", (index + 1) / len(folder))
     with timer.stage("embed"):
-        embeddings = encoder.embed(
+        embeddings = networks.embed(
             np.stack(inputs), progress=lambda done, total: timer.progress("embed", done / total)
         )
     n = len(names)
@@ -547,16 +565,14 @@ STAIN_SAMPLE_TILES = 8
 def _scan_file(
     path: Path,
     bundle: Bundle,
-    encoder: Any,
+    networks: SlideNetworks,
     timer: StageTimer,
-    threads: int,
     pixel_size_um: float,
     spool: Path,
 ) -> tuple[SlideCells, dict[str, Any], dict[str, Any]]:
     """Reader -> cellular zone -> stains -> per tile QC, normalisation, StarDist, cells."""
     from appliance import qc, stain, tiles
     from appliance.readers import open_scan
-    from appliance.segmentation import Segmenter
 
     reference = _stain_reference(bundle)
     params = qc.QCParams.from_bundle(_qc_section(bundle), reference)
@@ -599,13 +615,11 @@ def _scan_file(
             except stain.StainError as exc:
                 verdict = {"verdict": "fail", "reasons": [exc.reason], "fractions": {}}
                 return empty, scan_entry, verdict
-        if bundle.segmenter is None:
-            raise ValueError(f"bundle {bundle.name} has no segmenter: it scores cell folders only")
-        segmenter = Segmenter.open(bundle.path, bundle.segmenter, threads=threads)
+        segmenter = networks.segmenter()
         # Nuclei are found on normalised tiles, whose stains are the reference's.
         nuclei_stains = reference.estimate if reference is not None else stains
         tile_qcs = []
-        sink = _CellSink(encoder, size, patch_px, spool, timer)
+        sink = _CellSink(networks, size, patch_px, spool, timer)
         for index, tile in enumerate(timer.timed(tiles.iter_tiles(scan, specs), "read")):
             with timer.stage("qc"):
                 result = qc.assess_tile(tile.spec.tile_id, tile.core, stains, params)

@@ -11,7 +11,7 @@ from rich.progress import BarColumn, Progress, TaskID, TextColumn, TimeElapsedCo
 from rich.table import Table
 
 from appliance.config import Config
-from appliance.pipeline import CaseResult, SlideEncoder, SlideResult, process_slide, score_case
+from appliance.pipeline import CaseResult, SlideNetworks, SlideResult, process_slide, score_case
 from appliance.readers import ScanError
 from runtime.bundle import Bundle
 
@@ -58,9 +58,9 @@ def score_inputs(
     """Process every input and score each group as a case; rejected inputs are collected."""
     run = ScoreRun()
     rt = config.runtime
-    # One encoder session for every scan of the run, opened by the first that has cells.
-    encoder = SlideEncoder(bundle, rt.backend, rt.threads, rt.encoder_batch)
-    with new_progress(console) as progress, encoder:
+    # One encoder and one segmenter session for every scan of the run, opened on first use.
+    networks = SlideNetworks(bundle, rt.backend, rt.threads, rt.encoder_batch)
+    with new_progress(console) as progress, networks:
         for case_id, paths in groups:
             slides: list[SlideResult] = []
             for path in paths:
@@ -76,7 +76,7 @@ def score_inputs(
                             batch_size=config.runtime.encoder_batch,
                             pixel_size_um=config.scan.pixel_size_um,
                             progress=bars,
-                            encoder=encoder,
+                            networks=networks,
                         )
                     )
                 except ScanError as exc:

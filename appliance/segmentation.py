@@ -49,6 +49,8 @@ class SegmentationError(ValueError):
 class Network(Protocol):
     def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]: ...
 
+    def close(self) -> None: ...
+
 
 def segmenter_spec(section: SegmenterSpec | Mapping[str, Any]) -> SegmenterSpec:
     """The bundle's ``segmenter`` section (``runtime.bundle.SegmenterSpec``, which is

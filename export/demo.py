@@ -346,7 +346,7 @@ def embed_synthetic_slides(
     folder: Path, bundle: Bundle, recipe: DemoRecipe, progress: Progress
 ) -> tuple[dict[str, list[np.ndarray]], dict[str, np.ndarray]]:
     """Write each synthetic slide and run the appliance's slide pipeline on it."""
-    from appliance.pipeline import SlideEncoder, process_slide
+    from appliance.pipeline import SlideNetworks, process_slide
 
     folder.mkdir(parents=True)
     specs = synthetic_specs(recipe)
@@ -354,8 +354,8 @@ def embed_synthetic_slides(
     done = 0
     bags: dict[str, list[np.ndarray]] = {}
     labels: dict[str, np.ndarray] = {}
-    # One encoder session for every slide, opened by the first that has cells.
-    with SlideEncoder(bundle, threads=recipe.threads) as encoder:
+    # One encoder and one segmenter session for every slide.
+    with SlideNetworks(bundle, threads=recipe.threads) as networks:
         for split, split_specs in specs.items():
             bags[split], rows = [], []
             for spec in split_specs:
@@ -366,7 +366,7 @@ def embed_synthetic_slides(
                     bundle,
                     cache_dir=folder / "cache",
                     threads=recipe.threads,
-                    encoder=encoder,
+                    networks=networks,
                 )
                 if slide.n_cells == 0:
                     log.warning("synthetic slide %s gave no cells; left out", path.name)

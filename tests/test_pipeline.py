@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 
 from appliance import slide_cache
-from appliance.pipeline import SlideEncoder, SlideResult, process_slide, score_case
+from appliance.pipeline import SlideNetworks, SlideResult, process_slide, score_case
 from appliance.scoring import abstain_reason, top_attention_mass
 from appliance.service import units
 from appliance.service.units import scan_fingerprint
@@ -81,17 +81,17 @@ def test_one_shared_encoder_session_serves_every_slide_and_a_cached_one_opens_no
             opened.append(self)
 
     monkeypatch.setattr(runtime.encoder, "Encoder", CountedEncoder)
-    with SlideEncoder(bundle) as shared:
+    with SlideNetworks(bundle) as shared:
         slides = [
-            process_slide(pb_folders / name, bundle, cache_dir=tmp_path, encoder=shared)
+            process_slide(pb_folders / name, bundle, cache_dir=tmp_path, networks=shared)
             for name in ("P0001", "P0002")
         ]
         assert shared.is_open and shared.embedded == 120
     assert len(opened) == 1 and not shared.is_open
     assert all(s.backend == "ort-cpu" and s.scan["encoder_variant"] == "fp32" for s in slides)
     # Both slides cached: a fresh shared encoder is never opened.
-    with SlideEncoder(bundle) as idle:
-        again = process_slide(pb_folders / "P0001", bundle, cache_dir=tmp_path, encoder=idle)
+    with SlideNetworks(bundle) as idle:
+        again = process_slide(pb_folders / "P0001", bundle, cache_dir=tmp_path, networks=idle)
         assert again.from_cache and not idle.is_open
     assert len(opened) == 1
     # Without a shared encoder, each slide that embeds opens (and closes) its own.
@@ -260,3 +260,35 @@ def test_a_scan_gives_qupath_tables_in_the_level0_pixels_of_the_scan(
     # Areas are physical: METHOD.md's 500-5000 px at 0.25 um/px is 31-313 um2.
     areas = [float(r["area_um2"]) for r in rows]
     assert min(areas) >= 500 * 0.0625 and max(areas) <= 5000 * 0.0625
+
+
+@pytest.mark.slow
+def test_shared_networks_open_the_segmenter_once_for_every_scan(
+    tiny_bundle: Path,
+    small_scan_writer: Callable[..., Path],
+    pb_folders: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from appliance.segmentation import Segmenter
+    from runtime.bundle import load_bundle
+
+    bundle = load_bundle(tiny_bundle)
+    opened: list[Path] = []
+    real_open = Segmenter.open
+
+    def counted_open(*args: object, **kwargs: object) -> Segmenter:
+        opened.append(Path(str(args[0])))
+        return real_open(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(Segmenter, "open", counted_open)
+    scans = [small_scan_writer(tmp_path / f"smear-{seed}.tif", seed=seed) for seed in (3, 4)]
+    with SlideNetworks(bundle) as shared:
+        slides = [process_slide(s, bundle, cache_dir=tmp_path, networks=shared) for s in scans]
+        # Both passed QC, so both were segmented, with the one session.
+        assert all(s.qc_passed for s in slides) and sum(s.n_cells for s in slides) > 0
+        assert len(opened) == 1
+    # A single-cell folder needs no segmentation: it never opens one.
+    with SlideNetworks(bundle) as cells_only:
+        process_slide(pb_folders / "P0001", bundle, cache_dir=tmp_path, networks=cells_only)
+    assert len(opened) == 1

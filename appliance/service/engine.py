@@ -20,8 +20,8 @@ class PipelineEngine:
         self.config = config
         self.bundle = bundle
         rt = config.runtime
-        # One encoder session for the service's life, opened by the first slide with cells.
-        self.encoder = pipeline.SlideEncoder(bundle, rt.backend, rt.threads, rt.encoder_batch)
+        # One encoder and one segmenter session for the service's life, opened on first use.
+        self.networks = pipeline.SlideNetworks(bundle, rt.backend, rt.threads, rt.encoder_batch)
 
     def process_slide(
         self, path: Path, progress: ProgressFn, *, use_cache: bool, fingerprint: str | None = None
@@ -41,7 +41,7 @@ class PipelineEngine:
             pixel_size_um=cfg.scan.pixel_size_um,
             progress=progress,
             fingerprint=fingerprint,
-            encoder=self.encoder,
+            networks=self.networks,
         )
         rejected = "" if result.qc_passed else f"slide QC failed: {result.qc_reason or 'no reason'}"
         return SlideOutcome(
@@ -65,4 +65,4 @@ class PipelineEngine:
 
     def close(self) -> None:
         """The worker calls this on its own thread as it ends."""
-        self.encoder.close()
+        self.networks.close()
