@@ -448,12 +448,14 @@ class SlideNetworks:
         if self._segmenter is None:
             from appliance.segmentation import Segmenter
 
-            bundle, backend, threads, _ = self._args
+            bundle, _, threads, _ = self._args
             if bundle.segmenter is None:
                 raise ValueError(
                     f"bundle {bundle.name} has no segmenter: it scores cell folders only"
                 )
-            self._segmenter = Segmenter.open(bundle.path, bundle.segmenter, backend, threads)
+            # Always "auto": engines are built for the encoder and heads only, so a
+            # configured "tensorrt" could not load the segmenter.
+            self._segmenter = Segmenter.open(bundle.path, bundle.segmenter, "auto", threads)
         return self._segmenter
 
     @property
