@@ -79,7 +79,8 @@ def pipeline(
 @bench_app.command()
 def segmentation(
     segmenter_dir: Annotated[
-        Path, typer.Argument(help="Folder written by `cytoedge export segmenter`.")
+        Path,
+        typer.Argument(help="Folder written by `cytoedge export segmenter`, or a bundle."),
     ],
     stardist: Annotated[
         Path | None,

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from rich.console import Console
@@ -36,6 +37,20 @@ def evaluate(
     return total
 
 
+def segmenter_section(folder: Path) -> dict[str, Any]:
+    """The segmenter section of an export folder (``segmenter.json``) or a bundle."""
+    for name, key in (("segmenter.json", "segmenter"), ("bundle.json", "segmenter")):
+        path = folder / name
+        if path.is_file():
+            section = json.loads(path.read_text(encoding="utf-8")).get(key)
+            if section:
+                return dict(section)
+    raise SystemExit(
+        f"{folder}: neither a `cytoedge export segmenter` folder (segmenter.json) "
+        "nor a bundle with a segmenter (bundle.json)"
+    )
+
+
 def run_segmentation_bench(
     segmenter_dir: Path,
     stardist_dir: Path | None,
@@ -47,8 +62,7 @@ def run_segmentation_bench(
 ) -> MatchCounts:
     """Print the figures; return the ONNX path's counts."""
     console = Console()
-    document = json.loads((segmenter_dir / "segmenter.json").read_text(encoding="utf-8"))
-    segmenter = Segmenter.open(segmenter_dir, document["segmenter"], backend, threads)
+    segmenter = Segmenter.open(segmenter_dir, segmenter_section(segmenter_dir), backend, threads)
     images, masks = synthetic_tiles(n_tiles, size, seed)
     segmenter.segment(images[0])  # warm-up: session start, first-call allocations
     counts, labels, seconds = MatchCounts(0, 0, 0), [], 0.0

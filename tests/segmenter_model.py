@@ -29,7 +29,7 @@ N_RAYS = 32
 GRID = (2, 2)
 # Enough to pass F1 >= 0.9 at IoU 0.5 on held-out synthetic tiles (tests/test_segmentation.py).
 TEST_RECIPE = {
-    "n_tiles": 24,
+    "n_tiles": 40,  # at 24 the model missed a third of the lymphocytes (F1 0.87)
     "epochs": 6,
     "steps_per_epoch": 40,
     "seed": 1,
