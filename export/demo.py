@@ -51,7 +51,7 @@ Progress = Callable[[str, float], None]
 
 @dataclass(frozen=True)
 class DemoRecipe:
-    """Sizes chosen so that the whole build takes a few minutes on a 2-core CPU."""
+    """Sizes chosen so that the whole build takes about a quarter of an hour on a 2-core CPU."""
 
     encoder_arch: str = "vit_small"
     encoder_depth: int = 0  # 0: the architecture's own; fewer blocks only for test fixtures
@@ -555,7 +555,7 @@ def run_demo(config: Config, *, rebuild: bool = False) -> int:
     target = _demo_target(config)
     bundle = None if rebuild else demo_bundle_is_current(target)
     if bundle is None:
-        console.print(f"Building the demo bundle in {target} (once; a few minutes on a CPU)")
+        console.print(f"Building the demo bundle in {target} (once; about 15 min on 2 cores)")
         with new_progress(console) as progress:
             bundle = build_demo_bundle(target, progress=StageBars(progress, "build: "))
     metrics = bundle.provenance.get("heads", {})
