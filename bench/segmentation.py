@@ -39,10 +39,10 @@ def evaluate(
 
 def segmenter_section(folder: Path) -> dict[str, Any]:
     """The segmenter section of an export folder (``segmenter.json``) or a bundle."""
-    for name, key in (("segmenter.json", "segmenter"), ("bundle.json", "segmenter")):
+    for name in ("segmenter.json", "bundle.json"):  # both keep it under "segmenter"
         path = folder / name
         if path.is_file():
-            section = json.loads(path.read_text(encoding="utf-8")).get(key)
+            section = json.loads(path.read_text(encoding="utf-8")).get("segmenter")
             if section:
                 return dict(section)
     raise SystemExit(
