@@ -1,10 +1,10 @@
 # Two entry points for a new machine: `make demo` and `make test`.
-# Each creates .venv when missing and installs what it needs (again only when
-# pyproject.toml changes).
+# Each creates .venv when missing and installs what it needs: cytoedge and, from
+# demo/, cytoedge-demo (again only when a pyproject.toml changes).
 PYTHON ?= python3.11
 VENV := .venv
 BIN := $(VENV)/bin
-STAMP := $(VENV)/.installed-$(shell sha256sum pyproject.toml | cut -c1-12)
+STAMP := $(VENV)/.installed-$(shell cat pyproject.toml demo/pyproject.toml | sha256sum | cut -c1-12)
 export QT_QPA_PLATFORM ?= offscreen
 
 .PHONY: demo test lint venv clean
@@ -13,9 +13,9 @@ $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip setuptools wheel
 
-$(STAMP): $(BIN)/python pyproject.toml
+$(STAMP): $(BIN)/python pyproject.toml demo/pyproject.toml
 	bash packaging/system-deps.sh
-	$(BIN)/pip install -q -e '.[export,gui,dev]'
+	$(BIN)/pip install -q -e '.[export,gui,dev]' -e ./demo
 	rm -f $(VENV)/.installed-*
 	touch $@
 

@@ -1,13 +1,15 @@
 """The one command-line entry point, ``cytoedge``.
 
 This module is the composition root: it is the only place in ``appliance``
-that reaches ``export``, ``gui`` and ``bench``, and only through their own
-Typer groups, which import torch, TensorFlow or Qt inside the commands, never
-at module level (tests/test_layering.py holds that line).
+that reaches ``export`` and ``gui`` (and the command groups other distributions
+plug in), and only through their own Typer groups, which import torch,
+TensorFlow or Qt inside the commands, never at module level
+(tests/test_layering.py holds that line).
 """
 
 from __future__ import annotations
 
+import importlib.metadata
 import logging
 import sys
 from pathlib import Path
@@ -15,12 +17,9 @@ from typing import Annotated
 
 import typer
 
-from appliance.config import Config, ConfigError, load_config
-from appliance.logs import setup_logging
-from bench.cli import bench_app
+from appliance.command import ConfigOption, fail, setup
 from export.cli import export_app
 
-NOT_AVAILABLE_EXIT = 2
 app = typer.Typer(
     name="cytoedge",
     help="Offline hematology slide scoring: watch an inbox, score scans, explain results.",
@@ -29,49 +28,8 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 app.add_typer(export_app, name="export")
-app.add_typer(bench_app, name="bench")
 log = logging.getLogger("cytoedge")
-
-ConfigOption = Annotated[
-    Path | None,
-    typer.Option(
-        "--config",
-        "-c",
-        help="TOML configuration file (default: $CYTOEDGE_CONFIG).",
-        envvar="CYTOEDGE_CONFIG",
-        show_envvar=False,
-        dir_okay=False,
-    ),
-]
-
-
-def fail(message: str, code: int = NOT_AVAILABLE_EXIT) -> typer.Exit:
-    """Print one line on stderr and return the Exit to raise."""
-    sys.stderr.write(f"cytoedge: {message}\n")
-    return typer.Exit(code)
-
-
-def setup(config_path: Path | None, *, log_to_file: bool = True) -> Config:
-    """Load the configuration and start logging; a bad file exits 2 with one line."""
-    try:
-        config = load_config(config_path)
-    except ConfigError as exc:
-        raise fail(str(exc)) from None
-    try:
-        config.ensure_dirs()
-    except OSError as exc:
-        raise fail(f"cannot create the data directories: {exc}") from None
-    setup_logging(
-        config.log_dir if log_to_file else None,
-        config.logging.level,
-        config.logging.max_bytes,
-        config.logging.backups,
-    )
-    return config
-
-
-def not_available(what: str, issue: str) -> typer.Exit:
-    return fail(f"{what} is not available yet ({issue}).")
+PLUGIN_GROUP = "cytoedge.commands"
 
 
 @app.command()
@@ -149,24 +107,13 @@ def gui(
     with_service: Annotated[
         bool, typer.Option("--with-service", help="Also run the service in this process.")
     ] = False,
-    screenshots: Annotated[
-        Path | None,
-        typer.Option(
-            help="Render the window over sample data to PNG files in this folder, then exit.",
-            file_okay=False,
-        ),
-    ] = None,
     config: ConfigOption = None,
 ) -> None:
     """Open the technician's window."""
     try:
-        from gui.app import render_screenshots, run_window
+        from gui.app import run_window
     except ImportError as exc:
         raise fail(f"the window needs PySide6: pip install 'cytoedge[gui]' ({exc})") from None
-    if screenshots is not None:
-        for path in render_screenshots(screenshots):
-            typer.echo(path)
-        return
     cfg = setup(config)
     service = None
     if with_service:
@@ -184,26 +131,6 @@ def gui(
 
 
 @app.command()
-def demo(
-    rebuild: Annotated[bool, typer.Option(help="Build the demo bundle again.")] = False,
-    config: ConfigOption = None,
-) -> None:
-    """Build the demo bundle and demo scans (once), then score them."""
-    import importlib.util
-
-    cfg = setup(config)
-    missing = [m for m in ("torch", "timm", "tensorflow") if importlib.util.find_spec(m) is None]
-    if missing:
-        raise fail(
-            f"the demo trains its models and needs {', '.join(missing)}: "
-            "install the export extra (pip install 'cytoedge[export]')"
-        )
-    from export.demo import run_demo
-
-    raise typer.Exit(run_demo(cfg, rebuild=rebuild))
-
-
-@app.command()
 def doctor(
     bundle: Annotated[
         Path | None, typer.Option(help="Verify this bundle instead of the configured one.")
@@ -215,6 +142,30 @@ def doctor(
 
     cfg = setup(config, log_to_file=False)
     raise typer.Exit(run_doctor(cfg, bundle))
+
+
+def _add_plugin_commands() -> None:
+    """Command groups other installed distributions declare under ``cytoedge.commands``.
+
+    ``cytoedge-demo`` (demo/) adds ``demo`` and ``bench``; a clinical site installs
+    neither, and ``cytoedge demo`` then says where the demo is.
+    """
+    names = set()
+    for entry in importlib.metadata.entry_points(group=PLUGIN_GROUP):
+        app.add_typer(entry.load(), name=entry.name)
+        names.add(entry.name)
+    if "demo" not in names:
+
+        @app.command()
+        def demo() -> None:
+            """Build the demo bundle and demo scans (needs the cytoedge-demo distribution)."""
+            raise fail(
+                "the demo is not installed here: it is the cytoedge-demo distribution in the "
+                "source tree's demo/ folder (`make demo` installs it with the export extra)"
+            )
+
+
+_add_plugin_commands()
 
 
 def main() -> None:

@@ -2,7 +2,7 @@
 
 Random noise is a poor probe of a ViT: fidelity must be judged on inputs that look like what
 the encoder will see. The images are the synthetic smears' own nucleated cells
-(``appliance.synthetic.render_cell_patches``: crops made as the pipeline makes them);
+(``cytoedge_demo.synthetic.render_cell_patches``: crops made as the pipeline makes them);
 this module only normalises them as the encoder's ``pixels`` input.
 """
 
@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from appliance.synthetic import render_cell_patches
+from cytoedge_demo.synthetic import render_cell_patches
 from export.encoder import IMAGE_SIZE, MEAN, STD
 
 

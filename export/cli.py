@@ -12,11 +12,6 @@ export_app = typer.Typer(
 )
 
 
-def _not_available(what: str) -> typer.Exit:
-    typer.echo(f"cytoedge: export {what} is not available yet.", err=True)
-    return typer.Exit(2)
-
-
 @export_app.command()
 def encoder(
     checkpoint: Annotated[
@@ -252,22 +247,12 @@ def segmenter(
         typer.Option(help="Output folder (segmenter.onnx, segmenter.json).", file_okay=False),
     ],
     model_dir: Annotated[
-        Path | None,
+        Path,
         typer.Argument(
-            help="StarDist2D model folder (config.json, thresholds.json, weights_best.h5); "
-            "with --train-synthetic, the new folder the trained model goes to "
-            "(default: OUT/stardist)."
+            help="StarDist2D model folder (config.json, thresholds.json, weights_best.h5).",
+            file_okay=False,
         ),
-    ] = None,
-    train_synthetic: Annotated[
-        bool, typer.Option(help="First train the small demo StarDist on synthetic smears.")
-    ] = False,
-    epochs: Annotated[int, typer.Option(min=1, help="--train-synthetic: epochs.")] = 10,
-    steps: Annotated[int, typer.Option(min=1, help="--train-synthetic: steps per epoch.")] = 40,
-    tiles: Annotated[
-        int, typer.Option(min=5, help="--train-synthetic: synthetic 256 px tiles.")
-    ] = 40,
-    seed: Annotated[int, typer.Option(help="--train-synthetic: random seed.")] = 0,
+    ],
     norm_low: Annotated[
         float | None,
         typer.Option(help="Percentile mapped to 0 before the network (default 1.0).", min=0),
@@ -285,11 +270,6 @@ def segmenter(
         run_export_command(
             model_dir,
             out,
-            train_synthetic=train_synthetic,
-            epochs=epochs,
-            steps=steps,
-            tiles=tiles,
-            seed=seed,
             normalisation=None
             if norm_low is None and norm_high is None
             else {

@@ -5,8 +5,8 @@ functions: importing this module costs nothing. The ONNX file is written only
 after a parity gate (ONNX Runtime against TensorFlow on fixed, image-like
 inputs of two shapes) passes; a failed gate writes nothing.
 
-``train_synthetic_segmenter`` trains the small demo network on synthetic smear
-tiles (appliance.synthetic) normalised by the very function the appliance runs
+``train_segmenter`` trains a small StarDist2D on annotated tiles (the demo
+gives it synthetic ones) normalised by the very function the appliance runs
 before inference (appliance.segmentation.normalise), so training and scoring
 cannot drift apart.
 """
@@ -300,7 +300,7 @@ def _write_atomic(target: Path, data: bytes) -> None:
     tmp.replace(target)
 
 
-# --- the demo network, trained on synthetic smears ---------------------------------
+# --- training a small network on annotated tiles ----------------------------------
 
 
 @dataclass(frozen=True)
@@ -311,7 +311,7 @@ class TrainingRecipe:
     fine-tuning rate); 240 steps already gave F1 0.93 at IoU 0.5 on held-out fields.
     """
 
-    n_tiles: int = 40  # synthetic tiles generated; 1 in 5 held out for validation
+    n_tiles: int = 40  # tiles asked of the tile source; 1 in 5 held out for validation
     tile_px: int = 256
     patch_px: int = 128  # random training crops; cells are at most ~80 px across
     epochs: int = 10
@@ -328,30 +328,18 @@ class TrainingRecipe:
 TileSource = Callable[[int, int, int], tuple[list[np.ndarray], list[np.ndarray]]]
 
 
-def synthetic_tiles(n: int, size: int, seed: int) -> tuple[list[np.ndarray], list[np.ndarray]]:
-    """(RGB uint8 tiles, nucleated-cell instance masks) from the synthetic smear generator."""
-    from appliance import synthetic
-
-    images, masks = [], []
-    for index in range(n):
-        spec = synthetic.SmearSpec(
-            width=size, height=size, seed=seed * 1000 + index, nucleated_per_mm2=1500.0
-        )
-        field_ = synthetic.render_field(spec)
-        images.append(field_.image)
-        masks.append(field_.cells.astype(np.int32))
-    return images, masks
-
-
-def train_synthetic_segmenter(
+def train_segmenter(
     model_dir: Path,
+    tiles: TileSource,
     recipe: TrainingRecipe | None = None,
-    tiles: TileSource = synthetic_tiles,
     threads: int = 0,
     progress: Callable[[int, int], None] | None = None,
     normalisation: dict[str, Any] | None = None,
 ) -> Path:
-    """Train the demo StarDist2D into ``model_dir`` (a new folder) and return it."""
+    """Train a StarDist2D into ``model_dir`` (a new folder) and return it.
+
+    ``tiles(n, size, seed)`` gives (RGB uint8 tiles, instance masks of the nucleated cells).
+    """
     normalisation = dict(normalisation or DEFAULT_NORMALISATION)
     recipe = recipe or TrainingRecipe()
     model_dir = Path(model_dir)
@@ -364,7 +352,7 @@ def train_synthetic_segmenter(
     keras.utils.set_random_seed(recipe.seed)
     images, masks = tiles(recipe.n_tiles, recipe.tile_px, recipe.seed)
     if not images:
-        raise SegmenterExportError("the synthetic tile source returned no tiles")
+        raise SegmenterExportError("the tile source returned no tiles")
     x = [normalise(image, normalisation) for image in images]
     y = [mask.astype(np.int32) for mask in masks]
     n_val = max(1, len(x) // 5)
@@ -420,39 +408,13 @@ def _epoch_callback(total: int, progress: Callable[[int, int], None], stdout: An
 
 
 def run_export_command(
-    model_dir: Path | None,
-    out: Path,
-    *,
-    train_synthetic: bool,
-    epochs: int,
-    steps: int,
-    tiles: int,
-    seed: int,
-    normalisation: dict[str, Any] | None,
-    threads: int,
+    model_dir: Path, out: Path, *, normalisation: dict[str, Any] | None, threads: int
 ) -> int:
     """``cytoedge export segmenter``: progress on the terminal; the exit status."""
     from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
 
     console = Console(stderr=True)
     try:
-        if train_synthetic:
-            model_dir = model_dir or Path(out) / "stardist"
-            recipe = TrainingRecipe(n_tiles=tiles, epochs=epochs, steps_per_epoch=steps, seed=seed)
-            columns = (BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
-            with Progress("Training StarDist (epochs)", *columns, console=console) as bar:
-                task = bar.add_task("train", total=epochs)
-                train_synthetic_segmenter(
-                    model_dir,
-                    recipe,
-                    threads=threads,
-                    progress=lambda done, _total: bar.update(task, completed=done),
-                    normalisation=normalisation,
-                )
-        elif model_dir is None:
-            _say(console, "cytoedge: give a StarDist model folder or --train-synthetic")
-            return 2
         with console.status("Converting to ONNX and checking parity against TensorFlow..."):
             made = export_segmenter(model_dir, out, normalisation, threads)
     except ParityError as exc:

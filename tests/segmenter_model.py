@@ -83,11 +83,14 @@ def discs(shape: tuple[int, int], centres: list[tuple[int, int]], radius: int) -
 @functools.cache
 def trained_stardist() -> tuple[Path, Path, dict[str, Any]]:
     """(StarDist model folder, export folder, bundle section) of the shared test model."""
-    from export.segmenter import TrainingRecipe, export_segmenter, train_synthetic_segmenter
+    from cytoedge_demo.synthetic import segmentation_tiles
+    from export.segmenter import TrainingRecipe, export_segmenter, train_segmenter
 
     root = Path(tempfile.mkdtemp(prefix="cytoedge-stardist-"))
     atexit.register(shutil.rmtree, root, True)
-    model_dir = train_synthetic_segmenter(root / "model", TrainingRecipe(**TEST_RECIPE), threads=2)
+    model_dir = train_segmenter(
+        root / "model", segmentation_tiles, TrainingRecipe(**TEST_RECIPE), threads=2
+    )
     exported = export_segmenter(model_dir, root / "onnx", threads=2)
     return model_dir, root / "onnx", exported.section
 

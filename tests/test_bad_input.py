@@ -12,7 +12,6 @@ import pytest
 import tifffile
 from PIL import Image
 
-from appliance import synthetic, tiles
 from appliance.readers import (
     BlankScanError,
     EmptyFileError,
@@ -26,6 +25,7 @@ from appliance.readers import (
     open_scan,
     probe,
 )
+from cytoedge_demo import synthetic, tiles
 
 
 def stained(height: int = 300, width: int = 400) -> np.ndarray:

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 from rich.console import Console
 
-from bench.encoder import PathResult, gflop_per_cell, print_table
-from bench.gemm import (
+from cytoedge_demo.bench.encoder import PathResult, gflop_per_cell, print_table
+from cytoedge_demo.bench.gemm import (
     KERNELS,
     GemmResult,
     GemmShape,

@@ -3,7 +3,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from export.demo import DemoRecipe, train_demo_head
+from cytoedge_demo.builder import DemoRecipe, train_demo_head
 
 
 def _bags(count: int, rng: np.random.Generator) -> list[np.ndarray]:

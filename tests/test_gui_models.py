@@ -17,6 +17,7 @@ from PySide6.QtGui import QImage
 from PySide6.QtWidgets import QTreeView
 
 from appliance.service.store import JobStore
+from cytoedge_demo.samples import SampleCase, add_case
 from gui.models import (
     PROGRESS_ROLE,
     PollingThread,
@@ -25,7 +26,6 @@ from gui.models import (
     format_received,
     state_text,
 )
-from gui.samples import SampleCase, add_case
 from gui.store_reader import StoreReader, StoreUnavailableError, open_readonly, read_queue
 
 NOW = 1_800_000_000.0

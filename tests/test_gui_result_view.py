@@ -13,6 +13,7 @@ pytest.importorskip("pytestqt")
 from PySide6.QtCore import Qt
 from PySide6.QtGui import QColor, QImage
 
+from cytoedge_demo.samples import KINDS, write_sample_result
 from gui.result_data import DEMO_BANNER, ResultUnreadableError, load_result
 from gui.result_view import (
     CellDialog,
@@ -21,7 +22,6 @@ from gui.result_view import (
     read_folder,
     text_of_grid,
 )
-from gui.samples import KINDS, write_sample_result
 
 
 @pytest.fixture(scope="module")

@@ -56,10 +56,26 @@ def test_no_framework_import_statements_on_the_scoring_path() -> None:
 
 
 def test_runtime_imports_none_of_the_other_parts() -> None:
-    pattern = re.compile(r"^\s*(import|from)\s+(appliance|export|gui|bench)\b", re.MULTILINE)
+    pattern = re.compile(
+        r"^\s*(import|from)\s+(appliance|export|gui|cytoedge_demo)\b", re.MULTILINE
+    )
     offenders = [
         str(path.relative_to(ROOT))
         for path in (ROOT / "runtime").rglob("*.py")
         if pattern.search(path.read_text(encoding="utf-8"))
+    ]
+    assert offenders == []
+
+
+def test_product_code_imports_no_demo_code() -> None:
+    """A clinical site installs cytoedge without cytoedge-demo (demo/): the scoring path
+    never reaches it; export reaches only its synthetic cells, the gates' probe images."""
+    pattern = re.compile(r"^\s*(?:import|from)\s+(cytoedge_demo[\w.]*)", re.MULTILINE)
+    offenders = [
+        f"{path.relative_to(ROOT)}: {module}"
+        for part in ("appliance", "runtime", "gui", "export")
+        for path in (ROOT / part).rglob("*.py")
+        for module in pattern.findall(path.read_text(encoding="utf-8"))
+        if not (part == "export" and module == "cytoedge_demo.synthetic")
     ]
     assert offenders == []

@@ -22,7 +22,7 @@ from appliance.pipeline import SlideNetworks, SlideResult, process_slide, score_
 from appliance.scoring import abstain_reason, top_attention_mass
 from appliance.service import units
 from appliance.service.units import scan_fingerprint
-from appliance.synthetic import write_cell_folders
+from cytoedge_demo.synthetic import write_cell_folders
 from runtime.bundle import Bundle
 from tests.runtime_models import TinyBundle
 

@@ -11,7 +11,7 @@ from scipy import ndimage
 
 from appliance import qc, stain, synthetic, tiles
 from appliance.readers import BlankScanError, open_scan
-from appliance.synthetic import SmearSpec
+from cytoedge_demo.synthetic import SmearSpec
 from tests.conftest import SHARED_DATA
 
 BCCD = SHARED_DATA / "bccd-sample"

@@ -14,7 +14,6 @@ import pytest
 import tifffile
 from PIL import Image
 
-from appliance import synthetic
 from appliance.readers import (
     CellFolderError,
     EmptyFileError,
@@ -23,6 +22,7 @@ from appliance.readers import (
     probe,
 )
 from appliance.readers.tiff_scan import TiffScan
+from cytoedge_demo import synthetic
 from tests.conftest import SHARED_DATA
 
 ROOT = Path(__file__).resolve().parents[1]

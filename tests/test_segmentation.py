@@ -164,12 +164,13 @@ needs_tensorflow = pytest.mark.skipif(
 @pytest.mark.slow
 @needs_tensorflow
 def test_onnx_path_gives_stardists_own_labels() -> None:
-    from export.segmenter import load_stardist, synthetic_tiles
+    from cytoedge_demo.synthetic import segmentation_tiles
+    from export.segmenter import load_stardist
 
     model_dir, onnx_dir, section = trained_stardist()
     segmenter = Segmenter.open(onnx_dir, section, backend="ort-cpu", threads=2)
     model = load_stardist(model_dir)
-    images, _ = synthetic_tiles(2, 300, HELD_OUT_SEED + 1)
+    images, _ = segmentation_tiles(2, 300, HELD_OUT_SEED + 1)
     for image in images:
         labels, found = segmenter.segment(image)
         expected, details = model.predict_instances(
@@ -181,8 +182,8 @@ def test_onnx_path_gives_stardists_own_labels() -> None:
 
 @pytest.mark.slow
 @needs_tensorflow
-def test_f1_on_held_out_synthetic_tiles() -> None:
-    from bench.segmentation import evaluate
+def test_f1_on_held_out_segmentation_tiles() -> None:
+    from cytoedge_demo.bench.segmentation import evaluate
 
     _, onnx_dir, section = trained_stardist()
     segmenter = Segmenter.open(onnx_dir, section, backend="ort-cpu", threads=2)

@@ -11,7 +11,7 @@ import pytest
 
 from appliance.service.audit import read_audit
 from appliance.service.store import DONE, QUEUED, RUNNING
-from appliance.synthetic import write_cell_folders
+from cytoedge_demo.synthetic import write_cell_folders
 from tests.runtime_models import TinyBundle
 from tests.service_harness import ServiceProcess, copy_unit, result_versions, write_config
 

@@ -9,7 +9,13 @@ import pytest
 import tifffile
 from rich.console import Console
 
-from bench.soak import make_templates, print_report, run_soak, smear_density, soak_bundle
+from cytoedge_demo.bench.soak import (
+    make_templates,
+    print_report,
+    run_soak,
+    smear_density,
+    soak_bundle,
+)
 from runtime.bundle import load_bundle
 from tests.runtime_models import TinyBundle
 

@@ -11,7 +11,7 @@ from PIL import Image
 
 from appliance import stain, synthetic
 from appliance.readers import open_cell_folder, open_scan
-from appliance.synthetic import MARKERS, SmearSpec
+from cytoedge_demo.synthetic import MARKERS, SmearSpec
 
 NONE = dict.fromkeys(MARKERS, False)
 

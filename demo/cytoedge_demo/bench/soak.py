@@ -111,7 +111,7 @@ def make_templates(
     cells: int = DEFAULT_CELLS,
 ) -> list[Path]:
     """A few distinct small scans to copy from."""
-    from appliance import synthetic
+    from cytoedge_demo import synthetic
 
     folder.mkdir(parents=True, exist_ok=True)
     if kind == "cells":

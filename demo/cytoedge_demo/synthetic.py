@@ -42,6 +42,8 @@ Entry points
   segmentation training and held-out scoring.
 - ``write_cell_folders(root, ...)``: peripheral-blood patient folders of 144x144
   single-cell crops with ``.ready``; hidden class labels in ``root/labels.json``.
+- ``segmentation_tiles(n, size, seed)``: fields with their nucleated-cell masks, what
+  the demo's StarDist trains on and the segmentation benchmark scores.
 - ``render_cell_patches(n, seed)``: (n, 224, 224, 3) uint8 nucleus-centred cell
   images, as the pipeline feeds the encoder (calibration and benchmarks).
 """
@@ -756,6 +758,19 @@ def write_cell_folders(
         labels[patient] = cls
     (root / "labels.json").write_text(json.dumps(labels, indent=1), encoding="utf-8")
     return labels
+
+
+def segmentation_tiles(n: int, size: int, seed: int) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """(RGB uint8 fields, nucleated-cell instance masks): StarDist training and held-out tiles."""
+    images, masks = [], []
+    for index in range(n):
+        spec = SmearSpec(
+            width=size, height=size, seed=seed * 1000 + index, nucleated_per_mm2=1500.0
+        )
+        field_ = render_field(spec)
+        images.append(field_.image)
+        masks.append(field_.cells.astype(np.int32))
+    return images, masks
 
 
 def render_cell_patches(n: int, seed: int = 0, size: int = 224) -> np.ndarray:

@@ -57,8 +57,8 @@ def gflop_per_cell(model: Any, image_size: int = 224) -> float:
 
 
 def cell_batch(batch: int, size: int = 224) -> np.ndarray:
-    """The bench's fixed batch: rendered nucleated cells (appliance.synthetic), uint8 NHWC."""
-    from appliance.synthetic import render_cell_patches
+    """The bench's fixed batch: rendered nucleated cells (cytoedge_demo.synthetic), uint8 NHWC."""
+    from cytoedge_demo.synthetic import render_cell_patches
 
     return render_cell_patches(batch, seed=IMAGE_SEED, size=size)
 
@@ -103,7 +103,7 @@ def run_encoder_bench(
 
     import torch
 
-    from export.demo import demo_encoder
+    from cytoedge_demo.builder import demo_encoder
     from export.encoder import MEAN, STD, load_encoder
     from export.onnx_export import export_encoder, row_cosines
     from runtime.backends import ModelVariants, open_model, plan_backends
@@ -213,7 +213,7 @@ def run_encoder_bench(
         engine.close()
     print_table(out, results, flops)
     if gemm:
-        from bench.gemm import (
+        from cytoedge_demo.bench.gemm import (
             cpu_description,
             linear_shapes,
             measure_gemm_ceiling,

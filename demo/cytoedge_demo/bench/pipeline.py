@@ -26,7 +26,7 @@ BENCH_SEED = 4242
 
 def bench_slide(folder: Path, width: int, height: int) -> Path:
     """The bench slide (generated once per size): ~480 nucleated cells per mm²."""
-    from appliance.synthetic import SmearSpec, write_smear
+    from cytoedge_demo.synthetic import SmearSpec, write_smear
 
     path = folder / f"bench-{width}x{height}.tif"
     if not path.is_file():
@@ -64,7 +64,8 @@ def score_one(slide: Path, bundle_dir: Path, backend: str, threads: int) -> dict
 
 def _child(slide: Path, bundle_dir: Path, backend: str, threads: int) -> dict[str, Any]:
     code = (
-        "import json, sys; from pathlib import Path; from bench.pipeline import score_one; "
+        "import json, sys; from pathlib import Path; "
+        "from cytoedge_demo.bench.pipeline import score_one; "
         "print('RESULT ' + json.dumps(score_one(Path(sys.argv[1]), Path(sys.argv[2]), "
         "sys.argv[3], int(sys.argv[4]))))"
     )

@@ -19,7 +19,7 @@ from rich.console import Console
 from rich.table import Table
 
 from appliance.segmentation import MatchCounts, Segmenter, match_instances, network_input
-from export.segmenter import synthetic_tiles
+from cytoedge_demo.synthetic import segmentation_tiles
 
 # Training tiles use generator seeds seed * 1000 + i for small recipe seeds; these never meet.
 HELD_OUT_SEED = 777
@@ -29,7 +29,7 @@ def evaluate(
     segmenter: Segmenter, n_tiles: int = 8, size: int = 512, seed: int = HELD_OUT_SEED
 ) -> MatchCounts:
     """Matches at IoU 0.5 summed over ``n_tiles`` held-out synthetic tiles."""
-    images, masks = synthetic_tiles(n_tiles, size, seed)
+    images, masks = segmentation_tiles(n_tiles, size, seed)
     total = MatchCounts(0, 0, 0)
     for image, truth in zip(images, masks, strict=True):
         labels, _ = segmenter.segment(image)
@@ -63,7 +63,7 @@ def run_segmentation_bench(
     """Print the figures; return the ONNX path's counts."""
     console = Console()
     segmenter = Segmenter.open(segmenter_dir, segmenter_section(segmenter_dir), backend, threads)
-    images, masks = synthetic_tiles(n_tiles, size, seed)
+    images, masks = segmentation_tiles(n_tiles, size, seed)
     segmenter.segment(images[0])  # warm-up: session start, first-call allocations
     counts, labels, seconds = MatchCounts(0, 0, 0), [], 0.0
     for image, truth in zip(images, masks, strict=True):

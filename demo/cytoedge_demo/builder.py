@@ -36,8 +36,8 @@ from typing import Any
 
 import numpy as np
 
-from appliance import synthetic
 from appliance.config import Config
+from cytoedge_demo import synthetic
 from runtime.bundle import Bundle, BundleError, load_bundle
 
 DEMO_NAME = "cytoedge-demo"
@@ -153,7 +153,7 @@ def train_segmenter(out_dir: Path, recipe: DemoRecipe, progress: Progress) -> di
         "threads": recipe.threads,
     }
     code = (
-        "import json, sys; from export.demo import _segmenter_child; "
+        "import json, sys; from cytoedge_demo.builder import _segmenter_child; "
         "_segmenter_child(json.loads(sys.argv[1]))"
     )
     process = subprocess.Popen(
@@ -183,7 +183,7 @@ def train_segmenter(out_dir: Path, recipe: DemoRecipe, progress: Progress) -> di
 
 def _segmenter_child(args: dict[str, Any]) -> None:
     """Runs in the child process: TensorFlow lives and dies here."""
-    from export.segmenter import TrainingRecipe, export_segmenter, train_synthetic_segmenter
+    from export.segmenter import TrainingRecipe, export_segmenter, train_segmenter
 
     recipe = TrainingRecipe(
         n_tiles=args["n_tiles"],
@@ -195,8 +195,9 @@ def _segmenter_child(args: dict[str, Any]) -> None:
     def report(done: int, total: int) -> None:
         print(f"EPOCH {done}/{total}", flush=True)
 
-    model_dir = train_synthetic_segmenter(
+    model_dir = train_segmenter(
         Path(args["model_dir"]),
+        synthetic.segmentation_tiles,
         recipe,
         threads=args["threads"],
         progress=report,

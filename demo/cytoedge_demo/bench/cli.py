@@ -12,11 +12,6 @@ bench_app = typer.Typer(
 )
 
 
-def _not_available(what: str) -> typer.Exit:
-    typer.echo(f"cytoedge: bench {what} is not available yet.", err=True)
-    return typer.Exit(2)
-
-
 @bench_app.command()
 def encoder(
     arch: Annotated[
@@ -40,7 +35,7 @@ def encoder(
     ] = True,
 ) -> None:
     """Encoder cells/s: torch eager vs ONNX Runtime fp32 / int8 (and GPU where present)."""
-    from bench.encoder import run_encoder_bench
+    from cytoedge_demo.bench.encoder import run_encoder_bench
 
     run_encoder_bench(
         arch=arch,
@@ -63,7 +58,7 @@ def pipeline(
 ) -> None:
     """One bench slide end to end: seconds per stage, peak memory, 2x-area ratio."""
     from appliance.config import load_config
-    from bench.pipeline import run_pipeline_bench
+    from cytoedge_demo.bench.pipeline import run_pipeline_bench
 
     config = load_config(None)
     run_pipeline_bench(
@@ -93,7 +88,7 @@ def segmentation(
     threads: Annotated[int, typer.Option(min=0, help="CPU threads; 0: one per core.")] = 0,
 ) -> None:
     """Segmentation F1 at IoU 0.5 on held-out synthetic tiles; s/tile vs TensorFlow."""
-    from bench.segmentation import run_segmentation_bench
+    from cytoedge_demo.bench.segmentation import run_segmentation_bench
 
     run_segmentation_bench(segmenter_dir, stardist, tiles, size, seed, backend, threads)
 
@@ -119,7 +114,7 @@ def soak(
     from rich.console import Console
 
     from appliance.config import ConfigError, load_config
-    from bench.soak import print_report, run_soak
+    from cytoedge_demo.bench.soak import print_report, run_soak
 
     if bundle is None:
         try:

@@ -1,0 +1,51 @@
+"""``cytoedge demo``: plugged into the ``cytoedge`` command through the
+``cytoedge.commands`` entry point; heavy imports happen inside the commands."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from appliance.command import ConfigOption, fail, setup
+
+demo_app = typer.Typer(
+    help="Build the demo bundle and demo scans (once), then score them.",
+    invoke_without_command=True,
+)
+
+
+@demo_app.callback()
+def demo(
+    ctx: typer.Context,
+    rebuild: Annotated[bool, typer.Option(help="Build the demo bundle again.")] = False,
+    config: ConfigOption = None,
+) -> None:
+    """Build the demo bundle and demo scans (once), then score them."""
+    if ctx.invoked_subcommand is not None:
+        return
+    cfg = setup(config)
+    missing = [m for m in ("torch", "timm", "tensorflow") if importlib.util.find_spec(m) is None]
+    if missing:
+        raise fail(
+            f"the demo trains its models and needs {', '.join(missing)}: "
+            "install the export extra (pip install 'cytoedge[export]')"
+        )
+    from cytoedge_demo.builder import run_demo
+
+    raise typer.Exit(run_demo(cfg, rebuild=rebuild))
+
+
+@demo_app.command()
+def screenshots(
+    out: Annotated[Path, typer.Argument(help="Folder for the PNG files.", file_okay=False)],
+) -> None:
+    """Draw the window over the sample queue to PNG files (README pictures), then exit."""
+    try:
+        from cytoedge_demo.screenshots import render_screenshots
+    except ImportError as exc:
+        raise fail(f"the window needs PySide6: pip install 'cytoedge[gui]' ({exc})") from None
+    for path in render_screenshots(out):
+        typer.echo(path)
