@@ -12,6 +12,7 @@ import pytest
 import tifffile
 from PIL import Image
 
+from appliance import tiles
 from appliance.readers import (
     BlankScanError,
     EmptyFileError,
@@ -25,7 +26,7 @@ from appliance.readers import (
     open_scan,
     probe,
 )
-from cytoedge_demo import synthetic, tiles
+from cytoedge_demo import synthetic
 
 
 def stained(height: int = 300, width: int = 400) -> np.ndarray:

@@ -21,7 +21,8 @@ from PySide6.QtWidgets import QAbstractButton, QLabel, QMessageBox, QTabBar
 
 from appliance.service.store import JobStore
 from cytoedge_demo.samples import SampleCase, add_case, write_sample_result, write_sample_site
-from gui.app import SCREEN_SIZE, InProcessService, make_application, render_screenshots
+from cytoedge_demo.screenshots import render_screenshots
+from gui.app import SCREEN_SIZE, InProcessService, make_application
 from gui.main_window import MainWindow, read_about, service_text
 from gui.models import QueueModel
 from gui.store_reader import ServiceInfo, StoreReader
