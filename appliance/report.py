@@ -20,9 +20,10 @@ import os
 import re
 import subprocess
 import sys
-import uuid
 from pathlib import Path
 from typing import Any
+
+from runtime.files import atomic_path
 
 DEMO_WARNING = "DEMO MODEL, NOT FOR DIAGNOSIS"
 CALL_COLOURS = {"positive": "#b00020", "negative": "#1b5e20", "indeterminate": "#8a6d00"}
@@ -199,16 +200,13 @@ def write_report_pdf(
     if importlib.util.find_spec("PySide6") is None:
         log.warning("report.pdf skipped: PySide6 is not installed")
         return False
-    tmp = target.with_name(f".{target.name}.tmp-{uuid.uuid4().hex[:8]}")
     try:
-        print_pdf_in_child(report_html, base_dir, tmp, timeout=timeout)
-        os.replace(tmp, target)
+        with atomic_path(target) as tmp:
+            print_pdf_in_child(report_html, base_dir, tmp, timeout=timeout)
         return True
     except ReportPrintError as exc:
         log.error("report.pdf not written: %s", exc.reason)
         return False
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def print_pdf_in_child(

@@ -15,7 +15,6 @@ assembled under a temporary name and renamed into place whole, so a reader
 
 from __future__ import annotations
 
-import contextlib
 import io
 import json
 import logging
@@ -23,8 +22,7 @@ import os
 import re
 import shutil
 import tempfile
-import uuid
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -33,6 +31,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
 from appliance.report import render_report_html, write_report_pdf
+from runtime.files import write_bytes_atomic, write_json_atomic, write_text_atomic
 
 SCHEMA_VERSION = 1
 GALLERY_CELLS = 20
@@ -81,35 +80,7 @@ def safe_name(text: str) -> str:
     return cleaned[:120] or "unnamed"
 
 
-# --- atomic primitives -------------------------------------------------------
-
-
-@contextlib.contextmanager
-def atomic_path(target: Path) -> Iterator[Path]:
-    """Yield a temporary sibling path; on success it replaces ``target`` in one rename."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(f".{target.name}.tmp-{uuid.uuid4().hex[:8]}")
-    try:
-        yield tmp
-        if tmp.exists():
-            with open(tmp, "rb") as handle:
-                os.fsync(handle.fileno())
-        os.replace(tmp, target)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-def write_bytes_atomic(target: Path, data: bytes) -> None:
-    with atomic_path(target) as tmp:
-        tmp.write_bytes(data)
-
-
-def write_text_atomic(target: Path, text: str) -> None:
-    write_bytes_atomic(target, text.encode("utf-8"))
-
-
-def write_json_atomic(target: Path, obj: Any) -> None:
-    write_text_atomic(target, json.dumps(obj, indent=2, ensure_ascii=False, default=_json_default))
+# --- pictures and arrays, written atomically ------------------------------------
 
 
 def write_png_atomic(target: Path, image: Image.Image) -> None:
@@ -122,16 +93,6 @@ def write_npz_atomic(target: Path, arrays: dict[str, np.ndarray]) -> None:
     buffer = io.BytesIO()
     np.savez_compressed(buffer, **arrays)
     write_bytes_atomic(target, buffer.getvalue())
-
-
-def _json_default(value: Any) -> Any:
-    if isinstance(value, np.generic):
-        return value.item()
-    if isinstance(value, np.ndarray):
-        return value.tolist()
-    if isinstance(value, Path):
-        return str(value)
-    raise TypeError(f"not JSON serialisable: {type(value).__name__}")
 
 
 # --- versions ----------------------------------------------------------------

@@ -45,7 +45,6 @@ def encoder(
 
     from export.documents import (
         exporter_versions,
-        file_sha256,
         parity_entry,
         write_document,
     )
@@ -59,6 +58,7 @@ def encoder(
     )
     from export.int8 import quantize_encoder
     from export.onnx_export import ParityError, export_encoder
+    from runtime.files import sha256_file
 
     console = Console(stderr=True)
     try:
@@ -114,7 +114,7 @@ def encoder(
                     "source_weights": {
                         "file": source.name,
                         "format": checkpoint_format,
-                        "sha256": file_sha256(source),
+                        "sha256": sha256_file(source),
                     },
                     "embedding": "CLS token after the final LayerNorm",
                     "exporter": exporter_versions(),
@@ -179,12 +179,12 @@ def heads(
     from export.documents import (
         default_head_section_fields,
         exporter_versions,
-        file_sha256,
         parity_entry,
         write_document,
     )
     from export.heads import HeadCheckpointError, load_heads
     from export.onnx_export import ParityError, export_head_member
+    from runtime.files import sha256_file
 
     console = Console(stderr=True)
     try:
@@ -227,7 +227,7 @@ def heads(
                 },
                 "parity": parity,
                 "provenance": {
-                    "source_weights": {"file": checkpoint.name, "sha256": file_sha256(checkpoint)},
+                    "source_weights": {"file": checkpoint.name, "sha256": sha256_file(checkpoint)},
                     "config": head_set.config,
                     "notes": notes,
                     "exporter": exporter_versions(),

@@ -6,28 +6,17 @@ where ``section`` is the model's bundle.json section with paths relative to the 
 
 from __future__ import annotations
 
-import hashlib
 import importlib.metadata
-import json
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 from export.onnx_export import OPSET, ParityReport
+from runtime.files import write_json_atomic
 
 EXPORT_FILE = "export.json"
 # METHOD.md A: high risk = del(17p) and/or t(4;14); METHOD.md B: six malignant classes.
 HIGH_RISK_TASKS = ("del(17p)", "t(4;14)")
 BENIGN_CLASSES = ("reactive changes", "healthy")
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with Path(path).open("rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def parity_entry(report: ParityReport) -> dict[str, Any]:
@@ -47,15 +36,7 @@ def exporter_versions() -> dict[str, str]:
 def write_document(folder: Path, document: dict[str, Any]) -> Path:
     """Write ``export.json`` atomically (temporary name, then rename)."""
     path = Path(folder) / EXPORT_FILE
-    fd, temp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            json.dump(document, handle, indent=2, ensure_ascii=False)
-            handle.write("\n")
-        os.replace(temp, path)
-    except BaseException:
-        Path(temp).unlink(missing_ok=True)
-        raise
+    write_json_atomic(path, document)
     return path
 
 

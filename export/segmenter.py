@@ -14,7 +14,6 @@ cannot drift apart.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import io
 import json
 import logging
@@ -34,6 +33,7 @@ from appliance.segmentation import (
     normalise,
     segmenter_spec,
 )
+from runtime.files import sha256_file, write_bytes_atomic
 
 INPUT_NAME = "input"
 OPSET = 17
@@ -224,14 +224,6 @@ def parity_gate(
     )
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def export_segmenter(
     model_dir: Path,
     out_dir: Path,
@@ -265,7 +257,7 @@ def export_segmenter(
     weights = sorted(Path(model_dir).glob("weights*.h5"))
     provenance = {
         "source": str(Path(model_dir).resolve()),
-        "source_sha256": {p.name: _sha256(p) for p in weights},
+        "source_sha256": {p.name: sha256_file(p) for p in weights},
         "parity_max_abs_diff": report.max_abs_diff,
         "parity_tolerance": report.tolerance,
         "exporter": {"tensorflow": tf.__version__, "tf2onnx": tf2onnx.__version__, "opset": OPSET},
@@ -278,7 +270,7 @@ def export_segmenter(
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     onnx_path = out_dir / section["file"]
-    _write_atomic(onnx_path, onnx_bytes)
+    write_bytes_atomic(onnx_path, onnx_bytes)
     # export.json is what `cytoedge export bundle` reads (docs/DESIGN.md); segmenter.json
     # is the section alone with its provenance, as the demo builder reads it.
     gate = {"passed": True, "max_abs_diff": report.max_abs_diff, "tolerance": report.tolerance}
@@ -288,16 +280,10 @@ def export_segmenter(
         "parity": {section["file"]: gate},
         "provenance": provenance,
     }
-    _write_atomic(out_dir / "export.json", json.dumps(export_document, indent=2).encode())
+    write_bytes_atomic(out_dir / "export.json", json.dumps(export_document, indent=2).encode())
     document = {"segmenter": section, "provenance": provenance}
-    _write_atomic(out_dir / "segmenter.json", json.dumps(document, indent=2).encode("utf-8"))
+    write_bytes_atomic(out_dir / "segmenter.json", json.dumps(document, indent=2).encode("utf-8"))
     return ExportedSegmenter(onnx_path, section, report, provenance)
-
-
-def _write_atomic(target: Path, data: bytes) -> None:
-    tmp = target.with_name(f".{target.name}.tmp")
-    tmp.write_bytes(data)
-    tmp.replace(target)
 
 
 # --- training a small network on annotated tiles ----------------------------------

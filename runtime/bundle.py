@@ -28,6 +28,7 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 from runtime.backends.base import ModelVariants
+from runtime.files import sha256_file
 
 FORMAT_VERSION = 1
 BUNDLE_FILE = "bundle.json"
@@ -394,16 +395,8 @@ def verify_bundle_files(bundle: Bundle) -> None:
         size = path.stat().st_size
         if size != entry.bytes:
             raise BundleError(f"{relative}: {size} bytes, bundle.json records {entry.bytes}")
-        if sha256_of(path) != entry.sha256:
+        if sha256_file(path) != entry.sha256:
             raise BundleError(f"{relative}: sha256 does not match bundle.json (changed or corrupt)")
-
-
-def sha256_of(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _check_relative(relative: str, where: str) -> None:
@@ -467,7 +460,7 @@ def write_bundle(
             target = staging / relative
             target.parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(source, target)
-            files[relative] = FileEntry(sha256_of(target), target.stat().st_size)
+            files[relative] = FileEntry(sha256_file(target), target.stat().st_size)
         manifest = Bundle(
             path=staging,
             sha256="",

@@ -14,18 +14,16 @@ loaded.
 
 from __future__ import annotations
 
-import hashlib
 import importlib.metadata
 import json
 import logging
-import os
-import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 from runtime.backends.base import BackendError
 from runtime.backends.cuda import device_identity
+from runtime.files import sha256_file, write_bytes_atomic
 
 log = logging.getLogger(__name__)
 
@@ -64,15 +62,12 @@ _SHA_CACHE: dict[tuple[str, int, int], str] = {}
 
 
 def file_sha256(path: Path) -> str:
-    """sha256 of a file, remembered per (path, size, mtime) within the process."""
+    """sha256 of a file, remembered per (path, size, mtime) within the process: an engine
+    key is asked for on every model load, and an ONNX file can be a gigabyte."""
     stat = path.stat()
     token = (str(path.resolve()), stat.st_size, stat.st_mtime_ns)
     if token not in _SHA_CACHE:
-        digest = hashlib.sha256()
-        with path.open("rb") as handle:
-            for chunk in iter(lambda: handle.read(1 << 20), b""):
-                digest.update(chunk)
-        _SHA_CACHE[token] = digest.hexdigest()
+        _SHA_CACHE[token] = sha256_file(path)
     return _SHA_CACHE[token]
 
 
@@ -164,27 +159,15 @@ def ensure_engine(onnx_path: Path, engines_dir: Path, *, build: bool = True) -> 
         # The same file on the same GPU and TensorRT will fail the same way: say so once.
         engine_path.unlink(missing_ok=True)
         document = {"key": key.to_json(), "unsupported": str(exc)}
-        _write_atomic(sidecar_path(engine_path), json.dumps(document, indent=2).encode())
+        write_bytes_atomic(sidecar_path(engine_path), json.dumps(document, indent=2).encode())
         raise
-    _write_atomic(
+    write_bytes_atomic(
         sidecar_path(engine_path),
         json.dumps(
             {"key": key.to_json(), "engine_sha256": file_sha256(engine_path)}, indent=2
         ).encode(),
     )
     return engine_path
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, temp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-        os.replace(temp, path)
-    except BaseException:
-        Path(temp).unlink(missing_ok=True)
-        raise
 
 
 def build_engine(
@@ -238,6 +221,6 @@ def build_engine(
     serialized = builder.build_serialized_network(network, config)
     if serialized is None:
         raise BackendError(f"{onnx_path.name}: TensorRT engine build failed (see the log)")
-    _write_atomic(engine_path, bytes(serialized))
+    write_bytes_atomic(engine_path, bytes(serialized))
     if timing_cache is not None:
-        _write_atomic(timing_cache, bytes(config.get_timing_cache().serialize()))
+        write_bytes_atomic(timing_cache, bytes(config.get_timing_cache().serialize()))

@@ -13,11 +13,11 @@ from appliance.report import DEMO_WARNING, render_report_html
 from appliance.results import (
     CaseOutputs,
     SlideOutputs,
-    atomic_path,
     latest_version,
     render_heatmap,
     write_case_result,
 )
+from runtime.files import atomic_path
 
 
 def make_outputs(intended_use: str = "demo", status: str = "scored") -> CaseOutputs:

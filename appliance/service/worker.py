@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
-from appliance.results import ResultWriteError, existing_versions, safe_name, write_json_atomic
+from appliance.results import ResultWriteError, existing_versions, safe_name
 from appliance.service.archive import archive_case
 from appliance.service.audit import AuditLog, iso
 from appliance.service.store import (
@@ -35,6 +35,7 @@ from appliance.service.store import (
     JobStore,
     Slide,
 )
+from runtime.files import write_json_atomic
 
 log = logging.getLogger(__name__)
 
