@@ -14,13 +14,15 @@ import os
 import tomllib
 import types
 import typing
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from runtime.backends import AUTO, RuntimeSettings, backend_names
+
 CONFIG_ENV = "CYTOEDGE_CONFIG"
 DATA_ENV = "CYTOEDGE_DATA"
-BACKENDS = ("auto", "tensorrt", "ort-tensorrt", "ort-cuda", "ort-cpu")
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 
 
@@ -47,9 +49,14 @@ class PathsConfig:
 
 @dataclass(frozen=True)
 class RuntimeConfig:
-    backend: str = "auto"
+    backend: str = AUTO  # or one of runtime.backends.backend_names()
     threads: int = 0  # 0: one per core
     encoder_batch: int = 0  # 0: the backend's own best batch size
+
+    @property
+    def settings(self) -> RuntimeSettings:
+        """What the runtime is given: one value for every network the site runs."""
+        return RuntimeSettings(self.backend, self.threads, self.encoder_batch)
 
 
 @dataclass(frozen=True)
@@ -133,9 +140,9 @@ class Config:
 
 
 # Values checked beyond their type: (section, key) -> allowed values.
-_CHOICES: dict[tuple[str, str], tuple[str, ...]] = {
-    ("runtime", "backend"): BACKENDS,
-    ("logging", "level"): LOG_LEVELS,
+_CHOICES: dict[tuple[str, str], Callable[[], tuple[str, ...]]] = {
+    ("runtime", "backend"): lambda: (AUTO, *backend_names()),
+    ("logging", "level"): lambda: LOG_LEVELS,
 }
 # Paths that, when set in the file, must already exist (defaults are created).
 _MUST_EXIST = {("paths", "data_dir"), ("paths", "inbox"), ("paths", "outbox"), ("paths", "archive")}
@@ -190,7 +197,8 @@ def _build_section(name: str, cls: type, values: dict[str, Any], source: Path) -
                 f"{source}: {name}.{key} must be {_type_name(expected)}, "
                 f"got {type(value).__name__} {value!r}"
             )
-        choices = _CHOICES.get((name, key))
+        allowed = _CHOICES.get((name, key))
+        choices = allowed() if allowed else ()
         if choices and value not in choices:
             raise ConfigError(f"{source}: {name}.{key} must be one of {', '.join(choices)}")
         if (name, key) in _MUST_EXIST and value and not Path(value).expanduser().is_dir():

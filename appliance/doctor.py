@@ -6,15 +6,16 @@ import importlib.metadata
 import logging
 import platform
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 from rich.console import Console
 from rich.table import Table
 
 from appliance.config import Config
-from runtime.backends import BackendError, open_model, plan_backends
+from runtime.backends import BackendError, open_model, plan_backends, probe_backends
 from runtime.bundle import BundleError, load_bundle
-from runtime.probe import gpu_names, probe_backends
+from runtime.probe import gpu_names
 
 PACKAGES = (
     "cytoedge",
@@ -100,6 +101,7 @@ def _bundle_check(
     for column in ("network", "runs on", "variant", "skipped (reason above unless given)"):
         models.add_column(column)
     ok = True
+    settings = replace(config.runtime.settings, build_engines=False)
     # The table says what the per-model log lines would; keep the console to the table.
     backend_log = logging.getLogger("runtime.backends")
     level = backend_log.level
@@ -112,13 +114,7 @@ def _bundle_check(
     for label, model in networks:
         try:
             # No engine builds here: a stale TensorRT engine shows as a skip with its reason.
-            loaded = open_model(
-                model,
-                config.runtime.backend,
-                config.runtime.threads,
-                engine_dir=bundle.engines_dir,
-                build_engines=False,
-            )
+            loaded = open_model(model, settings, engine_dir=bundle.engines_dir)
         except BackendError as exc:
             models.add_row(label, "[red]none[/]", "-", str(exc))
             ok = False

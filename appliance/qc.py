@@ -26,11 +26,13 @@ judged here.
 from __future__ import annotations
 
 from collections.abc import Iterable
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 from scipy import ndimage
+
+from appliance.results.schema import QcRecord
 
 from .stain import StainEstimate, StainReference, basophilic, mean_intensity
 
@@ -89,18 +91,21 @@ class TileQC:
 
 @dataclass(frozen=True)
 class SlideQC:
-    """The slide's verdict, kept in result.json as ``qc`` {verdict, reasons, fractions}."""
+    """The slide's verdict over its tiles."""
 
     verdict: str  # pass | warn | fail
     reasons: list[str]
     fractions: dict[str, float]  # blurred, too_faint, too_dark, artefact, low_cellularity
     n_tiles: int
-    tiles_ok: list[int] = field(default_factory=list)  # tile ids fit for analysis
 
-    def to_dict(self) -> dict[str, Any]:
-        data = asdict(self)
-        data["fractions"] = {k: round(v, 4) for k, v in self.fractions.items()}
-        return data
+    def record(self) -> QcRecord:
+        """The verdict as result.json keeps it (``scans[].qc``)."""
+        return QcRecord(
+            verdict=self.verdict,  # type: ignore[arg-type]
+            reasons=tuple(self.reasons),
+            fractions={k: round(v, 4) for k, v in self.fractions.items()},
+            n_tiles=self.n_tiles,
+        )
 
 
 def laplacian_variance(rgb: np.ndarray) -> float:
@@ -192,5 +197,4 @@ def slide_verdict(tiles: Iterable[TileQC], params: QCParams) -> SlideQC:
     elif low > 0.5:
         warns.append(f"low cellularity: {_percent(low)} of tiles have {below}")
     verdict = FAIL if fails else (WARN if warns else PASS)
-    ok = [t.tile_id for t in tiles if t.ok]
-    return SlideQC(verdict, fails + warns, fractions, n, ok)
+    return SlideQC(verdict, fails + warns, fractions, n)

@@ -10,9 +10,11 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from appliance.cases import ScoredCase, score_case
 from appliance.config import Config
-from appliance.pipeline import CaseResult, SlideNetworks, SlideResult, process_slide, score_case
+from appliance.networks import SlideNetworks
 from appliance.readers import ScanError
+from appliance.slides import SlideResult, process_slide
 from runtime.bundle import Bundle
 
 
@@ -20,7 +22,7 @@ from runtime.bundle import Bundle
 class ScoreRun:
     """The outcome of scoring some inputs: cases written and inputs rejected."""
 
-    cases: list[CaseResult] = field(default_factory=list)
+    cases: list[ScoredCase] = field(default_factory=list)
     rejected: list[tuple[Path, str]] = field(default_factory=list)
 
 
@@ -57,9 +59,8 @@ def score_inputs(
 ) -> ScoreRun:
     """Process every input and score each group as a case; rejected inputs are collected."""
     run = ScoreRun()
-    rt = config.runtime
     # One encoder and one segmenter session for every scan of the run, opened on first use.
-    networks = SlideNetworks(bundle, rt.backend, rt.threads, rt.encoder_batch)
+    networks = SlideNetworks(bundle, config.runtime.settings)
     with new_progress(console) as progress, networks:
         for case_id, paths in groups:
             slides: list[SlideResult] = []
@@ -69,14 +70,10 @@ def score_inputs(
                     slides.append(
                         process_slide(
                             path,
-                            bundle,
+                            networks,
                             cache_dir=config.cache_dir,
-                            backend=config.runtime.backend,
-                            threads=config.runtime.threads,
-                            batch_size=config.runtime.encoder_batch,
                             pixel_size_um=config.scan.pixel_size_um,
                             progress=bars,
-                            networks=networks,
                         )
                     )
                 except ScanError as exc:
@@ -89,8 +86,7 @@ def score_inputs(
                         slides,
                         bundle,
                         config.outbox,
-                        backend=config.runtime.backend,
-                        threads=config.runtime.threads,
+                        settings=config.runtime.settings,
                         progress=bars,
                     )
                 )
@@ -103,17 +99,25 @@ def print_table(run: ScoreRun, console: Console) -> None:
         table.add_column(column)
     table.add_column("result folder", overflow="fold")
     for case in run.cases:
-        cells = sum(int(s.get("cells", 0)) for s in case.result.get("scans", []))
+        result = case.result
         lines = [
-            f"{p['label']}: {p['call']} {p['probability']:.2f}"
-            for p in case.result.get("predictions", [])
+            f"{p.label}: {p.call} {p.probability:.2f}"
+            for head in result.heads
+            for p in head.predictions
         ]
-        if case.result.get("high_risk"):
-            lines.append(f"high risk: {case.result['high_risk']}")
-        calls = "\n".join(lines)
-        status = case.status if case.status == "scored" else f"abstained: {case.abstain_reason}"
+        lines += [f"{f.label}: {f.call or f.text}" for head in result.heads for f in head.findings]
+        status = (
+            result.status
+            if result.status == "scored"
+            else f"{result.status}: {result.abstain_reason}"
+        )
         table.add_row(
-            case.case_id, str(case.version), status, str(cells), calls or "-", str(case.folder.path)
+            result.case_id,
+            str(result.version),
+            status,
+            str(result.cells),
+            "\n".join(lines) or "-",
+            str(case.folder.path),
         )
     for path, reason in run.rejected:
         table.add_row(path.name, "-", f"rejected: {reason}", "-", "-", "-")

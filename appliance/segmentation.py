@@ -32,7 +32,9 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from runtime.bundle import BundleError, SegmenterSpec, parse_section
+from runtime.backends import RuntimeSettings, open_model
+from runtime.bundle import SegmenterSpec
+from runtime.typed_json import SpecError, parse_section
 
 SEGMENTER_FILE = "segmenter.onnx"
 INPUT_NAME = "input"
@@ -62,7 +64,7 @@ def segmenter_spec(section: SegmenterSpec | Mapping[str, Any]) -> SegmenterSpec:
             spec.validate("segmenter")
         else:
             spec = parse_section(SegmenterSpec, {"file": SEGMENTER_FILE, **section}, "segmenter")
-    except BundleError as exc:
+    except SpecError as exc:
         raise SegmentationError(str(exc)) from None
     normalisation = dict(spec.normalisation or DEFAULT_NORMALISATION)
     normalise(np.zeros((4, 4, 3), np.uint8), normalisation)  # an unusable one raises here
@@ -143,15 +145,15 @@ class Segmenter:
         cls,
         bundle_dir: Path,
         section: SegmenterSpec | Mapping[str, Any],
-        backend: str = "auto",
-        threads: int = 0,
+        settings: RuntimeSettings | None = None,
     ) -> Segmenter:
-        """The bundle's segmenter on the chosen backend."""
+        """The bundle's segmenter on the backend ``settings`` choose."""
+        settings = settings or RuntimeSettings()
         spec = segmenter_spec(section)
         path = Path(bundle_dir) / spec.file
         if not path.is_file():
             raise SegmentationError(f"{path}: segmenter network not found")
-        return cls(open_network(path, backend, threads), spec, threads)
+        return cls(open_model(path, settings), spec, settings.threads)
 
     def predict(self, image: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """prob (h, w) and dist (h, w, n_rays) on the grid of the *padded* tile."""
@@ -206,13 +208,6 @@ def _empty(n_rays: int) -> Detections:
     return Detections(
         np.zeros((0, 2), np.int64), np.zeros((0, n_rays), np.float32), np.zeros(0, np.float32)
     )
-
-
-def open_network(path: Path, backend: str = "auto", threads: int = 0) -> Network:
-    """The segmentation network on the runtime's backend (ONNX Runtime CPU at least)."""
-    from runtime.backends import open_model
-
-    return open_model(path, backend, threads)
 
 
 def set_openmp_threads(threads: int) -> None:

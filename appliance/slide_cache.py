@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-CACHE_FORMAT = 3  # 3: cell tables in level-0 pixels, cells from appliance.cells
+CACHE_FORMAT = 4  # 4: the scan as a typed ScanRecord (result schema 2)
 _PATCH_CHUNK = 256  # rows copied at a time: memory stays bounded for any slide
 _COPY_BYTES = 1 << 22
 META_FILE = "slide.json"

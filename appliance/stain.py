@@ -27,6 +27,9 @@ from typing import Any
 
 import numpy as np
 
+from runtime.bundle import StainReference as BundleStainReference
+from runtime.typed_json import dump
+
 LUMA = np.array([0.299, 0.587, 0.114], np.float32)
 OD_MIN = 0.065  # "transparent" pixels (any channel below this) are left out of estimation
 ANGLE_PERCENTILE = 1.0
@@ -83,6 +86,11 @@ class StainReference:
             "intensity_p95": round(float(self.intensity_p95), 3),
             "background": np.asarray(self.background).round(3).tolist(),
         }
+
+    @classmethod
+    def from_section(cls, section: BundleStainReference | None) -> StainReference | None:
+        """The bundle's ``stain_reference`` section (None: the bundle normalises nothing)."""
+        return None if section is None else cls.from_dict(dump(section))
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> StainReference:

@@ -24,9 +24,9 @@ from runtime.bundle import (
     QcSpec,
     SegmenterSpec,
     StainReference,
-    parse_section,
     write_bundle,
 )
+from runtime.typed_json import SpecError, parse_section
 
 EXPORT_FILE = "export.json"
 SEGMENTER_FILE = "segmenter.json"
@@ -61,7 +61,7 @@ def read_export(folder: Path, kind: str) -> ExportedModel:
         raise AssemblyError(f"{source}: kind is {document.get('kind')!r}, expected {kind!r}")
     try:
         section = parse_section(SECTION_TYPES[kind], document.get("section"), kind)
-    except BundleError as exc:
+    except SpecError as exc:
         raise AssemblyError(f"{source}: {exc}") from None
     parity = document.get("parity")
     if not isinstance(parity, dict):
@@ -221,7 +221,7 @@ def _read_sections(path: Path) -> dict[str, Any]:
         if key in raw:
             try:
                 sections[key] = parse_section(cls, raw[key], key)
-            except BundleError as exc:
+            except SpecError as exc:
                 raise AssemblyError(f"{path}: {exc}") from None
     if "provenance" in raw:
         if not isinstance(raw["provenance"], dict):

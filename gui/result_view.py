@@ -7,6 +7,7 @@ heatmap or a slow share never freezes the window.
 
 from __future__ import annotations
 
+import html
 import itertools
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,10 +37,11 @@ from PySide6.QtWidgets import (
     QWidget,
 )
 
+from appliance.results import TopCell
 from gui.result_data import (
-    CaseResult,
+    CaseView,
+    CellView,
     ResultUnreadableError,
-    TopCell,
     cell_measurements,
     load_result,
 )
@@ -58,9 +60,9 @@ ENLARGED_PX = 384
 class LoadedResult:
     """A result with its pictures decoded, ready for the UI thread."""
 
-    result: CaseResult
+    result: CaseView
     images: dict[Path, QImage] = field(default_factory=dict)
-    measurements: dict[tuple[str, str], dict[str, str]] = field(default_factory=dict)
+    measurements: dict[tuple[str, int], dict[str, str]] = field(default_factory=dict)
 
     def image(self, path: Path | None) -> QImage | None:
         return None if path is None else self.images.get(path)
@@ -78,12 +80,12 @@ def read_folder(path: Path) -> LoadedResult:
             image = QImage(str(image_path))
             if not image.isNull():
                 images[image_path] = image
-    measurements: dict[tuple[str, str], dict[str, str]] = {}
+    measurements: dict[tuple[str, int], dict[str, str]] = {}
     csv_of = {s.slide_id: s.cells_csv for s in result.slides}
     for cell in result.top_cells:
-        table = csv_of.get(cell.slide)
+        table = csv_of.get(cell.cell.slide)
         if table is not None:
-            measurements[(cell.slide, cell.cell_id)] = cell_measurements(table, cell.cell_id)
+            measurements[cell.key] = cell_measurements(table, cell.cell.cell_id)
     return LoadedResult(result, images, measurements)
 
 
@@ -239,7 +241,7 @@ class CellDialog(QDialog):
         form.addRow("Rank:", QLabel(f"#{cell.rank} of the highest-attention cells"))
         form.addRow("Attention:", QLabel(f"{cell.attention * 100:.2f} % of the case's attention"))
         form.addRow("Slide:", QLabel(cell.slide))
-        form.addRow("Cell:", QLabel(cell.cell_id))
+        form.addRow("Cell:", QLabel(str(cell.cell_id)))
         form.addRow("Position (px):", QLabel(f"x {cell.x:,.0f}, y {cell.y:,.0f}"))
         # Shown above, or not a measurement (the outline, for QuPath and GIS tools).
         shown = {"cell_id", "id", "x", "y", "attention", "polygon_wkt"}
@@ -390,32 +392,33 @@ class ResultPane(QWidget):
 
     def show_result(self, loaded: LoadedResult) -> None:
         self.loaded = loaded
-        result = loaded.result
+        view = loaded.result
+        result = view.result
         self._stack.setCurrentIndex(1)
-        self._fill_banners(result)
+        self._fill_banners(view)
         self.title.setText(f"{result.case_id}")
-        slides = len(result.slides)
+        slides = len(result.scans)
         parts = [
             f"Result v{result.version}",
             {"scored": "scored", "abstained": "no call", "rejected": "rejected"}.get(
                 result.status, result.status
             ),
-            f"{result.cells_analysed:,} cells analysed from {slides} slide{'s' * (slides != 1)}",
+            f"{result.cells:,} cells analysed from {slides} slide{'s' * (slides != 1)}",
         ]
         if result.attention_top20_mass is not None:
             mass = result.attention_top20_mass * 100
             parts.append(f"top 20 % of cells hold {mass:.0f} % of attention")
         self.summary.setText(" · ".join(parts))
-        self._fill_qc(result)
-        self._fill_predictions(result)
+        self._fill_qc(view)
+        self._fill_predictions(view)
         self._fill_gallery(loaded)
         self.slide_choice.blockSignals(True)
         self.slide_choice.clear()
-        for slide in result.slides:
+        for slide in view.slides:
             self.slide_choice.addItem(slide.name, slide.slide_id)
         self.slide_choice.blockSignals(False)
         self._show_heatmap()
-        self._fill_slides(result)
+        self._fill_slides(view)
         if result.status == "rejected":
             self.tabs.setCurrentIndex(2)
 
@@ -426,7 +429,7 @@ class ResultPane(QWidget):
                 self.slide_choice.setCurrentIndex(row)
                 return
 
-    def _fill_banners(self, result: CaseResult) -> None:
+    def _fill_banners(self, result: CaseView) -> None:
         while self.banner_box.count():
             item = self.banner_box.takeAt(0)
             if item is not None and item.widget() is not None:
@@ -451,12 +454,12 @@ class ResultPane(QWidget):
                 texts.append(widget.text())
         return texts
 
-    def _fill_qc(self, result: CaseResult) -> None:
-        failed = [s for s in result.slides if s.qc_verdict and not s.qc_passed]
+    def _fill_qc(self, result: CaseView) -> None:
+        failed = [s for s in result.slides if not s.qc_passed]
         if not result.slides:
             self.qc_line.setText("QC: no scan information")
         elif failed:
-            reasons = sorted({r for s in failed for r in s.qc_reasons})
+            reasons = sorted({r for s in failed for r in s.scan.qc.reasons})
             self.qc_line.setText(
                 f"<b style='color:#b00020'>QC failed</b> on {len(failed)} of "
                 f"{len(result.slides)} slide(s): {'; '.join(reasons) or 'no reason given'}"
@@ -466,50 +469,51 @@ class ResultPane(QWidget):
             where = "the slide" if count == 1 else f"all {count} slides"
             self.qc_line.setText(f"<b style='color:#1b5e20'>QC passed</b> on {where}")
 
-    def _fill_predictions(self, result: CaseResult) -> None:
+    def _fill_predictions(self, view: CaseView) -> None:
+        """Each head's rows as its kind made them: a bar per call, then its findings."""
         grid = self.predictions_grid
         while grid.count():
             item = grid.takeAt(0)
             if item is not None and item.widget() is not None:
                 item.widget().deleteLater()
         row = 0
-        for prediction in result.predictions:
-            name = QLabel(prediction.label)
-            name.setStyleSheet("font-weight:bold;")
-            grid.addWidget(name, row, 0)
-            bar = ProbabilityBar(
-                prediction.probability, prediction.threshold, prediction.call, prediction.label
-            )
-            grid.addWidget(bar, row, 1)
-            numbers = QLabel(
-                f"{prediction.probability:.2f}  (threshold {prediction.threshold:.2f})"
-            )
-            grid.addWidget(numbers, row, 2)
-            grid.addWidget(call_label(prediction.call), row, 3)
-            row += 1
-        if result.high_risk is not None:
-            grid.addWidget(QLabel("<b>High risk</b> (del(17p) and/or t(4;14)):"), row, 0, 1, 3)
-            grid.addWidget(call_label(result.high_risk, big=True), row, 3)
-            row += 1
-        if result.malignancy_probability is not None:
-            top2 = ", ".join(f"{name} {p:.2f}" for name, p in result.top2)
-            text = f"<b>Malignancy probability</b> {result.malignancy_probability:.2f}"
-            if top2:
-                text += f" · <b>most likely</b>: {top2}"
-            label = QLabel(text)
-            label.setWordWrap(True)
-            grid.addWidget(label, row, 0, 1, 4)
-            row += 1
+        for head in view.result.heads:
+            for prediction in head.predictions:
+                name = QLabel(prediction.label)
+                name.setStyleSheet("font-weight:bold;")
+                grid.addWidget(name, row, 0)
+                bar = ProbabilityBar(
+                    prediction.probability, prediction.threshold, prediction.call, prediction.label
+                )
+                grid.addWidget(bar, row, 1)
+                numbers = QLabel(
+                    f"{prediction.probability:.2f}  (threshold {prediction.threshold:.2f})"
+                )
+                grid.addWidget(numbers, row, 2)
+                grid.addWidget(call_label(prediction.call), row, 3)
+                row += 1
+            for finding in head.findings:
+                label = QLabel(f"<b>{html.escape(finding.label)}</b>")
+                label.setWordWrap(True)
+                if finding.call is not None:
+                    grid.addWidget(label, row, 0, 1, 3)
+                    grid.addWidget(call_label(finding.call, big=True), row, 3)
+                else:
+                    label.setText(f"{label.text()}: {html.escape(finding.text)}")
+                    grid.addWidget(label, row, 0, 1, 4)
+                row += 1
         if row == 0:
-            reason = result.abstain_reason or "no predictions in this result"
-            grid.addWidget(QLabel(f"No call was made: {reason}."), 0, 0, 1, 4)
+            reason = view.result.abstain_reason or "no predictions in this result"
+            message = QLabel(f"No call was made: {reason}.")
+            message.setWordWrap(True)
+            grid.addWidget(message, 0, 0, 1, 4)
         self.predictions_box.setVisible(True)
 
     def _fill_gallery(self, loaded: LoadedResult) -> None:
-        result = loaded.result
+        view = loaded.result
         self.gallery.clear()
-        have_crops = any(loaded.image(c.image) is not None for c in result.top_cells)
-        gallery_image = loaded.image(result.gallery)
+        have_crops = any(loaded.image(c.image) is not None for c in view.top_cells)
+        gallery_image = loaded.image(view.gallery)
         self.gallery_picture.setVisible(not have_crops and gallery_image is not None)
         if gallery_image is not None and not have_crops:
             self.gallery_picture.set_image(gallery_image)
@@ -525,35 +529,36 @@ class ResultPane(QWidget):
         else:
             self.gallery.setViewMode(QListWidget.ViewMode.ListMode)
             self.gallery.setGridSize(QSize())
-        for cell in result.top_cells:
+        for shown in view.top_cells:
+            cell = shown.cell
             text = f"#{cell.rank}  {cell.attention * 100:.2f} %"
             if not have_crops:
                 text += f"  ·  slide {cell.slide}, cell {cell.cell_id}"
             item = QListWidgetItem(text)
-            image = loaded.image(cell.image)
+            image = loaded.image(shown.image)
             if image is not None:
                 item.setIcon(QPixmap.fromImage(image))
-            item.setData(Qt.ItemDataRole.UserRole, cell)
+            item.setData(Qt.ItemDataRole.UserRole, shown)
             item.setToolTip(f"Cell {cell.cell_id} on {cell.slide}: attention {cell.attention:.4f}")
             self.gallery.addItem(item)
-        self.gallery.setVisible(bool(result.top_cells))
+        self.gallery.setVisible(bool(view.top_cells))
         self.cells_hint.setText(
             "The 20 cells the model weighed most. Click a cell, or select it and press Enter."
-            if result.top_cells
+            if view.top_cells
             else "No cells were scored for this case."
         )
 
     def _open_cell(self, item: QListWidgetItem) -> None:
-        cell: TopCell = item.data(Qt.ItemDataRole.UserRole)
+        cell: CellView = item.data(Qt.ItemDataRole.UserRole)
         self.open_cell(cell)
 
-    def open_cell(self, cell: TopCell) -> CellDialog | None:
+    def open_cell(self, cell: CellView) -> CellDialog | None:
         if self.loaded is None:
             return None
         dialog = CellDialog(
-            cell,
+            cell.cell,
             self.loaded.image(cell.image),
-            self.loaded.measurements.get((cell.slide, cell.cell_id), {}),
+            self.loaded.measurements.get(cell.key, {}),
             self,
         )
         self.cell_opened.emit(dialog)
@@ -571,19 +576,19 @@ class ResultPane(QWidget):
         path = slide.thumbnail if self.heat_only_slide.isChecked() else slide.heatmap
         self.heatmap.set_image(self.loaded.image(path), "no picture for this slide")
 
-    def _fill_slides(self, result: CaseResult) -> None:
+    def _fill_slides(self, result: CaseView) -> None:
         table = self.slides_table
         table.setRowCount(len(result.slides))
         for row, slide in enumerate(result.slides):
-            verdict = QTableWidgetItem(slide.qc_verdict or "-")
+            verdict = QTableWidgetItem(slide.scan.qc.verdict)
             verdict.setForeground(QColor("#1b5e20" if slide.qc_passed else "#b00020"))
-            cells = QTableWidgetItem("-" if slide.cells is None else f"{slide.cells:,}")
+            cells = QTableWidgetItem(f"{slide.scan.cells:,}")
             cells.setTextAlignment(Qt.AlignmentFlag.AlignRight | Qt.AlignmentFlag.AlignVCenter)
             items = [
                 QTableWidgetItem(slide.name),
                 verdict,
                 cells,
-                QTableWidgetItem("; ".join(slide.qc_reasons) or "-"),
+                QTableWidgetItem("; ".join(slide.scan.qc.reasons) or "-"),
             ]
             for column, item in enumerate(items):
                 item.setToolTip(item.text())
@@ -599,16 +604,3 @@ class ResultPane(QWidget):
             return
         slide = self.loaded.result.slides[row]
         self.slide_picture.set_image(self.loaded.image(slide.thumbnail), "no picture of this slide")
-
-
-def text_of_grid(grid: QGridLayout) -> list[str]:
-    """The texts shown in a grid layout, row by row (used by the tests and accessibility)."""
-    texts = []
-    for index in range(grid.count()):
-        item = grid.itemAt(index)
-        widget = item.widget() if item is not None else None
-        if isinstance(widget, QLabel):
-            texts.append(widget.text())
-        elif isinstance(widget, ProbabilityBar):
-            texts.append(widget.accessibleName())
-    return texts

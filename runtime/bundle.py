@@ -15,13 +15,10 @@ import dataclasses
 import datetime
 import hashlib
 import json
-import math
 import os
 import re
 import shutil
 import tempfile
-import types
-import typing
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
@@ -29,19 +26,19 @@ from typing import Any
 
 from runtime.backends.base import ModelVariants
 from runtime.files import sha256_file
+from runtime.head_kinds import HeadKind, head_kind, head_kind_names
+from runtime.typed_json import SpecError, dump, parse_section
 
 FORMAT_VERSION = 1
 BUNDLE_FILE = "bundle.json"
 ENGINES_DIR = "engines"
 INTENDED_USES = ("demo", "research", "clinical")
-HEAD_KINDS = ("gated_attention_mil", "transformer_mil")
 ENCODER_VARIANTS = ("fp32", "fp16", "int8")
-MALIGNANCY = "malignancy"  # the threshold key of a transformer head's malignancy call
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 
 
-class BundleError(ValueError):
+class BundleError(SpecError):
     """A bundle that cannot be used; the message is one line naming the file or key."""
 
 
@@ -120,33 +117,38 @@ class SegmenterSpec:
 
 @dataclass(frozen=True)
 class HeadSpec:
-    """One head (an ensemble of ONNX files whose outputs are averaged).
+    """One head: an ensemble of ONNX files whose outputs are averaged, read by its kind.
 
-    gated_attention_mil: ``tasks`` with sigmoid probabilities, one threshold per
-    task, ``high_risk`` tasks. transformer_mil: softmax over ``classes``,
-    ``malignant_classes`` summed into a malignancy probability called with
-    ``thresholds["malignancy"]``. A probability within ``indeterminate_band`` of
-    its threshold is called indeterminate. ``calibration`` (optional):
-    ``{"kind": "platt", "a": {task: a}, "b": {task: b}}`` for sigmoid tasks,
-    ``{"kind": "temperature", "temperature": t}`` for softmax classes.
+    The keys every head has are fields; the keys of its kind (``runtime.head_kinds``:
+    gated_attention_mil's ``tasks`` and ``high_risk``, transformer_mil's ``classes``
+    and ``malignant_classes``, ...) stay in ``extra`` and are parsed and checked by
+    the kind, so a new kind brings its own keys without a change here. A probability
+    within ``indeterminate_band`` of its threshold is called indeterminate;
+    ``calibration`` is applied to the ensemble mean in the way the kind says.
     """
 
     name: str
     kind: str
     files: tuple[str, ...]
-    tasks: tuple[str, ...] = ()
-    classes: tuple[str, ...] = ()
     labels: dict[str, str] = field(default_factory=dict)  # display names
     thresholds: dict[str, float] = field(default_factory=dict)
     indeterminate_band: float = 0.0
-    high_risk: tuple[str, ...] = ()
-    malignant_classes: tuple[str, ...] = ()
     calibration: dict[str, Any] = field(default_factory=dict)
+    extra: dict[str, Any] = field(default_factory=dict)  # the kind's own keys
+
+    @property
+    def head_kind(self) -> HeadKind:
+        return head_kind(self.kind)
+
+    @property
+    def params(self) -> Any:
+        """The kind's own keys as its typed parameters."""
+        return self.head_kind.params(self)
 
     @property
     def outputs(self) -> tuple[str, ...]:
-        """Task names (MIL) or class names (transformer), in model output order."""
-        return self.tasks if self.kind == "gated_attention_mil" else self.classes
+        """The names of the model's probabilities, in output order."""
+        return self.head_kind.outputs(self)
 
     def label(self, output: str) -> str:
         return self.labels.get(output, output)
@@ -154,66 +156,16 @@ class HeadSpec:
     def validate(self, where: str) -> None:
         if not _NAME.match(self.name):
             raise BundleError(f"{where}.name {self.name!r} must be letters, digits, _ . -")
-        if self.kind not in HEAD_KINDS:
-            raise BundleError(f"{where}.kind must be one of {', '.join(HEAD_KINDS)}")
+        if self.kind not in head_kind_names():
+            raise BundleError(f"{where}.kind must be one of {', '.join(head_kind_names())}")
         if not self.files:
             raise BundleError(f"{where}.files must list at least one ONNX file")
         if not 0 <= self.indeterminate_band < 0.5:
             raise BundleError(f"{where}.indeterminate_band must lie in [0, 0.5)")
-        if self.kind == "gated_attention_mil":
-            self._validate_mil(where)
-        else:
-            self._validate_transformer(where)
         for key, value in self.thresholds.items():
             if not 0 < value < 1:
                 raise BundleError(f"{where}.thresholds.{key} must lie in (0, 1)")
-        labelled = set(self.outputs) | ({MALIGNANCY} if self.kind == "transformer_mil" else set())
-        extra_labels = sorted(set(self.labels) - labelled)
-        if extra_labels:
-            raise BundleError(f"{where}.labels: {extra_labels} are not outputs of this head")
-        self._validate_calibration(where)
-
-    def _validate_mil(self, where: str) -> None:
-        if not self.tasks or self.classes or self.malignant_classes:
-            raise BundleError(f"{where}: a gated_attention_mil head lists tasks, not classes")
-        _unique(self.tasks, f"{where}.tasks")
-        if set(self.thresholds) != set(self.tasks):
-            raise BundleError(f"{where}.thresholds must give exactly one threshold per task")
-        stray = sorted(set(self.high_risk) - set(self.tasks))
-        if stray:
-            raise BundleError(f"{where}.high_risk: {stray} are not tasks of this head")
-
-    def _validate_transformer(self, where: str) -> None:
-        if not self.classes or self.tasks or self.high_risk:
-            raise BundleError(f"{where}: a transformer_mil head lists classes, not tasks")
-        _unique(self.classes, f"{where}.classes")
-        stray = sorted(set(self.malignant_classes) - set(self.classes))
-        if stray:
-            raise BundleError(f"{where}.malignant_classes: {stray} are not classes of this head")
-        if set(self.thresholds) - {MALIGNANCY}:
-            raise BundleError(f"{where}.thresholds may only hold {MALIGNANCY!r}")
-        if self.malignant_classes and MALIGNANCY not in self.thresholds:
-            raise BundleError(f"{where}.thresholds.{MALIGNANCY} is needed with malignant_classes")
-
-    def _validate_calibration(self, where: str) -> None:
-        kind = self.calibration.get("kind", "none")
-        if kind == "none":
-            return
-        if kind == "platt" and self.kind == "gated_attention_mil":
-            for part in ("a", "b"):
-                values = self.calibration.get(part)
-                if not isinstance(values, dict) or set(values) != set(self.tasks):
-                    raise BundleError(f"{where}.calibration.{part} must map every task to a number")
-            return
-        if kind == "temperature" and self.kind == "transformer_mil":
-            temperature = self.calibration.get("temperature")
-            if not isinstance(temperature, int | float) or temperature <= 0:
-                raise BundleError(f"{where}.calibration.temperature must be a positive number")
-            return
-        raise BundleError(
-            f"{where}.calibration.kind {kind!r}: use platt for gated_attention_mil, "
-            "temperature for transformer_mil"
-        )
+        self.head_kind.validate(self, where)
 
 
 @dataclass(frozen=True)
@@ -312,7 +264,7 @@ class Bundle:
             value = getattr(self, item.name)
             if item.name in ("path", "sha256") or value is None:
                 continue
-            data[item.name] = _dump(value)
+            data[item.name] = dump(value)
         return data
 
 
@@ -340,7 +292,7 @@ def load_bundle(path: Path | str, *, verify_files: bool = True) -> Bundle:
         bundle = _parse_bundle(raw, root, hashlib.sha256(raw_bytes).hexdigest())
         if verify_files:
             verify_bundle_files(bundle)
-    except BundleError as exc:
+    except SpecError as exc:
         raise BundleError(f"{manifest}: {exc}") from None
     return bundle
 
@@ -492,106 +444,3 @@ def write_bundle(
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return load_bundle(destination)
-
-
-# ---------------------------------------------------------------- typed JSON
-
-
-def parse_section(cls: type, data: Any, where: str) -> Any:
-    """Build dataclass ``cls`` from a JSON object, checking every field's type."""
-    if not isinstance(data, dict):
-        raise BundleError(f"{where} must be an object")
-    hints = typing.get_type_hints(cls)
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    known = [name for name in fields if name != "extra"]
-    unknown = sorted(set(data) - set(known))
-    if unknown and "extra" not in fields:
-        raise BundleError(f"{where or 'bundle'}: unknown key(s) {', '.join(unknown)}")
-    values: dict[str, Any] = {}
-    for name in known:
-        spec = fields[name]
-        if name in data:
-            values[name] = _convert(data[name], hints[name], _key(where, name))
-        elif spec.default is dataclasses.MISSING and spec.default_factory is dataclasses.MISSING:
-            raise BundleError(f"{_key(where, name)} is missing")
-    if "extra" in fields:
-        values["extra"] = {key: data[key] for key in unknown}
-    try:
-        instance = cls(**values)
-    except TypeError as exc:
-        raise BundleError(f"{where}: {exc}") from None
-    validate = getattr(instance, "validate", None)
-    if validate is not None:
-        validate(where)
-    return instance
-
-
-def _key(where: str, name: str) -> str:
-    return f"{where}.{name}" if where else name
-
-
-def _convert(value: Any, hint: Any, where: str) -> Any:
-    origin, args = typing.get_origin(hint), typing.get_args(hint)
-    if hint is Any:
-        return value
-    if origin in (types.UnionType, typing.Union):
-        if value is None and type(None) in args:
-            return None
-        (inner,) = (a for a in args if a is not type(None))
-        return _convert(value, inner, where)
-    if dataclasses.is_dataclass(hint):
-        return parse_section(typing.cast(type, hint), value, where)
-    if hint is Path and isinstance(value, str):
-        return Path(value)
-    if hint is bool:
-        if isinstance(value, bool):
-            return value
-    elif hint is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-    elif hint is float:
-        if isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value):
-            return float(value)
-    elif hint is str:
-        if isinstance(value, str):
-            return value
-    elif origin is tuple:
-        if isinstance(value, list):
-            if len(args) == 2 and args[1] is Ellipsis:
-                return tuple(_convert(v, args[0], f"{where}[{i}]") for i, v in enumerate(value))
-            if len(value) == len(args):
-                return tuple(
-                    _convert(v, a, f"{where}[{i}]")
-                    for i, (v, a) in enumerate(zip(value, args, strict=True))
-                )
-    elif origin is dict and isinstance(value, dict):
-        return {str(k): _convert(v, args[1], _key(where, str(k))) for k, v in value.items()}
-    raise BundleError(f"{where} must be {_describe(hint)}, got {json.dumps(value)[:60]}")
-
-
-def _describe(hint: Any) -> str:
-    origin, args = typing.get_origin(hint), typing.get_args(hint)
-    if origin is tuple:
-        if len(args) == 2 and args[1] is Ellipsis:
-            return f"a list of {_describe(args[0])}"
-        return f"a list of {len(args)} {_describe(args[0])}"
-    if origin is dict:
-        return f"an object of {_describe(args[1])}"
-    names = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}
-    return names.get(hint, "an object")
-
-
-def _dump(value: Any) -> Any:
-    if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        data: dict[str, Any] = {}
-        for item in dataclasses.fields(value):
-            if item.name == "extra":
-                data.update(_dump(getattr(value, item.name)))
-            else:
-                data[item.name] = _dump(getattr(value, item.name))
-        return data
-    if isinstance(value, tuple | list):
-        return [_dump(v) for v in value]
-    if isinstance(value, dict):
-        return {k: _dump(v) for k, v in value.items()}
-    return value

@@ -6,7 +6,7 @@ from collections.abc import Callable
 
 import numpy as np
 
-from runtime.backends import Backend, BackendError, open_model
+from runtime.backends import Backend, BackendError, RuntimeSettings, open_model
 from runtime.bundle import Bundle
 
 ProgressCallback = Callable[[int, int], None]  # (cells done, cells in all)
@@ -19,26 +19,15 @@ class EncoderInputError(ValueError):
 class Encoder:
     """Normalises patches per the bundle and embeds them in batches.
 
-    Variant by backend (see ModelVariants.for_backend): TensorRT fp16 engines and
-    ORT-CUDA fp16 on a GPU, the accepted int8 model on a CPU, else fp32.
+    The file each backend loads is its own choice (``Backend.files``): TensorRT fp16
+    engines and ORT-CUDA fp16 on a GPU, the accepted int8 model on a CPU, else fp32.
     """
 
-    def __init__(
-        self,
-        bundle: Bundle,
-        backend: str = "auto",
-        threads: int = 0,
-        batch_size: int = 0,
-        *,
-        build_engines: bool = True,
-    ) -> None:
+    def __init__(self, bundle: Bundle, settings: RuntimeSettings | None = None) -> None:
+        settings = settings or RuntimeSettings()
         self.spec = bundle.encoder
         self.model: Backend = open_model(
-            bundle.encoder_variants(),
-            backend,
-            threads,
-            engine_dir=bundle.engines_dir,
-            build_engines=build_engines,
+            bundle.encoder_variants(), settings, engine_dir=bundle.engines_dir
         )
         size = self.spec.input.size
         if len(self.model.inputs) != 1:
@@ -52,7 +41,7 @@ class Encoder:
         names = [spec.name for spec in self.model.outputs]
         self._output = "embedding" if "embedding" in names else names[0]
         limit = self.model.max_batch or 1 << 30
-        self.batch_size = min(batch_size or self.model.preferred_batch, limit)
+        self.batch_size = min(settings.batch_size or self.model.preferred_batch, limit)
         mean = np.asarray(self.spec.input.mean, dtype=np.float64)
         std = np.asarray(self.spec.input.std, dtype=np.float64)
         # uint8 -> normalised value by table lookup: one gather per channel, no float temporaries.

@@ -1,16 +1,20 @@
-"""MIL heads on a bag of cell embeddings: ensemble-averaged probabilities, calls, attention."""
+"""MIL heads on a bag of cell embeddings: ensemble-averaged probabilities, calls, attention.
+
+``HeadRunner`` loads every ensemble member of one head, checks that each has the
+outputs its kind needs, runs them on a bag, averages them and hands the mean to
+the head's kind (``runtime.head_kinds``), which calibrates and calls it.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 
-from runtime.backends import Backend, BackendError, open_model
-from runtime.bundle import MALIGNANCY, Bundle, HeadSpec
-
-POSITIVE, NEGATIVE, INDETERMINATE = "positive", "negative", "indeterminate"
+from runtime.backends import Backend, BackendError, RuntimeSettings, open_model
+from runtime.bundle import Bundle, HeadSpec
+from runtime.head_kinds import Finding, Prediction
+from runtime.head_kinds.base import BASE_OUTPUTS
 
 
 class BagError(ValueError):
@@ -18,66 +22,25 @@ class BagError(ValueError):
 
 
 @dataclass(frozen=True)
-class Prediction:
-    task: str
-    label: str
-    probability: float
-    threshold: float
-    call: str
-
-
-@dataclass(frozen=True)
 class HeadResult:
     head: str
     kind: str
-    probabilities: dict[str, float]  # per task (MIL) or class (transformer), calibrated
+    probabilities: dict[str, float]  # per output of the head, calibrated
     attention: np.ndarray  # (N,) per cell, averaged over the ensemble
     predictions: tuple[Prediction, ...]
+    findings: tuple[Finding, ...]
     member_probabilities: np.ndarray  # (members, outputs), before calibration
-    high_risk: str | None = None  # call on the high-risk tasks; None without any
-    malignancy_probability: float | None = None
-    top2: tuple[tuple[str, float], ...] = ()
-    hemoglobin: float | None = None
-
-
-def call(probability: float, threshold: float, band: float) -> str:
-    """positive at or above threshold + band, negative below threshold - band."""
-    if probability >= threshold + band:
-        return POSITIVE
-    if probability < threshold - band:
-        return NEGATIVE
-    return INDETERMINATE
-
-
-def combine_calls(calls: list[str]) -> str:
-    """Any positive makes the combination positive; all negative makes it negative."""
-    if POSITIVE in calls:
-        return POSITIVE
-    return NEGATIVE if all(c == NEGATIVE for c in calls) else INDETERMINATE
 
 
 class HeadRunner:
     """One head of a bundle: every ensemble member loaded, run, and averaged."""
 
-    def __init__(
-        self,
-        bundle: Bundle,
-        name: str,
-        backend: str = "auto",
-        threads: int = 0,
-        *,
-        build_engines: bool = True,
-    ) -> None:
+    def __init__(self, bundle: Bundle, name: str, settings: RuntimeSettings | None = None) -> None:
         self.spec: HeadSpec = bundle.head(name)
+        self.kind = self.spec.head_kind
         self.embed_dim = bundle.encoder.embed_dim
         self.members: list[Backend] = [
-            open_model(
-                bundle.file(relative),
-                backend,
-                threads,
-                engine_dir=bundle.engines_dir,
-                build_engines=build_engines,
-            )
+            open_model(bundle.file(relative), settings, engine_dir=bundle.engines_dir)
             for relative in self.spec.files
         ]
         for member in self.members:
@@ -86,9 +49,7 @@ class HeadRunner:
     def _check_member(self, member: Backend) -> None:
         inputs = {spec.name: spec for spec in member.inputs}
         outputs = {spec.name for spec in member.outputs}
-        needed = {"probabilities", "attention"}
-        if self.spec.kind == "transformer_mil":
-            needed.add("hemoglobin")
+        needed = self.kind.model_outputs
         if set(inputs) != {"features"} or not needed <= outputs:
             raise BackendError(
                 f"{member.path.name}: a {self.spec.kind} head needs input features and outputs "
@@ -105,7 +66,7 @@ class HeadRunner:
         return self.members[0].name
 
     def predict(self, features: np.ndarray) -> HeadResult:
-        """Run every member on the bag (N, D) and average their outputs."""
+        """Run every member on the bag (N, D), average their outputs, let the kind call them."""
         if features.ndim != 2 or features.shape[1] != self.embed_dim:
             raise BagError(f"a bag must be (N, {self.embed_dim}), got shape {features.shape}")
         cells = features.shape[0]
@@ -128,78 +89,21 @@ class HeadRunner:
         attention = np.mean([np.asarray(r["attention"], np.float64).reshape(-1) for r in runs], 0)
         if attention.shape != (cells,):
             raise BackendError(f"head {self.spec.name}: attention {attention.shape}, {cells} cells")
-        averaged = self._calibrate(probabilities.mean(axis=0))
-        by_name = {name: float(p) for name, p in zip(outputs, averaged, strict=True)}
-        common = {
-            "head": self.spec.name,
-            "kind": self.spec.kind,
-            "probabilities": by_name,
-            "attention": attention.astype(np.float32),
-            "member_probabilities": probabilities.astype(np.float32),
+        calibrated = self.kind.calibrate(self.spec, probabilities.mean(axis=0))
+        by_name = {name: float(p) for name, p in zip(outputs, calibrated, strict=True)}
+        extra = {
+            name: np.mean([np.asarray(r[name], np.float64) for r in runs], axis=0)
+            for name in self.kind.model_outputs - BASE_OUTPUTS
         }
-        if self.spec.kind == "gated_attention_mil":
-            return self._mil_result(by_name, common)
-        hemoglobin = float(np.mean([np.asarray(r["hemoglobin"]).reshape(-1)[0] for r in runs]))
-        return self._transformer_result(by_name, hemoglobin, common)
-
-    def _calibrate(self, probabilities: np.ndarray) -> np.ndarray:
-        calibration = self.spec.calibration
-        kind = calibration.get("kind", "none")
-        clipped = np.clip(probabilities, 1e-7, 1 - 1e-7)
-        if kind == "platt":
-            a = np.array([calibration["a"][t] for t in self.spec.tasks], dtype=np.float64)
-            b = np.array([calibration["b"][t] for t in self.spec.tasks], dtype=np.float64)
-            logits = np.log(clipped) - np.log1p(-clipped)
-            return 1.0 / (1.0 + np.exp(-(a * logits + b)))
-        if kind == "temperature":
-            # log p differs from the logits by a constant, which softmax ignores.
-            scaled = np.log(clipped) / float(calibration["temperature"])
-            scaled = np.exp(scaled - scaled.max())
-            return scaled / scaled.sum()
-        return probabilities
-
-    def _mil_result(self, probabilities: dict[str, float], common: dict[str, Any]) -> HeadResult:
-        band = self.spec.indeterminate_band
-        predictions = tuple(
-            Prediction(
-                task,
-                self.spec.label(task),
-                probabilities[task],
-                self.spec.thresholds[task],
-                call(probabilities[task], self.spec.thresholds[task], band),
-            )
-            for task in self.spec.tasks
-        )
-        calls = {p.task: p.call for p in predictions}
-        high_risk = (
-            combine_calls([calls[t] for t in self.spec.high_risk]) if self.spec.high_risk else None
-        )
-        return HeadResult(predictions=predictions, high_risk=high_risk, **common)
-
-    def _transformer_result(
-        self, probabilities: dict[str, float], hemoglobin: float, common: dict[str, Any]
-    ) -> HeadResult:
-        ranked = sorted(probabilities.items(), key=lambda item: item[1], reverse=True)
-        malignancy = None
-        predictions: tuple[Prediction, ...] = ()
-        if self.spec.malignant_classes:
-            malignancy = float(sum(probabilities[c] for c in self.spec.malignant_classes))
-            threshold = self.spec.thresholds[MALIGNANCY]
-            predictions = (
-                Prediction(
-                    MALIGNANCY,
-                    self.spec.label(MALIGNANCY),
-                    malignancy,
-                    threshold,
-                    call(malignancy, threshold, self.spec.indeterminate_band),
-                ),
-            )
+        interpretation = self.kind.interpret(self.spec, by_name, extra)
         return HeadResult(
-            predictions=predictions,
-            malignancy_probability=malignancy,
-            top2=tuple(ranked[:2]),
-            hemoglobin=hemoglobin,
-            **common,
+            head=self.spec.name,
+            kind=self.spec.kind,
+            probabilities=by_name,
+            attention=attention.astype(np.float32),
+            predictions=interpretation.predictions,
+            findings=interpretation.findings,
+            member_probabilities=probabilities.astype(np.float32),
         )
 
     def close(self) -> None:
@@ -207,11 +111,6 @@ class HeadRunner:
             member.close()
 
 
-def load_heads(
-    bundle: Bundle, backend: str = "auto", threads: int = 0, *, build_engines: bool = True
-) -> dict[str, HeadRunner]:
+def load_heads(bundle: Bundle, settings: RuntimeSettings | None = None) -> dict[str, HeadRunner]:
     """Every head of the bundle, by name."""
-    return {
-        head.name: HeadRunner(bundle, head.name, backend, threads, build_engines=build_engines)
-        for head in bundle.heads
-    }
+    return {head.name: HeadRunner(bundle, head.name, settings) for head in bundle.heads}

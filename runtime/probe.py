@@ -1,4 +1,4 @@
-"""What inference backends and GPUs this machine has, with the reason for each gap."""
+"""What this machine has for the backends to probe: packages, GPUs, cuda-python."""
 
 from __future__ import annotations
 
@@ -10,14 +10,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 
-@dataclass(frozen=True)
-class BackendStatus:
-    name: str
-    available: bool
-    detail: str
-
-
-def _version_of(module_name: str) -> str | None:
+def package_version(module_name: str) -> str | None:
+    """The version of an importable module, or None when it cannot be imported here."""
     try:
         module = importlib.import_module(module_name)
     except Exception:  # any import failure means "not usable here"
@@ -67,7 +61,7 @@ def gpu_names() -> list[str]:
     return [p.name for p in proc.iterdir()] if proc.is_dir() else []
 
 
-def _cuda_python_present() -> bool:
+def cuda_python_present() -> bool:
     """cuda-python's runtime bindings, which the TensorRT backend allocates memory with."""
     for name in ("cuda.bindings.runtime", "cuda.cudart"):
         try:
@@ -76,44 +70,3 @@ def _cuda_python_present() -> bool:
         except ImportError:  # the parent package "cuda" is absent
             continue
     return False
-
-
-def probe_backends() -> list[BackendStatus]:
-    """Each backend in the order the automatic choice tries them."""
-    gpus = gpu_names()
-    gpu_note = "" if gpus else "; no GPU visible"
-    statuses = []
-    trt = _version_of("tensorrt")
-    if trt is None:
-        statuses.append(BackendStatus("tensorrt", False, "tensorrt is not installed"))
-    elif not _cuda_python_present():
-        statuses.append(
-            BackendStatus("tensorrt", False, f"TensorRT {trt}, but cuda-python is not installed")
-        )
-    else:
-        statuses.append(BackendStatus("tensorrt", bool(gpus), f"TensorRT {trt}{gpu_note}"))
-    ort = _version_of("onnxruntime")
-    providers: list[str] = []
-    if ort is not None:
-        import onnxruntime
-
-        providers = onnxruntime.get_available_providers()
-    for name, provider in (
-        ("ort-tensorrt", "TensorrtExecutionProvider"),
-        ("ort-cuda", "CUDAExecutionProvider"),
-        ("ort-cpu", "CPUExecutionProvider"),
-    ):
-        if ort is None:
-            statuses.append(BackendStatus(name, False, "onnxruntime is not installed"))
-        elif provider not in providers:
-            statuses.append(BackendStatus(name, False, f"onnxruntime {ort} has no {provider}"))
-        else:
-            needs_gpu = provider != "CPUExecutionProvider"
-            statuses.append(
-                BackendStatus(
-                    name,
-                    not needs_gpu or bool(gpus),
-                    f"onnxruntime {ort}, {provider}" + (gpu_note if needs_gpu else ""),
-                )
-            )
-    return statuses

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from appliance.report import (
+from appliance.results.report import (
     ReportPrintError,
     print_pdf_in_child,
     render_report_html,
@@ -41,7 +41,7 @@ def test_the_pdf_is_written_with_its_picture_and_qt_stays_out_of_this_process(
     html = render_report_html(RESULT)
     # A fresh interpreter, so that no other test's Qt import can hide one made here.
     script = (
-        "import sys; from pathlib import Path; from appliance.report import write_report_pdf; "
+        "import sys; from pathlib import Path; from appliance.results.report import write_report_pdf; "
         f"ok = write_report_pdf(sys.stdin.read(), Path({str(folder)!r}), "
         f"Path({str(folder / 'report.pdf')!r})); "
         "print(ok, 'PySide6.QtGui' in sys.modules)"
@@ -61,7 +61,7 @@ def test_a_printer_that_does_not_finish_in_time_is_stopped_and_says_so(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     folder = _report_folder(tmp_path)
-    with caplog.at_level(logging.ERROR, logger="appliance.report"):
+    with caplog.at_level(logging.ERROR, logger="appliance.results.report"):
         made = write_report_pdf(
             render_report_html(RESULT), folder, folder / "report.pdf", timeout=0.05
         )

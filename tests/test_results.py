@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from appliance.report import DEMO_WARNING, render_report_html
+from appliance.results.report import DEMO_WARNING, render_report_html
 from appliance.results import (
     CaseOutputs,
     SlideOutputs,

@@ -6,42 +6,41 @@ import shutil
 from collections.abc import Sequence
 from pathlib import Path
 
-from appliance import pipeline, slide_cache
+from appliance import slide_cache
+from appliance.cases import score_case
 from appliance.config import Config
-from appliance.service import units
+from appliance.networks import SlideNetworks
+from appliance.readers import scan_fingerprint
 from appliance.service.worker import CaseOutcome, ProgressFn, SlideOutcome
+from appliance.slides import SlideResult, process_slide
 from runtime.bundle import Bundle
 
 
 class PipelineEngine:
-    """``appliance.pipeline.process_slide`` / ``score_case`` with the site's settings."""
+    """``appliance.slides.process_slide`` / ``appliance.cases.score_case`` with the
+    site's settings."""
 
     def __init__(self, config: Config, bundle: Bundle) -> None:
         self.config = config
         self.bundle = bundle
-        rt = config.runtime
         # One encoder and one segmenter session for the service's life, opened on first use.
-        self.networks = pipeline.SlideNetworks(bundle, rt.backend, rt.threads, rt.encoder_batch)
+        self.networks = SlideNetworks(bundle, config.runtime.settings)
 
     def process_slide(
         self, path: Path, progress: ProgressFn, *, use_cache: bool, fingerprint: str | None = None
     ) -> SlideOutcome:
         cfg = self.config
         if not use_cache:  # a re-score asked for: the slide is processed from scratch
-            fingerprint = fingerprint or units.scan_fingerprint(path)
+            fingerprint = fingerprint or scan_fingerprint(path)
             entry = slide_cache.entry_dir(cfg.cache_dir, fingerprint, self.bundle.sha256)
             shutil.rmtree(entry, ignore_errors=True)
-        result = pipeline.process_slide(
+        result = process_slide(
             path,
-            self.bundle,
+            self.networks,
             cache_dir=cfg.cache_dir,
-            backend=cfg.runtime.backend,
-            threads=cfg.runtime.threads,
-            batch_size=cfg.runtime.encoder_batch,
             pixel_size_um=cfg.scan.pixel_size_um,
             progress=progress,
             fingerprint=fingerprint,
-            networks=self.networks,
         )
         rejected = "" if result.qc_passed else f"slide QC failed: {result.qc_reason or 'no reason'}"
         return SlideOutcome(
@@ -51,14 +50,13 @@ class PipelineEngine:
     def score_case(
         self, case_key: str, slides: Sequence[object], outbox: Path, progress: ProgressFn
     ) -> CaseOutcome:
-        results = [s for s in slides if isinstance(s, pipeline.SlideResult)]
-        case = pipeline.score_case(
+        results = [s for s in slides if isinstance(s, SlideResult)]
+        case = score_case(
             case_key,
             results,
             self.bundle,
             outbox,
-            backend=self.config.runtime.backend,
-            threads=self.config.runtime.threads,
+            settings=self.config.runtime.settings,
             progress=progress,
         )
         return CaseOutcome.from_result(case.result, case.folder.path)

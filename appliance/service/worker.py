@@ -14,7 +14,6 @@ renamed into place, the re-run adopts that folder instead of writing another.
 from __future__ import annotations
 
 import errno
-import json
 import logging
 import re
 import threading
@@ -24,7 +23,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
-from appliance.results import ResultWriteError, existing_versions, safe_name
+from appliance.results import (
+    CaseResult,
+    ResultError,
+    ResultWriteError,
+    existing_versions,
+    latest_version,
+    point_latest_at,
+    read_result,
+    safe_name,
+)
 from appliance.service.archive import archive_case
 from appliance.service.audit import AuditLog, iso
 from appliance.service.store import (
@@ -35,7 +43,6 @@ from appliance.service.store import (
     JobStore,
     Slide,
 )
-from runtime.files import write_json_atomic
 
 log = logging.getLogger(__name__)
 
@@ -87,15 +94,14 @@ class CaseOutcome:
     no_call: bool = False
 
     @classmethod
-    def from_result(cls, result: dict[str, object], folder: Path, backend: str = "") -> CaseOutcome:
-        status = str(result.get("status", "scored"))
+    def from_result(cls, result: CaseResult, folder: Path) -> CaseOutcome:
         return cls(
-            status=status,
-            reason=str(result.get("abstain_reason") or ""),
-            version=int(str(result.get("version", folder.name.lstrip("v")))),
+            status=result.status,
+            reason=result.abstain_reason or "",
+            version=result.version,
             result_dir=folder,
-            backend=backend or str(result.get("backend") or ""),
-            no_call=status == "abstained" and not result.get("predictions"),
+            backend=result.backend,
+            no_call=result.status == "abstained" and not result.predictions,
         )
 
 
@@ -377,16 +383,12 @@ class Worker:
             return None
         folder = case_dir / f"v{case.pending_version}"
         try:
-            result = json.loads((folder / "result.json").read_text(encoding="utf-8"))
-        except (OSError, ValueError):
+            result = read_result(folder)
+        except ResultError:
             return None
-        latest = case_dir / "latest.json"
-        try:
-            pointed = int(json.loads(latest.read_text(encoding="utf-8"))["version"])
-        except (OSError, ValueError, KeyError, TypeError):
-            pointed = 0
-        if pointed < case.pending_version:
-            write_json_atomic(latest, {"version": case.pending_version, "path": folder.name})
+        latest = latest_version(self.settings.outbox, case.case_key)
+        if latest is None or latest.version < case.pending_version:
+            point_latest_at(case_dir, case.pending_version)
         log.info(
             "result of an interrupted job found and kept",
             extra={"case": case.case_key, "version": case.pending_version},

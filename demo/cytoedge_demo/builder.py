@@ -11,7 +11,7 @@ Built once and cached (``cytoedge demo`` reuses a bundle that loads and verifies
    blocks shape the embedding (docs/ENVIRONMENT.md). Exported to ONNX (+ int8
    when export.int8 accepts it).
 3. Synthetic slides with hidden marker labels go through the appliance's own
-   slide pipeline (``appliance.pipeline.process_slide``: QC, stain, StarDist,
+   slide pipeline (``appliance.slides.process_slide``: QC, stain, StarDist,
    cells, encoder) with a first bundle that holds an untrained head; the
    gated-attention MIL head is trained on those embeddings
    (export.train_heads), thresholds by Youden on a validation split, and its
@@ -347,7 +347,9 @@ def embed_synthetic_slides(
     folder: Path, bundle: Bundle, recipe: DemoRecipe, progress: Progress
 ) -> tuple[dict[str, list[np.ndarray]], dict[str, np.ndarray]]:
     """Write each synthetic slide and run the appliance's slide pipeline on it."""
-    from appliance.pipeline import SlideNetworks, process_slide
+    from appliance.networks import SlideNetworks
+    from appliance.slides import process_slide
+    from runtime.backends import RuntimeSettings
 
     folder.mkdir(parents=True)
     specs = synthetic_specs(recipe)
@@ -356,19 +358,13 @@ def embed_synthetic_slides(
     bags: dict[str, list[np.ndarray]] = {}
     labels: dict[str, np.ndarray] = {}
     # One encoder and one segmenter session for every slide.
-    with SlideNetworks(bundle, threads=recipe.threads) as networks:
+    with SlideNetworks(bundle, RuntimeSettings(threads=recipe.threads)) as networks:
         for split, split_specs in specs.items():
             bags[split], rows = [], []
             for spec in split_specs:
                 path = folder / f"{split}-{spec.seed}.tif"
                 synthetic.write_smear(path, spec)
-                slide = process_slide(
-                    path,
-                    bundle,
-                    cache_dir=folder / "cache",
-                    threads=recipe.threads,
-                    networks=networks,
-                )
+                slide = process_slide(path, networks, cache_dir=folder / "cache")
                 if slide.n_cells == 0:
                     log.warning("synthetic slide %s gave no cells; left out", path.name)
                 else:

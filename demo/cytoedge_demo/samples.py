@@ -10,25 +10,35 @@ from __future__ import annotations
 
 import csv
 import io
-import json
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
-from appliance.results import CaseOutputs, ResultFolder, SlideOutputs, write_case_result
-from appliance.service.store import STORE_FILE, JobStore
-from runtime.labels import PB_CLASSES
-
-MM_TASKS = (
-    ("del17p", "del(17p)"),
-    ("t4_14", "t(4;14)"),
-    ("t11_14", "t(11;14)"),
-    ("gain1q", "gain(1q)"),
+from appliance.results import (
+    SCHEMA_VERSION,
+    BundleRecord,
+    CaseContent,
+    CaseOutputs,
+    CaseResult,
+    FindingRecord,
+    HeadRecord,
+    PredictionRecord,
+    QcRecord,
+    ResultFolder,
+    ScanRecord,
+    SlideContent,
+    TopCell,
+    read_result,
+    write_case_result,
 )
+from appliance.service.store import STORE_FILE, JobStore
+from runtime.bundle import HeadSpec
+from runtime.labels import MYELOMA_MARKERS, PB_CLASSES
+from runtime.typed_json import parse_section
 
 KINDS = ("mm_positive", "mm_negative", "abstained", "qc_failed", "pb", "research")
 BAND = 0.05
@@ -122,11 +132,45 @@ def draw_thumbnail(
 
 # --- results --------------------------------------------------------------------
 
+# The sample heads, as a bundle would list them; their calls and findings are made by
+# the real head kinds from the made-up probabilities below.
+MM_HEAD = parse_section(
+    HeadSpec,
+    {
+        "name": "myeloma",
+        "kind": "gated_attention_mil",
+        "files": ["heads/myeloma.0.onnx"],
+        "tasks": list(MYELOMA_MARKERS),
+        "thresholds": dict(zip(MYELOMA_MARKERS, (0.42, 0.37, 0.47, 0.45), strict=True)),
+        "indeterminate_band": BAND,
+        "high_risk": ["del(17p)", "t(4;14)"],
+    },
+    "heads[myeloma]",
+)
+PB_HEAD = parse_section(
+    HeadSpec,
+    {
+        "name": "pb-screen",
+        "kind": "transformer_mil",
+        "files": ["heads/pb-screen.0.onnx"],
+        "classes": list(PB_CLASSES),
+        "malignant_classes": list(PB_CLASSES[:6]),
+        "thresholds": {"malignancy": 0.5},
+        "indeterminate_band": BAND,
+    },
+    "heads[pb-screen]",
+)
 
-def _call(probability: float, threshold: float) -> str:
-    if abs(probability - threshold) < BAND:
-        return "indeterminate"
-    return "positive" if probability > threshold else "negative"
+
+def _head(spec: HeadSpec, probabilities: dict[str, float], **extra: np.ndarray) -> HeadRecord:
+    made = spec.head_kind.interpret(spec, probabilities, extra)
+    return HeadRecord(
+        name=spec.name,
+        kind=spec.kind,
+        probabilities=probabilities,
+        predictions=tuple(PredictionRecord(**asdict(p)) for p in made.predictions),
+        findings=tuple(FindingRecord(**asdict(f)) for f in made.findings),
+    )
 
 
 def _cells_table(ids: list[int], xy: np.ndarray, attention: np.ndarray, rng: Any) -> str:
@@ -151,17 +195,17 @@ def _cells_table(ids: list[int], xy: np.ndarray, attention: np.ndarray, rng: Any
     return out.getvalue()
 
 
-def sample_outputs(
+def sample_content(
     case_id: str, kind: str, slide_names: tuple[str, ...], seed: int = 0
-) -> CaseOutputs:
+) -> CaseContent:
     """What the pipeline would hand the result writer for one case of the given kind."""
     if kind not in KINDS:
         raise ValueError(f"unknown sample kind {kind!r}; one of {', '.join(KINDS)}")
     rng = np.random.default_rng(seed)
     rejected = kind == "qc_failed"
     few = kind == "abstained"
-    slides: list[SlideOutputs] = []
-    scans: list[dict[str, Any]] = []
+    slides: list[SlideContent] = []
+    scans: list[ScanRecord] = []
     all_cells: list[tuple[str, int, float, float, float]] = []
     per_slide = 0 if rejected else (9 if few else int(rng.integers(180, 420)))
     for number, name in enumerate(slide_names):
@@ -170,12 +214,11 @@ def sample_outputs(
         xy = rng.uniform(200, 9000, (per_slide, 2))
         attention = rng.gamma(0.6, 1.0, per_slide)
         thumb = draw_thumbnail(rng, max(per_slide // 3, 6), blur=4.0 if rejected else 0.6)
-        scale = 9400 / thumb.shape[1]
         slides.append(
-            SlideOutputs(
+            SlideContent(
                 slide_id=slide_id,
                 thumbnail=thumb,
-                thumbnail_scale=scale,
+                thumbnail_scale=9400 / thumb.shape[1],
                 cell_xy=xy,
                 attention=attention,
                 cells_csv=_cells_table(ids, xy, attention, rng),
@@ -183,92 +226,73 @@ def sample_outputs(
             )
         )
         qc = (
-            {"verdict": "fail", "reasons": ["71 % of tiles blurred", "4 % of tiles cellular"]}
+            QcRecord("fail", ("71 % of tiles blurred", "4 % of tiles cellular"), n_tiles=48)
             if rejected
-            else {"verdict": "pass", "reasons": []}
+            else QcRecord("pass", n_tiles=48)
         )
         scans.append(
-            {
-                "slide_id": slide_id,
-                "path": f"/srv/cytoedge/inbox/{case_id}/{name}",
-                "sha256": f"{number:064x}",
-                "format": "folder" if kind == "pb" else "svs",
-                "bytes": int(rng.integers(200, 900)) * 1_000_000,
-                "pixel_size_um": 0.25,
-                "qc": qc,
-                "cells": per_slide,
-            }
+            ScanRecord(
+                slide_id=slide_id,
+                path=f"/srv/cytoedge/inbox/{case_id}/{name}",
+                sha256=f"{number:064x}",
+                format="cells" if kind == "pb" else "openslide:aperio",
+                bytes=int(rng.integers(200, 900)) * 1_000_000,
+                pixel_size_um=0.25,
+                qc=qc,
+                cells=per_slide,
+            )
         )
         all_cells += [
             (slide_id, i, x, y, a) for i, (x, y), a in zip(ids, xy, attention, strict=True)
         ]
 
     total = sum(a for *_, a in all_cells) or 1.0
-    ranked = sorted(all_cells, key=lambda c: c[4], reverse=True)[:20]
-    top_cells = [
-        {"slide": s, "cell_id": str(i), "x": round(x, 1), "y": round(y, 1), "attention": a / total}
-        for s, i, x, y, a in ranked
-    ]
-    result: dict[str, Any] = {
-        "case_id": case_id,
-        "status": "rejected" if rejected else ("abstained" if few else "scored"),
-        "abstain_reason": (
-            "QC failed: 71 % of tiles blurred"
-            if rejected
-            else ("insufficient material: 9 cells (minimum 50)" if few else None)
-        ),
-        "bundle": {
-            "name": "cytoedge-demo-pb" if kind == "pb" else "cytoedge-demo-mm",
-            "version": "0.1.0",
-            "sha256": "3f9c1e0b" * 8,
-            "intended_use": "research" if kind == "research" else "demo",
-        },
-        "backend": "ort-cpu",
-        "timings_s": {"read": 4.2, "qc": 1.1, "segment": 38.0, "embed": 21.5, "heads": 0.3},
-        "scans": scans,
-        "predictions": [],
-        "high_risk": None,
-        "malignancy_probability": None,
-        "top2": None,
-        "top_cells": [] if rejected else top_cells,
-        "attention_top20_mass": None if rejected else 0.66,
-    }
-    if kind in ("mm_positive", "mm_negative", "research", "abstained") and not few:
+    ranked = [] if rejected else sorted(all_cells, key=lambda c: c[4], reverse=True)[:20]
+    top_cells = tuple(
+        TopCell(rank, s, i, round(x, 1), round(y, 1), a / total, f"top_cells/{rank:02d}.png")
+        for rank, (s, i, x, y, a) in enumerate(ranked, start=1)
+    )
+    heads: tuple[HeadRecord, ...] = ()
+    if kind in ("mm_positive", "mm_negative", "research"):
         probabilities = (
             (0.81, 0.23, 0.44, 0.58) if kind != "mm_negative" else (0.12, 0.09, 0.31, 0.33)
         )
-        thresholds = (0.42, 0.37, 0.47, 0.45)
-        result["predictions"] = [
-            {"task": t, "label": label, "probability": p, "threshold": th, "call": _call(p, th)}
-            for (t, label), p, th in zip(MM_TASKS, probabilities, thresholds, strict=True)
-        ]
-        calls = [p["call"] for p in result["predictions"][:2]]
-        result["high_risk"] = (
-            "positive"
-            if "positive" in calls
-            else ("indeterminate" if "indeterminate" in calls else "negative")
-        )
+        heads = (_head(MM_HEAD, dict(zip(MYELOMA_MARKERS, probabilities, strict=True))),)
     if kind == "pb":
-        probs = np.array([0.46, 0.08, 0.21, 0.05, 0.04, 0.02, 0.09, 0.05])
-        order = np.argsort(probs)[::-1][:2]
-        result["malignancy_probability"] = float(probs[:6].sum())
-        result["top2"] = [{"class": PB_CLASSES[i], "probability": float(probs[i])} for i in order]
-        result["predictions"] = [
-            {
-                "task": "malignant",
-                "label": "malignancy",
-                "probability": float(probs[:6].sum()),
-                "threshold": 0.5,
-                "call": _call(float(probs[:6].sum()), 0.5),
-            }
-        ]
+        probs = (0.46, 0.08, 0.21, 0.05, 0.04, 0.02, 0.09, 0.05)
+        hemoglobin = np.array([11.2])
+        heads = (_head(PB_HEAD, dict(zip(PB_CLASSES, probs, strict=True)), hemoglobin=hemoglobin),)
+    result = CaseResult(
+        schema_version=SCHEMA_VERSION,
+        case_id=case_id,
+        version=0,
+        created="2026-11-26T09:30:00+00:00",
+        status="rejected" if rejected else ("abstained" if few else "scored"),
+        abstain_reason=(
+            "slide QC failed: 71 % of tiles blurred"
+            if rejected
+            else ("too few cells: 9 (the bundle needs at least 50)" if few else None)
+        ),
+        bundle=BundleRecord(
+            name="cytoedge-demo-pb" if kind == "pb" else "cytoedge-demo-mm",
+            version="0.1.0",
+            sha256="3f9c1e0b" * 8,
+            intended_use="research" if kind == "research" else "demo",
+        ),
+        backend="ort-cpu",
+        scans=tuple(scans),
+        heads=heads,
+        top_cells=top_cells,
+        attention_top20_mass=None if rejected else 0.66,
+        timings_s={"read": 4.2, "qc": 1.1, "segment": 38.0, "embed": 21.5, "heads": 0.3},
+        outputs=CaseOutputs(report_html="report.html", cells_geojson="cells.geojson"),
+    )
     patches = [draw_cell(rng, plasma_like=(kind == "mm_positive" and n < 12)) for n in range(20)]
-    captions = [f"#{n + 1}  {c['attention']:.3f}" for n, c in enumerate(top_cells)]
-    return CaseOutputs(
+    return CaseContent(
         result=result,
         slides=slides,
-        gallery_patches=[] if rejected else patches[: len(top_cells)],
-        gallery_captions=[] if rejected else captions,
+        gallery_patches=patches[: len(top_cells)],
+        gallery_captions=[f"#{c.rank}  {c.attention:.3f}" for c in top_cells],
     )
 
 
@@ -282,9 +306,9 @@ def write_sample_result(
     write_pdf: bool = False,
 ) -> ResultFolder:
     """Write one sample result version with the appliance's result writer."""
-    return write_case_result(
-        outbox, case_id, sample_outputs(case_id, kind, slide_names, seed), write_pdf=write_pdf
-    )
+    content = sample_content(case_id, kind, slide_names, seed)
+    folder, _ = write_case_result(outbox, content, write_pdf=write_pdf)
+    return folder
 
 
 # --- the store --------------------------------------------------------------------
@@ -295,7 +319,7 @@ def add_case(
 ) -> int:
     """Drive one sample case through the store's own transitions up to its state."""
     received = now - case.minutes_ago * 60
-    scans = json.loads((result.path / "result.json").read_text())["scans"] if result else []
+    scans = read_result(result.path).scans if result else ()
     slides = [
         store.add_waiting_slide(
             case.key,
@@ -330,7 +354,7 @@ def add_case(
         if case.state == "failed":
             store.fail_slide(slide.id, case.reason, received + 20)
             continue
-        cells = scans[number]["cells"] if number < len(scans) else None
+        cells = scans[number].cells if number < len(scans) else None
         state = "rejected" if case.kind == "qc_failed" else "done"
         store.finish_slide(slide.id, state, reason=case.reason, n_cells=cells, now=received + 20)
     store.set_case_ready(case_id, True, received + 21)

@@ -1,26 +1,37 @@
 """Inference backends behind one interface; ``open_model`` picks and loads one.
 
-Heavy modules (tensorrt, cuda-python, onnxruntime) are imported only when a
-backend that needs them is loaded.
+The surface: ``open_model(model, RuntimeSettings(...))`` -> a ``Backend``;
+``plan_backends`` / ``probe_backends`` say what this machine can run and why;
+``backend_names()`` lists the registered backends in the automatic order. Each
+backend is one module of this package (``ort_cpu.py``, ``ort_cuda.py``,
+``ort_tensorrt.py``, ``trt.py``); heavy modules (tensorrt, cuda-python,
+onnxruntime) are imported only when a backend that needs them probes or loads.
 """
 
 from runtime.backends.base import (
-    BACKEND_ORDER,
     Backend,
     BackendError,
+    BackendStatus,
     Fallback,
     ModelVariants,
+    RuntimeSettings,
     TensorSpec,
 )
 from runtime.backends.choice import open_model, plan_backends
+from runtime.backends.registry import AUTO, backend_class, backend_names, probe_backends
 
 __all__ = [
-    "BACKEND_ORDER",
+    "AUTO",
     "Backend",
     "BackendError",
+    "BackendStatus",
     "Fallback",
     "ModelVariants",
+    "RuntimeSettings",
     "TensorSpec",
+    "backend_class",
+    "backend_names",
     "open_model",
     "plan_backends",
+    "probe_backends",
 ]

@@ -1,19 +1,49 @@
-"""The one interface every inference backend implements."""
+"""The one interface every inference backend implements, and the settings they run with.
+
+A backend is one class in one file of this package: it names itself, says where it
+comes in the automatic order, which of a network's files it prefers, how to tell
+whether this machine can run it (``probe``) and how to load a model (``load``).
+Subclassing ``Backend`` with a ``name`` registers it; ``runtime.backends.registry``
+imports every module of the package, so a new backend is one new file.
+"""
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
 import numpy as np
-
-# The automatic choice tries these in order; the configuration may name one.
-BACKEND_ORDER = ("tensorrt", "ort-tensorrt", "ort-cuda", "ort-cpu")
 
 
 class BackendError(RuntimeError):
     """A model that cannot be loaded or run; the message is one line with the reason."""
+
+
+@dataclass(frozen=True)
+class RuntimeSettings:
+    """How a bundle's networks run, passed as one value from the configuration down.
+
+    ``backend``: "auto" (the best that loads here) or a registered backend's name;
+    ``threads``: CPU threads per session, 0 for one per core; ``batch_size``: cells per
+    encoder batch, 0 for the backend's own best; ``build_engines``: False turns a
+    missing or stale TensorRT engine into a fallback instead of a build.
+    """
+
+    backend: str = "auto"
+    threads: int = 0
+    batch_size: int = 0
+    build_engines: bool = True
+
+
+@dataclass(frozen=True)
+class BackendStatus:
+    """Whether this machine can run a backend at all, and why (what ``doctor`` prints)."""
+
+    name: str
+    available: bool
+    detail: str
 
 
 @dataclass(frozen=True)
@@ -44,30 +74,55 @@ class ModelVariants:
     fp16: Path | None = None
     int8: Path | None = None
 
-    def for_backend(self, backend: str) -> tuple[str, Path]:
-        """(variant, file) a backend should load.
-
-        TensorRT builds its fp16 engine from fp32 ONNX (its own fp16 conversion keeps
-        LayerNorm and softmax in fp32); ORT's CUDA provider needs an fp16 ONNX file;
-        the CPU runs int8 only when the bundle accepted it.
-        """
-        if backend == "ort-cuda" and self.fp16 is not None:
-            return "fp16", self.fp16
-        if backend == "ort-cpu" and self.int8 is not None:
-            return "int8", self.int8
+    def first_of(self, preference: tuple[str, ...]) -> tuple[str, Path]:
+        """(variant, file): the first of ``preference`` this network has, else fp32."""
+        for variant in preference:
+            path = getattr(self, variant)
+            if path is not None:
+                return variant, path
         return "fp32", self.fp32
 
 
 class Backend(ABC):
     """A loaded network. ``run`` takes and returns numpy arrays keyed by tensor name."""
 
-    def __init__(self, name: str, path: Path, variant: str) -> None:
-        self.name = name  # which backend runs it: one of BACKEND_ORDER
+    name: ClassVar[str]  # what the configuration and the logs call it
+    priority: ClassVar[int]  # the automatic choice tries lower numbers first
+    # Which of a network's files it loads, best first (fp32 is the fallback of all).
+    files: ClassVar[tuple[str, ...]] = ("fp32",)
+    registered: ClassVar[dict[str, type[Backend]]] = {}
+
+    def __init_subclass__(cls, **kwargs: object) -> None:
+        super().__init_subclass__(**kwargs)
+        if "name" in cls.__dict__:
+            if cls.name in Backend.registered and Backend.registered[cls.name] is not cls:
+                raise TypeError(f"two backends are named {cls.name!r}")
+            Backend.registered[cls.name] = cls
+
+    def __init__(self, path: Path, variant: str) -> None:
         self.path = path
-        self.variant = variant
+        self.variant = variant  # the precision it runs at: fp32 | fp16 | int8
         # Filled in by open_model: the better backends that were skipped.
         self.fallbacks: list[Fallback] = []
 
+    # -- what each backend class declares --------------------------------------------------
+    @classmethod
+    @abstractmethod
+    def probe(cls) -> BackendStatus:
+        """Whether this machine has what the backend needs (packages, provider, GPU)."""
+
+    @classmethod
+    @abstractmethod
+    def load(cls, variants: ModelVariants, settings: RuntimeSettings, engines: Path) -> Backend:
+        """Load the network; ``engines`` is the folder where compiled engines are cached.
+        Raises BackendError (or OSError) when it cannot."""
+
+    @classmethod
+    def choose_file(cls, variants: ModelVariants) -> tuple[str, Path]:
+        """(variant, file) of ``variants`` this backend loads."""
+        return variants.first_of(cls.files)
+
+    # -- a loaded network ------------------------------------------------------------------
     @property
     @abstractmethod
     def inputs(self) -> list[TensorSpec]: ...

@@ -1,4 +1,5 @@
-"""ONNX Runtime with its TensorRT, CUDA or CPU execution provider."""
+"""One ONNX Runtime session, shared by the three ORT backends (ort_cpu.py, ort_cuda.py,
+ort_tensorrt.py), each of which fixes its execution provider."""
 
 from __future__ import annotations
 
@@ -8,15 +9,10 @@ from typing import Any
 
 import numpy as np
 
-from runtime.backends.base import Backend, BackendError, TensorSpec
+from runtime.backends.base import Backend, BackendError, BackendStatus, TensorSpec
+from runtime.probe import gpu_names, package_version
 
 log = logging.getLogger(__name__)
-
-PROVIDERS = {
-    "ort-tensorrt": "TensorrtExecutionProvider",
-    "ort-cuda": "CUDAExecutionProvider",
-    "ort-cpu": "CPUExecutionProvider",
-}
 _DTYPES = {
     "tensor(float)": np.dtype(np.float32),
     "tensor(float16)": np.dtype(np.float16),
@@ -26,10 +22,6 @@ _DTYPES = {
     "tensor(uint8)": np.dtype(np.uint8),
     "tensor(bool)": np.dtype(np.bool_),
 }
-# Batches a GPU runs best at are larger; on a CPU 257-token ViT matmuls are already
-# large at batch 1, so a small batch only bounds memory.
-GPU_BATCH = 64
-CPU_BATCH = 16
 
 
 def _spec(node: Any) -> TensorSpec:
@@ -40,12 +32,29 @@ def _spec(node: Any) -> TensorSpec:
     return TensorSpec(node.name, shape, dtype)
 
 
+def provider_status(name: str, provider: str, needs_gpu: bool) -> BackendStatus:
+    """Whether onnxruntime is installed with ``provider`` (and, if it needs one, a GPU)."""
+    version = package_version("onnxruntime")
+    if version is None:
+        return BackendStatus(name, False, "onnxruntime is not installed")
+    import onnxruntime
+
+    if provider not in onnxruntime.get_available_providers():
+        return BackendStatus(name, False, f"onnxruntime {version} has no {provider}")
+    detail = f"onnxruntime {version}, {provider}"
+    if needs_gpu and not gpu_names():
+        return BackendStatus(name, False, detail + "; no GPU visible")
+    return BackendStatus(name, True, detail)
+
+
 class OrtBackend(Backend):
     """One ONNX Runtime session; the provider is fixed at load and checked to have stuck."""
 
+    provider: str  # ONNX Runtime's execution provider, set by each ORT backend
+    batch: int = 16  # what the provider runs best at along the first axis
+
     def __init__(
         self,
-        name: str,
         path: Path,
         variant: str,
         *,
@@ -53,10 +62,10 @@ class OrtBackend(Backend):
         provider_options: dict[str, Any] | None = None,
         max_batch: int | None = None,
     ) -> None:
-        super().__init__(name, path, variant)
+        super().__init__(path, variant)
         import onnxruntime as ort
 
-        provider = PROVIDERS[name]
+        provider = self.provider
         options = ort.SessionOptions()
         options.intra_op_num_threads = max(threads, 0)  # 0: one per core
         options.inter_op_num_threads = 1
@@ -88,7 +97,7 @@ class OrtBackend(Backend):
 
     @property
     def preferred_batch(self) -> int:
-        return CPU_BATCH if self.name == "ort-cpu" else GPU_BATCH
+        return self.batch
 
     @property
     def max_batch(self) -> int | None:

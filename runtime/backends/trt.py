@@ -1,4 +1,8 @@
-"""TensorRT (>= 10) engines run through the tensor-name API, memory via cuda-python."""
+"""TensorRT (>= 10) engines run through the tensor-name API, memory via cuda-python.
+
+First in the automatic order: an fp16 engine built for this GPU from the fp32 ONNX
+file (runtime.engines builds and caches it; a stale one is rebuilt, never loaded).
+"""
 
 from __future__ import annotations
 
@@ -7,8 +11,16 @@ from pathlib import Path
 
 import numpy as np
 
-from runtime.backends.base import Backend, BackendError, TensorSpec
+from runtime.backends.base import (
+    Backend,
+    BackendError,
+    BackendStatus,
+    ModelVariants,
+    RuntimeSettings,
+    TensorSpec,
+)
 from runtime.backends.cuda import DeviceBuffer, check, cuda_runtime
+from runtime.probe import cuda_python_present, gpu_names, package_version
 
 
 class TensorrtBackend(Backend):
@@ -19,8 +31,34 @@ class TensorrtBackend(Backend):
     dtype (fp16 for fp16 engines), so callers may pass float32.
     """
 
+    name = "tensorrt"
+    priority = 10
+    files = ("fp32",)  # its own fp16 conversion keeps LayerNorm and softmax in fp32
+
+    @classmethod
+    def probe(cls) -> BackendStatus:
+        version = package_version("tensorrt")
+        if version is None:
+            return BackendStatus(cls.name, False, "tensorrt is not installed")
+        if not cuda_python_present():
+            return BackendStatus(
+                cls.name, False, f"TensorRT {version}, but cuda-python is not installed"
+            )
+        if not gpu_names():
+            return BackendStatus(cls.name, False, f"TensorRT {version}; no GPU visible")
+        return BackendStatus(cls.name, True, f"TensorRT {version}")
+
+    @classmethod
+    def load(
+        cls, variants: ModelVariants, settings: RuntimeSettings, engines: Path
+    ) -> TensorrtBackend:
+        from runtime.engines import ensure_engine
+
+        _, path = cls.choose_file(variants)
+        return cls(path, ensure_engine(path, engines, build=settings.build_engines))
+
     def __init__(self, path: Path, engine_path: Path, variant: str = "fp16") -> None:
-        super().__init__("tensorrt", path, variant)
+        super().__init__(path, variant)
         import tensorrt as trt
 
         self._trt = trt

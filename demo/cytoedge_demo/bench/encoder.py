@@ -106,7 +106,7 @@ def run_encoder_bench(
     from cytoedge_demo.builder import demo_encoder
     from export.encoder import MEAN, STD, load_encoder
     from export.onnx_export import export_encoder, row_cosines
-    from runtime.backends import ModelVariants, open_model, plan_backends
+    from runtime.backends import ModelVariants, RuntimeSettings, open_model, plan_backends
 
     out = console or Console()
     threads = threads or os.cpu_count() or 1
@@ -144,7 +144,7 @@ def run_encoder_bench(
 
         results.append(time_path("torch eager bf16 autocast", bf16, batch, repeats, warmup))
 
-    cpu = open_model(fp32, "ort-cpu", threads)
+    cpu = open_model(fp32, RuntimeSettings("ort-cpu", threads))
     results.append(
         time_path("ORT CPU fp32", lambda: cpu.run({"pixels": pixels}), batch, repeats, warmup)
     )
@@ -156,7 +156,7 @@ def run_encoder_bench(
         outcome = quantize_encoder(fp32, work / "encoder.int8.onnx")
     out.print(f"int8 gate: {outcome.reason}")
     if outcome.accepted and outcome.path is not None:
-        int8 = open_model(outcome.path, "ort-cpu", threads)
+        int8 = open_model(outcome.path, RuntimeSettings("ort-cpu", threads))
         batch_cosine = float(
             row_cosines(reference, int8.run({"pixels": pixels})["embedding"]).min()
         )
@@ -189,14 +189,14 @@ def run_encoder_bench(
 
         fp16 = work / "encoder.fp16.onnx"
         convert_to_fp16(fp32, fp16)
-        cuda = open_model(ModelVariants(fp32, fp16=fp16), "ort-cuda")
+        cuda = open_model(ModelVariants(fp32, fp16=fp16), RuntimeSettings("ort-cuda"))
         results.append(
             time_path("ORT CUDA fp16", lambda: cuda.run({"pixels": pixels}), batch, repeats, warmup)
         )
         cuda.close()
     if "tensorrt" in candidates:
         with out.status("Building the TensorRT fp16 engine (minutes)..."):
-            engine = open_model(fp32, "tensorrt", engine_dir=work / "engines")
+            engine = open_model(fp32, RuntimeSettings("tensorrt"), engine_dir=work / "engines")
         trt_cosine = float(
             row_cosines(reference, engine.run({"pixels": pixels})["embedding"]).min()
         )

@@ -37,27 +37,30 @@ def bench_slide(folder: Path, width: int, height: int) -> Path:
 
 def score_one(slide: Path, bundle_dir: Path, backend: str, threads: int) -> dict[str, Any]:
     """Process + score one slide in this process; what the parent prints."""
-    from appliance.pipeline import process_slide, score_case
+    from appliance.cases import score_case
+    from appliance.networks import SlideNetworks
+    from appliance.slides import process_slide
+    from runtime.backends import RuntimeSettings
     from runtime.bundle import load_bundle
 
     bundle = load_bundle(bundle_dir)
-    with tempfile.TemporaryDirectory(prefix="cytoedge-bench-") as work:
+    settings = RuntimeSettings(backend=backend, threads=threads)
+    with (
+        tempfile.TemporaryDirectory(prefix="cytoedge-bench-") as work,
+        SlideNetworks(bundle, settings) as networks,
+    ):
         start = time.perf_counter()
-        result = process_slide(
-            slide, bundle, cache_dir=Path(work) / "cache", backend=backend, threads=threads
-        )
-        case = score_case(
-            "bench", [result], bundle, Path(work) / "out", backend=backend, threads=threads
-        )
+        result = process_slide(slide, networks, cache_dir=Path(work) / "cache")
+        case = score_case("bench", [result], bundle, Path(work) / "out", settings=settings)
         total = time.perf_counter() - start
     return {
         "slide": slide.name,
-        "stages": case.result["timings_s"],
+        "stages": case.result.timings_s,
         "total_s": round(total, 2),
         "cells": result.n_cells,
-        "status": case.status,
-        "backend": case.result["backend"],
-        "encoder": result.scan.get("encoder_variant") or "-",
+        "status": case.result.status,
+        "backend": case.result.backend,
+        "encoder": result.scan.encoder_variant or "-",
         "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
     }
 

@@ -20,6 +20,7 @@ from rich.table import Table
 
 from appliance.segmentation import MatchCounts, Segmenter, match_instances, network_input
 from cytoedge_demo.synthetic import segmentation_tiles
+from runtime.backends import RuntimeSettings
 
 # Training tiles use generator seeds seed * 1000 + i for small recipe seeds; these never meet.
 HELD_OUT_SEED = 777
@@ -62,7 +63,9 @@ def run_segmentation_bench(
 ) -> MatchCounts:
     """Print the figures; return the ONNX path's counts."""
     console = Console()
-    segmenter = Segmenter.open(segmenter_dir, segmenter_section(segmenter_dir), backend, threads)
+    segmenter = Segmenter.open(
+        segmenter_dir, segmenter_section(segmenter_dir), RuntimeSettings(backend, threads)
+    )
     images, masks = segmentation_tiles(n_tiles, size, seed)
     segmenter.segment(images[0])  # warm-up: session start, first-call allocations
     counts, labels, seconds = MatchCounts(0, 0, 0), [], 0.0

@@ -1,0 +1,60 @@
+"""A case's result: the typed ``result.json`` (schema.py), the versioned folder it
+lives in (folder.py) and the pictures beside it (pictures.py)."""
+
+from appliance.results.folder import (
+    CaseContent,
+    ResultFolder,
+    ResultWriteError,
+    SlideContent,
+    existing_versions,
+    latest_in,
+    latest_version,
+    point_latest_at,
+    safe_name,
+    write_case_result,
+)
+from appliance.results.pictures import GALLERY_CELLS
+from appliance.results.schema import (
+    RESULT_FILE,
+    SCHEMA_VERSION,
+    BundleRecord,
+    CaseOutputs,
+    CaseResult,
+    FindingRecord,
+    HeadRecord,
+    PredictionRecord,
+    QcRecord,
+    ResultError,
+    ScanRecord,
+    SlideOutputs,
+    TopCell,
+    read_result,
+)
+
+__all__ = [
+    "GALLERY_CELLS",
+    "RESULT_FILE",
+    "SCHEMA_VERSION",
+    "BundleRecord",
+    "CaseContent",
+    "CaseOutputs",
+    "CaseResult",
+    "FindingRecord",
+    "HeadRecord",
+    "PredictionRecord",
+    "QcRecord",
+    "ResultError",
+    "ResultFolder",
+    "ResultWriteError",
+    "ScanRecord",
+    "SlideContent",
+    "SlideOutputs",
+    "TopCell",
+    "existing_versions",
+    "latest_in",
+    "latest_version",
+    "point_latest_at",
+    "read_result",
+    "safe_name",
+    "write_case_result",
+]

@@ -1,0 +1,234 @@
+"""Versioned result folders: never a half-written file, never a half-written version.
+
+Layout (docs/DESIGN.md "Result folders")::
+
+    <outbox>/<case_id>/v<N>/   result.json report.html report.pdf gallery.png
+                               cells.geojson embeddings.npz top_cells/NN.png
+                               slides/<slide_id>/ cells.csv cells.geojson
+                                                  heatmap.png thumbnail.png
+    <outbox>/<case_id>/latest.json   {"version": N, "path": "v<N>"}
+
+Every file is written to a temporary name and renamed; the version folder is
+assembled under a temporary name and renamed into place whole, so a reader
+(the window, the service) sees either no version N or a complete one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import json
+import logging
+import os
+import re
+import shutil
+import tempfile
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from appliance.results.pictures import render_gallery, render_heatmap
+from appliance.results.report import render_report_html, write_report_pdf
+from appliance.results.schema import (
+    RESULT_FILE,
+    CaseOutputs,
+    CaseResult,
+    SlideOutputs,
+)
+from runtime.files import write_bytes_atomic, write_json_atomic, write_text_atomic
+
+VERSION_DIR = re.compile(r"^v(\d+)$")
+LATEST_FILE = "latest.json"
+log = logging.getLogger(__name__)
+
+
+class ResultWriteError(RuntimeError):
+    """A result folder that could not be written; nothing partial was left behind."""
+
+
+@dataclass
+class SlideContent:
+    """What one slide contributes to a case's result folder besides its scan record."""
+
+    slide_id: str
+    thumbnail: np.ndarray  # (h, w, 3) uint8
+    thumbnail_scale: float  # slide pixels (as in cell_xy) per thumbnail pixel
+    cell_xy: np.ndarray  # (n, 2) float, slide pixel coordinates (x, y)
+    attention: np.ndarray  # (n,) float, this slide's cells' attention in the case
+    cells_csv: str  # the cell table as CSV text, attention column included
+    geojson: dict[str, Any]  # FeatureCollection, attention in each feature's measurements
+
+
+@dataclass
+class CaseContent:
+    """Everything written for one case version.
+
+    ``result`` is complete but for what the writer decides: its ``version`` and its
+    ``outputs`` (the files actually written) are set as the folder is written.
+    """
+
+    result: CaseResult
+    slides: list[SlideContent]
+    gallery_patches: list[np.ndarray] = field(default_factory=list)  # (s, s, 3) uint8
+    gallery_captions: list[str] = field(default_factory=list)
+    embeddings: dict[str, np.ndarray] = field(default_factory=dict)  # saved to embeddings.npz
+
+
+@dataclass(frozen=True)
+class ResultFolder:
+    case_dir: Path
+    version: int
+    path: Path
+
+
+def safe_name(text: str) -> str:
+    """A folder name made from a case or slide id: no separators, no dot files."""
+    cleaned = re.sub(r"[^\w.+-]", "_", text, flags=re.UNICODE).strip("._")
+    return cleaned[:120] or "unnamed"
+
+
+def write_png_atomic(target: Path, image: Image.Image) -> None:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG", optimize=False)
+    write_bytes_atomic(target, buffer.getvalue())
+
+
+def write_npz_atomic(target: Path, arrays: dict[str, np.ndarray]) -> None:
+    buffer = io.BytesIO()
+    np.savez_compressed(buffer, **arrays)
+    write_bytes_atomic(target, buffer.getvalue())
+
+
+# --- versions ----------------------------------------------------------------
+
+
+def existing_versions(case_dir: Path) -> list[int]:
+    if not case_dir.is_dir():
+        return []
+    versions = []
+    for child in case_dir.iterdir():
+        match = VERSION_DIR.match(child.name)
+        if match and child.is_dir():
+            versions.append(int(match.group(1)))
+    return sorted(versions)
+
+
+def latest_version(outbox: Path, case_id: str) -> ResultFolder | None:
+    """The version latest.json points at, or None when the case has no result yet."""
+    return latest_in(outbox / safe_name(case_id))
+
+
+def latest_in(case_dir: Path) -> ResultFolder | None:
+    """The version the case folder's latest.json points at, or None."""
+    try:
+        pointer = json.loads((case_dir / LATEST_FILE).read_text(encoding="utf-8"))
+        version = int(pointer["version"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    path = case_dir / f"v{version}"
+    return ResultFolder(case_dir, version, path) if path.is_dir() else None
+
+
+def point_latest_at(case_dir: Path, version: int) -> None:
+    """Make ``latest.json`` name ``v<version>`` (atomically)."""
+    write_json_atomic(case_dir / LATEST_FILE, {"version": version, "path": f"v{version}"})
+
+
+def write_case_result(
+    outbox: Path, content: CaseContent, *, write_pdf: bool = True
+) -> tuple[ResultFolder, CaseResult]:
+    """Write version N+1 of a case's result and point latest.json at it."""
+    case_id = content.result.case_id
+    case_dir = outbox / safe_name(case_id)
+    case_dir.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=case_dir))
+    try:
+        version = (existing_versions(case_dir) or [0])[-1] + 1
+        result = _write_version_files(staging, version, content, write_pdf)
+        final, result = _rename_into_place(staging, case_dir, result)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    point_latest_at(case_dir, result.version)
+    log.info("result written", extra={"case": case_id, "version": result.version})
+    return ResultFolder(case_dir, result.version, final), result
+
+
+def _rename_into_place(
+    staging: Path, case_dir: Path, result: CaseResult
+) -> tuple[Path, CaseResult]:
+    # Two writers racing for the same N: the loser takes the next free number.
+    for _ in range(100):
+        final = case_dir / f"v{result.version}"
+        try:
+            os.rename(staging, final)  # fails when final exists and is not empty
+            return final, result
+        except OSError:
+            if not final.exists():
+                raise
+            result = dataclasses.replace(result, version=existing_versions(case_dir)[-1] + 1)
+            write_json_atomic(staging / RESULT_FILE, result.to_json())
+    raise ResultWriteError(f"could not find a free version number in {case_dir}")
+
+
+def _write_version_files(
+    folder: Path, version: int, content: CaseContent, write_pdf: bool
+) -> CaseResult:
+    """Every file of the version; returns the result as written to result.json."""
+    scans = {scan.slide_id: scan for scan in content.result.scans}
+    for slide in content.slides:
+        rel = Path("slides") / safe_name(slide.slide_id)
+        files = SlideOutputs(
+            thumbnail=str(rel / "thumbnail.png"),
+            heatmap=str(rel / "heatmap.png"),
+            cells_csv=str(rel / "cells.csv"),
+            cells_geojson=str(rel / "cells.geojson"),
+        )
+        write_text_atomic(folder / files.cells_csv, slide.cells_csv)
+        write_json_atomic(folder / files.cells_geojson, slide.geojson)
+        write_png_atomic(folder / files.thumbnail, Image.fromarray(slide.thumbnail))
+        heat = render_heatmap(
+            slide.thumbnail, slide.cell_xy / slide.thumbnail_scale, slide.attention
+        )
+        write_png_atomic(folder / files.heatmap, heat)
+        scans[slide.slide_id] = dataclasses.replace(scans[slide.slide_id], outputs=files)
+
+    outputs = CaseOutputs(report_html="report.html", cells_geojson="cells.geojson")
+    write_json_atomic(
+        folder / outputs.cells_geojson, merge_geojson([s.geojson for s in content.slides])
+    )
+    if content.embeddings:
+        outputs = dataclasses.replace(outputs, embeddings="embeddings.npz")
+        write_npz_atomic(folder / "embeddings.npz", content.embeddings)
+    if content.gallery_patches:
+        # One crop per top cell (rank order), for the window's enlarged view.
+        for cell, patch in zip(content.result.top_cells, content.gallery_patches, strict=True):
+            write_png_atomic(folder / cell.image, Image.fromarray(np.asarray(patch)))
+        gallery = render_gallery(content.gallery_patches, content.gallery_captions)
+        write_png_atomic(folder / "gallery.png", gallery)
+        outputs = dataclasses.replace(outputs, gallery="gallery.png")
+
+    result = dataclasses.replace(
+        content.result,
+        version=version,
+        scans=tuple(scans[scan.slide_id] for scan in content.result.scans),
+        outputs=dataclasses.replace(outputs, report_pdf="report.pdf") if write_pdf else outputs,
+    )
+    html = render_report_html(result)
+    if write_pdf and not write_report_pdf(html, folder, folder / "report.pdf"):
+        result = dataclasses.replace(result, outputs=outputs)
+        html = render_report_html(result)
+    write_text_atomic(folder / result.outputs.report_html, html)
+    write_json_atomic(folder / RESULT_FILE, result.to_json())
+    return result
+
+
+def merge_geojson(collections: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    features: list[Any] = []
+    for collection in collections:
+        features.extend(collection.get("features", []))
+    return {"type": "FeatureCollection", "features": features}

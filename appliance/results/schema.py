@@ -1,0 +1,225 @@
+"""``result.json``: the one typed, versioned result of a case.
+
+The pipeline builds a ``CaseResult``; the result writer stores it (``to_json``)
+and the worker, the report, the window and the sample queue read it back
+(``read_result`` / ``from_json``). Every field is typed and checked on reading;
+an unknown key or a ``schema_version`` this code does not read is refused with
+one line (``ResultError``). ``docs/result.schema.json`` is this module's JSON
+Schema (``python -m appliance.results.publish_schema`` writes it), for a LIS
+integrator to validate against.
+
+Version history: 1, the first result folders (top-level ``predictions``,
+``high_risk``, ``malignancy_probability``, ``top2``, ``outputs`` as a flat map);
+2, each head's calls and findings under ``heads``, per-scan ``outputs``.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from runtime.typed_json import SpecError, dump, json_schema, parse_section
+
+SCHEMA_VERSION = 2
+RESULT_FILE = "result.json"
+
+Status = Literal["scored", "abstained", "rejected"]
+Call = Literal["positive", "negative", "indeterminate"]
+Verdict = Literal["pass", "warn", "fail"]
+
+
+class ResultError(ValueError):
+    """A result.json that cannot be read: one line naming the file and the key."""
+
+
+@dataclass(frozen=True)
+class QcRecord:
+    """A slide's quality control: the verdict and why (tile fractions by reason)."""
+
+    verdict: Verdict
+    reasons: tuple[str, ...] = ()
+    fractions: dict[str, float] = field(default_factory=dict)
+    n_tiles: int = 0
+
+
+@dataclass(frozen=True)
+class SlideOutputs:
+    """A slide's files in the result folder, relative to it."""
+
+    thumbnail: str
+    heatmap: str
+    cells_csv: str
+    cells_geojson: str
+
+
+@dataclass(frozen=True)
+class ScanRecord:
+    """One scan of the case: what it was, its QC, the cells it gave."""
+
+    slide_id: str  # its folder under slides/ and the name top_cells[].slide uses
+    path: str
+    sha256: str
+    format: str
+    bytes: int
+    pixel_size_um: float | None
+    qc: QcRecord
+    cells: int
+    width: int | None = None  # pixels at 0.25 um/px (a cell folder: none)
+    height: int | None = None
+    encoder_variant: str | None = None  # fp32 | fp16 | int8: what embedded its cells
+    outputs: SlideOutputs | None = None  # absent when the case wrote no slide files
+
+    @property
+    def name(self) -> str:
+        return Path(self.path).name or self.slide_id
+
+
+@dataclass(frozen=True)
+class BundleRecord:
+    """The model bundle that scored the case."""
+
+    name: str
+    version: str
+    sha256: str
+    intended_use: str  # demo | research | clinical
+
+
+@dataclass(frozen=True)
+class PredictionRecord:
+    """A probability called against its threshold (one bar in the window and report)."""
+
+    task: str
+    label: str
+    probability: float
+    threshold: float
+    call: Call
+
+
+@dataclass(frozen=True)
+class FindingRecord:
+    """A case-level statement a head's kind makes besides its calls (one row)."""
+
+    key: str
+    label: str
+    call: Call | None = None
+    value: float | None = None
+    text: str = ""
+
+
+@dataclass(frozen=True)
+class HeadRecord:
+    """One head's outcome: every output's probability, its calls and its findings."""
+
+    name: str
+    kind: str
+    probabilities: dict[str, float]
+    predictions: tuple[PredictionRecord, ...] = ()
+    findings: tuple[FindingRecord, ...] = ()
+
+
+@dataclass(frozen=True)
+class TopCell:
+    """One of the cells that weighed most, in rank order (the gallery)."""
+
+    rank: int
+    slide: str
+    cell_id: int
+    x: float  # pixels of the 0.25 um/px working grid from the scan's top-left
+    y: float
+    attention: float
+    image: str  # its crop, relative to the version folder
+
+
+@dataclass(frozen=True)
+class CaseOutputs:
+    """The case's files, relative to the version folder; absent ones were not written."""
+
+    report_html: str
+    cells_geojson: str
+    report_pdf: str | None = None  # absent without PySide6 or when the printer failed
+    gallery: str | None = None
+    embeddings: str | None = None
+
+
+@dataclass(frozen=True)
+class CaseResult:
+    """The result of one case at one version: ``<outbox>/<case>/v<version>/result.json``."""
+
+    schema_version: int
+    case_id: str
+    version: int  # set by the result writer as it renames the version into place
+    created: str  # UTC, ISO 8601
+    status: Status
+    abstain_reason: str | None
+    bundle: BundleRecord
+    backend: str
+    scans: tuple[ScanRecord, ...]
+    heads: tuple[HeadRecord, ...]
+    top_cells: tuple[TopCell, ...]
+    attention_top20_mass: float | None
+    timings_s: dict[str, float]
+    outputs: CaseOutputs  # set by the result writer: the files it wrote
+
+    @property
+    def predictions(self) -> tuple[PredictionRecord, ...]:
+        return tuple(p for head in self.heads for p in head.predictions)
+
+    @property
+    def cells(self) -> int:
+        return sum(scan.cells for scan in self.scans)
+
+    @property
+    def is_demo(self) -> bool:
+        return self.bundle.intended_use == "demo"
+
+    def to_json(self) -> dict[str, Any]:
+        return dump(self)
+
+    @classmethod
+    def from_json(cls, data: Any) -> CaseResult:
+        """Parse and check a result.json object; ResultError names the key at fault."""
+        version = data.get("schema_version") if isinstance(data, dict) else None
+        if version != SCHEMA_VERSION:
+            raise ResultError(
+                f"schema_version {version!r} is not one this cytoedge reads ({SCHEMA_VERSION}); "
+                "score the case again to write it in the current form"
+            )
+        try:
+            return parse_section(cls, data, "")
+        except SpecError as exc:
+            raise ResultError(str(exc)) from None
+
+    def validate(self, where: str) -> None:
+        if self.version < 1:
+            raise SpecError("version must be 1 or more")
+
+
+def read_result(folder: Path) -> CaseResult:
+    """The result in a version folder; ResultError with one line when there is none."""
+    path = Path(folder) / RESULT_FILE
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ResultError(f"{path}: no result here") from None
+    except (OSError, ValueError) as exc:
+        raise ResultError(f"{path}: unreadable ({exc})") from None
+    try:
+        return CaseResult.from_json(data)
+    except ResultError as exc:
+        raise ResultError(f"{path}: {exc}") from None
+
+
+def result_json_schema() -> dict[str, Any]:
+    """The JSON Schema of this version of result.json (docs/result.schema.json)."""
+    schema = json_schema(
+        CaseResult,
+        title="cytoedge result.json",
+        description=(
+            f"Schema version {SCHEMA_VERSION} of the result of one case "
+            "(appliance/results/schema.py is the authority)."
+        ),
+    )
+    schema["properties"]["schema_version"] = {"const": SCHEMA_VERSION}
+    return schema

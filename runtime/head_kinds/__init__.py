@@ -1,0 +1,60 @@
+"""Kinds of heads, found from the classes themselves (``HeadKind`` subclasses).
+
+Every module of this package is imported once when a kind is first asked for,
+so a new kind is one new file: gated_attention_mil.py, transformer_mil.py, ...
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import pkgutil
+
+from runtime.head_kinds.base import (
+    CALLS,
+    INDETERMINATE,
+    NEGATIVE,
+    POSITIVE,
+    Finding,
+    HeadKind,
+    Interpretation,
+    Prediction,
+    call,
+    combine_calls,
+)
+from runtime.typed_json import SpecError
+
+__all__ = [
+    "CALLS",
+    "INDETERMINATE",
+    "NEGATIVE",
+    "POSITIVE",
+    "Finding",
+    "HeadKind",
+    "Interpretation",
+    "Prediction",
+    "call",
+    "combine_calls",
+    "head_kind",
+    "head_kind_names",
+]
+
+
+@functools.cache
+def _import_kind_modules() -> None:
+    for module in pkgutil.iter_modules(__path__):
+        importlib.import_module(f"{__name__}.{module.name}")
+
+
+def head_kind_names() -> tuple[str, ...]:
+    _import_kind_modules()
+    return tuple(sorted(HeadKind.registered))
+
+
+def head_kind(name: str) -> HeadKind:
+    """The kind registered under ``name``; SpecError naming the known ones otherwise."""
+    _import_kind_modules()
+    cls = HeadKind.registered.get(name)
+    if cls is None:
+        raise SpecError(f"unknown head kind {name!r}; one of {', '.join(head_kind_names())}")
+    return cls()

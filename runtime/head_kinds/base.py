@@ -1,0 +1,150 @@
+"""What a kind of head is: its keys in ``bundle.json``, what its networks must output,
+how its probabilities are calibrated and called, and the rows it adds to a result.
+
+A kind is one class in one module of ``runtime.head_kinds`` (subclassing ``HeadKind``
+with a ``name`` registers it). The runtime, the result, the report and the window
+only ever iterate over what a kind returns (``Prediction`` rows with a threshold and
+a call, ``Finding`` rows with a call or a text); none of them branches on its name.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, ClassVar
+
+import numpy as np
+
+from runtime.typed_json import SpecError, parse_section
+
+if TYPE_CHECKING:
+    from runtime.bundle import HeadSpec
+
+POSITIVE, NEGATIVE, INDETERMINATE = "positive", "negative", "indeterminate"
+CALLS = (POSITIVE, NEGATIVE, INDETERMINATE)
+# Every head network has these outputs; a kind may need more (``model_outputs``).
+BASE_OUTPUTS = frozenset({"probabilities", "attention"})
+
+
+@dataclass(frozen=True)
+class Prediction:
+    """A probability called against its threshold: one row with a bar."""
+
+    task: str
+    label: str
+    probability: float
+    threshold: float
+    call: str
+
+
+@dataclass(frozen=True)
+class Finding:
+    """A case-level statement of a head beyond its per-task calls: one row with a call
+    (coloured like one) or a text, e.g. "High risk (del(17p) or t(4;14))": positive."""
+
+    key: str  # stable name, for integrators: high_risk, top2, hemoglobin, ...
+    label: str  # what the row says, built from the bundle (its tasks, labels, rules)
+    call: str | None = None  # positive | negative | indeterminate
+    value: float | None = None  # the number the row stands for, when there is one
+    text: str = ""  # the row's words when it has no call
+
+
+@dataclass(frozen=True)
+class Interpretation:
+    predictions: tuple[Prediction, ...]
+    findings: tuple[Finding, ...]
+
+
+def call(probability: float, threshold: float, band: float) -> str:
+    """positive at or above threshold + band, negative below threshold - band."""
+    if probability >= threshold + band:
+        return POSITIVE
+    if probability < threshold - band:
+        return NEGATIVE
+    return INDETERMINATE
+
+
+def combine_calls(calls: Sequence[str]) -> str:
+    """Any positive makes the combination positive; all negative makes it negative."""
+    if POSITIVE in calls:
+        return POSITIVE
+    return NEGATIVE if all(c == NEGATIVE for c in calls) else INDETERMINATE
+
+
+def predict(spec: HeadSpec, task: str, probability: float) -> Prediction:
+    """``task``'s probability called against the head's threshold for it."""
+    threshold = spec.thresholds[task]
+    return Prediction(
+        task,
+        spec.label(task),
+        float(probability),
+        threshold,
+        call(probability, threshold, spec.indeterminate_band),
+    )
+
+
+class HeadKind(ABC):
+    """One kind of head. Subclasses set the class attributes and implement the methods."""
+
+    name: ClassVar[str]  # bundle.json's heads[].kind
+    params_type: ClassVar[type]  # dataclass of the kind's own keys in the head object
+    model_outputs: ClassVar[frozenset[str]] = BASE_OUTPUTS
+    registered: ClassVar[dict[str, type[HeadKind]]] = {}
+
+    def __init_subclass__(cls, **kwargs: object) -> None:
+        super().__init_subclass__(**kwargs)
+        if "name" in cls.__dict__:
+            if cls.name in HeadKind.registered and HeadKind.registered[cls.name] is not cls:
+                raise TypeError(f"two head kinds are named {cls.name!r}")
+            HeadKind.registered[cls.name] = cls
+
+    def params(self, spec: HeadSpec) -> Any:
+        """The kind's own keys of ``spec`` as ``params_type`` (type-checked, strict)."""
+        return parse_section(self.params_type, dict(spec.extra), f"heads[{spec.name}]")
+
+    @abstractmethod
+    def outputs(self, spec: HeadSpec) -> tuple[str, ...]:
+        """Names of the network's ``probabilities``, in output order."""
+
+    @abstractmethod
+    def check(self, spec: HeadSpec, params: Any, where: str) -> None:
+        """What types alone cannot say (thresholds per output, groups within the outputs)."""
+
+    @abstractmethod
+    def calibrate(self, spec: HeadSpec, probabilities: np.ndarray) -> np.ndarray:
+        """The ensemble mean (in output order) as calibrated probabilities."""
+
+    @abstractmethod
+    def interpret(
+        self, spec: HeadSpec, probabilities: Mapping[str, float], extra: Mapping[str, np.ndarray]
+    ) -> Interpretation:
+        """Calls and findings from the calibrated probabilities and the members' mean of
+        each further output the kind declares in ``model_outputs``."""
+
+    def labelled(self, spec: HeadSpec) -> set[str]:
+        """Names ``labels`` may give display names to."""
+        return set(self.outputs(spec))
+
+    def validate(self, spec: HeadSpec, where: str) -> None:
+        params = self.params(spec)
+        outputs = self.outputs(spec)
+        if not outputs:
+            raise SpecError(f"{where}: a {self.name} head names at least one output")
+        repeated = sorted({o for i, o in enumerate(outputs) if o in outputs[:i]})
+        if repeated:
+            raise SpecError(f"{where}: outputs {repeated} appear more than once")
+        stray = sorted(set(spec.labels) - self.labelled(spec))
+        if stray:
+            raise SpecError(f"{where}.labels: {stray} are not outputs of this head")
+        self.check(spec, params, where)
+
+
+def check_subset(values: Sequence[str], allowed: Sequence[str], where: str, what: str) -> None:
+    stray = sorted(set(values) - set(allowed))
+    if stray:
+        raise SpecError(f"{where}: {stray} are not {what} of this head")
+
+
+def clipped(probabilities: np.ndarray) -> np.ndarray:
+    return np.clip(probabilities, 1e-7, 1 - 1e-7)
