@@ -17,7 +17,6 @@ from typing import Any
 
 from runtime.bundle import (
     Bundle,
-    BundleError,
     CellsSpec,
     EncoderSpec,
     HeadSpec,

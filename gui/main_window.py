@@ -322,7 +322,7 @@ class MainWindow(QMainWindow):
     # --- actions ------------------------------------------------------------------
     def open_report(self) -> bool:
         loaded = self.pane.loaded
-        report = loaded.result.report if loaded is not None else None
+        report = loaded.view.report if loaded is not None else None
         if report is None:
             self.statusBar().showMessage("This case has no report yet.", 5000)
             return False

@@ -60,7 +60,7 @@ ENLARGED_PX = 384
 class LoadedResult:
     """A result with its pictures decoded, ready for the UI thread."""
 
-    result: CaseView
+    view: CaseView
     images: dict[Path, QImage] = field(default_factory=dict)
     measurements: dict[tuple[str, int], dict[str, str]] = field(default_factory=dict)
 
@@ -392,7 +392,7 @@ class ResultPane(QWidget):
 
     def show_result(self, loaded: LoadedResult) -> None:
         self.loaded = loaded
-        view = loaded.result
+        view = loaded.view
         result = view.result
         self._stack.setCurrentIndex(1)
         self._fill_banners(view)
@@ -510,7 +510,7 @@ class ResultPane(QWidget):
         self.predictions_box.setVisible(True)
 
     def _fill_gallery(self, loaded: LoadedResult) -> None:
-        view = loaded.result
+        view = loaded.view
         self.gallery.clear()
         have_crops = any(loaded.image(c.image) is not None for c in view.top_cells)
         gallery_image = loaded.image(view.gallery)
@@ -569,7 +569,7 @@ class ResultPane(QWidget):
         if self.loaded is None:
             return
         slide_id = self.slide_choice.currentData()
-        slide = next((s for s in self.loaded.result.slides if s.slide_id == slide_id), None)
+        slide = next((s for s in self.loaded.view.slides if s.slide_id == slide_id), None)
         if slide is None:
             self.heatmap.set_image(None, "no slide")
             return
@@ -599,8 +599,8 @@ class ResultPane(QWidget):
         self._show_slide_picture(0)
 
     def _show_slide_picture(self, row: int, *_: int) -> None:
-        if self.loaded is None or not 0 <= row < len(self.loaded.result.slides):
+        if self.loaded is None or not 0 <= row < len(self.loaded.view.slides):
             self.slide_picture.set_image(None, "")
             return
-        slide = self.loaded.result.slides[row]
+        slide = self.loaded.view.slides[row]
         self.slide_picture.set_image(self.loaded.image(slide.thumbnail), "no picture of this slide")

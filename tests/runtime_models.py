@@ -134,20 +134,21 @@ class TinyBundle:
                 name="mm_risk",
                 kind="gated_attention_mil",
                 files=("heads/mm_risk.0.onnx", "heads/mm_risk.1.onnx"),
-                tasks=MIL_TASKS,
                 labels={"del17p": "del(17p)", "t4_14": "t(4;14)"},
                 thresholds={"del17p": 0.5, "t4_14": 0.4, "t11_14": 0.6, "gain1q": 0.5},
                 indeterminate_band=0.05,
-                high_risk=("del17p", "t4_14"),
+                extra={"tasks": MIL_TASKS, "high_risk": ("del17p", "t4_14")},
             ),
             HeadSpec(
                 name="pb_screen",
                 kind="transformer_mil",
                 files=tuple(f"heads/pb_screen.{k}.onnx" for k in range(3)),
-                classes=PB_CLASSES,
                 thresholds={"malignancy": 0.5},
                 indeterminate_band=0.02,
-                malignant_classes=("acute_leukemia", "lymphoma", "mds"),
+                extra={
+                    "classes": PB_CLASSES,
+                    "malignant_classes": ("acute_leukemia", "lymphoma", "mds"),
+                },
             ),
         ]
         self.path = root / "bundle"

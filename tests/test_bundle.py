@@ -123,7 +123,7 @@ def test_engines_folder_is_not_hashed(tiny: TinyBundle) -> None:
         (lambda d: d["heads"][0].update(files=["heads/x.onnx"]), "not listed in files"),
         (lambda d: d["files"].update({"../x": d["files"]["encoder.onnx"]}), "relative paths"),
         (lambda d: d["files"]["encoder.onnx"].update(sha256="xyz"), "64 lower-case hex"),
-        (lambda d: d["heads"][0].update(calibration={"kind": "temperature"}), "use platt"),
+        (lambda d: d["heads"][0].update(calibration={"kind": "temperature"}), "uses platt"),
         (lambda d: d["qc"].update(laplacian_min="high"), "qc.laplacian_min must be a number"),
     ],
 )

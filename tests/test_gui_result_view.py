@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
@@ -12,16 +11,25 @@ pytest.importorskip("pytestqt")
 
 from PySide6.QtCore import Qt
 from PySide6.QtGui import QColor, QImage
+from PySide6.QtWidgets import QGridLayout, QLabel
 
+from appliance.results import read_result
 from cytoedge_demo.samples import KINDS, write_sample_result
 from gui.result_data import DEMO_BANNER, ResultUnreadableError, load_result
-from gui.result_view import (
-    CellDialog,
-    ProbabilityBar,
-    ResultPane,
-    read_folder,
-    text_of_grid,
-)
+from gui.result_view import CellDialog, ProbabilityBar, ResultPane, read_folder
+
+
+def text_of_grid(grid: QGridLayout) -> list[str]:
+    """What the grid shows, in order: labels' texts and the bars' accessible names."""
+    texts = []
+    for index in range(grid.count()):
+        item = grid.itemAt(index)
+        widget = item.widget() if item is not None else None
+        if isinstance(widget, QLabel):
+            texts.append(widget.text())
+        elif isinstance(widget, ProbabilityBar):
+            texts.append(widget.accessibleName())
+    return texts
 
 
 @pytest.fixture(scope="module")
@@ -47,7 +55,8 @@ def test_positive_mm_case_shows_bars_thresholds_calls_and_high_risk(qtbot, folde
     assert "del(17p)" in texts
     assert "del(17p): probability 0.81, threshold 0.42, positive" in texts
     assert "POSITIVE" in texts  # the del(17p) call, and the high-risk call
-    assert any(t.startswith("<b>High risk</b>") for t in texts)
+    # The high-risk row says the bundle's own rule: its high_risk tasks, by label.
+    assert "<b>High risk (del(17p) or t(4;14))</b>" in texts
     assert texts[-1] == "POSITIVE"
     assert "cells analysed from 2 slides" in pane.summary.text()
     assert "QC passed" in pane.qc_line.text()
@@ -64,15 +73,15 @@ def test_negative_case_calls_everything_negative(qtbot, folders) -> None:
 def test_abstained_case_has_a_banner_and_no_calls(qtbot, folders) -> None:
     pane = shown(qtbot, folders["abstained"])
     banners = pane.banner_texts()
-    assert banners[0].startswith("No call: insufficient material")
+    assert banners[0].startswith("No call: too few cells")
     assert DEMO_BANNER in banners
     texts = text_of_grid(pane.predictions_grid)
-    assert texts == ["No call was made: insufficient material: 9 cells (minimum 50)."]
+    assert texts == ["No call was made: too few cells: 9 (the bundle needs at least 50)."]
 
 
 def test_qc_failed_case_shows_the_reasons_and_opens_on_the_qc_tab(qtbot, folders) -> None:
     pane = shown(qtbot, folders["qc_failed"])
-    assert pane.banner_texts()[0] == "Rejected: QC failed: 71 % of tiles blurred"
+    assert pane.banner_texts()[0] == "Rejected: slide QC failed: 71 % of tiles blurred"
     assert "QC failed" in pane.qc_line.text() and "71 % of tiles blurred" in pane.qc_line.text()
     assert pane.tabs.tabText(pane.tabs.currentIndex()) == "&Slides and QC"
     assert not pane.slide_picture.pixmap().isNull()  # the scan itself, to see the blur
@@ -93,8 +102,9 @@ def test_demo_banner_only_for_demo_bundles(qtbot, folders) -> None:
 def test_pb_case_shows_malignancy_and_top_two_classes(qtbot, folders) -> None:
     pane = shown(qtbot, folders["pb"])
     texts = text_of_grid(pane.predictions_grid)
-    line = next(t for t in texts if "Malignancy probability" in t)
-    assert "0.86" in line and "acute leukemia 0.46, MDS 0.21" in line
+    assert "malignancy: probability 0.86, threshold 0.50, positive" in texts
+    assert "<b>Most likely</b>: acute leukemia 0.46, MDS 0.21" in texts
+    assert "<b>Hemoglobin (regression)</b>: 11.2" in texts
     assert not any("High risk" in t for t in texts)
 
 
@@ -118,17 +128,16 @@ def test_the_gallery_lists_the_top_cells_and_opens_one_with_its_measurements(
     pane = shown(qtbot, folders["mm_positive"])
     assert pane.gallery.count() == 20
     first = pane.gallery.item(0)
-    cell = first.data(Qt.ItemDataRole.UserRole)
+    cell = first.data(Qt.ItemDataRole.UserRole).cell
     assert cell.rank == 1
-    result = json.loads((folders["mm_positive"] / "result.json").read_text())
-    assert cell.cell_id == result["top_cells"][0]["cell_id"]
+    assert cell == read_result(folders["mm_positive"]).top_cells[0]
     opened: list[CellDialog] = []
     pane.cell_opened.connect(opened.append)
     pane.gallery.itemClicked.emit(first)
     assert len(opened) == 1
     dialog = opened[0]
     qtbot.addWidget(dialog)
-    assert dialog.measurements["cell_id"] == cell.cell_id
+    assert dialog.measurements["cell_id"] == str(cell.cell_id)
     assert float(dialog.measurements["area_um2"]) > 0
     labels = [w.text() for w in dialog.findChildren(type(pane.title))]
     assert any("% of the case's attention" in t for t in labels)
@@ -150,7 +159,7 @@ def test_loading_happens_off_the_ui_thread_and_arrives_as_a_signal(qtbot, folder
     qtbot.addWidget(pane)
     with qtbot.waitSignal(pane.loader.loaded, timeout=5000):
         pane.load(folders["pb"].parent)  # the case folder: latest.json is followed
-    assert pane.loaded is not None and pane.loaded.result.case_id == "case-pb"
+    assert pane.loaded is not None and pane.loaded.view.result.case_id == "case-pb"
 
 
 def test_an_unreadable_folder_says_why(qtbot, tmp_path: Path) -> None:

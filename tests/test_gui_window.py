@@ -47,7 +47,7 @@ def open_window(qtbot, store: Path, outbox: Path, **kwargs) -> MainWindow:
 
 def showing(window: MainWindow, case_key: str) -> bool:
     loaded = window.pane.loaded
-    return loaded is not None and loaded.result.case_id == case_key
+    return loaded is not None and loaded.view.result.case_id == case_key
 
 
 def test_selecting_a_done_case_shows_its_result_and_enables_its_buttons(qtbot, site) -> None:
@@ -57,7 +57,7 @@ def test_selecting_a_done_case_shows_its_result_and_enables_its_buttons(qtbot, s
     window.select_case("MM-2611-0416")
     qtbot.waitUntil(lambda: showing(window, "MM-2611-0416"), timeout=5000)
     assert window.buttons["report"].isEnabled() and window.buttons["folder"].isEnabled()
-    assert window.pane.loaded.result.report.name == "report.html"
+    assert window.pane.loaded.view.report.name == "report.html"
     assert "lab-scanner-01" in window.status_label.text()
     assert not window.buttons["pause"].isVisible()  # no in-process service
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import subprocess
 import sys
@@ -10,23 +11,22 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
+from appliance.results import CaseOutputs
 from appliance.results.report import (
     ReportPrintError,
     print_pdf_in_child,
     render_report_html,
     write_report_pdf,
 )
+from cytoedge_demo.samples import sample_content
 
 pytest.importorskip("PySide6.QtGui")
 
-RESULT = {
-    "case_id": "c-1",
-    "version": 1,
-    "status": "scored",
-    "scans": [{"path": "a.tif", "cells": 120, "qc": {"verdict": "pass"}}],
-    "outputs": {"gallery": "gallery.png"},
-    "bundle": {"name": "b", "version": "1", "intended_use": "research"},
-}
+RESULT = dataclasses.replace(
+    sample_content("c-1", "abstained", ("a.tif",)).result,
+    version=1,
+    outputs=CaseOutputs(report_html="report.html", cells_geojson="", gallery="gallery.png"),
+)
 
 
 def _report_folder(tmp_path: Path) -> Path:
@@ -41,7 +41,8 @@ def test_the_pdf_is_written_with_its_picture_and_qt_stays_out_of_this_process(
     html = render_report_html(RESULT)
     # A fresh interpreter, so that no other test's Qt import can hide one made here.
     script = (
-        "import sys; from pathlib import Path; from appliance.results.report import write_report_pdf; "
+        "import sys; from pathlib import Path; "
+        "from appliance.results.report import write_report_pdf; "
         f"ok = write_report_pdf(sys.stdin.read(), Path({str(folder)!r}), "
         f"Path({str(folder / 'report.pdf')!r})); "
         "print(ok, 'PySide6.QtGui' in sys.modules)"

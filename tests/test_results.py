@@ -1,81 +1,59 @@
-"""Result folders: complete versions or none, latest.json, pictures, the report."""
+"""Result folders: complete versions or none, latest.json, pictures, the report, and the
+typed result.json (its round trip, its refusals, its published JSON Schema)."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
+import jsonschema
 import numpy as np
 import pytest
 from PIL import Image
 
-from appliance.results.report import DEMO_WARNING, render_report_html
+import appliance.results.folder as folder_module
 from appliance.results import (
-    CaseOutputs,
-    SlideOutputs,
+    CaseContent,
+    CaseResult,
+    ResultError,
     latest_version,
-    render_heatmap,
+    read_result,
     write_case_result,
 )
+from appliance.results.pictures import render_heatmap
+from appliance.results.report import DEMO_WARNING, render_report_html
+from appliance.results.schema import result_json_schema
+from cytoedge_demo.samples import sample_content
 from runtime.files import atomic_path
 
+ROOT = Path(__file__).resolve().parents[1]
 
-def make_outputs(intended_use: str = "demo", status: str = "scored") -> CaseOutputs:
-    rng = np.random.default_rng(0)
-    n = 60
-    xy = rng.uniform(0, 2000, (n, 2))
-    attention = rng.random(n)
-    attention /= attention.sum()
-    slide = SlideOutputs(
-        slide_id="smear 1",
-        thumbnail=np.full((100, 100, 3), 230, np.uint8),
-        thumbnail_scale=20.0,
-        cell_xy=xy,
-        attention=attention,
-        cells_csv="cell_id,x,y,attention\n0,1.0,2.0,0.1\n",
-        geojson={"type": "FeatureCollection", "features": [{"type": "Feature", "id": "0"}]},
-    )
-    result = {
-        "case_id": "case/1",
-        "status": status,
-        "abstain_reason": None if status == "scored" else "only 12 cells (minimum 50)",
-        "bundle": {"name": "b", "version": "1", "sha256": "0" * 64, "intended_use": intended_use},
-        "backend": "ort-cpu",
-        "timings_s": {"encode": 1.5},
-        "scans": [
-            {"path": "/in/smear 1.tif", "qc": {"verdict": "pass", "reasons": []}, "cells": n}
-        ],
-        "predictions": [
-            {
-                "task": "t",
-                "label": "t(4;14)",
-                "probability": 0.9,
-                "threshold": 0.4,
-                "call": "positive",
-            }
-        ],
-    }
-    patches = [rng.integers(0, 255, (128, 128, 3), dtype=np.uint8) for _ in range(20)]
-    return CaseOutputs(
-        result=result,
-        slides=[slide],
-        gallery_patches=patches,
-        gallery_captions=[f"#{i + 1}" for i in range(20)],
-        embeddings={"embeddings": rng.random((n, 8)).astype(np.float32)},
-    )
+
+def make_content(
+    kind: str = "mm_positive", case_id: str = "case/1", slides: int = 2
+) -> CaseContent:
+    """What the pipeline hands the writer, for a case of the sample queue's kind."""
+    names = tuple(f"smear {n}.tif" for n in range(1, slides + 1))
+    return sample_content(case_id, kind, names, seed=3)
 
 
 def test_a_version_holds_every_output_and_latest_points_at_it(tmp_path: Path) -> None:
-    folder = write_case_result(tmp_path, "case/1", make_outputs())
+    folder, result = write_case_result(tmp_path, make_content())
     assert folder.version == 1 and folder.path.name == "v1"
     assert folder.case_dir == tmp_path / "case_1"  # the slash cannot make a subfolder
-    result = json.loads((folder.path / "result.json").read_text())
-    assert result["schema_version"] == 1 and result["version"] == 1
-    for name in result["outputs"].values():
-        assert (folder.path / name).is_file(), name
-    for name in ("report.html", "gallery.png", "cells.geojson", "embeddings.npz"):
-        assert (folder.path / name).is_file()
-    assert (folder.path / "slides" / "smear_1" / "heatmap.png").is_file()
+    assert read_result(folder.path) == result and result.version == 1
+    outputs = result.outputs
+    for name in (outputs.report_html, outputs.cells_geojson, outputs.gallery):
+        assert name is not None and (folder.path / name).is_file(), name
+    for scan in result.scans:
+        assert scan.outputs is not None
+        files = dataclasses.astuple(scan.outputs)
+        assert all((folder.path / f).is_file() for f in files), files
+    assert [c.image for c in result.top_cells] == [
+        f"top_cells/{rank:02d}.png" for rank in range(1, 21)
+    ]
+    assert all((folder.path / c.image).is_file() for c in result.top_cells)
     assert json.loads((folder.case_dir / "latest.json").read_text()) == {
         "version": 1,
         "path": "v1",
@@ -87,27 +65,92 @@ def test_a_version_holds_every_output_and_latest_points_at_it(tmp_path: Path) ->
 
 
 def test_rescoring_adds_a_version_and_keeps_the_earlier_one(tmp_path: Path) -> None:
-    first = write_case_result(tmp_path, "c", make_outputs(), write_pdf=False)
+    first, _ = write_case_result(tmp_path, make_content(case_id="c"), write_pdf=False)
     before = (first.path / "result.json").read_bytes()
-    second = write_case_result(tmp_path, "c", make_outputs(), write_pdf=False)
-    assert second.version == 2
+    second, result = write_case_result(tmp_path, make_content(case_id="c"), write_pdf=False)
+    assert second.version == result.version == 2
     assert (first.path / "result.json").read_bytes() == before
     assert latest_version(tmp_path, "c") == second
 
 
-@pytest.mark.parametrize("fail_after", ["slides/smear_1", "gallery.png", "report.html"])
-def test_a_failure_midway_leaves_no_half_version(tmp_path: Path, fail_after: str) -> None:
-    write_case_result(tmp_path, "c", make_outputs(), write_pdf=False)
+@pytest.mark.parametrize("failing", ["cells.csv", "gallery.png", "report.html", "result.json"])
+def test_a_failure_midway_leaves_no_half_version(
+    tmp_path: Path, failing: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    write_case_result(tmp_path, make_content(case_id="c"), write_pdf=False)
     latest_before = (tmp_path / "c" / "latest.json").read_bytes()
+    real = {
+        name: getattr(folder_module, name)
+        for name in ("write_text_atomic", "write_png_atomic", "write_json_atomic")
+    }
 
-    def explode(name: str) -> None:
-        if name == fail_after:
-            raise OSError("disk full")
+    def failing_writer(name: str):  # the disk fills up as that file is written
+        def write(target: Path, data: object) -> None:
+            if target.name == failing:
+                raise OSError("disk full")
+            real[name](target, data)
 
+        return write
+
+    for name in real:
+        monkeypatch.setattr(folder_module, name, failing_writer(name))
     with pytest.raises(OSError, match="disk full"):
-        write_case_result(tmp_path, "c", make_outputs(), write_pdf=False, _after_file=explode)
+        write_case_result(tmp_path, make_content(case_id="c"), write_pdf=False)
     assert sorted(p.name for p in (tmp_path / "c").iterdir()) == ["latest.json", "v1"]
     assert (tmp_path / "c" / "latest.json").read_bytes() == latest_before
+
+
+def test_the_result_round_trips_through_json_and_every_part_is_typed(tmp_path: Path) -> None:
+    _, written = write_case_result(tmp_path, make_content("pb"), write_pdf=False)
+    text = json.dumps(written.to_json())
+    again = CaseResult.from_json(json.loads(text))
+    assert again == written
+    (head,) = again.heads
+    assert head.kind == "transformer_mil" and head.predictions[0].task == "malignancy"
+    assert {f.key for f in head.findings} == {"top2", "hemoglobin"}
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (lambda d: d.update(schema_version=1), "schema_version 1 is not one this cytoedge reads"),
+        (lambda d: d.update(schema_version=3), "schema_version 3 is not one this cytoedge reads"),
+        (lambda d: d.update(high_risk="positive"), "unknown key.*high_risk"),
+        (lambda d: d["scans"][0].update(cells="many"), r"scans\[0\].cells must be an integer"),
+        (lambda d: d.update(status="maybe"), "status must be one of scored, abstained, rejected"),
+        (lambda d: d["heads"][0]["predictions"][0].update(call="yes"), "call must be one of"),
+        (lambda d: d.pop("bundle"), "bundle is missing"),
+    ],
+)
+def test_a_result_this_code_does_not_write_is_refused_with_one_line(
+    tmp_path: Path, change: object, message: str
+) -> None:
+    folder, _ = write_case_result(tmp_path, make_content(), write_pdf=False)
+    data = json.loads((folder.path / "result.json").read_text())
+    change(data)  # type: ignore[operator]
+    (folder.path / "result.json").write_text(json.dumps(data))
+    with pytest.raises(ResultError, match=message) as caught:
+        read_result(folder.path)
+    assert "\n" not in str(caught.value) and str(folder.path / "result.json") in str(caught.value)
+
+
+def test_the_published_json_schema_is_the_code_s_and_validates_written_results(
+    tmp_path: Path,
+) -> None:
+    schema = result_json_schema()
+    published = json.loads((ROOT / "docs" / "result.schema.json").read_text(encoding="utf-8"))
+    assert published == schema, (
+        "docs/result.schema.json is stale: python -m appliance.results.publish_schema > "
+        "docs/result.schema.json"
+    )
+    jsonschema.Draft202012Validator.check_schema(schema)
+    validator = jsonschema.Draft202012Validator(schema)
+    for kind in ("mm_positive", "pb", "qc_failed", "abstained"):
+        folder, _ = write_case_result(tmp_path, make_content(kind, case_id=kind), write_pdf=False)
+        data = json.loads((folder.path / "result.json").read_text())
+        assert list(validator.iter_errors(data)) == []
+    data["heads"] = [{"name": "x"}]
+    assert list(validator.iter_errors(data)), "a head without its kind must not validate"
 
 
 def test_atomic_path_keeps_the_old_file_when_writing_fails(tmp_path: Path) -> None:
@@ -121,20 +164,27 @@ def test_atomic_path_keeps_the_old_file_when_writing_fails(tmp_path: Path) -> No
 
 
 def test_the_demo_warning_is_on_demo_reports_only() -> None:
-    demo = render_report_html(make_outputs("demo").result)
-    research = render_report_html(make_outputs("research").result)
+    demo = render_report_html(make_content("mm_positive").result)
+    research = render_report_html(make_content("research").result)
     assert DEMO_WARNING in demo
     assert DEMO_WARNING not in research
 
 
 def test_the_report_states_an_abstention_and_its_reason() -> None:
-    html = render_report_html(make_outputs(status="abstained").result)
-    assert "abstained" in html and "only 12 cells (minimum 50)" in html
+    html = render_report_html(make_content("abstained").result)
+    assert "abstained" in html and "too few cells: 9 (the bundle needs at least 50)" in html
+
+
+def test_the_report_shows_each_head_s_rows_as_its_kind_made_them() -> None:
+    mm = render_report_html(make_content("mm_positive").result)
+    assert "High risk (del(17p) or t(4;14))" in mm and "t(4;14)" in mm
+    pb = render_report_html(make_content("pb").result)
+    assert "malignancy" in pb and "Most likely" in pb and "Hemoglobin (regression)" in pb
 
 
 def test_the_pdf_is_printed_from_the_same_report(tmp_path: Path) -> None:
     pytest.importorskip("PySide6.QtGui")
-    folder = write_case_result(tmp_path, "c", make_outputs())
+    folder, _ = write_case_result(tmp_path, make_content("abstained", case_id="c", slides=1))
     pdf = (folder.path / "report.pdf").read_bytes()
     assert pdf.startswith(b"%PDF")
     assert b"/Count 1" in pdf  # one page
@@ -153,6 +203,6 @@ def test_heatmap_is_red_where_attention_is_high_and_blue_where_low() -> None:
 
 
 def test_gallery_shows_twenty_cells(tmp_path: Path) -> None:
-    folder = write_case_result(tmp_path, "c", make_outputs(), write_pdf=False)
+    folder, _ = write_case_result(tmp_path, make_content(case_id="c"), write_pdf=False)
     gallery = Image.open(folder.path / "gallery.png")
     assert gallery.size == (5 * 128, 4 * (128 + 30))

@@ -9,8 +9,16 @@ import numpy as np
 import pytest
 
 import runtime.backends.choice as choice
-from runtime.backends import BackendError, ModelVariants, open_model, plan_backends
-from runtime.probe import BackendStatus
+from runtime.backends import (
+    BackendError,
+    BackendStatus,
+    ModelVariants,
+    RuntimeSettings,
+    backend_class,
+    backend_names,
+    open_model,
+    plan_backends,
+)
 from tests.runtime_models import encoder_model, encoder_reference
 
 
@@ -43,7 +51,7 @@ def test_auto_runs_on_the_cpu_here_and_records_why(model: tuple[Path, np.ndarray
 
 
 def test_bad_feeds_get_one_line_reasons(model: tuple[Path, np.ndarray]) -> None:
-    backend = open_model(model[0], "ort-cpu", threads=1)
+    backend = open_model(model[0], RuntimeSettings("ort-cpu", threads=1))
     with pytest.raises(BackendError, match=r"missing \['pixels'\]"):
         backend.run({"image": np.zeros((1, 3, 16, 16))})
     with pytest.raises(BackendError, match="needs 4 dimensions"):
@@ -54,9 +62,9 @@ def test_bad_feeds_get_one_line_reasons(model: tuple[Path, np.ndarray]) -> None:
 
 def test_configured_backend_that_is_absent_is_an_error(model: tuple[Path, np.ndarray]) -> None:
     with pytest.raises(BackendError, match=r"configured backend ort-cuda cannot run encoder\.onnx"):
-        open_model(model[0], "ort-cuda")
+        open_model(model[0], RuntimeSettings("ort-cuda"))
     with pytest.raises(BackendError, match="unknown backend 'cuda'"):
-        open_model(model[0], "cuda")
+        open_model(model[0], RuntimeSettings("cuda"))
 
 
 def test_unloadable_files_are_clear(tmp_path: Path) -> None:
@@ -114,10 +122,82 @@ def test_plan_follows_the_order_and_the_override(monkeypatch: pytest.MonkeyPatch
     assert plan_backends("ort-cpu") == (["ort-cpu"], [])
 
 
-def test_variant_per_backend(tmp_path: Path) -> None:
+def test_each_backend_chooses_its_own_file(tmp_path: Path) -> None:
     variants = ModelVariants(tmp_path / "a.onnx", tmp_path / "a16.onnx", tmp_path / "a8.onnx")
-    assert variants.for_backend("ort-cpu") == ("int8", tmp_path / "a8.onnx")
-    assert variants.for_backend("ort-cuda") == ("fp16", tmp_path / "a16.onnx")
+    assert backend_class("ort-cpu").choose_file(variants) == ("int8", tmp_path / "a8.onnx")
+    assert backend_class("ort-cuda").choose_file(variants) == ("fp16", tmp_path / "a16.onnx")
     # TensorRT makes its own fp16 engine from the fp32 graph.
-    assert variants.for_backend("tensorrt") == ("fp32", tmp_path / "a.onnx")
-    assert ModelVariants(tmp_path / "a.onnx").for_backend("ort-cpu")[0] == "fp32"
+    assert backend_class("tensorrt").choose_file(variants) == ("fp32", tmp_path / "a.onnx")
+    only_fp32 = ModelVariants(tmp_path / "a.onnx")
+    assert backend_class("ort-cpu").choose_file(only_fp32)[0] == "fp32"
+
+
+def test_the_registry_holds_every_backend_in_the_automatic_order() -> None:
+    assert backend_names() == ("tensorrt", "ort-tensorrt", "ort-cuda", "ort-cpu")
+
+
+TOY_BACKEND = """
+from pathlib import Path
+
+import numpy as np
+
+from runtime.backends import Backend, BackendStatus, ModelVariants, RuntimeSettings, TensorSpec
+
+
+class DoublingBackend(Backend):
+    \"\"\"A stand-in accelerator: embeds by doubling its input, first in the automatic order.\"\"\"
+
+    name = "toy-doubler"
+    priority = 5
+
+    @classmethod
+    def probe(cls) -> BackendStatus:
+        return BackendStatus(cls.name, True, "toy accelerator present")
+
+    @classmethod
+    def load(cls, variants: ModelVariants, settings: RuntimeSettings, engines: Path) -> Backend:
+        variant, path = cls.choose_file(variants)
+        return cls(path, variant)
+
+    @property
+    def inputs(self) -> list[TensorSpec]:
+        return [TensorSpec("pixels", (None, 3, 16, 16), np.dtype(np.float32))]
+
+    @property
+    def outputs(self) -> list[TensorSpec]:
+        return [TensorSpec("embedding", (None, 3, 16, 16), np.dtype(np.float32))]
+
+    def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        self.check_feeds(feeds)
+        return {"embedding": 2 * feeds["pixels"]}
+
+    def close(self) -> None:
+        pass
+"""
+
+
+def test_a_backend_is_one_file_the_registry_finds(
+    tmp_path: Path, model: tuple[Path, np.ndarray], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import importlib
+    import sys
+
+    from appliance.config import load_config
+    from runtime.backends.base import Backend
+
+    (tmp_path / "toy_backend.py").write_text(TOY_BACKEND, encoding="utf-8")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setattr(Backend, "registered", dict(Backend.registered))  # undone after
+    importlib.import_module("toy_backend")
+    monkeypatch.delitem(sys.modules, "toy_backend")
+    # The automatic order, the configuration's choices and open_model all know it now.
+    assert backend_names()[0] == "toy-doubler"
+    candidates, _ = plan_backends("auto")
+    assert candidates[0] == "toy-doubler"
+    loaded = open_model(model[0])
+    assert loaded.name == "toy-doubler" and loaded.variant == "fp32"
+    pixels = np.ones((2, 3, 16, 16), np.float32)
+    np.testing.assert_array_equal(loaded.run({"pixels": pixels})["embedding"], 2 * pixels)
+    config = tmp_path / "cytoedge.toml"
+    config.write_text('[runtime]\nbackend = "toy-doubler"\n', encoding="utf-8")
+    assert load_config(config).runtime.settings.backend == "toy-doubler"

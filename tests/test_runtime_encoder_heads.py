@@ -7,18 +7,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from runtime.backends import RuntimeSettings
 from runtime.bundle import HeadSpec, load_bundle
 from runtime.encoder import Encoder, EncoderInputError
-from runtime.heads import (
-    INDETERMINATE,
-    NEGATIVE,
-    POSITIVE,
-    BagError,
-    HeadRunner,
-    call,
-    combine_calls,
-    load_heads,
-)
+from runtime.head_kinds import INDETERMINATE, NEGATIVE, POSITIVE, call, combine_calls
+from runtime.heads import BagError, HeadRunner, load_heads
 from tests.runtime_models import MEAN, STD, TinyBundle, encoder_reference, head_reference
 
 
@@ -35,7 +28,7 @@ def normalised(patches: np.ndarray) -> np.ndarray:
 
 
 def test_encoder_normalises_batches_and_uses_int8_on_cpu(tiny: TinyBundle) -> None:
-    encoder = Encoder(load_bundle(tiny.path), batch_size=4)
+    encoder = Encoder(load_bundle(tiny.path), RuntimeSettings(batch_size=4))
     assert (encoder.backend_name, encoder.variant) == ("ort-cpu", "int8")
     patches = np.random.default_rng(3).integers(0, 256, size=(11, 32, 32, 3), dtype=np.uint8)
     seen: list[tuple[int, int]] = []
@@ -51,7 +44,7 @@ def test_encoder_normalises_batches_and_uses_int8_on_cpu(tiny: TinyBundle) -> No
 
 def test_encoder_without_int8_runs_fp32(tmp_path: Path) -> None:
     made = TinyBundle(tmp_path)
-    encoder = Encoder(made.write(), "ort-cpu", threads=1)
+    encoder = Encoder(made.write(), RuntimeSettings("ort-cpu", threads=1))
     assert encoder.variant == "fp32" and encoder.batch_size == 16
     patches = np.full((2, 32, 32, 3), 200, dtype=np.uint8)
     expected = encoder_reference(normalised(patches), made.encoder_w)
@@ -83,24 +76,30 @@ def test_mil_head_averages_members_and_calls(tiny: TinyBundle) -> None:
         assert prediction.call == call(p, threshold, spec.indeterminate_band)
     assert result.predictions[0].label == "del(17p)"
     calls = {p.task: p.call for p in result.predictions}
-    assert result.high_risk == combine_calls([calls["del17p"], calls["t4_14"]])
-    assert result.malignancy_probability is None and result.hemoglobin is None
+    (high_risk,) = result.findings
+    assert high_risk.key == "high_risk"
+    assert high_risk.call == combine_calls([calls["del17p"], calls["t4_14"]])
+    # The rule's wording comes from the bundle: its high_risk tasks, by their labels.
+    assert high_risk.label == "High risk (del(17p) or t(4;14))"
 
 
 def test_transformer_head_gives_malignancy_top2_and_hemoglobin(tiny: TinyBundle) -> None:
-    runner = HeadRunner(load_bundle(tiny.path), "pb_screen", "ort-cpu")
+    runner = HeadRunner(load_bundle(tiny.path), "pb_screen", RuntimeSettings("ort-cpu"))
     features = np.random.default_rng(5).normal(size=(1, 16)).astype(np.float32)
     result = runner.predict(features)
     refs = [head_reference(features, aw, ow, "transformer_mil") for aw, ow in tiny.pb]
     probabilities = np.mean([r[0] for r in refs], axis=0)
     classes = list(result.probabilities)
     np.testing.assert_allclose(list(result.probabilities.values()), probabilities, atol=1e-5)
-    assert result.malignancy_probability == pytest.approx(probabilities[:3].sum(), abs=1e-5)
-    order = np.argsort(-probabilities)[:2]
-    assert [name for name, _ in result.top2] == [classes[i] for i in order]
-    assert result.hemoglobin == pytest.approx(np.mean([r[2] for r in refs]), abs=1e-4)
     (prediction,) = result.predictions
     assert prediction.task == "malignancy" and prediction.threshold == 0.5
+    assert prediction.probability == pytest.approx(probabilities[:3].sum(), abs=1e-5)
+    findings = {f.key: f for f in result.findings}
+    order = np.argsort(-probabilities)[:2]
+    expected_top2 = ", ".join(f"{classes[i]} {probabilities[i]:.2f}" for i in order)
+    assert findings["top2"].text == expected_top2
+    hemoglobin = findings["hemoglobin"].value
+    assert hemoglobin == pytest.approx(np.mean([r[2] for r in refs]), abs=1e-4)
     np.testing.assert_allclose(result.attention, [1.0], atol=1e-6)
 
 
@@ -139,8 +138,8 @@ def test_calls_and_their_combination() -> None:
 
 def test_calibration_is_applied_to_the_ensemble_mean(tmp_path: Path) -> None:
     made = TinyBundle(tmp_path)
-    platt = {"kind": "platt", "a": dict.fromkeys(made.heads[0].tasks, 2.0)}
-    platt["b"] = dict.fromkeys(made.heads[0].tasks, -0.5)
+    platt = {"kind": "platt", "a": dict.fromkeys(made.heads[0].outputs, 2.0)}
+    platt["b"] = dict.fromkeys(made.heads[0].outputs, -0.5)
     heads = [
         HeadSpec(**{**made.heads[0].__dict__, "calibration": platt}),
         HeadSpec(

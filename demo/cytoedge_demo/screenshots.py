@@ -74,4 +74,4 @@ def save_small_png(image: QImage, target: Path) -> None:
 
 def _showing(window: MainWindow, case_key: str) -> bool:
     loaded = window.pane.loaded
-    return loaded is not None and loaded.result.result.case_id == case_key
+    return loaded is not None and loaded.view.result.case_id == case_key

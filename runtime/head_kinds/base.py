@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 
-from runtime.typed_json import SpecError, parse_section
+from runtime.typed_json import SpecError, dump, parse_section
 
 if TYPE_CHECKING:
     from runtime.bundle import HeadSpec
@@ -99,9 +99,9 @@ class HeadKind(ABC):
                 raise TypeError(f"two head kinds are named {cls.name!r}")
             HeadKind.registered[cls.name] = cls
 
-    def params(self, spec: HeadSpec) -> Any:
+    def params(self, spec: HeadSpec, where: str = "") -> Any:
         """The kind's own keys of ``spec`` as ``params_type`` (type-checked, strict)."""
-        return parse_section(self.params_type, dict(spec.extra), f"heads[{spec.name}]")
+        return parse_section(self.params_type, dump(spec.extra), where or f"heads[{spec.name}]")
 
     @abstractmethod
     def outputs(self, spec: HeadSpec) -> tuple[str, ...]:
@@ -127,7 +127,7 @@ class HeadKind(ABC):
         return set(self.outputs(spec))
 
     def validate(self, spec: HeadSpec, where: str) -> None:
-        params = self.params(spec)
+        params = self.params(spec, where)
         outputs = self.outputs(spec)
         if not outputs:
             raise SpecError(f"{where}: a {self.name} head names at least one output")
