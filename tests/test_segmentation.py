@@ -21,6 +21,7 @@ from appliance.segmentation import (
     normalise,
     segmenter_spec,
 )
+from runtime.backends import RuntimeSettings
 from runtime.bundle import SegmenterSpec
 from tests.segmenter_model import (
     OracleNetwork,
@@ -168,7 +169,7 @@ def test_onnx_path_gives_stardists_own_labels() -> None:
     from export.segmenter import load_stardist
 
     model_dir, onnx_dir, section = trained_stardist()
-    segmenter = Segmenter.open(onnx_dir, section, backend="ort-cpu", threads=2)
+    segmenter = Segmenter.open(onnx_dir, section, RuntimeSettings("ort-cpu", threads=2))
     model = load_stardist(model_dir)
     images, _ = segmentation_tiles(2, 300, HELD_OUT_SEED + 1)
     for image in images:
@@ -186,7 +187,7 @@ def test_f1_on_held_out_segmentation_tiles() -> None:
     from cytoedge_demo.bench.segmentation import evaluate
 
     _, onnx_dir, section = trained_stardist()
-    segmenter = Segmenter.open(onnx_dir, section, backend="ort-cpu", threads=2)
+    segmenter = Segmenter.open(onnx_dir, section, RuntimeSettings("ort-cpu", threads=2))
     counts = evaluate(segmenter, n_tiles=8, size=512, seed=HELD_OUT_SEED)
     assert counts.true_positives + counts.false_negatives > 40  # enough cells to judge
     assert counts.f1 >= F1_TARGET, counts

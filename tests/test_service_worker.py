@@ -21,7 +21,7 @@ import pytest
 
 from appliance.config import Config, PathsConfig, ServiceConfig, WatchConfig
 from appliance.readers.errors import NotAnImageError
-from appliance.results import CaseOutputs, write_case_result
+from appliance.results import write_case_result
 from appliance.service.audit import read_audit
 from appliance.service.service import BundleIdentity, Service
 from appliance.service.store import (
@@ -34,6 +34,7 @@ from appliance.service.store import (
     StoreError,
 )
 from appliance.service.worker import CaseOutcome, ProgressFn, SlideOutcome
+from cytoedge_demo.samples import sample_content
 
 BUNDLE = BundleIdentity("test-bundle", "1.0", "a" * 64)
 
@@ -78,12 +79,13 @@ class StandInEngine:
         if self.score_errors:
             raise self.score_errors.pop(0)
         (self.calls if self.calls is not None else []).append(f"case:{case_key}")
-        result: dict[str, object] = {"case_id": case_key, "slides": list(slides)}
+        content = sample_content(case_key, "mm_positive", ("slide.svs",))
         if self.abstain:
-            result.update(status="abstained", abstain_reason=self.abstain, predictions=[])
-        else:
-            result.update(status="scored", predictions=[{"task": "t", "call": "positive"}])
-        folder = write_case_result(outbox, case_key, CaseOutputs(result, []), write_pdf=False)
+            draft = replace(
+                content.result, status="abstained", abstain_reason=self.abstain, heads=()
+            )
+            content = replace(content, result=draft)
+        folder, result = write_case_result(outbox, content, write_pdf=False)
         return CaseOutcome.from_result(result, folder.path)
 
     def close(self) -> None:
@@ -342,7 +344,7 @@ def test_a_result_written_before_a_crash_is_adopted_not_written_again(
     store.start_case(case.id, 1, 4.0)
     # The crashed run had renamed v1 into place but not yet recorded it.
     write_case_result(
-        config.outbox, "C", CaseOutputs({"case_id": "C", "status": "scored"}, []), write_pdf=False
+        config.outbox, sample_content("C", "mm_positive", ("c.svs",)), write_pdf=False
     )
     (config.outbox / "C" / ".staging-leftover").mkdir()
     store.close()

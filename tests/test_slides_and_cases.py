@@ -10,21 +10,29 @@ from __future__ import annotations
 import csv
 import dataclasses
 import io
-import json
 from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+import appliance.networks
+import appliance.slides
 from appliance import slide_cache
-from appliance.pipeline import SlideNetworks, SlideResult, process_slide, score_case
-from appliance.scoring import abstain_reason, top_attention_mass
-from appliance.service import units
-from appliance.service.units import scan_fingerprint
+from appliance.cases import abstain_reason, score_case, top_attention_mass
+from appliance.networks import SlideNetworks
+from appliance.readers import scan_fingerprint
+from appliance.results import PredictionRecord, QcRecord, ScanRecord, read_result
+from appliance.slides import SlideResult, process_slide
 from cytoedge_demo.synthetic import write_cell_folders
 from runtime.bundle import Bundle
 from tests.runtime_models import TinyBundle
+
+
+def process(path: Path, bundle: Bundle, cache: Path, **options: object) -> SlideResult:
+    """One slide with networks of its own (the tests that share them say so)."""
+    with SlideNetworks(bundle) as networks:
+        return process_slide(path, networks, cache_dir=cache, **options)  # type: ignore[arg-type]
 
 
 @pytest.fixture(scope="module")
@@ -47,11 +55,8 @@ def test_a_cell_folder_is_embedded_once_and_then_read_from_the_cache(
 ) -> None:
     _, bundle = tiny
     stages: list[tuple[str, float]] = []
-    first = process_slide(
-        pb_folders / "P0001",
-        bundle,
-        cache_dir=tmp_path,
-        progress=lambda s, f: stages.append((s, f)),
+    first = process(
+        pb_folders / "P0001", bundle, tmp_path, progress=lambda s, f: stages.append((s, f))
     )
     assert first.n_cells == 60 and first.qc_passed and not first.from_cache
     assert {"read", "embed"} <= {s for s, _ in stages}
@@ -59,7 +64,7 @@ def test_a_cell_folder_is_embedded_once_and_then_read_from_the_cache(
     cells = first.cells()
     assert cells.embeddings.shape == (60, bundle.encoder.embed_dim)
     assert cells.patches.shape[0] == 60
-    again = process_slide(pb_folders / "P0001", bundle, cache_dir=tmp_path)
+    again = process(pb_folders / "P0001", bundle, tmp_path)
     assert again.from_cache and again.fingerprint == first.fingerprint
     np.testing.assert_array_equal(again.cells().embeddings, cells.embeddings)
 
@@ -70,33 +75,28 @@ def test_one_shared_encoder_session_serves_every_slide_and_a_cached_one_opens_no
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    import runtime.encoder
-
     _, bundle = tiny
     opened: list[object] = []
 
-    class CountedEncoder(runtime.encoder.Encoder):
+    class CountedEncoder(appliance.networks.Encoder):
         def __init__(self, *args: object, **kwargs: object) -> None:
             super().__init__(*args, **kwargs)  # type: ignore[arg-type]
             opened.append(self)
 
-    monkeypatch.setattr(runtime.encoder, "Encoder", CountedEncoder)
+    monkeypatch.setattr(appliance.networks, "Encoder", CountedEncoder)
     with SlideNetworks(bundle) as shared:
         slides = [
-            process_slide(pb_folders / name, bundle, cache_dir=tmp_path, networks=shared)
+            process_slide(pb_folders / name, shared, cache_dir=tmp_path)
             for name in ("P0001", "P0002")
         ]
         assert shared.is_open and shared.embedded == 120
     assert len(opened) == 1 and not shared.is_open
-    assert all(s.backend == "ort-cpu" and s.scan["encoder_variant"] == "fp32" for s in slides)
+    assert all(s.backend == "ort-cpu" and s.scan.encoder_variant == "fp32" for s in slides)
     # Both slides cached: a fresh shared encoder is never opened.
     with SlideNetworks(bundle) as idle:
-        again = process_slide(pb_folders / "P0001", bundle, cache_dir=tmp_path, networks=idle)
+        again = process_slide(pb_folders / "P0001", idle, cache_dir=tmp_path)
         assert again.from_cache and not idle.is_open
     assert len(opened) == 1
-    # Without a shared encoder, each slide that embeds opens (and closes) its own.
-    process_slide(pb_folders / "P0001", bundle, cache_dir=tmp_path / "other")
-    assert len(opened) == 2
 
 
 def test_a_fingerprint_from_the_caller_is_not_recomputed(
@@ -106,19 +106,17 @@ def test_a_fingerprint_from_the_caller_is_not_recomputed(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     _, bundle = tiny
-    first = process_slide(pb_folders / "P0001", bundle, cache_dir=tmp_path)
+    first = process(pb_folders / "P0001", bundle, tmp_path)
     assert first.fingerprint == scan_fingerprint(pb_folders / "P0001")
 
     def no_hashing(path: Path) -> str:
         raise AssertionError(f"{path} hashed again")
 
-    monkeypatch.setattr(units, "scan_fingerprint", no_hashing)
-    again = process_slide(
-        pb_folders / "P0001", bundle, cache_dir=tmp_path, fingerprint=first.fingerprint
-    )
+    monkeypatch.setattr(appliance.slides, "scan_fingerprint", no_hashing)
+    again = process(pb_folders / "P0001", bundle, tmp_path, fingerprint=first.fingerprint)
     assert again.from_cache and again.fingerprint == first.fingerprint
     with pytest.raises(ValueError, match="sha256"):
-        process_slide(pb_folders / "P0001", bundle, cache_dir=tmp_path, fingerprint="abc")
+        process(pb_folders / "P0001", bundle, tmp_path, fingerprint="abc")
 
 
 def test_a_case_over_two_slides_is_scored_and_rescoring_adds_a_version(
@@ -126,28 +124,29 @@ def test_a_case_over_two_slides_is_scored_and_rescoring_adds_a_version(
 ) -> None:
     _, bundle = tiny
     cache, outbox = tmp_path / "cache", tmp_path / "out"
-    one = process_slide(pb_folders / "P0001", bundle, cache_dir=cache)
+    one = process(pb_folders / "P0001", bundle, cache)
     first = score_case("patient-7", [one], bundle, outbox, write_pdf=False)
-    assert first.status == "scored" and first.version == 1
-    late = process_slide(pb_folders / "P0002", bundle, cache_dir=cache)
-    again = process_slide(pb_folders / "P0001", bundle, cache_dir=cache)
+    assert first.result.status == "scored" and first.version == 1
+    late = process(pb_folders / "P0002", bundle, cache)
+    again = process(pb_folders / "P0001", bundle, cache)
     second = score_case("patient-7", [again, late], bundle, outbox, write_pdf=False)
     assert second.version == 2 and again.from_cache
     assert (first.folder.path / "result.json").is_file()  # the earlier version stays
 
-    result = json.loads((second.folder.path / "result.json").read_text())
-    assert result["schema_version"] == 1 and result["version"] == 2
-    assert [s["slide_id"] for s in result["scans"]] == ["P0001", "P0002"]
-    assert sum(s["cells"] for s in result["scans"]) == 120
-    assert {p["task"] for p in result["predictions"]} >= {"del17p", "malignancy"}
-    assert result["high_risk"] in ("positive", "negative", "indeterminate")
-    assert len(result["top2"]) == 2
-    assert len(result["top_cells"]) == 20
-    for cell in result["top_cells"]:
-        assert (second.folder.path / cell["image"]).is_file()
+    result = read_result(second.folder.path)
+    assert result == second.result and result.version == 2
+    assert [s.slide_id for s in result.scans] == ["P0001", "P0002"]
+    assert result.cells == 120
+    assert {p.task for p in result.predictions} >= {"del17p", "malignancy"}
+    findings = {f.key: f for head in result.heads for f in head.findings}
+    assert findings["high_risk"].call in ("positive", "negative", "indeterminate")
+    assert findings["top2"].text.count(",") == 1  # the two most likely classes
+    assert len(result.top_cells) == 20
+    for cell in result.top_cells:
+        assert (second.folder.path / cell.image).is_file()
     attention = np.load(second.folder.path / "embeddings.npz")["attention"]
     assert attention.shape == (120,)
-    assert result["attention_top20_mass"] == pytest.approx(top_attention_mass(attention))
+    assert result.attention_top20_mass == pytest.approx(top_attention_mass(attention))
     csv_header = (second.folder.path / "slides" / "P0002" / "cells.csv").read_text().split("\n")[0]
     assert csv_header.endswith("attention")
 
@@ -156,11 +155,11 @@ def test_too_few_cells_abstain_with_the_count_in_the_reason(
     tiny: tuple[TinyBundle, Bundle], pb_folders: Path, tmp_path: Path
 ) -> None:
     _, bundle = tiny
-    small = process_slide(pb_folders / "small" / "P0001", bundle, cache_dir=tmp_path)
+    small = process(pb_folders / "small" / "P0001", bundle, tmp_path)
     case = score_case("few", [small], bundle, tmp_path / "out", write_pdf=False)
-    assert case.status == "abstained"
-    assert case.abstain_reason == "too few cells: 12 (the bundle needs at least 50)"
-    assert case.result["predictions"] == []
+    assert case.result.status == "abstained"
+    assert case.result.abstain_reason == "too few cells: 12 (the bundle needs at least 50)"
+    assert case.result.heads == ()
 
 
 def test_every_task_indeterminate_abstains(
@@ -170,11 +169,12 @@ def test_every_task_indeterminate_abstains(
     wide = [dataclasses.replace(h, indeterminate_band=0.49) for h in made.heads]
     made.path = tmp_path / "wide-bundle"
     bundle = made.write(heads=wide)
-    slide = process_slide(pb_folders / "P0001", bundle, cache_dir=tmp_path)
+    slide = process(pb_folders / "P0001", bundle, tmp_path)
     case = score_case("unsure", [slide], bundle, tmp_path / "out", write_pdf=False)
-    assert case.status == "abstained"
-    assert case.abstain_reason is not None and "all tasks indeterminate" in case.abstain_reason
-    assert all(p["call"] == "indeterminate" for p in case.result["predictions"])
+    reason = case.result.abstain_reason
+    assert case.result.status == "abstained"
+    assert reason is not None and "all tasks indeterminate" in reason
+    assert all(p.call == "indeterminate" for p in case.result.predictions)
 
 
 def test_a_slide_that_failed_qc_makes_the_case_abstain(
@@ -187,11 +187,20 @@ def test_a_slide_that_failed_qc_makes_the_case_abstain(
     )
     reason = "71 % of tiles blurred"
     slide_cache.write_entry(entry, {"scan": {"sha256": "0" * 64}}, empty)
+    scan = ScanRecord(
+        slide_id="s1",
+        path=str(tmp_path / "s1.tif"),
+        sha256="0" * 64,
+        format="openslide:aperio",
+        bytes=1000,
+        pixel_size_um=0.25,
+        qc=QcRecord("fail", (reason,)),
+        cells=0,
+    )
     failed = SlideResult(
         slide_id="s1",
         path=tmp_path / "s1.tif",
-        fingerprint="0" * 64,
-        scan={"slide_id": "s1", "qc": {"verdict": "fail", "reasons": [reason]}, "cells": 0},
+        scan=scan,
         qc_passed=False,
         qc_reason=reason,
         n_cells=0,
@@ -200,15 +209,18 @@ def test_a_slide_that_failed_qc_makes_the_case_abstain(
         backend="ort-cpu",
     )
     case = score_case("blurred", [failed], bundle, tmp_path / "out", write_pdf=False)
-    assert case.status == "abstained"
-    assert case.abstain_reason == f"slide QC failed: s1: {reason}"
+    assert case.result.status == "abstained"
+    assert case.result.abstain_reason == f"slide QC failed: s1: {reason}"
     html = (case.folder.path / "report.html").read_text()
     assert reason in html
 
 
 def test_abstain_reason_rules() -> None:
-    scored = [{"call": "positive"}, {"call": "indeterminate"}]
-    unsure = [{"call": "indeterminate"}] * 2
+    def called(call: str) -> PredictionRecord:
+        return PredictionRecord("t", "t", 0.5, 0.5, call)  # type: ignore[arg-type]
+
+    scored = [called("positive"), called("indeterminate")]
+    unsure = [called("indeterminate")] * 2
     assert abstain_reason(80, 50, [], 1, scored) is None
     assert (
         abstain_reason(49, 50, [], 1, scored) == "too few cells: 49 (the bundle needs at least 50)"
@@ -242,9 +254,9 @@ def test_a_scan_gives_qupath_tables_in_the_level0_pixels_of_the_scan(
     fine = tmp_path / "smear-fine.png"
     image = Image.fromarray(tifffile.imread(scan, level=0))
     image.resize((2 * image.width, 2 * image.height), Image.Resampling.NEAREST).save(fine)
-    slide = process_slide(fine, bundle, cache_dir=tmp_path / "cache", pixel_size_um=0.125)
+    slide = process(fine, bundle, tmp_path / "cache", pixel_size_um=0.125)
     cells = slide.cells()
-    assert slide.n_cells > 0 and slide.scan["pixel_size_um"] == 0.125
+    assert slide.n_cells > 0 and slide.scan.pixel_size_um == 0.125
 
     features = cells.geojson["features"]
     rows = list(csv.DictReader(io.StringIO(cells.table_csv)))
@@ -284,11 +296,11 @@ def test_shared_networks_open_the_segmenter_once_for_every_scan(
     monkeypatch.setattr(Segmenter, "open", counted_open)
     scans = [small_scan_writer(tmp_path / f"smear-{seed}.tif", seed=seed) for seed in (3, 4)]
     with SlideNetworks(bundle) as shared:
-        slides = [process_slide(s, bundle, cache_dir=tmp_path, networks=shared) for s in scans]
+        slides = [process_slide(s, shared, cache_dir=tmp_path) for s in scans]
         # Both passed QC, so both were segmented, with the one session.
         assert all(s.qc_passed for s in slides) and sum(s.n_cells for s in slides) > 0
         assert len(opened) == 1
     # A single-cell folder needs no segmentation: it never opens one.
     with SlideNetworks(bundle) as cells_only:
-        process_slide(pb_folders / "P0001", bundle, cache_dir=tmp_path, networks=cells_only)
+        process_slide(pb_folders / "P0001", cells_only, cache_dir=tmp_path)
     assert len(opened) == 1
