@@ -16,7 +16,7 @@ from PySide6.QtCore import QPersistentModelIndex, Qt
 from PySide6.QtGui import QImage
 from PySide6.QtWidgets import QTreeView
 
-from appliance.service.store import JobStore
+from appliance.service.store import JobStore, StoreError
 from cytoedge_demo.samples import SampleCase, add_case
 from gui.models import (
     PROGRESS_ROLE,
@@ -26,7 +26,7 @@ from gui.models import (
     format_received,
     state_text,
 )
-from gui.store_reader import StoreReader, StoreUnavailableError, open_readonly, read_queue
+from gui.store_reader import CaseRow, StoreReader, StoreUnavailableError, queue_of
 
 NOW = 1_800_000_000.0
 
@@ -53,9 +53,18 @@ def store(tmp_path: Path) -> Iterator[tuple[Path, sqlite3.Connection]]:
     conn.close()
 
 
+def read_queue(path: Path) -> list[CaseRow]:
+    """The queue through the store's own read-only API, as the window reads it."""
+    reader = JobStore(path, readonly=True)
+    try:
+        return queue_of(reader.snapshot()).cases
+    finally:
+        reader.close()
+
+
 def test_queue_is_newest_first_with_slides_in_arrival_order(store) -> None:
     path, _ = store
-    queue = read_queue(open_readonly(path))
+    queue = read_queue(path)
     assert [c.case_key for c in queue] == ["NEW", "MID", "OLD"]
     old = queue[2]
     assert [s.name for s in old.slides] == ["a.svs", "b.svs"]
@@ -67,13 +76,16 @@ def test_queue_is_newest_first_with_slides_in_arrival_order(store) -> None:
 
 def test_the_window_cannot_write_to_the_store(store) -> None:
     path, _ = store
-    conn = open_readonly(path)
-    with pytest.raises(sqlite3.OperationalError):
-        conn.execute("UPDATE cases SET state = 'queued'")
+    reader = JobStore(path, readonly=True)
+    case = reader.case_by_key("OLD")
+    assert case is not None
+    with pytest.raises(StoreError, match="read-only"):
+        reader.request_rescore_case(case.id, NOW)
+    reader.close()
 
 
 def test_a_missing_store_is_a_clear_error(tmp_path: Path) -> None:
-    with pytest.raises(StoreUnavailableError, match="has the service started"):
+    with pytest.raises(StoreUnavailableError, match="has the service run yet"):
         StoreReader(tmp_path / "nope.sqlite").poll()
 
 
@@ -90,16 +102,14 @@ def test_poll_returns_the_queue_only_after_another_connection_commits(store) -> 
     assert reader.poll() is None
 
 
-def test_times_may_be_iso_text_and_progress_is_clamped(store) -> None:
+def test_store_times_become_aware_datetimes(store) -> None:
     path, writer = store
-    writer.execute(
-        "UPDATE cases SET received_at = '2027-01-15T10:00:00', progress = 7 WHERE case_key = 'OLD'"
-    )
+    writer.execute("UPDATE cases SET received_at = ? WHERE case_key = 'OLD'", (NOW + 3600,))
     writer.commit()
-    queue = read_queue(open_readonly(path))
-    assert queue[0].case_key == "OLD"  # 2027 is after every epoch time in the fixture
-    assert queue[0].received_at is not None and queue[0].received_at.year == 2027
-    assert queue[0].progress == 1.0
+    queue = read_queue(path)
+    assert queue[0].case_key == "OLD"  # now the most recently received
+    assert queue[0].received_at is not None and queue[0].received_at.tzinfo is not None
+    assert queue[0].received_at.timestamp() == NOW + 3600
 
 
 def test_state_and_time_texts() -> None:
@@ -118,7 +128,7 @@ def test_state_and_time_texts() -> None:
 def test_model_shows_cases_and_slides(qtmodeltester, store) -> None:
     path, _ = store
     model = QueueModel()
-    model.apply(read_queue(open_readonly(path)))
+    model.apply(read_queue(path))
     qtmodeltester.check(model)
     assert model.rowCount() == 3
     new = model.index(0, 0)

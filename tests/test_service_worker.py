@@ -197,7 +197,7 @@ def test_a_loose_scan_is_scored_once_with_an_audit_trail(run_service, tmp_path: 
     running.halt()
     assert running.clean
     service_row = running.store.service_info()
-    assert service_row is not None and service_row["stopped_at"] is not None
+    assert service_row is not None and service_row.stopped_at is not None
     records = read_audit(tmp_path / "data" / "state" / "audit.jsonl")
     slide = next(r for r in records if r["event"] == "finished" and r["kind"] == "slide")
     for key in ("path", "size", "fingerprint", "seen_at", "started_at", "finished_at", "host"):

@@ -107,17 +107,17 @@ def print_status(config: Config, limit: int, console: Console) -> int:
     if service is None:
         console.print("service: has not run yet")
     else:
-        age = time.time() - service["heartbeat_at"]
-        if service["stopped_at"]:
-            alive = f"stopped {time.time() - service['stopped_at']:.0f} s ago"
+        age = time.time() - service.heartbeat_at
+        if service.stopped_at:
+            alive = f"stopped {time.time() - service.stopped_at:.0f} s ago"
         elif age < ALIVE_SECONDS:
             alive = "running"
         else:
             alive = f"not running (last seen {age:.0f} s ago; it did not stop cleanly)"
         console.print(
-            f"service: {alive}; pid {service['pid']} on {service['host']}; "
-            f"bundle {service['bundle']}; backend {service['backend']}; "
-            f"cytoedge {service['software_version']}"
+            f"service: {alive}; pid {service.pid} on {service.host}; "
+            f"bundle {service.bundle}; backend {service.backend}; "
+            f"cytoedge {service.software_version}"
         )
     summary = ", ".join(f"{n} {state}" for state, n in sorted(counts["cases"].items()))
     console.print(f"cases: {summary or 'none'}")

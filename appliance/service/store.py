@@ -146,6 +146,29 @@ class Case:
     pending_version: int | None
 
 
+@dataclass(frozen=True)
+class ServiceRow:
+    """The service's own row: who runs it, with what, and when it last said so."""
+
+    pid: int
+    host: str
+    started_at: float
+    heartbeat_at: float
+    bundle: str
+    backend: str
+    software_version: str
+    stopped_at: float | None  # set on a clean stop; None while running or after a crash
+
+
+@dataclass(frozen=True)
+class StoreSnapshot:
+    """Every case and slide and the service row, from one read transaction."""
+
+    cases: tuple[Case, ...]
+    slides: tuple[Slide, ...]
+    service: ServiceRow | None
+
+
 def store_path(state_dir: Path) -> Path:
     return state_dir / STORE_FILE
 
@@ -276,8 +299,31 @@ class JobStore:
                 out[table][state] = n
         return out
 
-    def service_info(self) -> sqlite3.Row | None:
-        return self._conn.execute("SELECT * FROM service WHERE id = 1").fetchone()
+    def service_info(self) -> ServiceRow | None:
+        row = self._conn.execute(
+            "SELECT pid, host, started_at, heartbeat_at, bundle, backend, software_version, "
+            "stopped_at FROM service WHERE id = 1"
+        ).fetchone()
+        return None if row is None else ServiceRow(*row)
+
+    def data_version(self) -> int:
+        """Changes exactly when another connection has committed (SQLite's data_version):
+        a reader that polls asks this first, so an idle store costs one pragma."""
+        try:
+            return int(self._conn.execute("PRAGMA data_version").fetchone()[0])
+        except sqlite3.Error as exc:
+            raise StoreError(f"cannot read the job store {self.path}: {exc}") from None
+
+    def snapshot(self) -> StoreSnapshot:
+        """Cases, slides and the service row as of one moment (one read transaction)."""
+        try:
+            self._conn.execute("BEGIN")
+            try:
+                return StoreSnapshot(tuple(self.cases()), tuple(self.slides()), self.service_info())
+            finally:
+                self._conn.execute("COMMIT")
+        except sqlite3.Error as exc:
+            raise StoreError(f"cannot read the job store {self.path}: {exc}") from None
 
     # --- the watcher's writes -----------------------------------------------
 
