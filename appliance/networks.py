@@ -56,11 +56,6 @@ class SlideNetworks:
         return self._segmenter
 
     @property
-    def is_open(self) -> bool:
-        """Whether the encoder session is open."""
-        return self._encoder is not None
-
-    @property
     def backend_name(self) -> str:
         return self._encoder.backend_name if self._encoder is not None else ""
 

@@ -292,13 +292,6 @@ def load_heads(path: str | Path) -> HeadSet:
     return head_set
 
 
-@torch.no_grad()
-def ensemble_outputs(members: Sequence[nn.Module], features: torch.Tensor) -> list[torch.Tensor]:
-    """Mean of every output over the members (what the runtime does with k ONNX files)."""
-    per_member = [member(features) for member in members]
-    return [torch.stack(outputs).mean(0) for outputs in zip(*per_member, strict=True)]
-
-
 def output_names(kind: HeadKind) -> tuple[str, ...]:
     """ONNX output names, in the order the module returns them (docs/DESIGN.md)."""
     if kind == "gated_attention_mil":

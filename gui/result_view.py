@@ -445,15 +445,6 @@ class ResultPane(QWidget):
             banner.setAccessibleName(text)
             self.banner_box.addWidget(banner)
 
-    def banner_texts(self) -> list[str]:
-        texts = []
-        for index in range(self.banner_box.count()):
-            item = self.banner_box.itemAt(index)
-            widget = item.widget() if item is not None else None
-            if isinstance(widget, QLabel):
-                texts.append(widget.text())
-        return texts
-
     def _fill_qc(self, result: CaseView) -> None:
         failed = [s for s in result.slides if not s.qc_passed]
         if not result.slides:

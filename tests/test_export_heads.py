@@ -19,7 +19,6 @@ from export.heads import (
     HeadCheckpointError,
     TransformerMIL,
     build_head,
-    ensemble_outputs,
     load_heads,
     save_heads,
 )
@@ -105,17 +104,6 @@ def test_checkpoint_round_trip_and_strict_errors(tmp_path: Path) -> None:
     torch.save({"state_dict": {}}, tmp_path / "foreign.pt")
     with pytest.raises(HeadCheckpointError, match="not a cytoedge-head checkpoint"):
         load_heads(tmp_path / "foreign.pt")
-
-
-def test_ensemble_averages_probabilities_and_attention() -> None:
-    members = [transformer(s, depth=2) for s in range(3)]
-    features = torch.from_numpy(bag_features(6, DIM, seed=5))
-    probabilities, _, attention = ensemble_outputs(members, features)
-    with torch.no_grad():
-        each = [m(features) for m in members]
-    np.testing.assert_allclose(probabilities, np.mean([e[0] for e in each], axis=0), rtol=1e-6)
-    np.testing.assert_allclose(attention, np.mean([e[2] for e in each], axis=0), rtol=1e-6)
-    assert float(attention.sum()) == pytest.approx(1.0, abs=1e-6)
 
 
 def test_mil_head_exports_and_agrees_at_1_7_and_5000_cells(tmp_path: Path) -> None:

@@ -265,14 +265,6 @@ class JobStore:
             ).fetchall()
         return [Slide(**dict(r)) for r in rows]
 
-    def live_by_fingerprint(self, fingerprint: str, bundle_hash: str) -> Slide | None:
-        row = self._conn.execute(
-            "SELECT * FROM slides WHERE fingerprint = ? AND bundle_hash = ? "
-            "AND duplicate_of IS NULL",
-            (fingerprint, bundle_hash),
-        ).fetchone()
-        return Slide(**dict(row)) if row else None
-
     def next_slide_job(self, now: float) -> Slide | None:
         row = self._conn.execute(
             "SELECT * FROM slides WHERE state = ? AND next_attempt_at <= ? "
