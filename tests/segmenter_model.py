@@ -5,16 +5,20 @@ The oracle turns an image into the targets StarDist is trained to predict
 rays) for dark discs on a bright background. It lets the post-processing be
 tested exactly, without TensorFlow.
 
-``trained_stardist()`` trains the small demo network once per test process
-(TensorFlow: 240 steps, about 2-4 minutes on 2 shared cores) and exports it; both
-segmentation test modules share it.
+``trained_stardist()`` trains the small demo network (TensorFlow: 240 steps, about
+2-4 minutes on 2 cores) and exports it once, into a folder of the system temp dir
+named by the sources that shape it and guarded by a file lock, so the segmentation
+tests, the export tests and the tiny bundle (tests/fixtures/tiny_bundle.py) share
+one training per machine, not one each per run.
 """
 
 from __future__ import annotations
 
-import atexit
+import fcntl
 import functools
+import hashlib
 import importlib.util
+import json
 import shutil
 import tempfile
 from pathlib import Path
@@ -80,19 +84,42 @@ def discs(shape: tuple[int, int], centres: list[tuple[int, int]], radius: int) -
     return image
 
 
+ROOT = Path(__file__).resolve().parents[1]
+# What the trained network depends on: a change to any of these trains it again.
+SOURCES = (
+    "export/segmenter.py",
+    "appliance/segmentation.py",
+    "demo/cytoedge_demo/synthetic.py",
+    "tests/segmenter_model.py",
+)
+
+
+def cache_key() -> str:
+    digest = hashlib.sha256()
+    for relative in SOURCES:
+        digest.update(relative.encode())
+        digest.update((ROOT / relative).read_bytes())
+    return digest.hexdigest()[:16]
+
+
 @functools.cache
 def trained_stardist() -> tuple[Path, Path, dict[str, Any]]:
     """(StarDist model folder, export folder, bundle section) of the shared test model."""
     from cytoedge_demo.synthetic import segmentation_tiles
     from export.segmenter import TrainingRecipe, export_segmenter, train_segmenter
 
-    root = Path(tempfile.mkdtemp(prefix="cytoedge-stardist-"))
-    atexit.register(shutil.rmtree, root, True)
-    model_dir = train_segmenter(
-        root / "model", segmentation_tiles, TrainingRecipe(**TEST_RECIPE), threads=2
-    )
-    exported = export_segmenter(model_dir, root / "onnx", threads=2)
-    return model_dir, root / "onnx", exported.section
+    root = Path(tempfile.gettempdir()) / f"cytoedge-test-stardist-{cache_key()}"
+    root.mkdir(parents=True, exist_ok=True)
+    model_dir, onnx_dir = root / "model", root / "onnx"
+    with open(root / ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # concurrent test sessions train it once
+        if not (onnx_dir / "segmenter.json").is_file():
+            shutil.rmtree(model_dir, ignore_errors=True)
+            shutil.rmtree(onnx_dir, ignore_errors=True)
+            train_segmenter(model_dir, segmentation_tiles, TrainingRecipe(**TEST_RECIPE), threads=2)
+            export_segmenter(model_dir, onnx_dir, threads=2)
+    document = json.loads((onnx_dir / "segmenter.json").read_text(encoding="utf-8"))
+    return model_dir, onnx_dir, document["segmenter"]
 
 
 def tensorflow_available() -> bool:

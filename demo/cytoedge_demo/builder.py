@@ -88,16 +88,27 @@ def demo_bundle_is_current(path: Path) -> Bundle | None:
 
 
 def build_demo_bundle(
-    destination: Path, recipe: DemoRecipe | None = None, progress: Progress = _noop
+    destination: Path,
+    recipe: DemoRecipe | None = None,
+    progress: Progress = _noop,
+    *,
+    segmenter: Path | None = None,
 ) -> Bundle:
-    """Build the demo bundle into ``destination`` (replacing what is there)."""
+    """Build the demo bundle into ``destination`` (replacing what is there).
+
+    ``segmenter``: a folder ``cytoedge export segmenter`` wrote (segmenter.json and
+    its ONNX file) to use instead of training one with the recipe.
+    """
     recipe = recipe or DemoRecipe()
     destination = Path(destination)
     destination.parent.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix=".demo-build-", dir=destination.parent))
     started = time.perf_counter()
     try:
-        seg = train_segmenter(work / "segmenter", recipe, progress)
+        if segmenter is None:
+            seg = train_segmenter(work / "segmenter", recipe, progress)
+        else:
+            seg = exported_segmenter(Path(segmenter))
         encoder_info = export_demo_encoder(work / "encoder", recipe, progress)
         stain = stain_reference(recipe)
         untrained = _untrained_head(work / "untrained", encoder_info["embed_dim"], recipe)
@@ -172,10 +183,15 @@ def train_segmenter(out_dir: Path, recipe: DemoRecipe, progress: Progress) -> di
             tail = [*tail[-30:], line.rstrip()]
     if process.wait() != 0:
         raise RuntimeError("segmenter training failed:\n" + "\n".join(tail[-15:]))
-    document = json.loads((out_dir / "onnx" / "segmenter.json").read_text(encoding="utf-8"))
     progress("segmenter", 1.0)
+    return exported_segmenter(out_dir / "onnx")
+
+
+def exported_segmenter(folder: Path) -> dict[str, Any]:
+    """The section, file and provenance of a folder ``cytoedge export segmenter`` wrote."""
+    document = json.loads((folder / "segmenter.json").read_text(encoding="utf-8"))
     return {
-        "file": out_dir / "onnx" / document["segmenter"]["file"],
+        "file": folder / document["segmenter"]["file"],
         "section": document["segmenter"],
         "provenance": document["provenance"],
     }
