@@ -352,7 +352,7 @@ def process_slide(
         if not path.exists():
             from appliance.readers import ScanNotFoundError
 
-            raise ScanNotFoundError(path, "file not found")
+            raise ScanNotFoundError(path, "file not found: it was moved or deleted")
         if fingerprint is None:
             from appliance.service.units import scan_fingerprint
 

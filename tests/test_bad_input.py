@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import errno
+import logging
 import struct
 import zlib
 from collections.abc import Callable
@@ -26,6 +28,7 @@ from appliance.readers import (
     open_scan,
     probe,
 )
+from appliance.readers.errors import fails_as
 
 
 def stained(height: int = 300, width: int = 400) -> np.ndarray:
@@ -209,3 +212,25 @@ def test_bad_sidecar_and_absurd_configured_pixel_size(tmp_path: Path) -> None:
     (tmp_path / "field.png.json").write_text("{not json")
     with pytest.raises(PixelSizeError, match="sidecar"):
         probe(path, pixel_size_um=0.25)
+
+
+def test_fails_as_keeps_library_text_out_of_the_reason(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    path = tmp_path / "a.svs"
+    damaged = "the scan is damaged somewhere"
+    with (
+        caplog.at_level(logging.DEBUG, logger="appliance.readers.errors"),
+        pytest.raises(UnreadableScanError) as caught,
+        fails_as(UnreadableScanError, path, damaged),
+    ):
+        raise TypeError("unsupported operand type(s) for //: 'tuple' and 'int'")
+    assert caught.value.reason == damaged
+    assert "'tuple' and 'int'" in caplog.text  # the detail is in the debug log
+    with pytest.raises(UnreadableScanError) as caught, fails_as(UnreadableScanError, path, damaged):
+        raise OSError(errno.EIO, "Input/output error")
+    assert caught.value.reason == "the file cannot be read from storage: input/output error"
+    with pytest.raises(MemoryError), fails_as(UnreadableScanError, path, "damaged"):
+        raise MemoryError  # the machine's limit, not the file's: the service retries it
+    with pytest.raises(PixelSizeError), fails_as(UnreadableScanError, path, "damaged"):
+        raise PixelSizeError(path, "no physical pixel size")  # already a reason: kept

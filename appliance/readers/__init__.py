@@ -9,7 +9,8 @@
 * Pillow for single fields (PNG, JPEG, BMP).
 
 The format is decided by the file's leading bytes, never by its extension alone.
-Every failure is a ``ScanError`` subclass with a one-line ``reason``.
+Every failure is a ``ScanError`` subclass with a one-line ``reason`` written for
+a technician; a library's own exception text never becomes one.
 ``probe(path)`` is the cheap "does it open cleanly" check the service runs before
 queuing a file (headers, pixel size, a thumbnail, one full-resolution tile);
 ``open_cell_folder(folder)`` reads the peripheral-blood folders of single cells.
@@ -36,6 +37,7 @@ from .errors import (
     ScanNotFoundError,
     UnreadableScanError,
     UnsupportedScanError,
+    fails_as,
 )
 from .image_scan import ImageScan
 from .tiff_scan import TiffScan
@@ -66,6 +68,10 @@ __all__ = [
 # Extensions of multi-file or text-headed slide formats whose first bytes are not an image magic.
 _OPENSLIDE_ONLY = {".mrxs", ".vms", ".vmu", ".svslide"}
 _THUMBNAIL_UM = 16.0  # coarse enough to be cheap, fine enough to see cells as colour
+# The last word on a file that fails in a way no reader foresaw.
+_UNREADABLE = (
+    "the file cannot be read: its contents are damaged or not laid out as its format requires"
+)
 
 
 def _sniff(path: Path) -> str:
@@ -88,15 +94,15 @@ def _is_ome(path: Path) -> bool:
     try:
         with tifffile.TiffFile(path) as tif:
             return bool(tif.is_ome)
-    except (tifffile.TiffFileError, ValueError, OSError):
+    except Exception:  # not parseable here is not OME; OpenSlide's open decides
         return False
 
 
 def _check_file(path: Path) -> None:
     if not path.exists():
-        raise ScanNotFoundError(path, "file not found")
+        raise ScanNotFoundError(path, "file not found: it was moved or deleted")
     if not path.is_file():
-        raise ScanNotFoundError(path, "not a regular file")
+        raise ScanNotFoundError(path, "not a regular file (a folder or a device)")
     if path.stat().st_size == 0:
         raise EmptyFileError(path, "empty file (0 bytes): still being copied or a failed transfer")
 
@@ -116,11 +122,17 @@ def _open_unchecked(path: Path, pixel_size_um: float) -> Scan:
                 # OpenSlide knows the TIFF but cannot open it: tifffile may still read it.
         if kind == "tiff":
             return TiffScan(path, pixel_size_um)
-        raise UnreadableScanError(path, f"{kind.upper()} file OpenSlide cannot open")
+        raise UnreadableScanError(
+            path,
+            f"the slide reader does not recognise this {path.suffix.lower()} file: it is damaged, "
+            "incomplete, or from a scanner model that is not supported",
+        )
     if kind in ("jpeg", "png", "bmp"):
         return ImageScan(path, pixel_size_um)
     raise NotAnImageError(
-        path, f"not an image: {path.suffix or 'no extension'} file of unknown type"
+        path,
+        f"not an image: the contents of this {path.suffix.lower()} file match no scan format "
+        "(a document, or the start of the file is damaged)",
     )
 
 
@@ -132,15 +144,12 @@ def open_scan(path: Path | str, pixel_size_um: float = 0.0) -> Scan:
     coarse thumbnail. Raises a ``ScanError`` subclass on any bad input.
     """
     path = Path(path)
-    _check_file(path)
-    try:
+    with fails_as(UnreadableScanError, path, _UNREADABLE):
+        _check_file(path)
         scan = _open_unchecked(path, pixel_size_um)
-    except ScanError:
-        raise
-    except (OSError, ValueError, MemoryError) as exc:
-        raise UnreadableScanError(path, f"cannot read: {type(exc).__name__}: {exc}") from None
     try:
-        check_brightfield(path, scan.thumbnail(max(_THUMBNAIL_UM, TARGET_UM_PER_PX)))
+        with fails_as(UnreadableScanError, path, _UNREADABLE):
+            check_brightfield(path, scan.thumbnail(max(_THUMBNAIL_UM, TARGET_UM_PER_PX)))
     except BaseException:
         scan.close()
         raise
