@@ -37,6 +37,7 @@ from appliance.cells import (
     measure_cells,
     resize_bilinear,
 )
+from appliance.readers import ScanNotFoundError, open_cell_folder, open_scan, scan_fingerprint
 from appliance.results import (
     GALLERY_CELLS,
     CaseOutputs,
@@ -350,12 +351,8 @@ def process_slide(
     progress("fingerprint", 0.0)
     with timer.stage("fingerprint"):
         if not path.exists():
-            from appliance.readers import ScanNotFoundError
-
             raise ScanNotFoundError(path, "file not found: it was moved or deleted")
         if fingerprint is None:
-            from appliance.service.units import scan_fingerprint
-
             fingerprint = scan_fingerprint(path)
         digest = fingerprint
     progress("fingerprint", 1.0)
@@ -508,8 +505,6 @@ def _cell_folder(
     """PB workflow: the folder's crops are the cells; no segmentation, no tile QC."""
     from PIL import Image
 
-    from appliance.readers import open_cell_folder
-
     size = bundle.encoder.input.size
     patch_px = bundle.cells.patch_px
     with timer.stage("read"):
@@ -574,7 +569,6 @@ def _scan_file(
 ) -> tuple[SlideCells, dict[str, Any], dict[str, Any]]:
     """Reader -> cellular zone -> stains -> per tile QC, normalisation, StarDist, cells."""
     from appliance import qc, stain, tiles
-    from appliance.readers import open_scan
 
     reference = _stain_reference(bundle)
     params = qc.QCParams.from_bundle(_qc_section(bundle), reference)

@@ -17,11 +17,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from appliance import slide_cache
+from appliance import pipeline, slide_cache
 from appliance.pipeline import SlideNetworks, SlideResult, process_slide, score_case
+from appliance.readers import scan_fingerprint
 from appliance.scoring import abstain_reason, top_attention_mass
-from appliance.service import units
-from appliance.service.units import scan_fingerprint
 from appliance.synthetic import write_cell_folders
 from runtime.bundle import Bundle
 from tests.runtime_models import TinyBundle
@@ -112,7 +111,7 @@ def test_a_fingerprint_from_the_caller_is_not_recomputed(
     def no_hashing(path: Path) -> str:
         raise AssertionError(f"{path} hashed again")
 
-    monkeypatch.setattr(units, "scan_fingerprint", no_hashing)
+    monkeypatch.setattr(pipeline, "scan_fingerprint", no_hashing)
     again = process_slide(
         pb_folders / "P0001", bundle, cache_dir=tmp_path, fingerprint=first.fingerprint
     )

@@ -23,8 +23,11 @@ PLAUSIBLE_UM = (0.02, 10.0)
 UM_PER_UNIT = {"inch": 25_400.0, "centimeter": 10_000.0, "millimeter": 1_000.0}
 
 
+SIDECAR_SUFFIX = ".json"
+
+
 def sidecar_path(path: Path) -> Path:
-    return path.with_name(path.name + ".json")
+    return path.with_name(path.name + SIDECAR_SUFFIX)
 
 
 def plausible(um: float | None) -> bool:

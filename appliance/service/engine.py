@@ -8,7 +8,7 @@ from pathlib import Path
 
 from appliance import pipeline, slide_cache
 from appliance.config import Config
-from appliance.service import units
+from appliance.readers import scan_fingerprint
 from appliance.service.worker import CaseOutcome, ProgressFn, SlideOutcome
 from runtime.bundle import Bundle
 
@@ -28,7 +28,7 @@ class PipelineEngine:
     ) -> SlideOutcome:
         cfg = self.config
         if not use_cache:  # a re-score asked for: the slide is processed from scratch
-            fingerprint = fingerprint or units.scan_fingerprint(path)
+            fingerprint = fingerprint or scan_fingerprint(path)
             entry = slide_cache.entry_dir(cfg.cache_dir, fingerprint, self.bundle.sha256)
             shutil.rmtree(entry, ignore_errors=True)
         result = pipeline.process_slide(

@@ -23,6 +23,8 @@ from watchdog.events import FileSystemEvent, FileSystemEventHandler
 from watchdog.observers import Observer
 from watchdog.observers.polling import PollingObserver
 
+from appliance.readers import formats
+from appliance.readers.formats import Layout
 from appliance.service import units
 from appliance.service.audit import AuditLog
 from appliance.service.audit import iso as _iso
@@ -202,7 +204,7 @@ class InboxWatcher:
             self.store.update_waiting(row.id, sig.size, sig.mtime, wall)
         if quiet_for < self.settings.quiet_seconds:
             return
-        if unit.kind == "cells" and not _cell_folder_complete(unit.path):
+        if unit.kind is Layout.CELL_FOLDER and not formats.cell_folder_complete(unit.path):
             return  # a cell folder is complete only once it says so
         if not unit.supported:
             self._reject(row, unit, sig, unit.unsupported_reason)
@@ -214,7 +216,7 @@ class InboxWatcher:
                 return
             self._reject(row, unit, sig, _reason(exc))
             return
-        digest = units.fingerprint(unit)
+        digest = unit.members.fingerprint()
         if units.signature(unit) != sig:
             return  # written to while hashing: not complete after all
         self._admit(row, unit, sig, digest, wall)
@@ -274,10 +276,6 @@ class InboxWatcher:
         )
         log.warning("scan rejected", extra={"path": str(unit.path), "reason": reason})
         self.on_admitted()  # its case may now be complete
-
-
-def _cell_folder_complete(folder: Path) -> bool:
-    return (folder / units.READY_FILE).is_file() or (folder / units.MANIFEST_FILE).is_file()
 
 
 def _reason(exc: BaseException) -> str:
