@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import subprocess
@@ -10,6 +11,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+
+from tests.runtime_models import TinyBundle
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -87,3 +90,24 @@ def test_without_a_bundle_score_says_so_in_one_line(tmp_path: Path) -> None:
     assert done.returncode == 2
     assert len(done.stderr.strip().splitlines()) == 1
     assert "no usable model bundle" in done.stderr and "cytoedge demo" in done.stderr
+
+
+def test_a_reader_out_of_memory_is_a_rejection_of_that_scan(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from rich.console import Console
+
+    from appliance import score_cli
+    from appliance.config import load_config
+
+    bundle = TinyBundle(tmp_path / "tiny").write()
+
+    def out_of_memory(path: Path, *args: object, **kwargs: object) -> None:
+        raise MemoryError
+
+    monkeypatch.setattr(score_cli, "process_slide", out_of_memory)
+    scan = tmp_path / "big.svs"
+    run = score_cli.score_inputs(
+        [("big", [scan])], bundle, load_config(None), Console(file=io.StringIO())
+    )
+    assert run.rejected == [(scan, score_cli.OUT_OF_MEMORY)] and run.cases == []

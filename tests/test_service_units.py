@@ -232,3 +232,29 @@ def test_a_folder_that_changes_shape_while_written_leaves_no_stray_rows(tmp_path
     assert [(Path(s.path).name, s.state) for s in store.slides()] == [("P1", "waiting")]
     cases = store.cases()
     assert [(c.case_key, c.single) for c in cases] == [("P1", 1)]
+
+
+def test_a_probe_that_fails_unexpectedly_stores_a_sentence_and_logs_the_detail(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    from appliance.service.audit import AuditLog
+    from appliance.service.store import REJECTED, JobStore
+    from appliance.service.watcher import PROBE_INTERNAL_ERROR, InboxWatcher, WatchSettings
+
+    inbox = tmp_path / "inbox"
+    write(inbox / "smear.tif", b"II*\x00 a scan")
+
+    def broken_probe(path: Path) -> None:
+        raise AttributeError("'int' object has no attribute 'name'")
+
+    settings = WatchSettings(inbox, 0.0, 0.0, False, None, "b" * 64)
+    store_file = tmp_path / "jobs.sqlite"
+    watcher = InboxWatcher(
+        settings, store_file, broken_probe, AuditLog(tmp_path / "audit.jsonl"), lambda: None
+    )
+    watcher.tick(0.0)
+    watcher.tick(1.0)
+    [slide] = JobStore(store_file, readonly=True).slides()
+    assert (slide.state, slide.reason) == (REJECTED, PROBE_INTERNAL_ERROR)
+    logged = [r for r in caplog.records if r.exc_info is not None]
+    assert logged and "no attribute 'name'" in str(logged[0].exc_info[1])

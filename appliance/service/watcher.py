@@ -23,7 +23,7 @@ from watchdog.events import FileSystemEvent, FileSystemEventHandler
 from watchdog.observers import Observer
 from watchdog.observers.polling import PollingObserver
 
-from appliance.readers import formats
+from appliance.readers import ScanError, formats
 from appliance.readers.formats import Layout
 from appliance.service import units
 from appliance.service.audit import AuditLog
@@ -37,6 +37,7 @@ TICK_SECONDS = 0.5
 # A complete file the reader still cannot open gets this many quiet periods to
 # become readable (some writers finish a header last), then it is rejected.
 PROBE_PATIENCE = 3
+PROBE_INTERNAL_ERROR = "internal error while checking this scan; the service log has the details"
 
 
 @dataclass(frozen=True)
@@ -214,7 +215,7 @@ class InboxWatcher:
         except Exception as exc:
             if quiet_for < PROBE_PATIENCE * self.settings.quiet_seconds:
                 return
-            self._reject(row, unit, sig, _reason(exc))
+            self._reject(row, unit, sig, _reason(exc, unit.path))
             return
         digest = unit.members.fingerprint()
         if units.signature(unit) != sig:
@@ -278,6 +279,9 @@ class InboxWatcher:
         self.on_admitted()  # its case may now be complete
 
 
-def _reason(exc: BaseException) -> str:
-    reason = getattr(exc, "reason", None) or str(exc) or type(exc).__name__
-    return " ".join(str(reason).split())
+def _reason(exc: BaseException, path: Path) -> str:
+    """The stored reason for a probe failure: the reader's sentence, never internal text."""
+    if isinstance(exc, ScanError):
+        return exc.reason
+    log.error("probe failed unexpectedly", exc_info=exc, extra={"path": str(path)})
+    return PROBE_INTERNAL_ERROR
