@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.conftest import assert_technician_reason
 from tests.runtime_models import TinyBundle
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -90,6 +91,27 @@ def test_without_a_bundle_score_says_so_in_one_line(tmp_path: Path) -> None:
     assert done.returncode == 2
     assert len(done.stderr.strip().splitlines()) == 1
     assert "no usable model bundle" in done.stderr and "cytoedge demo" in done.stderr
+
+
+def test_a_real_unopenable_tiff_is_one_rejection_line_not_a_traceback(
+    openslide_files: Path, tmp_path: Path
+) -> None:
+    """openslide-python's unopenable.tiff once crashed the TIFF reader when a pixel size
+    was configured (the reader's own error message failed)."""
+    tiny = TinyBundle(tmp_path / "tiny")
+    tiny.write()
+    config = tmp_path / "cytoedge.toml"
+    config.write_text(
+        f'[paths]\nbundle = "{tiny.path}"\n\n[scan]\npixel_size_um = 0.25\n', encoding="utf-8"
+    )
+    scan = openslide_files / "unopenable.tiff"
+    done = cytoedge("score", str(scan), config=config)
+    assert done.returncode == 1, done.stderr
+    assert "Traceback" not in done.stderr + done.stdout
+    [line] = [line for line in done.stderr.splitlines() if line.startswith("cytoedge:")]
+    prefix = f"cytoedge: rejected {scan}: "
+    assert line.startswith(prefix), line
+    assert_technician_reason(line.removeprefix(prefix))
 
 
 def test_a_reader_out_of_memory_is_a_rejection_of_that_scan(
