@@ -3,8 +3,9 @@
 The readers (``open_scan``, ``open_cell_folder``), the inbox watcher
 (``appliance.service.units``) and ``cytoedge doctor`` all read this table, so
 what the inbox accepts is exactly what the readers open and what doctor lists.
-A format is added here or nowhere, and only once it works end to end (Zeiss
-CZI, for one, is not here: nothing reads it).
+A format is added here or nowhere, and only once a real file of it has been
+through the appliance end to end (Zeiss CZI is not here yet: OpenSlide 4 has a
+reader for it, but no CZI scan has been tested).
 
 A scan's format is decided by its leading bytes (``sniff``), not by its
 extension alone; only formats without a signature of their own (multi-file or
@@ -64,16 +65,13 @@ class Magic:
 
 @dataclass(frozen=True)
 class Format:
+    """One format the appliance reads."""
+
     name: str  # as shown to people
     extensions: tuple[str, ...]  # lower case, with the dot; a folder's: of its files
     magic: tuple[Magic, ...]  # any one identifies the format; none: known by extension
     readers: tuple[Reader, ...]  # tried in this order
     layout: Layout
-
-    @property
-    def label(self) -> str:
-        """The name with its extensions, e.g. "Aperio SVS (.svs)"."""
-        return f"{self.name} ({', '.join(self.extensions)})"
 
 
 _TIFF = (
@@ -129,8 +127,9 @@ _SNIFF_BYTES = max(m.offset + len(m.value) for f in FORMATS for m in f.magic)
 
 # A single-cell crop is small: a leukocyte is 7-20 um across, about 80 px at
 # 0.25 um/px, and exports such as Metafer's are 144 px. 512 px a side leaves room
-# for wide margins and finer scanners, yet stays below the 800 px tile of the slide
-# path, so a field image is never taken for a cell (nor a cell for a field).
+# for wide margins and finer scanners, yet stays below a microscope field (a
+# camera frame is 640 px or more, a slide tile 800 px), so a field in a case
+# folder is not taken for a cell. The inbox and the cell-folder reader share it.
 MAX_CELL_SIDE = 512
 # A cell folder is complete (its writer is done) once it holds one of these.
 READY_FILE = ".ready"
