@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml demo/pyproject.toml | sha256sum | cut -c1-12)
 export QT_QPA_PLATFORM ?= offscreen
 
-.PHONY: demo test lint venv clean
+.PHONY: demo test testdata lint venv clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -28,8 +28,12 @@ lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 
-test: lint
+# Real good and broken slides from openslide-python's tests (LGPL: fetched, not committed).
+testdata: $(STAMP)
+	$(BIN)/python -m tests.fixtures.openslide_files
+
+test: lint testdata
 	$(BIN)/python -m pytest -q
 
 clean:
-	rm -rf $(VENV) .pytest_cache .ruff_cache
+	rm -rf $(VENV) .pytest_cache .ruff_cache .testdata

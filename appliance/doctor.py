@@ -37,21 +37,6 @@ PACKAGES = (
     "timm",
     "tensorflow-cpu",
 )
-# OpenSlide has no call that lists its formats; these are the vendors its
-# documentation names for the 4.x series.
-OPENSLIDE_4_FORMATS = (
-    "Aperio (.svs)",
-    "DICOM WSI",
-    "Hamamatsu (.ndpi, .vms, .vmu)",
-    "Leica (.scn)",
-    "MIRAX (.mrxs)",
-    "Philips (.tiff)",
-    "Sakura (.svslide)",
-    "Trestle (.tif)",
-    "Ventana (.bif)",
-    "Zeiss (.czi)",
-    "generic tiled TIFF",
-)
 
 
 def _package_version(name: str) -> str:
@@ -66,9 +51,25 @@ def _openslide_line() -> tuple[bool, str]:
         import openslide
     except Exception as exc:  # the shared library can be missing or broken
         return False, f"not usable: {exc}"
-    version = openslide.__library_version__
-    formats = ", ".join(OPENSLIDE_4_FORMATS) if version.startswith("4.") else "see its docs"
-    return True, f"library {version}; formats: {formats}"
+    return True, f"library {openslide.__library_version__}"
+
+
+def _formats_table() -> Table:
+    """What the inbox and `cytoedge score` accept: the readers' own table."""
+    # Here, not at the top: the readers load OpenSlide, whose library may be missing.
+    from appliance.readers.formats import FORMATS
+
+    table = Table(title="Scan formats accepted (inbox and cytoedge score)")
+    for column in ("format", "extensions", "read with", "layout"):
+        table.add_column(column)
+    for fmt in FORMATS:
+        table.add_row(
+            fmt.name,
+            " ".join(fmt.extensions),
+            " then ".join(fmt.readers),
+            fmt.layout.description,
+        )
+    return table
 
 
 def _bundle_check(
@@ -164,6 +165,8 @@ def run_doctor(config: Config, bundle: Path | None = None) -> int:
 
     slide_ok, slide_text = _openslide_line()
     out.print(f"OpenSlide: {slide_text}")
+    if slide_ok:
+        out.print(_formats_table())
     up_front = {fallback.backend for fallback in skipped}
     bundle_ok, bundle_built = _bundle_check(config, bundle, out, up_front)
 

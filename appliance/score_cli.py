@@ -17,6 +17,8 @@ from appliance.readers import ScanError
 from appliance.slides import SlideResult, process_slide
 from runtime.bundle import Bundle
 
+OUT_OF_MEMORY = "not enough memory on this machine to process this scan"
+
 
 @dataclass
 class ScoreRun:
@@ -78,6 +80,8 @@ def score_inputs(
                     )
                 except ScanError as exc:
                     run.rejected.append((path, exc.reason))
+                except MemoryError:  # the readers pass it on: the machine's limit, not the file's
+                    run.rejected.append((path, OUT_OF_MEMORY))
             if slides:
                 bars = StageBars(progress, f"case {case_id[:18]}: ")
                 run.cases.append(

@@ -1,9 +1,10 @@
-"""Shared fixtures: every test gets its own data directory, never the user's."""
+"""Shared fixtures and checks: every test gets its own data directory, never the user's."""
 
 from __future__ import annotations
 
 import contextlib
 import os
+import re
 from pathlib import Path
 
 import pytest
@@ -15,6 +16,20 @@ os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")
 with contextlib.suppress(ImportError):
     import torch._dynamo  # noqa: F401
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+
+# What a reason must never hold: exception class names, "Error:"-style text, reprs,
+# library names or their messages.
+INTERNAL_TEXT = re.compile(
+    r"\w*(Error|Exception)\b|\.error\b|Errno|Traceback|<\w|\bNone\b"
+    r"|libdicom|tifffile|Pillow|imagecodecs|TIFFRGBA|zlib|OpenSlide"
+)
+
+
+def assert_technician_reason(reason: str) -> None:
+    """One line, a plain sentence, no internal text."""
+    assert reason == " ".join(reason.split()), reason
+    assert not INTERNAL_TEXT.search(reason), reason
+    assert reason[0].isalpha() and len(reason.split()) >= 5 and len(reason) < 240, reason
 
 
 @pytest.fixture(autouse=True)
@@ -44,3 +59,15 @@ def small_scan_writer() -> object:
     from tests.fixtures.tiny_bundle import write_small_scan
 
     return write_small_scan
+
+
+@pytest.fixture(scope="session")
+def openslide_files() -> Path:
+    """openslide-python's real test slides, good and broken (tests/fixtures/openslide_files.py)."""
+    from tests.fixtures.openslide_files import FOLDER, present
+
+    if not FOLDER.is_dir():
+        pytest.skip(f"openslide-python's test files are not in {FOLDER}: run `make testdata`")
+    if not present():
+        pytest.fail(f"{FOLDER} does not hold the pinned files: remove it and run `make testdata`")
+    return FOLDER

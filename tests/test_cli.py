@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from appliance.readers.formats import FORMATS
+
 SUBCOMMANDS = ("run", "score", "gui", "demo", "doctor", "export", "bench")
 
 
@@ -28,11 +30,15 @@ def test_help_lists_every_subcommand() -> None:
 
 
 def test_doctor_exits_zero_on_this_machine() -> None:
-    result = cytoedge("doctor")
+    result = cytoedge("doctor", env={"COLUMNS": "250"})
     assert result.returncode == 0, result.stdout + result.stderr
     assert "ort-cpu" in result.stdout
     assert "OpenSlide: library" in result.stdout
     assert "Ready to score once the demo bundle is built." in result.stdout
+    # The formats it lists are the readers' table, and only those.
+    for fmt in FORMATS:
+        assert f"{fmt.name} " in result.stdout and " ".join(fmt.extensions) in result.stdout
+    assert ".czi" not in result.stdout
 
 
 def test_doctor_fails_for_a_configured_bundle_that_is_not_there(tmp_path: Path) -> None:

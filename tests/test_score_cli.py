@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import subprocess
@@ -10,6 +11,9 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+
+from tests.conftest import assert_technician_reason
+from tests.runtime_models import TinyBundle
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -87,3 +91,45 @@ def test_without_a_bundle_score_says_so_in_one_line(tmp_path: Path) -> None:
     assert done.returncode == 2
     assert len(done.stderr.strip().splitlines()) == 1
     assert "no usable model bundle" in done.stderr and "cytoedge demo" in done.stderr
+
+
+def test_a_real_unopenable_tiff_is_one_rejection_line_not_a_traceback(
+    openslide_files: Path, tmp_path: Path
+) -> None:
+    """openslide-python's unopenable.tiff once crashed the TIFF reader when a pixel size
+    was configured (the reader's own error message failed)."""
+    tiny = TinyBundle(tmp_path / "tiny")
+    tiny.write()
+    config = tmp_path / "cytoedge.toml"
+    config.write_text(
+        f'[paths]\nbundle = "{tiny.path}"\n\n[scan]\npixel_size_um = 0.25\n', encoding="utf-8"
+    )
+    scan = openslide_files / "unopenable.tiff"
+    done = cytoedge("score", str(scan), config=config)
+    assert done.returncode == 1, done.stderr
+    assert "Traceback" not in done.stderr + done.stdout
+    [line] = [line for line in done.stderr.splitlines() if line.startswith("cytoedge:")]
+    prefix = f"cytoedge: rejected {scan}: "
+    assert line.startswith(prefix), line
+    assert_technician_reason(line.removeprefix(prefix))
+
+
+def test_a_reader_out_of_memory_is_a_rejection_of_that_scan(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from rich.console import Console
+
+    from appliance import score_cli
+    from appliance.config import load_config
+
+    bundle = TinyBundle(tmp_path / "tiny").write()
+
+    def out_of_memory(path: Path, *args: object, **kwargs: object) -> None:
+        raise MemoryError
+
+    monkeypatch.setattr(score_cli, "process_slide", out_of_memory)
+    scan = tmp_path / "big.svs"
+    run = score_cli.score_inputs(
+        [("big", [scan])], bundle, load_config(None), Console(file=io.StringIO())
+    )
+    assert run.rejected == [(scan, score_cli.OUT_OF_MEMORY)] and run.cases == []

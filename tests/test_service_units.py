@@ -9,13 +9,13 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from appliance.readers import scan_fingerprint
 from appliance.service import units
 from appliance.service.units import (
     Signature,
     StabilityTracker,
     compile_case_pattern,
     discover,
-    fingerprint,
     signature,
 )
 
@@ -149,7 +149,7 @@ def test_fingerprint_is_content_only_so_copies_and_renames_match(tmp_path: Path)
     write(tmp_path / "m2.mrxs", b"idx")
     write(tmp_path / "m2" / "Data0000.dat", b"d")
     found = by_path(tmp_path)
-    fp = {k: fingerprint(u) for k, u in found.items()}
+    fp = {k: u.members.fingerprint() for k, u in found.items()}
     assert fp["a.svs"] == fp["renamed.svs"] != fp["other.svs"]
     assert fp["m1.mrxs"] == fp["m2.mrxs"]
     import hashlib
@@ -171,19 +171,19 @@ def test_a_scan_handed_over_directly_has_the_watchers_fingerprint(tmp_path: Path
     Image.fromarray(np.zeros((32, 32, 3), np.uint8)).save(cells / "cell_0000.png")
     (cells / ".ready").touch()
     found = by_path(tmp_path)
-    watched = {k: fingerprint(u) for k, u in found.items()}
-    assert watched["field.png"] == units.scan_fingerprint(tmp_path / "field.png")
-    assert watched["m1.mrxs"] == units.scan_fingerprint(tmp_path / "m1.mrxs")
-    assert watched["P0001"] == units.scan_fingerprint(cells)
+    watched = {k: u.members.fingerprint() for k, u in found.items()}
+    assert watched["field.png"] == scan_fingerprint(tmp_path / "field.png")
+    assert watched["m1.mrxs"] == scan_fingerprint(tmp_path / "m1.mrxs")
+    assert watched["P0001"] == scan_fingerprint(cells)
     dicom = watched["wsi/0001.dcm"]
-    assert dicom == units.scan_fingerprint(tmp_path / "wsi")
-    assert dicom == units.scan_fingerprint(tmp_path / "wsi" / "0002.dcm")
+    assert dicom == scan_fingerprint(tmp_path / "wsi")
+    assert dicom == scan_fingerprint(tmp_path / "wsi" / "0002.dcm")
     # The sidecar and the data file count: change one and the scan is another.
-    plain_png = units.scan_fingerprint(tmp_path / "field.png")
+    plain_png = scan_fingerprint(tmp_path / "field.png")
     write(tmp_path / "field.png.json", b'{"pixel_size_um": 0.5}')
-    assert units.scan_fingerprint(tmp_path / "field.png") != plain_png
+    assert scan_fingerprint(tmp_path / "field.png") != plain_png
     write(tmp_path / "m1" / "Data0000.dat", b"e")
-    assert units.scan_fingerprint(tmp_path / "m1.mrxs") != watched["m1.mrxs"]
+    assert scan_fingerprint(tmp_path / "m1.mrxs") != watched["m1.mrxs"]
 
 
 def test_stability_needs_the_same_signature_for_the_whole_quiet_period() -> None:
@@ -232,3 +232,29 @@ def test_a_folder_that_changes_shape_while_written_leaves_no_stray_rows(tmp_path
     assert [(Path(s.path).name, s.state) for s in store.slides()] == [("P1", "waiting")]
     cases = store.cases()
     assert [(c.case_key, c.single) for c in cases] == [("P1", 1)]
+
+
+def test_a_probe_that_fails_unexpectedly_stores_a_sentence_and_logs_the_detail(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    from appliance.service.audit import AuditLog
+    from appliance.service.store import REJECTED, JobStore
+    from appliance.service.watcher import PROBE_INTERNAL_ERROR, InboxWatcher, WatchSettings
+
+    inbox = tmp_path / "inbox"
+    write(inbox / "smear.tif", b"II*\x00 a scan")
+
+    def broken_probe(path: Path) -> None:
+        raise AttributeError("'int' object has no attribute 'name'")
+
+    settings = WatchSettings(inbox, 0.0, 0.0, False, None, "b" * 64)
+    store_file = tmp_path / "jobs.sqlite"
+    watcher = InboxWatcher(
+        settings, store_file, broken_probe, AuditLog(tmp_path / "audit.jsonl"), lambda: None
+    )
+    watcher.tick(0.0)
+    watcher.tick(1.0)
+    [slide] = JobStore(store_file, readonly=True).slides()
+    assert (slide.state, slide.reason) == (REJECTED, PROBE_INTERNAL_ERROR)
+    logged = [r for r in caplog.records if r.exc_info is not None]
+    assert logged and "no attribute 'name'" in str(logged[0].exc_info[1])

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import json
+import logging
 import socket
 import threading
 import time
@@ -33,7 +34,14 @@ from appliance.service.store import (
     JobStore,
     StoreError,
 )
-from appliance.service.worker import CaseOutcome, ProgressFn, SlideOutcome
+from appliance.service.worker import (
+    INTERNAL_ERROR,
+    CaseOutcome,
+    ProgressFn,
+    SlideOutcome,
+    classify,
+    error_text,
+)
 from cytoedge_demo.samples import sample_content
 
 BUNDLE = BundleIdentity("test-bundle", "1.0", "a" * 64)
@@ -267,13 +275,39 @@ def test_bad_inputs_end_rejected_with_a_reason_and_service_goes_on(
     assert "unsupported file type .docx" in reasons["letter"]
 
 
-def test_a_permanent_error_fails_at_once(run_service, tmp_path: Path) -> None:
+def test_a_permanent_error_fails_at_once_with_the_detail_in_the_log_only(
+    run_service, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     engine = StandInEngine(score_errors=[ValueError("heads disagree on shape")])
-    running = run_service(engine)
-    (tmp_path / "inbox" / "P.svs").write_bytes(b"p" * 1000)
-    wait_for(lambda: case_state(running, "P") == FAILED)
+    with caplog.at_level(logging.ERROR, logger="appliance.service.worker"):
+        running = run_service(engine)
+        (tmp_path / "inbox" / "P.svs").write_bytes(b"p" * 1000)
+        wait_for(lambda: case_state(running, "P") == FAILED)
     case = running.store.case_by_key("P")
-    assert case is not None and case.attempts == 1 and "heads disagree" in case.reason
+    assert case is not None and case.attempts == 1
+    assert case.reason == INTERNAL_ERROR.format(job="case")
+    failed = [r for r in caplog.records if r.getMessage() == "case failed"]
+    assert failed and failed[0].exc_info is not None
+    assert "heads disagree on shape" in str(failed[0].exc_info[1])
+
+
+def test_stored_error_text_is_a_sentence_never_internal_text() -> None:
+    assert error_text(NotAnImageError(Path("x.svs"), "not an image: no scan format")) == (
+        "not an image: no scan format"
+    )
+    assert error_text(KeyError("tile 7")) == INTERNAL_ERROR.format(job="scan")
+    assert error_text(AttributeError("'int' object has no attribute 'name'"), "case") == (
+        INTERNAL_ERROR.format(job="case")
+    )
+    disk_full = OSError(errno.ENOSPC, "No space left on device")
+    assert error_text(disk_full) == "temporary system problem: No space left on device"
+    wrapped = RuntimeError("writing the report failed")
+    wrapped.__cause__ = disk_full
+    assert classify(wrapped) == "transient" and "No space left" in error_text(wrapped)
+    gpu = RuntimeError("CUDA failure 2: out of memory ; GPU=0 ; file=cuda_allocator.cc")
+    assert classify(gpu) == "transient"
+    assert error_text(gpu) == "temporary system problem: out of memory"
+    assert classify(KeyError("tile 7")) == "permanent"
 
 
 def test_case_folder_waits_for_ready_and_a_late_slide_bumps_the_version(

@@ -1,6 +1,10 @@
 """Reading scans: one entry point for every format, typed errors for every bad input.
 
-``open_scan(path, pixel_size_um=cfg.scan.pixel_size_um) -> Scan`` picks the reader:
+What is read, and by which library, is one table: ``formats.FORMATS`` (the
+inbox watcher and ``cytoedge doctor`` use it too). ``open_scan(path,
+pixel_size_um=cfg.scan.pixel_size_um) -> Scan`` refuses an extension the table
+does not hold, decides the format by the file's leading bytes (``formats.sniff``)
+and tries that format's readers in order:
 
 * OpenSlide for what it recognises (SVS, NDPI, MRXS, SCN, DICOM WSI, BIF, generic
   tiled TIFF, ...);
@@ -8,11 +12,12 @@
   when OpenSlide recognises a TIFF but fails to open it;
 * Pillow for single fields (PNG, JPEG, BMP).
 
-The format is decided by the file's leading bytes, never by its extension alone.
-Every failure is a ``ScanError`` subclass with a one-line ``reason``.
+Every failure is a ``ScanError`` subclass with a one-line ``reason`` written for
+a technician; a library's own exception text never becomes one.
 ``probe(path)`` is the cheap "does it open cleanly" check the service runs before
 queuing a file (headers, pixel size, a thumbnail, one full-resolution tile);
 ``open_cell_folder(folder)`` reads the peripheral-blood folders of single cells.
+``scan_members`` / ``scan_fingerprint`` say which files make up a scan and hash them.
 """
 
 from __future__ import annotations
@@ -21,9 +26,9 @@ from pathlib import Path
 
 import tifffile
 
-from . import openslide_scan
+from . import formats, openslide_scan
 from .base import TARGET_UM_PER_PX, Level, Scan, ScanInfo, check_brightfield
-from .cell_folder import CellFolder, is_complete, open_cell_folder
+from .cell_folder import CellFolder, open_cell_folder
 from .errors import (
     BlankScanError,
     CellFolderError,
@@ -36,8 +41,11 @@ from .errors import (
     ScanNotFoundError,
     UnreadableScanError,
     UnsupportedScanError,
+    fails_as,
 )
+from .formats import Reader
 from .image_scan import ImageScan
+from .members import ScanMembers, scan_fingerprint, scan_members
 from .tiff_scan import TiffScan
 
 __all__ = [
@@ -54,73 +62,80 @@ __all__ = [
     "Scan",
     "ScanError",
     "ScanInfo",
+    "ScanMembers",
     "ScanNotFoundError",
     "UnreadableScanError",
     "UnsupportedScanError",
-    "is_complete",
     "open_cell_folder",
     "open_scan",
     "probe",
+    "scan_fingerprint",
+    "scan_members",
 ]
 
-# Extensions of multi-file or text-headed slide formats whose first bytes are not an image magic.
-_OPENSLIDE_ONLY = {".mrxs", ".vms", ".vmu", ".svslide"}
 _THUMBNAIL_UM = 16.0  # coarse enough to be cheap, fine enough to see cells as colour
-
-
-def _sniff(path: Path) -> str:
-    with path.open("rb") as handle:
-        head = handle.read(132)
-    if head[:4] in (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+"):
-        return "tiff"
-    if head[128:132] == b"DICM":
-        return "dicom"
-    if head[:3] == b"\xff\xd8\xff":
-        return "jpeg"
-    if head[:8] == b"\x89PNG\r\n\x1a\n":
-        return "png"
-    if head[:2] == b"BM":
-        return "bmp"
-    return "unknown"
+# The last word on a file that fails in a way no reader foresaw.
+_UNREADABLE = (
+    "the file cannot be read: its contents are damaged or not laid out as its format requires"
+)
 
 
 def _is_ome(path: Path) -> bool:
     try:
         with tifffile.TiffFile(path) as tif:
             return bool(tif.is_ome)
-    except (tifffile.TiffFileError, ValueError, OSError):
+    except Exception:  # not parseable here is not OME; OpenSlide's open decides
         return False
 
 
 def _check_file(path: Path) -> None:
     if not path.exists():
-        raise ScanNotFoundError(path, "file not found")
+        raise ScanNotFoundError(path, "file not found: it was moved or deleted")
     if not path.is_file():
-        raise ScanNotFoundError(path, "not a regular file")
+        raise ScanNotFoundError(path, "not a regular file (a folder or a device)")
+    if formats.format_for_extension(path) is None:
+        raise UnsupportedScanError(path, formats.unsupported_reason(path))
     if path.stat().st_size == 0:
         raise EmptyFileError(path, "empty file (0 bytes): still being copied or a failed transfer")
 
 
 def _open_unchecked(path: Path, pixel_size_um: float) -> Scan:
-    kind = _sniff(path)
-    if kind in ("tiff", "dicom") or path.suffix.lower() in _OPENSLIDE_ONLY:
-        vendor = openslide_scan.detect(path)
-        if vendor == "generic-tiff" and _is_ome(path):
-            vendor = None  # OpenSlide ignores OME's sub-IFD pyramid and PhysicalSizeX
-        if vendor is not None:
+    fmt = formats.sniff(path)
+    if fmt is None:
+        raise NotAnImageError(
+            path,
+            f"not an image: the contents of this {path.suffix.lower()} file match no scan format "
+            "(a document, or the start of the file is damaged)",
+        )
+    opened_but_damaged: UnreadableScanError | None = None
+    for reader in fmt.readers:
+        if reader is Reader.OPENSLIDE:
+            vendor = openslide_scan.detect(path)
+            if vendor == "generic-tiff" and _is_ome(path):
+                vendor = None  # OpenSlide ignores OME's sub-IFD pyramid and PhysicalSizeX
+            if vendor is None:
+                continue
             try:
                 return openslide_scan.OpenSlideScan(path, vendor, pixel_size_um)
-            except UnreadableScanError:
-                if kind != "tiff":
+            except UnreadableScanError as exc:
+                opened_but_damaged = exc  # the next reader may still read it
+        elif reader is Reader.TIFFFILE:
+            try:
+                return TiffScan(path, pixel_size_um)
+            except UnsupportedScanError:
+                if opened_but_damaged is None:
                     raise
-                # OpenSlide knows the TIFF but cannot open it: tifffile may still read it.
-        if kind == "tiff":
-            return TiffScan(path, pixel_size_um)
-        raise UnreadableScanError(path, f"{kind.upper()} file OpenSlide cannot open")
-    if kind in ("jpeg", "png", "bmp"):
-        return ImageScan(path, pixel_size_um)
-    raise NotAnImageError(
-        path, f"not an image: {path.suffix or 'no extension'} file of unknown type"
+                # OpenSlide knows the file and decodes its compression, yet found it
+                # damaged: that says more than a codec the fallback lacks.
+                raise opened_but_damaged from None
+        elif reader is Reader.PILLOW:
+            return ImageScan(path, pixel_size_um)
+    if opened_but_damaged is not None:
+        raise opened_but_damaged
+    raise UnreadableScanError(
+        path,
+        f"the slide reader does not recognise this {path.suffix.lower()} file: it is damaged, "
+        "incomplete, or from a scanner model that is not supported",
     )
 
 
@@ -132,15 +147,12 @@ def open_scan(path: Path | str, pixel_size_um: float = 0.0) -> Scan:
     coarse thumbnail. Raises a ``ScanError`` subclass on any bad input.
     """
     path = Path(path)
-    _check_file(path)
-    try:
+    with fails_as(UnreadableScanError, path, _UNREADABLE):
+        _check_file(path)
         scan = _open_unchecked(path, pixel_size_um)
-    except ScanError:
-        raise
-    except (OSError, ValueError, MemoryError) as exc:
-        raise UnreadableScanError(path, f"cannot read: {type(exc).__name__}: {exc}") from None
     try:
-        check_brightfield(path, scan.thumbnail(max(_THUMBNAIL_UM, TARGET_UM_PER_PX)))
+        with fails_as(UnreadableScanError, path, _UNREADABLE):
+            check_brightfield(path, scan.thumbnail(max(_THUMBNAIL_UM, TARGET_UM_PER_PX)))
     except BaseException:
         scan.close()
         raise

@@ -22,12 +22,15 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from .errors import NotBrightfieldError
+from .errors import NotBrightfieldError, UnreadableScanError, fails_as
 
 TARGET_UM_PER_PX = 0.25
 WHITE = 255
 # One read_region call may return at most this many pixels (a programming guard, ~200 MB RGB).
 MAX_REGION_PIXELS = 64 * 1024 * 1024
+_DAMAGED_DATA = (
+    "the image data is damaged: part of the scan cannot be decoded (the copy may be incomplete)"
+)
 # Blocks of this many output pixels per side when a thumbnail is assembled from a large level.
 _THUMB_BLOCK = 512
 
@@ -182,13 +185,18 @@ class Scan(ABC):
         cx0, cy0 = max(x, 0), max(y, 0)
         cx1, cy1 = min(x + w, lvl.width), min(y + h, lvl.height)
         if cx0 == x and cy0 == y and cx1 == x + w and cy1 == y + h:
-            return self._read_level(level, x, y, w, h)
+            return self._read_checked(level, x, y, w, h)
         out = np.full((h, w, 3), WHITE, np.uint8)
         if cx1 > cx0 and cy1 > cy0:
-            out[cy0 - y : cy1 - y, cx0 - x : cx1 - x] = self._read_level(
+            out[cy0 - y : cy1 - y, cx0 - x : cx1 - x] = self._read_checked(
                 level, cx0, cy0, cx1 - cx0, cy1 - cy0
             )
         return out
+
+    def _read_checked(self, level: int, x: int, y: int, w: int, h: int) -> np.ndarray:
+        """``_read_level``; a decoder's failure on damaged data becomes a one-line reason."""
+        with fails_as(UnreadableScanError, self.path, _DAMAGED_DATA):
+            return self._read_level(level, x, y, w, h)
 
 
 def check_brightfield(path: Path, thumbnail: np.ndarray) -> None:

@@ -1,10 +1,13 @@
 """A folder of single-cell images: the peripheral-blood workflow (no segmentation).
 
 One folder per patient (the folder name is the patient / case id) holding
-crops, 144x144 px by default (Metafer exports TIFF). The folder is complete when
-it holds a ``.ready`` file or a ``manifest.json``; the manifest, when present,
-lists the cells: ``{"cells": ["c0001.tif", ...], "pixel_size_um": 0.25}``
-(``pixel_size_um`` optional) and every listed file must exist.
+crops, 144x144 px by default (Metafer exports TIFF), at most
+``formats.MAX_CELL_SIDE`` px a side. The folder is complete when it holds a
+``.ready`` file or a ``manifest.json`` (``formats.cell_folder_complete``); the
+manifest, when present, lists the cells: ``{"cells": ["c0001.tif", ...],
+"pixel_size_um": 0.25}`` (``pixel_size_um`` optional) and every listed file
+must exist. Without a manifest the cells are the files with the extensions of
+``formats.CELL_EXTENSIONS``.
 """
 
 from __future__ import annotations
@@ -16,17 +19,12 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import CellFolderError, ScanError
+from . import formats
+from .errors import CellFolderError, ScanError, fails_as
+from .formats import MANIFEST_FILE, MAX_CELL_SIDE, READY_FILE
 from .image_scan import decode_rgb, open_image
 
-READY_FILE = ".ready"
-MANIFEST_FILE = "manifest.json"
-CELL_EXTENSIONS = {".tif", ".tiff", ".png", ".jpg", ".jpeg", ".bmp"}
-MAX_CELL_PIXELS = 1024 * 1024  # a single cell crop; anything larger is not one
-
-
-def is_complete(folder: Path) -> bool:
-    return (folder / READY_FILE).is_file() or (folder / MANIFEST_FILE).is_file()
+_MANIFEST_EXAMPLE = '{"cells": ["c0001.tif", ...], "pixel_size_um": 0.25}'
 
 
 @dataclass(frozen=True)
@@ -45,7 +43,7 @@ class CellFolder:
         """uint8 (H, W, 3) of cell ``index``; a bad file raises CellFolderError naming it."""
         path = self.image_paths[index]
         try:
-            with open_image(path, max_pixels=MAX_CELL_PIXELS) as image:
+            with open_image(path, max_pixels=MAX_CELL_SIDE * MAX_CELL_SIDE) as image:
                 return decode_rgb(path, image)
         except ScanError as exc:
             raise CellFolderError(self.path, f"cell image {path.name}: {exc.reason}") from None
@@ -56,34 +54,63 @@ class CellFolder:
             yield path.name, self.read(index)
 
 
+def _manifest(folder: Path) -> tuple[list[Path], float | None]:
+    """The cells a manifest lists (each must exist) and its pixel size, if it gives one."""
+    manifest = folder / MANIFEST_FILE
+    with fails_as(CellFolderError, folder, f"{MANIFEST_FILE} cannot be read"):
+        text = manifest.read_text(encoding="utf-8")
+    with fails_as(CellFolderError, folder, f"{MANIFEST_FILE} is not valid JSON"):
+        data = json.loads(text)
+    shape = f"{MANIFEST_FILE} must list the cells, e.g. {_MANIFEST_EXAMPLE}"
+    with fails_as(CellFolderError, folder, shape):
+        names = [str(name) for name in data["cells"]]
+        pixel_um = float(data["pixel_size_um"]) if "pixel_size_um" in data else None
+    paths = [folder / name for name in names]
+    missing = [p.name for p in paths if not p.is_file()]
+    if missing:
+        raise CellFolderError(
+            folder, f"{MANIFEST_FILE} lists {len(missing)} missing files, e.g. {missing[0]}"
+        )
+    return paths, pixel_um
+
+
+def _check_crop(folder: Path, path: Path) -> None:
+    """Each image must be a single-cell crop by its header (the inbox decides the same way)."""
+    size = formats.image_size(path)
+    if size is None:
+        raise CellFolderError(
+            folder, f"cell image {path.name} is not a readable image (not an image, or damaged)"
+        )
+    if not formats.fits_a_cell(size):
+        raise CellFolderError(
+            folder,
+            f"cell image {path.name} is {size[0]}x{size[1]} px: a single-cell crop is at most "
+            f"{MAX_CELL_SIDE} px a side",
+        )
+
+
 def open_cell_folder(folder: Path) -> CellFolder:
     """Validate a complete cell folder; raises CellFolderError with a one-line reason."""
     folder = Path(folder)
     if not folder.is_dir():
-        raise CellFolderError(folder, "not a folder")
-    if not is_complete(folder):
+        raise CellFolderError(folder, "not a folder: a single-cell scan is a folder of crops")
+    if not formats.cell_folder_complete(folder):
         raise CellFolderError(
             folder, f"not complete yet: no {READY_FILE} file and no {MANIFEST_FILE}"
         )
     pixel_um: float | None = None
-    manifest = folder / MANIFEST_FILE
-    if manifest.is_file():
-        try:
-            data = json.loads(manifest.read_text(encoding="utf-8"))
-            names = [str(name) for name in data["cells"]]
-            pixel_um = float(data["pixel_size_um"]) if "pixel_size_um" in data else None
-        except (OSError, ValueError, TypeError, KeyError) as exc:
-            raise CellFolderError(folder, f"{MANIFEST_FILE} is not valid: {exc}") from None
-        paths = [folder / name for name in names]
-        missing = [p.name for p in paths if not p.is_file()]
-        if missing:
-            raise CellFolderError(
-                folder, f"{MANIFEST_FILE} lists {len(missing)} missing files, e.g. {missing[0]}"
-            )
+    if (folder / MANIFEST_FILE).is_file():
+        paths, pixel_um = _manifest(folder)
     else:
-        paths = sorted(
-            p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in CELL_EXTENSIONS
-        )
+        with fails_as(CellFolderError, folder, "the folder cannot be listed"):
+            paths = sorted(
+                p
+                for p in folder.iterdir()
+                if p.is_file() and p.suffix.lower() in formats.CELL_EXTENSIONS
+            )
     if not paths:
-        raise CellFolderError(folder, "holds no cell images")
+        extensions = ", ".join(formats.CELL_FORMAT.extensions)
+        raise CellFolderError(folder, f"the folder holds no cell images ({extensions})")
+    for path in paths:
+        _check_crop(folder, path)
     return CellFolder(folder, folder.name, tuple(paths), pixel_um)

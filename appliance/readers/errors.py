@@ -2,11 +2,21 @@
 
 The service and ``cytoedge score`` catch ``ScanError`` and report ``reason``
 (the job becomes *rejected*, not *failed*: the input is at fault, not the code).
+A reason is a sentence for a technician: what is wrong with the file and, where
+it helps, what to do. The text of a library's exception never becomes one
+(``fails_as`` logs it at DEBUG instead).
 """
 
 from __future__ import annotations
 
+import errno
+import logging
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+
+log = logging.getLogger(__name__)
 
 
 class ScanError(Exception):
@@ -56,3 +66,25 @@ class BlankScanError(ScanError):
 
 class CellFolderError(ScanError):
     """A folder of single-cell images that is incomplete, empty or holds unusable images."""
+
+
+@contextmanager
+def fails_as(error: type[ScanError], path: Path, reason: str) -> Iterator[None]:
+    """Turn any failure inside the block into ``error(path, reason)``.
+
+    Image libraries raise all kinds of exceptions on damaged data (TypeError,
+    zlib.error, struct.error, ...), so this is broad on purpose. A ``ScanError``
+    passes unchanged, and so does ``MemoryError`` (the machine, not the file:
+    the service retries it). An operating-system error (permissions, I/O) is
+    about the storage, not the contents, and is said so.
+    """
+    try:
+        yield
+    except (ScanError, MemoryError):
+        raise
+    except Exception as exc:
+        log.debug("reader failed: %s", reason, exc_info=exc, extra={"path": str(path)})
+        if isinstance(exc, OSError) and exc.errno in errno.errorcode:
+            why = os.strerror(exc.errno).lower()
+            raise error(path, f"the file cannot be read from storage: {why}") from None
+        raise error(path, reason) from None

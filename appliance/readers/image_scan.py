@@ -14,10 +14,22 @@ from PIL import Image, UnidentifiedImageError
 
 from . import pixel_size
 from .base import Level, Scan
-from .errors import NotAnImageError, NotBrightfieldError, UnreadableScanError
+from .errors import (
+    NotAnImageError,
+    NotBrightfieldError,
+    ScanError,
+    UnreadableScanError,
+    fails_as,
+)
 from .limits import MAX_FIELD_PIXELS, check_dimensions
 
 _RGB_MODES = {"RGB", "RGBA", "P", "CMYK", "YCbCr"}
+_GRAY_MODES = {"1", "L", "LA", "La", "I", "I;16", "I;16B", "I;16L", "I;16N", "F"}
+_DAMAGED_HEADER = "the image is damaged: its header cannot be read"
+_DAMAGED_DATA = (
+    "truncated or damaged image: its pixel data ends early or cannot be decoded "
+    "(the copy may be incomplete)"
+)
 
 
 def _metadata_um(image: Image.Image) -> tuple[float, float] | None:
@@ -41,39 +53,44 @@ def open_image(path: Path, max_pixels: int = MAX_FIELD_PIXELS) -> Image.Image:
         previous = Image.MAX_IMAGE_PIXELS
         Image.MAX_IMAGE_PIXELS = None  # our own check below, from the header
         try:
-            image = Image.open(path)
-        except UnidentifiedImageError:
-            raise NotAnImageError(path, "not an image Pillow recognises") from None
-        except OSError as exc:
-            raise UnreadableScanError(path, f"damaged image: {exc}") from None
+            with fails_as(UnreadableScanError, path, _DAMAGED_HEADER):
+                try:
+                    image = Image.open(path)
+                except UnidentifiedImageError:
+                    raise NotAnImageError(
+                        path, "not an image: its contents match no image format"
+                    ) from None
         finally:
             Image.MAX_IMAGE_PIXELS = previous
-    check_dimensions(path, image.width, image.height, max_pixels=max_pixels)
+    try:
+        check_dimensions(path, image.width, image.height, max_pixels=max_pixels)
+    except ScanError:
+        image.close()
+        raise
     return image
 
 
 def decode_rgb(path: Path, image: Image.Image) -> np.ndarray:
     """Decode to uint8 RGB; grayscale / 16-bit / multi-frame fluorescence is rejected."""
     if image.mode not in _RGB_MODES:
+        kind = "grayscale image" if image.mode in _GRAY_MODES else "image not in 8-bit colour"
         raise NotBrightfieldError(
-            path, f"{image.mode} image: an 8-bit colour brightfield is needed"
+            path, f"{kind}: an 8-bit colour (RGB) brightfield image is needed"
         )
-    if getattr(image, "n_frames", 1) > 1 and image.format == "TIFF":
-        raise NotBrightfieldError(path, f"{image.n_frames}-frame TIFF: looks like fluorescence")
-    try:
+    with fails_as(UnreadableScanError, path, _DAMAGED_DATA):
+        frames = getattr(image, "n_frames", 1)  # a TIFF walks its directories for this
+        if frames > 1 and image.format == "TIFF":
+            raise NotBrightfieldError(path, f"{frames}-frame TIFF: looks like fluorescence")
         image.load()
-    except (OSError, ValueError) as exc:
-        raise UnreadableScanError(path, f"damaged or truncated image data: {exc}") from None
-    rgb = image.convert("RGBA").convert("RGB") if image.mode == "P" else image.convert("RGB")
-    return np.asarray(rgb)
+        rgb = image.convert("RGBA").convert("RGB") if image.mode == "P" else image.convert("RGB")
+        return np.asarray(rgb)
 
 
 class ImageScan(Scan):
     def __init__(self, path: Path, configured_um: float) -> None:
         image = open_image(path)
         with image:
-            metadata = _metadata_um(image)
-            mpp_x, mpp_y, source = pixel_size.resolve(path, metadata, configured_um)
+            mpp_x, mpp_y, source = pixel_size.resolve(path, _metadata_um(image), configured_um)
             self._pixels = decode_rgb(path, image)
             self.format = f"image:{(image.format or 'unknown').lower()}"
         height, width = self._pixels.shape[:2]

@@ -17,8 +17,13 @@ MAX_TILE_PIXELS = 16 * 1024 * 1024
 
 def check_dimensions(path: Path, width: int, height: int, max_pixels: int = MAX_PIXELS) -> None:
     if width <= 0 or height <= 0:
-        raise ImageTooLargeError(path, f"invalid dimensions {width}x{height}")
+        raise ImageTooLargeError(
+            path,
+            f"the header gives impossible dimensions, {width}x{height} px: the file is damaged",
+        )
     if width > MAX_SIDE or height > MAX_SIDE or width * height > max_pixels:
         raise ImageTooLargeError(
-            path, f"dimensions {width}x{height} exceed any real slide (decompression-bomb guard)"
+            path,
+            f"the header claims {width}x{height} px, which would exceed any real slide: "
+            "the file is damaged or not a slide scan",
         )

@@ -9,7 +9,7 @@ import openslide
 
 from . import pixel_size
 from .base import Level, Scan
-from .errors import UnreadableScanError
+from .errors import UnreadableScanError, fails_as
 from .limits import check_dimensions
 
 
@@ -40,12 +40,12 @@ def metadata_um(props: dict[str, str]) -> tuple[float, float] | None:
 
 class OpenSlideScan(Scan):
     def __init__(self, path: Path, vendor: str, configured_um: float) -> None:
-        try:
+        reason = (
+            f"this {path.suffix.lower()} file cannot be opened: it is damaged or incomplete "
+            "(the copy may be unfinished)"
+        )
+        with fails_as(UnreadableScanError, path, reason):
             self._slide = openslide.OpenSlide(str(path))
-        except openslide.OpenSlideError as exc:
-            raise UnreadableScanError(
-                path, f"OpenSlide cannot open this {vendor} file: {exc}"
-            ) from None
         try:
             props = dict(self._slide.properties)
             levels = tuple(
@@ -64,12 +64,9 @@ class OpenSlideScan(Scan):
 
     def _read_level(self, level: int, x: int, y: int, w: int, h: int) -> np.ndarray:
         downsample = self.levels[level].downsample
-        try:
-            region = self._slide.read_region(
-                (round(x * downsample), round(y * downsample)), level, (w, h)
-            )
-        except openslide.OpenSlideError as exc:
-            raise UnreadableScanError(self.path, f"damaged image data: {exc}") from None
+        region = self._slide.read_region(
+            (round(x * downsample), round(y * downsample)), level, (w, h)
+        )
         rgba = np.asarray(region)
         # OpenSlide returns un-premultiplied RGBA; transparent means "no data": white glass.
         alpha = rgba[..., 3:4].astype(np.uint16)

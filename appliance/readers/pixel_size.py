@@ -16,15 +16,18 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from .errors import PixelSizeError
+from .errors import PixelSizeError, fails_as
 
 # Anything outside this range is not a brightfield microscope scan (4x objective ~2.5 um/px).
 PLAUSIBLE_UM = (0.02, 10.0)
 UM_PER_UNIT = {"inch": 25_400.0, "centimeter": 10_000.0, "millimeter": 1_000.0}
 
 
+SIDECAR_SUFFIX = ".json"
+
+
 def sidecar_path(path: Path) -> Path:
-    return path.with_name(path.name + ".json")
+    return path.with_name(path.name + SIDECAR_SUFFIX)
 
 
 def plausible(um: float | None) -> bool:
@@ -39,6 +42,17 @@ def from_resolution(pixels_per_unit: float, unit: str) -> float | None:
     return factor / pixels_per_unit
 
 
+def _sidecar_um(path: Path, sidecar: Path) -> tuple[float, float]:
+    example = 'e.g. {"pixel_size_um": 0.25}'
+    with fails_as(PixelSizeError, path, f"sidecar {sidecar.name} cannot be read"):
+        text = sidecar.read_text(encoding="utf-8")
+    with fails_as(PixelSizeError, path, f"sidecar {sidecar.name} is not valid JSON ({example})"):
+        data = json.loads(text)
+    with fails_as(PixelSizeError, path, f"sidecar {sidecar.name} must give the size, {example}"):
+        x = float(data["pixel_size_um"])
+        return x, float(data.get("pixel_size_um_y", x))
+
+
 def resolve(
     path: Path,
     metadata_um: tuple[float, float] | None,
@@ -47,14 +61,7 @@ def resolve(
     """(mpp_x, mpp_y, source) for ``path`` by the rule in this module's docstring."""
     sidecar = sidecar_path(path)
     if sidecar.is_file():
-        try:
-            data = json.loads(sidecar.read_text(encoding="utf-8"))
-            x = float(data["pixel_size_um"])
-            y = float(data.get("pixel_size_um_y", x))
-        except (OSError, ValueError, TypeError, KeyError) as exc:
-            raise PixelSizeError(
-                path, f'sidecar {sidecar.name} must hold {{"pixel_size_um": <number>}} ({exc})'
-            ) from None
+        x, y = _sidecar_um(path, sidecar)
         if not (plausible(x) and plausible(y)):
             raise PixelSizeError(path, f"sidecar {sidecar.name}: pixel size {x} um is implausible")
         return x, y, "sidecar"

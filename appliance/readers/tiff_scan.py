@@ -18,11 +18,15 @@ from .base import Level, Scan
 from .errors import (
     ImageTooLargeError,
     NotBrightfieldError,
+    ScanError,
     UnreadableScanError,
     UnsupportedScanError,
+    fails_as,
 )
 from .limits import MAX_FIELD_PIXELS, MAX_TILE_PIXELS, check_dimensions
 
+_DAMAGED_STRUCTURE = "the TIFF is damaged: its header or image directory cannot be read"
+_TRUNCATED_TILE = "truncated file: a tile's data stops before its end (the copy may be incomplete)"
 _OME_UNITS_UM = {"µm": 1.0, "um": 1.0, "nm": 1e-3, "mm": 1e3, "cm": 1e4, "m": 1e6}
 
 
@@ -43,6 +47,25 @@ def _ome_um(xml: str) -> tuple[float, float] | None:
     return None
 
 
+def _compression_error(path: Path, compression: int) -> ScanError:
+    """A compression tifffile cannot decode here: unsupported when it is a known codec,
+    unreadable (most likely damaged) when the TIFF names a code no codec has."""
+    # tifffile gives a COMPRESSION member for codes it knows, the bare number otherwise.
+    name = getattr(compression, "name", None)
+    if name is None:
+        return UnreadableScanError(
+            path,
+            f"the TIFF's image data uses an unknown compression (code {int(compression)}): "
+            "the file is damaged or was written by software this appliance does not support",
+        )
+    # Reached only for TIFFs OpenSlide does not open (it decodes these codecs itself).
+    return UnsupportedScanError(
+        path,
+        f"this TIFF cannot be decoded: it is {name.replace('_', ' ')}-compressed but not a "
+        "tiled slide scan the slide reader opens (or it is damaged)",
+    )
+
+
 def _tag_um(page: tifffile.TiffPage) -> tuple[float, float] | None:
     tags = page.tags
     if "XResolution" not in tags or "ResolutionUnit" not in tags:
@@ -60,37 +83,39 @@ def _tag_um(page: tifffile.TiffPage) -> tuple[float, float] | None:
 
 class TiffScan(Scan):
     def __init__(self, path: Path, configured_um: float) -> None:
-        try:
+        with fails_as(UnreadableScanError, path, _DAMAGED_STRUCTURE):
             self._tif = tifffile.TiffFile(path)
-        except (tifffile.TiffFileError, ValueError, OSError) as exc:
-            raise UnreadableScanError(path, f"damaged TIFF: {exc}") from None
+        self.path = path  # the early decode below runs before Scan.__init__ sets it
+        self._whole: dict[int, np.ndarray] = {}
         try:
-            self._pages, levels, kind, metadata = self._inspect(path)
+            with fails_as(UnreadableScanError, path, _DAMAGED_STRUCTURE):
+                self._pages, levels, kind, metadata = self._inspect(path)
             mpp_x, mpp_y, source = pixel_size.resolve(path, metadata, configured_um)
+            self._read_checked(len(levels) - 1, 0, 0, 1, 1)  # decode one tile now: fail early
         except BaseException:
             self._tif.close()
             raise
         self.format = f"tifffile:{kind}"
-        self._whole: dict[int, np.ndarray] = {}
         super().__init__(path, levels, mpp_x, mpp_y, source)
-        self._read_level(len(levels) - 1, 0, 0, 1, 1)  # decode one tile now: fail early
 
     def _inspect(
         self, path: Path
     ) -> tuple[list[tifffile.TiffPage], tuple[Level, ...], str, tuple[float, float] | None]:
-        try:
-            series = self._tif.series[0]
-            pages = [level.keyframe for level in series.levels]
-        except (IndexError, tifffile.TiffFileError, ValueError) as exc:
-            raise UnreadableScanError(path, f"damaged TIFF structure: {exc}") from None
+        series = self._tif.series[0]
+        pages = [level.keyframe for level in series.levels]
         first = pages[0]
         channels = first.samplesperpixel
         if first.photometric in (tifffile.PHOTOMETRIC.MINISBLACK, tifffile.PHOTOMETRIC.MINISWHITE):
             extra = f" with {series.shape[0]} channels" if len(series.shape) > 2 else ""
-            raise NotBrightfieldError(path, f"grayscale or fluorescence TIFF{extra}, not RGB")
+            raise NotBrightfieldError(
+                path,
+                f"grayscale or fluorescence TIFF{extra}: a colour (RGB) brightfield scan is needed",
+            )
         if channels < 3 or first.dtype != np.uint8:
             raise NotBrightfieldError(
-                path, f"{channels}-sample {first.dtype} TIFF: an 8-bit RGB scan is needed"
+                path,
+                f"{first.bitspersample}-bit TIFF with {channels} samples per pixel: "
+                "an 8-bit colour (RGB) scan is needed",
             )
         if first.planarconfig != tifffile.PLANARCONFIG.CONTIG:
             raise UnsupportedScanError(path, "planar (separate-channel) RGB TIFF is not supported")
@@ -101,13 +126,19 @@ class TiffScan(Scan):
             end = max((o + c for o, c in zip(page.dataoffsets, page.databytecounts, strict=True)))
             if end > size:
                 raise UnreadableScanError(
-                    path, f"truncated file: image data runs to byte {end} of {size}"
+                    path,
+                    f"truncated file: the image data needs {end} bytes but the file has {size} "
+                    "(the copy may be incomplete)",
                 )
+            if page.compression not in tifffile.TIFF.DECOMPRESSORS:
+                raise _compression_error(path, page.compression)
         levels = []
         for page in pages:
             if page.is_tiled and page.tilewidth * page.tilelength > MAX_TILE_PIXELS:
                 raise ImageTooLargeError(
-                    path, f"tile {page.tilewidth}x{page.tilelength} is absurdly large"
+                    path,
+                    f"its tiles of {page.tilewidth}x{page.tilelength} px are far larger than "
+                    "any scanner writes: the file is damaged",
                 )
             if not page.is_tiled and page.imagewidth * page.imagelength > MAX_FIELD_PIXELS:
                 raise ImageTooLargeError(
@@ -122,17 +153,11 @@ class TiffScan(Scan):
 
     def _read_level(self, level: int, x: int, y: int, w: int, h: int) -> np.ndarray:
         page = self._pages[level]
-        try:
-            if not page.is_tiled:
-                if level not in self._whole:
-                    self._whole[level] = page.asarray()[..., :3]
-                return self._whole[level][y : y + h, x : x + w]
-            return self._read_tiles(page, x, y, w, h)
-        except (ValueError, NotImplementedError, tifffile.TiffFileError, OSError) as exc:
-            reason = f"cannot decode {page.compression.name} image data: {exc}"
-            raise UnsupportedScanError(self.path, reason) from None
-        except (IndexError, KeyError) as exc:
-            raise UnreadableScanError(self.path, f"damaged TIFF tiles: {exc}") from None
+        if not page.is_tiled:
+            if level not in self._whole:
+                self._whole[level] = page.asarray()[..., :3]
+            return self._whole[level][y : y + h, x : x + w]
+        return self._read_tiles(page, x, y, w, h)
 
     def _read_tiles(self, page: tifffile.TiffPage, x: int, y: int, w: int, h: int) -> np.ndarray:
         tw, th = page.tilewidth, page.tilelength
@@ -148,7 +173,7 @@ class TiffScan(Scan):
                 handle.seek(offset)
                 data = handle.read(count)
                 if len(data) != count:
-                    raise UnreadableScanError(self.path, "truncated file: tile data missing")
+                    raise UnreadableScanError(self.path, _TRUNCATED_TILE)
                 segment, _, _ = page.decode(data, index, jpegtables=page.jpegtables)
                 tile = segment[0, :, :, :3]
                 ty0, tx0 = row * th, col * tw

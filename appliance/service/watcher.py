@@ -23,6 +23,8 @@ from watchdog.events import FileSystemEvent, FileSystemEventHandler
 from watchdog.observers import Observer
 from watchdog.observers.polling import PollingObserver
 
+from appliance.readers import ScanError, formats
+from appliance.readers.formats import Layout
 from appliance.service import units
 from appliance.service.audit import AuditLog
 from appliance.service.audit import iso as _iso
@@ -35,6 +37,7 @@ TICK_SECONDS = 0.5
 # A complete file the reader still cannot open gets this many quiet periods to
 # become readable (some writers finish a header last), then it is rejected.
 PROBE_PATIENCE = 3
+PROBE_INTERNAL_ERROR = "internal error while checking this scan; the service log has the details"
 
 
 @dataclass(frozen=True)
@@ -202,7 +205,7 @@ class InboxWatcher:
             self.store.update_waiting(row.id, sig.size, sig.mtime, wall)
         if quiet_for < self.settings.quiet_seconds:
             return
-        if unit.kind == "cells" and not _cell_folder_complete(unit.path):
+        if unit.kind is Layout.CELL_FOLDER and not formats.cell_folder_complete(unit.path):
             return  # a cell folder is complete only once it says so
         if not unit.supported:
             self._reject(row, unit, sig, unit.unsupported_reason)
@@ -212,9 +215,9 @@ class InboxWatcher:
         except Exception as exc:
             if quiet_for < PROBE_PATIENCE * self.settings.quiet_seconds:
                 return
-            self._reject(row, unit, sig, _reason(exc))
+            self._reject(row, unit, sig, _reason(exc, unit.path))
             return
-        digest = units.fingerprint(unit)
+        digest = unit.members.fingerprint()
         if units.signature(unit) != sig:
             return  # written to while hashing: not complete after all
         self._admit(row, unit, sig, digest, wall)
@@ -276,10 +279,9 @@ class InboxWatcher:
         self.on_admitted()  # its case may now be complete
 
 
-def _cell_folder_complete(folder: Path) -> bool:
-    return (folder / units.READY_FILE).is_file() or (folder / units.MANIFEST_FILE).is_file()
-
-
-def _reason(exc: BaseException) -> str:
-    reason = getattr(exc, "reason", None) or str(exc) or type(exc).__name__
-    return " ".join(str(reason).split())
+def _reason(exc: BaseException, path: Path) -> str:
+    """The stored reason for a probe failure: the reader's sentence, never internal text."""
+    if isinstance(exc, ScanError):
+        return exc.reason
+    log.error("probe failed unexpectedly", exc_info=exc, extra={"path": str(path)})
+    return PROBE_INTERNAL_ERROR

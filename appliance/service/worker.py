@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import errno
 import logging
+import os
 import re
 import threading
 import time
@@ -23,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
+from appliance.readers.errors import ScanError
 from appliance.results import (
     CaseResult,
     ResultError,
@@ -65,7 +67,16 @@ TRANSIENT_ERRNOS = frozenset(
         errno.EMFILE,
     }
 )
-_TRANSIENT_WORDS = ("out of memory", "failed to allocate", "no space left", "resource exhausted")
+# What libraries (ONNX Runtime, CUDA, TensorRT) say when a retry may succeed, and how we say it.
+_TRANSIENT_WORDS = {
+    "out of memory": "out of memory",
+    "failed to allocate": "out of memory",
+    "resource exhausted": "out of memory",
+    "no space left": "no space left on the disk",
+}
+# What a failure that is neither the input's fault nor temporary is stored as; the
+# log keeps the traceback (internal text is for the site's engineer, not the technician).
+INTERNAL_ERROR = "internal error while processing this {job}; the service log has the details"
 
 
 class JobAbandoned(Exception):  # noqa: N818 - it is a signal, not an error
@@ -140,25 +151,37 @@ class WorkerSettings:
 
 def classify(exc: BaseException) -> str:
     """rejected (the input is at fault), transient (retry later) or permanent."""
-    from appliance.readers.errors import ScanError
-
     if isinstance(exc, ScanError):
         return "rejected"
+    return "transient" if _transient_text(exc) is not None else "permanent"
+
+
+def _transient_text(exc: BaseException) -> str | None:
+    """A sentence for an error a later try may not meet again (transient); None otherwise."""
     if isinstance(exc, OSError) and exc.errno in TRANSIENT_ERRNOS:
-        return "transient"
-    if isinstance(exc, MemoryError | ResultWriteError | TimeoutError):
-        return "transient"
+        return f"temporary system problem: {os.strerror(exc.errno)}"
+    if isinstance(exc, MemoryError):
+        return "temporary system problem: out of memory"
+    if isinstance(exc, ResultWriteError):
+        return "temporary problem: the result folder could not be written"
+    if isinstance(exc, TimeoutError):
+        return "temporary problem: an operation timed out"
     cause = exc.__cause__ or exc.__context__
-    if cause is not None and cause is not exc and classify(cause) == "transient":
-        return "transient"
+    if cause is not None and cause is not exc:
+        from_cause = _transient_text(cause)
+        if from_cause is not None:
+            return from_cause
     text = str(exc).lower()
-    return "transient" if any(w in text for w in _TRANSIENT_WORDS) else "permanent"
+    what = next((said for word, said in _TRANSIENT_WORDS.items() if word in text), None)
+    return None if what is None else f"temporary system problem: {what}"
 
 
-def error_text(exc: BaseException) -> str:
-    reason = getattr(exc, "reason", None)
-    text = str(reason) if reason else f"{type(exc).__name__}: {exc}"
-    return " ".join(text.split())[:500]
+def error_text(exc: BaseException, job: str = "scan") -> str:
+    """What is stored and shown for a failed ``job`` (scan | case): the input's reason,
+    a temporary problem in words, or that an internal error happened."""
+    if isinstance(exc, ScanError):
+        return exc.reason
+    return _transient_text(exc) or INTERNAL_ERROR.format(job=job)
 
 
 def retry_delay(attempts: int, base: float) -> float:
@@ -301,12 +324,15 @@ class Worker:
                 "retry", kind="slide", slide_id=slide.id, path=slide.path, error=text,
                 attempt=slide.attempts, next_attempt_at=iso(at),
             )  # fmt: skip
-            log.warning("slide failed, will retry", extra={"path": slide.path, "error": text})
+            log.warning(
+                "slide failed, will retry",
+                exc_info=exc,
+                extra={"path": slide.path, "error": text},
+            )
         else:
             if kind == "transient":
                 text = f"{text} (gave up after {slide.attempts} attempts)"
-            else:
-                log.error("slide failed", exc_info=exc, extra={"path": slide.path})
+            log.error("slide failed", exc_info=exc, extra={"path": slide.path, "error": text})
             self.store.fail_slide(slide.id, text, now)
             self._audit_slide(slide, FAILED, text, now)
 
@@ -469,7 +495,7 @@ class Worker:
 
     def _case_error(self, case: Case, exc: Exception) -> None:
         kind = classify(exc)
-        text = error_text(exc)
+        text = error_text(exc, "case")
         now = time.time()
         if kind == "transient" and case.attempts < self.settings.max_attempts:
             at = now + retry_delay(case.attempts, self.settings.retry_seconds)
@@ -478,12 +504,16 @@ class Worker:
                 "retry", kind="case", case=case.case_key, error=text,
                 attempt=case.attempts, next_attempt_at=iso(at),
             )  # fmt: skip
-            log.warning("case failed, will retry", extra={"case": case.case_key, "error": text})
+            log.warning(
+                "case failed, will retry",
+                exc_info=exc,
+                extra={"case": case.case_key, "error": text},
+            )
             return
         if kind == "transient":
             text = f"{text} (gave up after {case.attempts} attempts)"
-        elif kind == "permanent":
-            log.error("case failed", exc_info=exc, extra={"case": case.case_key})
+        if kind != "rejected":
+            log.error("case failed", exc_info=exc, extra={"case": case.case_key, "error": text})
         state = REJECTED if kind == "rejected" else FAILED
         if state == REJECTED:
             self.store.finish_case(
