@@ -3,8 +3,9 @@
 A backend is one class in one file of this package: it names itself, says where it
 comes in the automatic order, which of a network's files it prefers, how to tell
 whether this machine can run it (``probe``) and how to load a model (``load``).
-Subclassing ``Backend`` with a ``name`` registers it; ``runtime.backends.registry``
-imports every module of the package, so a new backend is one new file.
+Subclassing ``Backend`` with a ``name`` registers it (``runtime.plugins``);
+``runtime.backends.registry`` imports every module of the package, so a new
+backend is one new file.
 """
 
 from __future__ import annotations
@@ -15,6 +16,8 @@ from pathlib import Path
 from typing import ClassVar
 
 import numpy as np
+
+from runtime.plugins import Registered
 
 
 class BackendError(RuntimeError):
@@ -83,7 +86,7 @@ class ModelVariants:
         return "fp32", self.fp32
 
 
-class Backend(ABC):
+class Backend(Registered, ABC):
     """A loaded network. ``run`` takes and returns numpy arrays keyed by tensor name."""
 
     name: ClassVar[str]  # what the configuration and the logs call it
@@ -91,13 +94,6 @@ class Backend(ABC):
     # Which of a network's files it loads, best first (fp32 is the fallback of all).
     files: ClassVar[tuple[str, ...]] = ("fp32",)
     registered: ClassVar[dict[str, type[Backend]]] = {}
-
-    def __init_subclass__(cls, **kwargs: object) -> None:
-        super().__init_subclass__(**kwargs)
-        if "name" in cls.__dict__:
-            if cls.name in Backend.registered and Backend.registered[cls.name] is not cls:
-                raise TypeError(f"two backends are named {cls.name!r}")
-            Backend.registered[cls.name] = cls
 
     def __init__(self, path: Path, variant: str) -> None:
         self.path = path

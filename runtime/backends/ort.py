@@ -5,11 +5,18 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 
-from runtime.backends.base import Backend, BackendError, BackendStatus, TensorSpec
+from runtime.backends.base import (
+    Backend,
+    BackendError,
+    BackendStatus,
+    ModelVariants,
+    RuntimeSettings,
+    TensorSpec,
+)
 from runtime.probe import gpu_names, package_version
 
 log = logging.getLogger(__name__)
@@ -48,10 +55,24 @@ def provider_status(name: str, provider: str, needs_gpu: bool) -> BackendStatus:
 
 
 class OrtBackend(Backend):
-    """One ONNX Runtime session; the provider is fixed at load and checked to have stuck."""
+    """One ONNX Runtime session; the provider is fixed at load and checked to have stuck.
 
-    provider: str  # ONNX Runtime's execution provider, set by each ORT backend
-    batch: int = 16  # what the provider runs best at along the first axis
+    Each ORT backend is a subclass naming its provider; the probe and the plain load
+    here serve them all.
+    """
+
+    provider: ClassVar[str]  # ONNX Runtime's execution provider
+    needs_gpu: ClassVar[bool] = True
+    batch: ClassVar[int] = 64  # what the provider runs best at along the first axis
+
+    @classmethod
+    def probe(cls) -> BackendStatus:
+        return provider_status(cls.name, cls.provider, cls.needs_gpu)
+
+    @classmethod
+    def load(cls, variants: ModelVariants, settings: RuntimeSettings, engines: Path) -> Backend:
+        variant, path = cls.choose_file(variants)
+        return cls(path, variant, threads=settings.threads)
 
     def __init__(
         self,

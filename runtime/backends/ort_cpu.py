@@ -2,10 +2,7 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
-from runtime.backends.base import BackendStatus, ModelVariants, RuntimeSettings
-from runtime.backends.ort import OrtBackend, provider_status
+from runtime.backends.ort import OrtBackend
 
 
 class OrtCpuBackend(OrtBackend):
@@ -13,16 +10,6 @@ class OrtCpuBackend(OrtBackend):
     priority = 40
     files = ("int8", "fp32")  # int8 only when the bundle lists it (listed means accepted)
     provider = "CPUExecutionProvider"
+    needs_gpu = False
     # A 257-token ViT's matmuls are large already at batch 1: a batch only bounds memory.
     batch = 16
-
-    @classmethod
-    def probe(cls) -> BackendStatus:
-        return provider_status(cls.name, cls.provider, needs_gpu=False)
-
-    @classmethod
-    def load(
-        cls, variants: ModelVariants, settings: RuntimeSettings, engines: Path
-    ) -> OrtCpuBackend:
-        variant, path = cls.choose_file(variants)
-        return cls(path, variant, threads=settings.threads)

@@ -6,8 +6,8 @@ import hashlib
 import json
 from pathlib import Path
 
-from runtime.backends.base import BackendError, BackendStatus, ModelVariants, RuntimeSettings
-from runtime.backends.ort import OrtBackend, provider_status
+from runtime.backends.base import BackendError, ModelVariants, RuntimeSettings
+from runtime.backends.ort import OrtBackend
 
 
 class OrtTensorrtBackend(OrtBackend):
@@ -15,11 +15,6 @@ class OrtTensorrtBackend(OrtBackend):
     priority = 20
     files = ("fp32",)  # the provider makes fp16 engines from the fp32 graph itself
     provider = "TensorrtExecutionProvider"
-    batch = 64
-
-    @classmethod
-    def probe(cls) -> BackendStatus:
-        return provider_status(cls.name, cls.provider, needs_gpu=True)
 
     @classmethod
     def load(

@@ -9,20 +9,16 @@ from here, so adding a backend is adding one file.
 from __future__ import annotations
 
 import functools
-import importlib
-import pkgutil
 
 from runtime.backends.base import Backend, BackendError, BackendStatus
+from runtime.plugins import import_modules
 
 AUTO = "auto"
 
 
 @functools.cache
 def _import_backend_modules() -> None:
-    import runtime.backends as package
-
-    for module in pkgutil.iter_modules(package.__path__):
-        importlib.import_module(f"{package.__name__}.{module.name}")
+    import_modules("runtime.backends")
 
 
 def backend_classes() -> list[type[Backend]]:

@@ -7,8 +7,6 @@ so a new kind is one new file: gated_attention_mil.py, transformer_mil.py, ...
 from __future__ import annotations
 
 import functools
-import importlib
-import pkgutil
 
 from runtime.head_kinds.base import (
     CALLS,
@@ -22,6 +20,7 @@ from runtime.head_kinds.base import (
     call,
     combine_calls,
 )
+from runtime.plugins import import_modules
 from runtime.typed_json import SpecError
 
 __all__ = [
@@ -42,8 +41,7 @@ __all__ = [
 
 @functools.cache
 def _import_kind_modules() -> None:
-    for module in pkgutil.iter_modules(__path__):
-        importlib.import_module(f"{__name__}.{module.name}")
+    import_modules(__name__)
 
 
 def head_kind_names() -> tuple[str, ...]:

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 
+from runtime.plugins import Registered
 from runtime.typed_json import SpecError, dump, parse_section
 
 if TYPE_CHECKING:
@@ -84,20 +85,13 @@ def predict(spec: HeadSpec, task: str, probability: float) -> Prediction:
     )
 
 
-class HeadKind(ABC):
+class HeadKind(Registered, ABC):
     """One kind of head. Subclasses set the class attributes and implement the methods."""
 
     name: ClassVar[str]  # bundle.json's heads[].kind
     params_type: ClassVar[type]  # dataclass of the kind's own keys in the head object
     model_outputs: ClassVar[frozenset[str]] = BASE_OUTPUTS
     registered: ClassVar[dict[str, type[HeadKind]]] = {}
-
-    def __init_subclass__(cls, **kwargs: object) -> None:
-        super().__init_subclass__(**kwargs)
-        if "name" in cls.__dict__:
-            if cls.name in HeadKind.registered and HeadKind.registered[cls.name] is not cls:
-                raise TypeError(f"two head kinds are named {cls.name!r}")
-            HeadKind.registered[cls.name] = cls
 
     def params(self, spec: HeadSpec, where: str = "") -> Any:
         """The kind's own keys of ``spec`` as ``params_type`` (type-checked, strict)."""
