@@ -93,18 +93,20 @@ def test_a_changed_onnx_file_makes_its_engine_stale(
 
 @needs_gpu
 def test_tensorrt_engine_matches_onnx_runtime(tmp_path: Path) -> None:
-    from runtime.backends import open_model
+    from runtime.backends import RuntimeSettings, open_model
 
     weight = np.random.default_rng(0).normal(size=(3, 32))
     path = encoder_model(tmp_path / "encoder.onnx", weight, 32)
-    backend = open_model(path, "tensorrt")
+    backend = open_model(path, RuntimeSettings("tensorrt"))
     assert backend.name == "tensorrt" and backend.variant == "fp16"
     assert backend.preferred_batch == 64 and backend.max_batch == 256
     assert backend.inputs[0].dtype == np.float16  # fp16 engines take fp16 pixels
     pixels = np.random.default_rng(1).normal(size=(9, 3, 32, 32)).astype(np.float32)
     out = backend.run({"pixels": pixels})["embedding"]
     np.testing.assert_allclose(out, encoder_reference(pixels, weight), atol=2e-2)
-    again = open_model(path, "tensorrt", build_engines=False)  # cached now: loads, no build
+    again = open_model(
+        path, RuntimeSettings("tensorrt", build_engines=False)
+    )  # cached now: loads, no build
     np.testing.assert_allclose(again.run({"pixels": pixels})["embedding"], out, atol=1e-6)
     backend.close()
     again.close()
@@ -112,12 +114,12 @@ def test_tensorrt_engine_matches_onnx_runtime(tmp_path: Path) -> None:
 
 @needs_gpu
 def test_tensorrt_head_takes_bags_of_1_to_5000(tmp_path: Path) -> None:
-    from runtime.backends import open_model
+    from runtime.backends import RuntimeSettings, open_model
 
     rng = np.random.default_rng(2)
     aw, ow = rng.normal(size=16), rng.normal(size=(16, 4))
     path = head_model(tmp_path / "heads" / "h.0.onnx", aw, ow, "gated_attention_mil")
-    backend = open_model(path, "tensorrt", engine_dir=tmp_path / "engines")
+    backend = open_model(path, RuntimeSettings("tensorrt"), engine_dir=tmp_path / "engines")
     assert backend.max_batch == 20_000
     for cells in (1, 7, 5000):
         features = rng.normal(size=(cells, 16)).astype(np.float32)
@@ -156,10 +158,10 @@ def test_ort_tensorrt_profiles_follow_the_batch_table(
     from onnx import TensorProto, helper, save
 
     from runtime.backends.base import BackendError
-    from runtime.backends.choice import _ort_tensorrt_options
+    from runtime.backends.ort_tensorrt import provider_options
 
     path = encoder_model(tmp_path / "encoder.onnx", np.ones((3, 4)), 16)
-    options, max_batch = _ort_tensorrt_options(path, tmp_path / "engines")
+    options, max_batch = provider_options(path, tmp_path / "engines")
     assert options["trt_profile_min_shapes"] == "pixels:1x3x16x16"
     assert options["trt_profile_opt_shapes"] == "pixels:64x3x16x16"
     assert options["trt_profile_max_shapes"] == "pixels:256x3x16x16"
@@ -167,9 +169,7 @@ def test_ort_tensorrt_profiles_follow_the_batch_table(
     cache = Path(str(options["trt_engine_cache_path"]))
     assert cache.parent == tmp_path / "engines" / "ort-tensorrt" and cache.is_dir()
     fake_device["gpu"] = "NVIDIA L4"  # another GPU gets another cache folder
-    assert _ort_tensorrt_options(path, tmp_path / "engines")[0]["trt_engine_cache_path"] != str(
-        cache
-    )
+    assert provider_options(path, tmp_path / "engines")[0]["trt_engine_cache_path"] != str(cache)
 
     spatial = helper.make_graph(
         [helper.make_node("Identity", ["input"], ["prob"])],
@@ -180,4 +180,4 @@ def test_ort_tensorrt_profiles_follow_the_batch_table(
     dynamic = tmp_path / "segmenter.onnx"
     save(helper.make_model(spatial, opset_imports=[helper.make_opsetid("", 17)]), str(dynamic))
     with pytest.raises(BackendError, match="dynamic axes besides the first"):
-        _ort_tensorrt_options(dynamic, tmp_path / "engines")
+        provider_options(dynamic, tmp_path / "engines")

@@ -493,10 +493,9 @@ def _write(
                 name=HEAD_NAME,
                 kind="gated_attention_mil",
                 files=tuple(head["files"]),
-                tasks=synthetic.MARKERS,
                 thresholds=head["thresholds"],
                 indeterminate_band=INDETERMINATE_BAND,
-                high_risk=HIGH_RISK,
+                extra={"tasks": list(synthetic.MARKERS), "high_risk": list(HIGH_RISK)},
             )
         ],
         segmenter=_segmenter_spec(SegmenterSpec, section),
