@@ -8,7 +8,6 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from appliance import synthetic
 from appliance.readers import (
     CellFolderError,
     ScanError,
@@ -23,6 +22,7 @@ from appliance.service.audit import AuditLog
 from appliance.service.store import REJECTED, JobStore
 from appliance.service.units import discover
 from appliance.service.watcher import InboxWatcher, WatchSettings
+from cytoedge_demo import synthetic
 
 
 def stained_tiff(path: Path) -> Path:

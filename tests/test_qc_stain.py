@@ -9,8 +9,9 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from appliance import qc, stain, synthetic, tiles
+from appliance import qc, stain, tiles
 from appliance.readers import BlankScanError, open_scan
+from cytoedge_demo import synthetic
 from cytoedge_demo.synthetic import SmearSpec
 from tests.conftest import SHARED_DATA
 

@@ -9,8 +9,9 @@ import openslide
 import pytest
 from PIL import Image
 
-from appliance import stain, synthetic
+from appliance import stain
 from appliance.readers import open_cell_folder, open_scan
+from cytoedge_demo import synthetic
 from cytoedge_demo.synthetic import MARKERS, SmearSpec
 
 NONE = dict.fromkeys(MARKERS, False)
