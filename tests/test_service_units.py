@@ -187,15 +187,15 @@ def test_a_scan_handed_over_directly_has_the_watchers_fingerprint(tmp_path: Path
 
 
 def test_stability_needs_the_same_signature_for_the_whole_quiet_period() -> None:
-    tracker = StabilityTracker(quiet_seconds=2.0)
+    tracker = StabilityTracker()
     path = Path("/in/a.svs")
     growing = [Signature(1, n, n) for n in (10, 20, 30)]
     for t, sig in enumerate(growing):
-        assert not tracker.is_stable(path, sig, float(t))
-    assert not tracker.is_stable(path, growing[-1], 3.9)
-    assert tracker.is_stable(path, growing[-1], 4.0)
+        assert tracker.observe(path, sig, float(t)) == 0.0  # still changing
+    assert tracker.observe(path, growing[-1], 3.9) == pytest.approx(1.9)
+    assert tracker.observe(path, growing[-1], 4.0) == pytest.approx(2.0)
     # A touch (new mtime, same size) restarts the wait.
-    assert not tracker.is_stable(path, Signature(1, 30, 99), 4.5)
+    assert tracker.observe(path, Signature(1, 30, 99), 4.5) == 0.0
     assert tracker.observe(path, Signature(1, 30, 99), 6.5) == pytest.approx(2.0)
 
 

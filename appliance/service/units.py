@@ -239,8 +239,7 @@ def signature(unit: Unit) -> Signature | None:
 class StabilityTracker:
     """Remembers each unit's last signature and when it last changed."""
 
-    def __init__(self, quiet_seconds: float) -> None:
-        self.quiet_seconds = quiet_seconds
+    def __init__(self) -> None:
         self._seen: dict[Path, tuple[Signature, float]] = {}
 
     def observe(self, path: Path, sig: Signature, now: float) -> float:
@@ -251,11 +250,5 @@ class StabilityTracker:
             return 0.0
         return now - previous[1]
 
-    def is_stable(self, path: Path, sig: Signature, now: float) -> bool:
-        return self.observe(path, sig, now) >= self.quiet_seconds
-
     def forget(self, path: Path) -> None:
         self._seen.pop(path, None)
-
-    def __contains__(self, path: Path) -> bool:
-        return path in self._seen

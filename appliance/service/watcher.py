@@ -76,7 +76,7 @@ class InboxWatcher:
         self.audit = audit
         self.on_admitted = on_admitted
         self.paused = paused or threading.Event()
-        self.tracker = units.StabilityTracker(settings.quiet_seconds)
+        self.tracker = units.StabilityTracker()
         self.pending: dict[Path, units.Unit] = {}
         self._nudged = threading.Event()
         self._observer: Observer | PollingObserver | None = None
