@@ -21,11 +21,15 @@ from urllib.parse import quote
 
 from appliance.results import (
     DECISION_WORDS,
+    RESULT_FILE,
     CaseResult,
     FindingRecord,
     HeadRecord,
     PredictionRecord,
+    ResultError,
     ReviewRecord,
+    latest_in,
+    read_result,
     safe_name,
 )
 from runtime.files import write_json_atomic
@@ -55,6 +59,23 @@ def write_fhir_report(result: CaseResult, folder: Path, fhir_outbox: Path) -> Pa
     target = fhir_file(fhir_outbox, result)
     write_json_atomic(target, fhir_bundle(result, folder))
     return target
+
+
+def export_signed_off(target: str, outbox: Path, fhir_outbox: Path) -> Path:
+    """``cytoedge fhir TARGET``: a case id, a case folder (its latest version) or a version
+    folder, written to the FHIR outbox; FhirError with one line when it cannot be."""
+    path = Path(target)
+    folder = path if path.exists() else outbox / safe_name(target)
+    if not (folder / RESULT_FILE).is_file():
+        latest = latest_in(folder)
+        if latest is None:
+            raise FhirError(f"{target}: no result found (a case id, a case folder or a version)")
+        folder = latest.path
+    try:
+        result = read_result(folder)
+    except ResultError as exc:
+        raise FhirError(str(exc)) from None
+    return write_fhir_report(result, folder, fhir_outbox)
 
 
 def fhir_bundle(result: CaseResult, folder: Path) -> dict[str, Any]:

@@ -13,7 +13,7 @@ assembled under a temporary name and renamed into place whole, so a reader
 (the window, the service) sees either no version N or a complete one. Nothing
 edits a version: a sign-off is version N+1, made from version N's files with
 the review added (``write_reviewed_version``). Writers of one case take turns
-on ``<case_dir>/.lock``, so a re-score and a sign-off never claim one number.
+(an flock on the case folder), so a re-score and a sign-off never claim one number.
 """
 
 from __future__ import annotations
@@ -50,7 +50,6 @@ from runtime.files import write_bytes_atomic, write_json_atomic, write_text_atom
 
 VERSION_DIR = re.compile(r"^v(\d+)$")
 LATEST_FILE = "latest.json"
-LOCK_FILE = ".lock"
 # Rewritten for a reviewed version; every other file is carried over from the one reviewed.
 REPORT_FILES = frozenset({RESULT_FILE, "report.html", "report.pdf"})
 log = logging.getLogger(__name__)
@@ -151,7 +150,7 @@ def point_latest_at(case_dir: Path, version: int) -> None:
 @contextlib.contextmanager
 def _case_lock(case_dir: Path) -> Iterator[None]:
     """One writer of a case's versions at a time (the service's worker, a sign-off)."""
-    fd = os.open(case_dir / LOCK_FILE, os.O_RDONLY | os.O_CREAT, 0o664)
+    fd = os.open(case_dir, os.O_RDONLY | os.O_DIRECTORY)  # the folder itself: no lock file
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
         yield
@@ -298,10 +297,10 @@ def _write_report_and_result(folder: Path, result: CaseResult, write_pdf: bool) 
     """The report (HTML, and the PDF when asked and the printer works) and result.json."""
     outputs = dataclasses.replace(result.outputs, report_pdf="report.pdf" if write_pdf else None)
     result = dataclasses.replace(result, outputs=outputs)
-    html = render_report_html(result)
+    html = render_report_html(result, folder)
     if write_pdf and not write_report_pdf(html, folder, folder / "report.pdf"):
         result = dataclasses.replace(result, outputs=dataclasses.replace(outputs, report_pdf=None))
-        html = render_report_html(result)
+        html = render_report_html(result, folder)
     write_text_atomic(folder / result.outputs.report_html, html)
     write_json_atomic(folder / RESULT_FILE, result.to_json())
     return result
