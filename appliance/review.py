@@ -32,6 +32,7 @@ from appliance.results import (
 )
 from appliance.results.schema import Decision
 from appliance.service.audit import AuditLog
+from appliance.verification import is_verified
 
 log = logging.getLogger(__name__)
 
@@ -101,13 +102,14 @@ def sign_off(
     version_folder: Path,
     decision: SignOff,
     *,
-    bundle_verified: bool,
+    data_dir: Path,
     audit: AuditLog,
     fhir_outbox: Path | None = None,
     write_pdf: bool = True,
 ) -> SignedOff:
     """Write the sign-off of the result in ``version_folder`` as the case's next version,
-    record it in the audit trail, and write its FHIR document; ReviewError says why not."""
+    record it in the audit trail, and write its FHIR document; ReviewError says why not.
+    ``data_dir`` holds the site's bundle verifications (``appliance.verification``)."""
     reviewer, reason = decision.reviewer.strip(), decision.reason.strip()
     if not reviewer:
         raise ReviewError("a sign-off needs the reviewer's name")
@@ -115,13 +117,14 @@ def sign_off(
         raise ReviewError("a rejection needs a reason")
     try:
         seen = read_result(version_folder)
+        verified = is_verified(data_dir, seen.bundle.sha256)
         review = ReviewRecord(
             decision=decision.decision,
             reviewer=reviewer,
             signed_at=datetime.now(UTC).isoformat(timespec="seconds"),
             reviewed_version=seen.version,
             reason=reason,
-            waited_for=waiting_reasons(seen, bundle_verified=bundle_verified),
+            waited_for=waiting_reasons(seen, bundle_verified=verified),
         )
         folder, result = write_reviewed_version(version_folder, review, write_pdf=write_pdf)
     except (ResultError, ResultWriteError) as exc:

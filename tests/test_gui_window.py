@@ -41,7 +41,7 @@ def open_window(qtbot, store: Path, outbox: Path, **kwargs) -> MainWindow:
     window.show()
     snapshot = StoreReader(store).poll()
     assert snapshot is not None
-    window.apply_snapshot(snapshot)
+    window.apply_snapshot(window.reviews.annotate(snapshot))
     return window
 
 

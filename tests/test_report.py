@@ -132,7 +132,7 @@ def test_a_case_prints_on_one_page_with_every_section_readable(
     if reason:
         decision = SignOff("rejected", "Dr Ana Reviewer", reason.strip())
         audit = AuditLog(tmp_path / "audit.jsonl")
-        folder = sign_off(folder.path, decision, bundle_verified=False, audit=audit,
+        folder = sign_off(folder.path, decision, data_dir=tmp_path, audit=audit,
                           write_pdf=False).folder  # fmt: skip
         result = read_result(folder.path)
     painted(folder.path, result)

@@ -84,7 +84,7 @@ def signed(tmp_path: Path, kind: str, decision: SignOff, **kwargs):
     done = sign_off(
         folder.path,
         decision,
-        bundle_verified=False,
+        data_dir=tmp_path,
         audit=audit,
         fhir_outbox=tmp_path / "fhir",
         write_pdf=False,
@@ -130,13 +130,13 @@ def test_sign_offs_that_are_refused(tmp_path: Path) -> None:
     folder = write_sample_result(tmp_path / "outbox", "c-1", "mm_positive")
     audit = AuditLog(tmp_path / "audit.jsonl")
     with pytest.raises(ReviewError, match="needs a reason"):
-        sign_off(folder.path, SignOff("rejected", REVIEWER, " "), bundle_verified=True, audit=audit)
+        sign_off(folder.path, SignOff("rejected", REVIEWER, " "), data_dir=tmp_path, audit=audit)
     with pytest.raises(ReviewError, match="reviewer's name"):
-        sign_off(folder.path, SignOff("accepted", " "), bundle_verified=True, audit=audit)
+        sign_off(folder.path, SignOff("accepted", " "), data_dir=tmp_path, audit=audit)
     # A re-score arrived after the reviewer opened version 1: version 1 is not signed.
     write_case_result(tmp_path / "outbox", sample_content("c-1", "mm_negative", ("a.svs",)))
     with pytest.raises(ReviewError, match=r"newer result \(version 2\)"):
-        sign_off(folder.path, SignOff("accepted", REVIEWER), bundle_verified=True, audit=audit)
+        sign_off(folder.path, SignOff("accepted", REVIEWER), data_dir=tmp_path, audit=audit)
     assert sorted(p.name for p in folder.case_dir.iterdir()) == ["latest.json", "v1", "v2"]
     assert read_audit(tmp_path / "audit.jsonl") == []
 
@@ -234,7 +234,7 @@ def test_the_pdf_report_is_attached_when_there_is_one(tmp_path: Path) -> None:
     done = sign_off(
         folder.path,
         SignOff("accepted", REVIEWER),
-        bundle_verified=True,
+        data_dir=tmp_path,
         audit=AuditLog(tmp_path / "audit.jsonl"),
         fhir_outbox=tmp_path / "fhir",
     )
@@ -252,7 +252,7 @@ def test_only_signed_off_results_are_written_and_ids_are_escaped(tmp_path: Path)
     with pytest.raises(FhirError, match="no result found"):
         export_signed_off("nobody", outbox, tmp_path / "fhir")
     sign_off(
-        folder.path, SignOff("accepted", REVIEWER), bundle_verified=True,
+        folder.path, SignOff("accepted", REVIEWER), data_dir=tmp_path,
         audit=AuditLog(tmp_path / "audit.jsonl"), write_pdf=False,
     )  # fmt: skip
     written = export_signed_off("MM,17|a", outbox, tmp_path / "fhir")  # the latest version

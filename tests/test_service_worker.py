@@ -415,7 +415,7 @@ def test_a_sign_off_that_took_the_crashed_job_s_number_is_not_adopted(
     store.start_case(case.id, 2, 4.0)
     store.close()
     sign_off(
-        first.path, SignOff("accepted", "Dr R"), bundle_verified=True,
+        first.path, SignOff("accepted", "Dr R"), data_dir=tmp_path,
         audit=AuditLog(tmp_path / "audit.jsonl"), write_pdf=False,
     )  # fmt: skip
     engine = StandInEngine(calls=[])

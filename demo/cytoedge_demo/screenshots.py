@@ -49,7 +49,7 @@ def render_screenshots(out_dir: Path) -> list[Path]:
         snapshot = StoreReader(store).poll()
         if snapshot is None:
             raise RuntimeError(f"the sample store {store} could not be read")
-        window.apply_snapshot(snapshot)
+        window.apply_snapshot(window.reviews.annotate(snapshot))
         for name, case_key in SCREENSHOTS.items():
             window.select_case(case_key)
             if not _wait(lambda key=case_key: _showing(window, key)):
