@@ -486,7 +486,8 @@ class MainWindow(QMainWindow):
             except (ReviewError, OSError) as exc:  # OSError: the audit trail's folder
                 relay.signed.emit(False, f"Could not sign off {case_key}: {exc}", "")
                 return
-            words = DECISION_WORDS[decision.decision].lower()
+            words = DECISION_WORDS[decision.decision]
+            words = words[0].lower() + words[1:]
             relay.signed.emit(
                 True,
                 f"{case_key} {words} by {decision.reviewer} (version {done.result.version}).",

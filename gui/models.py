@@ -36,6 +36,7 @@ from PySide6.QtWidgets import (
     QStyleOptionViewItem,
 )
 
+from appliance.results import DECISION_WORDS
 from gui.review_state import ReviewIndex
 from gui.store_reader import (
     CaseRow,
@@ -62,7 +63,7 @@ REVIEW_COLOURS = {
     "to review": "#b36b00",
     "accepted": "#1e7b34",
     "rejected": "#a31d1d",
-    "sent for FISH": "#1f5fa8",
+    "for FISH": "#1f5fa8",
 }
 STATE_WORDS = {
     "waiting": "waiting",
@@ -213,7 +214,8 @@ class QueueModel(QAbstractItemModel):
             lines.append(f"{item.attempts} attempts")
         review = item.review if isinstance(item, CaseRow) else None
         if review is not None and review.review is not None:
-            lines.append(f"{review.text} by {review.review.reviewer}")
+            words = DECISION_WORDS[review.review.decision]
+            lines.append(f"{words} by {review.review.reviewer}")
         elif review is not None and review.waiting:
             lines.append("waits for review: " + "; ".join(review.waiting))
         return "\n".join(lines)

@@ -16,7 +16,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from appliance.results import (
-    DECISION_WORDS,
     CaseResult,
     ResultError,
     ReviewRecord,
@@ -29,6 +28,7 @@ from appliance.verification import VERIFICATION_DIR, is_verified
 from gui.store_reader import CaseRow, QueueSnapshot
 
 SHOWS_RESULT = ("done", "rejected")
+QUEUE_WORDS = {"accepted": "accepted", "rejected": "rejected", "sent_for_fish": "for FISH"}
 
 
 def case_result_folder(case: CaseRow, outbox: Path) -> Path:
@@ -56,10 +56,9 @@ class ReviewState:
 
     @property
     def text(self) -> str:
-        """What the queue's Review column says."""
+        """What the queue's Review column says (short: the column shares 1280 px)."""
         if self.review is not None:
-            words = DECISION_WORDS[self.review.decision]
-            return words[0].lower() + words[1:]
+            return QUEUE_WORDS[self.review.decision]
         return "to review" if self.waiting else ""
 
 

@@ -3,7 +3,7 @@ real X display (tests/test_gui_window.py, tests/test_gui_xcb.py)."""
 
 from __future__ import annotations
 
-from PySide6.QtCore import QPoint
+from PySide6.QtCore import QPoint, Qt
 from PySide6.QtWidgets import QAbstractButton, QLabel, QSizePolicy, QTabBar, QWidget
 
 IGNORED = QSizePolicy.Policy.Ignored
@@ -16,7 +16,9 @@ def clipped(window: QWidget) -> list[tuple[str, str, int]]:
     - a wrapping label squeezed below the height its lines need at its width;
     - any label or button reaching past the window's right edge;
     - a tab narrower than its title;
-    - the result page wider than the scroll area that shows it.
+    - the result page wider than the scroll area that shows it;
+    - a queue column narrower than what it holds (a name longer than the column's
+      maximum is elided by design: its tooltip holds it whole).
     """
     found: list[tuple[str, str, int]] = []
     right = window.width()
@@ -51,4 +53,12 @@ def clipped(window: QWidget) -> list[tuple[str, str, int]]:
         page, viewport = scroll.widget(), scroll.viewport()
         if page.width() > viewport.width() or page.minimumSizeHint().width() > viewport.width():
             found.append(("result page wider than its pane", "", page.minimumSizeHint().width()))
+    queue = getattr(window, "queue", None)
+    if queue is not None:
+        header = queue.header()
+        for column in range(queue.model().columnCount()):
+            wanted = min(queue.sizeHintForColumn(column), header.maximumSectionSize())
+            if header.sectionSize(column) < wanted:
+                title = str(queue.model().headerData(column, Qt.Orientation.Horizontal))
+                found.append(("queue column", title, header.sectionSize(column)))
     return found
