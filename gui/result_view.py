@@ -7,6 +7,7 @@ heatmap or a slow share never freezes the window.
 
 from __future__ import annotations
 
+import contextlib
 import html
 import itertools
 from dataclasses import dataclass, field
@@ -94,15 +95,19 @@ def read_folder(path: Path) -> LoadedResult:
 
 
 class ResultLoader(QObject):
-    """Reads result folders on the global thread pool; only the newest request is delivered."""
+    """Reads result folders on the global thread pool; only the newest request is delivered
+    (checked again on the UI thread: a folder read before a newer request was made may
+    arrive after it)."""
 
     loaded = Signal(object)  # LoadedResult
     failed = Signal(str)
+    _read = Signal(int, object)  # (token, LoadedResult | reason), from the pool thread
 
     def __init__(self, parent: QObject | None = None) -> None:
         super().__init__(parent)
         self._latest = 0
         self._counter = itertools.count(1)
+        self._read.connect(self._deliver)
 
     def request(self, path: Path) -> None:
         token = next(self._counter)
@@ -119,13 +124,16 @@ class ResultLoader(QObject):
             loaded = str(exc)
         if token != self._latest:
             return
-        try:
-            if isinstance(loaded, str):
-                self.failed.emit(loaded)
-            else:
-                self.loaded.emit(loaded)
-        except RuntimeError:  # the pane was closed while the folder was read
-            pass
+        with contextlib.suppress(RuntimeError):  # the pane was closed while it was read
+            self._read.emit(token, loaded)
+
+    def _deliver(self, token: int, loaded: LoadedResult | str) -> None:
+        if token != self._latest:
+            return
+        if isinstance(loaded, str):
+            self.failed.emit(loaded)
+        else:
+            self.loaded.emit(loaded)
 
 
 class ProbabilityBar(QWidget):

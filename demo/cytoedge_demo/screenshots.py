@@ -5,10 +5,10 @@ directory the service has scored (its job store, result folders and audit
 trail, read as a technician's window reads them) at 1280x800, the smallest
 screen the window must fit, and takes a reviewer through one sign-off:
 
-- ``review.png``: only the cases waiting for review, the first selected, the
-  sign-off dialog open over it;
+- ``review.png``: only the cases waiting for review, the first scored one
+  selected, the sign-off dialog open over it;
 - ``signed-off.png``: the same case once signed off (its new version);
-- ``rejected.png``: the first case that was rejected, with its reason.
+- ``rejected.png``: the first case rejected with a result (QC), with its reasons.
 
 The sign-off is real: it writes a new version of that case in DATA_DIR and a
 line in its audit trail. Without ``--data`` the sample queue is drawn, in a
@@ -77,11 +77,13 @@ def _review(app: QApplication, window: MainWindow, store: Path, out_dir: Path) -
     window.resize(*SCREEN_SIZE)
     window.show()
     _refresh(window, store)
-    window.review_filter.setChecked(True)  # selects the first case waiting
-    case = window.selected_case()
-    if case is None or case.review is None or not case.review.to_review:
+    window.review_filter.setChecked(True)
+    waiting = [c for c in window.model.cases() if c.review is not None and c.review.to_review]
+    if not waiting:
         raise RuntimeError(f"no case in {store} waits for review")
+    case = next((c for c in waiting if c.state == "done"), waiting[0])  # one with calls
     key = case.case_key
+    window.select_case(key)
     if not _wait(lambda: _showing(window, key, case.review.version)):
         raise RuntimeError(f"the result of {key} did not load")
     undecided = any(reason.startswith("indeterminate") for reason in case.review.waiting)
@@ -103,7 +105,8 @@ def _review(app: QApplication, window: MainWindow, store: Path, out_dir: Path) -
     window.select_case(key)
     _wait(lambda: _showing(window, key, case.review.version + 1))
     written.append(_save(window.grab().toImage(), out_dir / PICTURES[1]))
-    rejected = next((c for c in window.model.cases() if c.state == "rejected"), None)
+    rejected = [c for c in window.model.cases() if c.state == "rejected"]
+    rejected = next((c for c in rejected if c.result_dir), rejected[0] if rejected else None)
     if rejected is not None:
         window.select_case(rejected.case_key)
         _wait(lambda: window.pane.loaded is None or _showing(window, rejected.case_key))
