@@ -423,6 +423,7 @@ class ResultPane(QWidget):
         view = loaded.view
         result = view.result
         self._stack.setCurrentIndex(1)
+        self.scroll.verticalScrollBar().setValue(0)  # a new case is read from its top
         self._fill_banners(view)
         if result.review is not None:  # signed: the result says so itself, before the queue
             review = result.review
@@ -452,8 +453,10 @@ class ResultPane(QWidget):
         self.slide_choice.blockSignals(False)
         self._show_heatmap()
         self._fill_slides(view)
-        if result.status == "rejected":
-            self.tabs.setCurrentIndex(2)
+        if result.status == "rejected" or (
+            not result.top_cells and any(not slide.qc_passed for slide in view.slides)
+        ):
+            self.tabs.setCurrentIndex(2)  # nothing scored because of QC: show the QC
 
     def select_slide(self, file_name: str) -> None:
         """Show this slide's heatmap (the queue's slide rows are named by file)."""
@@ -630,4 +633,6 @@ class ResultPane(QWidget):
             self.slide_picture.set_image(None, "")
             return
         slide = self.loaded.view.slides[row]
-        self.slide_picture.set_image(self.loaded.image(slide.thumbnail), "no picture of this slide")
+        picture = self.loaded.image(slide.thumbnail)
+        self.slide_picture.set_image(picture, "")
+        self.slide_picture.setVisible(picture is not None)  # else the QC table takes the room

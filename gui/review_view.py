@@ -54,8 +54,10 @@ def review_text(state: ReviewState | None) -> tuple[str, str]:
             text += f"<br>Reason: {html.escape(wrappable(review.reason))}"
         return "signed", text
     if state.waiting:
-        reasons = "; ".join(state.waiting)
-        return "waiting", f"<b>To review:</b> {html.escape(wrappable(reasons))}"
+        # "no call: <reason>" is the banner's sentence already: the bar names it only.
+        said = [r.split(":", 1)[0] if r.startswith(("no call:", "rejected:")) else r
+                for r in state.waiting]  # fmt: skip
+        return "waiting", f"<b>To review:</b> {html.escape(wrappable('; '.join(said)))}"
     return "none", "Needs no review; it may be signed off all the same."
 
 
