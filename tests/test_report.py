@@ -118,9 +118,8 @@ def boxes_mm(page: np.ndarray, colour: tuple[int, int, int]) -> list[tuple[float
     [
         ("mm_positive", 3, "the smear is thick at the feather edge; " * 3),
         ("mm_positive", 6, ""),
-        ("pb", 1, ""),
     ],
-    ids=["mm-3-slides-rejected", "mm-6-slides", "pb-cells"],
+    ids=["mm-3-slides-rejected", "mm-6-slides"],
 )
 def test_a_case_prints_on_one_page_with_every_section_readable(
     tmp_path: Path, kind: str, slides: int, reason: str
