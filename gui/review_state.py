@@ -69,8 +69,10 @@ class ReviewIndex:
         self.outbox = outbox
         self.data_dir = data_dir
         self.audit_path = audit_path
-        self._results: dict[Path, CaseResult] = {}  # versions are never edited
-        self._states: dict[tuple[int, str, int | None], ReviewState | None] = {}
+        # Per case folder, its latest version's result (versions are never edited).
+        self._results: dict[Path, tuple[Path, CaseResult]] = {}
+        # Per case row: ((case key, the store's result version), its review state).
+        self._states: dict[int, tuple[tuple[str, int | None], ReviewState | None]] = {}
         self._verified: dict[str, bool] = {}
         self._audit_read = 0
         self._verification_mtime: int | None = None
@@ -89,7 +91,7 @@ class ReviewIndex:
             changed = True
         signed = self._signed_since_last_read()
         if signed:
-            self._states = {k: v for k, v in self._states.items() if k[1] not in signed}
+            self._states = {k: v for k, v in self._states.items() if v[0][0] not in signed}
             changed = True
         return changed
 
@@ -127,22 +129,26 @@ class ReviewIndex:
     def state(self, case: CaseRow) -> ReviewState | None:
         if case.shown[0] not in SHOWS_RESULT:
             return None
-        key = (case.id, case.case_key, case.result_version)
-        if key not in self._states:
-            self._states[key] = self._read_state(case_result_folder(case, self.outbox))
-        return self._states[key]
+        stamp = (case.case_key, case.result_version)
+        cached = self._states.get(case.id)
+        if cached is None or cached[0] != stamp:
+            cached = (stamp, self._read_state(case_result_folder(case, self.outbox)))
+            self._states[case.id] = cached
+        return cached[1]
 
     def _read_state(self, case_folder: Path) -> ReviewState | None:
         latest = latest_in(case_folder)
         if latest is None:
             return None
-        result = self._results.get(latest.path)
-        if result is None:
+        known = self._results.get(case_folder)
+        if known is not None and known[0] == latest.path:
+            result = known[1]
+        else:
             try:
                 result = read_result(latest.path)
             except ResultError:
                 return None
-            self._results[latest.path] = result
+            self._results[case_folder] = (latest.path, result)
         sha = result.bundle.sha256
         if sha not in self._verified:
             self._verified[sha] = is_verified(self.data_dir, sha)
