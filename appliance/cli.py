@@ -103,6 +103,38 @@ def score(
 
 
 @app.command()
+def fhir(
+    targets: Annotated[
+        list[str], typer.Argument(help="Case ids, case folders or result version folders.")
+    ],
+    out: Annotated[
+        Path | None,
+        typer.Option(help="Folder for the FHIR files (default: paths.fhir_outbox)."),
+    ] = None,
+    config: ConfigOption = None,
+) -> None:
+    """Write signed-off results as FHIR R4 for the laboratory system (nothing is sent).
+
+    A sign-off in the window writes it already; this writes it again, e.g. for a LIS
+    that lost it. A result nobody has signed off is refused (exit 1, one line each)."""
+    from appliance.fhir import FhirError, export_signed_off
+
+    cfg = setup(config, log_to_file=False)
+    refused = False
+    for target in targets:
+        try:
+            typer.echo(export_signed_off(target, cfg.outbox, out or cfg.fhir_outbox))
+        except FhirError as exc:
+            sys.stderr.write(f"cytoedge: {exc}\n")
+            refused = True
+        except OSError as exc:
+            sys.stderr.write(f"cytoedge: {target}: could not write the FHIR file: {exc}\n")
+            refused = True
+    if refused:
+        raise typer.Exit(1)
+
+
+@app.command()
 def gui(
     with_service: Annotated[
         bool, typer.Option("--with-service", help="Also run the service in this process.")

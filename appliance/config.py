@@ -45,6 +45,7 @@ class PathsConfig:
     outbox: str = ""
     bundle: str = ""
     archive: str = ""
+    fhir_outbox: str = ""  # where signed-off results are written as FHIR for the LIS
 
 
 @dataclass(frozen=True)
@@ -115,6 +116,10 @@ class Config:
         return self._path_or(self.paths.bundle, "bundles/demo")
 
     @property
+    def fhir_outbox(self) -> Path:
+        return self._path_or(self.paths.fhir_outbox, "fhir-outbox")
+
+    @property
     def archive_dir(self) -> Path | None:
         return Path(self.paths.archive).expanduser() if self.paths.archive else None
 
@@ -145,7 +150,13 @@ _CHOICES: dict[tuple[str, str], Callable[[], tuple[str, ...]]] = {
     ("logging", "level"): lambda: LOG_LEVELS,
 }
 # Paths that, when set in the file, must already exist (defaults are created).
-_MUST_EXIST = {("paths", "data_dir"), ("paths", "inbox"), ("paths", "outbox"), ("paths", "archive")}
+_MUST_EXIST = {
+    ("paths", "data_dir"),
+    ("paths", "inbox"),
+    ("paths", "outbox"),
+    ("paths", "archive"),
+    ("paths", "fhir_outbox"),
+}
 
 
 def find_config_file(explicit: Path | None = None) -> Path | None:

@@ -45,6 +45,8 @@ def build_window(config: Config, service: ServiceControl | None = None) -> MainW
         store_path(config.state_dir),
         config.outbox,
         bundle_dir=config.bundle_dir,
+        data_dir=config.data_dir,
+        fhir_outbox=config.fhir_outbox,
         service=service,
         version=software_version(),
     )

@@ -9,10 +9,11 @@ from datetime import datetime
 from pathlib import Path
 from typing import Protocol
 
-from PySide6.QtCore import QModelIndex, QObject, Qt, QThreadPool, QUrl, Signal
+from PySide6.QtCore import QMetaObject, QModelIndex, QObject, Qt, QThreadPool, QUrl, Signal
 from PySide6.QtGui import QAction, QCloseEvent, QDesktopServices, QKeySequence
 from PySide6.QtWidgets import (
     QAbstractItemView,
+    QCheckBox,
     QHBoxLayout,
     QHeaderView,
     QLabel,
@@ -25,13 +26,16 @@ from PySide6.QtWidgets import (
     QWidget,
 )
 
-from appliance.results import safe_name
+from appliance.results import DECISION_WORDS
+from appliance.review import ReviewError, SignOff, login_name, sign_off
+from appliance.service.audit import AUDIT_FILE, AuditLog
 from appliance.service.store import JobStore, StoreError
 from gui.models import PollingThread, QueueDelegate, QueueModel
 from gui.result_view import ResultPane
+from gui.review_state import SHOWS_RESULT, ReviewIndex, case_result_folder
+from gui.review_view import DECISIONS, SignOffDialog
 from gui.store_reader import CaseRow, QueueSnapshot, ServiceInfo
 
-SHOWS_RESULT = ("done", "rejected")
 STALE_HEARTBEAT_S = 30.0
 
 
@@ -48,11 +52,7 @@ class _Relay(QObject):
     """Carries a background job's one-line outcome back to the UI thread."""
 
     done = Signal(bool, str)
-
-
-def case_result_folder(case: CaseRow, outbox: Path) -> Path:
-    """Where a case's result lives: the store's result_dir, else the outbox's case folder."""
-    return Path(case.result_dir) if case.result_dir else outbox / safe_name(case.case_key)
+    signed = Signal(bool, str, str)  # ok, one line, the new version folder
 
 
 def service_text(service: ServiceInfo | None, now: datetime | None = None) -> str:
@@ -113,6 +113,8 @@ class MainWindow(QMainWindow):
         outbox: Path,
         *,
         bundle_dir: Path | None = None,
+        data_dir: Path | None = None,
+        fhir_outbox: Path | None = None,
         service: ServiceControl | None = None,
         version: str = "unknown",
         poll_ms: int = 1000,
@@ -121,9 +123,14 @@ class MainWindow(QMainWindow):
         self.store_path = store_path
         self.outbox = outbox
         self.bundle_dir = bundle_dir
+        # The store is <data_dir>/state/jobs.sqlite, the audit trail beside it.
+        self.data_dir = data_dir or store_path.parent.parent
+        self.audit_path = store_path.parent / AUDIT_FILE
+        self.fhir_outbox = fhir_outbox
         self.service = service
         self.version = version
         self.service_info: ServiceInfo | None = None
+        self.reviewer = ""  # confirmed in this session's first sign-off
         self._shown_case: CaseRow | None = None
         self.setWindowTitle("cytoedge")
         self.model = QueueModel(self)
@@ -131,6 +138,8 @@ class MainWindow(QMainWindow):
         self.pane = ResultPane()
         self.relay = _Relay(self)
         self.relay.done.connect(self._background_done)
+        self.relay.signed.connect(self._signed)
+        self.pane.review_bar.decided.connect(self.ask_sign_off)
 
         buttons = self._build_buttons()
         left = QWidget()
@@ -139,7 +148,11 @@ class MainWindow(QMainWindow):
         title = QLabel("&Queue")
         title.setBuddy(self.queue)
         title.setStyleSheet("font-size:15pt; font-weight:bold;")
-        left_layout.addWidget(title)
+        heading = QHBoxLayout()
+        heading.addWidget(title)
+        heading.addStretch(1)
+        heading.addWidget(self.review_filter)
+        left_layout.addLayout(heading)
         left_layout.addWidget(self.queue, 1)
         left_layout.addLayout(buttons)
         splitter = QSplitter()
@@ -147,7 +160,7 @@ class MainWindow(QMainWindow):
         splitter.addWidget(self.pane)
         splitter.setStretchFactor(0, 2)
         splitter.setStretchFactor(1, 3)
-        splitter.setSizes([600, 680])  # at 1280 px: every queue column whole, dates included
+        splitter.setSizes([620, 660])  # at 1280 px: every queue column whole, dates included
         splitter.setChildrenCollapsible(False)
         self.setCentralWidget(splitter)
         self.splitter = splitter
@@ -155,7 +168,9 @@ class MainWindow(QMainWindow):
         self.statusBar().addWidget(self.status_label, 1)
         self._set_tab_order()
 
-        self.polling = PollingThread(store_path, poll_ms)
+        # Owned by the polling thread once it runs; before that, by whoever applies snapshots.
+        self.reviews = ReviewIndex(outbox, self.data_dir, self.audit_path)
+        self.polling = PollingThread(store_path, self.reviews, poll_ms)
         self.polling.poller.snapshot.connect(self.apply_snapshot)
         self.polling.poller.unavailable.connect(self._store_problem)
         self._update_buttons()
@@ -176,7 +191,10 @@ class MainWindow(QMainWindow):
         header.setSectionResizeMode(QueueModel.NAME, QHeaderView.ResizeMode.ResizeToContents)
         header.setSectionResizeMode(QueueModel.RECEIVED, QHeaderView.ResizeMode.ResizeToContents)
         header.setSectionResizeMode(QueueModel.STATE, QHeaderView.ResizeMode.Stretch)
+        header.setSectionResizeMode(QueueModel.REVIEW, QHeaderView.ResizeMode.ResizeToContents)
         header.setSectionResizeMode(QueueModel.CELLS, QHeaderView.ResizeMode.ResizeToContents)
+        # A long case name is elided (its tooltip has it whole), not a reason to scroll.
+        header.setMaximumSectionSize(260)
         view.selectionModel().currentRowChanged.connect(self._current_changed)
         view.activated.connect(lambda index: self.open_report())
         return view
@@ -199,6 +217,17 @@ class MainWindow(QMainWindow):
         )
         self._action("Queue", "Ctrl+1", lambda: self.queue.setFocus())
         self._action("Result", "Ctrl+2", lambda: self.pane.tabs.setFocus())
+        self.sign_off_actions = {
+            decision: self._action(verb, keys, lambda _=False, d=decision: self.ask_sign_off(d))
+            for decision, verb, _, keys in DECISIONS
+        }
+        self.next_action = self._action(
+            "&Next to review", "Ctrl+N", lambda: self.select_next_to_review()
+        )
+        self.review_filter = QCheckBox("Only cases &waiting for review")
+        self.review_filter.setToolTip("Show only the cases that still need a person (Ctrl+T)")
+        self.review_filter.toggled.connect(self._apply_filter)
+        self.filter_action = self._action("Waiting for review", "Ctrl+T", self.review_filter.toggle)
         row = QHBoxLayout()
         self.buttons: dict[str, QPushButton] = {}
         for name, action in (
@@ -217,7 +246,13 @@ class MainWindow(QMainWindow):
         return row
 
     def _set_tab_order(self) -> None:
-        chain = [self.queue, *self.buttons.values(), self.pane.tabs]
+        chain = [
+            self.review_filter,
+            self.queue,
+            *self.buttons.values(),
+            *self.pane.review_bar.buttons.values(),
+            self.pane.tabs,
+        ]
         for first, second in itertools.pairwise(chain):
             self.setTabOrder(first, second)
 
@@ -236,8 +271,35 @@ class MainWindow(QMainWindow):
         self.service_info = snapshot.service
         self.model.apply(snapshot.cases)
         self.status_label.setText(service_text(snapshot.service))
+        self._apply_filter()
         self._refresh_pane()
         self._update_buttons()
+
+    def _apply_filter(self, *_: object) -> None:
+        """Hide the cases that need no person when the filter is on; count those that do."""
+        waiting = [c for c in self.model.cases() if c.review is not None and c.review.to_review]
+        self.review_filter.setText(f"Only cases &waiting for review ({len(waiting)})")
+        only = self.review_filter.isChecked()
+        for row, case in enumerate(self.model.cases()):
+            hidden = only and not (case.review is not None and case.review.to_review)
+            self.queue.setRowHidden(row, QModelIndex(), hidden)
+        current = self.selected_case()
+        if only and not (current is not None and current.review and current.review.to_review):
+            self.select_next_to_review(from_top=True)
+
+    def select_next_to_review(self, from_top: bool = False) -> bool:
+        """Select the next case that waits for a person after the current one (wrapping),
+        or the first one in the queue."""
+        cases = self.model.cases()
+        current = None if from_top else self.selected_case()
+        start = next((i for i, c in enumerate(cases) if current and c.id == current.id), -1)
+        for step in range(1, len(cases) + 1):
+            case = cases[(start + step) % len(cases)]
+            if case.review is not None and case.review.to_review:
+                self.queue.setCurrentIndex(self.model.case_index(case.id))
+                return True
+        self.statusBar().showMessage("No case waits for review.", 5000)
+        return False
 
     def _store_problem(self, reason: str) -> None:
         if reason:
@@ -268,16 +330,23 @@ class MainWindow(QMainWindow):
             self._shown_case = None
             self.pane.show_message("No case selected", "Choose a case in the queue.")
             return
+        self.pane.review_bar.show_state(case.review)
         before = self._shown_case
-        if before is not None and (before.id, before.shown, before.result_dir) == (
+        if before is not None and (before.id, before.shown, before.result_dir, before.review) == (
             case.id,
             case.shown,
             case.result_dir,
+            case.review,
         ):
             return
         self._shown_case = case
         state, stage, progress = case.shown
-        if state in SHOWS_RESULT:
+        if state == "rejected" and not case.result_dir:
+            # Refused before any result was written (the reader's reason, in words).
+            self.pane.show_message(
+                f"{case.case_key}: rejected", case.reason or "no reason recorded"
+            )
+        elif state in SHOWS_RESULT:
             self.pane.load(case_result_folder(case, self.outbox))
         elif state == "running":
             self.pane.show_message(
@@ -301,10 +370,12 @@ class MainWindow(QMainWindow):
 
     def _update_buttons(self) -> None:
         case = self.selected_case()
-        has_result = case is not None and case.shown[0] in SHOWS_RESULT
+        has_result = case is not None and case.shown[0] in SHOWS_RESULT and bool(case.result_dir)
         self.report_action.setEnabled(has_result)
         self.folder_action.setEnabled(has_result)
         self.rescore_action.setEnabled(case is not None and case.shown[0] not in ("running",))
+        for action in self.sign_off_actions.values():
+            action.setEnabled(case is not None and case.review is not None)
         self.pause_action.setEnabled(self.service is not None)
         if self.service is not None:
             self.pause_action.setText(
@@ -329,10 +400,15 @@ class MainWindow(QMainWindow):
         return QDesktopServices.openUrl(QUrl.fromLocalFile(str(report)))
 
     def open_folder(self) -> bool:
+        """The shown result's version folder, else the case's folder."""
+        loaded = self.pane.loaded
         case = self.selected_case()
-        if case is None:
+        if loaded is not None:
+            folder = loaded.view.folder
+        elif case is not None:
+            folder = case_result_folder(case, self.outbox)
+        else:
             return False
-        folder = case_result_folder(case, self.outbox)
         return QDesktopServices.openUrl(QUrl.fromLocalFile(str(folder)))
 
     def ask_rescore(self) -> None:
@@ -373,6 +449,67 @@ class MainWindow(QMainWindow):
             box = QMessageBox(QMessageBox.Icon.Warning, "cytoedge", message, parent=self)
             box.setObjectName("rescore_problem")
             box.open()  # not exec(): the queue keeps updating behind it
+
+    def ask_sign_off(self, decision: str) -> SignOffDialog | None:
+        """Open the sign-off of the selected case's latest result; signed when confirmed."""
+        case = self.selected_case()
+        state = case.review if case is not None else None
+        if case is None or state is None:
+            self.statusBar().showMessage("Select a case with a result to sign it off.", 5000)
+            return None
+        dialog = SignOffDialog(
+            decision,
+            case.case_key,
+            state,
+            self.reviewer or login_name(),
+            name_confirmed=bool(self.reviewer),
+            parent=self,
+        )
+        dialog.accepted.connect(lambda: self.sign(case.case_key, state.folder, dialog.sign_off()))
+        dialog.finished.connect(dialog.deleteLater)
+        dialog.finished.connect(self.activateWindow)  # the keyboard goes back to the queue
+        dialog.open()  # window-modal, not exec(): the queue keeps updating behind it
+        return dialog
+
+    def sign(self, case_key: str, folder: Path, decision: SignOff) -> None:
+        """Write the sign-off (a new version, the audit line, FHIR) off the UI thread."""
+        self.reviewer = decision.reviewer
+        relay, data_dir, fhir_outbox = self.relay, self.data_dir, self.fhir_outbox
+        audit_path, version = self.audit_path, self.version
+
+        def write() -> None:
+            try:
+                audit = AuditLog(audit_path, software_version=version, source="window")
+                done = sign_off(
+                    folder, decision, data_dir=data_dir, audit=audit, fhir_outbox=fhir_outbox
+                )
+            except (ReviewError, OSError) as exc:  # OSError: the audit trail's folder
+                relay.signed.emit(False, f"Could not sign off {case_key}: {exc}", "")
+                return
+            words = DECISION_WORDS[decision.decision]
+            words = words[0].lower() + words[1:]
+            relay.signed.emit(
+                True,
+                f"{case_key} {words} by {decision.reviewer} (version {done.result.version}).",
+                str(done.folder.path),
+            )
+
+        self.statusBar().showMessage(f"Signing off {case_key}...")
+        QThreadPool.globalInstance().start(write)
+
+    def _signed(self, ok: bool, message: str, folder: str) -> None:
+        self.statusBar().showMessage(message, 10000)
+        if not ok:
+            box = QMessageBox(QMessageBox.Icon.Warning, "cytoedge", message, parent=self)
+            box.setObjectName("sign_off_problem")
+            box.open()
+            return
+        self._shown_case = None
+        self.pane.load(Path(folder))
+        # The audit line is written: the queue's review column catches up now.
+        QMetaObject.invokeMethod(
+            self.polling.poller, "poll_now", Qt.ConnectionType.QueuedConnection
+        )
 
     def toggle_pause(self) -> None:
         if self.service is None:

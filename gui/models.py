@@ -36,7 +36,15 @@ from PySide6.QtWidgets import (
     QStyleOptionViewItem,
 )
 
-from gui.store_reader import CaseRow, SlideRow, StoreReader, StoreUnavailableError
+from appliance.results import DECISION_WORDS
+from gui.review_state import ReviewIndex
+from gui.store_reader import (
+    CaseRow,
+    QueueSnapshot,
+    SlideRow,
+    StoreReader,
+    StoreUnavailableError,
+)
 
 log = logging.getLogger("cytoedge.gui")
 
@@ -50,6 +58,12 @@ STATE_COLOURS = {
     "done": "#1e7b34",
     "rejected": "#a31d1d",
     "failed": "#a31d1d",
+}
+REVIEW_COLOURS = {
+    "to review": "#b36b00",
+    "accepted": "#1e7b34",
+    "rejected": "#a31d1d",
+    "for FISH": "#1f5fa8",
 }
 STATE_WORDS = {
     "waiting": "waiting",
@@ -83,8 +97,8 @@ def format_received(when: datetime | None, now: datetime | None = None) -> str:
 class QueueModel(QAbstractItemModel):
     """Two-level tree: top rows are cases, children are that case's slides."""
 
-    COLUMNS: ClassVar[tuple[str, ...]] = ("Case / slide", "Received", "State", "Cells")
-    NAME, RECEIVED, STATE, CELLS = range(4)
+    COLUMNS: ClassVar[tuple[str, ...]] = ("Case / slide", "Received", "State", "Review", "Cells")
+    NAME, RECEIVED, STATE, REVIEW, CELLS = range(5)
 
     def __init__(self, parent: QObject | None = None) -> None:
         super().__init__(parent)
@@ -163,6 +177,8 @@ class QueueModel(QAbstractItemModel):
             return self._tooltip(item)
         if role == Qt.ItemDataRole.ForegroundRole and column == self.STATE:
             return QBrush(QColor(STATE_COLOURS.get(state, "#000000")))
+        if role == Qt.ItemDataRole.ForegroundRole and column == self.REVIEW:
+            return QBrush(QColor(REVIEW_COLOURS.get(self._display(item, column), "#000000")))
         if role == Qt.ItemDataRole.FontRole and isinstance(item, CaseRow) and column == self.NAME:
             font = QFont(QApplication.font())
             font.setBold(True)
@@ -181,6 +197,9 @@ class QueueModel(QAbstractItemModel):
         if column == self.STATE:
             text = state_text(state, stage)
             return f"{text} · {round(progress * 100)} %" if state == "running" else text
+        if column == self.REVIEW:
+            review = item.review if isinstance(item, CaseRow) else None
+            return review.text if review is not None else ""
         if column == self.CELLS:
             cells = item.n_cells
             return "" if cells is None else f"{cells:,}"
@@ -193,6 +212,12 @@ class QueueModel(QAbstractItemModel):
             lines.append(item.reason)
         if isinstance(item, CaseRow) and item.attempts > 1:
             lines.append(f"{item.attempts} attempts")
+        review = item.review if isinstance(item, CaseRow) else None
+        if review is not None and review.review is not None:
+            words = DECISION_WORDS[review.review.decision]
+            lines.append(f"{words} by {review.review.reviewer}")
+        elif review is not None and review.waiting:
+            lines.append("waits for review: " + "; ".join(review.waiting))
         return "\n".join(lines)
 
     # --- merging a snapshot -----------------------------------------------
@@ -315,12 +340,14 @@ class QueuePoller(QObject):
     snapshot = Signal(object)  # QueueSnapshot
     unavailable = Signal(str)  # one-line reason, emitted when it changes
 
-    def __init__(self, store_path: Path, interval_ms: int = 1000) -> None:
+    def __init__(self, store_path: Path, reviews: ReviewIndex, interval_ms: int = 1000) -> None:
         super().__init__()
         self._reader = StoreReader(store_path)
+        self._reviews = reviews
         self._interval_ms = interval_ms
         self._timer: QTimer | None = None
         self._last_problem: str | None = None
+        self._queue: QueueSnapshot | None = None  # the store's last, before review states
 
     @Slot()
     def start(self) -> None:
@@ -349,17 +376,22 @@ class QueuePoller(QObject):
         if self._last_problem is not None:
             self._last_problem = None
             self.unavailable.emit("")
-        if snapshot is not None:
-            self.snapshot.emit(snapshot)
+        # Sign-offs live in result versions and the audit trail, not in the store.
+        reviews_changed = self._reviews.refresh()
+        if snapshot is None and not reviews_changed:
+            return
+        self._queue = snapshot or self._queue
+        if self._queue is not None:
+            self.snapshot.emit(self._reviews.annotate(self._queue))
 
 
 class PollingThread:
     """A QueuePoller running on its own QThread, started and stopped as one."""
 
-    def __init__(self, store_path: Path, interval_ms: int = 1000) -> None:
+    def __init__(self, store_path: Path, reviews: ReviewIndex, interval_ms: int = 1000) -> None:
         self.thread = QThread()
         self.thread.setObjectName("cytoedge-queue-poller")
-        self.poller = QueuePoller(store_path, interval_ms)
+        self.poller = QueuePoller(store_path, reviews, interval_ms)
         self.poller.moveToThread(self.thread)
         self.thread.started.connect(self.poller.start)
         self.thread.finished.connect(self.poller.stop)

@@ -7,6 +7,7 @@ heatmap or a slow share never freezes the window.
 
 from __future__ import annotations
 
+import contextlib
 import html
 import itertools
 from dataclasses import dataclass, field
@@ -28,6 +29,7 @@ from PySide6.QtWidgets import (
     QLabel,
     QListWidget,
     QListWidgetItem,
+    QScrollArea,
     QSizePolicy,
     QStackedWidget,
     QTableWidget,
@@ -45,6 +47,9 @@ from gui.result_data import (
     cell_measurements,
     load_result,
 )
+from gui.review_state import ReviewState
+from gui.review_view import ReviewBar
+from gui.text import wrappable
 
 CALL_COLOURS = {"positive": "#b00020", "negative": "#1b5e20", "indeterminate": "#8a6d00"}
 BANNER_STYLES = {
@@ -90,15 +95,19 @@ def read_folder(path: Path) -> LoadedResult:
 
 
 class ResultLoader(QObject):
-    """Reads result folders on the global thread pool; only the newest request is delivered."""
+    """Reads result folders on the global thread pool; only the newest request is delivered
+    (checked again on the UI thread: a folder read before a newer request was made may
+    arrive after it)."""
 
     loaded = Signal(object)  # LoadedResult
     failed = Signal(str)
+    _read = Signal(int, object)  # (token, LoadedResult | reason), from the pool thread
 
     def __init__(self, parent: QObject | None = None) -> None:
         super().__init__(parent)
         self._latest = 0
         self._counter = itertools.count(1)
+        self._read.connect(self._deliver)
 
     def request(self, path: Path) -> None:
         token = next(self._counter)
@@ -115,13 +124,16 @@ class ResultLoader(QObject):
             loaded = str(exc)
         if token != self._latest:
             return
-        try:
-            if isinstance(loaded, str):
-                self.failed.emit(loaded)
-            else:
-                self.loaded.emit(loaded)
-        except RuntimeError:  # the pane was closed while the folder was read
-            pass
+        with contextlib.suppress(RuntimeError):  # the pane was closed while it was read
+            self._read.emit(token, loaded)
+
+    def _deliver(self, token: int, loaded: LoadedResult | str) -> None:
+        if token != self._latest:
+            return
+        if isinstance(loaded, str):
+            self.failed.emit(loaded)
+        else:
+            self.loaded.emit(loaded)
 
 
 class ProbabilityBar(QWidget):
@@ -272,8 +284,11 @@ class ResultPane(QWidget):
         self._stack = QStackedWidget()
         self._message_title = QLabel()
         self._message_title.setStyleSheet("font-size:16pt; font-weight:bold;")
+        self._message_title.setWordWrap(True)
+        self._message_title.setTextFormat(Qt.TextFormat.PlainText)
         self._message_body = QLabel()
         self._message_body.setWordWrap(True)
+        self._message_body.setTextFormat(Qt.TextFormat.PlainText)
         message = QWidget()
         message_layout = QVBoxLayout(message)
         message_layout.addWidget(self._message_title)
@@ -288,7 +303,10 @@ class ResultPane(QWidget):
 
     # --- building -------------------------------------------------------------
     def _build_result_page(self) -> QWidget:
+        """The result, in a scroll area that never scrolls sideways: every text wraps to
+        the pane's width, and a result with more to say than the pane's height scrolls."""
         page = QWidget()
+        page.setObjectName("result_page")
         layout = QVBoxLayout(page)
         layout.setContentsMargins(6, 0, 6, 0)
         self.banner_box = QVBoxLayout()
@@ -296,6 +314,7 @@ class ResultPane(QWidget):
         layout.addLayout(self.banner_box)
         self.title = QLabel()
         self.title.setStyleSheet("font-size:17pt; font-weight:bold;")
+        self.title.setWordWrap(True)
         self.title.setTextInteractionFlags(Qt.TextInteractionFlag.TextSelectableByMouse)
         self.summary = QLabel()
         self.summary.setWordWrap(True)
@@ -304,6 +323,8 @@ class ResultPane(QWidget):
         layout.addWidget(self.title)
         layout.addWidget(self.summary)
         layout.addWidget(self.qc_line)
+        self.review_bar = ReviewBar()
+        layout.addWidget(self.review_bar)
 
         self.predictions_box = QGroupBox("Predictions")
         self.predictions_grid = QGridLayout(self.predictions_box)
@@ -374,16 +395,23 @@ class ResultPane(QWidget):
         slides_layout.addWidget(self.slides_table, 1)
         slides_layout.addWidget(self.slide_picture, 2)
         self.tabs.addTab(slides_tab, "&Slides and QC")
+        self.tabs.setMinimumHeight(260)  # the pictures stay usable; the page scrolls instead
         layout.addWidget(self.tabs, 1)
-        return page
+        self.scroll = QScrollArea()
+        self.scroll.setObjectName("result_scroll")
+        self.scroll.setWidget(page)
+        self.scroll.setWidgetResizable(True)
+        self.scroll.setHorizontalScrollBarPolicy(Qt.ScrollBarPolicy.ScrollBarAlwaysOff)
+        self.scroll.setFrameShape(QScrollArea.Shape.NoFrame)
+        return self.scroll
 
     # --- showing --------------------------------------------------------------
     def show_message(self, title: str, body: str) -> None:
         """A case without a result to show: queued, running, failed, or nothing selected."""
         self.loader.cancel()
         self.loaded = None
-        self._message_title.setText(title)
-        self._message_body.setText(body)
+        self._message_title.setText(wrappable(title))
+        self._message_body.setText(wrappable(body))
         self._stack.setCurrentIndex(0)
 
     def load(self, folder: Path) -> None:
@@ -395,8 +423,14 @@ class ResultPane(QWidget):
         view = loaded.view
         result = view.result
         self._stack.setCurrentIndex(1)
+        self.scroll.verticalScrollBar().setValue(0)  # a new case is read from its top
         self._fill_banners(view)
-        self.title.setText(f"{result.case_id}")
+        if result.review is not None:  # signed: the result says so itself, before the queue
+            review = result.review
+            self.review_bar.show_state(
+                ReviewState(view.folder, result.version, review.waited_for, review)
+            )
+        self.title.setText(wrappable(result.case_id))
         slides = len(result.scans)
         parts = [
             f"Result v{result.version}",
@@ -419,8 +453,10 @@ class ResultPane(QWidget):
         self.slide_choice.blockSignals(False)
         self._show_heatmap()
         self._fill_slides(view)
-        if result.status == "rejected":
-            self.tabs.setCurrentIndex(2)
+        if result.status == "rejected" or (
+            not result.top_cells and any(not slide.qc_passed for slide in view.slides)
+        ):
+            self.tabs.setCurrentIndex(2)  # nothing scored because of QC: show the QC
 
     def select_slide(self, file_name: str) -> None:
         """Show this slide's heatmap (the queue's slide rows are named by file)."""
@@ -435,7 +471,8 @@ class ResultPane(QWidget):
             if item is not None and item.widget() is not None:
                 item.widget().deleteLater()
         for kind, text in result.banners():
-            banner = QLabel(text)
+            banner = QLabel(wrappable(text))
+            banner.setTextFormat(Qt.TextFormat.PlainText)
             banner.setObjectName(f"banner_{kind}")
             banner.setWordWrap(True)
             banner.setAlignment(Qt.AlignmentFlag.AlignCenter)
@@ -451,9 +488,10 @@ class ResultPane(QWidget):
             self.qc_line.setText("QC: no scan information")
         elif failed:
             reasons = sorted({r for s in failed for r in s.scan.qc.reasons})
+            said = html.escape(wrappable("; ".join(reasons) or "no reason given"))
             self.qc_line.setText(
                 f"<b style='color:#b00020'>QC failed</b> on {len(failed)} of "
-                f"{len(result.slides)} slide(s): {'; '.join(reasons) or 'no reason given'}"
+                f"{len(result.slides)} slide(s): {said}"
             )
         else:
             count = len(result.slides)
@@ -495,7 +533,8 @@ class ResultPane(QWidget):
                 row += 1
         if row == 0:
             reason = view.result.abstain_reason or "no predictions in this result"
-            message = QLabel(f"No call was made: {reason}.")
+            message = QLabel(wrappable(f"No call was made: {reason}."))
+            message.setTextFormat(Qt.TextFormat.PlainText)
             message.setWordWrap(True)
             grid.addWidget(message, 0, 0, 1, 4)
         self.predictions_box.setVisible(True)
@@ -594,4 +633,6 @@ class ResultPane(QWidget):
             self.slide_picture.set_image(None, "")
             return
         slide = self.loaded.view.slides[row]
-        self.slide_picture.set_image(self.loaded.image(slide.thumbnail), "no picture of this slide")
+        picture = self.loaded.image(slide.thumbnail)
+        self.slide_picture.set_image(picture, "")
+        self.slide_picture.setVisible(picture is not None)  # else the QC table takes the room

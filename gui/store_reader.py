@@ -12,8 +12,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from appliance.service.store import Case, JobStore, ServiceRow, Slide, StoreError, StoreSnapshot
+
+if TYPE_CHECKING:
+    from gui.review_state import ReviewState
 
 BUSY_TIMEOUT_S = 0.05
 
@@ -76,6 +80,7 @@ class CaseRow:
     reason: str
     attempts: int
     slides: tuple[SlideRow, ...] = ()
+    review: ReviewState | None = None  # from its result versions (gui.review_state)
 
     @classmethod
     def of(cls, case: Case, slides: tuple[SlideRow, ...]) -> CaseRow:

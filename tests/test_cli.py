@@ -9,7 +9,7 @@ from pathlib import Path
 
 from appliance.readers.formats import FORMATS
 
-SUBCOMMANDS = ("run", "score", "gui", "demo", "doctor", "export", "bench")
+SUBCOMMANDS = ("run", "score", "gui", "fhir", "demo", "doctor", "export", "bench")
 
 
 def cytoedge(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
@@ -64,3 +64,25 @@ def test_broken_config_from_environment_gives_exit_2(tmp_path: Path) -> None:
     result = cytoedge("doctor", env={"CYTOEDGE_CONFIG": str(config)})
     assert result.returncode == 2
     assert "unknown key paths.unknown" in result.stderr
+
+
+def test_fhir_writes_signed_off_results_and_refuses_the_others(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from appliance.cli import app
+    from appliance.review import SignOff, sign_off
+    from appliance.service.audit import AuditLog
+    from cytoedge_demo.samples import write_sample_result
+
+    outbox = tmp_path / "outbox"
+    signed = write_sample_result(outbox, "MM-1", "mm_negative")
+    write_sample_result(outbox, "MM-2", "mm_positive")
+    sign_off(signed.path, SignOff("accepted", "Dr A"), data_dir=tmp_path,
+             audit=AuditLog(tmp_path / "audit.jsonl"), write_pdf=False)  # fmt: skip
+    done = CliRunner().invoke(app, ["fhir", "MM-1", "MM-2"], env={"CYTOEDGE_DATA": str(tmp_path)})
+    assert done.exit_code == 1
+    assert done.stdout.split() == [str(tmp_path / "fhir-outbox" / "MM-1-v2.json")]
+    assert done.stderr == (
+        "cytoedge: case MM-2 version 1 is not signed off: "
+        "only a reviewed result goes to the laboratory system\n"
+    )

@@ -26,7 +26,15 @@ from gui.models import (
     format_received,
     state_text,
 )
+from gui.review_state import ReviewIndex
 from gui.store_reader import CaseRow, StoreReader, StoreUnavailableError, queue_of
+
+
+def reviews_beside(store: Path) -> ReviewIndex:
+    """The review states of a data directory laid out as the service lays it out."""
+    data = store.parent.parent
+    return ReviewIndex(data / "outbox", data, store.parent / "audit.jsonl")
+
 
 NOW = 1_800_000_000.0
 
@@ -218,7 +226,7 @@ def test_progress_bar_is_painted_for_running_rows(qtbot, store) -> None:
 def test_the_view_follows_the_store_through_the_polling_thread(qtbot, store) -> None:
     path, writer = store
     model = QueueModel()
-    polling = PollingThread(path, interval_ms=50)
+    polling = PollingThread(path, reviews_beside(path), interval_ms=50)
     polling.poller.snapshot.connect(lambda snapshot: model.apply(snapshot.cases))
     polling.start()
     try:
@@ -236,7 +244,7 @@ def test_the_poller_reports_a_missing_store_then_recovers(qtbot, tmp_path: Path)
     path = tmp_path / "state" / "jobs.sqlite"
     model = QueueModel()
     problems: list[str] = []
-    polling = PollingThread(path, interval_ms=50)
+    polling = PollingThread(path, reviews_beside(path), interval_ms=50)
     polling.poller.snapshot.connect(lambda snapshot: model.apply(snapshot.cases))
     polling.poller.unavailable.connect(problems.append)
     polling.start()

@@ -9,7 +9,7 @@ import pytest
 pytest.importorskip("PySide6")
 pytest.importorskip("pytestqt")
 
-from PySide6.QtCore import Qt
+from PySide6.QtCore import Qt, QThreadPool
 from PySide6.QtGui import QColor, QImage
 from PySide6.QtWidgets import QGridLayout, QLabel
 
@@ -166,6 +166,21 @@ def test_loading_happens_off_the_ui_thread_and_arrives_as_a_signal(qtbot, folder
     with qtbot.waitSignal(pane.loader.loaded, timeout=5000):
         pane.load(folders["pb"].parent)  # the case folder: latest.json is followed
     assert pane.loaded is not None and pane.loaded.view.result.case_id == "case-pb"
+
+
+def test_a_folder_read_before_a_newer_request_is_never_shown(qtbot, folders) -> None:
+    """Selecting case A then B quickly: A's read may finish before B is asked for, its
+    delivery still queued for the UI thread; the pane must show B, never A after B."""
+    pane = ResultPane()
+    qtbot.addWidget(pane)
+    shown: list[str] = []
+    pane.loader.loaded.connect(lambda loaded: shown.append(loaded.view.result.case_id))
+    pane.load(folders["pb"])
+    assert QThreadPool.globalInstance().waitForDone(5000)  # A read; its delivery queued
+    with qtbot.waitSignal(pane.loader.loaded, timeout=5000):
+        pane.load(folders["mm_negative"])
+    qtbot.wait(50)
+    assert shown == ["case-mm_negative"]
 
 
 def test_an_unreadable_folder_says_why(qtbot, tmp_path: Path) -> None:

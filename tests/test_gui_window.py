@@ -17,8 +17,22 @@ pytest.importorskip("pytestqt")
 
 from PySide6.QtCore import Qt
 from PySide6.QtGui import QImage
-from PySide6.QtWidgets import QAbstractButton, QLabel, QMessageBox, QTabBar
+from PySide6.QtWidgets import QMessageBox
 
+from appliance import qc, stain, tiles
+from appliance.cases import abstain_reason
+from appliance.readers import ScanError, open_scan
+from appliance.results import (
+    SCHEMA_VERSION,
+    BundleRecord,
+    CaseContent,
+    CaseOutputs,
+    CaseResult,
+    ResultFolder,
+    ScanRecord,
+    read_result,
+    write_case_result,
+)
 from appliance.service.store import JobStore
 from cytoedge_demo.samples import SampleCase, add_case, write_sample_result, write_sample_site
 from cytoedge_demo.screenshots import render_screenshots
@@ -26,6 +40,9 @@ from gui.app import SCREEN_SIZE, InProcessService, make_application
 from gui.main_window import MainWindow, read_about, service_text
 from gui.models import QueueModel
 from gui.store_reader import ServiceInfo, StoreReader
+from runtime.files import sha256_file
+from tests.conftest import SHARED_DATA
+from tests.gui_checks import clipped
 
 
 @pytest.fixture(scope="module")
@@ -41,7 +58,7 @@ def open_window(qtbot, store: Path, outbox: Path, **kwargs) -> MainWindow:
     window.show()
     snapshot = StoreReader(store).poll()
     assert snapshot is not None
-    window.apply_snapshot(snapshot)
+    window.apply_snapshot(window.reviews.annotate(snapshot))
     return window
 
 
@@ -167,25 +184,115 @@ def test_nothing_is_cut_off_at_1280x800(qtbot, site) -> None:
         window.select_case(case_key)
         qtbot.waitUntil(lambda key=case_key: showing(window, key), timeout=5000)
         qtbot.wait(20)
-        clipped = []
-        for widget in window.findChildren(QLabel) + window.findChildren(QAbstractButton):
-            if not widget.isVisibleTo(window) or (
-                isinstance(widget, QLabel) and (widget.wordWrap() or widget.pixmap())
-            ):
-                continue
-            if widget.width() < widget.minimumSizeHint().width():
-                clipped.append((type(widget).__name__, widget.text(), widget.width()))
-        for bar in window.findChildren(QTabBar):
-            for tab in range(bar.count()):
-                if bar.tabRect(tab).width() < bar.fontMetrics().horizontalAdvance(
-                    bar.tabText(tab).replace("&", "")
-                ):
-                    clipped.append(("tab", bar.tabText(tab), bar.tabRect(tab).width()))
-        assert clipped == [], case_key
-    header = window.queue.header()
-    for column in range(window.model.columnCount()):
-        assert header.sectionSize(column) >= window.queue.sizeHintForColumn(column)
+        assert clipped(window) == [], case_key  # queue columns included
     assert window.font().pointSize() >= 12
+
+
+# --- the longest reasons the pipeline produces, from real failures -----------------------
+
+PHOTOS = SHARED_DATA / "chula-sample"
+BCCD = SHARED_DATA / "bccd-sample"
+
+
+def real_scan(photo: Path, pixel_size_um: float) -> ScanRecord:
+    """A real photo through the reader, the cellular zone, stain estimation and tile QC,
+    as the pipeline runs them before segmentation (a slide that fails QC stops there)."""
+    params = qc.QCParams()
+    with open_scan(photo, pixel_size_um) as scan:
+        info = scan.info()
+        specs = tiles.tile_grid(scan, tiles.cellular_zone(scan))
+        sample = [t.core for t in tiles.iter_tiles(scan, tiles.sample_specs(specs, 8))]
+        stains = stain.estimate_stains(sample)
+        tile_qc = [qc.assess_tile(t.spec.tile_id, t.core, stains, params)
+                   for t in tiles.iter_tiles(scan, specs)]  # fmt: skip
+    verdict = qc.slide_verdict(tile_qc, params).record()
+    return ScanRecord(
+        slide_id=photo.stem, path=str(photo), sha256=sha256_file(photo), format=info.format,
+        bytes=info.bytes, pixel_size_um=info.pixel_size_um, qc=verdict, cells=0,
+        width=info.width, height=info.height,
+    )  # fmt: skip
+
+
+def qc_failed_case(outbox: Path, case_key: str, scans: list[ScanRecord]) -> Path:
+    """The result score_case writes when no slide passed QC: the case's reason is made by
+    the pipeline's own rule from the slides' real QC reasons."""
+    failures = [f"{s.slide_id}: {'; '.join(s.qc.reasons)}" for s in scans]
+    reason = abstain_reason(0, 50, failures, len(scans), [])
+    result = CaseResult(
+        schema_version=SCHEMA_VERSION, case_id=case_key, version=0,
+        created="2026-11-29T08:00:00+00:00", status="abstained", abstain_reason=reason,
+        bundle=BundleRecord("cytoedge-demo", "1", "0" * 64, "demo"), backend="ort-cpu",
+        scans=tuple(scans), heads=(), top_cells=(), attention_top20_mass=None,
+        timings_s={}, outputs=CaseOutputs(report_html="report.html", cells_geojson=""),
+    )  # fmt: skip
+    folder, _ = write_case_result(outbox, CaseContent(result=result, slides=[]), write_pdf=False)
+    return folder.path
+
+
+@pytest.fixture(scope="module")
+def real_site(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    if not (PHOTOS.is_dir() and BCCD.is_dir()):
+        pytest.skip("shared data (chula-sample, bccd-sample) not present")
+    data = tmp_path_factory.mktemp("real")
+    outbox, store_path = data / "outbox", data / "state" / "jobs.sqlite"
+    blurred = [real_scan(PHOTOS / f"{n}.jpg", 0.25) for n in (10, 11)]
+    blurred.append(real_scan(BCCD / "BloodImage_00304.jpg", 1.0))
+    assert all(len(s.qc.reasons) == 2 for s in blurred)  # two-part reasons, as reported
+    # Damaged copies of a real photo, refused by the reader with its own sentences.
+    damaged = data / "inbox" / "20261129_081403_RBC_field_scan_0417_oil_100x_microscope_2"
+    damaged.mkdir(parents=True)
+    refused = []
+    for name, cut in (("field_1.jpg", slice(0, 9000)), ("field_2.jpg", slice(16, None))):
+        raw = (PHOTOS / "1.jpg").read_bytes()
+        (damaged / name).write_bytes(raw[cut] if cut.start == 0 else bytes(16) + raw[cut])
+        with pytest.raises(ScanError) as caught:
+            open_scan(damaged / name, 0.25)
+        refused.append(f"{name}: {caught.value.reason}")
+    store = JobStore(store_path)
+    now = time.time()
+    cases = [
+        ("PHOTO-QC-0419", blurred[:2], "rejected"),
+        ("PHOTO-QC-0420", blurred, "rejected"),
+        ("20261129_081255_BloodImage_00304_oil_immersion_100x_field_scan", blurred[2:], "rejected"),
+    ]
+    try:
+        for minutes, (key, scans, state) in enumerate(cases):
+            folder = qc_failed_case(outbox, key, scans)
+            names = tuple(Path(s.path).name for s in scans)
+            reason = read_result(folder).abstain_reason or ""
+            sample = SampleCase(key, state, minutes, names, kind="qc_failed", reason=reason)
+            add_case(store, sample, now=now, result=ResultFolder(folder.parent, 1, folder))
+        add_case(
+            store,
+            SampleCase(
+                damaged.name,
+                "rejected",
+                9,
+                ("field_1.jpg", "field_2.jpg"),
+                reason="; ".join(refused),
+            ),
+            now=now,
+        )
+    finally:
+        store.close()
+    return store_path, outbox
+
+
+def test_the_longest_real_reasons_wrap_and_nothing_is_cut_off(qtbot, real_site) -> None:
+    window = open_window(qtbot, *real_site)
+    for case in window.model.cases():
+        window.select_case(case.case_key)
+        if case.result_dir:
+            qtbot.waitUntil(lambda key=case.case_key: showing(window, key), timeout=5000)
+            banner = window.pane.banner_box.itemAt(0).widget().text().replace("\u200b", "")
+            assert banner == f"No call: {case.reason}"
+            assert "blank slide: 100 % of tiles have fewer than 5 nuclei" in banner
+        else:  # refused by the reader: its sentences, not "result not readable"
+            assert window.pane._message_title.text().replace("\u200b", "").endswith(": rejected")
+            assert "field_2.jpg: not an image" in window.pane._message_body.text()
+        qtbot.wait(20)
+        assert clipped(window) == [], case.case_key
+        assert window.width() == SCREEN_SIZE[0]
 
 
 def test_keyboard_only_use(qtbot, site) -> None:
@@ -269,9 +376,14 @@ def test_an_in_process_service_runs_on_its_own_thread_and_pauses(qtbot, tmp_path
     ).can_pause
 
 
-def test_screenshots_render_a_done_and_a_rejected_case(tmp_path: Path) -> None:
-    written = render_screenshots(tmp_path)
-    assert [p.name for p in written] == ["done.png", "rejected.png"]
+def test_screenshots_draw_a_review_and_sign_it_off(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    _, outbox = write_sample_site(data)
+    written = render_screenshots(tmp_path / "pictures", data)
+    assert [p.name for p in written] == ["review.png", "signed-off.png", "rejected.png"]
     for path in written:
         image = QImage(str(path))
         assert (image.width(), image.height()) == SCREEN_SIZE
+    signed = read_result(outbox / "MM-2611-0416" / "v2")  # the first case waiting
+    assert signed.review is not None and signed.review.decision == "sent_for_fish"
+    assert (data / "fhir-outbox" / "MM-2611-0416-v2.json").is_file()

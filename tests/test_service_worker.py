@@ -22,8 +22,9 @@ import pytest
 
 from appliance.config import Config, PathsConfig, ServiceConfig, WatchConfig
 from appliance.readers.errors import NotAnImageError
-from appliance.results import write_case_result
-from appliance.service.audit import read_audit
+from appliance.results import read_result, write_case_result
+from appliance.review import SignOff, sign_off
+from appliance.service.audit import AuditLog, read_audit
 from appliance.service.service import BundleIdentity, Service
 from appliance.service.store import (
     DONE,
@@ -388,6 +389,41 @@ def test_a_result_written_before_a_crash_is_adopted_not_written_again(
     assert versions(config.outbox, "C") == ["v1"]
     assert engine.calls == []
     assert not (config.outbox / "C" / ".staging-leftover").exists()
+
+
+def test_a_sign_off_that_took_the_crashed_job_s_number_is_not_adopted(
+    run_service, tmp_path: Path
+) -> None:
+    config = make_config(tmp_path)
+    config.ensure_dirs()
+    store = JobStore(config.state_dir / "jobs.sqlite")
+    scan = tmp_path / "inbox" / "R.svs"
+    scan.write_bytes(b"r" * 1000)
+    row = store.add_waiting_slide("R", str(scan), 1000, scan.stat().st_mtime, single=True, now=1.0)
+    store.admit_slide(
+        row.id, fingerprint="fr", bundle_hash=BUNDLE.sha256, size=1000,
+        mtime=scan.stat().st_mtime, now=1.0,
+    )  # fmt: skip
+    store.start_slide(row.id, 2.0)
+    store.finish_slide(row.id, DONE, n_cells=10, now=3.0)
+    case = store.case_by_key("R")
+    assert case is not None
+    first, _ = write_case_result(
+        config.outbox, sample_content("R", "mm_positive", ("r.svs",)), write_pdf=False
+    )
+    # A re-score started as version 2 and died; meanwhile version 1 was signed off as v2.
+    store.start_case(case.id, 2, 4.0)
+    store.close()
+    sign_off(
+        first.path, SignOff("accepted", "Dr R"), data_dir=tmp_path,
+        audit=AuditLog(tmp_path / "audit.jsonl"), write_pdf=False,
+    )  # fmt: skip
+    engine = StandInEngine(calls=[])
+    running = run_service(engine, config)
+    wait_for(lambda: case_state(running, "R") == DONE)
+    assert engine.calls[-1] == "case:R"  # scored again, as asked
+    assert versions(config.outbox, "R") == ["v1", "v2", "v3"]
+    assert read_result(config.outbox / "R" / "v3").review is None
 
 
 def test_paused_watching_takes_no_new_scan_until_resumed(run_service, tmp_path: Path) -> None:

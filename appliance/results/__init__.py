@@ -12,9 +12,11 @@ from appliance.results.folder import (
     point_latest_at,
     safe_name,
     write_case_result,
+    write_reviewed_version,
 )
 from appliance.results.pictures import GALLERY_CELLS
 from appliance.results.schema import (
+    DECISION_WORDS,
     RESULT_FILE,
     SCHEMA_VERSION,
     BundleRecord,
@@ -25,6 +27,7 @@ from appliance.results.schema import (
     PredictionRecord,
     QcRecord,
     ResultError,
+    ReviewRecord,
     ScanRecord,
     SlideOutputs,
     TopCell,
@@ -32,6 +35,7 @@ from appliance.results.schema import (
 )
 
 __all__ = [
+    "DECISION_WORDS",
     "GALLERY_CELLS",
     "RESULT_FILE",
     "SCHEMA_VERSION",
@@ -46,6 +50,7 @@ __all__ = [
     "ResultError",
     "ResultFolder",
     "ResultWriteError",
+    "ReviewRecord",
     "ScanRecord",
     "SlideContent",
     "SlideOutputs",
@@ -57,4 +62,5 @@ __all__ = [
     "read_result",
     "safe_name",
     "write_case_result",
+    "write_reviewed_version",
 ]

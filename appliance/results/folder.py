@@ -10,12 +10,17 @@ Layout (docs/DESIGN.md "Result folders")::
 
 Every file is written to a temporary name and renamed; the version folder is
 assembled under a temporary name and renamed into place whole, so a reader
-(the window, the service) sees either no version N or a complete one.
+(the window, the service) sees either no version N or a complete one. Nothing
+edits a version: a sign-off is version N+1, made from version N's files with
+the review added (``write_reviewed_version``). Writers of one case take turns
+(an flock on the case folder), so a re-score and a sign-off never claim one number.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import fcntl
 import io
 import json
 import logging
@@ -23,7 +28,7 @@ import os
 import re
 import shutil
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -37,12 +42,16 @@ from appliance.results.schema import (
     RESULT_FILE,
     CaseOutputs,
     CaseResult,
+    ReviewRecord,
     SlideOutputs,
+    read_result,
 )
 from runtime.files import write_bytes_atomic, write_json_atomic, write_text_atomic
 
 VERSION_DIR = re.compile(r"^v(\d+)$")
 LATEST_FILE = "latest.json"
+# Rewritten for a reviewed version; every other file is carried over from the one reviewed.
+REPORT_FILES = frozenset({RESULT_FILE, "report.html", "report.pdf"})
 log = logging.getLogger(__name__)
 
 
@@ -138,6 +147,17 @@ def point_latest_at(case_dir: Path, version: int) -> None:
     write_json_atomic(case_dir / LATEST_FILE, {"version": version, "path": f"v{version}"})
 
 
+@contextlib.contextmanager
+def _case_lock(case_dir: Path) -> Iterator[None]:
+    """One writer of a case's versions at a time (the service's worker, a sign-off)."""
+    fd = os.open(case_dir, os.O_RDONLY | os.O_DIRECTORY)  # the folder itself: no lock file
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
 def write_case_result(
     outbox: Path, content: CaseContent, *, write_pdf: bool = True
 ) -> tuple[ResultFolder, CaseResult]:
@@ -145,17 +165,69 @@ def write_case_result(
     case_id = content.result.case_id
     case_dir = outbox / safe_name(case_id)
     case_dir.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=case_dir))
-    try:
-        version = (existing_versions(case_dir) or [0])[-1] + 1
-        result = _write_version_files(staging, version, content, write_pdf)
-        final, result = _rename_into_place(staging, case_dir, result)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    point_latest_at(case_dir, result.version)
+    with _case_lock(case_dir):
+        staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=case_dir))
+        try:
+            version = (existing_versions(case_dir) or [0])[-1] + 1
+            result = _write_version_files(staging, version, content, write_pdf)
+            final, result = _rename_into_place(staging, case_dir, result)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+        point_latest_at(case_dir, result.version)
     log.info("result written", extra={"case": case_id, "version": result.version})
     return ResultFolder(case_dir, result.version, final), result
+
+
+def write_reviewed_version(
+    version_folder: Path, review: ReviewRecord, *, write_pdf: bool = True
+) -> tuple[ResultFolder, CaseResult]:
+    """Version N+1 of a case: version N's files, its result with ``review`` added, and the
+    report printed again. Refused (ResultWriteError) unless version N is still the latest:
+    a sign-off is of the result the reviewer saw."""
+    source = read_result(version_folder)
+    case_dir = version_folder.parent
+    with _case_lock(case_dir):
+        newest = (existing_versions(case_dir) or [0])[-1]
+        if newest != source.version:
+            raise ResultWriteError(
+                f"case {source.case_id} has a newer result (version {newest}) than the one "
+                f"reviewed (version {source.version}); review the newer one"
+            )
+        staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=case_dir))
+        try:
+            _carry_over(version_folder, staging)
+            result = dataclasses.replace(source, version=source.version + 1, review=review)
+            result = _write_report_and_result(staging, result, write_pdf)
+            final = case_dir / f"v{result.version}"
+            os.rename(staging, final)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+        point_latest_at(case_dir, result.version)
+    log.info("reviewed version written", extra={"case": source.case_id, "version": result.version})
+    return ResultFolder(case_dir, result.version, final), result
+
+
+def _carry_over(source: Path, target: Path) -> None:
+    """Every file of a version but its result and report, hard-linked where the file system
+    allows (versions are never edited, so sharing their bytes is safe), else copied."""
+
+    def link_or_copy(src: str, dst: str) -> None:
+        try:
+            os.link(src, dst)
+        except OSError:
+            shutil.copy2(src, dst)
+
+    shutil.copytree(
+        source,
+        target,
+        dirs_exist_ok=True,
+        copy_function=link_or_copy,
+        ignore=lambda folder, names: [
+            n for n in names if Path(folder) == source and n in REPORT_FILES
+        ],
+    )
 
 
 def _rename_into_place(
@@ -216,12 +288,19 @@ def _write_version_files(
         content.result,
         version=version,
         scans=tuple(scans[scan.slide_id] for scan in content.result.scans),
-        outputs=dataclasses.replace(outputs, report_pdf="report.pdf") if write_pdf else outputs,
+        outputs=outputs,
     )
-    html = render_report_html(result)
+    return _write_report_and_result(folder, result, write_pdf)
+
+
+def _write_report_and_result(folder: Path, result: CaseResult, write_pdf: bool) -> CaseResult:
+    """The report (HTML, and the PDF when asked and the printer works) and result.json."""
+    outputs = dataclasses.replace(result.outputs, report_pdf="report.pdf" if write_pdf else None)
+    result = dataclasses.replace(result, outputs=outputs)
+    html = render_report_html(result, folder)
     if write_pdf and not write_report_pdf(html, folder, folder / "report.pdf"):
-        result = dataclasses.replace(result, outputs=outputs)
-        html = render_report_html(result)
+        result = dataclasses.replace(result, outputs=dataclasses.replace(outputs, report_pdf=None))
+        html = render_report_html(result, folder)
     write_text_atomic(folder / result.outputs.report_html, html)
     write_json_atomic(folder / RESULT_FILE, result.to_json())
     return result

@@ -1,4 +1,4 @@
-"""The one-page technician report: one HTML layout, printed to PDF by Qt.
+"""The one-page report: one HTML layout, printed to an A4 PDF by Qt.
 
 The HTML uses only the subset Qt's rich-text engine renders (tables, inline
 styles, images), so ``report.pdf`` is the same content as ``report.html``
@@ -22,11 +22,19 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from appliance.results.schema import CaseResult
+from PIL import Image
+
+from appliance.results.print_pdf import BODY_PX
+from appliance.results.schema import DECISION_WORDS, CaseResult
 from runtime.files import atomic_path
 
 DEMO_WARNING = "DEMO MODEL, NOT FOR DIAGNOSIS"
 CALL_COLOURS = {"positive": "#b00020", "negative": "#1b5e20", "indeterminate": "#8a6d00"}
+BODY_WIDTH = BODY_PX[0]  # the page's width for the layout, in CSS pixels
+GALLERY_COLUMNS = 7  # 20 cells in three rows
+GALLERY_CELL_PX = 84  # 22 mm on paper: a nucleus's chromatin is readable
+GALLERY_MAX_HEIGHT = 380.0  # the gallery picture, when the crops are missing
+HEATMAP_MAX_PX = 220.0  # 58 mm: three slides side by side, a tall one no taller
 # Printing takes well under a second; this bounds a printer that hangs.
 PRINT_TIMEOUT_SECONDS = 60.0
 log = logging.getLogger(__name__)
@@ -40,52 +48,100 @@ def _pct(value: float | None) -> str:
     return "-" if value is None else f"{100 * value:.1f} %"
 
 
-def render_report_html(result: CaseResult) -> str:
-    """Everything a technician needs on one page, from the case's result."""
+def render_report_html(result: CaseResult, folder: Path | None = None) -> str:
+    """Everything a technician and a pathologist need, on one A4 page.
+
+    Top to bottom: the demo warning, the case line with its sign-off, the calls
+    beside the scans' QC, the cells that weighed most (their own crops, large
+    enough to read), the attention over each slide, the provenance. ``folder`` is
+    the version folder the pictures are in: their sizes bound each picture's box
+    so that a tall slide cannot push the page over; without it widths alone are set.
+    """
     parts = [
         "<html><head><meta charset='utf-8'>",
         f"<title>cytoedge - case {_e(result.case_id)}</title></head>",
-        "<body style='font-family: sans-serif; font-size: 10pt;'>",
+        "<body style='font-family: sans-serif; font-size: 9.5pt;'>",
     ]
     if result.is_demo:
         parts.append(
-            "<table width='100%' cellpadding='8' style='background-color:#b00020;'>"
-            "<tr><td style='color:white; font-size:16pt; font-weight:bold;' align='center'>"
+            "<table width='100%' cellpadding='4' style='background-color:#b00020;'>"
+            "<tr><td style='color:white; font-size:13pt; font-weight:bold;' align='center'>"
             f"{DEMO_WARNING}</td></tr>"
-            "<tr><td style='color:white;' align='center'>This result comes from a demonstration"
-            " model trained on synthetic images. It says nothing about a patient.</td></tr>"
-            "</table>"
+            "<tr><td style='color:white; font-size:8.5pt;' align='center'>This result comes"
+            " from a demonstration model trained on synthetic images. It says nothing about a"
+            " patient.</td></tr></table>"
         )
+    parts.append(_case_block(result))
     parts.append(
-        f"<h2>Case {_e(result.case_id)} &nbsp; <small>result version "
-        f"{_e(result.version)}</small></h2>"
+        "<table width='100%' cellspacing='0' cellpadding='0'><tr>"
+        f"<td width='52%' valign='top'>{_heads_block(result)}</td>"
+        "<td width='2%'></td>"
+        f"<td width='46%' valign='top'>{_scans_block(result)}</td></tr></table>"
     )
-    parts.append(_status_block(result))
-    parts.append(_heads_block(result))
-    parts.append(_scans_block(result))
-    parts.append(_pictures_block(result))
+    parts.append(_gallery_block(result, folder))
+    parts.append(_heatmaps_block(result, folder))
     parts.append(_footer(result))
     parts.append("</body></html>")
     return "\n".join(parts)
 
 
-def _status_block(result: CaseResult) -> str:
+def _status_text(result: CaseResult) -> tuple[str, str]:
     if result.status == "scored":
-        colour, text = "#1b5e20", "Scored"
-    elif result.status == "abstained":
-        colour, text = "#8a6d00", f"No call (abstained): {_e(result.abstain_reason)}"
-    else:
-        colour, text = "#b00020", f"Rejected: {_e(result.abstain_reason)}"
-    lines = [
-        f"<p style='font-size:13pt; font-weight:bold; color:{colour};'>{text}</p>",
-        f"<p>{result.cells} cells from {len(result.scans)} scan(s) scored together.",
-    ]
+        return "#1b5e20", "Scored"
+    if result.status == "abstained":
+        return "#8a6d00", f"No call (abstained): {_e(result.abstain_reason)}"
+    return "#b00020", f"Rejected: {_e(result.abstain_reason)}"
+
+
+def _case_block(result: CaseResult) -> str:
+    """The case, its status and its sign-off: what is read first."""
+    colour, status = _status_text(result)
+    cells = f"{result.cells} cells from {len(result.scans)} scan(s) scored together."
     if result.attention_top20_mass is not None:
-        lines.append(
+        cells += (
             f" The top 20 % of cells hold {_pct(result.attention_top20_mass)} of the attention."
         )
-    lines.append("</p>")
-    return "".join(lines)
+    return (
+        "<table width='100%' cellspacing='0' cellpadding='3'><tr>"
+        f"<td valign='top'><span style='font-size:15pt; font-weight:bold;'>"
+        f"Case {_e(result.case_id)}</span> &nbsp; result version {_e(result.version)}<br>"
+        f"<span style='font-size:12pt; font-weight:bold; color:{colour};'>{status}</span><br>"
+        f"{cells}</td>"
+        f"<td width='42%' valign='top'>{_review_block(result)}</td></tr></table>"
+    )
+
+
+def _review_block(result: CaseResult) -> str:
+    review = result.review
+    if review is None:
+        return (
+            "<table width='100%' cellpadding='5' style='background-color:#eeeeee;'><tr><td>"
+            "<b>Review:</b> not signed off</td></tr></table>"
+        )
+    colour = {"accepted": "#1b5e20", "rejected": "#b00020"}.get(review.decision, "#0d47a1")
+    lines = [
+        f"<b>Review: <span style='color:{colour};'>{_e(DECISION_WORDS[review.decision])}</span>"
+        f"</b> by {_e(review.reviewer)}, {_e(review.signed_at)} (version "
+        f"{review.reviewed_version} reviewed)",
+    ]
+    if review.reason:
+        lines.append(f"Reason: {_e(review.reason)}")
+    if review.waited_for:
+        lines.append(f"Waited for review: {_e('; '.join(review.waited_for))}")
+    return (
+        "<table width='100%' cellpadding='5' style='background-color:#e8eef6;'><tr><td>"
+        + "<br>".join(lines)
+        + "</td></tr></table>"
+    )
+
+
+def _heading(text: str, note: str = "") -> str:
+    # Qt's h3 margins would cost a tenth of the page over the report's four headings.
+    small = f" <span style='font-size:8pt; font-weight:normal;'>({_e(note)})</span>" if note else ""
+    return (
+        "<p style='font-size:11pt; font-weight:bold; margin-top:8px; margin-bottom:3px;'>"
+        f"{_e(text)}{small}</p>"
+    )
 
 
 def _call_cell(call: str) -> str:
@@ -94,12 +150,14 @@ def _call_cell(call: str) -> str:
 
 def _heads_block(result: CaseResult) -> str:
     """Each head's rows as its kind made them: calls with thresholds, then findings."""
-    rows: list[str] = []
+    rows: list[str] = [_heading("Calls")]
     for head in result.heads:
         if not head.predictions and not head.findings:
             continue
-        rows.append(f"<h3>{_e(head.name)}</h3>")
-        rows.append("<table border='1' cellspacing='0' cellpadding='4'>")
+        rows.append(
+            "<table width='100%' border='1' cellspacing='0' cellpadding='3'>"
+            f"<tr><th colspan='4' align='left'>{_e(head.name)}</th></tr>"
+        )
         if head.predictions:
             rows.append(
                 "<tr><th align='left'>task</th><th>probability</th><th>threshold</th>"
@@ -114,21 +172,23 @@ def _heads_block(result: CaseResult) -> str:
             value = _call_cell(finding.call) if finding.call else f"<td>{_e(finding.text)}</td>"
             rows.append(f"<tr><td colspan='3'><b>{_e(finding.label)}</b></td>{value}</tr>")
         rows.append("</table>")
+    if len(rows) == 1:
+        rows.append(f"<p>No call was made: {_e(result.abstain_reason or 'no predictions')}.</p>")
     return "".join(rows)
 
 
 def _scans_block(result: CaseResult) -> str:
     rows = [
-        "<h3>Scans and quality control</h3>",
-        "<table border='1' cellspacing='0' cellpadding='4'>",
-        "<tr><th align='left'>scan</th><th>format</th><th>um/px</th><th>QC</th>"
+        _heading("Scans and quality control"),
+        "<table width='100%' border='1' cellspacing='0' cellpadding='3'>",
+        "<tr><th align='left'>scan</th><th>um/px</th><th>QC</th>"
         "<th align='left'>reasons</th><th>cells</th></tr>",
     ]
     for scan in result.scans:
-        colour = "#1b5e20" if scan.qc.verdict == "pass" else "#b00020"
+        colour = {"pass": "#1b5e20", "warn": "#8a6d00"}.get(scan.qc.verdict, "#b00020")
         pixel = "-" if scan.pixel_size_um is None else f"{scan.pixel_size_um:.3f}"
         rows.append(
-            f"<tr><td>{_e(scan.name)}</td><td>{_e(scan.format)}</td>"
+            f"<tr><td>{_e(scan.name)}<br><small>{_e(scan.format)}</small></td>"
             f"<td align='right'>{pixel}</td>"
             f"<td style='color:{colour}; font-weight:bold;'>{_e(scan.qc.verdict)}</td>"
             f"<td>{_e('; '.join(scan.qc.reasons))}</td>"
@@ -138,26 +198,57 @@ def _scans_block(result: CaseResult) -> str:
     return "".join(rows)
 
 
-def _pictures_block(result: CaseResult) -> str:
-    # Gallery and heatmaps side by side so that the report stays on one A4 page.
-    gallery = ""
-    if result.outputs.gallery:
-        gallery = (
-            "<b>The 20 cells with the highest attention</b><br>"
-            f"<img src='{_e(result.outputs.gallery)}' width='400'>"
-        )
-    heatmaps = [(scan.slide_id, scan.outputs.heatmap) for scan in result.scans if scan.outputs]
-    maps = ""
-    if heatmaps:
-        maps = "<b>Attention over each slide</b><br>(blue low, red high)<br>"
-        width = {1: 230, 2: 150}.get(len(heatmaps), 100)
-        for slide, path in heatmaps:
-            maps += f"<img src='{_e(path)}' width='{width}'><br><small>{_e(slide)}</small><br>"
-    if not gallery and not maps:
+def _picture_box(folder: Path | None, path: str, width: float, height: float) -> str:
+    """``width`` and ``height`` attributes that fit the picture in the box, aspect kept."""
+    if folder is not None:
+        try:
+            with Image.open(folder / path) as image:
+                w, h = image.size
+        except OSError:
+            w = h = 0
+        if w > 0 and h > 0:
+            scale = min(width / w, height / h)
+            return f"width='{int(w * scale)}' height='{int(h * scale)}'"
+    return f"width='{int(width)}'"
+
+
+def _gallery_block(result: CaseResult, folder: Path | None) -> str:
+    """The top cells, each its own crop with rank and attention, GALLERY_COLUMNS a row."""
+    if not result.top_cells:
         return ""
+    title = _heading("The 20 cells with the highest attention")
+    crops = [c for c in result.top_cells if folder is None or (folder / c.image).is_file()]
+    if len(crops) < len(result.top_cells) and result.outputs.gallery:
+        box = _picture_box(folder, result.outputs.gallery, BODY_WIDTH, GALLERY_MAX_HEIGHT)
+        return f"{title}<p align='center'><img src='{_e(result.outputs.gallery)}' {box}></p>"
+    cells = []
+    for cell in crops:
+        cells.append(
+            f"<td align='center'><img src='{_e(cell.image)}' width='{GALLERY_CELL_PX}' "
+            f"height='{GALLERY_CELL_PX}'><br><small>#{cell.rank} · "
+            f"{100 * cell.attention:.1f} %</small></td>"
+        )
+    rows = [
+        "<tr>" + "".join(cells[i : i + GALLERY_COLUMNS]) + "</tr>"
+        for i in range(0, len(cells), GALLERY_COLUMNS)
+    ]
+    return f"{title}<table cellspacing='4' cellpadding='0'>{''.join(rows)}</table>"
+
+
+def _heatmaps_block(result: CaseResult, folder: Path | None) -> str:
+    """One row: each slide's attention over its picture, as wide as the row allows."""
+    heatmaps = [(scan.name, scan.outputs.heatmap) for scan in result.scans if scan.outputs]
+    if not heatmaps:
+        return ""
+    width = min(HEATMAP_MAX_PX, (BODY_WIDTH - 10 * len(heatmaps)) / len(heatmaps))
+    cells = "".join(
+        f"<td align='center' valign='top'><img src='{_e(path)}' "
+        f"{_picture_box(folder, path, width, HEATMAP_MAX_PX)}><br><small>{_e(name)}</small></td>"
+        for name, path in heatmaps
+    )
     return (
-        "<table cellpadding='4'><tr>"
-        f"<td valign='top'>{gallery}</td><td valign='top'>{maps}</td></tr></table>"
+        _heading("Attention over each slide", "blue low, red high")
+        + f"<table cellspacing='4' cellpadding='0'><tr>{cells}</tr></table>"
     )
 
 
@@ -165,7 +256,7 @@ def _footer(result: CaseResult) -> str:
     bundle = result.bundle
     timing_text = ", ".join(f"{k} {v:.1f} s" for k, v in result.timings_s.items())
     return (
-        "<hr><p style='font-size:8pt; color:#555;'>"
+        "<hr><p style='font-size:7.5pt; color:#555;'>"
         f"Model bundle {_e(bundle.name)} {_e(bundle.version)} "
         f"(intended use: {_e(bundle.intended_use)}, sha256 "
         f"{_e(bundle.sha256[:16])}); backend {_e(result.backend)}; "

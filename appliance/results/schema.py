@@ -10,7 +10,9 @@ integrator to validate against.
 
 Version history: 1, the first result folders (top-level ``predictions``,
 ``high_risk``, ``malignancy_probability``, ``top2``, ``outputs`` as a flat map);
-2, each head's calls and findings under ``heads``, per-scan ``outputs``.
+2, each head's calls and findings under ``heads``, per-scan ``outputs``, and
+``review``: a person's sign-off, written as a new version of the case
+(``appliance.results.review``).
 """
 
 from __future__ import annotations
@@ -28,6 +30,12 @@ RESULT_FILE = "result.json"
 Status = Literal["scored", "abstained", "rejected"]
 Call = Literal["positive", "negative", "indeterminate"]
 Verdict = Literal["pass", "warn", "fail"]
+Decision = Literal["accepted", "rejected", "sent_for_fish"]
+DECISION_WORDS: dict[str, str] = {
+    "accepted": "Accepted",
+    "rejected": "Rejected",
+    "sent_for_fish": "Sent for FISH",
+}
 
 
 class ResultError(ValueError):
@@ -144,6 +152,30 @@ class CaseOutputs:
 
 
 @dataclass(frozen=True)
+class ReviewRecord:
+    """A person's sign-off of the result of one version, kept in the next version.
+
+    ``waited_for`` is why the result waited for a person when it was signed
+    (empty when it did not have to); ``reason`` is required for a rejection.
+    """
+
+    decision: Decision
+    reviewer: str
+    signed_at: str  # UTC, ISO 8601
+    reviewed_version: int  # the version the reviewer saw; this one repeats it with the review
+    reason: str = ""
+    waited_for: tuple[str, ...] = ()
+
+    def validate(self, where: str) -> None:
+        if not self.reviewer.strip():
+            raise SpecError(f"{where}.reviewer must name the person who signed")
+        if self.decision == "rejected" and not self.reason.strip():
+            raise SpecError(f"{where}.reason must say why the result was rejected")
+        if self.reviewed_version < 1:
+            raise SpecError(f"{where}.reviewed_version must be 1 or more")
+
+
+@dataclass(frozen=True)
 class CaseResult:
     """The result of one case at one version: ``<outbox>/<case>/v<version>/result.json``."""
 
@@ -161,6 +193,7 @@ class CaseResult:
     attention_top20_mass: float | None
     timings_s: dict[str, float]
     outputs: CaseOutputs  # set by the result writer: the files it wrote
+    review: ReviewRecord | None = None  # a person's sign-off (a version of its own)
 
     @property
     def predictions(self) -> tuple[PredictionRecord, ...]:

@@ -412,6 +412,8 @@ class Worker:
             result = read_result(folder)
         except ResultError:
             return None
+        if result.review is not None:  # a sign-off took that number: this job wrote nothing
+            return None
         latest = latest_version(self.settings.outbox, case.case_key)
         if latest is None or latest.version < case.pending_version:
             point_latest_at(case_dir, case.pending_version)

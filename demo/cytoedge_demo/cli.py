@@ -41,11 +41,25 @@ def demo(
 @demo_app.command()
 def screenshots(
     out: Annotated[Path, typer.Argument(help="Folder for the PNG files.", file_okay=False)],
+    data: Annotated[
+        Path | None,
+        typer.Option(
+            help="A data directory the service has scored: its first case waiting for review "
+            "is signed off there (a new version). Default: the sample queue, in a temporary "
+            "folder.",
+            file_okay=False,
+            exists=True,
+        ),
+    ] = None,
 ) -> None:
-    """Draw the window over the sample queue to PNG files (README pictures), then exit."""
+    """Draw a review in the window to PNG files (README pictures), then exit."""
     try:
         from cytoedge_demo.screenshots import render_screenshots
     except ImportError as exc:
         raise fail(f"the window needs PySide6: pip install 'cytoedge[gui]' ({exc})") from None
-    for path in render_screenshots(out):
+    try:
+        written = render_screenshots(out, data)
+    except RuntimeError as exc:
+        raise fail(str(exc)) from None
+    for path in written:
         typer.echo(path)

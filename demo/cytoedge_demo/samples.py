@@ -36,12 +36,14 @@ from appliance.results import (
     write_case_result,
 )
 from appliance.service.store import STORE_FILE, JobStore
+from appliance.verification import VerificationRecord, write_verification
 from runtime.bundle import HeadSpec
 from runtime.labels import MYELOMA_MARKERS, PB_CLASSES
 from runtime.typed_json import parse_section
 
 KINDS = ("mm_positive", "mm_negative", "abstained", "qc_failed", "pb", "research")
 BAND = 0.05
+SAMPLE_BUNDLE_SHA256 = "3f9c1e0b" * 8
 
 
 @dataclass(frozen=True)
@@ -276,7 +278,7 @@ def sample_content(
         bundle=BundleRecord(
             name="cytoedge-demo-pb" if kind == "pb" else "cytoedge-demo-mm",
             version="0.1.0",
-            sha256="3f9c1e0b" * 8,
+            sha256=SAMPLE_BUNDLE_SHA256,
             intended_use="research" if kind == "research" else "demo",
         ),
         backend="ort-cpu",
@@ -377,8 +379,13 @@ def add_case(
     return case_id
 
 
-def write_sample_site(data_dir: Path, *, write_pdf: bool = False) -> tuple[Path, Path]:
-    """The sample queue and its results under a data directory: (store path, outbox)."""
+def write_sample_site(
+    data_dir: Path, *, write_pdf: bool = False, verified: bool = True
+) -> tuple[Path, Path]:
+    """The sample queue and its results under a data directory: (store path, outbox).
+
+    ``verified``: the sample bundle has a verification record, so that only the
+    indeterminate, abstained and QC-failed cases wait for review."""
     store_path = data_dir / "state" / STORE_FILE
     outbox = data_dir / "outbox"
     now = time.time()
@@ -396,4 +403,10 @@ def write_sample_site(data_dir: Path, *, write_pdf: bool = False) -> tuple[Path,
         )
     finally:
         store.close()
+    if verified:
+        record = VerificationRecord(
+            SAMPLE_BUNDLE_SHA256, "cytoedge-demo-mm", "0.1.0", "2026-11-20T09:00:00+00:00",
+            "sample site", "the sample queue's bundle, as a verified one",
+        )  # fmt: skip
+        write_verification(data_dir, record)
     return store_path, outbox

@@ -1,0 +1,112 @@
+"""The window on a real X display: Qt's xcb platform plugin finds every library it needs
+(packaging/system-deps.sh installs them), and the window starts, shows a result and
+fits 1280 x 800 under Xvfb with the xcb platform, as on a technician's desktop."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("PySide6")
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# Run in a fresh interpreter: this process's Qt is already offscreen.
+WINDOW_ON_X = """
+import sys, time
+from pathlib import Path
+from cytoedge_demo.samples import write_sample_site
+from gui.app import SCREEN_SIZE, make_application
+from gui.main_window import MainWindow
+from gui.store_reader import StoreReader
+from tests.gui_checks import clipped
+
+app = make_application()
+store, outbox = write_sample_site(Path(sys.argv[1]))
+window = MainWindow(store, outbox)
+window.resize(*SCREEN_SIZE)
+window.show()
+window.apply_snapshot(window.reviews.annotate(StoreReader(store).poll()))
+problems = []
+for key in ("MM-2611-0416", "MM-2611-0415", "PB-2611-0101"):
+    window.select_case(key)
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and not (
+        window.pane.loaded is not None and window.pane.loaded.view.result.case_id == key
+    ):
+        app.processEvents()
+    for _ in range(20):
+        app.processEvents()
+        time.sleep(0.01)
+    problems += [(key, *p) for p in clipped(window)]
+print(app.platformName(), window.isVisible(), window.width(), window.height(), problems)
+window.close()
+"""
+
+
+def xcb_plugin() -> Path:
+    import PySide6
+
+    return Path(PySide6.__file__).parent / "Qt" / "plugins" / "platforms" / "libqxcb.so"
+
+
+@pytest.mark.skipif(shutil.which("ldd") is None, reason="no ldd (not a glibc Linux)")
+def test_the_xcb_platform_plugin_finds_all_its_libraries() -> None:
+    """What failed on a fresh desktop: 'Could not load the Qt platform plugin xcb'."""
+    plugin = xcb_plugin()
+    if not plugin.is_file():
+        pytest.skip("this PySide6 build has no xcb plugin")
+    libraries = [plugin, *sorted((plugin.parents[2] / "lib").glob("libQt6XcbQpa.so*"))]
+    for library in libraries:
+        linked = subprocess.run(["ldd", str(library)], capture_output=True, text=True).stdout
+        missing = [line.split()[0] for line in linked.splitlines() if "not found" in line]
+        assert missing == [], f"{library.name} needs {missing}: run packaging/system-deps.sh"
+
+
+@pytest.fixture
+def x_display() -> str:
+    """A virtual X server of this test's own, on the first free display number."""
+    if shutil.which("Xvfb") is None:
+        pytest.skip("Xvfb is not installed (packaging/system-deps.sh installs it)")
+    read, write = os.pipe()
+    server = subprocess.Popen(
+        ["Xvfb", "-displayfd", str(write), "-screen", "0", "1920x1080x24", "-nolisten", "tcp"],
+        pass_fds=(write,),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    os.close(write)
+    try:
+        with os.fdopen(read) as handle:
+            number = handle.readline().strip()  # written once the server accepts clients
+        if not number:
+            pytest.fail("Xvfb started but gave no display number")
+        yield f":{number}"
+    finally:
+        server.terminate()
+        server.wait(10)
+
+
+def test_the_window_runs_on_a_real_x_display(x_display: str, tmp_path: Path) -> None:
+    env = {
+        **os.environ,
+        "DISPLAY": x_display,
+        "QT_QPA_PLATFORM": "xcb",
+        "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "demo")]),
+    }
+    env.pop("WAYLAND_DISPLAY", None)
+    done = subprocess.run(
+        [sys.executable, "-c", WINDOW_ON_X, str(tmp_path / "site")],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=ROOT,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip() == "xcb True 1280 800 []", done.stdout + done.stderr[-2000:]
