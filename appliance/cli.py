@@ -17,6 +17,7 @@ from typing import Annotated
 
 import typer
 
+from appliance.bundle_cli import bundle_app
 from appliance.command import ConfigOption, fail, setup
 from export.cli import export_app
 
@@ -28,6 +29,7 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 app.add_typer(export_app, name="export")
+app.add_typer(bundle_app, name="bundle")
 log = logging.getLogger("cytoedge")
 PLUGIN_GROUP = "cytoedge.commands"
 

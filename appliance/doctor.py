@@ -4,17 +4,28 @@ from __future__ import annotations
 
 import importlib.metadata
 import logging
+import math
 import platform
 import sys
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
+import numpy as np
 from rich.console import Console
 from rich.table import Table
 
 from appliance.config import Config
-from runtime.backends import BackendError, open_model, plan_backends, probe_backends
-from runtime.bundle import BundleError, load_bundle
+from runtime.backends import (
+    Backend,
+    BackendError,
+    Fallback,
+    ModelVariants,
+    RuntimeSettings,
+    open_model,
+    plan_backends,
+    probe_backends,
+)
+from runtime.bundle import Bundle, BundleError, load_bundle
 from runtime.probe import gpu_names
 
 PACKAGES = (
@@ -72,10 +83,87 @@ def _formats_table() -> Table:
     return table
 
 
+@dataclass(frozen=True)
+class NetworkCheck:
+    """One network of a bundle on this machine: where it runs, or why it cannot."""
+
+    label: str
+    backend: str  # "" when no backend could run it
+    variant: str
+    fallbacks: tuple[Fallback, ...]  # better backends skipped, and why
+    problem: str = ""  # why it cannot be used; "" when it loaded and ran a test input
+
+
+def bundle_networks(bundle: Bundle) -> list[tuple[str, Path | ModelVariants]]:
+    """Every network of a bundle, labelled as doctor shows it."""
+    networks: list[tuple[str, Path | ModelVariants]] = [("encoder", bundle.encoder_variants())]
+    if bundle.segmenter is not None:
+        networks.append(("segmenter", bundle.file(bundle.segmenter.file)))
+    networks += [
+        (f"head {head.name} [{k}]", bundle.file(rel))
+        for head in bundle.heads
+        for k, rel in enumerate(head.files)
+    ]
+    return networks
+
+
+def check_networks(bundle: Bundle, settings: RuntimeSettings) -> list[NetworkCheck]:
+    """Load each network as scoring would (no engine builds: a stale TensorRT engine is a
+    skip with its reason) and run it once on a small input; every output must be finite."""
+    settings = replace(settings, build_engines=False)
+    side = _test_side(bundle)
+    checks = []
+    # The checks say what the per-model log lines would; keep the console to them.
+    backend_log = logging.getLogger("runtime.backends")
+    level = backend_log.level
+    backend_log.setLevel(logging.WARNING)
+    try:
+        for label, model in bundle_networks(bundle):
+            try:
+                loaded = open_model(model, settings, engine_dir=bundle.engines_dir)
+            except BackendError as exc:
+                checks.append(NetworkCheck(label, "", "-", (), str(exc)))
+                continue
+            try:
+                outputs = loaded.run(_test_feeds(loaded, side))
+                finite = all(np.isfinite(np.asarray(v, np.float64)).all() for v in outputs.values())
+                problem = "" if finite else "gives non-finite outputs on a test input"
+            except BackendError as exc:
+                problem = f"cannot run a test input: {exc}"
+            finally:
+                loaded.close()
+            checks.append(
+                NetworkCheck(label, loaded.name, loaded.variant, tuple(loaded.fallbacks), problem)
+            )
+    finally:
+        backend_log.setLevel(level)
+    return checks
+
+
+def _test_side(bundle: Bundle) -> int:
+    """Height and width for a network whose image size is free (the segmenter): the
+    smallest multiple of its div_by of at least 64 px."""
+    step = math.lcm(*bundle.segmenter.div_by) if bundle.segmenter else 1
+    return step * math.ceil(64 / step)
+
+
+def _test_feeds(model: Backend, side: int) -> dict[str, np.ndarray]:
+    """A seeded input of each input's shape: two rows, ``side`` for free image axes."""
+    rng = np.random.default_rng(0)
+    feeds = {}
+    for spec in model.inputs:
+        shape = [
+            dim if isinstance(dim, int) else (2 if axis == 0 else side)
+            for axis, dim in enumerate(spec.shape)
+        ]
+        feeds[spec.name] = rng.normal(0.0, 1.0, shape).astype(spec.dtype)
+    return feeds
+
+
 def _bundle_check(
     config: Config, explicit: Path | None, out: Console, skipped_up_front: set[str]
 ) -> tuple[bool, bool]:
-    """Verify the bundle and load each of its networks as scoring would.
+    """Verify the bundle and load and run each of its networks as scoring would.
 
     Returns (usable, built). A default bundle that was never built is not an error.
     """
@@ -101,34 +189,20 @@ def _bundle_check(
     models = Table(title="Bundle networks on this machine")
     for column in ("network", "runs on", "variant", "skipped (reason above unless given)"):
         models.add_column(column)
-    ok = True
-    settings = replace(config.runtime.settings, build_engines=False)
-    # The table says what the per-model log lines would; keep the console to the table.
-    backend_log = logging.getLogger("runtime.backends")
-    level = backend_log.level
-    backend_log.setLevel(logging.WARNING)
-    networks = [("encoder", bundle.encoder_variants())] + [
-        (f"head {head.name} [{k}]", bundle.file(rel))
-        for head in bundle.heads
-        for k, rel in enumerate(head.files)
-    ]
-    for label, model in networks:
-        try:
-            # No engine builds here: a stale TensorRT engine shows as a skip with its reason.
-            loaded = open_model(model, settings, engine_dir=bundle.engines_dir)
-        except BackendError as exc:
-            models.add_row(label, "[red]none[/]", "-", str(exc))
-            ok = False
-            continue
+    checks = check_networks(bundle, config.runtime.settings)
+    for check in checks:
         skipped = "; ".join(
-            f.backend if f.backend in skipped_up_front else str(f) for f in loaded.fallbacks
+            f.backend if f.backend in skipped_up_front else str(f) for f in check.fallbacks
         )
-        models.add_row(label, loaded.name, loaded.variant, skipped or "-")
-        loaded.close()
-    backend_log.setLevel(level)
+        if check.problem:
+            runs_on = f"[red]{check.backend or 'none'}[/]"
+            skipped = "; ".join(filter(None, (skipped, check.problem)))
+        else:
+            runs_on = check.backend
+        models.add_row(check.label, runs_on, check.variant, skipped or "-")
     out.print(models)
     out.print(f"Encoder int8: {bundle.encoder.int8_note or 'no note'}")
-    return ok, True
+    return not any(check.problem for check in checks), True
 
 
 def run_doctor(config: Config, bundle: Path | None = None) -> int:

@@ -24,13 +24,14 @@ from appliance.config import Config, PathsConfig, ServiceConfig, WatchConfig
 from appliance.readers.errors import NotAnImageError
 from appliance.results import write_case_result
 from appliance.service.audit import read_audit
-from appliance.service.service import BundleIdentity, Service
+from appliance.service.service import Service
 from appliance.service.store import (
     DONE,
     FAILED,
     QUEUED,
     REJECTED,
     RUNNING,
+    BundleIdentity,
     JobStore,
     StoreError,
 )

@@ -15,8 +15,8 @@ from rich.console import Console
 from rich.table import Table
 
 from appliance.config import Config
-from appliance.service.service import BundleIdentity, Service
-from appliance.service.store import RUNNING, JobStore, Slide, StoreError, store_path
+from appliance.service.service import Service
+from appliance.service.store import RUNNING, BundleIdentity, JobStore, Slide, StoreError, store_path
 from appliance.service.units import compile_case_pattern
 
 log = logging.getLogger(__name__)
