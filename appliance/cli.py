@@ -92,7 +92,8 @@ def score(
         bundle = load_bundle(cfg.bundle_dir)
     except BundleError as exc:
         raise fail(
-            f"no usable model bundle ({exc}); `cytoedge demo` builds the demo bundle"
+            f"no usable model bundle ({exc}); `cytoedge bundle install FILE` installs "
+            "one, `cytoedge demo` builds the demo bundle"
         ) from None
     groups = [(case, files)] if case else [(path.stem or path.name, [path]) for path in files]
     console = Console(stderr=True)
@@ -137,13 +138,21 @@ def doctor(
     bundle: Annotated[
         Path | None, typer.Option(help="Verify this bundle instead of the configured one.")
     ] = None,
+    gpu_self_test: Annotated[
+        bool,
+        typer.Option(
+            "--gpu-self-test",
+            help="Also run every network on every backend that loads and compare it with "
+            "the CPU (builds missing TensorRT engines).",
+        ),
+    ] = False,
     config: ConfigOption = None,
 ) -> None:
     """Show what this machine can run; exit 0 when the configured setup can score."""
     from appliance.doctor import run_doctor
 
     cfg = setup(config, log_to_file=False)
-    raise typer.Exit(run_doctor(cfg, bundle))
+    raise typer.Exit(run_doctor(cfg, bundle, gpu_self_test))
 
 
 def _add_plugin_commands() -> None:
