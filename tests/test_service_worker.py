@@ -24,7 +24,7 @@ from appliance.config import Config, PathsConfig, ServiceConfig, WatchConfig
 from appliance.readers.errors import NotAnImageError
 from appliance.results import write_case_result
 from appliance.service.audit import read_audit
-from appliance.service.service import Service
+from appliance.service.service import FollowFn, Service
 from appliance.service.store import (
     DONE,
     FAILED,
@@ -127,11 +127,19 @@ def make_config(tmp_path: Path, **service: float) -> Config:
 
 
 class Running:
-    def __init__(self, config: Config, engine: StandInEngine) -> None:
+    def __init__(
+        self,
+        config: Config,
+        engine: StandInEngine,
+        bundle: BundleIdentity = BUNDLE,
+        follow: FollowFn | None = None,
+    ) -> None:
         self.config = config
         self.engine = engine
         self.stop = threading.Event()
-        self.service = Service(config, engine, probe=probe, bundle=BUNDLE, backend="stand-in")
+        self.service = Service(
+            config, engine, probe=probe, bundle=bundle, backend="stand-in", follow=follow
+        )
         self.clean: bool | None = None
         self.thread = threading.Thread(target=self._run, daemon=True)
         self.thread.start()
