@@ -13,11 +13,13 @@ progress.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.metadata
 import json
 import logging
+import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Protocol
@@ -56,6 +58,7 @@ ENCODER_CELLS = 32
 TILE_PX = 512
 BAG_CELLS = 512  # the heads' TensorRT profile's optimum
 TIMED_RUNS = 3
+TICK_SECONDS = 30.0
 RECORD_DIR = "gpu-self-test"
 PACKAGES = ("cytoedge", "onnxruntime", "onnxruntime-gpu", "tensorrt", "cuda-python")
 
@@ -219,12 +222,36 @@ def build_engines(bundle: Bundle, progress: ProgressFn) -> None:
         files.append(bundle.file(bundle.segmenter.file))
     files += [bundle.file(rel) for head in bundle.heads for rel in head.files]
     for index, path in enumerate(files):
-        progress(f"TensorRT engine for {path.name}", index / len(files))
+        stage, fraction = f"TensorRT engine for {path.name}", index / len(files)
+        progress(stage, fraction)
         try:
-            ensure_engine(path, bundle.engines_dir, build=True)
+            with _ticking(progress, stage, fraction):
+                ensure_engine(path, bundle.engines_dir, build=True)
         except UnsupportedModelError as exc:
             log.info("TensorRT cannot take %s: %s", path.name, exc)
     progress("TensorRT engines ready", 1.0)
+
+
+@contextlib.contextmanager
+def _ticking(progress: ProgressFn, stage: str, fraction: float) -> Iterator[None]:
+    """Report the same progress every TICK_SECONDS while one long call (an engine build,
+    which says nothing for minutes) runs: a service's watchdog sees it alive."""
+    done = threading.Event()
+
+    def tick() -> None:
+        while not done.wait(TICK_SECONDS):
+            try:
+                progress(stage, fraction)
+            except Exception:  # the service is stopping: the build ends on its own
+                return
+
+    ticker = threading.Thread(target=tick, name="self-test-progress", daemon=True)
+    ticker.start()
+    try:
+        yield
+    finally:
+        done.set()
+        ticker.join()
 
 
 def _timed(loaded: _Loaded) -> tuple[Outputs, float]:

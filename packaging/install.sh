@@ -236,11 +236,15 @@ if [ "$window" = 1 ]; then
             home=$root/home/$technician
         fi
         autostart=$home/.config/autostart/cytoedge.desktop
+        if [ $system = 1 ]; then
+            # Made as the technician: folders of their home stay theirs.
+            runuser -u "$technician" -- mkdir -p "$(dirname "$autostart")"
+        fi
         put "$work/desktop" "$autostart" 644
         echo "$autostart" >"$work/autostart"
         put "$work/autostart" "$OPT/autostart" 644
         if [ $system = 1 ]; then
-            chown -R "$technician": "$home/.config/autostart"
+            [ "$(stat -c %U "$autostart")" = "$technician" ] || chown "$technician": "$autostart"
             # The window reads the queue and results; they belong to the service's group.
             id -nG "$technician" | grep -qw $ACCOUNT ||
                 { usermod -aG $ACCOUNT "$technician" && say "added $technician to group $ACCOUNT (from their next login)"; }

@@ -206,7 +206,7 @@ def test_the_result_is_kept_per_bundle_and_machine_and_scoring_avoids_what_faile
     model = open_model(bundle.file("heads/mm_risk.0.onnx"), settings)
     assert model.name == "toy-half"
     skipped = {f.backend: f.reason for f in model.fallbacks}
-    assert skipped == {"toy-drift": AVOIDED}
+    assert skipped["toy-drift"] == AVOIDED
     # Another GPU (or another software version): the result no longer holds.
     monkeypatch.setattr(self_test, "gpu_names", lambda: ["Another GPU"])
     assert avoided_backends(state, bundle) == ()
@@ -284,3 +284,49 @@ def test_on_a_real_gpu_every_backend_that_loads_agrees_with_the_cpu(bundle: Bund
     loaded = [m for m in report.measurements if m.passed is not None]
     assert {m.backend for m in loaded} - {REFERENCE}, "no GPU backend loaded"
     assert report.passed, [m for m in loaded if not m.passed]
+
+
+def test_engines_are_built_one_by_one_with_progress_that_keeps_a_watchdog_fed(
+    bundle: Bundle, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The build itself needs a GPU; the order, the progress and the refusal of a network
+    TensorRT cannot take are checked with a stand-in for ``ensure_engine``."""
+    import time
+
+    from runtime import engines
+
+    built: list[str] = []
+
+    def ensure_engine(onnx: Path, engines_dir: Path, *, build: bool = True) -> Path:
+        time.sleep(0.05)  # a long build: the ticker reports meanwhile
+        if onnx.name == "mm_risk.1.onnx":
+            raise engines.UnsupportedModelError("dynamic axes besides the first")
+        built.append(onnx.name)
+        return engines_dir / f"{onnx.stem}.engine"
+
+    monkeypatch.setattr(engines, "ensure_engine", ensure_engine)
+    monkeypatch.setattr(self_test, "TICK_SECONDS", 0.01)
+    reports: list[tuple[str, float]] = []
+    self_test.build_engines(bundle, lambda stage, fraction: reports.append((stage, fraction)))
+    assert built == ["encoder.onnx", "mm_risk.0.onnx", *(f"pb_screen.{k}.onnx" for k in range(3))]
+    encoder_ticks = [r for r in reports if r == ("TensorRT engine for encoder.onnx", 0.0)]
+    assert len(encoder_ticks) >= 2  # reported again while the build ran
+    assert reports[-1] == ("TensorRT engines ready", 1.0)
+    assert [f for _, f in reports] == sorted(f for _, f in reports)
+
+
+def test_a_progress_function_that_refuses_stops_the_ticks_not_the_build(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import time
+
+    monkeypatch.setattr(self_test, "TICK_SECONDS", 0.01)
+    calls: list[str] = []
+
+    def refusing(stage: str, fraction: float) -> None:
+        calls.append(stage)
+        raise RuntimeError("the service is stopping")
+
+    with self_test._ticking(refusing, "building", 0.5):
+        time.sleep(0.1)
+    assert calls == ["building"]
