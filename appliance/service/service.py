@@ -211,6 +211,7 @@ class Service:
         if switched is None:
             return None
         engine, bundle = switched
+        self.engine = engine
         if bundle != self.bundle:
             previous, self.bundle = self.bundle, bundle
             self.audit.set_common(bundle=dataclasses.asdict(bundle))
