@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml demo/pyproject.toml | sha256sum | cut -c1-12)
 export QT_QPA_PLATFORM ?= offscreen
 
-.PHONY: demo test testdata lint venv clean
+.PHONY: demo test testdata lint venv clean wheelhouse offline-check
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -35,5 +35,15 @@ testdata: $(STAMP)
 test: lint testdata
 	$(BIN)/python -m pytest -q
 
+# Every wheel a site needs for ROLE (cpu, gui, gpu, model-owner), with install.sh and a
+# manifest, in dist/wheelhouse-ROLE/ (docs/install.md). Needs PyPI, not the full dev setup.
+ROLE ?= cpu
+wheelhouse: $(BIN)/python
+	$(BIN)/python packaging/wheelhouse.py --role $(ROLE)
+
+# The CPU site's offline install, proven: wheelhouse, install.sh twice, a scan scored.
+offline-check: $(STAMP)
+	bash .ci/offline-install
+
 clean:
-	rm -rf $(VENV) .pytest_cache .ruff_cache .testdata
+	rm -rf $(VENV) .pytest_cache .ruff_cache .testdata build dist

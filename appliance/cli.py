@@ -17,6 +17,7 @@ from typing import Annotated
 
 import typer
 
+from appliance.bundle_cli import bundle_app
 from appliance.command import ConfigOption, fail, setup
 from export.cli import export_app
 
@@ -28,6 +29,7 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 app.add_typer(export_app, name="export")
+app.add_typer(bundle_app, name="bundle")
 log = logging.getLogger("cytoedge")
 PLUGIN_GROUP = "cytoedge.commands"
 
@@ -90,7 +92,8 @@ def score(
         bundle = load_bundle(cfg.bundle_dir)
     except BundleError as exc:
         raise fail(
-            f"no usable model bundle ({exc}); `cytoedge demo` builds the demo bundle"
+            f"no usable model bundle ({exc}); `cytoedge bundle install FILE` installs "
+            "one, `cytoedge demo` builds the demo bundle"
         ) from None
     groups = [(case, files)] if case else [(path.stem or path.name, [path]) for path in files]
     console = Console(stderr=True)
@@ -167,13 +170,21 @@ def doctor(
     bundle: Annotated[
         Path | None, typer.Option(help="Verify this bundle instead of the configured one.")
     ] = None,
+    gpu_self_test: Annotated[
+        bool,
+        typer.Option(
+            "--gpu-self-test",
+            help="Also run every network on every backend that loads and compare it with "
+            "the CPU (builds missing TensorRT engines).",
+        ),
+    ] = False,
     config: ConfigOption = None,
 ) -> None:
     """Show what this machine can run; exit 0 when the configured setup can score."""
     from appliance.doctor import run_doctor
 
     cfg = setup(config, log_to_file=False)
-    raise typer.Exit(run_doctor(cfg, bundle))
+    raise typer.Exit(run_doctor(cfg, bundle, gpu_self_test))
 
 
 def _add_plugin_commands() -> None:

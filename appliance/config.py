@@ -24,6 +24,8 @@ from runtime.backends import AUTO, RuntimeSettings, backend_names
 CONFIG_ENV = "CYTOEDGE_CONFIG"
 DATA_ENV = "CYTOEDGE_DATA"
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+# The link to the installed bundle in use, beside the installed versions (appliance.bundles).
+CURRENT_BUNDLE = "current"
 
 
 class ConfigError(ValueError):
@@ -112,8 +114,18 @@ class Config:
         return self._path_or(self.paths.outbox, "outbox")
 
     @property
+    def bundles_root(self) -> Path:
+        """Where ``cytoedge bundle install`` keeps installed versions side by side."""
+        return self.data_dir / "bundles"
+
+    @property
     def bundle_dir(self) -> Path:
-        return self._path_or(self.paths.bundle, "bundles/demo")
+        """``paths.bundle``; left empty, the installed version in use (the ``current``
+        link `cytoedge bundle install / use` switch), else the demo bundle's folder."""
+        if self.paths.bundle:
+            return Path(self.paths.bundle).expanduser()
+        current = self.bundles_root / CURRENT_BUNDLE
+        return current if current.is_symlink() else self.bundles_root / "demo"
 
     @property
     def fhir_outbox(self) -> Path:

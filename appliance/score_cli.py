@@ -14,6 +14,7 @@ from appliance.cases import ScoredCase, score_case
 from appliance.config import Config
 from appliance.networks import SlideNetworks
 from appliance.readers import ScanError
+from appliance.self_test import site_settings
 from appliance.slides import SlideResult, process_slide
 from runtime.bundle import Bundle
 
@@ -61,8 +62,9 @@ def score_inputs(
 ) -> ScoreRun:
     """Process every input and score each group as a case; rejected inputs are collected."""
     run = ScoreRun()
+    settings = site_settings(config.runtime.settings, config.state_dir, bundle)
     # One encoder and one segmenter session for every scan of the run, opened on first use.
-    networks = SlideNetworks(bundle, config.runtime.settings)
+    networks = SlideNetworks(bundle, settings)
     with new_progress(console) as progress, networks:
         for case_id, paths in groups:
             slides: list[SlideResult] = []
@@ -90,7 +92,7 @@ def score_inputs(
                         slides,
                         bundle,
                         config.outbox,
-                        settings=config.runtime.settings,
+                        settings=settings,
                         progress=bars,
                     )
                 )

@@ -20,15 +20,14 @@ from export.onnx_export import (
     default_encoder_probe,
     gated_export,
     ort_session,
-    row_cosines,
 )
+from runtime.parity import FP16_MIN_COSINE, row_cosines
 
 if TYPE_CHECKING:
     from collections.abc import Sequence
 
     import onnx
 
-FP16_MIN_COSINE = 0.999
 KEEP_FP32_OPS = ("LayerNormalization", "Softmax")
 
 

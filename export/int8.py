@@ -22,12 +22,12 @@ import numpy as np
 
 from export.attention_fusion import fuse_attention
 from export.cell_images import cell_pixels
-from export.onnx_export import ort_session, row_cosines
+from export.onnx_export import ort_session
+from runtime.parity import INT8_MIN_COSINE, row_cosines
 
 if TYPE_CHECKING:
     from collections.abc import Iterator, Sequence
 
-INT8_MIN_COSINE = 0.99
 GATE_CELLS = 48  # 3 bags of 16 cells
 BAG_SIZE = 16
 CALIBRATION_BATCHES = 2  # x 8 cells, seeds the gate never sees

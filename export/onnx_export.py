@@ -19,6 +19,14 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from export.cell_images import cell_pixels
+from runtime.parity import (
+    ENCODER_MIN_COSINE,
+    HEAD_MAX_PROBABILITY_DIFF,
+    HEAD_MIN_ATTENTION_COSINE,
+    bag_features,
+    centred_cosine,
+    row_cosines,
+)
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Sequence
@@ -26,9 +34,6 @@ if TYPE_CHECKING:
     from torch import nn
 
 OPSET = 17
-ENCODER_MIN_COSINE = 0.99999
-HEAD_MAX_PROBABILITY_DIFF = 1e-4
-HEAD_MIN_ATTENTION_COSINE = 0.99999
 DEFAULT_BAG_LENGTHS = (1, 7, 5000)
 # protobuf caps one file at 2 GB: larger models (ViT-G) keep weights in "<name>.data".
 _EXTERNAL_DATA_BYTES = 1_800_000_000
@@ -64,26 +69,12 @@ def _format(value: float) -> str:
     return f"{value:.3e}" if abs(value) < 1e-3 else f"{value:.9f}"
 
 
-def row_cosines(reference: np.ndarray, candidate: np.ndarray) -> np.ndarray:
-    """Cosine similarity of matching rows (float64, so the metric adds no error itself)."""
-    a = reference.astype(np.float64).reshape(len(reference), -1)
-    b = candidate.astype(np.float64).reshape(len(candidate), -1)
-    norms = np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1)
-    return (a * b).sum(1) / np.maximum(norms, 1e-30)
-
-
 def ort_session(path: str | Path, threads: int = 0) -> object:
     import onnxruntime as ort
 
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
     return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-
-
-def centred_cosine(reference: np.ndarray, candidate: np.ndarray) -> float:
-    """Cosine of two vectors after removing the reference's mean from both."""
-    mean = float(reference.astype(np.float64).mean())
-    return float(row_cosines(reference[None] - mean, candidate[None] - mean)[0])
 
 
 # ---- encoder -----------------------------------------------------------------------------
@@ -165,13 +156,6 @@ def export_encoder(
 
 
 # ---- heads -------------------------------------------------------------------------------
-
-
-def bag_features(length: int, dim: int, seed: int) -> np.ndarray:
-    """An embedding-like bag: a shared offset (embeddings of one bag are correlated) + spread."""
-    rng = np.random.default_rng(seed)
-    common = rng.normal(0.0, 1.0, dim)
-    return (common + rng.normal(0.0, 1.0, (length, dim))).astype(np.float32)
 
 
 def head_parity(

@@ -34,13 +34,12 @@ from appliance.segmentation import (
     segmenter_spec,
 )
 from runtime.files import sha256_file, write_bytes_atomic
+from runtime.parity import SEGMENTER_DIST_TOLERANCE, SEGMENTER_PROB_TOLERANCE
 
 INPUT_NAME = "input"
 OPSET = 17
 # ONNX Runtime vs TensorFlow, float32 both sides: seen here at 2.5e-6 (prob) and
 # 2.5e-5 px (dist); the tolerances leave two orders of magnitude of headroom.
-PROB_TOLERANCE = 1e-4
-DIST_TOLERANCE = 2e-3
 PARITY_SHAPES = ((256, 256), (192, 320))
 PARITY_SEED = 20261127
 # Written beside a model trained here: how its tiles were normalised (export reads it back).
@@ -219,7 +218,7 @@ def parity_gate(
             diffs[name] = max(diffs[name], float(np.max(np.abs(got[name] - ref))))
     return ParityReport(
         max_abs_diff=diffs,
-        tolerance={"prob": PROB_TOLERANCE, "dist": DIST_TOLERANCE},
+        tolerance={"prob": SEGMENTER_PROB_TOLERANCE, "dist": SEGMENTER_DIST_TOLERANCE},
         shapes=tuple(tuple(x.shape) for x in inputs),
     )
 

@@ -24,12 +24,12 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from export.cell_images import cell_pixels
-from export.onnx_export import ParityError, ParityReport, bag_features, ort_session, row_cosines
+from export.onnx_export import ParityError, ParityReport, ort_session
+from runtime.parity import FP16_MIN_COSINE, bag_features, row_cosines
 
 if TYPE_CHECKING:
     from collections.abc import Sequence
 
-TRT_MIN_COSINE = 0.999
 MIN_TENSORRT_MAJOR = 10
 GATE_BAG_LENGTHS = (1, 7, 512, 5000)
 
@@ -101,9 +101,9 @@ def encoder_engine_parity(engine: object, reference: object, name: str) -> Parit
     min_cosine = float(np.concatenate(cosines).min())
     return ParityReport(
         what=f"TensorRT fp16 engine for {name} vs fp32 ONNX",
-        passed=min_cosine >= TRT_MIN_COSINE,
+        passed=min_cosine >= FP16_MIN_COSINE,
         metrics={"min_cosine": min_cosine, "max_abs_diff": max(diffs)},
-        limits={"min_cosine": f">= {TRT_MIN_COSINE}"},
+        limits={"min_cosine": f">= {FP16_MIN_COSINE}"},
     )
 
 

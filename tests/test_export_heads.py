@@ -24,11 +24,11 @@ from export.heads import (
 )
 from export.onnx_export import (
     ParityError,
-    bag_features,
     export_head_member,
     head_parity,
     ort_session,
 )
+from runtime.parity import bag_features
 
 DIM = 384
 

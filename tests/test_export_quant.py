@@ -18,7 +18,8 @@ from export.encoder import MEAN, STD
 from export.fp16 import export_encoder_fp16
 from export.heads import build_head
 from export.int8 import HeadProbe, quantize_encoder
-from export.onnx_export import export_encoder, export_head_member, row_cosines
+from export.onnx_export import export_encoder, export_head_member
+from runtime.parity import row_cosines
 
 
 @pytest.fixture(scope="module")

@@ -81,7 +81,7 @@ def test_an_extension_not_in_the_table_is_refused_by_both_in_the_same_words(
         probe(path, pixel_size_um=0.25)
     assert caught.value.reason == expected
     # The watcher stores exactly that reason.
-    settings = WatchSettings(inbox, 0.0, 0.0, False, None, "b" * 64)
+    settings = WatchSettings(inbox, 0.0, 0.0, False, None, lambda: "b" * 64)
     store_file = tmp_path / "jobs.sqlite"
     watcher = InboxWatcher(
         settings, store_file, probe, AuditLog(tmp_path / "audit.jsonl"), lambda: None

@@ -219,7 +219,7 @@ def test_a_folder_that_changes_shape_while_written_leaves_no_stray_rows(tmp_path
     inbox = tmp_path / "inbox"
     folder = inbox / "P1"
     write(folder / "cell_0000.tif", b"II*\0")  # a crop whose header is not written yet
-    settings = WatchSettings(inbox, 60.0, 0.0, False, None, "b" * 64)
+    settings = WatchSettings(inbox, 60.0, 0.0, False, None, lambda: "b" * 64)
     store_file = tmp_path / "jobs.sqlite"
     watcher = InboxWatcher(
         settings, store_file, lambda p: None, AuditLog(tmp_path / "a.jsonl"), lambda: None
@@ -247,7 +247,7 @@ def test_a_probe_that_fails_unexpectedly_stores_a_sentence_and_logs_the_detail(
     def broken_probe(path: Path) -> None:
         raise AttributeError("'int' object has no attribute 'name'")
 
-    settings = WatchSettings(inbox, 0.0, 0.0, False, None, "b" * 64)
+    settings = WatchSettings(inbox, 0.0, 0.0, False, None, lambda: "b" * 64)
     store_file = tmp_path / "jobs.sqlite"
     watcher = InboxWatcher(
         settings, store_file, broken_probe, AuditLog(tmp_path / "audit.jsonl"), lambda: None

@@ -25,13 +25,14 @@ from appliance.readers.errors import NotAnImageError
 from appliance.results import read_result, write_case_result
 from appliance.review import SignOff, sign_off
 from appliance.service.audit import AuditLog, read_audit
-from appliance.service.service import BundleIdentity, Service
+from appliance.service.service import FollowFn, Service
 from appliance.service.store import (
     DONE,
     FAILED,
     QUEUED,
     REJECTED,
     RUNNING,
+    BundleIdentity,
     JobStore,
     StoreError,
 )
@@ -127,11 +128,19 @@ def make_config(tmp_path: Path, **service: float) -> Config:
 
 
 class Running:
-    def __init__(self, config: Config, engine: StandInEngine) -> None:
+    def __init__(
+        self,
+        config: Config,
+        engine: StandInEngine,
+        bundle: BundleIdentity = BUNDLE,
+        follow: FollowFn | None = None,
+    ) -> None:
         self.config = config
         self.engine = engine
         self.stop = threading.Event()
-        self.service = Service(config, engine, probe=probe, bundle=BUNDLE, backend="stand-in")
+        self.service = Service(
+            config, engine, probe=probe, bundle=bundle, backend="stand-in", follow=follow
+        )
         self.clean: bool | None = None
         self.thread = threading.Thread(target=self._run, daemon=True)
         self.thread.start()

@@ -34,15 +34,20 @@ class AuditLog:
         self._lock = threading.Lock()
         path.parent.mkdir(parents=True, exist_ok=True)
 
-    def record(self, event: str, **fields: Any) -> None:
-        entry = {
-            "time": iso(datetime.now(tz=UTC).timestamp()),
-            "event": event,
-            **self.common,
-            **fields,
-        }
-        line = (json.dumps(entry, default=str, ensure_ascii=False) + "\n").encode("utf-8")
+    def set_common(self, **fields: Any) -> None:
+        """Change fields every later record carries (the service switched bundles)."""
         with self._lock:
+            self.common = {**self.common, **fields}
+
+    def record(self, event: str, **fields: Any) -> None:
+        with self._lock:
+            entry = {
+                "time": iso(datetime.now(tz=UTC).timestamp()),
+                "event": event,
+                **self.common,
+                **fields,
+            }
+            line = (json.dumps(entry, default=str, ensure_ascii=False) + "\n").encode("utf-8")
             fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o640)
             try:
                 os.write(fd, line)

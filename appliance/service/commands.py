@@ -15,7 +15,7 @@ from rich.console import Console
 from rich.table import Table
 
 from appliance.config import Config
-from appliance.service.service import BundleIdentity, Service
+from appliance.service.service import Service
 from appliance.service.store import RUNNING, JobStore, Slide, StoreError, store_path
 from appliance.service.units import compile_case_pattern
 
@@ -39,24 +39,30 @@ def build_service(config: Config) -> Service:
     """The service over the configured bundle; ServiceSetupError when it cannot start."""
     from appliance.readers import probe
     from appliance.service.engine import PipelineEngine
-    from runtime.bundle import BundleError, load_bundle
+    from appliance.service.follow import BundleFollower
+    from runtime.bundle import BundleError
 
     try:
         compile_case_pattern(config.watch.case_pattern)
     except ValueError as exc:
         raise ServiceSetupError(str(exc)) from None
+    follower = BundleFollower(
+        config, lambda bundle, settings: PipelineEngine(config, bundle, settings)
+    )
     try:
-        bundle = load_bundle(config.bundle_dir)
+        engine, bundle = follower.open()
     except BundleError as exc:
         raise ServiceSetupError(
-            f"no usable model bundle ({exc}); `cytoedge demo` builds the demo bundle"
+            f"no usable model bundle ({exc}); `cytoedge bundle install FILE` installs "
+            "one, `cytoedge demo` builds the demo bundle"
         ) from None
     return Service(
         config,
-        PipelineEngine(config, bundle),
+        engine,
         probe=lambda path: probe(path, pixel_size_um=config.scan.pixel_size_um),
-        bundle=BundleIdentity(bundle.name, bundle.version, bundle.sha256),
+        bundle=bundle,
         backend=config.runtime.backend,
+        follow=follower,
     )
 
 

@@ -13,6 +13,7 @@ from appliance.networks import SlideNetworks
 from appliance.readers import scan_fingerprint
 from appliance.service.worker import CaseOutcome, ProgressFn, SlideOutcome
 from appliance.slides import SlideResult, process_slide
+from runtime.backends import RuntimeSettings
 from runtime.bundle import Bundle
 
 
@@ -20,11 +21,12 @@ class PipelineEngine:
     """``appliance.slides.process_slide`` / ``appliance.cases.score_case`` with the
     site's settings."""
 
-    def __init__(self, config: Config, bundle: Bundle) -> None:
+    def __init__(self, config: Config, bundle: Bundle, settings: RuntimeSettings) -> None:
         self.config = config
         self.bundle = bundle
-        # One encoder and one segmenter session for the service's life, opened on first use.
-        self.networks = SlideNetworks(bundle, config.runtime.settings)
+        self.settings = settings
+        # One encoder and one segmenter session for the engine's life, opened on first use.
+        self.networks = SlideNetworks(bundle, settings)
 
     def process_slide(
         self, path: Path, progress: ProgressFn, *, use_cache: bool, fingerprint: str | None = None
@@ -56,7 +58,7 @@ class PipelineEngine:
             results,
             self.bundle,
             outbox,
-            settings=self.config.runtime.settings,
+            settings=self.settings,
             progress=progress,
         )
         return CaseOutcome.from_result(case.result, case.folder.path)

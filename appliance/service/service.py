@@ -7,6 +7,7 @@ run`` runs it in the main thread with SIGTERM / SIGINT setting ``stop``.
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.metadata
 import logging
 import os
@@ -14,7 +15,7 @@ import shutil
 import socket
 import threading
 import time
-from dataclasses import dataclass
+from collections.abc import Callable
 from pathlib import Path
 
 import sdnotify
@@ -22,10 +23,11 @@ import sdnotify
 from appliance.config import Config
 from appliance.results import safe_name
 from appliance.service.audit import AUDIT_FILE, AuditLog
-from appliance.service.store import QUEUED, JobStore, store_path
+from appliance.service.migrations import SCHEMA_VERSION, backup_path
+from appliance.service.store import QUEUED, BundleIdentity, JobStore, store_path
 from appliance.service.units import compile_case_pattern
 from appliance.service.watcher import InboxWatcher, ProbeFn, WatchSettings
-from appliance.service.worker import Engine, Worker, WorkerSettings
+from appliance.service.worker import Engine, ProgressFn, Worker, WorkerSettings
 
 log = logging.getLogger(__name__)
 
@@ -42,11 +44,9 @@ def software_version() -> str:
         return "unknown"
 
 
-@dataclass(frozen=True)
-class BundleIdentity:
-    name: str
-    version: str
-    sha256: str
+# Asked by the worker between jobs: (engine, its bundle) to run the next jobs with,
+# or None to keep the current ones (see appliance.service.follow).
+FollowFn = Callable[[ProgressFn], "tuple[Engine, BundleIdentity] | None"]
 
 
 class Service:
@@ -58,16 +58,18 @@ class Service:
         probe: ProbeFn,
         bundle: BundleIdentity,
         backend: str,
+        follow: FollowFn | None = None,
     ) -> None:
         self.config = config
         self.engine = engine
         self.probe = probe
         self.bundle = bundle
         self.backend = backend
+        self.follow = follow
         self.store_path = store_path(config.state_dir)
         self.audit = AuditLog(
             config.state_dir / AUDIT_FILE,
-            bundle={"name": bundle.name, "version": bundle.version, "sha256": bundle.sha256},
+            bundle=dataclasses.asdict(bundle),
             backend=backend,
             software_version=software_version(),
         )
@@ -81,11 +83,18 @@ class Service:
         """Serve until ``stop``; True when the worker ended within the bounded time."""
         cfg = self.config
         store = JobStore(self.store_path)
+        if store.migrated_from is not None:
+            self.audit.record(
+                "store_migrated",
+                from_schema=store.migrated_from,
+                to_schema=SCHEMA_VERSION,
+                copy=str(backup_path(self.store_path, store.migrated_from)),
+            )
         self._recover(store)
         store.register_service(
             os.getpid(),
             socket.gethostname(),
-            f"{self.bundle.name} {self.bundle.version}",
+            str(self.bundle),
             self.backend,
             software_version(),
             time.time(),
@@ -99,7 +108,7 @@ class Service:
                 rescan_seconds=cfg.watch.rescan_seconds,
                 polling=cfg.watch.polling,
                 case_pattern=compile_case_pattern(cfg.watch.case_pattern),
-                bundle_hash=self.bundle.sha256,
+                bundle_hash=lambda: self.bundle.sha256,
             ),
             self.store_path,
             self.probe,
@@ -123,6 +132,7 @@ class Service:
             stop=worker_stop,
             abandon=abandon,
             wake=wake,
+            refresh=self._between_jobs if self.follow else None,
         )
         threads = [
             threading.Thread(target=watcher.run, args=(watcher_stop,), name="watcher", daemon=True),
@@ -193,6 +203,29 @@ class Service:
         if not clean:
             log.error("the current job did not stop in time", extra={"job": self._current()})
         return clean
+
+    def _between_jobs(self, progress: ProgressFn) -> Engine | None:
+        """On the worker thread, between jobs: take up a switched bundle."""
+        assert self.follow is not None
+        switched = self.follow(progress)
+        if switched is None:
+            return None
+        engine, bundle = switched
+        self.engine = engine
+        if bundle != self.bundle:
+            previous, self.bundle = self.bundle, bundle
+            self.audit.set_common(bundle=dataclasses.asdict(bundle))
+            self.audit.record("bundle_switched", previous=dataclasses.asdict(previous))
+            store = JobStore(self.store_path)
+            try:
+                store.service_bundle(str(bundle))
+            finally:
+                store.close()
+            log.info(
+                "bundle switched between jobs",
+                extra={"from": str(previous), "to": str(bundle), "sha256": bundle.sha256},
+            )
+        return engine
 
     def _current(self) -> str:
         return self.worker.current if self.worker else ""

@@ -7,7 +7,9 @@ every write is a short transaction and WAL keeps readers on the last commit.
 
 States (docs/DESIGN.md "Job store"): waiting (being written / case still
 collecting slides), queued, running (stage, progress), done, rejected,
-failed. Times are UTC epoch seconds.
+failed. Times are UTC epoch seconds. The schema and its migrations are in
+``appliance.service.migrations``; a writer brings the store to this release's
+schema when it opens it.
 """
 
 from __future__ import annotations
@@ -16,11 +18,13 @@ import sqlite3
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
+from typing import Any, TypeVar
+
+from appliance.service.migrations import SCHEMA_VERSION, SchemaError, check_readable, migrate
 
 STORE_FILE = "jobs.sqlite"
-SCHEMA_VERSION = 1
 WAITING, QUEUED, RUNNING, DONE, REJECTED, FAILED = (
     "waiting",
     "queued",
@@ -32,71 +36,21 @@ WAITING, QUEUED, RUNNING, DONE, REJECTED, FAILED = (
 STATES = (WAITING, QUEUED, RUNNING, DONE, REJECTED, FAILED)
 TERMINAL = (DONE, REJECTED, FAILED)
 
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
-CREATE TABLE IF NOT EXISTS cases (
-    id INTEGER PRIMARY KEY,
-    case_key TEXT NOT NULL UNIQUE,
-    state TEXT NOT NULL,
-    received_at REAL NOT NULL,
-    updated_at REAL NOT NULL,
-    ready INTEGER NOT NULL DEFAULT 0,
-    stage TEXT NOT NULL DEFAULT '',
-    progress REAL NOT NULL DEFAULT 0,
-    result_version INTEGER,
-    result_dir TEXT NOT NULL DEFAULT '',
-    reason TEXT NOT NULL DEFAULT '',
-    attempts INTEGER NOT NULL DEFAULT 0,
-    single INTEGER NOT NULL DEFAULT 0,
-    last_slide_at REAL NOT NULL,
-    started_at REAL,
-    finished_at REAL,
-    last_error TEXT NOT NULL DEFAULT '',
-    next_attempt_at REAL NOT NULL DEFAULT 0,
-    pending_version INTEGER
-);
-CREATE TABLE IF NOT EXISTS slides (
-    id INTEGER PRIMARY KEY,
-    case_id INTEGER NOT NULL REFERENCES cases(id),
-    path TEXT NOT NULL UNIQUE,
-    size INTEGER NOT NULL DEFAULT 0,
-    mtime REAL NOT NULL DEFAULT 0,
-    fingerprint TEXT,
-    state TEXT NOT NULL,
-    stage TEXT NOT NULL DEFAULT '',
-    progress REAL NOT NULL DEFAULT 0,
-    seen_at REAL NOT NULL,
-    started_at REAL,
-    finished_at REAL,
-    attempts INTEGER NOT NULL DEFAULT 0,
-    last_error TEXT NOT NULL DEFAULT '',
-    reason TEXT NOT NULL DEFAULT '',
-    n_cells INTEGER,
-    bundle_hash TEXT NOT NULL DEFAULT '',
-    duplicate_of INTEGER REFERENCES slides(id),
-    next_attempt_at REAL NOT NULL DEFAULT 0,
-    rescore INTEGER NOT NULL DEFAULT 0
-);
--- Idempotency: one live row per content and bundle; copies point at it.
-CREATE UNIQUE INDEX IF NOT EXISTS slides_content ON slides(fingerprint, bundle_hash)
-    WHERE fingerprint IS NOT NULL AND duplicate_of IS NULL;
-CREATE INDEX IF NOT EXISTS slides_case ON slides(case_id);
-CREATE TABLE IF NOT EXISTS service (
-    id INTEGER PRIMARY KEY CHECK (id = 1),
-    pid INTEGER NOT NULL,
-    host TEXT NOT NULL,
-    started_at REAL NOT NULL,
-    heartbeat_at REAL NOT NULL,
-    bundle TEXT NOT NULL DEFAULT '',
-    backend TEXT NOT NULL DEFAULT '',
-    software_version TEXT NOT NULL DEFAULT '',
-    stopped_at REAL
-);
-"""
-
 
 class StoreError(RuntimeError):
     """The job store cannot be opened or used; the message is one line."""
+
+
+@dataclass(frozen=True)
+class BundleIdentity:
+    """Which model bundle: what results, the audit trail and the store name it by."""
+
+    name: str
+    version: str
+    sha256: str
+
+    def __str__(self) -> str:
+        return f"{self.name} {self.version}"
 
 
 @dataclass(frozen=True)
@@ -161,6 +115,19 @@ class ServiceRow:
 
 
 @dataclass(frozen=True)
+class ResultRecord:
+    """One result version of a case and the bundle that wrote it (schema 2)."""
+
+    case_id: int
+    version: int
+    bundle_name: str
+    bundle_version: str
+    bundle_sha256: str
+    backend: str
+    written_at: float
+
+
+@dataclass(frozen=True)
 class StoreSnapshot:
     """Every case and slide and the service row, from one read transaction."""
 
@@ -171,6 +138,15 @@ class StoreSnapshot:
 
 def store_path(state_dir: Path) -> Path:
     return state_dir / STORE_FILE
+
+
+_Row = TypeVar("_Row", Case, Slide)
+
+
+def _row(cls: type[_Row], row: sqlite3.Row, **changes: Any) -> _Row:
+    """A row as its dataclass, taking only the columns this release knows: a later
+    release may add columns, and a reader left running across an upgrade keeps working."""
+    return cls(**{f.name: changes.get(f.name, row[f.name]) for f in fields(cls)})
 
 
 def _connect(path: Path, *, readonly: bool, timeout: float) -> sqlite3.Connection:
@@ -197,22 +173,21 @@ class JobStore:
     def __init__(self, path: Path, *, readonly: bool = False, timeout: float = 10.0) -> None:
         self.path = path
         self.readonly = readonly
+        # The schema version this store had before this open migrated it (None: no change).
+        self.migrated_from: int | None = None
         try:
             self._conn = _connect(path, readonly=readonly, timeout=timeout)
-            if not readonly:
-                self._create_schema()
-            else:
+            if readonly:
+                # A reader may meet a store the service has not migrated yet.
+                self.schema_version = check_readable(self._conn, path)
                 self._conn.execute("SELECT 1 FROM cases LIMIT 1")
+            else:
+                self.migrated_from = migrate(self._conn, path)
+                self.schema_version = SCHEMA_VERSION
+        except SchemaError as exc:
+            raise StoreError(str(exc)) from None
         except sqlite3.Error as exc:
             raise StoreError(f"cannot open the job store {path}: {exc}") from None
-
-    def _create_schema(self) -> None:
-        # executescript commits on its own; the statements are idempotent.
-        self._conn.executescript(_SCHEMA)
-        self._conn.execute(
-            "INSERT OR IGNORE INTO meta(key, value) VALUES ('schema_version', ?)",
-            (str(SCHEMA_VERSION),),
-        )
 
     def close(self) -> None:
         self._conn.close()
@@ -236,25 +211,25 @@ class JobStore:
         row = self._conn.execute("SELECT * FROM slides WHERE id = ?", (slide_id,)).fetchone()
         if row is None:
             raise StoreError(f"no slide {slide_id} in the job store")
-        return Slide(**dict(row))
+        return _row(Slide, row)
 
     def slide_by_path(self, path: str) -> Slide | None:
         row = self._conn.execute("SELECT * FROM slides WHERE path = ?", (path,)).fetchone()
-        return Slide(**dict(row)) if row else None
+        return _row(Slide, row) if row else None
 
     def case(self, case_id: int) -> Case:
         row = self._conn.execute("SELECT * FROM cases WHERE id = ?", (case_id,)).fetchone()
         if row is None:
             raise StoreError(f"no case {case_id} in the job store")
-        return Case(**dict(row))
+        return _row(Case, row)
 
     def case_by_key(self, case_key: str) -> Case | None:
         row = self._conn.execute("SELECT * FROM cases WHERE case_key = ?", (case_key,)).fetchone()
-        return Case(**dict(row)) if row else None
+        return _row(Case, row) if row else None
 
     def cases(self) -> list[Case]:
         rows = self._conn.execute("SELECT * FROM cases ORDER BY received_at, id").fetchall()
-        return [Case(**dict(r)) for r in rows]
+        return [_row(Case, r) for r in rows]
 
     def slides(self, case_id: int | None = None) -> list[Slide]:
         if case_id is None:
@@ -263,7 +238,7 @@ class JobStore:
             rows = self._conn.execute(
                 "SELECT * FROM slides WHERE case_id = ? ORDER BY seen_at, id", (case_id,)
             ).fetchall()
-        return [Slide(**dict(r)) for r in rows]
+        return [_row(Slide, r) for r in rows]
 
     def next_slide_job(self, now: float) -> Slide | None:
         row = self._conn.execute(
@@ -271,7 +246,7 @@ class JobStore:
             "ORDER BY seen_at, id LIMIT 1",
             (QUEUED, now),
         ).fetchone()
-        return Slide(**dict(row)) if row else None
+        return _row(Slide, row) if row else None
 
     def next_case_job(self, now: float) -> Case | None:
         row = self._conn.execute(
@@ -279,7 +254,16 @@ class JobStore:
             "ORDER BY received_at, id LIMIT 1",
             (QUEUED, now),
         ).fetchone()
-        return Case(**dict(row)) if row else None
+        return _row(Case, row) if row else None
+
+    def results(self, case_id: int) -> list[ResultRecord]:
+        """The result versions of a case recorded since schema 2, oldest first."""
+        if self.schema_version < 2:
+            return []
+        rows = self._conn.execute(
+            "SELECT * FROM results WHERE case_id = ? ORDER BY version", (case_id,)
+        ).fetchall()
+        return [ResultRecord(**dict(r)) for r in rows]
 
     def counts(self) -> dict[str, dict[str, int]]:
         """How many cases and slides are in each state."""
@@ -559,7 +543,7 @@ class JobStore:
                     "UPDATE cases SET state = ?, updated_at = ? WHERE id = ?",
                     (QUEUED, now, row["id"]),
                 )
-                promoted.append(Case(**{**dict(row), "state": QUEUED}))
+                promoted.append(_row(Case, row, state=QUEUED))
         return promoted
 
     def start_case(self, case_id: int, pending_version: int, now: float) -> Case:
@@ -591,8 +575,27 @@ class JobStore:
         result_version: int | None,
         result_dir: str,
         now: float,
+        written_by: BundleIdentity | None = None,
+        backend: str = "",
     ) -> None:
+        """``written_by``: the bundle of a result this job wrote (not one it adopted
+        from a copy), recorded with its version in ``results``."""
         with self._write() as conn:
+            if written_by is not None and result_version is not None:
+                conn.execute(
+                    "INSERT OR REPLACE INTO results(case_id, version, bundle_name, "
+                    "bundle_version, bundle_sha256, backend, written_at) "
+                    "VALUES (?, ?, ?, ?, ?, ?, ?)",
+                    (
+                        case_id,
+                        result_version,
+                        written_by.name,
+                        written_by.version,
+                        written_by.sha256,
+                        backend,
+                        now,
+                    ),
+                )
             conn.execute(
                 "UPDATE cases SET state = ?, reason = ?, result_version = ?, result_dir = ?, "
                 "finished_at = ?, updated_at = ?, stage = '', progress = ?, "
@@ -686,6 +689,11 @@ class JobStore:
                 "VALUES (1, ?, ?, ?, ?, ?, ?, ?, NULL)",
                 (pid, host, now, now, bundle, backend, software_version),
             )
+
+    def service_bundle(self, bundle: str) -> None:
+        """The service switched to another bundle between jobs."""
+        with self._write() as conn:
+            conn.execute("UPDATE service SET bundle = ? WHERE id = 1", (bundle,))
 
     def service_stopped(self, now: float) -> None:
         """A clean stop: readers need not wait for the heartbeat to go stale."""

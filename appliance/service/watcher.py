@@ -47,7 +47,9 @@ class WatchSettings:
     rescan_seconds: float
     polling: bool
     case_pattern: re.Pattern[str] | None
-    bundle_hash: str
+    # The bundle new scans are admitted under, asked at each admission: the service
+    # may switch bundles between jobs.
+    bundle_hash: Callable[[], str]
 
 
 class _Nudge(FileSystemEventHandler):
@@ -233,7 +235,7 @@ class InboxWatcher:
         slide = self.store.admit_slide(
             row.id,
             fingerprint=digest,
-            bundle_hash=self.settings.bundle_hash,
+            bundle_hash=self.settings.bundle_hash(),
             size=sig.size,
             mtime=sig.mtime,
             now=wall,

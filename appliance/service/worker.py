@@ -13,6 +13,7 @@ renamed into place, the re-run adopts that folder instead of writing another.
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import logging
 import os
@@ -41,6 +42,7 @@ from appliance.service.store import (
     DONE,
     FAILED,
     REJECTED,
+    BundleIdentity,
     Case,
     JobStore,
     Slide,
@@ -103,6 +105,7 @@ class CaseOutcome:
     # The result says no call could be made from this input (QC failed, too few
     # cells): the case is *rejected*, with the result folder saying why.
     no_call: bool = False
+    bundle: BundleIdentity | None = None  # the bundle the result names
 
     @classmethod
     def from_result(cls, result: CaseResult, folder: Path) -> CaseOutcome:
@@ -113,6 +116,7 @@ class CaseOutcome:
             result_dir=folder,
             backend=result.backend,
             no_call=result.status == "abstained" and not result.predictions,
+            bundle=BundleIdentity(result.bundle.name, result.bundle.version, result.bundle.sha256),
         )
 
 
@@ -134,8 +138,15 @@ class Engine(Protocol):
         ...
 
     def close(self) -> None:
-        """Release what is kept between jobs; called on the worker thread as it ends."""
+        """Release what is kept between jobs; called on the worker thread as it ends
+        (or when it switches to another engine)."""
         ...
+
+
+# Called by the worker between jobs, on its thread, with a progress function that
+# keeps the watchdog fed (and raises JobAbandoned when the service stops): an engine
+# to run the next jobs with (another bundle), or None to keep the current one.
+EngineRefresh = Callable[[ProgressFn], "Engine | None"]
 
 
 @dataclass(frozen=True)
@@ -201,8 +212,10 @@ class Worker:
         stop: threading.Event,
         abandon: threading.Event,
         wake: threading.Event,
+        refresh: EngineRefresh | None = None,
     ) -> None:
         self.engine = engine
+        self.refresh = refresh
         self.store_path = store_path
         self.settings = settings
         self.audit = audit
@@ -246,6 +259,7 @@ class Worker:
 
     def run_one(self) -> bool:
         """Run the next job, if any: ready cases first (cheap, a result), then slides."""
+        self._switch_engine()
         now = time.time()
         for case in self.store.promote_ready_cases(self.settings.case_quiet_seconds, now):
             log.info("case complete, queued for scoring", extra={"case": case.case_key})
@@ -258,6 +272,22 @@ class Worker:
             self.run_slide(slide)
             return True
         return False
+
+    def _switch_engine(self) -> None:
+        """Between jobs only: a job runs start to end on the engine it started with."""
+        if self.refresh is None:
+            return
+        try:
+            engine = self.refresh(self._progress(lambda stage, fraction: None))
+        except JobAbandoned:
+            return
+        if engine is None:
+            return
+        previous, self.engine = self.engine, engine
+        # Slides embedded by the previous bundle are embedded again by the new one
+        # (its cache entries are keyed by the bundle), never mixed into one case.
+        self._handles.clear()
+        previous.close()
 
     # --- progress -------------------------------------------------------------
 
@@ -440,6 +470,8 @@ class Worker:
             result_version=outcome.version,
             result_dir=str(outcome.result_dir),
             now=now,
+            written_by=outcome.bundle,
+            backend=outcome.backend,
         )
         for slide in slides:
             self._handles.pop(slide.id, None)
@@ -553,4 +585,6 @@ class Worker:
             result_dir=str(result.result_dir) if result else None,
             reason=reason,
             **({"backend": result.backend} if result and result.backend else {}),
+            # The bundle the result names (it wrote it), over the service's current one.
+            **({"bundle": dataclasses.asdict(result.bundle)} if result and result.bundle else {}),
         )

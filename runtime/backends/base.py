@@ -31,13 +31,15 @@ class RuntimeSettings:
     ``backend``: "auto" (the best that loads here) or a registered backend's name;
     ``threads``: CPU threads per session, 0 for one per core; ``batch_size``: cells per
     encoder batch, 0 for the backend's own best; ``build_engines``: False turns a
-    missing or stale TensorRT engine into a fallback instead of a build.
+    missing or stale TensorRT engine into a fallback instead of a build; ``avoid``:
+    backends not to use although they load (they failed the GPU self-test here).
     """
 
     backend: str = "auto"
     threads: int = 0
     batch_size: int = 0
     build_engines: bool = True
+    avoid: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)

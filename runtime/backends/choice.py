@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Collection
 from pathlib import Path
 
 from runtime.backends.base import Backend, BackendError, Fallback, ModelVariants, RuntimeSettings
@@ -11,11 +12,17 @@ from runtime.backends.registry import AUTO, backend_class, probe_backends
 log = logging.getLogger(__name__)
 
 
-def plan_backends(backend: str = AUTO) -> tuple[list[str], list[Fallback]]:
+AVOIDED = "failed the GPU self-test on this machine (see cytoedge doctor --gpu-self-test)"
+
+
+def plan_backends(
+    backend: str = AUTO, avoid: Collection[str] = ()
+) -> tuple[list[str], list[Fallback]]:
     """(backends to try in order, backends skipped up front and why).
 
-    Skipping up front needs no model: a package or provider that is missing, or no
-    GPU. A backend that is present but fails to load a model is found by open_model.
+    Skipping up front needs no model: a package or provider that is missing, no GPU,
+    or a backend in ``avoid``. A backend that is present but fails to load a model is
+    found by open_model.
     """
     if backend != AUTO:
         backend_class(backend)  # an unknown name is refused, naming the known ones
@@ -24,7 +31,9 @@ def plan_backends(backend: str = AUTO) -> tuple[list[str], list[Fallback]]:
     for status in probe_backends():
         if backend not in (AUTO, status.name):
             continue
-        if status.available:
+        if status.name in avoid:
+            skipped.append(Fallback(status.name, AVOIDED))
+        elif status.available:
             candidates.append(status.name)
         else:
             skipped.append(Fallback(status.name, status.detail))
@@ -49,7 +58,7 @@ def open_model(
     if not variants.fp32.is_file():
         raise BackendError(f"{variants.fp32}: model file not found")
     engines = engine_dir or variants.fp32.parent / "engines"
-    candidates, fallbacks = plan_backends(settings.backend)
+    candidates, fallbacks = plan_backends(settings.backend, settings.avoid)
     for fallback in fallbacks:
         # Expected on most sites (no GPU, no TensorRT): every session would repeat them.
         log.debug("not using %s for %s: %s", fallback.backend, variants.fp32.name, fallback.reason)

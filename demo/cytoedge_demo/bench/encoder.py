@@ -105,8 +105,9 @@ def run_encoder_bench(
 
     from cytoedge_demo.builder import demo_encoder
     from export.encoder import MEAN, STD, load_encoder
-    from export.onnx_export import export_encoder, row_cosines
+    from export.onnx_export import export_encoder
     from runtime.backends import ModelVariants, RuntimeSettings, open_model, plan_backends
+    from runtime.parity import row_cosines
 
     out = console or Console()
     threads = threads or os.cpu_count() or 1

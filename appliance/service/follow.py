@@ -1,0 +1,107 @@
+"""The bundle the configuration names, followed by the service between jobs.
+
+``cytoedge bundle install`` and ``use`` switch ``<data_dir>/bundles/current`` (a
+link to one installed version) in one rename. Between jobs, on the worker's
+thread, the follower resolves the configured path: when it leads to another
+folder, that bundle is loaded with every check and the next job runs on it; a
+job in progress always ends on the bundle it started with. A bundle that does
+not load is refused (logged once) and the service keeps the one it has.
+
+On a machine with a GPU, the follower also runs the GPU self-test
+(``appliance.self_test``) before the first job with a bundle it has no result
+for, and opens the engine without the backends that failed it.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from pathlib import Path
+
+from appliance.config import Config
+from appliance.self_test import run_self_test, self_test_due, site_settings, write_record
+from appliance.service.store import BundleIdentity
+from appliance.service.worker import Engine, ProgressFn
+from runtime.backends import RuntimeSettings
+from runtime.bundle import Bundle, BundleError, load_bundle
+
+log = logging.getLogger(__name__)
+
+OpenEngine = Callable[[Bundle, RuntimeSettings], Engine]
+
+
+def identity(bundle: Bundle) -> BundleIdentity:
+    return BundleIdentity(bundle.name, bundle.version, bundle.sha256)
+
+
+class BundleFollower:
+    """``open()`` once at start; then called by the worker between jobs."""
+
+    def __init__(self, config: Config, open_engine: OpenEngine) -> None:
+        self.config = config
+        self.path = config.bundle_dir
+        self.open_engine = open_engine
+        self.bundle: Bundle | None = None
+        self._refused: Path | None = None
+        self._self_tested = False
+
+    def open(self) -> tuple[Engine, BundleIdentity]:
+        """The engine for the bundle configured now; BundleError when it cannot be used."""
+        self.bundle = load_bundle(self.path.resolve())
+        return self._engine(self.bundle), identity(self.bundle)
+
+    def __call__(self, progress: ProgressFn) -> tuple[Engine, BundleIdentity] | None:
+        """(engine, bundle) to run the next jobs with, or None to keep the current ones."""
+        switched = self._switched()
+        if switched is not None:
+            self.bundle, self._self_tested = switched, False
+        assert self.bundle is not None, "open() first"
+        due = not self._self_tested and self_test_due(self.config.state_dir, self.bundle)
+        self._self_tested = True
+        if due and self._self_test(self.bundle, progress) and switched is None:
+            switched = self.bundle  # the same bundle, without the backends that failed
+        if switched is None:
+            return None
+        return self._engine(switched), identity(switched)
+
+    def _switched(self) -> Bundle | None:
+        assert self.bundle is not None
+        target = self.path.resolve()
+        if target in (self.bundle.path, self._refused):
+            return None
+        try:
+            bundle = load_bundle(target)
+        except BundleError as exc:
+            self._refused = target
+            log.error(
+                "the configured bundle changed but cannot be used; keeping the one loaded",
+                extra={"bundle": str(target), "reason": str(exc), "kept": str(self.bundle.path)},
+            )
+            return None
+        self._refused = None
+        return bundle
+
+    def _self_test(self, bundle: Bundle, progress: ProgressFn) -> bool:
+        """Run it and keep the result; True when a backend is now avoided."""
+        log.warning(
+            "first start with this bundle on this GPU: running the GPU self-test "
+            "(TensorRT engines are built now; minutes)",
+            extra={"bundle": f"{bundle.name} {bundle.version}"},
+        )
+        report = run_self_test(bundle, self.config.runtime.settings, progress=progress)
+        record = write_record(self.config.state_dir, bundle, report)
+        failed = [m for m in report.measurements if m.passed is False]
+        for row in failed:
+            log.error(
+                "GPU self-test: a backend disagrees with the CPU",
+                extra={"network": row.network, "backend": row.backend, "metrics": row.metrics},
+            )
+        log.info(
+            "GPU self-test finished",
+            extra={"passed": report.passed, "avoid": list(report.avoid), "record": str(record)},
+        )
+        return bool(report.avoid)
+
+    def _engine(self, bundle: Bundle) -> Engine:
+        settings = site_settings(self.config.runtime.settings, self.config.state_dir, bundle)
+        return self.open_engine(bundle, settings)
