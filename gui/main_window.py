@@ -160,7 +160,7 @@ class MainWindow(QMainWindow):
         splitter.addWidget(self.pane)
         splitter.setStretchFactor(0, 2)
         splitter.setStretchFactor(1, 3)
-        splitter.setSizes([620, 660])  # at 1280 px: every queue column whole, dates included
+        splitter.setSizes([660, 620])  # at 1280 px: every queue column whole, dates included
         splitter.setChildrenCollapsible(False)
         self.setCentralWidget(splitter)
         self.splitter = splitter

@@ -250,6 +250,7 @@ def test_a_sign_off_elsewhere_reaches_the_queue_through_the_audit_trail(qtbot, d
         qtbot.waitUntil(lambda: review_column(window)["MM-2611-0413"] == "for FISH", timeout=5000)
         window.review_filter.setChecked(False)
         window.select_case("MM-2611-0418")  # the running case: its progress bar in full
+        qtbot.wait(50)
         assert clipped(window) == []
     finally:
         window.close()

@@ -83,11 +83,11 @@ SAMPLE_QUEUE = (
     ),
     SampleCase("PB-2611-0101", "done", 75, ("PB-0101 cells",), kind="pb"),
     SampleCase("MM-2611-0414", "done", 110, ("0414_1.svs", "0414_2.svs"), kind="mm_negative"),
-    SampleCase("MM-2611-0413", "done", 140, ("0413_1.svs",), kind="abstained"),
+    SampleCase("MM-2611-0413", "done", 1540, ("0413_1.svs",), kind="abstained"),
     SampleCase(
         "MM-2611-0412",
         "failed",
-        180,
+        1580,
         ("0412_1.svs",),
         reason="cannot read 0412_1.svs: truncated file",
         attempts=3,
