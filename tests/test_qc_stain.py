@@ -158,7 +158,7 @@ def test_real_bccd_photos_through_stain_estimation_and_tile_qc() -> None:
     photos = [p for p in sorted(BCCD.glob("*.jpg")) if p.stat().st_size > 0]
     images = []
     for photo in photos:
-        with open_scan(photo, pixel_size_um=0.07) as scan:
+        with open_scan(photo, calibration=0.07) as scan:
             images.append(scan.read_region(0, 0, scan.width, scan.height))
     estimate = stain.estimate_stains(images)
     baso, eos = estimate.stain_matrix

@@ -54,7 +54,7 @@ def build_service(config: Config) -> Service:
     return Service(
         config,
         PipelineEngine(config, bundle),
-        probe=lambda path: probe(path, pixel_size_um=config.scan.pixel_size_um),
+        probe=lambda path: probe(path, config.calibration),
         bundle=BundleIdentity(bundle.name, bundle.version, bundle.sha256),
         backend=config.runtime.backend,
     )
