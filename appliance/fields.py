@@ -28,7 +28,7 @@ of the photo it is on, with that photo's name (``field``).
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -67,8 +67,8 @@ class CellSink(Protocol):
 
 
 @dataclass(frozen=True)
-class _Field:
-    """What pass 1 learnt of one photo."""
+class FieldInfo:
+    """What the first look at a photo learnt."""
 
     format: str
     pixel_size_um: float  # the photo's own (x), for its cell table
@@ -104,6 +104,64 @@ def white_balanced(rgb: np.ndarray, glass: Sequence[float], target: Sequence[flo
     return np.clip(rgb.astype(np.float32) * gain + 0.5, 0, 255).astype(np.uint8)
 
 
+def survey(
+    folder: FieldFolder, target: Sequence[float], timer: StageTimer | None = None
+) -> tuple[list[FieldInfo], list[np.ndarray]]:
+    """Pass 1: each photo's size and exposure, and balanced pixels to estimate stains from."""
+    timer = timer or StageTimer()
+    fields: list[FieldInfo] = []
+    samples: list[np.ndarray] = []
+    rng = np.random.default_rng(0)
+    for index in range(len(folder)):
+        with timer.stage("read"):
+            rgb, field = _read(folder, index)
+            pixels = white_balanced(rgb, field.taken.glass, target).reshape(-1, 3)
+        fields.append(field)
+        if len(pixels) > STAIN_PIXELS_PER_FIELD:
+            pixels = pixels[rng.choice(len(pixels), STAIN_PIXELS_PER_FIELD, replace=False)]
+        samples.append(pixels[None])
+        timer.progress("read", (index + 1) / len(folder))
+    return fields, samples
+
+
+def judged(
+    folder: FieldFolder,
+    fields: Sequence[FieldInfo],
+    target: Sequence[float],
+    stains: stain.StainEstimate,
+    params: qc.QCParams,
+    timer: StageTimer | None = None,
+) -> Iterator[tuple[np.ndarray, qc.TileQC]]:
+    """Pass 2: each field again, white-balanced at the working grid, with its QC."""
+    timer = timer or StageTimer()
+    for index, field in enumerate(fields):
+        with timer.stage("read"):
+            rgb, _ = _read(folder, index)
+            balanced = white_balanced(rgb, field.taken.glass, target)
+        with timer.stage("qc"):
+            result = qc.assess_field(index, balanced, field.taken, stains, params)
+        yield balanced, result
+
+
+def glass_target(reference: stain.StainReference | None) -> tuple[float, float, float]:
+    """The colour every field's glass is balanced to: the reference's glass."""
+    if reference is None:
+        return NEUTRAL_GLASS
+    r, g, b = (float(v) for v in reference.background)
+    return r, g, b
+
+
+def judge(
+    folder: FieldFolder, params: qc.QCParams, reference: stain.StainReference | None
+) -> qc.SlideQC:
+    """The QC verdict of a field folder alone (no segmentation): what the pipeline decides."""
+    target = glass_target(reference)
+    fields, samples = survey(folder, target)
+    stains = stain.estimate_stains(samples)
+    results = [result for _, result in judged(folder, fields, target, stains, params)]
+    return qc.slide_verdict(results, params, unit="fields")
+
+
 def process_fields(
     folder: FieldFolder, networks: SlideNetworks, timer: StageTimer, sink: CellSink
 ) -> tuple[SlideCells, dict[str, object], QcRecord]:
@@ -112,23 +170,12 @@ def process_fields(
     reference = stain.StainReference.from_section(bundle.stain_reference)
     params = qc.QCParams.from_bundle(dump(bundle.qc), reference)
     filters = CellFilters.from_section(bundle.cells).at(TARGET_UM_PER_PX)
-    target = tuple(reference.background) if reference is not None else NEUTRAL_GLASS
+    target = glass_target(reference)
     n = len(folder)
 
     # 1. read, measure exposure, balance, sample for the stains, lay out the sheet
     timer.progress("read", 0.0)
-    fields: list[_Field] = []
-    samples: list[np.ndarray] = []
-    rng = np.random.default_rng(0)
-    for index in range(n):
-        with timer.stage("read"):
-            rgb, field = _read(folder, index)
-            pixels = white_balanced(rgb, field.taken.glass, target).reshape(-1, 3)
-        fields.append(field)
-        if len(pixels) > STAIN_PIXELS_PER_FIELD:
-            pixels = pixels[rng.choice(len(pixels), STAIN_PIXELS_PER_FIELD, replace=False)]
-        samples.append(pixels[None])
-        timer.progress("read", (index + 1) / n)
+    fields, samples = survey(folder, target, timer)
     sheet = ContactSheet.of([(f.width, f.height) for f in fields])
     long_side_um = max(sheet.width, sheet.height) * TARGET_UM_PER_PX
     thumb_um = max(TARGET_UM_PER_PX, long_side_um / THUMBNAIL_LONG_SIDE)
@@ -162,16 +209,13 @@ def process_fields(
 
     # 3. per field: QC, then normalisation, segmentation and cells
     segmenter: Segmenter | None = None
-    judged: list[qc.TileQC] = []
+    results: list[qc.TileQC] = []
     owners: list[int] = []
-    for index, field in enumerate(fields):
-        with timer.stage("read"):
-            rgb, _ = _read(folder, index)
-            balanced = white_balanced(rgb, field.taken.glass, target)
+    for index, (balanced, result) in enumerate(
+        judged(folder, fields, target, stains, params, timer)
+    ):
+        results.append(result)
         _paste(thumbnail, balanced, sheet.origins[index], thumb_scale)
-        with timer.stage("qc"):
-            result = qc.assess_field(index, balanced, field.taken, stains, params)
-            judged.append(result)
         if result.ok:
             with timer.stage("stain"):
                 normalised = (
@@ -186,8 +230,8 @@ def process_fields(
             owners.extend([index] * len(found))
             sink.add(found)
         timer.progress("segment", (index + 1) / n)
-    verdict = qc.slide_verdict(judged, params, unit="fields").record()
-    _frame_failed(thumbnail, judged, fields, sheet, thumb_scale)
+    verdict = qc.slide_verdict(results, params, unit="fields").record()
+    _frame_failed(thumbnail, results, fields, sheet, thumb_scale)
     if verdict.verdict == qc.FAIL or not sink.count:
         sink.discard()
         return empty(), scan_entry, verdict
@@ -211,12 +255,12 @@ def process_fields(
     return cells, scan_entry, verdict
 
 
-def _read(folder: FieldFolder, index: int) -> tuple[np.ndarray, _Field]:
+def _read(folder: FieldFolder, index: int) -> tuple[np.ndarray, FieldInfo]:
     """A photo at the working grid, with what it is (the readers check it on opening)."""
     with open_scan(folder.fields[index], folder.calibration) as scan:
         rgb = scan.read_region(0, 0, scan.width, scan.height)
         info = scan.info()
-    field = _Field(
+    field = FieldInfo(
         format=info.format.split(":")[-1],
         pixel_size_um=info.pixel_size_um,
         width=scan.width,
@@ -277,7 +321,7 @@ def _paste(thumbnail: np.ndarray, rgb: np.ndarray, origin: tuple[int, int], scal
 def _paste_all(
     thumbnail: np.ndarray,
     folder: FieldFolder,
-    fields: Sequence[_Field],
+    fields: Sequence[FieldInfo],
     sheet: ContactSheet,
     scale: float,
     target: Sequence[float],
@@ -292,7 +336,7 @@ def _paste_all(
 def _frame_failed(
     thumbnail: np.ndarray,
     judged: Sequence[qc.TileQC],
-    fields: Sequence[_Field],
+    fields: Sequence[FieldInfo],
     sheet: ContactSheet,
     scale: float,
 ) -> None:

@@ -8,10 +8,15 @@ tile (its core, at 0.25 um/px), or per field photo of a field folder:
   resolves, a 20x scan (0.5 um/px) and a 100x camera field (0.07 um/px) are
   held to the same standard. A bundle without ``blur_um_per_px`` was written
   for the working grid itself (0.25 um/px, ``laplacian_min`` 100) and keeps
-  that meaning; bundles written now say 0.5 um/px and 25
+  that meaning; bundles written now say 0.5 um/px and 35
   (``runtime.bundle.QcSpec.current``);
 - *intensity outlier*: mean intensity outside the bundle reference's
-  [p5, p95] of per-tile mean intensity: above is *too faint*, below *too dark*;
+  [p5, p95] of per-tile mean intensity: above is *too faint*, below *too dark*.
+  With ``intensity_relative_to_glass`` (bundles written now) the mean is first
+  scaled by the reference's glass luminance over the slide's (the stain
+  estimate's ``background``), so that a brighter lamp or camera exposure is not
+  read as paler staining; a camera field, white-balanced to the reference's
+  glass, is then judged exactly like a scan's tile;
 - *low cellularity*: fewer than ``min_nuclei_per_tile`` (5) nuclei, counted as
   connected components of Otsu's threshold on the basophilic concentration
   (components smaller than ``min_nucleus_um2`` are noise; a threshold below
@@ -56,7 +61,7 @@ from scipy import ndimage
 
 from appliance.results.schema import QcRecord
 
-from .stain import StainEstimate, StainReference, basophilic, mean_intensity
+from .stain import StainEstimate, StainReference, basophilic, luminance, mean_intensity
 
 _LAPLACIAN = np.array([[0, 1, 0], [1, -4, 1], [0, 1, 0]], np.float32)
 PASS, WARN, FAIL = "pass", "warn", "fail"
@@ -80,6 +85,7 @@ class QCParams:
     pixel_size_um: float = 0.25  # of the images judged (the working grid)
     blur_um_per_px: float = 0.25  # where blur is judged; absent from a bundle: the working grid
     tile_um: float = 200.0
+    reference_glass: float = 0.0  # luminance; > 0: intensities relative to the slide's glass
 
     @property
     def min_nuclei_per_mm2(self) -> float:
@@ -89,11 +95,14 @@ class QCParams:
     @classmethod
     def from_bundle(cls, qc: dict[str, Any], reference: StainReference | None) -> QCParams:
         """From ``bundle.json``'s ``qc`` section (unknown keys ignored) and stain reference."""
-        names = {f for f in cls.__dataclass_fields__ if f not in ("intensity_p5", "intensity_p95")}
+        from_reference = ("intensity_p5", "intensity_p95", "reference_glass")
+        names = {f for f in cls.__dataclass_fields__ if f not in from_reference}
         values: dict[str, Any] = {k: v for k, v in qc.items() if k in names}
         if reference is not None:
             values["intensity_p5"] = reference.intensity_p5
             values["intensity_p95"] = reference.intensity_p95
+            if qc.get("intensity_relative_to_glass"):
+                values["reference_glass"] = luminance(reference.background)
         return cls(**values)
 
 
@@ -106,7 +115,7 @@ class Exposure:
 
     @property
     def luminance(self) -> float:
-        return float(np.asarray(self.glass) @ np.array([0.299, 0.587, 0.114]))
+        return luminance(self.glass)
 
     @property
     def cast_ratio(self) -> float:
@@ -232,6 +241,8 @@ def assess_tile(tile_id: int, rgb: np.ndarray, stains: StainEstimate, params: QC
     """QC of one tile core (uint8 RGB at 0.25 um/px)."""
     lap = sharpness(rgb, params)
     intensity = mean_intensity(rgb)
+    if params.reference_glass > 0:
+        intensity *= params.reference_glass / max(luminance(stains.background), 1.0)
     nuclei = count_nuclei(rgb, stains, params)
     return TileQC(
         tile_id=tile_id,

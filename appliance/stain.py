@@ -29,7 +29,7 @@ stain vectors.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -113,6 +113,11 @@ class StainReference:
         )
 
 
+def luminance(rgb: Sequence[float] | np.ndarray) -> float:
+    """Luminance (0-255) of one colour, e.g. a slide's glass."""
+    return float(np.asarray(rgb, np.float32) @ LUMA)
+
+
 def mean_intensity(rgb: np.ndarray) -> float:
     """Mean luminance (0-255) of an RGB image: the QC "intensity" of a tile."""
     return float(rgb.reshape(-1, 3).mean(axis=0) @ LUMA)
@@ -126,8 +131,8 @@ def optical_density(rgb: np.ndarray, background: np.ndarray) -> np.ndarray:
 
 def _glass(pixels: np.ndarray) -> np.ndarray:
     """Glass colour: the median of the brightest 2 % of pixels (smears are mostly glass)."""
-    luminance = pixels @ LUMA
-    bright = pixels[luminance >= np.percentile(luminance, 98)]
+    lum = pixels.astype(np.float32) @ LUMA
+    bright = pixels[lum >= np.percentile(lum, 98)]
     return np.clip(np.median(bright, axis=0), 120, 255).astype(np.float32)
 
 
@@ -200,16 +205,27 @@ def _tiles_of(image: np.ndarray, side: int) -> Iterable[np.ndarray]:
             yield image[y : y + side, x : x + side]
 
 
-def derive_reference(images: Iterable[np.ndarray], tile_px: int = TILE_PX) -> StainReference:
+def derive_reference(
+    images: Iterable[np.ndarray], tile_px: int = TILE_PX, relative_to_glass: bool = False
+) -> StainReference:
     """A bundle's ``stain_reference`` from reference images (uint8 RGB at 0.25 um/px).
 
     Stains: Macenko over all images' pixels. Intensity range: the 5th and 95th
     percentiles of the per-tile mean intensity (tiles of ``tile_px``; a smaller
     image counts as one tile), as QC compares each tile's mean against them.
+    ``relative_to_glass`` (for a bundle whose QC says ``intensity_relative_to_glass``):
+    each tile's mean scaled by the reference glass's luminance over its image's glass,
+    as QC then scales a slide's tiles.
     """
+    images = list(images)
     tiles = [tile for image in images for tile in _tiles_of(image, tile_px)]
     stains = estimate_stains(tiles)
-    means = [mean_intensity(tile) for tile in tiles]
+    means = []
+    for image in images:
+        ratio = 1.0
+        if relative_to_glass:
+            ratio = luminance(stains.background) / luminance(_glass(image.reshape(-1, 3)))
+        means += [mean_intensity(tile) * ratio for tile in _tiles_of(image, tile_px)]
     p5, p95 = np.percentile(means, [5, 95])
     return StainReference(
         stains.stain_matrix, stains.max_concentrations, float(p5), float(p95), stains.background
