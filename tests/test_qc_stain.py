@@ -193,19 +193,6 @@ def test_real_bccd_photos_through_stain_estimation_and_tile_qc() -> None:
 FAIR = SmearSpec(width=1600, height=1600, seed=23, nucleated_per_mm2=1200)  # 2 x 2 tiles
 
 
-@pytest.fixture(scope="module")
-def current_reference() -> stain.StainReference:
-    """A reference as the demo builder derives one for a bundle written now: fields of
-    many densities, intensities relative to each field's glass."""
-    images = [
-        synthetic.render_field(
-            SmearSpec(width=800, height=800, seed=60 + i, nucleated_per_mm2=d)
-        ).image
-        for i, d in enumerate(np.linspace(300.0, 3600.0, 16))
-    ]
-    return stain.derive_reference(images, tile_px=400, relative_to_glass=True)
-
-
 def current_params(reference: stain.StainReference) -> qc.QCParams:
     """What a bundle written now judges with (runtime.bundle.QcSpec.current)."""
     return qc.QCParams.from_bundle(dump(QcSpec.current()), reference)
