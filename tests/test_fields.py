@@ -3,6 +3,9 @@ real BCCD and Chula fields through it (skipped only where ../shared is absent)."
 
 from __future__ import annotations
 
+import csv
+import dataclasses
+import io
 import json
 import xml.etree.ElementTree as ET
 from pathlib import Path
@@ -13,6 +16,8 @@ from PIL import Image
 from scipy import ndimage
 
 from appliance import fields, qc, stain
+from appliance.cases import score_case
+from appliance.networks import SlideNetworks
 from appliance.readers import (
     Calibration,
     FieldFolderError,
@@ -27,11 +32,14 @@ from appliance.readers.formats import Layout
 from appliance.service.audit import AuditLog
 from appliance.service.store import QUEUED, WAITING, JobStore
 from appliance.service.watcher import InboxWatcher, WatchSettings
+from appliance.slides import SlideResult, process_slide
 from cytoedge_demo import synthetic
+from cytoedge_demo.bench.fields import Annotations, score_cells
 from cytoedge_demo.synthetic import SmearSpec
-from runtime.bundle import QcSpec
+from runtime.bundle import Bundle, QcSpec, load_bundle
 from runtime.typed_json import dump
 from tests.conftest import SHARED_DATA, assert_technician_reason
+from tests.runtime_models import TinyBundle
 
 BCCD = SHARED_DATA / "bccd-sample"
 CHULA = SHARED_DATA / "chula-sample"
@@ -314,3 +322,115 @@ def test_real_chula_fields_with_a_colour_cast_and_a_hair_are_balanced_not_refuse
     result = judge(folder, current_reference)
     assert result.fractions["colour_cast"] == 0.0 and result.fractions["blurred"] == 0.0
     assert result.verdict in ("pass", "warn"), result.reasons
+
+
+# --- through the pipeline, with the suite's small but real bundle ----------------------------
+
+
+def process(folder: Path, bundle: Bundle, cache: Path) -> SlideResult:
+    with SlideNetworks(bundle) as networks:
+        return process_slide(folder, networks, cache_dir=cache)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not BCCD.is_dir(), reason="shared data (bccd-sample) not present")
+def test_bccd_fields_as_one_folder_keep_the_white_cells_and_not_the_red_ones(
+    tiny_bundle: Path, tmp_path: Path
+) -> None:
+    bundle = load_bundle(tiny_bundle)
+    folder = bccd_folder(tmp_path)
+    photos = sorted(p.name for p in folder.glob("*.jpg"))
+    slide = process(folder, bundle, tmp_path / "cache")
+    assert slide.qc_passed and slide.scan.qc.verdict == "pass", slide.scan.qc.reasons
+    assert (slide.scan.fields, slide.scan.format, slide.scan.pixel_size_um) == (
+        7,
+        "fields:jpeg",
+        BCCD_UM,
+    )
+    cells = slide.cells()
+    score = score_cells(cells.table_csv, Annotations.read(BCCD), photos)
+    # Measured with this bundle: every annotated white cell, two kept cells on red
+    # cells of one photo (BloodImage_00302, whose white cell is cut by the edge).
+    assert score.wbc == 7 and score.wbc_found >= 6, score
+    assert score.on_wbc > 2 * (score.on_rbc + score.elsewhere), score
+    assert score.on_rbc <= 3, score
+
+    # The tables: each cell in its own photo's pixels, named by the photo.
+    rows = list(csv.DictReader(io.StringIO(cells.table_csv)))
+    assert len(rows) == slide.n_cells == len(cells.geojson["features"])
+    for row, feature in zip(rows, cells.geojson["features"], strict=True):
+        assert row["field"] in photos and feature["properties"]["field"] == row["field"]
+        assert 0 <= float(row["x"]) <= 640 and 0 <= float(row["y"]) <= 480
+        assert feature["properties"]["measurements"]["centroid_x"] == pytest.approx(
+            float(row["x"]), abs=0.1
+        )
+    # The pixel size checked by the cells it gives: white cells of 10-15 um across.
+    on_white = [float(r["area_um2"]) for r in rows if r["field"] != "BloodImage_00302.jpg"]
+    assert 60 < float(np.median(on_white)) < 250, on_white
+    # The contact sheet: the heatmap's frame, cells inside their field on it.
+    assert (slide.scan.width, slide.scan.height) == (3 * 179 + 2 * 16, 3 * 134 + 2 * 16)
+    assert cells.thumbnail.shape[:2] == (466, 569)
+    assert (cells.xy >= 0).all() and (cells.xy[:, 0] < 569).all() and (cells.xy[:, 1] < 466).all()
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not BCCD.is_dir(), reason="shared data (bccd-sample) not present")
+def test_one_real_photo_with_its_pixel_size_is_a_slide_of_one_field(
+    tiny_bundle: Path, tmp_path: Path
+) -> None:
+    photo = tmp_path / "BloodImage_00300.jpg"
+    photo.write_bytes((BCCD / photo.name).read_bytes())
+    (tmp_path / "BloodImage_00300.jpg.json").write_text(json.dumps({"pixel_size_um": BCCD_UM}))
+    slide = process(photo, load_bundle(tiny_bundle), tmp_path / "cache")
+    # Before the field path, this abstained: "no cellular zone: no monolayer tile with cells".
+    assert slide.qc_passed, slide.scan.qc.reasons
+    assert (slide.scan.fields, slide.scan.width, slide.scan.height) == (1, 179, 134)
+    assert slide.n_cells >= 1
+    score = score_cells(slide.cells().table_csv, Annotations.read(BCCD), [photo.name])
+    assert (score.wbc, score.wbc_found) == (1, 1), score
+
+
+def pb_bundle(tiny_bundle: Path, root: Path) -> Bundle:
+    """The runtime's tiny PB head (transformer_mil) and encoder, with the suite bundle's
+    StarDist, stain reference and QC: a bundle that reads camera fields into a PB bag."""
+    segmenting = load_bundle(tiny_bundle)
+    assert segmenting.segmenter is not None
+    made = TinyBundle(root)
+    pb_head = next(h for h in made.heads if h.kind == "transformer_mil")
+    return made.write(
+        sources={**made.sources, "segmenter.onnx": segmenting.file(segmenting.segmenter.file)},
+        heads=[pb_head],
+        segmenter=dataclasses.replace(segmenting.segmenter, file="segmenter.onnx"),
+        stain_reference=segmenting.stain_reference,
+        qc=segmenting.qc,
+        cells=dataclasses.replace(segmenting.cells, min_cells=5),
+    )
+
+
+@pytest.mark.slow
+def test_blood_fields_feed_the_pb_head_their_white_cells_as_its_bag(
+    tiny_bundle: Path, tmp_path: Path
+) -> None:
+    bundle = pb_bundle(tiny_bundle, tmp_path / "pb-bundle")
+    image = smear(1200, 900, seed=9)
+    scale = 0.25 / 0.1  # photographed at 0.1 um/px
+    fine = Image.fromarray(image).resize((round(1200 * scale), round(900 * scale)))
+    images = [np.asarray(fine.crop((x, 0, x + 1400, 1050))) for x in (0, 1500)]
+    folder = photos(tmp_path / "PB-1" / "smear-1", images, {"pixel_size_um": 0.1})
+    slide = process(folder, bundle, tmp_path / "cache")
+    assert slide.qc_passed and slide.n_cells >= bundle.cells.min_cells, slide.scan.qc
+    case = score_case("PB-1", [slide], bundle, tmp_path / "out", write_pdf=False)
+    [head] = case.result.heads
+    assert head.kind == "transformer_mil" and head.name == "pb_screen"
+    assert case.result.status in ("scored", "abstained") and case.result.cells == slide.n_cells
+    assert {p.task for p in head.predictions} == {"malignancy"}
+    with np.load(case.folder.path / "embeddings.npz") as bag:
+        assert bag["embeddings"].shape == (slide.n_cells, bundle.encoder.embed_dim)
+        assert set(bag["slide"]) == {"smear-1"}
+    [scan] = case.result.scans
+    assert scan.fields == 2 and scan.outputs is not None
+    with Image.open(case.folder.path / scan.outputs.thumbnail) as sheet:
+        assert sheet.size == (scan.width, scan.height)  # the sheet at 0.25 um/px
+    assert (case.folder.path / scan.outputs.heatmap).is_file()
+    table = (case.folder.path / scan.outputs.cells_csv).read_text()
+    assert table.splitlines()[0].endswith(",field,attention")
