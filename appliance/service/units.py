@@ -150,7 +150,9 @@ def _units_in(
                 members = scan_members(path)  # the reader opens it through one of its files
                 yield Unit(members.path, key, single, kind, folder, members.extras)
             else:
-                yield Unit(path, key, single, kind, path)
+                # At the top of the inbox the folder is its own case (its `.ready` is the
+                # case's); inside a case folder the case's `.ready` is beside it.
+                yield Unit(path, key, single, kind, path if case_key is None else folder)
             continue
         if not entry.is_file() or entry.name.lower().endswith(pixel_size.SIDECAR_SUFFIX):
             continue
