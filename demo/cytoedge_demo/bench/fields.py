@@ -129,7 +129,7 @@ def run_fields_bench(bundle_dir: Path, data: Path, pixel_size_um: float, console
                 start = time.perf_counter()
                 result = process_slide(folder, networks, cache_dir=Path(work) / run)
                 runs.append((run, time.perf_counter() - start, result))
-    score = score_cells(result.cells().table_csv, truth, photos)
+        score = score_cells(result.cells().table_csv, truth, photos)
     table = Table(title=f"{len(photos)} field photos of {data.name} as one field folder")
     table.add_column("figure")
     table.add_column("value", justify="right")
