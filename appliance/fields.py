@@ -157,7 +157,10 @@ def judge(
     """The QC verdict of a field folder alone (no segmentation): what the pipeline decides."""
     target = glass_target(reference)
     fields, samples = survey(folder, target)
-    stains = stain.estimate_stains(samples)
+    try:
+        stains = stain.estimate_stains(samples)
+    except stain.StainError as exc:
+        return qc.SlideQC(qc.FAIL, [exc.reason], {}, 0)
     results = [result for _, result in judged(folder, fields, target, stains, params)]
     return qc.slide_verdict(results, params, unit="fields")
 

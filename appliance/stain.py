@@ -43,6 +43,10 @@ OD_MIN = 0.065  # the per-channel floor of the paper's rule; the total below is 
 STAINED_OD = 3 * OD_MIN  # pixels with less OD summed over R, G, B are glass
 ANGLE_PERCENTILE = 1.0
 PIXELS_PER_TILE = 20_000  # sampled from each tile given to estimate_stains
+# A dye is coloured: a basophilic direction closer than this to neutral grey is what a
+# hair, dust or uneven light absorbs, not a stain (synthetic smears: 15-25 degrees, the
+# BCCD photos 38; the Chula photos, which hold no white cells but a hair: 5).
+MIN_DYE_ANGLE_DEG = 10.0
 MIN_STAINED_PIXELS = 500
 TILE_PX = 800  # 200 um at 0.25 um/px: the unit of the intensity percentiles
 
@@ -171,9 +175,20 @@ def estimate_stains(
     baso, eos = (v1, v2) if v1[0] / v1.sum() > v2[0] / v2.sum() else (v2, v1)
     matrix = np.stack([baso, eos])
     matrix = np.abs(matrix) / np.linalg.norm(matrix, axis=1, keepdims=True)
+    if _grey_angle(matrix[0]) < MIN_DYE_ANGLE_DEG:
+        raise StainError(
+            "no stained nuclei to estimate the stains from: what absorbs most on these "
+            "images is grey (dust, a hair or uneven light), not a basophilic stain"
+        )
     conc = stained @ np.linalg.pinv(matrix)
     maxima = np.percentile(conc, 99, axis=0).clip(1e-3)
     return StainEstimate(matrix.astype(np.float32), maxima.astype(np.float32), background)
+
+
+def _grey_angle(vector: np.ndarray) -> float:
+    """Degrees between an OD direction and neutral grey (equal absorption in R, G, B)."""
+    cosine = float(vector @ np.full(3, 1 / np.sqrt(3))) / float(np.linalg.norm(vector))
+    return float(np.degrees(np.arccos(np.clip(cosine, -1.0, 1.0))))
 
 
 def concentrations(rgb: np.ndarray, stains: StainEstimate) -> np.ndarray:

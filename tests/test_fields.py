@@ -308,7 +308,7 @@ def test_real_bccd_fields_pass_qc_and_their_defocused_copies_fail(
 
 
 @pytest.mark.skipif(not CHULA.is_dir(), reason="shared data (chula-sample) not present")
-def test_real_chula_fields_with_a_colour_cast_and_a_hair_are_balanced_not_refused(
+def test_real_chula_fields_without_white_cells_are_refused_for_that_not_for_their_cast(
     tmp_path: Path, current_reference: stain.StainReference
 ) -> None:
     folder = tmp_path / "chula"
@@ -317,11 +317,18 @@ def test_real_chula_fields_with_a_colour_cast_and_a_hair_are_balanced_not_refuse
         (folder / photo.name).write_bytes(photo.read_bytes())
     (folder / "manifest.json").write_text(json.dumps({"pixel_size_um": CHULA_UM}))
     opened = open_field_folder(folder)
-    first = qc.exposure(np.asarray(Image.open(opened.fields[0]).convert("RGB")))
-    assert first.cast_ratio < 0.8, "the sample's bluish cast is real"
+    for path in opened.fields:
+        taken = qc.exposure(np.asarray(Image.open(path).convert("RGB")))
+        # A real bluish cast, dim glass: both within what the white balance corrects.
+        assert qc.MIN_CAST_RATIO < taken.cast_ratio < 0.8, path.name
+        assert taken.luminance > qc.MIN_GLASS_LUMINANCE, path.name
+    # Red cells, a hair and no white cell: Macenko finds no basophilic dye to separate
+    # (its darkest direction is the hair's grey), so the smear is refused with that reason
+    # rather than its red cells being read as nucleated cells.
     result = judge(folder, current_reference)
-    assert result.fractions["colour_cast"] == 0.0 and result.fractions["blurred"] == 0.0
-    assert result.verdict in ("pass", "warn"), result.reasons
+    assert result.verdict == "fail"
+    assert result.reasons[0].startswith("no stained nuclei to estimate the stains from")
+    assert_technician_reason(result.reasons[0])
 
 
 # --- through the pipeline, with the suite's small but real bundle ----------------------------

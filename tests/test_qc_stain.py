@@ -62,6 +62,19 @@ def test_estimation_on_a_synthetic_smear_and_normalisation_to_a_reference() -> N
     assert baso[nuclei].mean() > 4 * baso[source.cells == 0].mean()
 
 
+def test_stains_are_not_estimated_from_grey_artefacts() -> None:
+    # Pale pink red cells and a dark grey hair across the glass: the darkest direction is
+    # grey, which no dye is; the estimate says so instead of calling the hair basophilic.
+    field = np.full((400, 400, 3), (232, 230, 231), np.float32)
+    rr, cc = np.mgrid[:400, :400]
+    for y, x in [(60, 60), (60, 200), (200, 90), (300, 300), (150, 320), (330, 120)]:
+        field[(rr - y) ** 2 + (cc - x) ** 2 < 30**2] = (215, 160, 180)
+    field[np.abs(rr - cc) < 4] = (70, 72, 71)
+    with pytest.raises(stain.StainError, match="grey") as caught:
+        stain.estimate_stains([field.astype(np.uint8)])
+    assert "hair" in caught.value.reason
+
+
 @pytest.fixture(scope="module")
 def reference() -> stain.StainReference:
     images = [
