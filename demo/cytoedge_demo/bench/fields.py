@@ -134,6 +134,7 @@ def run_fields_bench(bundle_dir: Path, data: Path, pixel_size_um: float, console
     table.add_column("figure")
     table.add_column("value", justify="right")
     table.add_row("QC verdict", f"{result.scan.qc.verdict} {'; '.join(result.scan.qc.reasons)}")
+    table.add_row("QC nuclei per mm2", f"{result.scan.qc.nuclei_per_mm2}")
     table.add_row("annotated white cells with a kept cell", f"{score.wbc_found} / {score.wbc}")
     table.add_row("kept cells", str(score.kept))
     table.add_row("  on a white cell's box", str(score.on_wbc))
