@@ -187,7 +187,14 @@ def probe(path: Path | str, calibration: Calibration | float = 0.0) -> ScanInfo:
         fields = open_field_folder(path, calibration)
         info = probe(fields.fields[0], fields.calibration)
         return ScanInfo(
-            **{**info.to_dict(), "path": str(path), "format": "fields", "width": len(fields)},
+            **{
+                **info.to_dict(),
+                "path": str(path),
+                "format": "fields",
+                "bytes": sum(p.stat().st_size for p in fields.fields),
+                "width": len(fields),
+                "height": 1,
+            },
         )
     if path.is_dir():
         folder = open_cell_folder(path)
