@@ -93,8 +93,9 @@ class ContactSheet:
         gap = SHEET_GAP_PX if len(sizes) > 1 else 0
         cell_w = max(w for w, _ in sizes) + gap
         cell_h = max(h for _, h in sizes) + gap
-        origins = tuple(divmod(i, columns)[::-1] for i in range(len(sizes)))
-        origins = tuple((col * cell_w, row * cell_h) for col, row in origins)
+        origins = tuple(
+            ((index % columns) * cell_w, (index // columns) * cell_h) for index in range(len(sizes))
+        )
         return cls(origins, columns * cell_w - gap, rows * cell_h - gap)
 
 

@@ -118,6 +118,7 @@ def test_a_folder_of_large_images_is_a_field_folder_and_beside_a_scan_a_slide(
     found = by_path(tmp_path)
     assert set(found) == {"P"}
     assert (found["P"].kind, found["P"].case_key, found["P"].single) == ("fields", "P", True)
+    assert found["P"].case_dir == case, "at the top of the inbox the folder is its own case"
     assert case / "field.png.json" in found["P"].members.files(), "sidecars are members"
     # Inside a case folder the smear's photos are one slide of the case.
     smear = tmp_path / "Q" / "smear-1"
@@ -127,6 +128,7 @@ def test_a_folder_of_large_images_is_a_field_folder_and_beside_a_scan_a_slide(
     found = by_path(tmp_path)
     assert (found["Q/smear-1"].kind, found["Q/smear-1"].case_key) == ("fields", "Q")
     assert not found["Q/smear-1"].single and found["Q/bone-marrow.svs"].kind == "file"
+    assert found["Q/smear-1"].case_dir == tmp_path / "Q", "the case's .ready lies beside it"
     # Beside a slide scan, a photo is one slide of the case.
     write(case / "other.svs")
     found = by_path(tmp_path)
