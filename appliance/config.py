@@ -18,10 +18,12 @@ import typing
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from appliance.readers.pixel_size import Calibration, plausible
 from runtime.backends import AUTO, RuntimeSettings, backend_names
+
+if TYPE_CHECKING:  # the readers' package loads tifffile: not for every command's start
+    from appliance.readers.pixel_size import Calibration
 
 CONFIG_ENV = "CYTOEDGE_CONFIG"
 DATA_ENV = "CYTOEDGE_DATA"
@@ -115,6 +117,8 @@ class Config:
     @property
     def calibration(self) -> Calibration:
         """What the readers fall back on for files without a pixel size of their own."""
+        from appliance.readers.pixel_size import Calibration
+
         return Calibration(
             pixel_size_um=self.scan.pixel_size_um,
             camera=self.scan.camera,
@@ -219,6 +223,8 @@ def _build(raw: dict[str, Any], source: Path) -> Config:
 
 def _build_cameras(tables: dict[str, Any], source: Path) -> dict[str, CameraConfig]:
     """``[cameras.<name>]`` sections: one table per camera, each with a plausible size."""
+    from appliance.readers.pixel_size import plausible
+
     cameras = {}
     for name, table in tables.items():
         where = f"cameras.{name}"
