@@ -18,7 +18,8 @@ Per object (a StarDist star-convex polygon):
 
 Tables: CSV (one row per cell, polygon as WKT) and a QuPath-importable GeoJSON
 FeatureCollection of detections with measurements, both in level-0 pixels of the
-scan so that they overlay it; a slide's tables are made once (and cached) and
+scan so that they overlay it (cells of a field folder: in the pixels of the photo
+each is on, named by a ``field`` column / property); a slide's tables are made once (and cached) and
 the case's attention is added to them after scoring (``csv_with_attention``,
 ``geojson_with_attention``).
 """
@@ -132,6 +133,19 @@ class Cell:
     @property
     def area_um2(self) -> float:
         return self.area_px * self.pixel_size_um**2
+
+    def at(self, pixel_size_um: float) -> Cell:
+        """The same cell in pixels of ``pixel_size_um`` (areas in um2 unchanged)."""
+        ratio = self.pixel_size_um / pixel_size_um
+        return replace(
+            self,
+            x=self.x * ratio,
+            y=self.y * ratio,
+            polygon=(self.polygon * ratio).astype(np.float32),
+            area_px=self.area_px * ratio**2,
+            nucleus_area_px=self.nucleus_area_px * ratio**2,
+            pixel_size_um=pixel_size_um,
+        )
 
     @property
     def nucleus_area_um2(self) -> float:
@@ -307,15 +321,18 @@ def _wkt(polygon: np.ndarray, scale: float) -> str:
     return "POLYGON ((" + ", ".join(f"{x * scale:.1f} {y * scale:.1f}" for x, y in ring) + "))"
 
 
-def cells_csv(cells: Sequence[Cell], level0_scale: float = 1.0) -> str:
+def cells_csv(
+    cells: Sequence[Cell], level0_scale: float = 1.0, fields: Sequence[str] | None = None
+) -> str:
     """The per-cell table as CSV text; ``cell_id`` is the cell's index in ``cells``.
 
     Coordinates are multiplied by ``level0_scale`` (analysis pixel size / level-0
     pixel size) so that they are level-0 slide pixels, as in the GeoJSON.
+    ``fields``: the photo each cell is on (a field folder), added as a last column.
     """
     out = io.StringIO()
     writer = csv.writer(out, lineterminator="\n")
-    writer.writerow(CSV_COLUMNS)
+    writer.writerow(CSV_COLUMNS if fields is None else (*CSV_COLUMNS, "field"))
     for index, c in enumerate(cells):
         writer.writerow(
             [
@@ -330,13 +347,19 @@ def cells_csv(cells: Sequence[Cell], level0_scale: float = 1.0) -> str:
                 f"{c.confidence:.4f}",
                 c.tile_id,
                 _wkt(c.polygon, level0_scale),
+                *(() if fields is None else (fields[index],)),
             ]
         )
     return out.getvalue()
 
 
-def cells_geojson(cells: Sequence[Cell], level0_scale: float = 1.0) -> dict[str, Any]:
-    """QuPath-importable FeatureCollection: one detection per cell, polygon in level-0 pixels."""
+def cells_geojson(
+    cells: Sequence[Cell], level0_scale: float = 1.0, fields: Sequence[str] | None = None
+) -> dict[str, Any]:
+    """QuPath-importable FeatureCollection: one detection per cell, polygon in level-0 pixels.
+
+    ``fields``: the photo each cell is on (a field folder), as a ``field`` property.
+    """
     features = []
     for index, c in enumerate(cells):
         ring = [
@@ -364,6 +387,7 @@ def cells_geojson(cells: Sequence[Cell], level0_scale: float = 1.0) -> dict[str,
                     "objectType": "detection",
                     "classification": {"name": CLASSIFICATION},
                     "measurements": measurements,
+                    **({} if fields is None else {"field": fields[index]}),
                 },
             }
         )

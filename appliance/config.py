@@ -11,21 +11,26 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import tomllib
 import types
 import typing
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from runtime.backends import AUTO, RuntimeSettings, backend_names
+
+if TYPE_CHECKING:  # the readers' package loads tifffile: not for every command's start
+    from appliance.readers.pixel_size import Calibration
 
 CONFIG_ENV = "CYTOEDGE_CONFIG"
 DATA_ENV = "CYTOEDGE_DATA"
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 # The link to the installed bundle in use, beside the installed versions (appliance.bundles).
 CURRENT_BUNDLE = "current"
+CAMERA_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
 
 
 class ConfigError(ValueError):
@@ -82,6 +87,16 @@ class ServiceConfig:
 class ScanConfig:
     # Pixel size for plain images that carry none and have no sidecar; 0: reject them.
     pixel_size_um: float = 0.0
+    # A named [cameras.<name>] calibration for such images instead (before pixel_size_um).
+    camera: str = ""
+
+
+@dataclass(frozen=True)
+class CameraConfig:
+    """One microscope camera and objective, measured once with a stage micrometer."""
+
+    pixel_size_um: float = 0.0
+    description: str = ""
 
 
 @dataclass(frozen=True)
@@ -99,7 +114,19 @@ class Config:
     service: ServiceConfig = field(default_factory=ServiceConfig)
     scan: ScanConfig = field(default_factory=ScanConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    cameras: dict[str, CameraConfig] = field(default_factory=dict)  # [cameras.<name>]
     source: Path | None = None  # the file it was read from, None for defaults
+
+    @property
+    def calibration(self) -> Calibration:
+        """What the readers fall back on for files without a pixel size of their own."""
+        from appliance.readers.pixel_size import Calibration
+
+        return Calibration(
+            pixel_size_um=self.scan.pixel_size_um,
+            camera=self.scan.camera,
+            cameras={name: camera.pixel_size_um for name, camera in self.cameras.items()},
+        )
 
     @property
     def data_dir(self) -> Path:
@@ -204,8 +231,38 @@ def _build(raw: dict[str, Any], source: Path) -> Config:
             raise ConfigError(f"{source}: unknown section [{name}]")
         if not isinstance(value, dict):
             raise ConfigError(f"{source}: [{name}] must be a table")
-        sections[name] = _build_section(name, hints[name], value, source)
-    return Config(**sections, source=source)
+        if name == "cameras":
+            sections[name] = _build_cameras(value, source)
+        else:
+            sections[name] = _build_section(name, hints[name], value, source)
+    config = Config(**sections, source=source)
+    if config.scan.camera and config.scan.camera not in config.cameras:
+        raise ConfigError(
+            f"{source}: scan.camera names {config.scan.camera!r}, but there is no "
+            f"[cameras.{config.scan.camera}] section"
+        )
+    return config
+
+
+def _build_cameras(tables: dict[str, Any], source: Path) -> dict[str, CameraConfig]:
+    """``[cameras.<name>]`` sections: one table per camera, each with a plausible size."""
+    from appliance.readers.pixel_size import plausible
+
+    cameras = {}
+    for name, table in tables.items():
+        where = f"cameras.{name}"
+        if not CAMERA_NAME.fullmatch(name):
+            raise ConfigError(f"{source}: [{where}]: a camera name is letters, digits, _ . -")
+        if not isinstance(table, dict):
+            raise ConfigError(f"{source}: [{where}] must be a table with pixel_size_um")
+        camera = _build_section(where, CameraConfig, table, source)
+        if not plausible(camera.pixel_size_um):
+            raise ConfigError(
+                f"{source}: {where}.pixel_size_um must be the measured um per pixel "
+                f"(a microscope's lies between 0.02 and 10), got {camera.pixel_size_um}"
+            )
+        cameras[name] = camera
+    return cameras
 
 
 def _build_section(name: str, cls: type, values: dict[str, Any], source: Path) -> Any:

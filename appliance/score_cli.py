@@ -76,7 +76,7 @@ def score_inputs(
                             path,
                             networks,
                             cache_dir=config.cache_dir,
-                            pixel_size_um=config.scan.pixel_size_um,
+                            calibration=config.calibration,
                             progress=bars,
                         )
                     )

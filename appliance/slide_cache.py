@@ -20,7 +20,10 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-CACHE_FORMAT = 4  # 4: the scan as a typed ScanRecord (result schema 2)
+# 4: the scan as a typed ScanRecord (result schema 2); 5: field folders, blur judged at the
+# bundle's scale, stains estimated from every stained pixel (docs/qc.md)
+CACHE_FORMAT = 5
+THUMBNAIL_LONG_SIDE = 1024  # a slide's picture: at most this many pixels on its long side
 _PATCH_CHUNK = 256  # rows copied at a time: memory stays bounded for any slide
 _COPY_BYTES = 1 << 22
 META_FILE = "slide.json"

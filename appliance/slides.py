@@ -1,11 +1,14 @@
-"""One scan (or single-cell folder) up to cached embeddings and its cell table.
+"""One scan (or single-cell or field folder) up to cached embeddings and its cell table.
 
 ``process_slide`` reads the scan, finds its cellular zone, estimates its stains,
 runs QC, normalisation and StarDist tile by tile, keeps the cells that pass the
 filters (``appliance.cells``), embeds their crops and caches all of it by
 (slide content, bundle): a case scored again after a late slide reads it back
 instead (``appliance.slide_cache``). A single-cell folder (the PB workflow) skips
-straight to the encoder. ``appliance.cases.score_case`` takes it from there.
+straight to the encoder. Microscope-camera photos take the field path
+(``appliance.fields``): a field folder, and a single photo, which is a JPEG /
+PNG / BMP or a TIFF of one untiled image (``readers.is_field_file``); a tiled
+TIFF is a scan. ``appliance.cases.score_case`` takes it from there.
 """
 
 from __future__ import annotations
@@ -33,18 +36,30 @@ from appliance.cells import (
     measure_cells,
     resize_bilinear,
 )
+from appliance.fields import process_fields
 from appliance.networks import SlideNetworks
 from appliance.progress import ProgressCallback, StageTimer, no_progress
-from appliance.readers import ScanNotFoundError, open_cell_folder, open_scan, scan_fingerprint
+from appliance.readers import (
+    Calibration,
+    FieldFolder,
+    ScanNotFoundError,
+    folder_layout,
+    is_field_file,
+    open_cell_folder,
+    open_field_folder,
+    open_scan,
+    scan_fingerprint,
+    single_field,
+)
+from appliance.readers.formats import Layout
 from appliance.results.schema import QcRecord, ScanRecord
 from appliance.segmentation import Segmenter
-from appliance.slide_cache import SlideCells
+from appliance.slide_cache import THUMBNAIL_LONG_SIDE, SlideCells
 from appliance.tiles import Tile
 from runtime.typed_json import dump, parse_section
 
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 MOSAIC_CELL_PX = 32  # a cell folder's "thumbnail": its cells in a grid, this size each
-THUMBNAIL_LONG_SIDE = 1024
 STAIN_SAMPLE_TILES = 8
 EMBED_CHUNK = 256  # kept cells embedded at a time, so memory holds a chunk of crops
 PASSED = QcRecord(verdict="pass")
@@ -78,15 +93,17 @@ def process_slide(
     networks: SlideNetworks,
     *,
     cache_dir: Path,
-    pixel_size_um: float = 0.0,
+    calibration: Calibration | float = 0.0,
     slide_id: str | None = None,
     progress: ProgressCallback = no_progress,
     fingerprint: str | None = None,
 ) -> SlideResult:
-    """One scan (or single-cell folder) up to cached embeddings and its cell table.
+    """One scan (or single-cell or field folder) up to cached embeddings and its cell table.
 
     ``networks``: the bundle's sessions, shared by the caller's slides and opened
-    only when a slide needs them. ``fingerprint``: the sha256 of the scan's content
+    only when a slide needs them. ``calibration``: the configuration's pixel size
+    for files without one (``config.calibration``; a number: ``scan.pixel_size_um``
+    alone). ``fingerprint``: the sha256 of the scan's content
     when the caller already has it (the service hashes a scan when it arrives);
     computed here otherwise, the same way.
 
@@ -116,10 +133,15 @@ def process_slide(
     spool = cache_dir / "spool" / f"{digest[:16]}-{os.getpid()}-{threading.get_ident()}.raw"
     spool.parent.mkdir(parents=True, exist_ok=True)
     try:
-        if path.is_dir():
+        if path.is_dir() and folder_layout(path) is Layout.FIELD_FOLDER:
+            fields = open_field_folder(path, calibration)
+            cells, scan, verdict = _fields(fields, networks, timer, spool)
+        elif path.is_dir():
             cells, scan, verdict = _cell_folder(path, networks, timer)
+        elif is_field_file(path):
+            cells, scan, verdict = _fields(single_field(path, calibration), networks, timer, spool)
         else:
-            cells, scan, verdict = _scan_file(path, networks, timer, pixel_size_um, spool)
+            cells, scan, verdict = _scan_file(path, networks, timer, calibration, spool)
     except BaseException:
         spool.unlink(missing_ok=True)
         raise
@@ -231,11 +253,28 @@ def _mosaic(crops: Sequence[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
     return mosaic, xy
 
 
+# --- microscope-camera fields ------------------------------------------------------------
+
+
+def _fields(
+    folder: FieldFolder, networks: SlideNetworks, timer: StageTimer, spool: Path
+) -> tuple[SlideCells, dict[str, object], QcRecord]:
+    """The field path (``appliance.fields``), its cells spooled like a scan's."""
+    bundle = networks.bundle
+    patch_px = CellFilters.from_section(bundle.cells).at(tiles.TARGET_UM_PER_PX).patch_px
+    sink = _CellSink(networks, bundle.encoder.input.size, patch_px, spool, timer)
+    return process_fields(folder, networks, timer, sink)
+
+
 # --- a scan file ---------------------------------------------------------------------------
 
 
 def _scan_file(
-    path: Path, networks: SlideNetworks, timer: StageTimer, pixel_size_um: float, spool: Path
+    path: Path,
+    networks: SlideNetworks,
+    timer: StageTimer,
+    calibration: Calibration | float,
+    spool: Path,
 ) -> tuple[SlideCells, dict[str, object], QcRecord]:
     """Reader -> cellular zone -> stains -> per tile QC, normalisation, StarDist, cells."""
     bundle = networks.bundle
@@ -244,7 +283,7 @@ def _scan_file(
     # Tiles are on the 0.25 um/px working grid, whatever the scan's own pixel size.
     filters = CellFilters.from_section(bundle.cells).at(tiles.TARGET_UM_PER_PX)
     timer.progress("read", 0.0)
-    with open_scan(path, pixel_size_um) as scan:
+    with open_scan(path, calibration) as scan:
         opened = time.perf_counter()
         info = scan.info()
         scan_entry: dict[str, object] = {

@@ -185,14 +185,30 @@ class StainReference:
 
 @dataclass(frozen=True)
 class QcSpec:
-    """Tile QC (METHOD.md A): defaults are the paper's values."""
+    """Tile QC (METHOD.md A; docs/qc.md). The defaults read a bundle as it was written:
+    one without ``blur_um_per_px`` judged blur on the 0.25 um/px working grid against
+    the paper's ``laplacian_min`` 100, and raw tile intensities against the stain
+    reference's range. New bundles carry ``current()``."""
 
     tile_um: float = 200.0
     laplacian_min: float = 100.0
     min_nuclei_per_tile: int = 5
     max_artefact_fraction: float = 0.2
     min_plasma_cell_fraction: float = 0.10
+    blur_um_per_px: float = 0.25
+    intensity_relative_to_glass: bool = False
     extra: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def current(cls) -> QcSpec:
+        """What bundles are written with: blur judged at 0.5 um/px, which a 20x scan and
+        every camera field resolve, against a Laplacian variance calibrated there; a
+        tile's intensity taken relative to its slide's glass, as a camera field's is."""
+        return cls(laplacian_min=35.0, blur_um_per_px=0.5, intensity_relative_to_glass=True)
+
+    def validate(self, where: str) -> None:
+        if not 0.1 <= self.blur_um_per_px <= 2.0:
+            raise BundleError(f"{where}.blur_um_per_px must lie in [0.1, 2] um per pixel")
 
 
 @dataclass(frozen=True)
@@ -426,7 +442,7 @@ def write_bundle(
             heads=tuple(heads),
             segmenter=segmenter,
             stain_reference=stain_reference,
-            qc=qc or QcSpec(),
+            qc=qc or QcSpec.current(),
             cells=cells or CellsSpec(),
             provenance=dict(provenance or {}),
         )

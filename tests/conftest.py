@@ -71,3 +71,19 @@ def openslide_files() -> Path:
     if not present():
         pytest.fail(f"{FOLDER} does not hold the pinned files: remove it and run `make testdata`")
     return FOLDER
+
+
+@pytest.fixture(scope="session")
+def current_reference() -> object:
+    """A stain reference as the demo builder derives one for a bundle written now (fields
+    of many densities, intensities relative to each field's glass)."""
+    import numpy as np
+
+    from appliance import stain
+    from cytoedge_demo.synthetic import SmearSpec, render_field
+
+    images = [
+        render_field(SmearSpec(width=800, height=800, seed=60 + i, nucleated_per_mm2=d)).image
+        for i, d in enumerate(np.linspace(300.0, 3600.0, 16))
+    ]
+    return stain.derive_reference(images, tile_px=400, relative_to_glass=True)

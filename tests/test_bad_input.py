@@ -215,10 +215,10 @@ def test_paths_with_spaces_and_non_ascii_characters(tmp_path: Path) -> None:
 def test_bad_sidecar_and_absurd_configured_pixel_size(tmp_path: Path) -> None:
     path = png_without_pixel_size(tmp_path)
     with pytest.raises(PixelSizeError, match="implausible"):
-        probe(path, pixel_size_um=500.0)
+        probe(path, calibration=500.0)
     (tmp_path / "field.png.json").write_text("{not json")
     with pytest.raises(PixelSizeError, match="sidecar"):
-        probe(path, pixel_size_um=0.25)
+        probe(path, calibration=0.25)
 
 
 # --- Real files: openslide-python's test slides and damaged copies of real photos -------------
@@ -370,7 +370,7 @@ def assert_rejected_everywhere(path: Path, error: type[ScanError], pixel_size_um
     expected = error if pixel_size_um else (error, PixelSizeError)
     for read in (open_scan, probe):
         with pytest.raises(ScanError) as caught:
-            read(path, pixel_size_um=pixel_size_um)
+            read(path, pixel_size_um)
         assert isinstance(caught.value, expected), (read.__name__, caught.value)
         assert_technician_reason(caught.value.reason)
 
@@ -399,7 +399,7 @@ def test_damaged_copies_of_real_photos_are_rejected_with_a_sentence(
 def test_the_unopenable_tiff_says_its_compression_is_unknown(openslide_files: Path) -> None:
     """It crashed the TIFF reader's own message once ('int' object has no attribute 'name')."""
     with pytest.raises(UnreadableScanError) as caught:
-        open_scan(openslide_files / "unopenable.tiff", pixel_size_um=0.25)
+        open_scan(openslide_files / "unopenable.tiff", calibration=0.25)
     assert "unknown compression (code 52479)" in caught.value.reason
 
 
@@ -459,7 +459,7 @@ def cells_with_a_manifest_listing_text(folder: Path) -> None:
 
 def cells_with_a_field_image(folder: Path) -> None:
     cell_crop(513).save(folder / "c0.png")
-    (folder / ".ready").touch()
+    (folder / "manifest.json").write_text('{"cells": ["c0.png"]}')
 
 
 CELL_CASES: list[Callable[[Path], None]] = [

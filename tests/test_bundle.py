@@ -157,3 +157,23 @@ def test_writer_refuses_bad_input_and_leaves_nothing_behind(tiny: TinyBundle) ->
         tiny.write()
     replaced = tiny.write(version="2.0", overwrite=True)
     assert replaced.version == "2.0" and load_bundle(tiny.path).version == "2.0"
+
+
+def test_a_bundle_written_before_the_qc_scale_keeps_its_meaning(tmp_path: Path) -> None:
+    tiny = TinyBundle(tmp_path)
+    assert tiny.write().qc == QcSpec.current(), "new bundles carry the current QC"
+    data = json.loads((tiny.path / "bundle.json").read_text())
+    for key in ("blur_um_per_px", "intensity_relative_to_glass"):
+        del data["qc"][key]
+    data["qc"]["laplacian_min"] = 100.0
+    (tiny.path / "bundle.json").write_text(json.dumps(data))  # as an older writer left it
+    qc = load_bundle(tiny.path).qc
+    assert (qc.blur_um_per_px, qc.laplacian_min, qc.intensity_relative_to_glass) == (
+        0.25,
+        100.0,
+        False,
+    )
+    data["qc"]["blur_um_per_px"] = 5.0
+    (tiny.path / "bundle.json").write_text(json.dumps(data))
+    with pytest.raises(BundleError, match="blur_um_per_px"):
+        load_bundle(tiny.path)

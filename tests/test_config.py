@@ -79,3 +79,34 @@ def test_missing_explicit_file_is_an_error(tmp_path: Path) -> None:
 def test_config_is_immutable() -> None:
     with pytest.raises(AttributeError):
         Config().runtime.threads = 3  # type: ignore[misc]
+
+
+def test_named_cameras_are_checked_and_become_the_readers_calibration(tmp_path: Path) -> None:
+    path = write(
+        tmp_path,
+        '[scan]\ncamera = "bench1-100x"\n'
+        '[cameras.bench1-100x]\npixel_size_um = 0.075\ndescription = "Olympus CX43, 100x oil"\n'
+        "[cameras.bench2-40x]\npixel_size_um = 0.18\n",
+    )
+    config = load_config(path)
+    assert config.cameras["bench1-100x"].description == "Olympus CX43, 100x oil"
+    calibration = config.calibration
+    assert calibration.camera == "bench1-100x" and calibration.pixel_size_um == 0.0
+    assert dict(calibration.cameras) == {"bench1-100x": 0.075, "bench2-40x": 0.18}
+    assert Config().calibration.cameras == {}
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ('[scan]\ncamera = "nowhere"\n', r"scan.camera names 'nowhere'.*\[cameras.nowhere\]"),
+        ("[cameras.x]\npixel_size_um = 75\n", "cameras.x.pixel_size_um must be the measured"),
+        ("[cameras.x]\nmagnification = 100\n", "unknown key cameras.x.magnification"),
+        ("[cameras]\nx = 0.075\n", r"\[cameras.x\] must be a table"),
+        ('[cameras."a b"]\npixel_size_um = 0.1\n', "a camera name is letters"),
+    ],
+)
+def test_a_bad_camera_section_stops_with_one_line(tmp_path: Path, text: str, message: str) -> None:
+    with pytest.raises(ConfigError, match=message) as caught:
+        load_config(write(tmp_path, text))
+    assert "\n" not in str(caught.value)

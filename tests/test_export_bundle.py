@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from export.bundle import AssemblyError, assemble_bundle
-from runtime.bundle import load_bundle
+from runtime.bundle import QcSpec, load_bundle
 from tests.runtime_models import MIL_TASKS, encoder_model, head_model
 
 PASSED = {"passed": True, "min_cosine": 0.9999999, "max_abs_diff": 2e-6}
@@ -182,4 +182,5 @@ def test_bad_sections_and_sections_are_named(exports: dict[str, Path], tmp_path:
     with pytest.raises(AssemblyError, match="at least one head"):
         assemble(exports, tmp_path / "b3", head_dirs=[], sections_file=None)
     made = assemble(exports, tmp_path / "b4", segmenter_dir=None, sections_file=None)
-    assert made.segmenter is None and made.qc.laplacian_min == 100.0  # type: ignore[attr-defined]
+    # Without a qc section a new bundle carries the current QC (blur judged at 0.5 um/px).
+    assert made.segmenter is None and made.qc == QcSpec.current()  # type: ignore[attr-defined]

@@ -10,10 +10,12 @@ from PIL import Image
 
 from appliance.readers import (
     CellFolderError,
+    NotBrightfieldError,
     ScanError,
     UnsupportedScanError,
     formats,
     open_cell_folder,
+    open_field_folder,
     open_scan,
     probe,
 )
@@ -43,7 +45,7 @@ def test_every_extension_in_the_table_is_a_scan_for_the_inbox_and_the_readers(
         assert unit.supported, ext
         # The readers judge its contents, not its extension.
         with pytest.raises(ScanError) as caught:
-            open_scan(unit.path, pixel_size_um=0.25)
+            open_scan(unit.path, calibration=0.25)
         assert not isinstance(caught.value, UnsupportedScanError), caught.value
         assert caught.value.reason != formats.unsupported_reason(unit.path)
 
@@ -78,7 +80,7 @@ def test_an_extension_not_in_the_table_is_refused_by_both_in_the_same_words(
     [unit] = discover(inbox).units
     assert not unit.supported and unit.unsupported_reason == expected
     with pytest.raises(UnsupportedScanError) as caught:
-        probe(path, pixel_size_um=0.25)
+        probe(path, calibration=0.25)
     assert caught.value.reason == expected
     # The watcher stores exactly that reason.
     settings = WatchSettings(inbox, 0.0, 0.0, False, None, lambda: "b" * 64)
@@ -114,14 +116,21 @@ def test_a_crop_at_the_size_limit_is_a_cell_folder_for_both(
 @pytest.mark.parametrize(
     "shape", [(MAX_CELL_SIDE + 1, MAX_CELL_SIDE + 1), (100, MAX_CELL_SIDE + 1)]
 )
-def test_one_pixel_over_the_limit_is_a_cell_folder_for_neither(
+def test_one_pixel_over_the_limit_is_a_field_folder_for_both(
     tmp_path: Path, shape: tuple[int, int]
 ) -> None:
     folder = crops(tmp_path / "inbox" / "P1", *shape)
-    units = discover(tmp_path / "inbox").units
-    # For the inbox the folder is a case and its images are slides.
-    assert {(u.path.name, u.kind, u.case_key) for u in units} == {
-        (f"c{i}.png", Layout.FILE, "P1") for i in range(3)
-    }
+    [unit] = discover(tmp_path / "inbox").units
+    # Photos larger than a cell: one smear's fields, a case of one at the top of the inbox.
+    assert (unit.path, unit.kind, unit.case_key, unit.single) == (
+        folder,
+        Layout.FIELD_FOLDER,
+        "P1",
+        True,
+    )
     with pytest.raises(CellFolderError, match=f"at most {MAX_CELL_SIDE} px a side"):
         open_cell_folder(folder)
+    assert len(open_field_folder(folder, 0.25)) == 3
+    # The probe opens the first photo as a field: these grey squares are no stained smear.
+    with pytest.raises(NotBrightfieldError, match="grayscale"):
+        probe(folder, 0.25)

@@ -1,18 +1,24 @@
-"""Macenko recovers known stains; QC flags blurred / faint / dark / blank and passes good slides."""
+"""Macenko recovers known stains; QC flags blurred / faint / dark / blank and passes good
+slides, and gives one smear the same verdicts at every resolution it accepts."""
 
 from __future__ import annotations
 
+import json
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
 import numpy as np
 import pytest
+import tifffile
+from PIL import Image
 from scipy import ndimage
 
-from appliance import qc, stain, tiles
-from appliance.readers import BlankScanError, open_scan
+from appliance import fields, qc, stain, tiles
+from appliance.readers import BlankScanError, open_field_folder, open_scan
 from cytoedge_demo import synthetic
 from cytoedge_demo.synthetic import SmearSpec
+from runtime.bundle import QcSpec
+from runtime.typed_json import dump
 from tests.conftest import SHARED_DATA
 
 BCCD = SHARED_DATA / "bccd-sample"
@@ -54,6 +60,19 @@ def test_estimation_on_a_synthetic_smear_and_normalisation_to_a_reference() -> N
     nuclei = source.nuclei > 0
     baso = stain.basophilic(source.image, estimate)
     assert baso[nuclei].mean() > 4 * baso[source.cells == 0].mean()
+
+
+def test_stains_are_not_estimated_from_grey_artefacts() -> None:
+    # Pale pink red cells and a dark grey hair across the glass: the darkest direction is
+    # grey, which no dye is; the estimate says so instead of calling the hair basophilic.
+    field = np.full((400, 400, 3), (232, 230, 231), np.float32)
+    rr, cc = np.mgrid[:400, :400]
+    for y, x in [(60, 60), (60, 200), (200, 90), (300, 300), (150, 320), (330, 120)]:
+        field[(rr - y) ** 2 + (cc - x) ** 2 < 30**2] = (215, 160, 180)
+    field[np.abs(rr - cc) < 4] = (70, 72, 71)
+    with pytest.raises(stain.StainError, match="grey") as caught:
+        stain.estimate_stains([field.astype(np.uint8)])
+    assert "hair" in caught.value.reason
 
 
 @pytest.fixture(scope="module")
@@ -158,7 +177,7 @@ def test_real_bccd_photos_through_stain_estimation_and_tile_qc() -> None:
     photos = [p for p in sorted(BCCD.glob("*.jpg")) if p.stat().st_size > 0]
     images = []
     for photo in photos:
-        with open_scan(photo, pixel_size_um=0.07) as scan:
+        with open_scan(photo, calibration=0.07) as scan:
             images.append(scan.read_region(0, 0, scan.width, scan.height))
     estimate = stain.estimate_stains(images)
     baso, eos = estimate.stain_matrix
@@ -181,3 +200,102 @@ def test_real_bccd_photos_through_stain_estimation_and_tile_qc() -> None:
         if any(x0 <= cx * scale <= x1 and y0 <= cy * scale <= y1 for x0, y0, x1, y1 in boxes):
             hits += 1
     assert hits >= 5
+
+
+# --- the same smear at every resolution the appliance accepts --------------------------------
+FAIR = SmearSpec(width=1600, height=1600, seed=23, nucleated_per_mm2=1200)  # 2 x 2 tiles
+
+
+def current_params(reference: stain.StainReference) -> qc.QCParams:
+    """What a bundle written now judges with (runtime.bundle.QcSpec.current)."""
+    return qc.QCParams.from_bundle(dump(QcSpec.current()), reference)
+
+
+def write_scan(path: Path, image: np.ndarray, um_per_px: float) -> Path:
+    """A one-level tiled TIFF with its resolution: a scan, as a scanner at that pixel size."""
+    per_cm = 10_000.0 / um_per_px
+    tifffile.imwrite(
+        path,
+        image,
+        tile=(256, 256),
+        photometric="rgb",
+        compression="zlib",
+        resolution=(per_cm, per_cm),
+        resolutionunit="CENTIMETER",
+    )
+    return path
+
+
+def write_fields(folder: Path, image: np.ndarray, um_per_px: float) -> Path:
+    """Four camera photos of the smear at ``um_per_px`` (oversampled: a 100x camera resolves
+    no finer than its optics, so enlarging the 0.25 um/px rendering is what it records)."""
+    folder.mkdir()
+    scale = 0.25 / um_per_px
+    side = round(image.shape[0] * scale)
+    fine = Image.fromarray(image).resize((side, side), Image.Resampling.BICUBIC)
+    w, h = round(140 / um_per_px), round(105 / um_per_px)  # 140 x 105 um per photo
+    for index, (x, y) in enumerate([(0, 0), (side - w, 0), (0, side - h), (side - w, side - h)]):
+        fine.crop((x, y, x + w, y + h)).save(folder / f"field-{index:02d}.jpg", quality=92)
+    (folder / "manifest.json").write_text(json.dumps({"pixel_size_um": um_per_px}))
+    return folder
+
+
+@pytest.fixture(scope="module")
+def fair_smears(tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict[str, Path]]:
+    """One smear, in focus and defocused, as 0.25 and 0.5 um/px scans and 0.1 um/px fields."""
+    root = tmp_path_factory.mktemp("fair")
+    made: dict[str, dict[str, Path]] = {}
+    for variant in ("good", "blurred"):  # blurred: defocus of 1 um (sigma), not the optics'
+        image = synthetic.render_field(synthetic.with_variant(FAIR, variant)).image
+        half = np.asarray(Image.fromarray(image).reduce(2))  # a 20x scanner's pixels
+        made[variant] = {
+            "scan 0.25": write_scan(root / f"{variant}-025.tif", image, 0.25),
+            "scan 0.5": write_scan(root / f"{variant}-05.tif", half, 0.5),
+            "fields 0.1": write_fields(root / f"{variant}-fields", image, 0.1),
+        }
+    return made
+
+
+def verdict_of(path: Path, params: qc.QCParams, reference: stain.StainReference) -> qc.SlideQC:
+    if path.is_dir():
+        return fields.judge(open_field_folder(path), params, reference)
+    with open_scan(path) as scan:
+        specs = tiles.tile_grid(scan, tiles.cellular_zone(scan))
+        cores = [t.core for t in tiles.iter_tiles(scan, tiles.sample_specs(specs, 8))]
+        estimate = stain.estimate_stains(cores)
+        results = [
+            qc.assess_tile(t.spec.tile_id, t.core, estimate, params)
+            for t in tiles.iter_tiles(scan, specs)
+        ]
+    return qc.slide_verdict(results, params)
+
+
+@pytest.mark.slow
+def test_every_qc_rule_gives_one_verdict_for_one_smear_at_every_resolution(
+    fair_smears: dict[str, dict[str, Path]], current_reference: stain.StainReference
+) -> None:
+    reference = current_reference
+    params = current_params(reference)
+    for name, path in fair_smears["good"].items():
+        result = verdict_of(path, params, reference)
+        assert result.verdict == "pass", (name, result.reasons)
+        assert result.fractions["blurred"] == 0.0, name
+        # Cellularity per area agrees with the tiles (the smear has 1200 nucleated cells/mm2).
+        assert result.nuclei_per_mm2 is not None and result.nuclei_per_mm2 > 200, name
+    for name, path in fair_smears["blurred"].items():
+        result = verdict_of(path, params, reference)
+        assert result.verdict == "fail", name
+        assert result.fractions["blurred"] == 1.0 and "blurred" in result.reasons[0], name
+
+
+@pytest.mark.slow
+def test_the_old_rule_kept_for_old_bundles_failed_a_20x_scan_for_its_resolution(
+    fair_smears: dict[str, dict[str, Path]], current_reference: stain.StainReference
+) -> None:
+    # A bundle without blur_um_per_px keeps its meaning: Laplacian at 0.25 um/px >= 100.
+    old = qc.QCParams.from_bundle(dump(QcSpec()), current_reference)
+    assert (old.blur_um_per_px, old.laplacian_min, old.reference_glass) == (0.25, 100, 0.0)
+    good = fair_smears["good"]
+    assert verdict_of(good["scan 0.25"], old, current_reference).fractions["blurred"] == 0.0
+    # ... and judged the same smear scanned at 20x blurred throughout: what the scale fixes.
+    assert verdict_of(good["scan 0.5"], old, current_reference).fractions["blurred"] == 1.0

@@ -117,14 +117,14 @@ def test_png_pixel_size_from_sidecar_metadata_or_config(tmp_path: Path) -> None:
     assert probe(with_dpi).pixel_size_source == "metadata"
     plain = tmp_path / "plain.png"
     Image.fromarray(rgb).save(plain)
-    assert probe(plain, pixel_size_um=0.5).pixel_size_source == "config"
+    assert probe(plain, calibration=0.5).pixel_size_source == "config"
     (tmp_path / "plain.png.json").write_text(json.dumps({"pixel_size_um": 0.125}))
-    info = probe(plain, pixel_size_um=0.5)
+    info = probe(plain, calibration=0.5)
     assert (info.pixel_size_source, info.pixel_size_um) == ("sidecar", 0.125)
     assert (info.width, info.height) == (150, 100)
     camera = tmp_path / "camera.png"  # 72 dpi: a camera's default, not a microscope's
     Image.fromarray(rgb).save(camera, dpi=(72, 72))
-    assert probe(camera, pixel_size_um=0.3).pixel_size_source == "config"
+    assert probe(camera, calibration=0.3).pixel_size_source == "config"
 
 
 def boxes(xml_path: Path, name: str) -> list[tuple[int, int, int, int]]:
@@ -144,9 +144,9 @@ def test_real_bccd_photos_open_at_the_configured_pixel_size() -> None:
     for photo in photos:
         if photo.stat().st_size == 0:  # one of the eight is a real zero-byte file
             with pytest.raises(EmptyFileError):
-                probe(photo, pixel_size_um=0.07)
+                probe(photo, calibration=0.07)
             continue
-        with open_scan(photo, pixel_size_um=0.07) as scan:
+        with open_scan(photo, calibration=0.07) as scan:
             assert scan.format == "image:jpeg"
             assert (scan.width, scan.height) == (179, 134)  # 640x480 at 0.07 -> 0.25 um/px
             region = scan.read_region(0, 0, scan.width, scan.height)

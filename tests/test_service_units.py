@@ -108,16 +108,32 @@ def test_dicom_and_single_cell_folders_are_single_units(tmp_path: Path) -> None:
     assert (found["patient-7"].kind, found["patient-7"].case_key) == ("cells", "patient-7")
 
 
-def test_a_case_folder_of_large_images_is_not_a_cell_folder(tmp_path: Path) -> None:
+def test_a_folder_of_large_images_is_a_field_folder_and_beside_a_scan_a_slide(
+    tmp_path: Path,
+) -> None:
     case = tmp_path / "P"
     case.mkdir()
     Image.fromarray(np.full((900, 900, 3), 200, np.uint8)).save(case / "field.png")
     write(case / "field.png.json", b'{"pixel_size_um": 0.25}')
     found = by_path(tmp_path)
-    assert set(found) == {"P/field.png"}
-    unit = found["P/field.png"]
-    assert unit.kind == "file" and unit.case_key == "P"
-    assert unit.extras == (case / "field.png.json",), "the pixel-size sidecar is part of it"
+    assert set(found) == {"P"}
+    assert (found["P"].kind, found["P"].case_key, found["P"].single) == ("fields", "P", True)
+    assert found["P"].case_dir == case, "at the top of the inbox the folder is its own case"
+    assert case / "field.png.json" in found["P"].members.files(), "sidecars are members"
+    # Inside a case folder the smear's photos are one slide of the case.
+    smear = tmp_path / "Q" / "smear-1"
+    smear.mkdir(parents=True)
+    Image.fromarray(np.full((900, 900, 3), 200, np.uint8)).save(smear / "f1.png")
+    write(tmp_path / "Q" / "bone-marrow.svs")
+    found = by_path(tmp_path)
+    assert (found["Q/smear-1"].kind, found["Q/smear-1"].case_key) == ("fields", "Q")
+    assert not found["Q/smear-1"].single and found["Q/bone-marrow.svs"].kind == "file"
+    assert found["Q/smear-1"].case_dir == tmp_path / "Q", "the case's .ready lies beside it"
+    # Beside a slide scan, a photo is one slide of the case.
+    write(case / "other.svs")
+    found = by_path(tmp_path)
+    assert {"P/field.png", "P/other.svs"} <= set(found)
+    assert found["P/field.png"].extras == (case / "field.png.json",)
 
 
 def test_symlinks_out_of_the_inbox_are_not_followed(tmp_path: Path) -> None:

@@ -254,7 +254,7 @@ def test_a_scan_gives_qupath_tables_in_the_level0_pixels_of_the_scan(
     fine = tmp_path / "smear-fine.png"
     image = Image.fromarray(tifffile.imread(scan, level=0))
     image.resize((2 * image.width, 2 * image.height), Image.Resampling.NEAREST).save(fine)
-    slide = process(fine, bundle, tmp_path / "cache", pixel_size_um=0.125)
+    slide = process(fine, bundle, tmp_path / "cache", calibration=0.125)
     cells = slide.cells()
     assert slide.n_cells > 0 and slide.scan.pixel_size_um == 0.125
 

@@ -3,7 +3,7 @@
 One folder per patient (the folder name is the patient / case id) holding
 crops, 144x144 px by default (Metafer exports TIFF), at most
 ``formats.MAX_CELL_SIDE`` px a side. The folder is complete when it holds a
-``.ready`` file or a ``manifest.json`` (``formats.cell_folder_complete``); the
+``.ready`` file or a ``manifest.json`` (``formats.folder_complete``); the
 manifest, when present, lists the cells: ``{"cells": ["c0001.tif", ...],
 "pixel_size_um": 0.25}`` (``pixel_size_um`` optional) and every listed file
 must exist. Without a manifest the cells are the files with the extensions of
@@ -94,7 +94,7 @@ def open_cell_folder(folder: Path) -> CellFolder:
     folder = Path(folder)
     if not folder.is_dir():
         raise CellFolderError(folder, "not a folder: a single-cell scan is a folder of crops")
-    if not formats.cell_folder_complete(folder):
+    if not formats.folder_complete(folder):
         raise CellFolderError(
             folder, f"not complete yet: no {READY_FILE} file and no {MANIFEST_FILE}"
         )

@@ -68,6 +68,10 @@ class CellFolderError(ScanError):
     """A folder of single-cell images that is incomplete, empty or holds unusable images."""
 
 
+class FieldFolderError(ScanError):
+    """A folder of field photos that is incomplete, empty or holds something else."""
+
+
 @contextmanager
 def fails_as(error: type[ScanError], path: Path, reason: str) -> Iterator[None]:
     """Turn any failure inside the block into ``error(path, reason)``.

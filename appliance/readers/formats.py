@@ -1,4 +1,5 @@
-"""The one table of what cytoedge reads: scan formats and folders of single cells.
+"""The one table of what cytoedge reads: scan formats, folders of single cells and
+folders of microscope field photos.
 
 The readers (``open_scan``, ``open_cell_folder``), the inbox watcher
 (``appliance.service.units``) and ``cytoedge doctor`` all read this table, so
@@ -29,6 +30,7 @@ class Reader(StrEnum):
     TIFFFILE = "tifffile"
     PILLOW = "Pillow"
     CELL_FOLDER = "cell folder"
+    FIELD_FOLDER = "field folder (each photo: Pillow or tifffile)"
 
 
 class Layout(StrEnum):
@@ -38,6 +40,7 @@ class Layout(StrEnum):
     FILE_WITH_DATA_FOLDER = "mrxs"  # ``X.mrxs`` and its data folder ``X/``
     FOLDER_OF_FILES = "dicom"  # a folder of the scan's files (DICOM WSI: one per level)
     CELL_FOLDER = "cells"  # a folder of single-cell crops
+    FIELD_FOLDER = "fields"  # a folder of microscope field photos of one smear
 
     @property
     def description(self) -> str:
@@ -49,7 +52,16 @@ class Layout(StrEnum):
                 f"a folder of crops of at most {MAX_CELL_SIDE} px a side, "
                 f"complete with {READY_FILE} or {MANIFEST_FILE}"
             ),
+            Layout.FIELD_FOLDER: (
+                f"a folder of photos larger than {MAX_CELL_SIDE} px a side (one smear), "
+                f"complete with {READY_FILE} or {MANIFEST_FILE}"
+            ),
         }[self]
+
+    @property
+    def is_folder_of_images(self) -> bool:
+        """A folder the technician fills image by image: complete once it says so."""
+        return self in (Layout.CELL_FOLDER, Layout.FIELD_FOLDER)
 
 
 @dataclass(frozen=True)
@@ -117,12 +129,21 @@ FORMATS: tuple[Format, ...] = (
         (Reader.CELL_FOLDER,),
         Layout.CELL_FOLDER,
     ),
+    Format(
+        "folder of microscope field photos",
+        (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff"),
+        (),
+        (Reader.FIELD_FOLDER,),
+        Layout.FIELD_FOLDER,
+    ),
 )
 
-SCAN_FORMATS = tuple(f for f in FORMATS if f.layout is not Layout.CELL_FOLDER)
+SCAN_FORMATS = tuple(f for f in FORMATS if not f.layout.is_folder_of_images)
 CELL_FORMAT = next(f for f in FORMATS if f.layout is Layout.CELL_FOLDER)
+FIELD_FORMAT = next(f for f in FORMATS if f.layout is Layout.FIELD_FOLDER)
 SCAN_EXTENSIONS = frozenset(ext for f in SCAN_FORMATS for ext in f.extensions)
 CELL_EXTENSIONS = frozenset(CELL_FORMAT.extensions)
+FIELD_EXTENSIONS = frozenset(FIELD_FORMAT.extensions)
 _SNIFF_BYTES = max(m.offset + len(m.value) for f in FORMATS for m in f.magic)
 
 # A single-cell crop is small: a leukocyte is 7-20 um across, about 80 px at
@@ -131,7 +152,7 @@ _SNIFF_BYTES = max(m.offset + len(m.value) for f in FORMATS for m in f.magic)
 # camera frame is 640 px or more, a slide tile 800 px), so a field in a case
 # folder is not taken for a cell. The inbox and the cell-folder reader share it.
 MAX_CELL_SIDE = 512
-# A cell folder is complete (its writer is done) once it holds one of these.
+# A folder of cells or fields is complete (its writer is done) once it holds one of these.
 READY_FILE = ".ready"
 MANIFEST_FILE = "manifest.json"
 
@@ -186,5 +207,6 @@ def fits_a_cell(size: tuple[int, int]) -> bool:
     return max(size) <= MAX_CELL_SIDE
 
 
-def cell_folder_complete(folder: Path) -> bool:
+def folder_complete(folder: Path) -> bool:
+    """A cell or field folder is complete once it holds ``.ready`` or its manifest."""
     return (folder / READY_FILE).is_file() or (folder / MANIFEST_FILE).is_file()

@@ -87,10 +87,10 @@ def decode_rgb(path: Path, image: Image.Image) -> np.ndarray:
 
 
 class ImageScan(Scan):
-    def __init__(self, path: Path, configured_um: float) -> None:
+    def __init__(self, path: Path, configured: pixel_size.Calibration | float) -> None:
         image = open_image(path)
         with image:
-            mpp_x, mpp_y, source = pixel_size.resolve(path, _metadata_um(image), configured_um)
+            mpp_x, mpp_y, source = pixel_size.resolve(path, _metadata_um(image), configured)
             self._pixels = decode_rgb(path, image)
             self.format = f"image:{(image.format or 'unknown').lower()}"
         height, width = self._pixels.shape[:2]

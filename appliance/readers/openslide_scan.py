@@ -39,7 +39,7 @@ def metadata_um(props: dict[str, str]) -> tuple[float, float] | None:
 
 
 class OpenSlideScan(Scan):
-    def __init__(self, path: Path, vendor: str, configured_um: float) -> None:
+    def __init__(self, path: Path, vendor: str, configured: pixel_size.Calibration | float) -> None:
         reason = (
             f"this {path.suffix.lower()} file cannot be opened: it is damaged or incomplete "
             "(the copy may be unfinished)"
@@ -55,7 +55,7 @@ class OpenSlideScan(Scan):
                 )
             )
             check_dimensions(path, levels[0].width, levels[0].height)
-            mpp_x, mpp_y, source = pixel_size.resolve(path, metadata_um(props), configured_um)
+            mpp_x, mpp_y, source = pixel_size.resolve(path, metadata_um(props), configured)
         except BaseException:
             self._slide.close()
             raise

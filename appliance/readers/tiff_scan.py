@@ -82,7 +82,7 @@ def _tag_um(page: tifffile.TiffPage) -> tuple[float, float] | None:
 
 
 class TiffScan(Scan):
-    def __init__(self, path: Path, configured_um: float) -> None:
+    def __init__(self, path: Path, configured: pixel_size.Calibration | float) -> None:
         with fails_as(UnreadableScanError, path, _DAMAGED_STRUCTURE):
             self._tif = tifffile.TiffFile(path)
         self.path = path  # the early decode below runs before Scan.__init__ sets it
@@ -90,7 +90,7 @@ class TiffScan(Scan):
         try:
             with fails_as(UnreadableScanError, path, _DAMAGED_STRUCTURE):
                 self._pages, levels, kind, metadata = self._inspect(path)
-            mpp_x, mpp_y, source = pixel_size.resolve(path, metadata, configured_um)
+            mpp_x, mpp_y, source = pixel_size.resolve(path, metadata, configured)
             self._read_checked(len(levels) - 1, 0, 0, 1, 1)  # decode one tile now: fail early
         except BaseException:
             self._tif.close()

@@ -10,9 +10,10 @@ integrator to validate against.
 
 Version history: 1, the first result folders (top-level ``predictions``,
 ``high_risk``, ``malignancy_probability``, ``top2``, ``outputs`` as a flat map);
-2, each head's calls and findings under ``heads``, per-scan ``outputs``, and
+2, each head's calls and findings under ``heads``, per-scan ``outputs``,
 ``review``: a person's sign-off, written as a new version of the case
-(``appliance.results.review``).
+(``appliance.results.review``), and field folders (``scans[].fields``,
+``qc.nuclei_per_mm2``); all added to 2 before it was released.
 """
 
 from __future__ import annotations
@@ -44,12 +45,13 @@ class ResultError(ValueError):
 
 @dataclass(frozen=True)
 class QcRecord:
-    """A slide's quality control: the verdict and why (tile fractions by reason)."""
+    """A slide's quality control: the verdict and why (tile or field fractions by reason)."""
 
     verdict: Verdict
     reasons: tuple[str, ...] = ()
     fractions: dict[str, float] = field(default_factory=dict)
-    n_tiles: int = 0
+    n_tiles: int = 0  # tiles judged (a field folder: 0; its scan record counts the fields)
+    nuclei_per_mm2: float | None = None  # nuclei counted by QC over the area judged
 
 
 @dataclass(frozen=True)
@@ -74,8 +76,9 @@ class ScanRecord:
     pixel_size_um: float | None
     qc: QcRecord
     cells: int
-    width: int | None = None  # pixels at 0.25 um/px (a cell folder: none)
+    width: int | None = None  # pixels at 0.25 um/px (a cell folder: none; fields: the sheet)
     height: int | None = None
+    fields: int | None = None  # a field folder's photos (a single photo: 1); None for scans
     encoder_variant: str | None = None  # fp32 | fp16 | int8: what embedded its cells
     outputs: SlideOutputs | None = None  # absent when the case wrote no slide files
 

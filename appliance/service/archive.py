@@ -62,7 +62,7 @@ def archive_case(
                 if extra.exists():
                     _move(extra, inbox, archive)
             moved[str(unit.path)] = str(new_path)
-        if unit.case_dir is not None and unit.case_dir != inbox and unit.kind != "cells":
+        if unit.case_dir not in (None, inbox, unit.path):  # a folder unit moved whole
             case_dirs.add(unit.case_dir)
     for folder in case_dirs:
         ready = folder / units.READY_FILE

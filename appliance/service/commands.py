@@ -59,7 +59,7 @@ def build_service(config: Config) -> Service:
     return Service(
         config,
         engine,
-        probe=lambda path: probe(path, pixel_size_um=config.scan.pixel_size_um),
+        probe=lambda path: probe(path, config.calibration),
         bundle=bundle,
         backend=config.runtime.backend,
         follow=follower,

@@ -40,7 +40,7 @@ class PipelineEngine:
             path,
             self.networks,
             cache_dir=cfg.cache_dir,
-            pixel_size_um=cfg.scan.pixel_size_um,
+            calibration=cfg.calibration,
             progress=progress,
             fingerprint=fingerprint,
         )

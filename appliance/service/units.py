@@ -13,10 +13,12 @@ Layout rules (docs/service.md):
   group ``case``) matches its name; then loose files group into that case
   (``inbox/<case>.ready`` marks it complete).
 - Multi-file scans are one unit: ``X.mrxs`` with its folder ``X/``, a DICOM
-  WSI folder (``*.dcm`` files), a single-cell folder (``manifest.json``, or
-  crops of at most ``formats.MAX_CELL_SIDE`` px a side; complete once it holds
-  ``.ready`` or the manifest), an image with its pixel-size sidecar
-  ``<file>.json``.
+  WSI folder (``*.dcm`` files), a single-cell folder (crops of at most
+  ``formats.MAX_CELL_SIDE`` px a side) or a field folder (photos of one smear,
+  larger than that), each complete once it holds ``.ready`` or its manifest
+  (``appliance.readers.members.folder_layout`` tells them apart), an image with
+  its pixel-size sidecar ``<file>.json``. A cell or field folder at the top of
+  the inbox is a case of one; inside a case folder it is one of its slides.
 - Temporary names (``.part``, ``.tmp``, ``~$...``, hidden files) are ignored
   until renamed; symlinks that lead out of the inbox are never followed.
 """
@@ -31,8 +33,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from appliance.readers import formats, pixel_size
-from appliance.readers.formats import MANIFEST_FILE, READY_FILE, Layout
-from appliance.readers.members import ScanMembers, data_folder, is_ignored_name, scan_members
+from appliance.readers.formats import READY_FILE, Layout
+from appliance.readers.members import (
+    ScanMembers,
+    data_folder,
+    folder_layout,
+    is_ignored_name,
+    scan_members,
+)
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +52,7 @@ class Unit:
     path: Path  # the file or folder handed to the pipeline (a DICOM WSI: one of its files)
     case_key: str
     single: bool  # a case of one: scored as soon as its slide is finished
-    kind: Layout  # file | mrxs | dicom | cells
+    kind: Layout  # file | mrxs | dicom | cells | fields
     case_dir: Path | None = None  # the case folder, where `.ready` lives
     extras: tuple[Path, ...] = ()  # companion files (sidecar) that belong to the scan
 
@@ -115,26 +123,6 @@ def _entries(folder: Path, root: Path) -> Iterator[os.DirEntry[str]]:
         yield entry
 
 
-def _is_dicom_folder(folder: Path, root: Path) -> bool:
-    return any(
-        e.is_file() and formats.layout_for_extension(Path(e.path)) is Layout.FOLDER_OF_FILES
-        for e in _entries(folder, root)
-    )
-
-
-def _is_cell_folder(folder: Path, root: Path) -> bool:
-    """A manifest, or image files that are single-cell crops (decided by the first
-    image whose header reads; one still being written or deleted is skipped)."""
-    if (folder / MANIFEST_FILE).is_file():
-        return True
-    for entry in _entries(folder, root):
-        if entry.is_file() and Path(entry.name).suffix.lower() in formats.CELL_EXTENSIONS:
-            size = formats.image_size(Path(entry.path))
-            if size is not None:
-                return formats.fits_a_cell(size)
-    return False
-
-
 def _units_in(
     folder: Path, root: Path, case_key: str | None, pattern: re.Pattern[str] | None
 ) -> Iterator[Unit]:
@@ -151,11 +139,8 @@ def _units_in(
         if entry.is_dir():
             if entry.name in with_data_folder:
                 continue  # the data folder of X.mrxs: part of that unit
-            if _is_dicom_folder(path, root):
-                kind = Layout.FOLDER_OF_FILES
-            elif _is_cell_folder(path, root):
-                kind = Layout.CELL_FOLDER
-            else:
+            kind = folder_layout(path, [Path(e.path) for e in _entries(path, root)])
+            if kind is None:
                 if case_key is None:
                     continue  # a case folder: handled by discover()
                 log.debug("nested folder ignored", extra={"path": str(path)})
@@ -165,7 +150,9 @@ def _units_in(
                 members = scan_members(path)  # the reader opens it through one of its files
                 yield Unit(members.path, key, single, kind, folder, members.extras)
             else:
-                yield Unit(path, key, single, kind, path)
+                # At the top of the inbox the folder is its own case (its `.ready` is the
+                # case's); inside a case folder the case's `.ready` is beside it.
+                yield Unit(path, key, single, kind, path if case_key is None else folder)
             continue
         if not entry.is_file() or entry.name.lower().endswith(pixel_size.SIDECAR_SUFFIX):
             continue

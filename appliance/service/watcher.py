@@ -24,7 +24,6 @@ from watchdog.observers import Observer
 from watchdog.observers.polling import PollingObserver
 
 from appliance.readers import ScanError, formats
-from appliance.readers.formats import Layout
 from appliance.service import units
 from appliance.service.audit import AuditLog
 from appliance.service.audit import iso as _iso
@@ -207,8 +206,8 @@ class InboxWatcher:
             self.store.update_waiting(row.id, sig.size, sig.mtime, wall)
         if quiet_for < self.settings.quiet_seconds:
             return
-        if unit.kind is Layout.CELL_FOLDER and not formats.cell_folder_complete(unit.path):
-            return  # a cell folder is complete only once it says so
+        if unit.kind.is_folder_of_images and not formats.folder_complete(unit.path):
+            return  # a folder of cells or fields is complete only once it says so
         if not unit.supported:
             self._reject(row, unit, sig, unit.unsupported_reason)
             return

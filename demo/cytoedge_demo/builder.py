@@ -310,7 +310,8 @@ def stain_reference(recipe: DemoRecipe) -> dict[str, Any]:
     ]
     # Intensity percentiles over 100-um sub-tiles: their spread covers the partial
     # tiles at the edge of small fields, which QC judges like whole ones.
-    values = stain.derive_reference(images, tile_px=400).to_dict()
+    # Relative to each field's glass, as the bundle's QC (QcSpec.current) judges tiles.
+    values = stain.derive_reference(images, tile_px=400, relative_to_glass=True).to_dict()
     background = values.pop("background")
     return {**values, "extra": {"background": background}}
 

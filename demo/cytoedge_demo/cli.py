@@ -63,3 +63,22 @@ def screenshots(
         raise fail(str(exc)) from None
     for path in written:
         typer.echo(path)
+
+
+@demo_app.command("live-screenshot")
+def live_screenshot(
+    case: Annotated[str, typer.Argument(help="The case to show, as the queue names it.")],
+    out: Annotated[Path, typer.Argument(help="The PNG file to write.", dir_okay=False)],
+    tab: Annotated[str, typer.Option(help="cells | heatmap | slides")] = "heatmap",
+    config: ConfigOption = None,
+) -> None:
+    """Run the window with the service (as `gui --with-service`) until the inbox is
+    finished, then draw CASE to OUT (the README's field-folder picture)."""
+    cfg = setup(config)
+    try:
+        from cytoedge_demo.live_screenshot import TABS, render_live_screenshot
+    except ImportError as exc:
+        raise fail(f"the window needs PySide6: pip install 'cytoedge[gui]' ({exc})") from None
+    if tab not in TABS:
+        raise fail(f"--tab must be one of {', '.join(TABS)}")
+    typer.echo(render_live_screenshot(cfg, case, out, tab))

@@ -94,6 +94,46 @@ def segmentation(
 
 
 @bench_app.command()
+def fields(
+    data: Annotated[
+        Path, typer.Argument(help="Field photos (*.jpg) with Pascal VOC boxes (*.xml), e.g. BCCD.")
+    ],
+    pixel_size: Annotated[float, typer.Option(help="The photos' um per pixel.")] = 0.07,
+    bundle: Annotated[Path | None, typer.Option(help="Bundle (default: configured).")] = None,
+) -> None:
+    """Annotated photos as one field folder: white cells found, red cells kept, s/field."""
+    from rich.console import Console
+
+    from appliance.config import load_config
+    from cytoedge_demo.bench.fields import run_fields_bench
+
+    run_fields_bench(bundle or load_config(None).bundle_dir, data, pixel_size, Console())
+
+
+@bench_app.command()
+def blur(
+    real: Annotated[
+        list[str] | None,
+        typer.Argument(
+            help="FOLDER=UM_PER_PX of real photos, e.g. ../shared/data/bccd-sample=0.07"
+        ),
+    ] = None,
+) -> None:
+    """The QC blur measure, old rule vs current, on one smear at 0.25 / 0.5 / 0.1 um/px."""
+    from rich.console import Console
+
+    from cytoedge_demo.bench.fields import run_blur_bench
+
+    folders = []
+    for item in real or []:
+        folder, _, um = item.rpartition("=")
+        if not folder or not Path(folder).is_dir():
+            raise typer.BadParameter(f"{item}: expected FOLDER=UM_PER_PX with an existing folder")
+        folders.append((Path(folder), float(um)))
+    run_blur_bench(folders, Console())
+
+
+@bench_app.command()
 def soak(
     scans: Annotated[int, typer.Argument(min=1, help="How many scans to drop.")] = 200,
     bundle: Annotated[

@@ -1,0 +1,150 @@
+"""Microscope-camera fields: a folder of photos of one smear, or one photo alone.
+
+A technician photographs 10-50 fields of a smear through a microscope camera
+(peripheral blood at 100x oil, marrow at 40x-100x). A folder of such photos is
+one slide:
+
+- its images are field photos: larger than ``formats.MAX_CELL_SIDE`` a side (a
+  crop of one cell is smaller: that is a cell folder), each a JPEG / PNG / BMP
+  or a TIFF holding one untiled image (``is_field_file``; a scanner's tiled,
+  pyramidal TIFF is a slide scan);
+- it is complete once it holds ``.ready`` or ``manifest.json``
+  (``formats.folder_complete``); the manifest may list the fields
+  ``{"fields": ["f01.jpg", ...]}`` and state their pixel size
+  (``{"pixel_size_um": 0.075}`` or ``{"camera": "bench1-100x"}``, a
+  ``[cameras.<name>]`` section of the configuration); without a list the fields
+  are its image files in name order;
+- each field's pixel size follows ``pixel_size.resolve``: its own sidecar, the
+  folder's manifest, the file's metadata, the configuration.
+
+A single photo with a pixel size is a folder of one field (``single_field``).
+Each field is opened with ``appliance.readers.open_scan(path,
+folder.calibration)``, so a damaged or grayscale photo gets the readers' own
+one-line reasons.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import tifffile
+
+from . import formats, pixel_size
+from .errors import FieldFolderError, fails_as
+from .formats import MANIFEST_FILE, MAX_CELL_SIDE, READY_FILE, Reader
+from .pixel_size import Calibration
+
+_MANIFEST_EXAMPLE = '{"fields": ["f01.jpg", ...], "pixel_size_um": 0.075}'
+
+
+@dataclass(frozen=True)
+class FieldFolder:
+    """The field photos of one smear and what their pixel size falls back on."""
+
+    path: Path  # the folder (or the photo itself, for a single field)
+    fields: tuple[Path, ...]
+    calibration: Calibration  # the configuration's, with the folder manifest's statement
+
+    def __len__(self) -> int:
+        return len(self.fields)
+
+    def name(self, index: int) -> str:
+        """A field's name as tables show it: its file name."""
+        return self.fields[index].name
+
+
+def is_field_file(path: Path) -> bool:
+    """A photo read whole: JPEG / PNG / BMP, or a TIFF of one untiled image (by its header)."""
+    try:
+        fmt = formats.sniff(path)
+    except OSError:
+        return False
+    if fmt is None:
+        return False
+    if Reader.PILLOW in fmt.readers:
+        return True
+    if Reader.TIFFFILE not in fmt.readers:
+        return False
+    try:
+        with tifffile.TiffFile(path) as tif:
+            first = tif.pages.first
+            return len(tif.series) == 1 and len(tif.series[0].levels) == 1 and not first.is_tiled
+    except Exception:  # an unparseable TIFF is the slide readers' to explain
+        return False
+
+
+def single_field(path: Path, calibration: Calibration | float = 0.0) -> FieldFolder:
+    """One photo as a folder of one field (the readers check it when it is opened)."""
+    return FieldFolder(path, (path,), pixel_size.calibration(calibration))
+
+
+def _manifest(folder: Path, cal: Calibration) -> tuple[list[Path] | None, Calibration]:
+    """The fields a manifest lists (None: not listed) and the calibration with its statement."""
+    where = MANIFEST_FILE
+    data = pixel_size.read_json(folder, folder / MANIFEST_FILE, where)
+    stated = pixel_size.stated_um(folder, data, where, cal)
+    if stated is not None:
+        x, y, source = stated
+        cal = cal.for_folder(x, y, "manifest" if source == "sidecar" else source)
+    if "fields" not in data:
+        return None, cal
+    with fails_as(FieldFolderError, folder, f"{where} must list the fields, {_MANIFEST_EXAMPLE}"):
+        names = [str(name) for name in data["fields"]]
+    paths = [folder / name for name in names]
+    missing = [p.name for p in paths if not p.is_file()]
+    if missing:
+        raise FieldFolderError(
+            folder, f"{where} lists {len(missing)} missing files, e.g. {missing[0]}"
+        )
+    return paths, cal
+
+
+def _check_field(folder: Path, path: Path) -> None:
+    size = formats.image_size(path)
+    if size is None and not is_field_file(path):
+        raise FieldFolderError(
+            folder, f"field {path.name} is not a readable image (not an image, or damaged)"
+        )
+    if size is not None and formats.fits_a_cell(size):
+        raise FieldFolderError(
+            folder,
+            f"field {path.name} is only {size[0]}x{size[1]} px: a field photo is larger than "
+            f"{MAX_CELL_SIDE} px a side (crops of single cells go in a folder of their own)",
+        )
+    if not is_field_file(path):
+        raise FieldFolderError(
+            folder,
+            f"{path.name} is a tiled slide scan, not a field photo: put scans beside the "
+            "folder of fields, not inside it",
+        )
+
+
+def open_field_folder(folder: Path, calibration: Calibration | float = 0.0) -> FieldFolder:
+    """Validate a complete folder of fields; raises FieldFolderError with a one-line reason."""
+    folder = Path(folder)
+    cal = pixel_size.calibration(calibration)
+    if not folder.is_dir():
+        raise FieldFolderError(folder, "not a folder: a smear's field photos go in one folder")
+    if not formats.folder_complete(folder):
+        raise FieldFolderError(
+            folder, f"not complete yet: no {READY_FILE} file and no {MANIFEST_FILE}"
+        )
+    listed: list[Path] | None = None
+    if (folder / MANIFEST_FILE).is_file():
+        listed, cal = _manifest(folder, cal)
+    if listed is None:
+        with fails_as(FieldFolderError, folder, "the folder cannot be listed"):
+            listed = sorted(
+                p
+                for p in folder.iterdir()
+                if p.is_file()
+                and not p.name.startswith(".")
+                and p.suffix.lower() in formats.FIELD_EXTENSIONS
+            )
+    if not listed:
+        extensions = ", ".join(formats.FIELD_FORMAT.extensions)
+        raise FieldFolderError(folder, f"the folder holds no field photos ({extensions})")
+    for path in listed:
+        _check_field(folder, path)
+    return FieldFolder(folder, tuple(listed), cal)
