@@ -18,7 +18,9 @@ from typing import Annotated
 import typer
 
 from appliance.command import ConfigOption, fail, setup
+from appliance.validate_cli import validate
 from export.cli import export_app
+from export.train_cli import train
 
 app = typer.Typer(
     name="cytoedge",
@@ -100,6 +102,12 @@ def score(
         sys.stderr.write(f"cytoedge: rejected {path}: {reason}\n")
     if run.rejected:
         raise typer.Exit(1)
+
+
+# Model owners and sites: labelled cases to a new bundle version, and a bundle checked
+# against a site's own labelled cases.
+app.command()(train)
+app.command()(validate)
 
 
 @app.command()

@@ -111,6 +111,10 @@ class HeadRunner:
             member.close()
 
 
-def load_heads(bundle: Bundle, settings: RuntimeSettings | None = None) -> dict[str, HeadRunner]:
-    """Every head of the bundle, by name."""
-    return {head.name: HeadRunner(bundle, head.name, settings) for head in bundle.heads}
+def load_heads(
+    bundle: Bundle, settings: RuntimeSettings | None = None, inputs: str | None = None
+) -> dict[str, HeadRunner]:
+    """Every head of the bundle by name; with ``inputs`` ("scans" or "cells") only the
+    heads that score such cases."""
+    heads = bundle.heads if inputs is None else bundle.heads_for(inputs)
+    return {head.name: HeadRunner(bundle, head.name, settings) for head in heads}

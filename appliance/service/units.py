@@ -184,6 +184,21 @@ def _units_in(
         yield Unit(path, key, single, kind, case_dir, extras)
 
 
+def scans_at(path: Path) -> list[Path]:
+    """The scans a path names, as the pipeline takes them: a file, a cell folder or a
+    DICOM WSI folder is one scan; any other folder is a case folder, whose scans are
+    those the inbox would find in it (a cases table's ``scans`` column)."""
+    if not path.is_dir():
+        return [path]
+    root = path.resolve()
+    parent = path.parent.resolve()
+    if _is_dicom_folder(path, root):
+        return [scan_members(path).path]
+    if _is_cell_folder(path, parent):
+        return [path]
+    return [unit.path for unit in _units_in(path, root, path.name, None)]
+
+
 def discover(inbox: Path, pattern: re.Pattern[str] | None = None) -> Discovery:
     """Every unit in the inbox and the cases marked complete; touches nothing."""
     root = inbox.resolve()
