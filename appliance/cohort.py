@@ -20,10 +20,26 @@ from rich.progress import Progress
 
 from appliance.cases import abstain_reason
 from appliance.cases_table import CasesTable, LabelledCase
+from appliance.config import Config
 from appliance.networks import SlideNetworks
 from appliance.readers import ScanError
 from appliance.score_cli import OUT_OF_MEMORY, new_progress
 from appliance.slides import SlideResult, process_slide
+from runtime.backends import RuntimeSettings
+
+
+@dataclass(frozen=True)
+class PipelineSettings:
+    """Where processed slides are cached and how the networks run: a site's
+    configuration, or a build's own folder."""
+
+    cache_dir: Path
+    runtime: RuntimeSettings
+    pixel_size_um: float = 0.0  # for plain images without a pixel size (config scan.*)
+
+    @classmethod
+    def from_config(cls, config: Config) -> PipelineSettings:
+        return cls(config.cache_dir, config.runtime.settings, config.scan.pixel_size_um)
 
 
 @dataclass(frozen=True)
@@ -56,9 +72,7 @@ class CohortCase:
 def process_cohort(
     table: CasesTable,
     networks: SlideNetworks,
-    *,
-    cache_dir: Path,
-    pixel_size_um: float,
+    pipeline: PipelineSettings,
     console: Console,
     cases: Sequence[LabelledCase] | None = None,
 ) -> list[CohortCase]:
@@ -72,17 +86,13 @@ def process_cohort(
     with new_progress(console) as progress:
         overall = progress.add_task(f"{len(todo)} cases", total=len(todo))
         for case in todo:
-            done.append(_process_case(case, networks, cache_dir, pixel_size_um, progress))
+            done.append(_process_case(case, networks, pipeline, progress))
             progress.advance(overall)
     return done
 
 
 def _process_case(
-    case: LabelledCase,
-    networks: SlideNetworks,
-    cache_dir: Path,
-    pixel_size_um: float,
-    progress: Progress,
+    case: LabelledCase, networks: SlideNetworks, pipeline: PipelineSettings, progress: Progress
 ) -> CohortCase:
     label = f"case {case.case_id[:24]}"
     current = progress.add_task(label, total=len(case.scans))
@@ -99,8 +109,8 @@ def _process_case(
                 process_slide(
                     path,
                     networks,
-                    cache_dir=cache_dir,
-                    pixel_size_um=pixel_size_um,
+                    cache_dir=pipeline.cache_dir,
+                    pixel_size_um=pipeline.pixel_size_um,
                     progress=report,
                 )
             )

@@ -98,6 +98,11 @@ def _bundle_check(
     )
     if bundle.is_demo:
         out.print("[bold yellow]Demo model, not for diagnosis.[/]")
+    if not bundle.heads:
+        out.print(
+            "[bold red]No heads[/]: this bundle embeds cells but scores nothing; "
+            f"train its heads with `cytoedge train CASES --bundle {path}`"
+        )
     models = Table(title="Bundle networks on this machine")
     for column in ("network", "runs on", "variant", "skipped (reason above unless given)"):
         models.add_column(column)
@@ -128,7 +133,7 @@ def _bundle_check(
     backend_log.setLevel(level)
     out.print(models)
     out.print(f"Encoder int8: {bundle.encoder.int8_note or 'no note'}")
-    return ok, True
+    return ok and bool(bundle.heads), True
 
 
 def run_doctor(config: Config, bundle: Path | None = None) -> int:

@@ -63,6 +63,7 @@ def validate(
     """
     from appliance.bundle_versions import next_version, version_folder
     from appliance.cases_table import CasesTableError, read_cases_table
+    from appliance.cohort import PipelineSettings
     from appliance.validation.recalibrate import (
         RecalibrationError,
         new_thresholds,
@@ -87,7 +88,13 @@ def validate(
     folder = report or default_report_folder(cfg, bundle, table)
     console.print(f"Validating {bundle.name} {bundle.version} on {len(table)} cases of {cases}")
     run = validate_bundle(
-        bundle, table, cfg, console, folder=folder, resamples=resamples, seed=seed
+        bundle,
+        table,
+        PipelineSettings.from_config(cfg),
+        console,
+        folder=folder,
+        resamples=resamples,
+        seed=seed,
     )
     print_summary(run.report, Console())
     console.print(f"Report: {run.files.html}" + (f" and {run.files.pdf}" if run.files.pdf else ""))

@@ -18,7 +18,14 @@ import numpy as np
 import torch
 
 from export.folds import stratified_folds
-from export.train_heads import Objective, Targets, predict_bags, subset, train_member
+from export.train_heads import (
+    Objective,
+    Targets,
+    predict_bags,
+    subset,
+    torch_threads,
+    train_member,
+)
 
 MIN_INNER_VALIDATION = 8  # fewer training cases than this: no inner split, all epochs run
 
@@ -41,6 +48,18 @@ def cross_validate(
     k: int,
     seed: int,
     progress: Callable[[float], None] | None = None,
+) -> CrossValidation:
+    with torch_threads(objective.recipe.threads):
+        return _cross_validate(objective, bags, targets, k, seed, progress)
+
+
+def _cross_validate(
+    objective: Objective,
+    bags: Sequence[np.ndarray],
+    targets: Targets,
+    k: int,
+    seed: int,
+    progress: Callable[[float], None] | None,
 ) -> CrossValidation:
     started = time.perf_counter()
     strata = objective.strata(targets)

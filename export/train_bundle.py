@@ -34,8 +34,7 @@ from rich.console import Console
 from appliance.bundle_versions import derived_from, write_bundle_version
 from appliance.cases import INPUT_WORDS, case_inputs, head_record
 from appliance.cases_table import CasesTable
-from appliance.cohort import CohortCase, process_cohort
-from appliance.config import Config
+from appliance.cohort import CohortCase, PipelineSettings, process_cohort
 from appliance.networks import SlideNetworks
 from appliance.results import BundleRecord, HeadRecord
 from appliance.score_cli import new_progress
@@ -133,7 +132,7 @@ def _check_enough(
 def train_bundle(
     table: CasesTable,
     base: Bundle,
-    config: Config,
+    pipeline: PipelineSettings,
     console: Console,
     *,
     destination: Path,
@@ -145,14 +144,8 @@ def train_bundle(
     """Embed, cross-validate, export and write the new version; then its report."""
     options = options or TrainOptions()
     started = time.perf_counter()
-    with SlideNetworks(base, config.runtime.settings) as networks:
-        cohort = process_cohort(
-            table,
-            networks,
-            cache_dir=config.cache_dir,
-            pixel_size_um=config.scan.pixel_size_um,
-            console=console,
-        )
+    with SlideNetworks(base, pipeline.runtime) as networks:
+        cohort = process_cohort(table, networks, pipeline, console)
     seconds = {"embedding": round(time.perf_counter() - started, 1)}
     left_out: dict[str, str] = {}
     trained: list[TrainedHead] = []

@@ -51,6 +51,7 @@ def train(
 
     from appliance.bundle_versions import next_version, version_folder
     from appliance.cases_table import CasesTableError, read_cases_table
+    from appliance.cohort import PipelineSettings
     from appliance.validation.summary import print_summary
     from export.onnx_export import ParityError
     from export.train_bundle import TrainingError, TrainOptions, train_bundle
@@ -77,7 +78,7 @@ def train(
         result = train_bundle(
             table,
             base,
-            cfg,
+            PipelineSettings.from_config(cfg),
             console,
             destination=destination,
             version=new_version,

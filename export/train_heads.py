@@ -19,7 +19,8 @@ export/train_transformer.py for METHOD.md B); the loop is shared:
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -45,6 +46,9 @@ class TrainingRecipe:
     plateau_epochs: int = 5
     patience: int = 15
     seed: int = 0
+    # A head's matrices are small: on one thread a step waits for no other, on two of a
+    # busy CPU OpenMP's synchronisation can cost ten times the arithmetic.
+    threads: int = 1
 
 
 @dataclass
@@ -114,6 +118,18 @@ class Objective(ABC):
     @abstractmethod
     def describe(self, targets: Targets) -> dict[str, Any]:
         """Counts for the bundle's provenance (cases, positives per task, per class)."""
+
+
+@contextmanager
+def torch_threads(count: int) -> Iterator[None]:
+    """torch's intra-op threads set to ``count`` for a while (0: leave as it is)."""
+    before = torch.get_num_threads()
+    if count:
+        torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def subset(targets: Targets, rows: np.ndarray) -> Targets:

@@ -10,7 +10,7 @@ from rich.console import Console
 
 from appliance import metrics
 from appliance.cases_table import CasesTable
-from appliance.cohort import CohortCase, process_cohort
+from appliance.cohort import CohortCase, PipelineSettings, process_cohort
 from appliance.config import Config
 from appliance.networks import SlideNetworks
 from appliance.results import BundleRecord
@@ -43,7 +43,7 @@ def default_report_folder(config: Config, bundle: Bundle, table: CasesTable) -> 
 def validate_bundle(
     bundle: Bundle,
     table: CasesTable,
-    config: Config,
+    pipeline: PipelineSettings,
     console: Console,
     *,
     folder: Path,
@@ -53,17 +53,10 @@ def validate_bundle(
 ) -> ValidationRun:
     """Process the table's scans (cached), score every case as the service would (its
     result folder under ``folder/cases``), and write the report into ``folder``."""
-    settings = config.runtime.settings
-    with SlideNetworks(bundle, settings) as networks:
-        cohort = process_cohort(
-            table,
-            networks,
-            cache_dir=config.cache_dir,
-            pixel_size_um=config.scan.pixel_size_um,
-            console=console,
-        )
+    with SlideNetworks(bundle, pipeline.runtime) as networks:
+        cohort = process_cohort(table, networks, pipeline, console)
     with console.status("Scoring the cases and writing the report..."):
-        cases = score_cohort(cohort, bundle, folder / CASES_FOLDER, settings)
+        cases = score_cohort(cohort, bundle, folder / CASES_FOLDER, pipeline.runtime)
         report = build_report(
             bundle.heads,
             BundleRecord(bundle.name, bundle.version, bundle.sha256, bundle.intended_use),
