@@ -113,11 +113,11 @@ def _planted_mm(rng: np.random.Generator, n: int, dim: int) -> tuple[list, list[
 
 def test_gated_head_cross_validates_a_planted_signal_into_a_calibrated_section() -> None:
     rng = np.random.default_rng(1)
-    bags, truths = _planted_mm(rng, 40, 24)
-    objective = GatedObjective(GatedRecipe(epochs=12, bags_per_step=4, hidden_dim=32))
+    bags, truths = _planted_mm(rng, 30, 24)
+    objective = GatedObjective(GatedRecipe(epochs=10, bags_per_step=4, hidden_dim=32))
     targets = objective.targets(truths)
-    result = cross_validate(objective, bags, targets, k=4, seed=0)
-    assert len(result.members) == 4 and not np.isnan(result.raw).any()
+    result = cross_validate(objective, bags, targets, k=3, seed=0)
+    assert len(result.members) == 3 and not np.isnan(result.raw).any()
     for t in range(4):
         assert metrics.auc(result.raw[:, t], targets["tasks"][:, t]) >= 0.85
     spec = objective.head_spec("myeloma", ["heads/m.0.onnx"], result.raw, {}, targets, 0.05)
@@ -129,23 +129,26 @@ def test_gated_head_cross_validates_a_planted_signal_into_a_calibrated_section()
 
 def test_transformer_head_cross_validates_class_mixtures() -> None:
     rng = np.random.default_rng(2)
-    dim, centres = 16, rng.normal(size=(3, 16)) * 3  # three cell types
     objective = TransformerObjective(
-        TransformerRecipe(epochs=25, width=32, num_heads=2, mlp_dim=64, bags_per_step=8)
+        TransformerRecipe(epochs=15, width=32, num_heads=2, mlp_dim=64, bags_per_step=8)
     )
-    mixtures = rng.dirichlet(np.ones(3) * 0.6, size=len(objective.classes))
+    classes = len(objective.classes)
+    dim, centres = 16, rng.normal(size=(classes, 16)) * 3  # a cell type per class
+    mixtures = np.full((classes, classes), 0.3 / (classes - 1)) + np.eye(classes) * (
+        0.7 - 0.3 / (classes - 1)
+    )  # each class: seven in ten of its own type
     bags, truths = [], []
-    for patient in range(48):
-        label = patient % len(objective.classes)
-        kinds = rng.choice(3, size=30, p=mixtures[label])
+    for patient in range(40):
+        label = patient % classes
+        kinds = rng.choice(classes, size=30, p=mixtures[label])
         bags.append((centres[kinds] + rng.normal(size=(30, dim))).astype(np.float32))
         truths.append(Truth({}, objective.classes[label], {"hemoglobin": 8.0 + label}))
     targets = objective.targets(truths)
-    result = cross_validate(objective, bags, targets, k=3, seed=0)
-    assert result.raw.shape == (48, 8)
+    result = cross_validate(objective, bags, targets, k=2, seed=0)
+    assert result.raw.shape == (40, 8)
     np.testing.assert_allclose(result.raw.sum(axis=1), 1.0, atol=1e-5)
     top1 = metrics.top_k_accuracy(result.raw, targets["classes"].tolist(), 1)
-    assert top1 >= 0.3  # chance is 1/8
+    assert top1 >= 0.5  # chance is 1/8
     # Hemoglobin comes back in g/dL, not standardised.
     assert 4.0 < float(np.mean(result.extra["hemoglobin"])) < 16.0
     spec = objective.head_spec("pb", ["heads/pb.0.onnx"], result.raw, result.extra, targets, 0.05)

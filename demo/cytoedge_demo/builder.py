@@ -545,7 +545,16 @@ def out_of_fold_summary(bundle: Bundle) -> str:
 
 
 def run_demo(config: Config, *, rebuild: bool = False) -> int:
-    """Build (once) the demo bundle and scans, score them, say where the results are."""
+    """Build (once) the demo bundle and scans, score them, say where the results are.
+
+    The console shows the bars and tables; the log lines go to the log file only."""
+    from appliance.logs import console_only_warnings
+
+    with console_only_warnings():
+        return _run_demo(config, rebuild)
+
+
+def _run_demo(config: Config, rebuild: bool) -> int:
     from appliance.score_cli import print_table, score_inputs
 
     console = Console(stderr=True)
