@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import logging
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,7 +35,7 @@ from appliance.results import (
     write_case_result,
 )
 from appliance.slide_cache import SlideCells
-from appliance.slides import SlideResult
+from appliance.slides import CELL_FOLDER_FORMAT, SlideResult
 from runtime.backends import RuntimeSettings
 from runtime.bundle import Bundle
 from runtime.head_kinds import INDETERMINATE
@@ -43,6 +43,11 @@ from runtime.heads import HeadResult, load_heads
 
 TOP_CELLS = GALLERY_CELLS
 TOP_FRACTION = 0.2  # the paper's explainability figure: the top 20 % of cells hold ~68 %
+INPUT_WORDS = {
+    "scans": "slide scans",
+    "fields": "camera field photos",
+    "cells": "single-cell folders",
+}
 log = logging.getLogger(__name__)
 
 
@@ -87,10 +92,16 @@ def score_case(
     head_results: list[HeadResult] = []
     attention = np.zeros(n_cells, np.float32)
     backend = slides[0].backend
-    if n_cells >= bundle.cells.min_cells and len(qc_failures) < len(slides):
+    inputs = case_inputs(slides)
+    no_head = (
+        None
+        if bundle.heads_for(inputs)
+        else f"no head of bundle {bundle.name} {bundle.version} scores {inputs_words(inputs)}"
+    )
+    if not no_head and n_cells >= bundle.cells.min_cells and len(qc_failures) < len(slides):
         bag = np.concatenate([c.embeddings for c in cells.values()])
         with timer.stage("heads"):
-            runners = load_heads(bundle, settings)
+            runners = load_heads(bundle, settings, inputs)
             try:
                 head_results = [runner.predict(bag) for runner in runners.values()]
                 backend = next(iter(runners.values())).backend_name
@@ -100,13 +111,14 @@ def score_case(
         attention = np.mean([h.attention for h in head_results], axis=0).astype(np.float32)
     progress("heads", 1.0)
 
-    heads = tuple(_head_record(h) for h in head_results)
+    heads = tuple(head_record(h) for h in head_results)
     reason = abstain_reason(
         n_cells,
         bundle.cells.min_cells,
         qc_failures,
         len(slides),
         [p for h in heads for p in h.predictions],
+        no_head=no_head,
     )
     top = _top_cells(passed, cells, attention) if head_results else []
     draft = CaseResult(
@@ -145,6 +157,24 @@ def score_case(
     return ScoredCase(result, folder, tuple(slides))
 
 
+def slide_input(slide: SlideResult) -> str:
+    """The kind of input a slide is (``runtime.bundle.INPUT_KINDS``)."""
+    if slide.scan.format == CELL_FOLDER_FORMAT:
+        return "cells"
+    return "fields" if slide.scan.fields is not None else "scans"
+
+
+def case_inputs(slides: Sequence[SlideResult]) -> frozenset[str]:
+    """The kinds of the case's slides: a head scores the case when it takes all of them."""
+    return frozenset(slide_input(s) for s in slides)
+
+
+def inputs_words(kinds: Collection[str]) -> str:
+    """ "slide scans", or "slide scans and single-cell folders together"."""
+    words = [INPUT_WORDS[k] for k in INPUT_WORDS if k in kinds]
+    return words[0] if len(words) == 1 else " and ".join(words) + " together"
+
+
 def top_attention_mass(attention: np.ndarray, fraction: float = TOP_FRACTION) -> float:
     """Share of the attention held by the top ``fraction`` of cells (paper: about 0.68)."""
     a = np.sort(np.asarray(attention, dtype=float))[::-1]
@@ -160,15 +190,20 @@ def abstain_reason(
     qc_failures: Sequence[str],
     n_slides: int,
     predictions: Sequence[PredictionRecord],
+    *,
+    no_head: str | None = None,
 ) -> str | None:
     """Why the case gets no call, or None when it can be scored.
 
     ``qc_failures`` lists "<slide>: <reason>" for slides that failed QC; they
-    contribute no cells. The case abstains when no slide passed QC, when too
-    few cells remain, or when every task came out indeterminate.
+    contribute no cells. The case abstains when no slide passed QC, when no head
+    of the bundle scores its kind of input (``no_head`` says so), when too few
+    cells remain, or when every task came out indeterminate.
     """
     if qc_failures and len(qc_failures) >= n_slides:
         return "slide QC failed: " + "; ".join(qc_failures)
+    if no_head:
+        return no_head
     if n_cells < min_cells:
         return f"too few cells: {n_cells} (the bundle needs at least {min_cells})"
     if predictions and all(p.call == INDETERMINATE for p in predictions):
@@ -176,7 +211,8 @@ def abstain_reason(
     return None
 
 
-def _head_record(result: HeadResult) -> HeadRecord:
+def head_record(result: HeadResult) -> HeadRecord:
+    """A head's outcome as result.json keeps it."""
     return HeadRecord(
         name=result.head,
         kind=result.kind,

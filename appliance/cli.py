@@ -19,7 +19,9 @@ import typer
 
 from appliance.bundle_cli import bundle_app
 from appliance.command import ConfigOption, fail, setup
+from appliance.validate_cli import validate
 from export.cli import export_app
+from export.train_cli import train
 
 app = typer.Typer(
     name="cytoedge",
@@ -103,6 +105,12 @@ def score(
         sys.stderr.write(f"cytoedge: rejected {path}: {reason}\n")
     if run.rejected:
         raise typer.Exit(1)
+
+
+# Model owners and sites: labelled cases to a new bundle version, and a bundle checked
+# against a site's own labelled cases.
+app.command()(train)
+app.command()(validate)
 
 
 @app.command()

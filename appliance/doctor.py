@@ -192,6 +192,11 @@ def _bundle_check(
     )
     if bundle.is_demo:
         out.print("[bold yellow]Demo model, not for diagnosis.[/]")
+    if not bundle.heads:
+        out.print(
+            "[bold red]No heads[/]: this bundle embeds cells but scores nothing; "
+            f"train its heads with `cytoedge train CASES --bundle {path}`"
+        )
     models = Table(title="Bundle networks on this machine")
     for column in ("network", "runs on", "variant", "skipped (reason above unless given)"):
         models.add_column(column)
@@ -210,7 +215,8 @@ def _bundle_check(
         models.add_row(check.label, runs_on, check.variant, skipped or "-")
     out.print(models)
     out.print(f"Encoder int8: {bundle.encoder.int8_note or 'no note'}")
-    return not any(check.problem for check in checks), True, bundle
+    usable = not any(check.problem for check in checks) and bool(bundle.heads)
+    return usable, True, bundle
 
 
 def _gpu_self_test(config: Config, bundle: Bundle | None, out: Console) -> bool:

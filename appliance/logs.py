@@ -6,6 +6,8 @@ import json
 import logging
 import logging.handlers
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from rich.logging import RichHandler
@@ -65,3 +67,18 @@ def setup_logging(
         file_handler.setLevel(logging.DEBUG)
         root.addHandler(file_handler)
         root.setLevel(logging.DEBUG)
+
+
+@contextmanager
+def console_only_warnings() -> Iterator[None]:
+    """Keep the console to warnings for a while (the log file still gets every record):
+    for a command whose progress bars and tables already say what happens."""
+    consoles = [h for h in logging.getLogger().handlers if isinstance(h, RichHandler)]
+    levels = [h.level for h in consoles]
+    for handler in consoles:
+        handler.setLevel(max(handler.level, logging.WARNING))
+    try:
+        yield
+    finally:
+        for handler, level in zip(consoles, levels, strict=True):
+            handler.setLevel(level)

@@ -1,10 +1,12 @@
-"""Per-slide results cached on disk, keyed by (slide content, bundle).
+"""Per-slide results cached on disk, keyed by (slide content, the bundle's slide part).
 
 A case is re-scored when a late slide arrives; its other slides are not
 processed again: their embeddings, cells and pictures come from here, so a
-re-score costs only the heads. One folder per (slide fingerprint, bundle
-sha256) under ``<data_dir>/cache/slides/``, written under a temporary name and
-renamed whole, so a crash never leaves a half entry that looks complete.
+re-score costs only the heads. One folder per (slide fingerprint,
+``Bundle.slide_sha256``: the encoder, segmenter and slide parameters, not the
+heads, so that a retrained bundle reuses what its predecessor embedded) under
+``<data_dir>/cache/slides/``, written under a temporary name and renamed whole,
+so a crash never leaves a half entry that looks complete.
 """
 
 from __future__ import annotations
@@ -56,8 +58,9 @@ class SlideCells:
         )
 
 
-def entry_dir(cache_root: Path, slide_fingerprint: str, bundle_sha256: str) -> Path:
-    return cache_root / "slides" / f"{slide_fingerprint[:32]}-{bundle_sha256[:16]}"
+def entry_dir(cache_root: Path, slide_fingerprint: str, slide_sha256: str) -> Path:
+    """The entry of a slide for a bundle's ``slide_sha256``."""
+    return cache_root / "slides" / f"{slide_fingerprint[:32]}-{slide_sha256[:16]}"
 
 
 def read_meta(entry: Path) -> dict[str, Any] | None:

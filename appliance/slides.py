@@ -63,6 +63,7 @@ MOSAIC_CELL_PX = 32  # a cell folder's "thumbnail": its cells in a grid, this si
 STAIN_SAMPLE_TILES = 8
 EMBED_CHUNK = 256  # kept cells embedded at a time, so memory holds a chunk of crops
 PASSED = QcRecord(verdict="pass")
+CELL_FOLDER_FORMAT = "cells"  # a single-cell folder's ScanRecord.format
 
 
 @dataclass(frozen=True)
@@ -123,7 +124,7 @@ def process_slide(
             raise ScanNotFoundError(path, "file not found")
         digest = fingerprint or scan_fingerprint(path)
     progress("fingerprint", 1.0)
-    entry = slide_cache.entry_dir(cache_dir, digest, bundle.sha256)
+    entry = slide_cache.entry_dir(cache_dir, digest, bundle.slide_sha256)
     meta = slide_cache.read_meta(entry)
     if meta is not None:
         progress("cached", 1.0)
@@ -229,7 +230,7 @@ def _cell_folder(
     )
     scan = {
         "path": str(path),
-        "format": "cells",
+        "format": CELL_FOLDER_FORMAT,
         "bytes": sum(p.stat().st_size for p in folder.image_paths),
         "pixel_size_um": folder.pixel_size_um,
     }

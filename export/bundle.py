@@ -154,9 +154,11 @@ def assemble_bundle(
     sections_file: Path | None = None,
     overwrite: bool = False,
 ) -> Bundle:
-    """Check every export folder's gates, then write the bundle with runtime.bundle."""
-    if not head_dirs:
-        raise AssemblyError("a bundle needs at least one head (--head)")
+    """Check every export folder's gates, then write the bundle with runtime.bundle.
+
+    Without heads the bundle holds the networks that make embeddings: the version
+    ``cytoedge train`` starts from (docs/training.md); it scores nothing.
+    """
     parts = [read_export(encoder_dir, "encoder")]
     parts += [read_export(folder, "head") for folder in head_dirs]
     if segmenter_dir is not None:

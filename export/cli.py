@@ -324,9 +324,6 @@ def bundle(
     encoder: Annotated[
         Path, typer.Option(help="Folder written by `cytoedge export encoder`.", file_okay=False)
     ],
-    head: Annotated[
-        list[Path], typer.Option(help="Folder written by `cytoedge export heads`; repeatable.")
-    ],
     name: Annotated[str, typer.Option(help="Bundle name, e.g. mm-risk.")],
     version: Annotated[str, typer.Option(help="Bundle version, e.g. 1.0.0.")],
     intended_use: Annotated[
@@ -334,6 +331,13 @@ def bundle(
     ],
     segmenter: Annotated[
         Path | None, typer.Option(help="Folder written by `cytoedge export segmenter`.")
+    ] = None,
+    head: Annotated[
+        list[Path] | None,
+        typer.Option(
+            help="Folder written by `cytoedge export heads`; repeatable. None: a bundle to "
+            "train heads for (cytoedge train)."
+        ),
     ] = None,
     sections: Annotated[
         Path | None,
@@ -353,7 +357,7 @@ def bundle(
             made = assemble_bundle(
                 out,
                 encoder_dir=encoder,
-                head_dirs=head,
+                head_dirs=head or [],
                 segmenter_dir=segmenter,
                 name=name,
                 version=version,
@@ -364,7 +368,8 @@ def bundle(
     except (AssemblyError, BundleError) as exc:
         typer.echo(f"cytoedge: {exc}", err=True)
         raise typer.Exit(1) from None
+    heads = ", ".join(made.head_names) or "none (train them: cytoedge train CASES --bundle ...)"
     console.print(
         f"Bundle {made.name} {made.version} ({made.intended_use}) at {made.path}: "
-        f"{len(made.files)} files, heads {', '.join(made.head_names)}, sha256 {made.sha256[:12]}"
+        f"{len(made.files)} files, heads {heads}, sha256 {made.sha256[:12]}"
     )

@@ -87,6 +87,16 @@ class GatedAttentionMIL(nn.Module):
         pooled = attention @ h  # (512,)
         return torch.sigmoid(self.classifiers(pooled)), attention
 
+    def forward_batch(self, features: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Training on several bags at once: ``features`` (B, N, D) padded, ``mask`` (B, N)
+        True for real cells; the probabilities (B, T) ``forward`` gives for each bag."""
+        h = self.embed(features)
+        gate = torch.tanh(self.attention_v(h)) * torch.sigmoid(self.attention_u(h))
+        logits = self.attention_w(gate).squeeze(-1).masked_fill(~mask, float("-inf"))
+        attention = torch.softmax(logits, dim=1)
+        pooled = (attention.unsqueeze(-1) * h).sum(dim=1)
+        return torch.sigmoid(self.classifiers(pooled))
+
 
 class _Block(nn.Module):
     """Pre-norm transformer block; keeps q and k for the attention rollout."""
@@ -113,6 +123,17 @@ class _Block(nn.Module):
         qkv = self.qkv(self.norm1(x)).reshape(tokens, 3, self.num_heads, self.head_dim)
         q, k, v = qkv.permute(1, 2, 0, 3).unbind(0)  # each (H, T, 64)
         return q * self.head_dim**-0.5, k, v
+
+    def forward_batch(self, x: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+        """``x`` (B, T, W) of padded bags, ``keys`` (B, T) True for real tokens."""
+        batch, tokens, width = x.shape
+        qkv = self.qkv(self.norm1(x)).reshape(batch, tokens, 3, self.num_heads, self.head_dim)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each (B, H, T, 64)
+        scores = (q * self.head_dim**-0.5) @ k.transpose(-2, -1)
+        attention = torch.softmax(scores.masked_fill(~keys[:, None, None, :], float("-inf")), -1)
+        mixed = (attention @ v).transpose(1, 2).reshape(batch, tokens, width)
+        x = x + self.drop(self.proj(mixed))
+        return x + self.mlp(self.norm2(x))
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         q, k, v = self.query_key_value(x)
@@ -161,6 +182,21 @@ class TransformerMIL(nn.Module):
         pooled = self.norm(x[0])
         probabilities = torch.softmax(self.classifier(pooled), dim=-1)
         return probabilities, self.hemoglobin(pooled), self._rollout(queries_keys)
+
+    def forward_batch(
+        self, features: torch.Tensor, mask: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Training on several bags at once: ``features`` (B, N, D) padded, ``mask`` (B, N)
+        True for real cells; (probabilities (B, C), hemoglobin (B, 1)) as ``forward``
+        gives them per bag (the rollout is not needed to learn)."""
+        batch = features.shape[0]
+        cls = self.cls_token.expand(batch, 1, -1)
+        x = torch.cat([cls, self.embed(features)], dim=1)
+        keys = torch.cat([torch.ones_like(mask[:, :1]), mask], dim=1)
+        for block in self.blocks:
+            x = block.forward_batch(x, keys)
+        pooled = self.norm(x[:, 0])
+        return torch.softmax(self.classifier(pooled), dim=-1), self.hemoglobin(pooled)
 
     @staticmethod
     def _rollout(queries_keys: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:

@@ -1,182 +1,246 @@
-"""Training the gated-attention MIL head on bags of cell embeddings (METHOD.md A).
+"""Training one head network on bags of cell embeddings: one loop for every kind.
 
-Kept from the paper's recipe: AdamW (weight decay 1e-4), bags of up to 500
-random cells per bag per epoch and all cells at evaluation, focal loss with
-gamma 2 and class weights ~ 1/sqrt(prevalence), missing labels masked out,
-grad-clip 1.0, LR halved on a 5-epoch plateau, early stop on the validation
-mean AUC, thresholds by Youden's index on the validation split.
-Departures, for a few-minute CPU demo on a few dozen synthetic slides: a
-higher learning rate (1e-3 instead of 2e-4), fewer epochs, and no
-oversampling (the synthetic labels are drawn balanced).
+What a kind learns (its network, targets, loss, early-stopping score, calibration
+and thresholds) is its ``Objective`` (export/train_gated.py for METHOD.md A,
+export/train_transformer.py for METHOD.md B); the loop is shared:
 
-Embeddings are standardised per feature with the training cells' mean and
-standard deviation, folded into the head's first Linear layer so the exported
-head still takes raw embeddings.
+- embeddings standardised per feature with the training cells' mean and standard
+  deviation, folded into the network's first Linear layer at the end, so the
+  exported head takes raw embeddings;
+- each epoch draws the training bags with replacement in proportion to the
+  objective's weights (oversampling of rare positives or classes), at most
+  ``max_cells`` random cells of each, ``bags_per_step`` bags padded into one
+  batch (``forward_batch``); AdamW, gradient clipping, the learning rate halved
+  after ``plateau_epochs`` without progress;
+- with validation bags: the best epoch by the objective's score is kept (ties
+  to the lower validation loss), and training stops ``patience`` epochs after it.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Collection, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
 
-from export.heads import GatedAttentionMIL, build_head
+from export.heads import head_kind, output_names
+from runtime.bundle import INPUT_KINDS, HeadSpec
+from runtime.head_kinds import Truth
+
+Targets = dict[str, np.ndarray]  # per kind: named arrays, one row per case
+Progress = Callable[[int, int], None]  # (epochs done, epochs at most)
 
 
 @dataclass(frozen=True)
-class HeadRecipe:
-    epochs: int = 40
+class TrainingRecipe:
+    epochs: int = 60
     learning_rate: float = 1e-3
     weight_decay: float = 1e-4
     bags_per_step: int = 16
     max_cells: int = 500
-    focal_gamma: float = 2.0
     grad_clip: float = 1.0
     plateau_epochs: int = 5
     patience: int = 15
-    hidden_dim: int = 256
-    attention_dim: int = 128
-    dropout: float = 0.2
     seed: int = 0
+    # A head's matrices are small: on one thread a step waits for no other, on two of a
+    # busy CPU OpenMP's synchronisation can cost ten times the arithmetic.
+    threads: int = 1
 
 
 @dataclass
-class TrainedHead:
-    model: GatedAttentionMIL
-    thresholds: dict[str, float]
-    validation_auc: dict[str, float]
-    epochs_run: int
+class Criterion:
+    """A kind's loss for one training set (class weights, value scaling fitted on it)."""
+
+    loss: Callable[[torch.nn.Module, torch.Tensor, torch.Tensor, Targets], torch.Tensor]
+    finish: Callable[[torch.nn.Module], None] = lambda model: None
 
 
-def auc(scores: np.ndarray, labels: np.ndarray) -> float:
-    """Area under the ROC curve (Mann-Whitney, ties counted half); NaN for one class."""
-    scores, labels = np.asarray(scores, float), np.asarray(labels)
-    keep = ~np.isnan(labels.astype(float))
-    scores, labels = scores[keep], labels[keep].astype(bool)
-    pos, neg = scores[labels], scores[~labels]
-    if pos.size == 0 or neg.size == 0:
-        return float("nan")
-    greater = (pos[:, None] > neg[None, :]).sum()
-    ties = (pos[:, None] == neg[None, :]).sum()
-    return float((greater + 0.5 * ties) / (pos.size * neg.size))
+class Objective(ABC):
+    """What one kind of head learns from a cohort, and how its bundle section is made."""
+
+    kind: ClassVar[str]
+    inputs: ClassVar[tuple[str, ...]]  # the kinds of slide it learns from (INPUT_KINDS)
+    default_name: ClassVar[str]
+    recipe: TrainingRecipe
+
+    def scores(self, learnt_from: Collection[str]) -> tuple[str, ...]:
+        """The trained head's ``inputs``: the kinds of slide it learnt from."""
+        return tuple(k for k in INPUT_KINDS if k in learnt_from)
+
+    @abstractmethod
+    def provisional_spec(self, name: str) -> HeadSpec:
+        """The head's section without files, thresholds or calibration: enough for its
+        kind to read a case's labels (``HeadKind.truth``)."""
+
+    @abstractmethod
+    def targets(self, truths: Sequence[Truth]) -> Targets:
+        """The training targets of each case from its truth (NaN / -1 where unknown)."""
+
+    @abstractmethod
+    def usable(self, truth: Truth) -> bool:
+        """Whether a case's labels teach this head anything."""
+
+    @abstractmethod
+    def strata(self, targets: Targets) -> np.ndarray:
+        """(n, L) 1 / 0 / NaN: what the folds keep in proportion."""
+
+    @abstractmethod
+    def sample_weights(self, targets: Targets) -> np.ndarray:
+        """(n,) how often each training bag is drawn per epoch (oversampling)."""
+
+    @abstractmethod
+    def build(self, dim: int) -> torch.nn.Module:
+        """A fresh network for ``dim``-d embeddings."""
+
+    @abstractmethod
+    def criterion(self, targets: Targets) -> Criterion: ...
+
+    @abstractmethod
+    def validation_score(self, raw: np.ndarray, extra: Targets, targets: Targets) -> float:
+        """Higher is better (early stopping)."""
+
+    @abstractmethod
+    def validation_loss(self, raw: np.ndarray, extra: Targets, targets: Targets) -> float: ...
+
+    @abstractmethod
+    def head_spec(
+        self,
+        name: str,
+        files: Sequence[str],
+        raw: np.ndarray,
+        extra: Targets,
+        targets: Targets,
+        band: float,
+    ) -> HeadSpec:
+        """The bundle section: calibration and thresholds fitted on the out-of-fold
+        predictions ``raw`` (the members' outputs before calibration)."""
+
+    @abstractmethod
+    def describe(self, targets: Targets) -> dict[str, Any]:
+        """Counts for the bundle's provenance (cases, positives per task, per class)."""
 
 
-def youden_threshold(scores: np.ndarray, labels: np.ndarray) -> float:
-    """The threshold maximising sensitivity + specificity - 1 (midpoint between scores)."""
-    scores, labels = np.asarray(scores, float), np.asarray(labels, float)
-    keep = ~np.isnan(labels)
-    scores, labels = scores[keep], labels[keep].astype(bool)
-    if labels.all() or (~labels).all():
-        return 0.5
-    values = np.unique(scores)
-    candidates = np.concatenate([[values[0] - 1e-6], (values[:-1] + values[1:]) / 2])
-    best, best_j = 0.5, -np.inf
-    for threshold in candidates:
-        predicted = scores >= threshold
-        j = predicted[labels].mean() - predicted[~labels].mean()
-        if j > best_j:
-            best, best_j = float(threshold), j
-    return float(np.clip(best, 0.0, 1.0))
+@contextmanager
+def torch_threads(count: int) -> Iterator[None]:
+    """torch's intra-op threads set to ``count`` for a while (0: leave as it is)."""
+    before = torch.get_num_threads()
+    if count:
+        torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
-def focal_loss(
-    probabilities: torch.Tensor,
-    targets: torch.Tensor,
-    weights_pos: torch.Tensor,
-    weights_neg: torch.Tensor,
-    gamma: float,
-) -> torch.Tensor:
-    """Per-task focal loss on sigmoid outputs; NaN targets are masked out."""
-    known = ~torch.isnan(targets)
-    y = torch.nan_to_num(targets, nan=0.0)
-    p = probabilities.clamp(1e-6, 1 - 1e-6)
-    p_true = torch.where(y > 0.5, p, 1 - p)
-    weight = torch.where(y > 0.5, weights_pos, weights_neg)
-    loss = -weight * (1 - p_true) ** gamma * torch.log(p_true)
-    return (loss * known).sum() / known.sum().clamp(min=1)
+def subset(targets: Targets, rows: np.ndarray) -> Targets:
+    return {key: value[rows] for key, value in targets.items()}
 
 
-def predict_bags(model: torch.nn.Module, bags: Sequence[np.ndarray]) -> np.ndarray:
-    """(B, T) probabilities with all cells of each bag, dropout off."""
+def pad_bags(bags: Sequence[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, N, D) zero-padded features and the (B, N) mask of real cells."""
+    longest = max(len(b) for b in bags)
+    features = np.zeros((len(bags), longest, bags[0].shape[1]), np.float32)
+    mask = np.zeros((len(bags), longest), bool)
+    for row, bag in enumerate(bags):
+        features[row, : len(bag)] = bag
+        mask[row, : len(bag)] = True
+    return torch.from_numpy(features), torch.from_numpy(mask)
+
+
+def predict_bags(model: torch.nn.Module, bags: Sequence[np.ndarray]) -> tuple[np.ndarray, Targets]:
+    """Every bag with all its cells through ``forward`` (what the ONNX file runs), dropout
+    off: (probabilities (n, K), {each further output but attention: (n,) or (n, k)})."""
+    names = output_names(head_kind(model))
+    kept: dict[str, list[np.ndarray]] = {n: [] for n in names if n != "attention"}
     model.eval()
     with torch.no_grad():
-        return np.stack([model(torch.from_numpy(bag))[0].numpy() for bag in bags])
+        for bag in bags:
+            outputs = model(torch.from_numpy(np.ascontiguousarray(bag, np.float32)))
+            for name, value in zip(names, outputs, strict=True):
+                if name in kept:
+                    kept[name].append(value.numpy().astype(np.float64).reshape(-1))
+    stacked = {name: np.stack(values) for name, values in kept.items()}
+    probabilities = stacked.pop("probabilities")
+    return probabilities, {k: v[:, 0] if v.shape[1] == 1 else v for k, v in stacked.items()}
 
 
-def train_gated_mil(
-    train_bags: Sequence[np.ndarray],
-    train_labels: np.ndarray,
+def fold_standardisation(model: torch.nn.Module, mean: np.ndarray, std: np.ndarray) -> None:
+    """Make the network take raw embeddings: its first Linear W' = W / std,
+    b' = b - W' @ mean."""
+    first = model.embed[0]
+    with torch.no_grad():
+        weight = first.weight / torch.from_numpy(std.astype(np.float32))[None, :]
+        first.bias -= weight @ torch.from_numpy(mean.astype(np.float32))
+        first.weight.copy_(weight)
+
+
+def _standardise(bags: Sequence[np.ndarray], mean: np.ndarray, std: np.ndarray) -> list:
+    return [((b - mean) / std).astype(np.float32) for b in bags]
+
+
+def train_member(
+    objective: Objective,
+    bags: Sequence[np.ndarray],
+    targets: Targets,
     val_bags: Sequence[np.ndarray],
-    val_labels: np.ndarray,
-    tasks: Sequence[str],
-    recipe: HeadRecipe | None = None,
-    progress: Callable[[int, int], None] | None = None,
-) -> TrainedHead:
-    """Train one multi-task head; returns the best epoch's model by validation mean AUC."""
-    recipe = recipe or HeadRecipe()
-    torch.manual_seed(recipe.seed)
-    rng = np.random.default_rng(recipe.seed)
-    dim = int(train_bags[0].shape[1])
-    model = build_head(
-        "gated_attention_mil",
-        {
-            "in_dim": dim,
-            "hidden_dim": recipe.hidden_dim,
-            "attention_dim": recipe.attention_dim,
-            "dropout": recipe.dropout,
-            "tasks": list(tasks),
-        },
-    )
-    assert isinstance(model, GatedAttentionMIL)
-    cells = np.concatenate(list(train_bags))
+    val_targets: Targets,
+    *,
+    seed: int,
+    progress: Progress | None = None,
+) -> tuple[torch.nn.Module, int]:
+    """One network trained on ``bags``; (the network in eval mode taking raw embeddings,
+    epochs run)."""
+    recipe = objective.recipe
+    torch.manual_seed(seed)
+    rng = np.random.default_rng(seed)
+    model = objective.build(int(bags[0].shape[1]))
+    cells = np.concatenate(list(bags))
     mean, std = cells.mean(0), cells.std(0) + 1e-6
-    standardise = [((b - mean) / std).astype(np.float32) for b in train_bags]
-    val_std = [((b - mean) / std).astype(np.float32) for b in val_bags]
-
-    labels = np.asarray(train_labels, np.float32)
-    prevalence = np.clip(np.nanmean(labels, axis=0), 0.05, 0.95)
-    w_pos = torch.tensor(1 / np.sqrt(prevalence), dtype=torch.float32)
-    w_neg = torch.tensor(1 / np.sqrt(1 - prevalence), dtype=torch.float32)
-    scale = (w_pos + w_neg) / 2
-    w_pos, w_neg = w_pos / scale, w_neg / scale
-
+    train_std, val_std = _standardise(bags, mean, std), _standardise(val_bags, mean, std)
+    criterion = objective.criterion(targets)
+    weights = objective.sample_weights(targets)
+    weights = weights / weights.sum()
     optimiser = torch.optim.AdamW(
         model.parameters(), lr=recipe.learning_rate, weight_decay=recipe.weight_decay
     )
     scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
         optimiser, mode="max", factor=0.5, patience=recipe.plateau_epochs
     )
-    best_auc, best_state, stale, epochs_run = -np.inf, None, 0, 0
+    best: tuple[float, float] = (-np.inf, -np.inf)
+    best_state, stale, epochs_run = None, 0, 0
     for epoch in range(recipe.epochs):
         model.train()
-        order = rng.permutation(len(standardise))
+        order = rng.choice(len(train_std), size=len(train_std), replace=True, p=weights)
         for start in range(0, len(order), recipe.bags_per_step):
-            optimiser.zero_grad()
-            batch = order[start : start + recipe.bags_per_step]
-            loss = torch.zeros(())
-            for index in batch:
-                bag = standardise[index]
+            rows = order[start : start + recipe.bags_per_step]
+            batch = []
+            for row in rows:
+                bag = train_std[row]
                 if len(bag) > recipe.max_cells:
                     bag = bag[rng.choice(len(bag), recipe.max_cells, replace=False)]
-                probabilities, _ = model(torch.from_numpy(bag))
-                loss = loss + focal_loss(
-                    probabilities, torch.from_numpy(labels[index]), w_pos, w_neg, recipe.focal_gamma
-                )
-            (loss / len(batch)).backward()
+                batch.append(bag)
+            features, mask = pad_bags(batch)
+            optimiser.zero_grad()
+            loss = criterion.loss(model, features, mask, subset(targets, rows))
+            loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), recipe.grad_clip)
             optimiser.step()
         epochs_run = epoch + 1
-        val_pred = predict_bags(model, val_std)
-        mean_auc = float(
-            np.nanmean([auc(val_pred[:, t], val_labels[:, t]) for t in range(len(tasks))])
-        )
-        scheduler.step(mean_auc)
         if progress is not None:
             progress(epochs_run, recipe.epochs)
-        if mean_auc > best_auc + 1e-4:
-            best_auc, stale = mean_auc, 0
+        if not val_std:
+            continue
+        raw, extra = predict_bags(model, val_std)
+        score = objective.validation_score(raw, extra, val_targets)
+        score = 0.0 if np.isnan(score) else score  # undefined (one class): the loss decides
+        loss = objective.validation_loss(raw, extra, val_targets)
+        scheduler.step(score)
+        if score > best[0] + 1e-4 or (abs(score - best[0]) <= 1e-4 and -loss > best[1]):
+            best, stale = (score, -loss), 0
             best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
         else:
             stale += 1
@@ -185,19 +249,5 @@ def train_gated_mil(
     if best_state is not None:
         model.load_state_dict(best_state)
     fold_standardisation(model, mean, std)
-    model.eval()
-    val_pred = predict_bags(model, val_bags)
-    thresholds = {
-        task: youden_threshold(val_pred[:, t], val_labels[:, t]) for t, task in enumerate(tasks)
-    }
-    val_auc = {task: auc(val_pred[:, t], val_labels[:, t]) for t, task in enumerate(tasks)}
-    return TrainedHead(model, thresholds, val_auc, epochs_run)
-
-
-def fold_standardisation(model: GatedAttentionMIL, mean: np.ndarray, std: np.ndarray) -> None:
-    """Make the head take raw embeddings: W' = W / std, b' = b - W' @ mean."""
-    first = model.embed[0]
-    with torch.no_grad():
-        weight = first.weight / torch.from_numpy(std.astype(np.float32))[None, :]
-        first.bias -= weight @ torch.from_numpy(mean.astype(np.float32))
-        first.weight.copy_(weight)
+    criterion.finish(model)
+    return model.eval(), epochs_run

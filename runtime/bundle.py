@@ -19,10 +19,10 @@ import os
 import re
 import shutil
 import tempfile
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
-from typing import Any
+from typing import Any, Literal
 
 from runtime.backends.base import ModelVariants
 from runtime.files import sha256_file
@@ -34,6 +34,10 @@ BUNDLE_FILE = "bundle.json"
 ENGINES_DIR = "engines"
 INTENDED_USES = ("demo", "research", "clinical")
 ENCODER_VARIANTS = ("fp32", "fp16", "int8")
+# What a head can score: slide scans and microscope-camera field photos (both segmented),
+# single-cell folders.
+HeadInput = Literal["scans", "fields", "cells"]
+INPUT_KINDS: tuple[HeadInput, ...] = ("scans", "fields", "cells")
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 
@@ -125,6 +129,10 @@ class HeadSpec:
     the kind, so a new kind brings its own keys without a change here. A probability
     within ``indeterminate_band`` of its threshold is called indeterminate;
     ``calibration`` is applied to the ensemble mean in the way the kind says.
+    ``inputs``: the kinds of slide it scores (a myeloma head's smears are scans, a
+    peripheral blood head's crops are single-cell folders and the white cells found on
+    blood field photos); a case runs only the heads whose inputs hold every kind of its
+    slides.
     """
 
     name: str
@@ -134,6 +142,7 @@ class HeadSpec:
     thresholds: dict[str, float] = field(default_factory=dict)
     indeterminate_band: float = 0.0
     calibration: dict[str, Any] = field(default_factory=dict)
+    inputs: tuple[HeadInput, ...] = INPUT_KINDS
     extra: dict[str, Any] = field(default_factory=dict)  # the kind's own keys
 
     @property
@@ -165,6 +174,8 @@ class HeadSpec:
         for key, value in self.thresholds.items():
             if not 0 < value < 1:
                 raise BundleError(f"{where}.thresholds.{key} must lie in (0, 1)")
+        if not self.inputs or len(set(self.inputs)) != len(self.inputs):
+            raise BundleError(f"{where}.inputs must list each of its kinds once, at least one")
         self.head_kind.validate(self, where)
 
 
@@ -268,6 +279,27 @@ class Bundle:
     def head_names(self) -> tuple[str, ...]:
         return tuple(head.name for head in self.heads)
 
+    def heads_for(self, kinds: Collection[str]) -> tuple[HeadSpec, ...]:
+        """The heads that score a case whose slides are of these kinds (INPUT_KINDS)."""
+        return tuple(head for head in self.heads if set(kinds) <= set(head.inputs))
+
+    @property
+    def slide_sha256(self) -> str:
+        """A digest of what shapes a slide's cells and embeddings: the encoder,
+        segmenter, stain reference, QC and cell sections and their files' hashes.
+        Bundles that differ only in their heads (a retrained or recalibrated version)
+        share it, so their slide-cache entries are shared too."""
+        sections = {
+            name: dump(getattr(self, name))
+            for name in ("encoder", "segmenter", "stain_reference", "qc", "cells")
+        }
+        used = [*self.encoder.variants.values()]
+        if self.segmenter is not None:
+            used.append(self.segmenter.file)
+        files = {rel: self.files[rel].sha256 for rel in sorted(used) if rel in self.files}
+        text = json.dumps({"sections": sections, "files": files}, sort_keys=True)
+        return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
     def encoder_variants(self) -> ModelVariants:
         variants = self.encoder.variants
         optional = {k: self.file(variants[k]) if k in variants else None for k in ("fp16", "int8")}
@@ -341,8 +373,6 @@ def _check_cross_references(bundle: Bundle) -> None:
         raise BundleError("name and version must not be empty")
     for relative in bundle.files:
         _check_relative(relative, f"files[{relative!r}]")
-    if not bundle.heads:
-        raise BundleError("heads must list at least one head")
     _unique([h.name for h in bundle.heads], "heads[].name")
     referenced = [(f"encoder.variants.{k}", v) for k, v in bundle.encoder.variants.items()]
     if bundle.segmenter is not None:

@@ -7,6 +7,7 @@ the head's kind (``runtime.head_kinds``), which calibrates and calls it.
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from dataclasses import dataclass
 
 import numpy as np
@@ -111,6 +112,12 @@ class HeadRunner:
             member.close()
 
 
-def load_heads(bundle: Bundle, settings: RuntimeSettings | None = None) -> dict[str, HeadRunner]:
-    """Every head of the bundle, by name."""
-    return {head.name: HeadRunner(bundle, head.name, settings) for head in bundle.heads}
+def load_heads(
+    bundle: Bundle,
+    settings: RuntimeSettings | None = None,
+    inputs: Collection[str] | None = None,
+) -> dict[str, HeadRunner]:
+    """Every head of the bundle by name; with ``inputs`` (the kinds of a case's slides,
+    ``runtime.bundle.INPUT_KINDS``) only the heads that score such a case."""
+    heads = bundle.heads if inputs is None else bundle.heads_for(inputs)
+    return {head.name: HeadRunner(bundle, head.name, settings) for head in heads}

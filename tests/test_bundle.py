@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -177,3 +178,41 @@ def test_a_bundle_written_before_the_qc_scale_keeps_its_meaning(tmp_path: Path) 
     (tiny.path / "bundle.json").write_text(json.dumps(data))
     with pytest.raises(BundleError, match="blur_um_per_px"):
         load_bundle(tiny.path)
+
+
+def test_heads_say_which_cases_they_score(tiny: TinyBundle) -> None:
+    mm, pb = tiny.heads
+    bundle = tiny.write(
+        heads=[
+            dataclasses.replace(mm, inputs=("scans",)),
+            dataclasses.replace(pb, inputs=("fields", "cells")),
+        ]
+    )
+    assert [h.name for h in bundle.heads_for({"scans"})] == ["mm_risk"]
+    assert [h.name for h in bundle.heads_for({"cells"})] == ["pb_screen"]
+    assert [h.name for h in bundle.heads_for({"fields", "cells"})] == ["pb_screen"]
+    assert bundle.heads_for({"scans", "cells"}) == ()  # no head takes both
+    assert load_bundle(bundle.path).heads[1].inputs == ("fields", "cells")
+    edit_manifest(bundle.path, lambda d: d["heads"][0].update(inputs=["slides"]))
+    with pytest.raises(BundleError, match=r"heads\[0\]\.inputs\[0\] must be one of scans, fields"):
+        load_bundle(bundle.path)
+    edit_manifest(bundle.path, lambda d: d["heads"][0].update(inputs=[]))
+    with pytest.raises(BundleError, match=r"heads\[mm_risk\]\.inputs must list each"):
+        load_bundle(bundle.path)
+
+
+def test_the_slide_part_of_a_bundle_ignores_its_heads(tiny: TinyBundle, tmp_path: Path) -> None:
+    first = tiny.write()
+    tiny.path = tmp_path / "retrained"
+    mm = dataclasses.replace(tiny.heads[0], thresholds=dict.fromkeys(tiny.heads[0].thresholds, 0.3))
+    retrained = tiny.write(heads=[mm])
+    assert retrained.sha256 != first.sha256
+    assert retrained.slide_sha256 == first.slide_sha256  # same networks: same processed slides
+    tiny.path = tmp_path / "other-cells"
+    other = tiny.write(cells=CellsSpec(min_object_px=300))
+    assert other.slide_sha256 != first.slide_sha256
+
+
+def test_a_bundle_of_networks_without_heads_loads(tiny: TinyBundle) -> None:
+    bare = tiny.write(heads=[], sources={"encoder.onnx": tiny.sources["encoder.onnx"]})
+    assert bare.heads == () and bare.heads_for("scans") == ()

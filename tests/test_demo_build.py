@@ -1,20 +1,14 @@
 from __future__ import annotations
 
-import numpy as np
 import pytest
 
-from cytoedge_demo.builder import DemoRecipe, train_demo_head
+from cytoedge_demo.builder import check_left_out
 
 
-def _bags(count: int, rng: np.random.Generator) -> list[np.ndarray]:
-    return [rng.standard_normal((20, 8)).astype(np.float32) for _ in range(count)]
-
-
-def test_head_training_refuses_when_many_slides_gave_no_cells() -> None:
-    rng = np.random.default_rng(0)
-    recipe = DemoRecipe(train_slides=10, val_slides=5, test_slides=5, head_epochs=1)
-    kept = {"train": 6, "val": 4, "test": 4}  # 6 of 20 slides lost: a segmenter that failed
-    bags = {split: _bags(n, rng) for split, n in kept.items()}
-    labels = {split: (rng.random((n, 4)) < 0.5).astype(np.float32) for split, n in kept.items()}
-    with pytest.raises(RuntimeError, match="6 of 20 synthetic slides gave no cells"):
-        train_demo_head(bags, labels, recipe, lambda stage, fraction: None)
+def test_the_build_refuses_when_many_cases_gave_no_cells() -> None:
+    left_out = {
+        f"MM-train-{i:03d}": "too few cells: 0 (the bundle needs at least 20)" for i in range(6)
+    }
+    with pytest.raises(RuntimeError, match="6 of 20 synthetic cases gave no usable cells"):
+        check_left_out(left_out, 20)
+    check_left_out(dict(list(left_out.items())[:2]), 20)  # a couple: the build goes on

@@ -179,8 +179,9 @@ def test_bad_sections_and_sections_are_named(exports: dict[str, Path], tmp_path:
     write_json(exports["sections"], {"heads": []})
     with pytest.raises(AssemblyError, match="unknown section"):
         assemble(exports, tmp_path / "b2")
-    with pytest.raises(AssemblyError, match="at least one head"):
-        assemble(exports, tmp_path / "b3", head_dirs=[], sections_file=None)
+    # No heads: the networks alone, the version cytoedge train starts from.
+    bare = assemble(exports, tmp_path / "b3", head_dirs=[], sections_file=None)
+    assert bare.heads == () and bare.encoder.embed_dim > 0  # type: ignore[attr-defined]
     made = assemble(exports, tmp_path / "b4", segmenter_dir=None, sections_file=None)
     # Without a qc section a new bundle carries the current QC (blur judged at 0.5 um/px).
     assert made.segmenter is None and made.qc == QcSpec.current()  # type: ignore[attr-defined]

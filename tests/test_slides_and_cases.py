@@ -304,3 +304,26 @@ def test_shared_networks_open_the_segmenter_once_for_every_scan(
     with SlideNetworks(bundle) as cells_only:
         process_slide(pb_folders / "P0001", cells_only, cache_dir=tmp_path)
     assert len(opened) == 1
+
+
+def test_a_case_runs_only_the_heads_for_its_inputs(
+    tiny: tuple[TinyBundle, Bundle], pb_folders: Path, tmp_path: Path
+) -> None:
+    made, _ = tiny
+    mm, pb = made.heads
+    made.path = tmp_path / "by-inputs"
+    bundle = made.write(
+        heads=[
+            dataclasses.replace(mm, inputs=("scans",)),
+            dataclasses.replace(pb, inputs=("cells",)),
+        ]
+    )
+    slide = process(pb_folders / "P0001", bundle, tmp_path)
+    case = score_case("blood", [slide], bundle, tmp_path / "out", write_pdf=False)
+    assert [h.name for h in case.result.heads] == ["pb_screen"]
+    made.path = tmp_path / "scans-only"
+    scans_only = made.write(heads=[dataclasses.replace(mm, inputs=("scans",))])
+    slide = process(pb_folders / "P0001", scans_only, tmp_path)
+    case = score_case("blood", [slide], scans_only, tmp_path / "out2", write_pdf=False)
+    assert case.result.status == "abstained" and case.result.heads == ()
+    assert case.result.abstain_reason == "no head of bundle tiny 1.0 scores single-cell folders"

@@ -54,7 +54,7 @@ def _with_colour_key(image: Image.Image) -> Image.Image:
     bar = attention_colours(np.linspace(0, 1, 160))[None, :, :].repeat(10, axis=0)
     canvas.paste(Image.fromarray(bar), (40, image.height + 9))
     draw = ImageDraw.Draw(canvas)
-    font = _font(11)
+    font = label_font(11)
     draw.text((4, image.height + 8), "low", fill="black", font=font)
     draw.text((204, image.height + 8), "high", fill="black", font=font)
     return canvas
@@ -69,7 +69,7 @@ def render_gallery(
     caption_h = 30
     canvas = Image.new("RGB", (columns * cell_px, rows * (cell_px + caption_h)), "white")
     draw = ImageDraw.Draw(canvas)
-    font = _font(11)
+    font = label_font(11)
     for index, patch in enumerate(patches):
         row, col = divmod(index, columns)
         x, y = col * cell_px, row * (cell_px + caption_h)
@@ -81,7 +81,7 @@ def render_gallery(
     return canvas
 
 
-def _font(size: int) -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
+def label_font(size: int) -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
     try:
         return ImageFont.load_default(size=size)
     except (TypeError, OSError):  # Pillow built without FreeType: fixed bitmap font

@@ -34,7 +34,7 @@ class PipelineEngine:
         cfg = self.config
         if not use_cache:  # a re-score asked for: the slide is processed from scratch
             fingerprint = fingerprint or scan_fingerprint(path)
-            entry = slide_cache.entry_dir(cfg.cache_dir, fingerprint, self.bundle.sha256)
+            entry = slide_cache.entry_dir(cfg.cache_dir, fingerprint, self.bundle.slide_sha256)
             shutil.rmtree(entry, ignore_errors=True)
         result = process_slide(
             path,

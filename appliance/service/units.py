@@ -171,6 +171,21 @@ def _units_in(
         yield Unit(path, key, single, kind, case_dir, extras)
 
 
+def scans_at(path: Path) -> list[Path]:
+    """The scans a path names, as the pipeline takes them: a file, a cell folder, a
+    field folder or a DICOM WSI folder is one scan; any other folder is a case folder,
+    whose scans are those the inbox would find in it (a cases table's ``scans`` column)."""
+    if not path.is_dir():
+        return [path]
+    root = path.resolve()
+    kind = folder_layout(path, [Path(e.path) for e in _entries(path, root)])
+    if kind is Layout.FOLDER_OF_FILES:
+        return [scan_members(path).path]
+    if kind is not None:
+        return [path]
+    return [unit.path for unit in _units_in(path, root, path.name, None)]
+
+
 def discover(inbox: Path, pattern: re.Pattern[str] | None = None) -> Discovery:
     """Every unit in the inbox and the cases marked complete; touches nothing."""
     root = inbox.resolve()

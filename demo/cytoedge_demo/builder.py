@@ -1,4 +1,5 @@
-"""The demo bundle: real architectures, weights made here, trained on synthetic smears.
+"""The demo bundle: real architectures, weights made here, heads trained the way a site
+trains its own (``cytoedge train``), on labelled synthetic cases.
 
 Built once and cached (``cytoedge demo`` reuses a bundle that loads and verifies):
 
@@ -9,20 +10,24 @@ Built once and cached (``cytoedge demo`` reuses a bundle that loads and verifies
    seeded random weights. timm initialises LayerScale at 1e-5, which makes
    every block nearly the identity; it is re-drawn in [0.2, 1.0] so that all
    blocks shape the embedding (docs/ENVIRONMENT.md). Exported to ONNX (+ int8
-   when export.int8 accepts it).
-3. Synthetic slides with hidden marker labels go through the appliance's own
-   slide pipeline (``appliance.slides.process_slide``: QC, stain, StarDist,
-   cells, encoder) with a first bundle that holds an untrained head; the
-   gated-attention MIL head is trained on those embeddings
-   (export.train_heads), thresholds by Youden on a validation split, and its
-   AUC measured on held-out test slides: the proof that the signal flows from
-   pixels to calls. ``intended_use`` is "demo".
+   when export.int8 accepts it). With the segmenter, the stain reference and
+   the slide parameters it makes a bundle without heads (version 0).
+3. Labelled synthetic cohorts, written as a site hands them over
+   (``cytoedge_demo.cohort``: myeloma smears with hidden marker labels,
+   peripheral-blood single-cell folders of the eight classes, a cases table for
+   training and one for held-out validation).
+4. ``export.train_bundle`` (what ``cytoedge train`` runs) embeds the training
+   cases with the appliance's own slide pipeline and the version-0 networks and
+   cross-validates both heads: the demo bundle is the version it writes, with its
+   out-of-fold report. ``appliance.validation`` (what ``cytoedge validate`` runs)
+   then scores the held-out cases. ``intended_use`` is "demo".
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import os
 import re
 import shutil
 import subprocess
@@ -35,16 +40,19 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from rich.console import Console
 
+from appliance.cohort import PipelineSettings
 from appliance.config import Config
 from cytoedge_demo import synthetic
+from runtime.backends import RuntimeSettings
 from runtime.bundle import Bundle, BundleError, load_bundle
 
 DEMO_NAME = "cytoedge-demo"
+FEATURES_VERSION = "0"  # the networks alone; training writes the next version
 DEMO_VERSION = "1"
-HEAD_NAME = "myeloma"
-HIGH_RISK = ("del(17p)", "t(4;14)")
 INDETERMINATE_BAND = 0.05
+TRAINING = "training"  # the provenance key train writes
 log = logging.getLogger(__name__)
 Progress = Callable[[str, float], None]
 
@@ -56,93 +64,85 @@ class DemoRecipe:
     encoder_arch: str = "vit_small"
     encoder_depth: int = 0  # 0: the architecture's own; fewer blocks only for test fixtures
     seed: int = 20261127
-    train_slides: int = 32
-    val_slides: int = 12
-    test_slides: int = 16
+    mm_train_cases: int = 44  # cross-validated
+    mm_holdout_cases: int = 12  # scored by the trained bundle, as cytoedge validate does
+    pb_train_patients: int = 48  # the eight classes in equal numbers
+    pb_holdout_patients: int = 8
+    pb_cells: int = 24  # crops per patient (a Metafer export has up to 500)
     slide_px: int = 768  # a square field at 0.25 um/px (~65 cells kept when dense)
     nucleated_per_mm2: float = 2400.0  # dense, so that a small field holds enough cells
     plasma_fraction: float = 0.6
+    min_cells: int = 20  # the bundle's cells.min_cells: a demo patient's folder holds 24
     segmenter_tiles: int = 40
     segmenter_epochs: int = 16  # at 10 its detection confidence can stay below the cells filter
     segmenter_steps: int = 40
+    folds: int = 5
     head_epochs: int = 60
     head_bags_per_step: int = 4  # a few dozen bags: more, smaller steps than the paper's 16
+    pb_epochs: int = 80
     int8: bool = True
     threads: int = 0
     tags: dict[str, str] = field(default_factory=dict)
 
 
-def _noop(stage: str, fraction: float) -> None:
-    """Ignore progress."""
-
-
 def demo_bundle_is_current(path: Path) -> Bundle | None:
-    """The cached demo bundle when it loads, verifies and is a demo bundle; else None."""
+    """The cached demo bundle when it loads, verifies and was trained as a site trains
+    (its provenance says so); else None."""
     try:
         bundle = load_bundle(path)
     except BundleError as exc:
         if (path / "bundle.json").exists():
             log.warning("demo bundle at %s is unusable, rebuilding: %s", path, exc)
         return None
-    return bundle if bundle.is_demo and bundle.name == DEMO_NAME else None
+    if not (bundle.is_demo and bundle.name == DEMO_NAME):
+        return None
+    if TRAINING not in bundle.provenance:
+        log.warning("demo bundle at %s predates cytoedge train, rebuilding", path)
+        return None
+    return bundle
 
 
 def build_demo_bundle(
     destination: Path,
     recipe: DemoRecipe | None = None,
-    progress: Progress = _noop,
+    console: Console | None = None,
     *,
     segmenter: Path | None = None,
+    reports: Path | None = None,
 ) -> Bundle:
     """Build the demo bundle into ``destination`` (replacing what is there).
 
     ``segmenter``: a folder ``cytoedge export segmenter`` wrote (segmenter.json and
-    its ONNX file) to use instead of training one with the recipe.
+    its ONNX file) to use instead of training one with the recipe. ``reports``: where
+    the training and validation reports go (``training/``, ``validation/``); none:
+    they are discarded with the build's other files.
     """
     recipe = recipe or DemoRecipe()
+    console = console or Console(stderr=True, quiet=True)
     destination = Path(destination)
     destination.parent.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix=".demo-build-", dir=destination.parent))
+    reports = reports or work / "reports"
     started = time.perf_counter()
     try:
-        if segmenter is None:
-            seg = train_segmenter(work / "segmenter", recipe, progress)
-        else:
-            seg = exported_segmenter(Path(segmenter))
-        encoder_info = export_demo_encoder(work / "encoder", recipe, progress)
-        stain = stain_reference(recipe)
-        untrained = _untrained_head(work / "untrained", encoder_info["embed_dim"], recipe)
-        stage1 = _write(
-            work / "stage1", recipe, seg, encoder_info, stain, untrained, {"stage": "features"}
-        )
-        bags, labels = embed_synthetic_slides(work / "slides", stage1, recipe, progress)
-        trained = train_demo_head(bags, labels, recipe, progress)
-        heads_dir = work / "heads"
-        from export.onnx_export import export_heads
+        from appliance.score_cli import StageBars, new_progress
 
-        paths, reports = export_heads([trained["model"]], heads_dir, HEAD_NAME)
-        head = {
-            "files": {f"heads/{p.name}": p for p in paths},
-            "thresholds": trained["thresholds"],
-            "parity": [r.metrics for r in reports],
-        }
-        provenance = {
-            "demo": "weights made here from seeded random initialisation and synthetic smears",
-            "recipe": asdict(recipe),
-            "segmenter": seg["provenance"],
-            "encoder": encoder_info["provenance"],
-            "heads": {
-                "validation_auc": trained["validation_auc"],
-                "test_auc": trained["test_auc"],
-                "test_slides": len(labels["test"]),
-                "epochs_run": trained["epochs_run"],
-                "parity": head["parity"],
-            },
-            "build_seconds": round(time.perf_counter() - started, 1),
-        }
-        bundle = _write(destination, recipe, seg, encoder_info, stain, head, provenance)
-        progress("bundle", 1.0)
-        return bundle
+        with new_progress(console) as bars:
+            progress = StageBars(bars, "build: ")
+            if segmenter is None:
+                seg = train_segmenter(work / "segmenter", recipe, progress)
+            else:
+                seg = exported_segmenter(Path(segmenter))
+            encoder_info = export_demo_encoder(work / "encoder", recipe, progress)
+            features = _write_features(
+                work / "features", recipe, seg, encoder_info, stain_reference(recipe)
+            )
+            tables = write_demo_cohorts(work / "cohort", recipe, progress)
+        trained = train_demo_heads(work, features, tables["train"], recipe, console, reports)
+        if "holdout" in tables:
+            validate_demo_bundle(work, trained, tables["holdout"], recipe, console, reports)
+        log.info("demo bundle built in %.0f s", time.perf_counter() - started)
+        return _move_into_place(trained, destination)
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
@@ -316,160 +316,127 @@ def stain_reference(recipe: DemoRecipe) -> dict[str, Any]:
     return {**values, "extra": {"background": background}}
 
 
-# --- 3. heads -------------------------------------------------------------------------
+# --- 3. labelled cohorts, training, validation ---------------------------------------------
 
 
-def _untrained_head(out_dir: Path, dim: int, recipe: DemoRecipe) -> dict[str, Any]:
-    """A head with random weights: only so the feature-extraction bundle is complete."""
-    import torch
+def write_demo_cohorts(folder: Path, recipe: DemoRecipe, progress: Progress) -> dict[str, Path]:
+    """The training and held-out cases tables (a split without cases has none)."""
+    from cytoedge_demo.cohort import CohortSizes, write_cohorts
 
-    from export.heads import build_head
-    from export.onnx_export import export_heads
-
-    torch.manual_seed(recipe.seed)
-    model = build_head("gated_attention_mil", {"in_dim": dim, "tasks": list(synthetic.MARKERS)})
-    paths, _ = export_heads([model], out_dir, HEAD_NAME, bag_lengths=(1, 7))
-    return {
-        "files": {f"heads/{p.name}": p for p in paths},
-        "thresholds": dict.fromkeys(synthetic.MARKERS, 0.5),
-    }
-
-
-def synthetic_specs(recipe: DemoRecipe) -> dict[str, list[synthetic.SmearSpec]]:
-    """Balanced hidden labels per split: each marker positive on about half the slides."""
-    rng = np.random.default_rng(recipe.seed)
-    specs: dict[str, list[synthetic.SmearSpec]] = {}
-    counts = {"train": recipe.train_slides, "val": recipe.val_slides, "test": recipe.test_slides}
-    seed = recipe.seed * 1000
-    for split, count in counts.items():
-        columns = [rng.permutation(np.arange(count) % 2 == 0) for _ in synthetic.MARKERS]
-        specs[split] = []
-        for i in range(count):
-            seed += 1
-            labels = {m: bool(columns[t][i]) for t, m in enumerate(synthetic.MARKERS)}
-            specs[split].append(
-                synthetic.SmearSpec(
-                    width=recipe.slide_px,
-                    height=recipe.slide_px,
-                    seed=seed,
-                    labels=labels,
-                    nucleated_per_mm2=recipe.nucleated_per_mm2,
-                    plasma_fraction=recipe.plasma_fraction,
-                )
-            )
-    return specs
-
-
-def embed_synthetic_slides(
-    folder: Path, bundle: Bundle, recipe: DemoRecipe, progress: Progress
-) -> tuple[dict[str, list[np.ndarray]], dict[str, np.ndarray]]:
-    """Write each synthetic slide and run the appliance's slide pipeline on it."""
-    from appliance.networks import SlideNetworks
-    from appliance.slides import process_slide
-    from runtime.backends import RuntimeSettings
-
-    folder.mkdir(parents=True)
-    specs = synthetic_specs(recipe)
-    total = sum(len(v) for v in specs.values())
-    done = 0
-    bags: dict[str, list[np.ndarray]] = {}
-    labels: dict[str, np.ndarray] = {}
-    # One encoder and one segmenter session for every slide.
-    with SlideNetworks(bundle, RuntimeSettings(threads=recipe.threads)) as networks:
-        for split, split_specs in specs.items():
-            bags[split], rows = [], []
-            for spec in split_specs:
-                path = folder / f"{split}-{spec.seed}.tif"
-                synthetic.write_smear(path, spec)
-                slide = process_slide(path, networks, cache_dir=folder / "cache")
-                if slide.n_cells == 0:
-                    log.warning("synthetic slide %s gave no cells; left out", path.name)
-                else:
-                    bags[split].append(slide.cells().embeddings)
-                    rows.append([float(spec.labels[m]) for m in synthetic.MARKERS])  # type: ignore[index]
-                path.unlink()
-                done += 1
-                progress("synthetic slides", done / total)
-            labels[split] = np.asarray(rows, np.float32)
-    return bags, labels
-
-
-def train_demo_head(
-    bags: dict[str, list[np.ndarray]],
-    labels: dict[str, np.ndarray],
-    recipe: DemoRecipe,
-    progress: Progress,
-) -> dict[str, Any]:
-    from export.train_heads import HeadRecipe, auc, predict_bags, train_gated_mil
-
-    empty = [split for split in ("train", "val", "test") if not bags[split]]
-    if empty:
-        raise RuntimeError(
-            f"no {'/'.join(empty)} slide gave cells: the segmenter found none it trusts"
-        )
-    # Every demo slide is dense: slides without cells mean the segmenter's detections
-    # fail the cells filters (typically its confidence), and AUCs on what is left mislead.
-    total = recipe.train_slides + recipe.val_slides + recipe.test_slides
-    missing = total - sum(len(bags[split]) for split in ("train", "val", "test"))
-    if missing > max(2, total // 10):
-        raise RuntimeError(
-            f"{missing} of {total} synthetic slides gave no cells: the segmenter's detections "
-            "do not pass the cells filters (e.g. min_confidence); train it longer"
-        )
-    head_recipe = HeadRecipe(
-        epochs=recipe.head_epochs,
-        bags_per_step=recipe.head_bags_per_step,
-        seed=recipe.seed % 10_000,
+    sizes = CohortSizes(
+        mm_cases={"train": recipe.mm_train_cases, "holdout": recipe.mm_holdout_cases},
+        pb_patients={"train": recipe.pb_train_patients, "holdout": recipe.pb_holdout_patients},
+        pb_cells=recipe.pb_cells,
+        slide_px=recipe.slide_px,
+        nucleated_per_mm2=recipe.nucleated_per_mm2,
+        plasma_fraction=recipe.plasma_fraction,
+        seed=recipe.seed,
     )
-    trained = train_gated_mil(
-        bags["train"],
-        labels["train"],
-        bags["val"],
-        labels["val"],
-        synthetic.MARKERS,
-        head_recipe,
-        progress=lambda done, total: progress("heads", done / total),
+    progress("synthetic cases", 0.0)
+    tables = write_cohorts(folder, sizes, lambda fraction: progress("synthetic cases", fraction))
+    holdout = recipe.mm_holdout_cases + recipe.pb_holdout_patients
+    return tables if holdout else {"train": tables["train"]}
+
+
+def _pipeline(work: Path, recipe: DemoRecipe) -> PipelineSettings:
+    return PipelineSettings(work / "cache", RuntimeSettings(threads=recipe.threads))
+
+
+def train_demo_heads(
+    work: Path, features: Bundle, table: Path, recipe: DemoRecipe, console: Console, reports: Path
+) -> Bundle:
+    """``cytoedge train`` on the training table, from the version-0 networks."""
+    from appliance.cases_table import read_cases_table
+    from appliance.validation.summary import print_summary
+    from export.train_bundle import TrainOptions, train_bundle
+    from export.train_gated import GatedRecipe
+    from export.train_transformer import TransformerRecipe
+
+    cases = read_cases_table(table)
+    console.print(f"cytoedge train: {len(cases)} synthetic cases ({table.name})")
+    seed = recipe.seed % 10_000
+    options = TrainOptions(
+        folds=recipe.folds,
+        indeterminate_band=INDETERMINATE_BAND,
+        seed=seed,
+        gated=GatedRecipe(
+            epochs=recipe.head_epochs, bags_per_step=recipe.head_bags_per_step, seed=seed
+        ),
+        transformer=TransformerRecipe(epochs=recipe.pb_epochs, seed=seed),
     )
-    test = predict_bags(trained.model, bags["test"])
-    test_auc = {
-        task: auc(test[:, t], labels["test"][:, t]) for t, task in enumerate(synthetic.MARKERS)
-    }
-    log.info("demo head: validation AUC %s, test AUC %s", trained.validation_auc, test_auc)
-    return {
-        "model": trained.model,
-        "thresholds": _open_interval(trained.thresholds),
-        "validation_auc": trained.validation_auc,
-        "test_auc": test_auc,
-        "epochs_run": trained.epochs_run,
-    }
+    result = train_bundle(
+        cases,
+        features,
+        _pipeline(work, recipe),
+        console,
+        destination=work / "trained",
+        version=DEMO_VERSION,
+        report_folder=reports / "training",
+        options=options,
+    )
+    check_left_out(result.left_out, len(cases))
+    print_summary(result.report, console)
+    seconds = result.seconds
+    console.print(
+        f"Training report {result.files.html}: embedding {seconds['embedding']:.0f} s, "
+        f"head training {seconds['heads']:.0f} s, export {seconds['export']:.0f} s"
+    )
+    return result.bundle
 
 
-def _open_interval(thresholds: dict[str, float]) -> dict[str, float]:
-    """Bundle thresholds must lie strictly inside (0, 1)."""
-    return {k: float(np.clip(v, 1e-3, 1 - 1e-3)) for k, v in thresholds.items()}
+def check_left_out(left_out: dict[str, str], total: int) -> None:
+    """Every demo case is dense: many cases without cells mean the segmenter's detections
+    fail the cells filters (typically its confidence), and figures on the rest mislead."""
+    if len(left_out) > max(2, total // 10):
+        raise RuntimeError(
+            f"{len(left_out)} of {total} synthetic cases gave no usable cells: the segmenter's "
+            "detections do not pass the cells filters (e.g. min_confidence); train it longer"
+        )
+
+
+def validate_demo_bundle(
+    work: Path, bundle: Bundle, table: Path, recipe: DemoRecipe, console: Console, reports: Path
+) -> None:
+    """``cytoedge validate`` on the held-out table."""
+    from appliance.cases_table import read_cases_table
+    from appliance.validation.run import validate_bundle
+    from appliance.validation.summary import print_summary
+
+    cases = read_cases_table(table)
+    console.print(f"cytoedge validate: {len(cases)} held-out synthetic cases ({table.name})")
+    run = validate_bundle(
+        bundle, cases, _pipeline(work, recipe), console, folder=reports / "validation"
+    )
+    print_summary(run.report, console)
+    console.print(f"Validation report {run.files.html}")
+
+
+def _move_into_place(bundle: Bundle, destination: Path) -> Bundle:
+    """The trained version replaces whatever demo bundle was at ``destination``."""
+    if destination.exists():
+        retired = destination.with_name(f".{destination.name}.old-{os.getpid()}")
+        os.replace(destination, retired)
+        os.replace(bundle.path, destination)
+        shutil.rmtree(retired, ignore_errors=True)
+    else:
+        os.replace(bundle.path, destination)
+    return load_bundle(destination)
 
 
 # --- bundle ---------------------------------------------------------------------------
 
 
-def _write(
+def _write_features(
     destination: Path,
     recipe: DemoRecipe,
     seg: dict[str, Any],
     encoder_info: dict[str, Any],
     stain: dict[str, Any],
-    head: dict[str, Any],
-    provenance: dict[str, Any],
 ) -> Bundle:
-    from runtime.bundle import (
-        EncoderSpec,
-        HeadSpec,
-        SegmenterSpec,
-        StainReference,
-        write_bundle,
-    )
+    """Version 0: the encoder, segmenter and slide parameters, no heads yet."""
+    from runtime.bundle import CellsSpec, EncoderSpec, SegmenterSpec, StainReference, write_bundle
 
-    sources: dict[str, Path] = {"segmenter.onnx": seg["file"], **head["files"]}
+    sources: dict[str, Path] = {"segmenter.onnx": seg["file"]}
     variants = {}
     for variant, path in encoder_info["files"].items():
         name = "encoder.onnx" if variant == "fp32" else f"encoder.{variant}.onnx"
@@ -480,7 +447,7 @@ def _write(
     return write_bundle(
         destination,
         name=DEMO_NAME,
-        version=DEMO_VERSION,
+        version=FEATURES_VERSION,
         intended_use="demo",
         sources=sources,
         encoder=EncoderSpec(
@@ -489,20 +456,16 @@ def _write(
             variants=variants,
             int8_note=encoder_info["int8_note"],
         ),
-        heads=[
-            HeadSpec(
-                name=HEAD_NAME,
-                kind="gated_attention_mil",
-                files=tuple(head["files"]),
-                thresholds=head["thresholds"],
-                indeterminate_band=INDETERMINATE_BAND,
-                extra={"tasks": list(synthetic.MARKERS), "high_risk": list(HIGH_RISK)},
-            )
-        ],
+        heads=[],
         segmenter=_segmenter_spec(SegmenterSpec, section),
         stain_reference=StainReference(**stain),
-        provenance=provenance,
-        overwrite=True,
+        cells=CellsSpec(min_cells=recipe.min_cells),
+        provenance={
+            "demo": "weights made here from seeded random initialisation and synthetic smears",
+            "recipe": asdict(recipe),
+            "segmenter": seg["provenance"],
+            "encoder": encoder_info["provenance"],
+        },
     )
 
 
@@ -514,13 +477,16 @@ def _segmenter_spec(spec_type: type, section: dict[str, Any]) -> Any:
     return spec_type(**values)
 
 
-def write_demo_scans(folder: Path, seed: int = 7, size: int = 1280) -> dict[str, list[Path]]:
-    """Demo scans: three smears of one patient (a case) and a blurred one QC rejects."""
+def write_demo_scans(
+    folder: Path, seed: int = 7, size: int = 1280, pb_cells: int = DemoRecipe.pb_cells
+) -> dict[str, list[Path]]:
+    """Demo scans: three smears of one myeloma patient (a case), the single-cell folder
+    of one peripheral-blood patient, and a blurred smear QC rejects."""
     folder.mkdir(parents=True, exist_ok=True)
     labels = {"del(17p)": True, "t(4;14)": False, "t(11;14)": False, "gain(1q)": True}
     case_dir = folder / "patient-001"
     case_dir.mkdir(exist_ok=True)
-    written: dict[str, list[Path]] = {"case": [], "blurred": []}
+    written: dict[str, list[Path]] = {"case": [], "cells": [], "blurred": []}
     for index in range(3):
         path = case_dir / f"smear-{index + 1}.tif"
         if not path.is_file():
@@ -534,6 +500,10 @@ def write_demo_scans(folder: Path, seed: int = 7, size: int = 1280) -> dict[str,
             )
             synthetic.write_smear(path, spec)
         written["case"].append(path)
+    cells = folder / "blood-001"
+    if not (cells / "P0001" / ".ready").is_file():
+        synthetic.write_cell_folders(cells, 1, pb_cells, seed=seed, classes=["acute leukemia"])
+    written["cells"].append(cells / "P0001")
     blurred = folder / "blurred-smear.tif"
     if not blurred.is_file():
         spec = synthetic.SmearSpec(width=size, height=size, seed=seed + 10, variant="blurred")
@@ -558,27 +528,55 @@ def _demo_target(config: Config) -> Path:
     return fallback if fallback != target else config.data_dir / "bundles" / DEMO_NAME
 
 
-def run_demo(config: Config, *, rebuild: bool = False) -> int:
-    """Build (once) the demo bundle and scans, score them, say where the results are."""
-    from rich.console import Console
+def out_of_fold_summary(bundle: Bundle) -> str:
+    """The training's out-of-fold figures in one line per head, from the provenance."""
+    lines = []
+    for name, head in bundle.provenance.get(TRAINING, {}).get("heads", {}).items():
+        figures = head.get("out_of_fold", {})
+        parts = [
+            f"{task} AUC {values['auc']:.3f}"
+            for task, values in figures.get("tasks", {}).items()
+            if values.get("auc") is not None
+        ]
+        classes = figures.get("classes")
+        if classes and classes.get("macro_recall") is not None:
+            parts.append(f"macro recall {classes['macro_recall']:.3f}, top-2 {classes['top2']:.3f}")
+        lines.append(f"{name} ({head.get('cases', '?')} cases): {', '.join(parts)}")
+    return "; ".join(lines)
 
-    from appliance.score_cli import StageBars, new_progress, print_table, score_inputs
+
+def run_demo(config: Config, *, rebuild: bool = False) -> int:
+    """Build (once) the demo bundle and scans, score them, say where the results are.
+
+    The console shows the bars and tables; the log lines go to the log file only."""
+    from appliance.logs import console_only_warnings
+
+    with console_only_warnings():
+        return _run_demo(config, rebuild)
+
+
+def _run_demo(config: Config, rebuild: bool) -> int:
+    from appliance.score_cli import print_table, score_inputs
 
     console = Console(stderr=True)
     target = _demo_target(config)
     bundle = None if rebuild else demo_bundle_is_current(target)
+    reports = config.data_dir / "demo" / "reports"
     if bundle is None:
-        console.print(f"Building the demo bundle in {target} (once; about 15 min on 2 cores)")
-        with new_progress(console) as progress:
-            bundle = build_demo_bundle(target, progress=StageBars(progress, "build: "))
-    metrics = bundle.provenance.get("heads", {})
-    console.print(
-        f"Demo bundle {bundle.path}: held-out test AUC per marker "
-        + ", ".join(f"{k} {v:.3f}" for k, v in metrics.get("test_auc", {}).items())
-        + f" on {metrics.get('test_slides', '?')} synthetic slides"
-    )
+        console.print(
+            f"Building the demo bundle in {target} (once; about 15 min on 2 cores): "
+            "cytoedge train on synthetic cases, then cytoedge validate on held-out ones"
+        )
+        shutil.rmtree(reports, ignore_errors=True)
+        bundle = build_demo_bundle(target, console=console, reports=reports)
+    console.print(f"Demo bundle {bundle.path}, out of fold: {out_of_fold_summary(bundle)}")
+    console.print(f"Training and validation reports: {reports}")
     scans = write_demo_scans(config.data_dir / "demo")
-    groups = [("demo-patient-001", scans["case"]), ("demo-blurred", scans["blurred"])]
+    groups = [
+        ("demo-patient-001", scans["case"]),
+        ("demo-blood-001", scans["cells"]),
+        ("demo-blurred", scans["blurred"]),
+    ]
     run = score_inputs(groups, bundle, config, console)
     print_table(run, Console())
     for case in run.cases:

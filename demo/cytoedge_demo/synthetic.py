@@ -54,7 +54,7 @@ import json
 import math
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -732,12 +732,18 @@ def _single_cell(rng: np.random.Generator, kind: str, side: int, seed: int) -> n
 
 
 def write_cell_folders(
-    root: Path | str, n_patients: int, cells_per_patient: int = 100, seed: int = 0
+    root: Path | str,
+    n_patients: int,
+    cells_per_patient: int = 100,
+    seed: int = 0,
+    classes: Sequence[str] | None = None,
 ) -> dict[str, str]:
     """PB patient folders ``root/P0001/cell_0000.tif ...`` (144x144 RGB TIFF) + ``.ready``.
 
-    Returns {patient id: class}; the same mapping is written to ``root/labels.json``
-    (outside the patient folders, so the pipeline never sees it).
+    Each patient's class is drawn from ``PB_CLASSES``, or is ``classes[i]`` for patient i
+    when given (a balanced cohort). Returns {patient id: class}; the same mapping is
+    written to ``root/labels.json`` (outside the patient folders, so the pipeline never
+    sees it).
     """
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
@@ -745,7 +751,8 @@ def write_cell_folders(
     labels: dict[str, str] = {}
     for p in range(n_patients):
         patient = f"P{p + 1:04d}"
-        cls = PB_CLASSES[int(rng.integers(0, len(PB_CLASSES)))]
+        drawn = PB_CLASSES[int(rng.integers(0, len(PB_CLASSES)))]
+        cls = drawn if classes is None else classes[p]
         mixture = _PB_MIXTURES[cls]
         names, probs = list(mixture), np.array(list(mixture.values()))
         folder = root / patient

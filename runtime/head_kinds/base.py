@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
@@ -55,6 +55,19 @@ class Finding:
 class Interpretation:
     predictions: tuple[Prediction, ...]
     findings: tuple[Finding, ...]
+
+
+@dataclass(frozen=True)
+class Truth:
+    """What a labelled case says about one head's outputs (training and validation)."""
+
+    tasks: dict[str, bool]  # the truth of each prediction task the labels decide
+    label: str | None = None  # the case's class, for a head whose outputs are exclusive classes
+    values: dict[str, float] = field(default_factory=dict)  # per finding key with a value
+
+
+# A labelled case's labels by name: a task's 0 / 1 as bool, a class as str, a value as float.
+Labels = Mapping[str, bool | str | float]
 
 
 def call(probability: float, threshold: float, band: float) -> str:
@@ -115,6 +128,16 @@ class HeadKind(Registered, ABC):
     ) -> Interpretation:
         """Calls and findings from the calibrated probabilities and the members' mean of
         each further output the kind declares in ``model_outputs``."""
+
+    def truth(self, spec: HeadSpec, labels: Labels) -> Truth:
+        """The truth of each prediction task whose name is a label of the case (a
+        kind whose tasks are derived, or which has classes or values, says more)."""
+        tasks = {}
+        for task in spec.thresholds:
+            value = labels.get(task)
+            if isinstance(value, bool):
+                tasks[task] = value
+        return Truth(tasks)
 
     def labelled(self, spec: HeadSpec) -> set[str]:
         """Names ``labels`` may give display names to."""

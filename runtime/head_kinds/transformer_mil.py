@@ -14,10 +14,13 @@ from runtime.head_kinds.base import (
     Finding,
     HeadKind,
     Interpretation,
+    Labels,
+    Truth,
     check_subset,
     clipped,
     predict,
 )
+from runtime.labels import DIAGNOSIS, HEMOGLOBIN
 from runtime.typed_json import SpecError
 
 if TYPE_CHECKING:
@@ -72,6 +75,21 @@ class TransformerMil(HeadKind):
         scaled = np.log(clipped(probabilities)) / float(spec.calibration["temperature"])
         scaled = np.exp(scaled - scaled.max())
         return scaled / scaled.sum()
+
+    def truth(self, spec: HeadSpec, labels: Labels) -> Truth:
+        """The case's diagnosis is its class; malignancy follows from the bundle's
+        malignant classes; its hemoglobin is the regression's truth."""
+        params: TransformerMilParams = self.params(spec)
+        diagnosis = labels.get(DIAGNOSIS)
+        label = diagnosis if isinstance(diagnosis, str) and diagnosis in params.classes else None
+        tasks = {}
+        if label is not None and params.malignant_classes:
+            tasks[MALIGNANCY] = label in params.malignant_classes
+        hemoglobin = labels.get(HEMOGLOBIN)
+        values = {}
+        if isinstance(hemoglobin, float | int) and not isinstance(hemoglobin, bool):
+            values["hemoglobin"] = float(hemoglobin)
+        return Truth(tasks, label, values)
 
     def interpret(
         self, spec: HeadSpec, probabilities: Mapping[str, float], extra: Mapping[str, np.ndarray]

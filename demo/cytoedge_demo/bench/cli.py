@@ -180,3 +180,17 @@ def soak(
     )
     print_report(report, console)
     raise typer.Exit(0 if report.failures == 0 and report.exit_code == 0 else 1)
+
+
+@bench_app.command()
+def heads(
+    cases: Annotated[int, typer.Option(min=10, help="Cases in the synthetic cohort.")] = 300,
+    mm_cells: Annotated[int, typer.Option(min=1, help="Cells per myeloma bag.")] = 300,
+    pb_cells: Annotated[int, typer.Option(min=1, help="Cells per blood bag.")] = 200,
+    epochs: Annotated[int, typer.Option(min=1, help="Epochs timed per member.")] = 3,
+    folds: Annotated[int, typer.Option(min=2, help="Folds of the projected training.")] = 5,
+) -> None:
+    """Head training on cached embeddings: s/epoch on torch's threads vs the recipe's."""
+    from cytoedge_demo.bench.heads import run_heads_bench
+
+    run_heads_bench(cases, mm_cells, pb_cells, epochs, folds)

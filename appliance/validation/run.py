@@ -1,0 +1,71 @@
+"""``cytoedge validate``'s work: a labelled cases table scored with a bundle, the report."""
+
+from __future__ import annotations
+
+import datetime
+from dataclasses import dataclass
+from pathlib import Path
+
+from rich.console import Console
+
+from appliance import metrics
+from appliance.cases_table import CasesTable
+from appliance.cohort import CohortCase, PipelineSettings, process_cohort
+from appliance.config import Config
+from appliance.networks import SlideNetworks
+from appliance.results import BundleRecord
+from appliance.validation.measures import ValidationReport, build_report
+from appliance.validation.report import ReportFiles, write_validation_report
+from appliance.validation.scoring import score_cohort
+from runtime.bundle import Bundle
+
+CASES_FOLDER = "cases"  # the report's copy of what the service would have written
+
+
+@dataclass(frozen=True)
+class ValidationRun:
+    report: ValidationReport
+    files: ReportFiles
+    cohort: tuple[CohortCase, ...]
+
+
+def default_report_folder(config: Config, bundle: Bundle, table: CasesTable) -> Path:
+    """``<data_dir>/validation/<name>-<version>/<table>-<UTC time>``: one per run."""
+    stamp = datetime.datetime.now(datetime.UTC).strftime("%Y%m%dT%H%M%SZ")
+    return (
+        config.data_dir
+        / "validation"
+        / f"{bundle.name}-{bundle.version}"
+        / (f"{table.path.stem}-{stamp}")
+    )
+
+
+def validate_bundle(
+    bundle: Bundle,
+    table: CasesTable,
+    pipeline: PipelineSettings,
+    console: Console,
+    *,
+    folder: Path,
+    resamples: int = metrics.BOOTSTRAP_RESAMPLES,
+    seed: int = 0,
+    pdf: bool = True,
+) -> ValidationRun:
+    """Process the table's scans (cached), score every case as the service would (its
+    result folder under ``folder/cases``), and write the report into ``folder``."""
+    with SlideNetworks(bundle, pipeline.runtime) as networks:
+        cohort = process_cohort(table, networks, pipeline, console)
+    with console.status("Scoring the cases and writing the report..."):
+        cases = score_cohort(cohort, bundle, folder / CASES_FOLDER, pipeline.runtime)
+        report = build_report(
+            bundle.heads,
+            BundleRecord(bundle.name, bundle.version, bundle.sha256, bundle.intended_use),
+            cases,
+            kind="validation",
+            cases_table=str(table.path),
+            cases_table_sha256=table.sha256,
+            resamples=resamples,
+            seed=seed,
+        )
+        files = write_validation_report(folder, report, pdf=pdf)
+    return ValidationRun(report, files, tuple(cohort))

@@ -1,0 +1,58 @@
+"""What ``cytoedge train`` and ``cytoedge validate`` print: the report's figures in short."""
+
+from __future__ import annotations
+
+from rich.console import Console
+from rich.table import Table
+
+from appliance.validation.measures import Proportion, ValidationReport
+
+
+def _p(p: Proportion) -> str:
+    return "-" if p.value is None else f"{p.value:.2f} ({p.successes}/{p.total})"
+
+
+def _figure(value: float | None) -> str:
+    return "-" if value is None else f"{value:.3f}"
+
+
+def print_summary(report: ValidationReport, console: Console) -> None:
+    """One row per task, one line per multi-class head and value, then the cases
+    without a call."""
+    if report.tasks:
+        table = Table(title=f"{report.bundle_name} {report.bundle_version}: {report.kind}")
+        for column in ("task", "cases (+)", "AUC (95 % CI)", "sens", "spec", "PPV", "NPV"):
+            table.add_column(column)
+        table.add_column("indet.")
+        table.add_column("no call")
+        for t in report.tasks:
+            auc = _figure(t.auc)
+            if t.auc_low is not None and t.auc_high is not None:
+                auc += f" ({t.auc_low:.3f}-{t.auc_high:.3f})"
+            table.add_row(
+                f"{t.head}: {t.label}",
+                f"{t.labelled} ({t.positives})",
+                auc,
+                _p(t.sensitivity),
+                _p(t.specificity),
+                _p(t.ppv),
+                _p(t.npv),
+                str(t.indeterminate),
+                str(t.not_scored),
+            )
+        console.print(table)
+    for c in report.classes:
+        console.print(
+            f"{c.head}: {c.scored} of {c.labelled} cases, top-1 {_figure(c.top1)}, "
+            f"top-2 {_figure(c.top2)}, macro recall {_figure(c.macro_recall)}, "
+            f"ECE {_figure(c.ece)}"
+        )
+    for v in report.values:
+        error = "-" if v.mean_absolute_error is None else f"{v.mean_absolute_error:.2f}"
+        console.print(f"{v.head}: {v.label}: mean absolute error {error} on {v.scored} cases")
+    for line in report.not_scored:
+        console.print(f"[yellow]no call[/yellow] {line.case_id}: {line.status}: {line.reason}")
+    for line in report.lost_scans:
+        console.print(
+            f"[yellow]scored without[/yellow] {line.case_id}: {'; '.join(line.rejected_scans)}"
+        )
