@@ -197,7 +197,7 @@ def test_heads_say_which_cases_they_score(tiny: TinyBundle) -> None:
     with pytest.raises(BundleError, match=r"heads\[0\]\.inputs\[0\] must be one of scans, fields"):
         load_bundle(bundle.path)
     edit_manifest(bundle.path, lambda d: d["heads"][0].update(inputs=[]))
-    with pytest.raises(BundleError, match=r"heads\[mm_risk\]\.inputs must list each"):
+    with pytest.raises(BundleError, match=r"heads\[0\]\.inputs must list each"):
         load_bundle(bundle.path)
 
 
