@@ -201,7 +201,7 @@ def test_the_watcher_waits_for_a_field_folder_to_say_it_is_complete(tmp_path: Pa
     for index in range(2):
         Image.fromarray(smear(640, 480, seed=index)).save(smear_dir / f"f{index}.jpg")
     calibration = Calibration(pixel_size_um=0.1)
-    settings = WatchSettings(inbox, 0.0, 0.0, False, None, "b" * 64)
+    settings = WatchSettings(inbox, 0.0, 0.0, False, None, lambda: "b" * 64)
     store_file = tmp_path / "jobs.sqlite"
     watcher = InboxWatcher(
         settings,
