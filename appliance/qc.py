@@ -321,7 +321,7 @@ def slide_verdict(tiles: Iterable[TileQC], params: QCParams, unit: str = "tiles"
         fails = [f for f in fails if "artefacts" not in f]  # the specific causes say it
     if unit == "fields":
         wanted = params.min_nuclei_per_mm2
-        found = f"{round(density or 0.0)} nuclei per mm2 over {n} fields"
+        found = f"{round(density or 0.0)} nuclei per mm2 over {n} field{'' if n == 1 else 's'}"
         if (density or 0.0) < wanted * (1 - params.blank_fraction):
             fails.append(f"blank slide: {found} (no nucleated cells to analyse)")
         elif (density or 0.0) < wanted:
