@@ -104,15 +104,23 @@ def _head_name(base: Bundle, objective: Objective) -> str:
     return same[0] if same else objective.default_name
 
 
+def _left_out_note(left_out: dict[str, str]) -> str:
+    """The cases left out so far, for an error that may come from them."""
+    if not left_out:
+        return ""
+    shown = "; ".join(f"{case}: {why}" for case, why in list(left_out.items())[:3])
+    more = f" and {len(left_out) - 3} more" if len(left_out) > 3 else ""
+    return f" ({len(left_out)} cases left out: {shown}{more})"
+
+
 def _check_enough(
     name: str, objective: Objective, targets: Targets, k: int, left_out: dict[str, str]
 ) -> None:
     strata = objective.strata(targets)
     if len(strata) < 2 * k:
-        why = "; ".join(f"{case}: {reason}" for case, reason in list(left_out.items())[:3])
         raise TrainingError(
             f"head {name}: {len(strata)} usable cases; {k}-fold training needs at least {2 * k}"
-            + (f" (left out: {why})" if why else "")
+            + _left_out_note(left_out)
         )
     counts = objective.describe(targets)
     positives = counts.get("positives", {})
@@ -123,6 +131,7 @@ def _check_enough(
             raise TrainingError(
                 f"head {name}: {task} has {n} positive and {negatives} negative cases; "
                 "training needs at least 2 of each (leave the column out to train without it)"
+                + _left_out_note(left_out)
             )
     classes = counts.get("classes", {})
     if classes and sum(1 for n in classes.values() if n) < 2:
