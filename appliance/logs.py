@@ -42,6 +42,17 @@ def _no_root_chatter(record: logging.LogRecord) -> bool:
     return record.name != "root" or record.levelno >= logging.WARNING
 
 
+# Packages whose DEBUG records the log file keeps; other libraries' start at INFO.
+OWN_PACKAGES = frozenset({"appliance", "runtime", "export", "gui", "cytoedge_demo"})
+
+
+def _no_library_debug(record: logging.LogRecord) -> bool:
+    """Keep libraries' DEBUG records out of the file: Pillow logs every tag of every TIFF
+    it opens, which rotated a demo run's log three times and pushed the service's own
+    records out of it."""
+    return record.levelno >= logging.INFO or record.name.split(".")[0] in OWN_PACKAGES
+
+
 def setup_logging(
     log_dir: Path | None,
     level: str = "INFO",
@@ -65,6 +76,7 @@ def setup_logging(
         )
         file_handler.setFormatter(JsonLineFormatter())
         file_handler.setLevel(logging.DEBUG)
+        file_handler.addFilter(_no_library_debug)
         root.addHandler(file_handler)
         root.setLevel(logging.DEBUG)
 

@@ -50,3 +50,22 @@ def test_root_logger_chatter_stays_off_the_console_but_reaches_the_file(
     assert "ours" in shown and "a library's warning" in shown
     assert "Quantization parameters" not in shown
     assert "Quantization parameters for tensor x not specified" in messages
+
+
+def test_the_file_keeps_our_debug_records_but_not_a_library_s(tmp_path: Path) -> None:
+    from PIL import Image
+
+    Image.new("RGB", (8, 8)).save(tmp_path / "tiny.tif")
+    setup_logging(tmp_path / "logs", "INFO")
+    try:
+        logging.getLogger("appliance.test").debug("ours, in detail")
+        with Image.open(tmp_path / "tiny.tif") as image:  # Pillow logs each tag at DEBUG
+            image.load()
+        logging.getLogger("PIL.test").info("a library's info")
+        for handler in logging.getLogger().handlers:
+            handler.flush()
+        lines = (tmp_path / "logs" / LOG_FILE_NAME).read_text(encoding="utf-8").splitlines()
+    finally:
+        setup_logging(None)
+    entries = [json.loads(line) for line in lines]
+    assert [e["message"] for e in entries] == ["ours, in detail", "a library's info"]
