@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from rich import box
 from rich.console import Console
 from rich.table import Table
 
@@ -9,7 +10,7 @@ from appliance.validation.measures import Proportion, ValidationReport
 
 
 def _p(p: Proportion) -> str:
-    return "-" if p.value is None else f"{p.value:.2f} ({p.successes}/{p.total})"
+    return "-" if p.value is None else f"{p.value:.2f}"
 
 
 def _figure(value: float | None) -> str:
@@ -17,22 +18,29 @@ def _figure(value: float | None) -> str:
 
 
 def print_summary(report: ValidationReport, console: Console) -> None:
-    """One row per task, one line per multi-class head and value, then the cases
-    without a call."""
-    if report.tasks:
-        table = Table(title=f"{report.bundle_name} {report.bundle_version}: {report.kind}")
-        for column in ("task", "cases (+)", "AUC (95 % CI)", "sens", "spec", "PPV", "NPV"):
+    """A table per head, a row per task (it fits 80 columns; the counts behind each
+    proportion are in the report), a line per multi-class head and value, then the
+    cases without a call."""
+    for head in dict.fromkeys(t.head for t in report.tasks):
+        table = Table(
+            title=f"{report.bundle_name} {report.bundle_version}, {head}: {report.kind}",
+            box=box.SIMPLE_HEAD,
+            pad_edge=False,
+            collapse_padding=True,
+        )
+        for column in ("task", "cases", "AUC", "95 % CI", "sens", "spec", "PPV", "NPV"):
             table.add_column(column)
         table.add_column("indet.")
         table.add_column("no call")
-        for t in report.tasks:
-            auc = _figure(t.auc)
+        for t in (t for t in report.tasks if t.head == head):
+            interval = "-"
             if t.auc_low is not None and t.auc_high is not None:
-                auc += f" ({t.auc_low:.3f}-{t.auc_high:.3f})"
+                interval = f"{t.auc_low:.2f}-{t.auc_high:.2f}"
             table.add_row(
-                f"{t.head}: {t.label}",
-                f"{t.labelled} ({t.positives})",
-                auc,
+                t.label,
+                f"{t.labelled} ({t.positives}+)",
+                _figure(t.auc),
+                interval,
                 _p(t.sensitivity),
                 _p(t.specificity),
                 _p(t.ppv),
