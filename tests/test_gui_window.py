@@ -389,3 +389,12 @@ def test_screenshots_draw_a_review_and_sign_it_off(tmp_path: Path) -> None:
     signed = read_result(outbox / "MM-2611-0416" / "v2")  # the first case waiting
     assert signed.review is not None and signed.review.decision == "sent_for_fish"
     assert (data / "fhir-outbox" / "MM-2611-0416-v2.json").is_file()
+
+
+def test_the_live_screenshot_command_has_its_parts() -> None:
+    # `cytoedge demo live-screenshot` runs a whole service; its module must at least
+    # import against the window and the screenshot helpers it shares.
+    from cytoedge_demo.live_screenshot import TABS, render_live_screenshot
+
+    assert callable(render_live_screenshot)
+    assert set(TABS) == {"cells", "heatmap", "slides"}

@@ -93,7 +93,7 @@ def _review(app: QApplication, window: MainWindow, store: Path, out_dir: Path) -
     dialog.name.setText(REVIEWER)
     dialog.reason.setText("checked the cells and the heatmap")
     app.processEvents()
-    written = [_save(_with_dialog(window, dialog), out_dir / PICTURES[0])]
+    written = [save_small_png(_with_dialog(window, dialog), out_dir / PICTURES[0])]
     signed: list[bool] = []
     window.relay.signed.connect(lambda ok, message, folder: signed.append(ok))
     dialog.ok.click()
@@ -104,14 +104,14 @@ def _review(app: QApplication, window: MainWindow, store: Path, out_dir: Path) -
     _refresh(window, store)
     window.select_case(key)
     _wait(lambda: _showing(window, key, case.review.version + 1))
-    written.append(_save(window.grab().toImage(), out_dir / PICTURES[1]))
+    written.append(save_small_png(window.grab().toImage(), out_dir / PICTURES[1]))
     rejected = [c for c in window.model.cases() if c.state == "rejected"]
     rejected = next((c for c in rejected if c.result_dir), rejected[0] if rejected else None)
     if rejected is not None:
         window.select_case(rejected.case_key)
         _wait(lambda: window.pane.loaded is None or _showing(window, rejected.case_key))
         app.processEvents()
-        written.append(_save(window.grab().toImage(), out_dir / PICTURES[2]))
+        written.append(save_small_png(window.grab().toImage(), out_dir / PICTURES[2]))
     return written
 
 
@@ -154,7 +154,7 @@ def _with_dialog(window: MainWindow, dialog: QWidget) -> QImage:
     return picture
 
 
-def _save(image: QImage, target: Path) -> Path:
+def save_small_png(image: QImage, target: Path) -> Path:
     """A 256-colour PNG: half the bytes of Qt's, and the same picture to the eye."""
     buffer = QBuffer()
     buffer.open(QIODevice.OpenModeFlag.WriteOnly)
