@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from . import formats
-from .errors import CellFolderError, ScanError, fails_as
+from .errors import CellFolderError, ScanError, fails_as, listed_files
 from .formats import MANIFEST_FILE, MAX_CELL_SIDE, READY_FILE
 from .image_scan import decode_rgb, open_image
 
@@ -65,13 +65,7 @@ def _manifest(folder: Path) -> tuple[list[Path], float | None]:
     with fails_as(CellFolderError, folder, shape):
         names = [str(name) for name in data["cells"]]
         pixel_um = float(data["pixel_size_um"]) if "pixel_size_um" in data else None
-    paths = [folder / name for name in names]
-    missing = [p.name for p in paths if not p.is_file()]
-    if missing:
-        raise CellFolderError(
-            folder, f"{MANIFEST_FILE} lists {len(missing)} missing files, e.g. {missing[0]}"
-        )
-    return paths, pixel_um
+    return listed_files(CellFolderError, folder, MANIFEST_FILE, names), pixel_um
 
 
 def _check_crop(folder: Path, path: Path) -> None:

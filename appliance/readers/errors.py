@@ -92,3 +92,14 @@ def fails_as(error: type[ScanError], path: Path, reason: str) -> Iterator[None]:
             why = os.strerror(exc.errno).lower()
             raise error(path, f"the file cannot be read from storage: {why}") from None
         raise error(path, reason) from None
+
+
+def listed_files(
+    error: type[ScanError], folder: Path, manifest: str, names: list[str]
+) -> list[Path]:
+    """The files a folder's manifest lists, all present; else ``error`` naming a missing one."""
+    paths = [folder / name for name in names]
+    missing = [p.name for p in paths if not p.is_file()]
+    if missing:
+        raise error(folder, f"{manifest} lists {len(missing)} missing files, e.g. {missing[0]}")
+    return paths

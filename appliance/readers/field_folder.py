@@ -31,7 +31,7 @@ from pathlib import Path
 import tifffile
 
 from . import formats, pixel_size
-from .errors import FieldFolderError, fails_as
+from .errors import FieldFolderError, fails_as, listed_files
 from .formats import MANIFEST_FILE, MAX_CELL_SIDE, READY_FILE, Reader
 from .pixel_size import Calibration
 
@@ -91,13 +91,7 @@ def _manifest(folder: Path, cal: Calibration) -> tuple[list[Path] | None, Calibr
         return None, cal
     with fails_as(FieldFolderError, folder, f"{where} must list the fields, {_MANIFEST_EXAMPLE}"):
         names = [str(name) for name in data["fields"]]
-    paths = [folder / name for name in names]
-    missing = [p.name for p in paths if not p.is_file()]
-    if missing:
-        raise FieldFolderError(
-            folder, f"{where} lists {len(missing)} missing files, e.g. {missing[0]}"
-        )
-    return paths, cal
+    return listed_files(FieldFolderError, folder, where, names), cal
 
 
 def _check_field(folder: Path, path: Path) -> None:
