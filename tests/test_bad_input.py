@@ -457,6 +457,11 @@ def cells_with_a_manifest_listing_text(folder: Path) -> None:
     (folder / "manifest.json").write_text('{"cells": ["notes.txt"]}')
 
 
+def cells_with_a_manifest_listing_a_missing_crop(folder: Path) -> None:
+    cell_crop().save(folder / "c0.png")
+    (folder / "manifest.json").write_text('{"cells": ["c0.png", "c1.png"]}')
+
+
 def cells_with_a_field_image(folder: Path) -> None:
     cell_crop(513).save(folder / "c0.png")
     (folder / "manifest.json").write_text('{"cells": ["c0.png"]}')
@@ -468,6 +473,7 @@ CELL_CASES: list[Callable[[Path], None]] = [
     cells_with_bad_manifest_json,
     cells_with_a_manifest_of_the_wrong_shape,
     cells_with_a_manifest_listing_text,
+    cells_with_a_manifest_listing_a_missing_crop,
     cells_with_a_field_image,
 ]
 

@@ -100,6 +100,8 @@ def listed_files(
     """The files a folder's manifest lists, all present; else ``error`` naming a missing one."""
     paths = [folder / name for name in names]
     missing = [p.name for p in paths if not p.is_file()]
+    if len(missing) == 1:
+        raise error(folder, f"{manifest} lists {missing[0]}, which is missing from the folder")
     if missing:
         raise error(folder, f"{manifest} lists {len(missing)} missing files, e.g. {missing[0]}")
     return paths
