@@ -157,11 +157,43 @@ def test_a_slide_arriving_while_the_case_is_scored_rescores_it_afterwards(
     store.start_slide(s1.id, 101.0)
     store.finish_slide(s1.id, DONE, n_cells=10, now=102.0)
     store.start_case(case.id, 1, 103.0)
-    store.add_waiting_slide("P", "/in/P/late.svs", 1, 1.0, single=False, now=103.5)
+    late = store.add_waiting_slide("P", "/in/P/late.svs", 1, 1.0, single=False, now=103.5)
+    store.admit_slide(late.id, fingerprint="f2", bundle_hash=BUNDLE, size=1, mtime=1.0, now=103.6)
     assert store.case(case.id).state == RUNNING
     store.finish_case(case.id, DONE, reason="", result_version=1, result_dir="/o/P/v1", now=104.0)
     after = store.case(case.id)
     assert (after.state, after.result_version) == (WAITING, 1)
+
+
+def test_new_content_under_a_known_name_while_the_case_is_scored_rescores_it_afterwards(
+    store: JobStore,
+) -> None:
+    s1 = admitted(store, "P", "/in/P/a.svs", "f1", 100.0, single=False)
+    case = store.case_by_key("P")
+    store.start_slide(s1.id, 101.0)
+    store.finish_slide(s1.id, DONE, n_cells=10, now=102.0)
+    store.start_case(case.id, 1, 103.0)
+    store.admit_slide(s1.id, fingerprint="f1b", bundle_hash=BUNDLE, size=11, mtime=2.0, now=103.5)
+    store.finish_case(case.id, DONE, reason="", result_version=1, result_dir="/o/P/v1", now=104.0)
+    assert store.case(case.id).state == WAITING
+
+
+def test_a_unit_seen_only_in_passing_leaves_a_scored_case_alone(store: JobStore) -> None:
+    """A folder being deleted or written can look, for one look, like a case folder
+    of loose images: those rows come and go without the case being scored again."""
+    s1 = admitted(store, "P", "/in/P", "f1", 100.0, single=True)
+    case = store.case_by_key("P")
+    store.start_slide(s1.id, 101.0)
+    store.finish_slide(s1.id, DONE, n_cells=10, now=102.0)
+    store.start_case(case.id, 1, 103.0)
+    passing = store.add_waiting_slide("P", "/in/P/cell_1.tif", 1, 1.0, single=False, now=103.5)
+    store.finish_case(case.id, DONE, reason="", result_version=1, result_dir="/o/P/v1", now=104.0)
+    again = store.add_waiting_slide("P", "/in/P/cell_2.tif", 1, 1.0, single=False, now=104.5)
+    assert store.case(case.id).state == DONE
+    store.forget_slide(passing.id)
+    store.forget_slide(again.id)
+    assert store.case(case.id).state == DONE
+    assert store.promote_ready_cases(0.0, now=500.0) == []
 
 
 def test_rescore_requeues_the_slide_with_caches_bypassed_and_reopens_its_case(

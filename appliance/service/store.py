@@ -317,7 +317,9 @@ class JobStore:
     def add_waiting_slide(
         self, case_key: str, path: str, size: int, mtime: float, *, single: bool, now: float
     ) -> Slide:
-        """A unit seen for the first time: a waiting row, and its case back to collecting."""
+        """A unit seen for the first time: a waiting row. Its case collects again only
+        once the unit is admitted or rejected: a unit can be a passing shape of a folder
+        being written or deleted, and vanish without ever being a scan."""
         case = self.ensure_case(case_key, single=single, now=now)
         with self._write() as conn:
             inserted = conn.execute(
@@ -329,13 +331,6 @@ class JobStore:
                 conn.execute(
                     "UPDATE cases SET last_slide_at = ?, updated_at = ? WHERE id = ?",
                     (now, now, case.id),
-                )
-                # A late slide: the case collects again and is re-scored (heads only).
-                # A running case job notices it when it finishes (see finish_case).
-                conn.execute(
-                    "UPDATE cases SET state = ?, reason = '', attempts = 0, last_error = '', "
-                    "next_attempt_at = 0 WHERE id = ? AND state != ?",
-                    (WAITING, case.id, RUNNING),
                 )
         slide = self.slide_by_path(path)
         assert slide is not None
@@ -363,9 +358,7 @@ class JobStore:
             case_id, previous = conn.execute(
                 "SELECT case_id, state FROM slides WHERE id = ?", (slide_id,)
             ).fetchone()
-            if previous != WAITING:
-                # New content under a known name: its case is scored again.
-                self._reopen_case(conn, case_id, now)
+            self._case_changed(conn, case_id, previous, now)
             original = conn.execute(
                 "SELECT id, path FROM slides WHERE fingerprint = ? AND bundle_hash = ? "
                 "AND duplicate_of IS NULL AND id != ?",
@@ -409,8 +402,7 @@ class JobStore:
                 "WHERE id = ?",
                 (REJECTED, reason, now, size, mtime, slide_id),
             )
-            if previous != WAITING:
-                self._reopen_case(conn, case_id, now)
+            self._case_changed(conn, case_id, previous, now)
 
     def move_slide(self, slide_id: int, new_path: str) -> None:
         """The input was moved to the archive: remember where it is now."""
@@ -611,11 +603,14 @@ class JobStore:
                     case_id,
                 ),
             )
-            # A slide that arrived while this job ran: collect again, re-score later.
+            # A scan admitted or rejected while this job ran (queued, or finished after
+            # the job started): collect again, re-score later. One still being written
+            # reopens the case when it is admitted.
             conn.execute(
                 "UPDATE cases SET state = ? WHERE id = ? AND EXISTS (SELECT 1 FROM slides s "
-                "WHERE s.case_id = cases.id AND s.seen_at > cases.started_at)",
-                (WAITING, case_id),
+                "WHERE s.case_id = cases.id AND (s.state IN (?, ?) "
+                "OR (s.state != ? AND s.finished_at > cases.started_at)))",
+                (WAITING, case_id, QUEUED, RUNNING, WAITING),
             )
 
     def retry_case(self, case_id: int, error: str, at: float, now: float) -> None:
@@ -668,6 +663,22 @@ class JobStore:
         with self._write() as conn:
             self._reopen_case(conn, case_id, now)
         return []
+
+    @classmethod
+    def _case_changed(
+        cls, conn: sqlite3.Connection, case_id: int, previous: str, now: float
+    ) -> None:
+        """A unit of the case was admitted or rejected. New content under a known name:
+        the case is scored again as soon as it is processed. A new unit: the case
+        collects again (a case folder waits for its `.ready` or quiet period)."""
+        if previous != WAITING:
+            cls._reopen_case(conn, case_id, now)
+            return
+        conn.execute(
+            "UPDATE cases SET state = ?, reason = '', attempts = 0, last_error = '', "
+            "next_attempt_at = 0 WHERE id = ? AND state != ?",
+            (WAITING, case_id, RUNNING),
+        )
 
     @staticmethod
     def _reopen_case(conn: sqlite3.Connection, case_id: int, now: float) -> None:
