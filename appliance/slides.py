@@ -52,7 +52,7 @@ from appliance.readers import (
     single_field,
 )
 from appliance.readers.formats import Layout
-from appliance.results.schema import QcRecord, ScanRecord
+from appliance.results.schema import ExaminedRecord, QcRecord, ScanRecord
 from appliance.segmentation import Segmenter
 from appliance.slide_cache import THUMBNAIL_LONG_SIDE, SlideCells
 from appliance.tiles import Tile
@@ -277,7 +277,8 @@ def _scan_file(
     calibration: Calibration | float,
     spool: Path,
 ) -> tuple[SlideCells, dict[str, object], QcRecord]:
-    """Reader -> cellular zone -> stains -> per tile QC, normalisation, StarDist, cells."""
+    """Reader -> cellular zone -> stains -> tiles best-first (``tiles.visiting_order``)
+    -> per tile QC, normalisation, StarDist, cells, until the bundle's cell budget."""
     bundle = networks.bundle
     reference = stain.StainReference.from_section(bundle.stain_reference)
     params = qc.QCParams.from_bundle(dump(bundle.qc), reference)
@@ -302,24 +303,28 @@ def _scan_file(
         # The cell tables are in the scan's level-0 pixels, so that they overlay it.
         level0_scale = tiles.TARGET_UM_PER_PX / info.pixel_size_um
         zone = tiles.cellular_zone(scan)
-        specs = tiles.tile_grid(scan, zone)
+        grid = tiles.tile_grid(scan, zone)
         timer.seconds["read"] = time.perf_counter() - opened
         timer.progress("read", 1.0)
         empty = SlideCells.empty(bundle.encoder.embed_dim, thumbnail, thumb_scale, filters.patch_px)
-        if not specs:
+        if not grid:
             return empty, scan_entry, qc.slide_verdict([], params).record()
         with timer.stage("stain"):
             sample = [
-                t.core
-                for t in tiles.iter_tiles(scan, tiles.sample_specs(specs, STAIN_SAMPLE_TILES))
+                t.core for t in tiles.iter_tiles(scan, tiles.sample_specs(grid, STAIN_SAMPLE_TILES))
             ]
             try:
                 stains = stain.estimate_stains(sample)
             except stain.StainError as exc:
                 return empty, scan_entry, QcRecord(verdict=qc.FAIL, reasons=(exc.reason,))
+        with timer.stage("plan"):
+            basophilic = stain.basophilic(scan.thumbnail(zone.mask_um_per_px), stains)
+            scores = tiles.tile_scores(basophilic, zone, params.min_basophilic)
+            specs = tiles.visiting_order(grid, scores)
         segmenter = networks.segmenter()
         # Nuclei are found on normalised tiles, whose stains are the reference's.
         nuclei_stains = reference.estimate if reference is not None else stains
+        budget = bundle.cells.max_cells_per_slide
         tile_qcs = []
         sink = _CellSink(networks, bundle.encoder.input.size, filters.patch_px, spool, timer)
         for index, tile in enumerate(timer.timed(tiles.iter_tiles(scan, specs), "read")):
@@ -336,7 +341,18 @@ def _scan_file(
                 sink.add(
                     _tile_cells(tile, normalised, segmenter, nuclei_stains, filters, params, timer)
                 )
-            timer.progress("segment", (index + 1) / len(specs))
+            done = (index + 1) / len(specs)
+            if budget > 0:
+                done = max(done, min(sink.count / budget, 1.0))
+            timer.progress("segment", done)
+            if 0 < budget <= sink.count:
+                break
+        scan_entry["examined"] = ExaminedRecord(
+            tiles=len(tile_qcs),
+            zone_tiles=len(specs),
+            budget=budget,
+            stopped="budget" if 0 < budget <= sink.count else "zone",
+        )
         verdict = qc.slide_verdict(tile_qcs, params).record()
     if verdict.verdict == qc.FAIL or not sink.count:
         sink.discard()

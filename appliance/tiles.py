@@ -21,6 +21,15 @@ a fixed grid from the scan's origin; each is read with ``margin`` extra pixels
 on every side (white beyond the scan) so that cells on a seam are whole in at
 least one tile. A cell belongs to the tile whose *core* holds its centroid
 (``Tile.owns``): that is how seams are de-duplicated.
+
+Visiting order (``visiting_order``): a slide's work is bounded by a cell budget
+(the bundle's ``cells.max_cells_per_slide``), so the best tiles come first.
+Each tile is scored on the zone thumbnail: the fraction of its pixels whose
+basophilic concentration is above Otsu's threshold over the zone (estimated
+nucleated-cell density), times its monolayer share (1 - thick fraction). The
+zone is cut into about ``SPREAD_BLOCKS`` square blocks of tiles; the visit
+takes the best unvisited tile of every block in turn, so that the cells kept
+before the budget stops the slide come from the whole zone, not one corner.
 """
 
 from __future__ import annotations
@@ -31,6 +40,7 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import ndimage
 
+from .qc import otsu_threshold
 from .readers import BlankScanError, Scan
 from .readers.base import TARGET_UM_PER_PX
 from .stain import optical_density
@@ -44,6 +54,7 @@ THICK_COVER = 0.9
 MIN_COVER = 0.03
 MAX_THICK = 0.25
 BLANK_COVER = 0.002
+SPREAD_BLOCKS = 16
 
 
 @dataclass(frozen=True)
@@ -123,19 +134,61 @@ def cellular_zone(scan: Scan, mask_um_per_px: float | None = None) -> CellularZo
     thick = ndimage.uniform_filter(covered.astype(np.float32), window, mode="nearest") > THICK_COVER
     rows = -(-scan.height // TILE_PX)
     cols = -(-scan.width // TILE_PX)
-    tile_thumb = TILE_UM / um  # thumbnail pixels per tile
-    cover = np.zeros((rows, cols))
-    thick_frac = np.zeros((rows, cols))
-    for r in range(rows):
-        y0, y1 = round(r * tile_thumb), max(round((r + 1) * tile_thumb), round(r * tile_thumb) + 1)
-        for c in range(cols):
-            x0 = round(c * tile_thumb)
-            x1 = max(round((c + 1) * tile_thumb), x0 + 1)
-            cover[r, c] = covered[y0:y1, x0:x1].mean() if covered[y0:y1, x0:x1].size else 0.0
-            thick_frac[r, c] = thick[y0:y1, x0:x1].mean() if thick[y0:y1, x0:x1].size else 0.0
+    cover = per_tile_mean(covered, (rows, cols), um)
+    thick_frac = per_tile_mean(thick, (rows, cols), um)
     in_zone = (cover >= MIN_COVER) & (thick_frac <= MAX_THICK)
     glass_rgb = (float(glass[0]), float(glass[1]), float(glass[2]))
     return CellularZone(in_zone, cover, thick_frac, um, glass_rgb, covered_fraction)
+
+
+def per_tile_mean(mask: np.ndarray, grid: tuple[int, int], um_per_px: float) -> np.ndarray:
+    """float (rows, cols): the mean of a thumbnail ``mask`` (at ``um_per_px``) over each tile."""
+    rows, cols = grid
+    tile_thumb = TILE_UM / um_per_px  # thumbnail pixels per tile
+    out = np.zeros((rows, cols))
+    for r in range(rows):
+        y0 = round(r * tile_thumb)
+        y1 = max(round((r + 1) * tile_thumb), y0 + 1)
+        for c in range(cols):
+            x0 = round(c * tile_thumb)
+            x1 = max(round((c + 1) * tile_thumb), x0 + 1)
+            block = mask[y0:y1, x0:x1]
+            out[r, c] = block.mean() if block.size else 0.0
+    return out
+
+
+def tile_scores(basophilic: np.ndarray, zone: CellularZone, floor: float) -> np.ndarray:
+    """float (rows, cols): each tile's estimated nucleated-cell density times its
+    monolayer share. ``basophilic``: the zone thumbnail's basophilic concentration;
+    ``floor``: the lowest threshold that still means a nucleus (QC's ``min_basophilic``)."""
+    rows, cols = zone.grid_shape
+    values = basophilic[basophilic > floor]
+    threshold = max(otsu_threshold(values), floor) if values.size else floor
+    nuclear = per_tile_mean(basophilic > threshold, (rows, cols), zone.mask_um_per_px)
+    return np.where(zone.in_zone, nuclear * (1.0 - zone.thick), 0.0)
+
+
+def visiting_order(specs: list[TileSpec], scores: np.ndarray) -> list[TileSpec]:
+    """``specs`` best-first and spread over the zone (module docstring)."""
+    if len(specs) <= 1:
+        return list(specs)
+    rows = [s.row for s in specs]
+    cols = [s.col for s in specs]
+    extent = max(max(rows) - min(rows), max(cols) - min(cols)) + 1
+    side = max(1, int(np.ceil(extent / np.sqrt(SPREAD_BLOCKS))))
+    blocks: dict[tuple[int, int], list[TileSpec]] = {}
+    for spec in specs:
+        key = ((spec.row - min(rows)) // side, (spec.col - min(cols)) // side)
+        blocks.setdefault(key, []).append(spec)
+    queues = [
+        sorted(members, key=lambda s: (-scores[s.row, s.col], s.tile_id))
+        for _, members in sorted(blocks.items())
+    ]
+    order: list[TileSpec] = []
+    for depth in range(max(len(q) for q in queues)):
+        layer = [q[depth] for q in queues if depth < len(q)]
+        order.extend(sorted(layer, key=lambda s: (-scores[s.row, s.col], s.tile_id)))
+    return order
 
 
 def tile_grid(scan: Scan, zone: CellularZone, margin: int = DEFAULT_MARGIN_PX) -> list[TileSpec]:

@@ -623,6 +623,8 @@ class ResultPane(QWidget):
             for column, item in enumerate(items):
                 item.setToolTip(item.text())
                 table.setItem(row, column, item)
+            if slide.scan.examined is not None:  # how much of a scan gave these cells
+                cells.setToolTip(slide.scan.examined.sentence())
         table.resizeRowsToContents()
         if result.slides:
             table.setCurrentCell(0, 0)

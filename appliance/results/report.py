@@ -182,16 +182,19 @@ def _scans_block(result: CaseResult) -> str:
         _heading("Scans and quality control"),
         "<table width='100%' border='1' cellspacing='0' cellpadding='3'>",
         "<tr><th align='left'>scan</th><th>um/px</th><th>QC</th>"
-        "<th align='left'>reasons</th><th>cells</th></tr>",
+        "<th align='left'>reasons, share examined</th><th>cells</th></tr>",
     ]
     for scan in result.scans:
         colour = {"pass": "#1b5e20", "warn": "#8a6d00"}.get(scan.qc.verdict, "#b00020")
         pixel = "-" if scan.pixel_size_um is None else f"{scan.pixel_size_um:.3f}"
+        notes = _e("; ".join(scan.qc.reasons))
+        if scan.examined is not None:
+            notes += f"{'<br>' if notes else ''}<small>{_e(scan.examined.sentence())}</small>"
         rows.append(
             f"<tr><td>{_e(scan.name)}<br><small>{_e(scan.format)}</small></td>"
             f"<td align='right'>{pixel}</td>"
             f"<td style='color:{colour}; font-weight:bold;'>{_e(scan.qc.verdict)}</td>"
-            f"<td>{_e('; '.join(scan.qc.reasons))}</td>"
+            f"<td>{notes}</td>"
             f"<td align='right'>{scan.cells}</td></tr>"
         )
     rows.append("</table>")

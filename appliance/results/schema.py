@@ -65,6 +65,32 @@ class SlideOutputs:
 
 
 @dataclass(frozen=True)
+class ExaminedRecord:
+    """How much of a scan's cellular zone was examined, and why it stopped."""
+
+    tiles: int  # 200 x 200 um tiles visited, best first
+    zone_tiles: int  # tiles in the cellular zone
+    budget: int  # the bundle's cells per slide (0: no budget)
+    stopped: str  # "budget": that many cells kept; "zone": every zone tile visited
+
+    @property
+    def fraction(self) -> float:
+        return self.tiles / self.zone_tiles if self.zone_tiles else 0.0
+
+    def sentence(self) -> str:
+        """ "Examined 87 of 121 tiles of the cellular zone (72 %): ..." """
+        why = (
+            f"stopped at the bundle's budget of {self.budget} cells"
+            if self.stopped == "budget"
+            else "the whole zone"
+        )
+        return (
+            f"Examined {self.tiles} of {self.zone_tiles} tiles of the cellular zone "
+            f"({100 * self.fraction:.0f} %): {why}"
+        )
+
+
+@dataclass(frozen=True)
 class ScanRecord:
     """One scan of the case: what it was, its QC, the cells it gave."""
 
@@ -80,6 +106,7 @@ class ScanRecord:
     height: int | None = None
     fields: int | None = None  # a field folder's photos (a single photo: 1); None for scans
     encoder_variant: str | None = None  # fp32 | fp16 | int8: what embedded its cells
+    examined: ExaminedRecord | None = None  # a scan's share of its zone (not cells, fields)
     outputs: SlideOutputs | None = None  # absent when the case wrote no slide files
 
     @property

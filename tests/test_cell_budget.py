@@ -1,0 +1,98 @@
+"""A scan's work is bounded by the bundle's cell budget: tiles best-first, spread over
+the zone, and the result says how much of the zone was examined and why it stopped."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from appliance import stain, tiles
+from appliance.cases import score_case
+from appliance.networks import SlideNetworks
+from appliance.readers import open_scan
+from appliance.results.schema import ExaminedRecord
+from appliance.slides import process_slide
+from cytoedge_demo.synthetic import SmearSpec, render_field
+from runtime.backends import RuntimeSettings
+from runtime.bundle import load_bundle
+
+
+def grid_specs(rows: int, cols: int) -> list[tiles.TileSpec]:
+    return [
+        tiles.TileSpec(r * cols + c, r, c, c * tiles.TILE_PX, r * tiles.TILE_PX, 800, 800, 0)
+        for r in range(rows)
+        for c in range(cols)
+    ]
+
+
+def test_the_visit_takes_every_block_before_a_second_tile_of_any() -> None:
+    rng = np.random.default_rng(0)
+    scores = rng.random((12, 12))
+    scores[:6, :6] += 10.0  # one corner far better than the rest
+    specs = grid_specs(12, 12)
+    order = tiles.visiting_order(specs, scores)
+    assert sorted(s.tile_id for s in order) == [s.tile_id for s in specs], "each tile once"
+    # 12 x 12 tiles in blocks of 3 x 3: the first 16 visits are one tile of each block.
+    first = {(s.row // 3, s.col // 3) for s in order[:16]}
+    assert len(first) == 16
+    # Within a block, best first; the first visit is the best tile of the slide.
+    assert (order[0].row, order[0].col) == np.unravel_index(np.argmax(scores), scores.shape)
+    block = [s for s in order if (s.row // 3, s.col // 3) == (0, 0)]
+    assert [scores[s.row, s.col] for s in block] == sorted(
+        (scores[s.row, s.col] for s in block), reverse=True
+    )
+
+
+def test_a_dense_half_of_a_smear_scores_above_its_sparse_half(tmp_path: Path) -> None:
+    """Scored on the thumbnail's basophilic channel: more nuclei, a higher score."""
+    halves = [
+        render_field(SmearSpec(width=1600, height=3200, seed=5, nucleated_per_mm2=density)).image
+        for density in (2400.0, 150.0)
+    ]
+    path = tmp_path / "halves.png"
+    Image.fromarray(np.concatenate(halves, axis=1)).save(path)
+    with open_scan(path, 0.25) as scan:
+        zone = tiles.cellular_zone(scan)
+        thumb = scan.thumbnail(zone.mask_um_per_px)
+    stains = stain.estimate_stains([np.concatenate(halves, axis=1)])
+    scores = tiles.tile_scores(stain.basophilic(thumb, stains), zone, 0.12)
+    assert scores.shape == (4, 4)
+    dense, sparse = scores[:, :2], scores[:, 2:]
+    assert dense.min() > sparse.max(), scores
+
+
+@pytest.mark.slow
+def test_a_budget_stops_the_visit_and_the_result_says_how_much_was_examined(
+    tiny_bundle: Path, small_scan_writer, tmp_path: Path
+) -> None:
+    scan = small_scan_writer(tmp_path / "s.tif", seed=3, size=2400)
+    base = load_bundle(tiny_bundle)
+
+    def process(budget: int):
+        bundle = dataclasses.replace(
+            base, cells=dataclasses.replace(base.cells, max_cells_per_slide=budget)
+        )
+        settings = RuntimeSettings(backend="ort-cpu", threads=1)
+        with SlideNetworks(bundle, settings) as networks:
+            return bundle, process_slide(scan, networks, cache_dir=tmp_path / "cache")
+
+    _, whole = process(0)
+    assert whole.scan.examined is not None
+    n_zone = whole.scan.examined.zone_tiles
+    assert n_zone >= 4 and whole.scan.examined == ExaminedRecord(n_zone, n_zone, 0, "zone")
+    budget = max(1, whole.n_cells // 4)
+    bundle, part = process(budget)
+    examined = part.scan.examined
+    assert examined is not None and examined.stopped == "budget" and examined.budget == budget
+    assert examined.zone_tiles == n_zone and examined.tiles < n_zone
+    assert budget <= part.n_cells < whole.n_cells
+    case = score_case("B-1", [part], bundle, tmp_path / "out", write_pdf=False)
+    [record] = case.result.scans
+    assert record.examined == examined, "result.json keeps it"
+    report = (case.folder.path / "report.html").read_text(encoding="utf-8")
+    sentence = f"Examined {examined.tiles} of {n_zone} tiles of the cellular zone"
+    assert sentence in report and f"budget of {budget} cells" in report
