@@ -50,8 +50,11 @@ Entry points
 
 from __future__ import annotations
 
+import collections
 import json
 import math
+import multiprocessing
+import os
 import shutil
 import tempfile
 from collections.abc import Iterator, Sequence
@@ -370,10 +373,19 @@ def _clear_of_nucleated(
     for i, (px, py) in enumerate(zip(cx // bin_size, cy // bin_size, strict=True)):
         bins.setdefault((int(px), int(py)), []).append(i)
     keep = np.ones(x.size, bool)
-    bx, by = (x // bin_size).astype(int), (y // bin_size).astype(int)
+    bx, by = (x // bin_size).astype(np.int64), (y // bin_size).astype(np.int64)
+    # Red cells sorted by bin, so that each nucleated bin looks at its 3 x 3
+    # neighbourhood only (a real-size slide has ~10^5 bins and ~10^6 red cells).
+    stride = int(max(by.max(initial=0), max(k[1] for k in bins))) + 3
+    by_bin = np.argsort(bx * stride + by + 1, kind="stable")
+    sorted_keys = (bx * stride + by + 1)[by_bin]
+    monolayer = x >= thick_until
     for (kx, ky), members in bins.items():
-        near = (np.abs(bx - kx) <= 1) & (np.abs(by - ky) <= 1) & (x >= thick_until)
-        idx = np.nonzero(near)[0]
+        starts = [(kx + dx) * stride + ky + dy + 1 for dx in (-1, 0, 1) for dy in (-1, 0, 1)]
+        lo = np.searchsorted(sorted_keys, starts, side="left")
+        hi = np.searchsorted(sorted_keys, starts, side="right")
+        idx = np.concatenate([by_bin[a:b] for a, b in zip(lo, hi, strict=True)])
+        idx = idx[monolayer[idx]]
         if idx.size == 0:
             continue
         m = np.array(members)
@@ -610,6 +622,44 @@ def _downsample4(image: np.ndarray) -> np.ndarray:
     return np.asarray(Image.fromarray(np.ascontiguousarray(image[:h, :w])).reduce(4))
 
 
+_Strip = tuple[np.ndarray, np.ndarray | None, np.ndarray | None]
+_STRIP_JOB: tuple[_Population, _Look, SmearSpec, bool] | None = None  # set before a fork
+PARALLEL_FROM_STRIPS = 32  # a slide of fewer strips is rendered in this process
+
+
+def _render_strip(y0: int) -> _Strip:
+    assert _STRIP_JOB is not None
+    pop, look, spec, masks = _STRIP_JOB
+    rows = min(_STRIP, spec.height - y0)
+    return _render_region(pop, look, 0, y0, spec.width, rows, spec.seed, masks)
+
+
+def _render_strips(
+    pop: _Population, look: _Look, spec: SmearSpec, starts: range, masks: bool
+) -> Iterator[_Strip]:
+    """Level-0 strips in order. A large slide's strips are rendered by one forked
+    process per CPU (each strip's noise is seeded by its position, so the pixels are
+    the same either way); a few strips ahead at most are held in memory."""
+    global _STRIP_JOB
+    _STRIP_JOB = (pop, look, spec, masks)
+    try:
+        workers = min(os.cpu_count() or 1, 8)
+        if len(starts) < PARALLEL_FROM_STRIPS or workers < 2 or os.name != "posix":
+            yield from map(_render_strip, starts)
+            return
+        with multiprocessing.get_context("fork").Pool(workers) as pool:
+            ahead = collections.deque(
+                pool.apply_async(_render_strip, (y0,)) for y0 in starts[: 2 * workers]
+            )
+            for y0 in starts[2 * workers :]:
+                yield ahead.popleft().get()
+                ahead.append(pool.apply_async(_render_strip, (y0,)))
+            while ahead:
+                yield ahead.popleft().get()
+    finally:
+        _STRIP_JOB = None
+
+
 def write_smear(path: Path | str, spec: SmearSpec, masks: bool = False) -> SlideTruth:
     """Write a pyramidal tiled TIFF (levels /1, /4, /16, ... down to < 1024 px) + truth JSON.
 
@@ -636,11 +686,11 @@ def write_smear(path: Path | str, spec: SmearSpec, masks: bool = False) -> Slide
             )
 
         def level0_tiles() -> Iterator[np.ndarray]:
-            for y0 in range(0, height, _STRIP):
-                rows = min(_STRIP, height - y0)
-                strip, cells, nuclei = _render_region(
-                    pop, look, 0, y0, width, rows, spec.seed, masks
-                )
+            starts = range(0, height, _STRIP)
+            for y0, (strip, cells, nuclei) in zip(
+                starts, _render_strips(pop, look, spec, starts, masks), strict=True
+            ):
+                rows = strip.shape[0]
                 if cells is not None and nuclei is not None:
                     cell_ids[y0 : y0 + rows] = cells  # type: ignore[index]
                     nuc_ids[y0 : y0 + rows] = nuclei  # type: ignore[index]

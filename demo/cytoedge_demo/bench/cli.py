@@ -53,21 +53,36 @@ def encoder(
 @bench_app.command()
 def pipeline(
     size: Annotated[int, typer.Option(help="Side of the bench slide, px at 0.25 um/px.")] = 8192,
-    large: Annotated[int, typer.Option(help="Also a LARGE x LARGE slide (RSS check).")] = 0,
+    large: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="Also this slide: N (N x N) or WxH; twice as wide as high is smear-shaped. "
+            "Repeatable, e.g. --large 40000 --large 100000x50000."
+        ),
+    ] = None,
+    budget: Annotated[
+        int | None,
+        typer.Option(help="Cells per slide instead of the bundle's budget (0: the whole zone)."),
+    ] = None,
     bundle: Annotated[Path | None, typer.Option(help="Bundle (default: configured).")] = None,
 ) -> None:
-    """One bench slide end to end: seconds per stage, peak memory, 2x-area ratio."""
+    """Bench slides end to end: seconds per stage, share of the zone, peak memory, ratios."""
     from appliance.config import load_config
-    from cytoedge_demo.bench.pipeline import run_pipeline_bench
+    from cytoedge_demo.bench.pipeline import parse_size, run_pipeline_bench
 
+    try:
+        sizes = tuple(parse_size(text) for text in large or [])
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc), param_hint="--large") from None
     config = load_config(None)
     run_pipeline_bench(
         bundle or config.bundle_dir,
         config.data_dir / "bench",
         size=size,
-        large=large,
+        large=sizes,
         backend=config.runtime.backend,
         threads=config.runtime.threads,
+        budget=budget,
     )
 
 
