@@ -16,6 +16,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from appliance.config import Config
+from appliance.pace import measure_pace
 from appliance.self_test import REFERENCE, run_self_test, site_settings, write_record
 from runtime.backends import (
     Backend,
@@ -310,6 +311,9 @@ def run_doctor(config: Config, bundle: Path | None = None, gpu_self_test: bool =
         out.print(_formats_table())
     up_front = {fallback.backend for fallback in skipped}
     bundle_ok, bundle_built, loaded = _bundle_check(config, bundle, out, up_front)
+    if bundle_ok and loaded is not None:
+        settings = site_settings(config.runtime.settings, config.state_dir, loaded)
+        out.print(measure_pace(loaded, settings).sentence())
     self_test_ok = _gpu_self_test(config, loaded, out) if gpu_self_test else True
 
     ok = backend_ok and slide_ok and bundle_ok and self_test_ok

@@ -16,10 +16,11 @@ from __future__ import annotations
 import csv
 import io
 import os
+import queue
 import re
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -42,6 +43,7 @@ from appliance.progress import ProgressCallback, StageTimer, no_progress
 from appliance.readers import (
     Calibration,
     FieldFolder,
+    Scan,
     ScanNotFoundError,
     folder_layout,
     is_field_file,
@@ -55,13 +57,14 @@ from appliance.readers.formats import Layout
 from appliance.results.schema import ExaminedRecord, QcRecord, ScanRecord
 from appliance.segmentation import Segmenter
 from appliance.slide_cache import THUMBNAIL_LONG_SIDE, SlideCells
-from appliance.tiles import Tile
+from appliance.tiles import Tile, TileSpec
 from runtime.typed_json import dump, parse_section
 
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 MOSAIC_CELL_PX = 32  # a cell folder's "thumbnail": its cells in a grid, this size each
 STAIN_SAMPLE_TILES = 8
 EMBED_CHUNK = 256  # kept cells embedded at a time, so memory holds a chunk of crops
+PREPARED_AHEAD = 2  # tiles read, judged and normalised ahead of the networks
 PASSED = QcRecord(verdict="pass")
 CELL_FOLDER_FORMAT = "cells"  # a single-cell folder's ScanRecord.format
 
@@ -327,17 +330,10 @@ def _scan_file(
         budget = bundle.cells.max_cells_per_slide
         tile_qcs = []
         sink = _CellSink(networks, bundle.encoder.input.size, filters.patch_px, spool, timer)
-        for index, tile in enumerate(timer.timed(tiles.iter_tiles(scan, specs), "read")):
-            with timer.stage("qc"):
-                result = qc.assess_tile(tile.spec.tile_id, tile.core, stains, params)
-                tile_qcs.append(result)
-            if result.ok:
-                with timer.stage("stain"):
-                    normalised = (
-                        stain.normalize(tile.image, stains, reference)
-                        if reference is not None
-                        else tile.image
-                    )
+        prepared = _prepared_tiles(scan, specs, stains, reference, params, timer)
+        for index, (tile, result, normalised) in enumerate(prepared):
+            tile_qcs.append(result)
+            if normalised is not None:
                 sink.add(
                     _tile_cells(tile, normalised, segmenter, nuclei_stains, filters, params, timer)
                 )
@@ -369,6 +365,64 @@ def _scan_file(
         thumbnail_scale=thumb_scale,
     )
     return cells, scan_entry, verdict
+
+
+_Prepared = tuple[Tile, qc.TileQC, np.ndarray | None]  # tile, its QC, normalised if it passed
+
+
+def _prepared_tiles(
+    scan: Scan,
+    specs: Sequence[TileSpec],
+    stains: stain.StainEstimate,
+    reference: stain.StainReference | None,
+    params: qc.QCParams,
+    timer: StageTimer,
+) -> Iterator[_Prepared]:
+    """Tiles read, judged and normalised on a worker thread, up to ``PREPARED_AHEAD``
+    ahead of the caller, so that this CPU work overlaps the networks' on the tiles
+    before. The caller stopping early (the cell budget reached) stops the worker; a
+    reader's error reaches the caller in order, as if read on its own thread."""
+    ready: queue.Queue[_Prepared | BaseException | None] = queue.Queue(PREPARED_AHEAD)
+    stop = threading.Event()
+
+    def hand_over(item: _Prepared | BaseException | None) -> bool:
+        while not stop.is_set():
+            try:
+                ready.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def work() -> None:
+        try:
+            for tile in timer.timed(tiles.iter_tiles(scan, specs), "read"):
+                with timer.stage("qc"):
+                    result = qc.assess_tile(tile.spec.tile_id, tile.core, stains, params)
+                normalised = None
+                if result.ok:
+                    with timer.stage("stain"):
+                        normalised = (
+                            stain.normalize(tile.image, stains, reference)
+                            if reference is not None
+                            else tile.image
+                        )
+                if not hand_over((tile, result, normalised)):
+                    return
+            hand_over(None)
+        except BaseException as exc:  # handed to the caller, raised there
+            hand_over(exc)
+
+    worker = threading.Thread(target=work, name="tile-reader", daemon=True)
+    worker.start()
+    try:
+        while (item := ready.get()) is not None:
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stop.set()
+        worker.join()
 
 
 def _tile_cells(

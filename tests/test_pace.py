@@ -1,0 +1,35 @@
+"""``cytoedge doctor`` says how long a slide should take here, from measured networks."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+from appliance.pace import OTHER_PER_TILE_SHARE, PaceEstimate, measure_pace
+from runtime.backends import RuntimeSettings
+from runtime.bundle import load_bundle
+from tests.test_cli import cytoedge
+
+
+def test_a_slide_costs_its_budgets_tiles_and_cells() -> None:
+    pace = PaceEstimate(segment_s_per_tile=1.0, embed_s_per_cell=0.1, budget=400, cells_per_tile=4)
+    assert pace.tiles == 100
+    assert math.isclose(pace.seconds_per_slide, 100 * (1 + OTHER_PER_TILE_SHARE) + 40)
+    assert "about 190 s per slide" in pace.sentence()
+    assert "keeps pace with a slow scanner only" in pace.sentence()
+    quick = PaceEstimate(segment_s_per_tile=0.1, embed_s_per_cell=0.01, budget=400)
+    assert "keeps pace with one scanner" in quick.sentence()
+    unbounded = PaceEstimate(segment_s_per_tile=1.0, embed_s_per_cell=0.1, budget=0)
+    assert unbounded.seconds_per_slide is None and "grows with its zone" in unbounded.sentence()
+    cells_only = PaceEstimate(segment_s_per_tile=None, embed_s_per_cell=0.1, budget=400)
+    assert cells_only.seconds_per_slide is None and "cell folders only" in cells_only.sentence()
+
+
+def test_doctor_measures_each_network_and_prints_the_expected_seconds(tiny_bundle: Path) -> None:
+    pace = measure_pace(load_bundle(tiny_bundle), RuntimeSettings(backend="ort-cpu", threads=1))
+    assert pace.segment_s_per_tile is not None and 0 < pace.segment_s_per_tile < 60
+    assert 0 < pace.embed_s_per_cell < 10
+    result = cytoedge("doctor", "--bundle", str(tiny_bundle), env={"COLUMNS": "250"})
+    assert result.returncode == 0, result.stdout + result.stderr
+    line = next(x for x in result.stdout.splitlines() if x.startswith("Pace:"))
+    assert "s per 200 um tile" in line and "s per slide at the budget of 400 cells" in line
