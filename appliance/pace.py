@@ -21,13 +21,14 @@ from appliance.networks import SlideNetworks
 from runtime.backends import RuntimeSettings
 from runtime.bundle import Bundle
 
-# Kept cells per 200 x 200 um tile on the synthetic bench slide with the demo
-# bundle (docs/BENCHMARKS.md); a site's own slides and segmenter differ, so doctor
-# says which figure it assumed.
-TYPICAL_CELLS_PER_TILE = 4.0
+# Kept cells per 200 x 200 um tile on the synthetic bench slides with the demo
+# bundle (401 in 28 tiles, 405 in 24; docs/BENCHMARKS.md); a site's own slides and
+# segmenter differ, so doctor says which figure it assumed.
+TYPICAL_CELLS_PER_TILE = 14.0
 # Reading, QC, stain work and cell measurement per tile, as a share of the
-# segmenter's time on it (bench slide: about 0.5 on the 2-core CPU).
-OTHER_PER_TILE_SHARE = 0.5
+# segmenter's time on it (bench slide, 2-core CPU: 13.1 s against 14.2 s; they
+# overlap the networks, but share the same cores).
+OTHER_PER_TILE_SHARE = 0.9
 SCANNER_SECONDS_PER_SLIDE = (120.0, 210.0)  # a marrow smear every 2-3.5 minutes
 EMBED_BATCH = 16
 GLASS_RGB = (226, 223, 228)
