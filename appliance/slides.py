@@ -13,6 +13,7 @@ TIFF is a scan. ``appliance.cases.score_case`` takes it from there.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import os
@@ -330,19 +331,25 @@ def _scan_file(
         budget = bundle.cells.max_cells_per_slide
         tile_qcs = []
         sink = _CellSink(networks, bundle.encoder.input.size, filters.patch_px, spool, timer)
-        prepared = _prepared_tiles(scan, specs, stains, reference, params, timer)
-        for index, (tile, result, normalised) in enumerate(prepared):
-            tile_qcs.append(result)
-            if normalised is not None:
-                sink.add(
-                    _tile_cells(tile, normalised, segmenter, nuclei_stains, filters, params, timer)
-                )
-            done = (index + 1) / len(specs)
-            if budget > 0:
-                done = max(done, min(sink.count / budget, 1.0))
-            timer.progress("segment", done)
-            if 0 < budget <= sink.count:
-                break
+        # Closed here, whether the budget stops the visit or an error does: its worker
+        # is done with the scan before the scan is closed.
+        with contextlib.closing(
+            _prepared_tiles(scan, specs, stains, reference, params, timer)
+        ) as prepared:
+            for index, (tile, result, normalised) in enumerate(prepared):
+                tile_qcs.append(result)
+                if normalised is not None:
+                    sink.add(
+                        _tile_cells(
+                            tile, normalised, segmenter, nuclei_stains, filters, params, timer
+                        )
+                    )
+                done = (index + 1) / len(specs)
+                if budget > 0:
+                    done = max(done, min(sink.count / budget, 1.0))
+                timer.progress("segment", done)
+                if 0 < budget <= sink.count:
+                    break
         scan_entry["examined"] = ExaminedRecord(
             tiles=len(tile_qcs),
             zone_tiles=len(specs),

@@ -4,13 +4,14 @@ the zone, and the result says how much of the zone was examined and why it stopp
 from __future__ import annotations
 
 import dataclasses
+import threading
 from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from appliance import stain, tiles
+from appliance import qc, stain, tiles
 from appliance.cases import score_case
 from appliance.networks import SlideNetworks
 from appliance.readers import open_scan
@@ -69,10 +70,9 @@ def test_a_dense_half_of_a_smear_scores_above_its_sparse_half(tmp_path: Path) ->
 def test_a_budget_stops_the_visit_and_the_result_says_how_much_was_examined(
     tiny_bundle: Path, small_scan_writer, tmp_path: Path
 ) -> None:
-    scan = small_scan_writer(tmp_path / "s.tif", seed=3, size=2400)
     base = load_bundle(tiny_bundle)
 
-    def process(budget: int):
+    def process(scan: Path, budget: int):
         bundle = dataclasses.replace(
             base, cells=dataclasses.replace(base.cells, max_cells_per_slide=budget)
         )
@@ -80,19 +80,42 @@ def test_a_budget_stops_the_visit_and_the_result_says_how_much_was_examined(
         with SlideNetworks(bundle, settings) as networks:
             return bundle, process_slide(scan, networks, cache_dir=tmp_path / "cache")
 
-    _, whole = process(0)
-    assert whole.scan.examined is not None
-    n_zone = whole.scan.examined.zone_tiles
-    assert n_zone >= 4 and whole.scan.examined == ExaminedRecord(n_zone, n_zone, 0, "zone")
-    budget = max(1, whole.n_cells // 4)
-    bundle, part = process(budget)
+    _, whole = process(small_scan_writer(tmp_path / "small.tif", seed=3, size=1600), 0)
+    assert whole.scan.examined == ExaminedRecord(4, 4, 0, "zone"), "no budget: every tile"
+    bundle, part = process(small_scan_writer(tmp_path / "s.tif", seed=3, size=2400), 30)
     examined = part.scan.examined
-    assert examined is not None and examined.stopped == "budget" and examined.budget == budget
-    assert examined.zone_tiles == n_zone and examined.tiles < n_zone
-    assert budget <= part.n_cells < whole.n_cells
+    assert examined is not None and (examined.stopped, examined.budget) == ("budget", 30)
+    assert examined.zone_tiles == 9 and examined.tiles < 9
+    assert part.n_cells >= 30
+    assert not [t for t in threading.enumerate() if t.name == "tile-reader"], "reader stopped"
     case = score_case("B-1", [part], bundle, tmp_path / "out", write_pdf=False)
     [record] = case.result.scans
     assert record.examined == examined, "result.json keeps it"
     report = (case.folder.path / "report.html").read_text(encoding="utf-8")
-    sentence = f"Examined {examined.tiles} of {n_zone} tiles of the cellular zone"
-    assert sentence in report and f"budget of {budget} cells" in report
+    sentence = f"Examined {examined.tiles} of 9 tiles of the cellular zone"
+    assert sentence in report and "budget of 30 cells" in report
+
+
+@pytest.mark.slow
+def test_an_error_on_the_reading_thread_reaches_the_caller_and_stops_the_reader(
+    tiny_bundle: Path, small_scan_writer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    scan = small_scan_writer(tmp_path / "s.tif", seed=4, size=2400)
+    judged = []
+
+    def failing_qc(tile_id: int, *args: object, **kwargs: object) -> object:
+        judged.append(tile_id)
+        if len(judged) == 3:
+            raise OSError("the scan's disk went away")
+        return real_qc(tile_id, *args, **kwargs)
+
+    real_qc = qc.assess_tile
+    monkeypatch.setattr(qc, "assess_tile", failing_qc)
+    settings = RuntimeSettings(backend="ort-cpu", threads=1)
+    with (
+        SlideNetworks(load_bundle(tiny_bundle), settings) as networks,
+        pytest.raises(OSError, match="disk went away"),
+    ):
+        process_slide(scan, networks, cache_dir=tmp_path / "cache")
+    assert len(judged) == 3, "the reader stopped at the error"
+    assert not [t for t in threading.enumerate() if t.name == "tile-reader"]
