@@ -322,7 +322,9 @@ def _scan_file(
             except stain.StainError as exc:
                 return empty, scan_entry, QcRecord(verdict=qc.FAIL, reasons=(exc.reason,))
         with timer.stage("plan"):
-            basophilic = stain.basophilic(scan.thumbnail(zone.mask_um_per_px), stains)
+            basophilic = tiles.in_bands(
+                scan.thumbnail(zone.mask_um_per_px), lambda band: stain.basophilic(band, stains)
+            )
             scores = tiles.tile_scores(basophilic, zone, params.min_basophilic)
             specs = tiles.visiting_order(grid, scores)
         segmenter = networks.segmenter()

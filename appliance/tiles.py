@@ -34,7 +34,7 @@ before the budget stops the slide come from the whole zone, not one corner.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -55,6 +55,7 @@ MIN_COVER = 0.03
 MAX_THICK = 0.25
 BLANK_COVER = 0.002
 SPREAD_BLOCKS = 16
+BAND_ROWS = 256
 
 
 @dataclass(frozen=True)
@@ -122,11 +123,11 @@ def mask_resolution(scan: Scan) -> float:
 def cellular_zone(scan: Scan, mask_um_per_px: float | None = None) -> CellularZone:
     """Decide which tiles are in the cellular zone; raises BlankScanError on a blank scan."""
     um = mask_um_per_px or mask_resolution(scan)
-    thumb = scan.thumbnail(um).astype(np.float32)
-    pixels = thumb.reshape(-1, 3)
-    luminance = pixels @ np.array([0.299, 0.587, 0.114], np.float32)
-    glass = np.median(pixels[luminance >= np.percentile(luminance, 98)], axis=0)
-    covered = optical_density(thumb, glass).sum(axis=-1) > COVER_OD
+    thumb = scan.thumbnail(um)
+    luma = np.array([0.299, 0.587, 0.114], np.float32)
+    luminance = in_bands(thumb, lambda band: band.astype(np.float32) @ luma)
+    glass = np.median(thumb[luminance >= np.percentile(luminance, 98)].astype(np.float32), axis=0)
+    covered = in_bands(thumb, lambda band: optical_density(band, glass).sum(axis=-1) > COVER_OD)
     covered_fraction = float(covered.mean())
     if covered_fraction < BLANK_COVER:
         raise BlankScanError(scan.path, "blank slide: no stained cells found")
@@ -139,6 +140,13 @@ def cellular_zone(scan: Scan, mask_um_per_px: float | None = None) -> CellularZo
     in_zone = (cover >= MIN_COVER) & (thick_frac <= MAX_THICK)
     glass_rgb = (float(glass[0]), float(glass[1]), float(glass[2]))
     return CellularZone(in_zone, cover, thick_frac, um, glass_rgb, covered_fraction)
+
+
+def in_bands(image: np.ndarray, func: Callable[[np.ndarray], np.ndarray]) -> np.ndarray:
+    """``func`` over ``image`` in bands of ``BAND_ROWS`` rows, joined: float work on a
+    slide-wide thumbnail (6,250 x 3,125 px for a 25 x 12.5 mm smear) holds one band."""
+    rows = range(0, image.shape[0], BAND_ROWS)
+    return np.concatenate([func(image[r : r + BAND_ROWS]) for r in rows])
 
 
 def per_tile_mean(mask: np.ndarray, grid: tuple[int, int], um_per_px: float) -> np.ndarray:
