@@ -66,6 +66,10 @@ MOSAIC_CELL_PX = 32  # a cell folder's "thumbnail": its cells in a grid, this si
 STAIN_SAMPLE_TILES = 8
 EMBED_CHUNK = 256  # kept cells embedded at a time, so memory holds a chunk of crops
 PREPARED_AHEAD = 2  # tiles read, judged and normalised ahead of the networks
+# A visit stopped by the cell budget still judges this many tiles, one of each part
+# of the zone (tiles.visiting_order), so that the slide's QC verdict rests on a
+# sample of the whole zone, not on the few tiles that gave the cells.
+MIN_JUDGED_TILES = tiles.SPREAD_BLOCKS
 PASSED = QcRecord(verdict="pass")
 CELL_FOLDER_FORMAT = "cells"  # a single-cell folder's ScanRecord.format
 
@@ -340,7 +344,7 @@ def _scan_file(
         ) as prepared:
             for index, (tile, result, normalised) in enumerate(prepared):
                 tile_qcs.append(result)
-                if normalised is not None:
+                if normalised is not None and not 0 < budget <= sink.count:
                     sink.add(
                         _tile_cells(
                             tile, normalised, segmenter, nuclei_stains, filters, params, timer
@@ -350,7 +354,7 @@ def _scan_file(
                 if budget > 0:
                     done = max(done, min(sink.count / budget, 1.0))
                 timer.progress("segment", done)
-                if 0 < budget <= sink.count:
+                if 0 < budget <= sink.count and len(tile_qcs) >= MIN_JUDGED_TILES:
                     break
         scan_entry["examined"] = ExaminedRecord(
             tiles=len(tile_qcs),
