@@ -110,7 +110,7 @@ def test_pb_case_shows_malignancy_and_top_two_classes(qtbot, folders) -> None:
     texts = text_of_grid(pane.predictions_grid)
     assert "malignancy: probability 0.86, threshold 0.50, positive" in texts
     assert "<b>Most likely</b>: acute leukemia 0.46, MDS 0.21" in texts
-    assert "<b>Hemoglobin (regression)</b>: 11.2" in texts
+    assert "<b>Hemoglobin (regression)</b>: 11.2 g/dL" in texts
     assert not any("High risk" in t for t in texts)
 
 

@@ -111,7 +111,7 @@ class TransformerMil(HeadKind):
                 key="hemoglobin",
                 label="Hemoglobin (regression)",
                 value=hemoglobin,
-                text=f"{hemoglobin:.1f}",
+                text=f"{hemoglobin:.1f} g/dL",
             ),
         )
         return Interpretation(predictions, findings)
