@@ -33,6 +33,16 @@ def admitted(store: JobStore, case: str, path: str, fp: str, now: float, single:
     )
 
 
+def case_job_started(store: JobStore, path: str, *, single: bool):
+    """Case P: its one slide (fingerprint f1) processed at 102, its case job started at 103."""
+    slide = admitted(store, "P", path, "f1", 100.0, single=single)
+    store.start_slide(slide.id, 101.0)
+    store.finish_slide(slide.id, DONE, n_cells=10, now=102.0)
+    case = store.case_by_key("P")
+    store.start_case(case.id, 1, 103.0)
+    return slide, case
+
+
 def test_store_is_wal_and_readable_read_only_while_open(store: JobStore, tmp_path: Path) -> None:
     admitted(store, "A", "/in/A.svs", "f1", 100.0)
     mode = store._conn.execute("PRAGMA journal_mode").fetchone()[0]
@@ -137,11 +147,7 @@ def test_a_loose_file_is_a_case_of_one_scored_once_its_slide_is_done(store: JobS
 
 
 def test_a_late_slide_reopens_a_scored_case_and_keeps_its_version(store: JobStore) -> None:
-    s1 = admitted(store, "P", "/in/P/a.svs", "f1", 100.0, single=False)
-    case = store.case_by_key("P")
-    store.start_slide(s1.id, 101.0)
-    store.finish_slide(s1.id, DONE, n_cells=10, now=102.0)
-    store.start_case(case.id, 1, 103.0)
+    _, case = case_job_started(store, "/in/P/a.svs", single=False)
     store.finish_case(case.id, DONE, reason="", result_version=1, result_dir="/o/P/v1", now=104.0)
     assert store.case(case.id).state == DONE
     admitted(store, "P", "/in/P/b.svs", "f2", 200.0, single=False)
@@ -152,11 +158,7 @@ def test_a_late_slide_reopens_a_scored_case_and_keeps_its_version(store: JobStor
 def test_a_slide_arriving_while_the_case_is_scored_rescores_it_afterwards(
     store: JobStore,
 ) -> None:
-    s1 = admitted(store, "P", "/in/P/a.svs", "f1", 100.0, single=False)
-    case = store.case_by_key("P")
-    store.start_slide(s1.id, 101.0)
-    store.finish_slide(s1.id, DONE, n_cells=10, now=102.0)
-    store.start_case(case.id, 1, 103.0)
+    _, case = case_job_started(store, "/in/P/a.svs", single=False)
     late = store.add_waiting_slide("P", "/in/P/late.svs", 1, 1.0, single=False, now=103.5)
     store.admit_slide(late.id, fingerprint="f2", bundle_hash=BUNDLE, size=1, mtime=1.0, now=103.6)
     assert store.case(case.id).state == RUNNING
@@ -168,11 +170,7 @@ def test_a_slide_arriving_while_the_case_is_scored_rescores_it_afterwards(
 def test_new_content_under_a_known_name_while_the_case_is_scored_rescores_it_afterwards(
     store: JobStore,
 ) -> None:
-    s1 = admitted(store, "P", "/in/P/a.svs", "f1", 100.0, single=False)
-    case = store.case_by_key("P")
-    store.start_slide(s1.id, 101.0)
-    store.finish_slide(s1.id, DONE, n_cells=10, now=102.0)
-    store.start_case(case.id, 1, 103.0)
+    s1, case = case_job_started(store, "/in/P/a.svs", single=False)
     store.admit_slide(s1.id, fingerprint="f1b", bundle_hash=BUNDLE, size=11, mtime=2.0, now=103.5)
     store.finish_case(case.id, DONE, reason="", result_version=1, result_dir="/o/P/v1", now=104.0)
     assert store.case(case.id).state == WAITING
@@ -181,11 +179,7 @@ def test_new_content_under_a_known_name_while_the_case_is_scored_rescores_it_aft
 def test_a_unit_seen_only_in_passing_leaves_a_scored_case_alone(store: JobStore) -> None:
     """A folder being deleted or written can look, for one look, like a case folder
     of loose images: those rows come and go without the case being scored again."""
-    s1 = admitted(store, "P", "/in/P", "f1", 100.0, single=True)
-    case = store.case_by_key("P")
-    store.start_slide(s1.id, 101.0)
-    store.finish_slide(s1.id, DONE, n_cells=10, now=102.0)
-    store.start_case(case.id, 1, 103.0)
+    _, case = case_job_started(store, "/in/P", single=True)
     passing = store.add_waiting_slide("P", "/in/P/cell_1.tif", 1, 1.0, single=False, now=103.5)
     store.finish_case(case.id, DONE, reason="", result_version=1, result_dir="/o/P/v1", now=104.0)
     again = store.add_waiting_slide("P", "/in/P/cell_2.tif", 1, 1.0, single=False, now=104.5)
