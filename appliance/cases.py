@@ -30,6 +30,7 @@ from appliance.results import (
     HeadRecord,
     PredictionRecord,
     ResultFolder,
+    ScanRecord,
     SlideContent,
     TopCell,
     write_case_result,
@@ -85,7 +86,7 @@ def score_case(
     progress("heads", 0.0)
     with timer.stage("load cells"):
         passed = [s for s in slides if s.qc_passed]
-        cells = {s.slide_id: s.cells() for s in passed}
+        cells = case_cells(passed, bundle.cells.max_cells_per_case)
     qc_failures = [f"{s.slide_id}: {s.qc_reason}" for s in slides if not s.qc_passed]
     n_cells = sum(len(c.embeddings) for c in cells.values())
 
@@ -130,7 +131,7 @@ def score_case(
         abstain_reason=reason,
         bundle=BundleRecord(bundle.name, bundle.version, bundle.sha256, bundle.intended_use),
         backend=backend,
-        scans=tuple(s.scan for s in slides),
+        scans=tuple(_scan_record(s, cells.get(s.slide_id)) for s in slides),
         heads=heads,
         top_cells=tuple(cell for cell, _, _ in top),
         attention_top20_mass=top_attention_mass(attention) if n_cells else None,
@@ -155,6 +156,46 @@ def score_case(
         extra={"case": case_id, "status": result.status, "cells": n_cells},
     )
     return ScoredCase(result, folder, tuple(slides))
+
+
+def case_shares(counts: Sequence[int], budget: int) -> list[int]:
+    """How many of each slide's cells go into the case's bag.
+
+    All of them when they fit in ``budget`` (0: no budget); else an equal share each,
+    a slide with fewer cells giving all it has and its unused share going to the others.
+    """
+    if budget <= 0 or sum(counts) <= budget:
+        return list(counts)
+    shares = [0] * len(counts)
+    left = budget
+    by_size = sorted(range(len(counts)), key=lambda index: counts[index])
+    for done, index in enumerate(by_size):
+        shares[index] = min(counts[index], left // (len(by_size) - done))
+        left -= shares[index]
+    return shares
+
+
+def case_cells(slides: Sequence[SlideResult], budget: int) -> dict[str, SlideCells]:
+    """The cells the heads see, by slide id: each slide's share of the case's budget
+    (``case_shares``) from the start of its visit, which is spread over its zone.
+
+    Scoring, training and validation all take a case's bag from here. The shares depend
+    on the case's slides only, not on the order they arrived in, so a re-score after a
+    late slide gives what scoring all of them at once gives.
+    """
+    loaded = {slide.slide_id: slide.cells() for slide in slides}
+    by_id = sorted(loaded)  # equal slides share the remainder the same way in any order
+    counts = [len(loaded[slide_id].embeddings) for slide_id in by_id]
+    shares = dict(zip(by_id, case_shares(counts, budget), strict=True))
+    return {slide_id: cells.first(shares[slide_id]) for slide_id, cells in loaded.items()}
+
+
+def _scan_record(slide: SlideResult, cells: SlideCells | None) -> ScanRecord:
+    """The slide's scan as the case used it: ``cells`` in the bag, the rest set aside."""
+    if cells is None or len(cells.embeddings) == slide.scan.cells:
+        return slide.scan
+    used = len(cells.embeddings)
+    return dataclasses.replace(slide.scan, cells=used, cells_set_aside=slide.scan.cells - used)
 
 
 def slide_input(slide: SlideResult) -> str:

@@ -18,7 +18,7 @@ import numpy as np
 from rich.console import Console
 from rich.progress import Progress
 
-from appliance.cases import abstain_reason
+from appliance.cases import abstain_reason, case_cells
 from appliance.cases_table import CasesTable, LabelledCase
 from appliance.config import Config
 from appliance.networks import SlideNetworks
@@ -65,9 +65,12 @@ class CohortCase:
         cells = sum(s.n_cells for s in self.slides if s.qc_passed)
         return abstain_reason(cells, min_cells, failures, len(self.slides), [])
 
-    def bag(self) -> np.ndarray:
-        """Every cell's embedding of the slides that passed QC, in slide order."""
-        return np.concatenate([s.cells().embeddings for s in self.slides if s.qc_passed])
+    def bag(self, max_cells_per_case: int) -> np.ndarray:
+        """The embeddings the heads see (``appliance.cases.case_cells``), in slide order."""
+        passed = [s for s in self.slides if s.qc_passed]
+        return np.concatenate(
+            [c.embeddings for c in case_cells(passed, max_cells_per_case).values()]
+        )
 
 
 def process_cohort(

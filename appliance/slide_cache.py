@@ -11,6 +11,10 @@ so a crash never leaves a half entry that looks complete.
 
 from __future__ import annotations
 
+import csv
+import dataclasses
+import io
+import itertools
 import json
 import os
 import shutil
@@ -55,6 +59,25 @@ class SlideCells:
             geojson={"type": "FeatureCollection", "features": []},
             thumbnail=thumbnail,
             thumbnail_scale=scale,
+        )
+
+    def first(self, count: int) -> SlideCells:
+        """The first ``count`` cells (the order the slide was visited in), with their rows."""
+        if count >= len(self.embeddings):
+            return self
+        table = io.StringIO()
+        csv.writer(table, lineterminator="\n").writerows(
+            itertools.islice(csv.reader(io.StringIO(self.table_csv)), count + 1)
+        )
+        features = list(self.geojson.get("features") or [])
+        return dataclasses.replace(
+            self,
+            embeddings=self.embeddings[:count],
+            xy=self.xy[:count],
+            cell_ids=self.cell_ids[:count],
+            patches=self.patches[:count],
+            table_csv=table.getvalue(),
+            geojson={**self.geojson, "features": features[:count]},
         )
 
 

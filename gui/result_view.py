@@ -623,8 +623,11 @@ class ResultPane(QWidget):
             for column, item in enumerate(items):
                 item.setToolTip(item.text())
                 table.setItem(row, column, item)
-            if slide.scan.examined is not None:  # how much of a scan gave these cells
-                cells.setToolTip(slide.scan.examined.sentence())
+            # How much of the scan gave these cells, and what the case's budget left out.
+            why = [slide.scan.examined.sentence() if slide.scan.examined else None]
+            why.append(slide.scan.set_aside_sentence())
+            if any(why):
+                cells.setToolTip("\n".join(w for w in why if w))
         table.resizeRowsToContents()
         if result.slides:
             table.setCurrentCell(0, 0)

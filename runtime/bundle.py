@@ -61,15 +61,26 @@ class FileEntry:
 
 @dataclass(frozen=True)
 class InputSpec:
-    """Encoder input: square RGB patches of ``size`` px, ``(x/255 - mean) / std``."""
+    """Encoder input: square RGB patches of ``size`` px, ``(x/255 - mean) / std``.
+
+    ``crop_px`` > 0: the encoder's graph does that itself (``export.crop_input``) and
+    takes the uint8 crops (N, crop_px, crop_px, 3) as they are; 0: the runtime resizes
+    and normalises, and feeds float32 (N, 3, size, size).
+    """
 
     size: int = 224
     mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
     std: tuple[float, float, float] = (0.229, 0.224, 0.225)
+    crop_px: int = 0
+
+    @property
+    def fed_px(self) -> int:
+        """The side of the uint8 patches the encoder is given."""
+        return self.crop_px or self.size
 
     def validate(self, where: str) -> None:
-        if self.size <= 0:
-            raise BundleError(f"{where}.size must be positive")
+        if self.size <= 0 or self.crop_px < 0:
+            raise BundleError(f"{where}.size must be positive and crop_px 0 or more")
         if min(self.std) <= 0:
             raise BundleError(f"{where}.std must be positive")
 
@@ -242,7 +253,20 @@ class CellsSpec:
     # (median; IQR 186-314, over 3-6 smears): 400 a slide gives a one-smear case
     # more than a typical patient's worth, and bounds a slide's work whatever its size.
     max_cells_per_slide: int = 400
+    # The cells a case's heads see (0: every slide's). A slide's share is an equal
+    # part, taken from the start of its visit (best tiles, spread over the zone); the
+    # paper's cases are 3-6 smears, so three slides' budgets by default.
+    max_cells_per_case: int = 1200
     extra: dict[str, Any] = field(default_factory=dict)
+
+    def validate(self, where: str) -> None:
+        if self.max_cells_per_slide < 0 or self.max_cells_per_case < 0:
+            raise BundleError(f"{where}: cell budgets must be 0 (none) or more")
+        if 0 < self.max_cells_per_case < self.min_cells:
+            raise BundleError(
+                f"{where}.max_cells_per_case ({self.max_cells_per_case}) is below "
+                f"min_cells ({self.min_cells}): every case would abstain"
+            )
 
 
 @dataclass(frozen=True)
@@ -298,6 +322,7 @@ class Bundle:
             name: dump(getattr(self, name))
             for name in ("encoder", "segmenter", "stain_reference", "qc", "cells")
         }
+        sections["cells"].pop("max_cells_per_case")  # chosen when a case is scored
         used = [*self.encoder.variants.values()]
         if self.segmenter is not None:
             used.append(self.segmenter.file)

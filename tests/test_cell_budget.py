@@ -12,14 +12,15 @@ import pytest
 from PIL import Image
 
 from appliance import qc, stain, tiles
-from appliance.cases import score_case
+from appliance.cases import case_shares, score_case
 from appliance.networks import SlideNetworks
 from appliance.readers import open_scan
 from appliance.results.schema import ExaminedRecord
 from appliance.slides import MIN_JUDGED_TILES, process_slide
 from cytoedge_demo.synthetic import SmearSpec, render_field
 from runtime.backends import RuntimeSettings
-from runtime.bundle import load_bundle
+from runtime.bundle import CellsSpec, load_bundle
+from runtime.typed_json import SpecError, parse_section
 
 
 def grid_specs(rows: int, cols: int) -> list[tiles.TileSpec]:
@@ -120,3 +121,57 @@ def test_an_error_on_the_reading_thread_reaches_the_caller_and_stops_the_reader(
         process_slide(scan, networks, cache_dir=tmp_path / "cache")
     assert len(judged) == 3, "the reader stopped at the error"
     assert not [t for t in threading.enumerate() if t.name == "tile-reader"]
+
+
+def test_a_case_budget_is_shared_equally_and_a_small_slide_gives_its_rest_to_the_others() -> None:
+    assert case_shares([500, 500, 500], 1000) == [333, 333, 334]
+    assert case_shares([100, 900, 700], 900) == [100, 400, 400]
+    assert case_shares([100, 900], 0) == [100, 900], "0: no budget"
+    assert case_shares([100, 200], 300) == [100, 200], "they fit"
+    assert case_shares([], 300) == []
+
+
+def test_a_case_budget_below_the_cells_a_case_needs_is_refused() -> None:
+    with pytest.raises(SpecError, match="max_cells_per_case"):
+        parse_section(CellsSpec, {"min_cells": 50, "max_cells_per_case": 20}, "cells")
+    assert parse_section(CellsSpec, {"max_cells_per_case": 0}, "cells").max_cells_per_case == 0
+
+
+@pytest.mark.slow
+def test_a_case_budget_takes_each_slides_first_cells_and_the_result_says_what_it_left_out(
+    tiny_bundle: Path, small_scan_writer, tmp_path: Path
+) -> None:
+    base = load_bundle(tiny_bundle)
+    settings = RuntimeSettings(backend="ort-cpu", threads=1)
+    with SlideNetworks(base, settings) as networks:
+        slides = [
+            process_slide(
+                small_scan_writer(tmp_path / f"{seed}.tif", seed=seed, size=1600),
+                networks,
+                cache_dir=tmp_path / "cache",
+            )
+            for seed in (5, 6)
+        ]
+    found = [s.n_cells for s in slides]
+    budget = max(base.cells.min_cells, sum(found) - 10)
+    assert min(found) > 10 and sum(found) > budget, found
+    bundle = dataclasses.replace(
+        base, cells=dataclasses.replace(base.cells, max_cells_per_case=budget)
+    )
+    case = score_case("C-1", slides, bundle, tmp_path / "out", write_pdf=False)
+    records = case.result.scans
+    assert sum(r.cells for r in records) == case.result.cells == budget
+    assert [r.cells + r.cells_set_aside for r in records] == found
+    for slide, record in zip(slides, records, strict=True):
+        rows = (case.folder.path / record.outputs.cells_csv).read_text().splitlines()
+        assert len(rows) == 1 + record.cells, "the cell table holds the cells the heads saw"
+        ids = [int(row.split(",")[0]) for row in rows[1:]]
+        assert ids == list(slide.cells().cell_ids[: record.cells]), "the start of the visit"
+    with np.load(case.folder.path / "embeddings.npz") as saved:
+        assert len(saved["embeddings"]) == budget
+    report = (case.folder.path / "report.html").read_text(encoding="utf-8")
+    assert "more cells were set aside" in report
+    again = score_case("C-1", slides[::-1], bundle, tmp_path / "out", write_pdf=False)
+    assert {r.slide_id: r.cells for r in again.result.scans} == {
+        r.slide_id: r.cells for r in records
+    }, "the shares do not depend on the order the slides came in"

@@ -188,8 +188,12 @@ def _scans_block(result: CaseResult) -> str:
         colour = {"pass": "#1b5e20", "warn": "#8a6d00"}.get(scan.qc.verdict, "#b00020")
         pixel = "-" if scan.pixel_size_um is None else f"{scan.pixel_size_um:.3f}"
         notes = _e("; ".join(scan.qc.reasons))
-        if scan.examined is not None:
-            notes += f"{'<br>' if notes else ''}<small>{_e(scan.examined.sentence())}</small>"
+        for sentence in (
+            scan.examined.sentence() if scan.examined else None,
+            scan.set_aside_sentence(),
+        ):
+            if sentence:
+                notes += f"{'<br>' if notes else ''}<small>{_e(sentence)}</small>"
         rows.append(
             f"<tr><td>{_e(scan.name)}<br><small>{_e(scan.format)}</small></td>"
             f"<td align='right'>{pixel}</td>"

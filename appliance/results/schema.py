@@ -101,17 +101,27 @@ class ScanRecord:
     bytes: int
     pixel_size_um: float | None
     qc: QcRecord
-    cells: int
+    cells: int  # in the case's bag (what the heads saw, the rows of its cell table)
     width: int | None = None  # pixels at 0.25 um/px (a cell folder: none; fields: the sheet)
     height: int | None = None
     fields: int | None = None  # a field folder's photos (a single photo: 1); None for scans
     encoder_variant: str | None = None  # fp32 | fp16 | int8: what embedded its cells
     examined: ExaminedRecord | None = None  # a scan's share of its zone (not cells, fields)
     outputs: SlideOutputs | None = None  # absent when the case wrote no slide files
+    cells_set_aside: int = 0  # kept cells beyond the scan's share of the case's budget
 
     @property
     def name(self) -> str:
         return Path(self.path).name or self.slide_id
+
+    def set_aside_sentence(self) -> str | None:
+        """ "120 more cells were set aside: ..." when the case's budget left some out."""
+        if not self.cells_set_aside:
+            return None
+        return (
+            f"{self.cells_set_aside} more cells were set aside: "
+            "beyond this scan's share of the bundle's cell budget per case"
+        )
 
 
 @dataclass(frozen=True)
