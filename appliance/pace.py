@@ -85,7 +85,7 @@ def measure_pace(bundle: Bundle, settings: RuntimeSettings) -> PaceEstimate:
     non-maximum suppression depends on what the network finds (noise makes it find
     thousands of candidates), so its tile is a stained field of nuclei."""
     rng = np.random.default_rng(0)
-    size = bundle.encoder.input.size
+    size = bundle.encoder.input.fed_px
     crops = rng.integers(0, 256, (EMBED_BATCH, size, size, 3), dtype=np.uint8)
     with SlideNetworks(bundle, settings) as networks:
         networks.embed(crops[:2], progress=_ignore)

@@ -35,6 +35,7 @@ from runtime.backends import (
     probe_backends,
 )
 from runtime.bundle import Bundle
+from runtime.encoder import encoder_feeds
 from runtime.files import write_json_atomic
 from runtime.heads import HeadRunner
 from runtime.parity import (
@@ -267,19 +268,18 @@ def _timed(loaded: _Loaded) -> tuple[Outputs, float]:
 
 def _networks(bundle: Bundle) -> list[_Network]:
     spec = bundle.encoder.input
+    side = spec.fed_px
     patches = np.stack(
-        [stained_field(spec.size, spec.size, cells=1, seed=100 + i) for i in range(ENCODER_CELLS)]
+        [stained_field(side, side, cells=1, seed=100 + i) for i in range(ENCODER_CELLS)]
     )
-    scaled = patches.astype(np.float32) / 255.0
-    pixels = (scaled - np.asarray(spec.mean, np.float32)) / np.asarray(spec.std, np.float32)
-    pixels = np.ascontiguousarray(pixels.transpose(0, 3, 1, 2), dtype=np.float32)
+    feeds = encoder_feeds(spec, patches)
     fp32_encoder = ModelVariants(fp32=bundle.file(bundle.encoder.variants["fp32"]))
 
     def open_encoder(settings: RuntimeSettings, reference: bool) -> _Loaded:
         # The reference loads only the fp32 file; other backends choose as when scoring.
         variants = fp32_encoder if reference else bundle.encoder_variants()
         model = open_model(variants, settings, engine_dir=bundle.engines_dir)
-        return _ModelRun(model, {"pixels": pixels})
+        return _ModelRun(model, feeds)
 
     networks = [
         _Network("encoder", "cell", ENCODER_CELLS, open_encoder, compare_embeddings),

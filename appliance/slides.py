@@ -206,7 +206,7 @@ def _cell_folder(
 ) -> tuple[SlideCells, dict[str, object], QcRecord]:
     """PB workflow: the folder's crops are the cells; no segmentation, no tile QC."""
     bundle = networks.bundle
-    size = bundle.encoder.input.size
+    size = bundle.encoder.input.fed_px
     patch_px = bundle.cells.patch_px
     with timer.stage("read"):
         folder = open_cell_folder(path)
@@ -271,7 +271,7 @@ def _fields(
     """The field path (``appliance.fields``), its cells spooled like a scan's."""
     bundle = networks.bundle
     patch_px = CellFilters.from_section(bundle.cells).at(tiles.TARGET_UM_PER_PX).patch_px
-    sink = _CellSink(networks, bundle.encoder.input.size, patch_px, spool, timer)
+    sink = _CellSink(networks, bundle.encoder.input.fed_px, patch_px, spool, timer)
     return process_fields(folder, networks, timer, sink)
 
 
@@ -336,7 +336,7 @@ def _scan_file(
         nuclei_stains = reference.estimate if reference is not None else stains
         budget = bundle.cells.max_cells_per_slide
         tile_qcs = []
-        sink = _CellSink(networks, bundle.encoder.input.size, filters.patch_px, spool, timer)
+        sink = _CellSink(networks, bundle.encoder.input.fed_px, filters.patch_px, spool, timer)
         # Closed here, whether the budget stops the visit or an error does: its worker
         # is done with the scan before the scan is closed.
         with contextlib.closing(

@@ -39,6 +39,13 @@ def encoder(
         list[Path] | None,
         typer.Option(help="Folder from `export heads` whose calls int8 must keep; repeatable."),
     ] = None,
+    crop_px: Annotated[
+        int,
+        typer.Option(
+            help="Fold the resize and normalisation into every variant, which then takes "
+            "uint8 crops of this side (the bundle's cells.patch_px, 128); 0: float pixels."
+        ),
+    ] = 0,
 ) -> None:
     """DinoBloom encoder to ONNX (fp32, fp16, int8) with parity gates."""
     from rich.console import Console
@@ -49,6 +56,7 @@ def encoder(
         write_document,
     )
     from export.encoder import (
+        IMAGE_SIZE,
         MEAN,
         STD,
         CheckpointError,
@@ -96,6 +104,14 @@ def encoder(
             if result.accepted:
                 variants["int8"] = "encoder.int8.onnx"
                 parity["encoder.int8.onnx"] = {"passed": True, **result.metrics}
+        if crop_px:
+            from export.crop_input import fold_in_place
+
+            for variant, name in variants.items():
+                with console.status(f"Folding the preprocessing into {name}..."):
+                    report = fold_in_place(out / name, variant, crop_px, IMAGE_SIZE, MEAN, STD)
+                console.print(report.summary())
+                parity[name] = {**parity[name], "crop_input": parity_entry(report)}
         source = weights_file(checkpoint, checkpoint_format)  # type: ignore[arg-type]
         extra = sorted(p.name for p in out.glob("encoder*.onnx.data"))
         write_document(
@@ -106,7 +122,12 @@ def encoder(
                     "architecture": spec.timm_name,
                     "embed_dim": spec.embed_dim,
                     "variants": variants,
-                    "input": {"size": 224, "mean": list(MEAN), "std": list(STD)},
+                    "input": {
+                        "size": IMAGE_SIZE,
+                        "mean": list(MEAN),
+                        "std": list(STD),
+                        "crop_px": crop_px,
+                    },
                     "int8_note": int8_note,
                 },
                 "parity": parity,

@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from export.cell_images import cell_pixels
+from export.crop_input import CROPS_INPUT, render_crops
 from export.onnx_export import ParityError, ParityReport, ort_session
 from runtime.parity import FP16_MIN_COSINE, bag_features, row_cosines
 
@@ -93,9 +94,14 @@ def build_checked_engine(target: EngineTarget, engines_dir: Path) -> tuple[Path,
 def encoder_engine_parity(engine: object, reference: object, name: str) -> ParityReport:
     """Engine vs fp32 ONNX Runtime on rendered cells, batches of 1 and 64 (the opt batch)."""
     cosines, diffs = [], []
-    for pixels in (cell_pixels(1, seed=501), cell_pixels(64, seed=502)):
-        (expected,) = reference.run(["embedding"], {"pixels": pixels})
-        got = engine.run({"pixels": pixels})["embedding"].astype(np.float32)
+    [network_input] = reference.get_inputs()
+    for count, seed in ((1, 501), (64, 502)):
+        if network_input.name == CROPS_INPUT:  # a folded encoder takes the uint8 crops
+            feeds = {CROPS_INPUT: render_crops(count, network_input.shape[1], seed)}
+        else:
+            feeds = {"pixels": cell_pixels(count, seed)}
+        (expected,) = reference.run(["embedding"], feeds)
+        got = engine.run(feeds)["embedding"].astype(np.float32)
         cosines.append(row_cosines(expected, got))
         diffs.append(float(np.abs(expected - got).max()))
     min_cosine = float(np.concatenate(cosines).min())

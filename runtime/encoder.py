@@ -7,13 +7,23 @@ from collections.abc import Callable
 import numpy as np
 
 from runtime.backends import Backend, BackendError, RuntimeSettings, open_model
-from runtime.bundle import Bundle
+from runtime.bundle import Bundle, InputSpec
 
 ProgressCallback = Callable[[int, int], None]  # (cells done, cells in all)
 
 
 class EncoderInputError(ValueError):
     """Patches of the wrong shape or type; the message is one line."""
+
+
+def encoder_feeds(spec: InputSpec, patches: np.ndarray) -> dict[str, np.ndarray]:
+    """The network's feed for uint8 patches (N, fed_px, fed_px, 3): the crops themselves
+    for a folded encoder, else float32 (N, 3, size, size) normalised."""
+    if spec.crop_px:
+        return {"crops": np.ascontiguousarray(patches, dtype=np.uint8)}
+    scaled = patches.astype(np.float32) / 255.0
+    pixels = (scaled - np.asarray(spec.mean, np.float32)) / np.asarray(spec.std, np.float32)
+    return {"pixels": np.ascontiguousarray(pixels.transpose(0, 3, 1, 2), dtype=np.float32)}
 
 
 class Encoder:
@@ -29,14 +39,20 @@ class Encoder:
         self.model: Backend = open_model(
             bundle.encoder_variants(), settings, engine_dir=bundle.engines_dir
         )
-        size = self.spec.input.size
+        size, crop = self.spec.input.size, self.spec.input.crop_px
         if len(self.model.inputs) != 1:
             raise BackendError(f"{self.model.path.name}: the encoder must have one input")
         self._input = self.model.inputs[0]
-        if self._input.shape[1:] != (3, size, size):
+        expected = (crop, crop, 3) if crop else (3, size, size)
+        if self._input.shape[1:] != expected:
             raise BackendError(
                 f"{self.model.path.name}: input {self._input.name} is {self._input.shape}, "
-                f"bundle.json says (N, 3, {size}, {size})"
+                f"bundle.json says (N, {', '.join(map(str, expected))})"
+            )
+        if crop and self._input.dtype != np.uint8:
+            raise BackendError(
+                f"{self.model.path.name}: input {self._input.name} is {self._input.dtype}, "
+                "bundle.json says uint8 crops"
             )
         names = [spec.name for spec in self.model.outputs]
         self._output = "embedding" if "embedding" in names else names[0]
@@ -44,9 +60,11 @@ class Encoder:
         self.batch_size = min(settings.batch_size or self.model.preferred_batch, limit)
         mean = np.asarray(self.spec.input.mean, dtype=np.float64)
         std = np.asarray(self.spec.input.std, dtype=np.float64)
-        # uint8 -> normalised value by table lookup: one gather per channel, no float temporaries.
+        # uint8 -> normalised value by table lookup: one gather per channel, no float temporaries
+        # (a folded encoder takes the crops as they are and does this in its graph).
         levels = np.arange(256, dtype=np.float64) / 255.0
-        self._table = ((levels[None, :] - mean[:, None]) / std[:, None]).astype(self._input.dtype)
+        table_dtype = np.float32 if crop else self._input.dtype
+        self._table = ((levels[None, :] - mean[:, None]) / std[:, None]).astype(table_dtype)
         self._mean = mean.astype(np.float32)
         self._std = std.astype(np.float32)
 
@@ -62,13 +80,23 @@ class Encoder:
     def variant(self) -> str:
         return self.model.variant
 
+    @property
+    def fed_px(self) -> int:
+        """The side of the patches ``embed`` takes (the bundle's ``input.fed_px``)."""
+        return self.spec.input.fed_px
+
     def preprocess(self, patches: np.ndarray) -> np.ndarray:
-        """(N, S, S, 3) uint8 (0..255) or float (0..1) RGB -> contiguous (N, 3, S, S)."""
-        size = self.spec.input.size
+        """(N, S, S, 3) uint8 (0..255) or float (0..1) RGB -> what the network takes:
+        the uint8 crops themselves for a folded encoder, else (N, 3, S, S) normalised."""
+        size = self.fed_px
         if patches.ndim != 4 or patches.shape[1:] != (size, size, 3):
             raise EncoderInputError(
                 f"patches must be (N, {size}, {size}, 3) RGB, got shape {patches.shape}"
             )
+        if self.spec.input.crop_px:
+            if patches.dtype != np.uint8:
+                raise EncoderInputError(f"this encoder takes uint8 crops, got {patches.dtype}")
+            return np.ascontiguousarray(patches)
         out = np.empty((patches.shape[0], 3, size, size), dtype=self._input.dtype)
         if patches.dtype == np.uint8:
             for channel in range(3):

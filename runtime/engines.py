@@ -31,6 +31,7 @@ log = logging.getLogger(__name__)
 # the encoder takes batches of cells, the heads take bags of cells.
 BATCH_PROFILES: dict[str, tuple[int, int, int]] = {
     "pixels": (1, 64, 256),
+    "crops": (1, 64, 256),
     "features": (1, 512, 20_000),
 }
 DEFAULT_PROFILE = (1, 64, 256)

@@ -2,13 +2,19 @@
 
 from __future__ import annotations
 
+import dataclasses
+import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from runtime.backends import RuntimeSettings
-from runtime.bundle import HeadSpec, load_bundle
+from appliance.cells import resize_bilinear
+from export import crop_input
+from export.crop_input import fold_crop_input, fold_in_place
+from export.onnx_export import ParityError
+from runtime.backends import BackendError, RuntimeSettings
+from runtime.bundle import HeadSpec, InputSpec, load_bundle
 from runtime.encoder import Encoder, EncoderInputError
 from runtime.head_kinds import INDETERMINATE, NEGATIVE, POSITIVE, call, combine_calls
 from runtime.heads import BagError, HeadRunner, load_heads
@@ -159,3 +165,71 @@ def test_calibration_is_applied_to_the_ensemble_mean(tmp_path: Path) -> None:
     np.testing.assert_allclose(
         list(pb.probabilities.values()), tempered / tempered.sum(), atol=1e-5
     )
+
+
+def bilinear_2x(side: int) -> np.ndarray:
+    """(2 side, side) weights of a half-pixel bilinear 2x upscale, edges clamped."""
+    weights = np.zeros((2 * side, side))
+    for out in range(2 * side):
+        x = min(max((out + 0.5) / 2 - 0.5, 0.0), side - 1.0)
+        left = int(np.floor(x))
+        right = min(left + 1, side - 1)
+        weights[out, left] += 1 - (x - left)
+        weights[out, right] += x - left
+    return weights
+
+
+def test_a_folded_encoder_takes_uint8_crops_and_matches_the_runtimes_own_resizing(
+    tmp_path: Path,
+) -> None:
+    made = TinyBundle(tmp_path / "float")
+    float_bundle = made.write()
+    folded = tmp_path / "folded.onnx"
+    fold_crop_input(made.sources["encoder.onnx"], folded, 16, 32, MEAN, STD)
+    crop_spec = dataclasses.replace(
+        made.encoder, input=InputSpec(size=32, mean=MEAN, std=STD, crop_px=16)
+    )
+    folded_bundle = TinyBundle(tmp_path / "crops").write(
+        sources={**made.sources, "encoder.onnx": folded}, encoder=crop_spec
+    )
+    settings = RuntimeSettings("ort-cpu", threads=1)
+    crops = np.random.default_rng(5).integers(0, 256, size=(6, 16, 16, 3), dtype=np.uint8)
+    encoder = Encoder(folded_bundle, settings)
+    assert encoder.fed_px == 16 and encoder.preprocess(crops).dtype == np.uint8
+    exact = np.einsum(
+        "yi,nijc,xj->nyxc", bilinear_2x(16), crops.astype(np.float64), bilinear_2x(16)
+    )
+    expected = encoder_reference(normalised(exact / 255.0), made.encoder_w)
+    np.testing.assert_allclose(encoder.embed(crops), expected, atol=1e-5)
+    # What the runtime fed before: Pillow's resize, rounded to uint8 (up to a grey level off).
+    resized = np.stack([resize_bilinear(c, 32) for c in crops])
+    before = Encoder(float_bundle, settings).embed(resized)
+    np.testing.assert_allclose(encoder.embed(crops), before, atol=2e-2)
+    with pytest.raises(EncoderInputError, match=r"must be \(N, 16, 16, 3\)"):
+        encoder.embed(resized)
+    with pytest.raises(EncoderInputError, match="uint8 crops"):
+        encoder.embed(crops.astype(np.float32) / 255)
+    with pytest.raises(BackendError, match=r"uint8 crops|says"):
+        Encoder(TinyBundle(tmp_path / "mismatch").write(encoder=crop_spec), settings)
+
+
+def test_a_fold_that_changes_the_embeddings_is_refused_and_leaves_the_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    made = TinyBundle(tmp_path)
+    path = tmp_path / "encoder.onnx"
+    shutil.copy(made.sources["encoder.onnx"], path)
+    before = path.read_bytes()
+    fold = crop_input.fold_crop_input
+
+    def channels_swapped(*args: object) -> None:  # a fold that gets the channel order wrong
+        *head, mean, std = args
+        fold(*head, tuple(reversed(mean)), tuple(reversed(std)))  # type: ignore[arg-type]
+
+    with monkeypatch.context() as patched:
+        patched.setattr(crop_input, "fold_crop_input", channels_swapped)
+        with pytest.raises(ParityError, match="folded"):
+            fold_in_place(path, "fp32", 16, 32, MEAN, STD)
+    assert path.read_bytes() == before and list(tmp_path.glob(".encoder.onnx.*")) == []
+    report = fold_in_place(path, "fp32", 16, 32, MEAN, STD)
+    assert report.passed and report.metrics["min_cosine"] > 0.9999
