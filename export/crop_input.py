@@ -134,7 +134,7 @@ def fold_in_place(
             what=f"encoder {path.name} with its preprocessing folded in (uint8 crops)",
             passed=min_cosine >= limit,
             metrics={"min_cosine": min_cosine, "rows": float(len(crops)), "crop_px": crop_px},
-            limits={"min_cosine": f">= {limit}"},
+            limits={"min_cosine": f">= {limit:.6g}"},
         )
         if not report.passed:
             raise ParityError(report)

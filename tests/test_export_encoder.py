@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import pathlib
 from pathlib import Path
 
@@ -13,8 +14,10 @@ from typer.testing import CliRunner
 
 from appliance.cli import app
 from export.cell_images import cell_pixels
-from export.encoder import CheckpointError, load_encoder
+from export.crop_input import pixels_as_before, render_crops
+from export.encoder import MEAN, STD, CheckpointError, load_encoder
 from export.onnx_export import encoder_parity, export_encoder, ort_session
+from runtime.parity import row_cosines
 
 ENCODER_ARGS = ("export", "encoder", "--arch", "vit_small", "--checkpoint")
 
@@ -191,3 +194,28 @@ def test_vit_b_official_checkpoint_exports_and_passes(tmp_path: Path) -> None:
     report = export_encoder(loaded, tmp_path / "encoder.onnx", batches=[cell_pixels(2, seed=8)])
     print(report.summary())
     assert report.passed and report.metrics["min_cosine"] >= 0.99999
+
+
+@pytest.mark.slow
+def test_cli_folds_the_preprocessing_into_every_variant(
+    official_checkpoint: Path, exported: tuple[Path, str], tmp_path: Path
+) -> None:
+    out = tmp_path / "crops"
+    arguments = [*ENCODER_ARGS, str(official_checkpoint), "--out", str(out)]
+    result = CliRunner().invoke(app, [*arguments, "--int8", "--crop-px", "128"])
+    assert result.exit_code == 0, result.output
+    print(result.output)  # the gates' numbers, kept in the test log
+    document = json.loads((out / "export.json").read_text())
+    assert document["section"]["input"]["crop_px"] == 128
+    assert set(document["section"]["variants"]) == {"fp32", "int8"}
+    for name in ("encoder.onnx", "encoder.int8.onnx"):
+        assert document["parity"][name]["crop_input"]["passed"] is True
+        [network_input] = ort_session(out / name).get_inputs()
+        assert network_input.name == "crops" and network_input.type == "tensor(uint8)"
+        assert network_input.shape[1:] == [128, 128, 3]
+    crops = render_crops(4, 128, seed=8)
+    (folded,) = ort_session(out / "encoder.onnx").run(["embedding"], {"crops": crops})
+    plain_out, _ = exported
+    pixels = pixels_as_before(crops, 224, MEAN, STD)
+    (plain,) = ort_session(plain_out / "encoder.onnx").run(["embedding"], {"pixels": pixels})
+    assert row_cosines(plain, folded).min() > 0.9999, "the same network, fed the same cells"

@@ -50,6 +50,20 @@ def encoder(
     )
 
 
+@bench_app.command("crop-input")
+def crop_input(
+    bundle: Annotated[Path, typer.Argument(help="A bundle whose encoder takes float pixels.")],
+    cells: Annotated[int, typer.Option(min=1, help="Rendered crops per run.")] = 400,
+    repeats: Annotated[int, typer.Option(min=1, help="Timed runs of each; the median counts.")] = 3,
+    threads: Annotated[int, typer.Option(min=0, help="CPU threads; 0: one per core.")] = 0,
+    crop_px: Annotated[int, typer.Option(help="Side of the crops (cells.patch_px).")] = 128,
+) -> None:
+    """The encoder fed as today (resized and normalised on the CPU) vs with that folded in."""
+    from cytoedge_demo.bench.crop_input import run_crop_input_bench
+
+    run_crop_input_bench(bundle, cells, repeats, threads, crop_px)
+
+
 @bench_app.command()
 def pipeline(
     size: Annotated[int, typer.Option(help="Side of the bench slide, px at 0.25 um/px.")] = 8192,
