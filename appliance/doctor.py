@@ -100,8 +100,8 @@ class NetworkCheck:
 def bundle_networks(bundle: Bundle) -> list[tuple[str, Path | ModelVariants]]:
     """Every network of a bundle, labelled as doctor shows it."""
     networks: list[tuple[str, Path | ModelVariants]] = [("encoder", bundle.encoder_variants())]
-    if bundle.segmenter is not None:
-        networks.append(("segmenter", bundle.file(bundle.segmenter.file)))
+    if (segmenter := bundle.segmenter_variants()) is not None:
+        networks.append(("segmenter", segmenter))
     networks += [
         (f"head {head.name} [{k}]", bundle.file(rel))
         for head in bundle.heads
@@ -216,6 +216,8 @@ def _bundle_check(
         models.add_row(check.label, runs_on, check.variant, skipped or "-")
     out.print(models)
     out.print(f"Encoder int8: {bundle.encoder.int8_note or 'no note'}")
+    if bundle.segmenter is not None:
+        out.print(f"Segmenter int8: {bundle.segmenter.int8_note or 'no note'}")
     usable = not any(check.problem for check in checks) and bool(bundle.heads)
     return usable, True, bundle
 

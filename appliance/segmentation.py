@@ -33,7 +33,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from runtime.backends import RuntimeSettings, open_model
-from runtime.bundle import SegmenterSpec
+from runtime.bundle import SegmenterSpec, segmenter_variants
 from runtime.typed_json import SpecError, parse_section
 
 SEGMENTER_FILE = "segmenter.onnx"
@@ -147,13 +147,16 @@ class Segmenter:
         section: SegmenterSpec | Mapping[str, Any],
         settings: RuntimeSettings | None = None,
     ) -> Segmenter:
-        """The bundle's segmenter on the backend ``settings`` choose."""
+        """The bundle's segmenter on the backend ``settings`` choose, with the file that
+        backend prefers (its int8 network on ONNX Runtime's CPU when the section lists
+        one, fp32 otherwise)."""
         settings = settings or RuntimeSettings()
         spec = segmenter_spec(section)
-        path = Path(bundle_dir) / spec.file
-        if not path.is_file():
-            raise SegmentationError(f"{path}: segmenter network not found")
-        return cls(open_model(path, settings), spec, settings.threads)
+        variants = segmenter_variants(Path(bundle_dir), spec)
+        for path in (variants.fp32, variants.int8):
+            if path is not None and not path.is_file():
+                raise SegmentationError(f"{path}: segmenter network not found")
+        return cls(open_model(variants, settings), spec, settings.threads)
 
     def predict(self, image: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """prob (h, w) and dist (h, w, n_rays) on the grid of the *padded* tile."""
@@ -298,3 +301,38 @@ def match_instances(truth: np.ndarray, predicted: np.ndarray, iou: float = 0.5) 
             used_p.add(c)
             matched += 1
     return MatchCounts(matched, n_pred - matched, n_true - matched)
+
+
+def match_detections(
+    reference: Detections, candidate: Detections, shape: tuple[int, int], iou: float = 0.5
+) -> MatchCounts:
+    """One-to-one matches of two detection sets of one tile, polygon against polygon
+    (each drawn alone, so overlapping objects do not hide each other): true positives
+    are reference objects a candidate covers at IoU >= ``iou``, false negatives the
+    reference objects left unmatched, false positives the candidate's extra objects."""
+    from skimage.draw import polygon as draw_polygon
+
+    def pixels(found: Detections) -> list[np.ndarray]:
+        out = []
+        for vertices in found.polygons():
+            rows, cols = draw_polygon(vertices[:, 0], vertices[:, 1], shape)
+            out.append(np.unique(rows.astype(np.int64) * shape[1] + cols))
+        return out
+
+    ref, cand = pixels(reference), pixels(candidate)
+    pairs = []
+    for i, a in enumerate(ref):
+        for j, b in enumerate(cand):
+            if not len(a) or not len(b) or a[-1] < b[0] or b[-1] < a[0]:
+                continue
+            shared = len(np.intersect1d(a, b, assume_unique=True))
+            score = shared / (len(a) + len(b) - shared)
+            if score >= iou:
+                pairs.append((score, i, j))
+    used_r, used_c, matched = set(), set(), 0
+    for _, i, j in sorted(pairs, reverse=True):
+        if i not in used_r and j not in used_c:
+            used_r.add(i)
+            used_c.add(j)
+            matched += 1
+    return MatchCounts(matched, len(cand) - matched, len(ref) - matched)

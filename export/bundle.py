@@ -130,7 +130,7 @@ def _model_files(section: Any) -> list[str]:
         return list(section.variants.values())
     if isinstance(section, HeadSpec):
         return list(section.files)
-    return [section.file]
+    return [section.file, *section.variants.values()]
 
 
 def _place(relative: str, prefix: str) -> str:
@@ -205,7 +205,8 @@ def _relocated(section: Any, prefix: str) -> Any:
         return replace(section, variants=variants)
     if isinstance(section, HeadSpec):
         return replace(section, files=tuple(_place(f, prefix) for f in section.files))
-    return replace(section, file=_place(section.file, prefix))
+    variants = {k: _place(v, prefix) for k, v in section.variants.items()}
+    return replace(section, file=_place(section.file, prefix), variants=variants)
 
 
 def _read_sections(path: Path) -> dict[str, Any]:

@@ -283,24 +283,34 @@ def segmenter(
         typer.Option(help="Percentile mapped to 1 before the network (default 99.8).", max=100),
     ] = None,
     threads: Annotated[int, typer.Option(min=0, help="CPU threads; 0: one per core.")] = 0,
+    int8: Annotated[
+        bool,
+        typer.Option(
+            help="Also write segmenter.int8.onnx for CPU sites, only if its detections "
+            "match fp32's (export/segmenter_int8.py)."
+        ),
+    ] = False,
 ) -> None:
     """StarDist network to ONNX with a parity gate (ONNX Runtime vs TensorFlow)."""
     from export.segmenter import run_export_command
 
-    raise typer.Exit(
-        run_export_command(
-            model_dir,
-            out,
-            normalisation=None
-            if norm_low is None and norm_high is None
-            else {
-                "kind": "percentile",
-                "low": 1.0 if norm_low is None else norm_low,
-                "high": 99.8 if norm_high is None else norm_high,
-            },
-            threads=threads,
-        )
+    status = run_export_command(
+        model_dir,
+        out,
+        normalisation=None
+        if norm_low is None and norm_high is None
+        else {
+            "kind": "percentile",
+            "low": 1.0 if norm_low is None else norm_low,
+            "high": 99.8 if norm_high is None else norm_high,
+        },
+        threads=threads,
     )
+    if status == 0 and int8:
+        from export.segmenter_int8 import add_int8_to_export
+
+        typer.echo(add_int8_to_export(out, threads).reason, err=True)
+    raise typer.Exit(status)
 
 
 @export_app.command()

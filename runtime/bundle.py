@@ -34,6 +34,7 @@ BUNDLE_FILE = "bundle.json"
 ENGINES_DIR = "engines"
 INTENDED_USES = ("demo", "research", "clinical")
 ENCODER_VARIANTS = ("fp32", "fp16", "int8")
+SEGMENTER_VARIANTS = ("int8",)  # fp32 is the section's ``file``
 # What a head can score: slide scans and microscope-camera field photos (both segmented),
 # single-cell folders.
 HeadInput = Literal["scans", "fields", "cells"]
@@ -115,9 +116,16 @@ class SegmenterSpec:
     nms_thresh: float
     input_channels: int
     normalisation: dict[str, Any] = field(default_factory=dict)
+    # Besides ``file`` (fp32): "int8" only when it passed its detection gate (export/
+    # segmenter_int8.py). Bundles without it run fp32 everywhere.
+    variants: dict[str, str] = field(default_factory=dict)
+    int8_note: str = ""  # why int8 was accepted (its gate figures) or why there is none
     extra: dict[str, Any] = field(default_factory=dict)
 
     def validate(self, where: str) -> None:
+        unknown = sorted(set(self.variants) - set(SEGMENTER_VARIANTS))
+        if unknown:
+            raise BundleError(f"{where}.variants: unknown {unknown} (allowed: int8)")
         if min(self.grid) <= 0 or min(self.div_by) <= 0:
             raise BundleError(f"{where}: grid and div_by must be positive")
         if self.n_rays < 3:  # fewer rays make no polygon
@@ -128,6 +136,14 @@ class SegmenterSpec:
             raise BundleError(f"{where}.input_channels must be 1 or 3, got {self.input_channels}")
         if not (0 < self.prob_thresh < 1 and 0 <= self.nms_thresh < 1):
             raise BundleError(f"{where}: prob_thresh must lie in (0, 1), nms_thresh in [0, 1)")
+
+
+def segmenter_variants(folder: Path, spec: SegmenterSpec) -> ModelVariants:
+    """The files of a segmenter whose paths are relative to ``folder``: fp32 (``file``)
+    and int8 when the section lists it (listed means its gate passed); each backend
+    loads the one it prefers (``Backend.files``: int8 on ONNX Runtime's CPU)."""
+    int8 = spec.variants.get("int8")
+    return ModelVariants(fp32=Path(folder) / spec.file, int8=Path(folder) / int8 if int8 else None)
 
 
 @dataclass(frozen=True)
@@ -323,12 +339,24 @@ class Bundle:
             for name in ("encoder", "segmenter", "stain_reference", "qc", "cells")
         }
         sections["cells"].pop("max_cells_per_case")  # chosen when a case is scored
+        segmenter = sections["segmenter"]
+        for key in ("variants", "int8_note"):  # a bundle made before they existed: same digest
+            if isinstance(segmenter, dict) and not segmenter.get(key):
+                segmenter.pop(key, None)
+        if not self.encoder.input.crop_px:  # likewise for an encoder that takes float pixels
+            sections["encoder"]["input"].pop("crop_px")
         used = [*self.encoder.variants.values()]
         if self.segmenter is not None:
-            used.append(self.segmenter.file)
+            used += [self.segmenter.file, *self.segmenter.variants.values()]
         files = {rel: self.files[rel].sha256 for rel in sorted(used) if rel in self.files}
         text = json.dumps({"sections": sections, "files": files}, sort_keys=True)
         return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+    def segmenter_variants(self) -> ModelVariants | None:
+        """The segmenter's files (fp32, int8 when listed); None without a segmenter."""
+        if self.segmenter is None:
+            return None
+        return segmenter_variants(self.path, self.segmenter)
 
     def encoder_variants(self) -> ModelVariants:
         variants = self.encoder.variants
@@ -407,6 +435,7 @@ def _check_cross_references(bundle: Bundle) -> None:
     referenced = [(f"encoder.variants.{k}", v) for k, v in bundle.encoder.variants.items()]
     if bundle.segmenter is not None:
         referenced.append(("segmenter.file", bundle.segmenter.file))
+        referenced += [(f"segmenter.variants.{k}", v) for k, v in bundle.segmenter.variants.items()]
     for head in bundle.heads:
         referenced += [(f"heads[{head.name}].files", f) for f in head.files]
     for where, relative in referenced:

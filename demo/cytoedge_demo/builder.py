@@ -138,6 +138,8 @@ def build_demo_bundle(
                 seg = train_segmenter(work / "segmenter", recipe, progress)
             else:
                 seg = exported_segmenter(Path(segmenter))
+            if recipe.int8:
+                seg = add_segmenter_int8(seg, work / "segmenter-int8", recipe)
             encoder_info = export_demo_encoder(work / "encoder", recipe, progress)
             features = _write_features(
                 work / "features", recipe, seg, encoder_info, stain_reference(recipe)
@@ -201,6 +203,41 @@ def exported_segmenter(folder: Path) -> dict[str, Any]:
         "section": document["segmenter"],
         "provenance": document["provenance"],
     }
+
+
+def add_segmenter_int8(seg: dict[str, Any], out_dir: Path, recipe: DemoRecipe) -> dict[str, Any]:
+    """``seg`` with the int8 network when its detection gate (export.segmenter_int8)
+    accepts it: calibrated on tiles of the training seeds at the pipeline's tile size,
+    gated on the held-out tiles of ``cytoedge bench segmentation``. The outcome is kept
+    in the section's ``int8_note`` and the provenance either way."""
+    from cytoedge_demo.bench.segmentation import HELD_OUT_SEED
+    from export.segmenter_int8 import CALIBRATION_PX, INT8_FILE, quantize_segmenter
+
+    calibration_seed, (gate_n, gate_px, gate_seed) = recipe.segmenter_seed, (8, 512, HELD_OUT_SEED)
+    calibration, _ = synthetic.segmentation_tiles(4, CALIBRATION_PX, calibration_seed)
+    gate, truth = synthetic.segmentation_tiles(gate_n, gate_px, gate_seed)
+    outcome = quantize_segmenter(
+        seg["file"],
+        out_dir / INT8_FILE,
+        seg["section"],
+        calibration=calibration,
+        gate_tiles=gate,
+        gate_truth=truth,
+        threads=recipe.threads,
+    )
+    section = {**seg["section"], "int8_note": outcome.reason}
+    record = {
+        "accepted": outcome.accepted,
+        "reason": outcome.reason,
+        "gate": outcome.metrics,
+        "calibration": f"4 synthetic tiles of {CALIBRATION_PX} px, seed {calibration_seed}",
+        "gate_tiles": f"{gate_n} held-out synthetic tiles of {gate_px} px, seed {gate_seed}",
+    }
+    provenance = {**seg["provenance"], "int8": record}
+    if outcome.accepted and outcome.path is not None:
+        section["variants"] = {"int8": INT8_FILE}
+        return {**seg, "section": section, "provenance": provenance, "int8_file": outcome.path}
+    return {**seg, "section": section, "provenance": provenance}
 
 
 def _segmenter_child(args: dict[str, Any]) -> None:
@@ -444,6 +481,8 @@ def _write_features(
     from runtime.bundle import CellsSpec, EncoderSpec, SegmenterSpec, StainReference, write_bundle
 
     sources: dict[str, Path] = {"segmenter.onnx": seg["file"]}
+    if "int8_file" in seg:
+        sources[seg["section"]["variants"]["int8"]] = seg["int8_file"]
     variants = {}
     for variant, path in encoder_info["files"].items():
         name = "encoder.onnx" if variant == "fp32" else f"encoder.{variant}.onnx"
@@ -481,6 +520,8 @@ def _segmenter_spec(spec_type: type, section: dict[str, Any]) -> Any:
     values = {k: v for k, v in section.items() if k in known}
     values["grid"] = tuple(values["grid"])
     values["normalisation"] = section.get("normalisation", {})
+    values["variants"] = dict(section.get("variants", {}))
+    values["int8_note"] = section.get("int8_note", "")
     return spec_type(**values)
 
 

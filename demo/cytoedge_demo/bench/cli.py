@@ -115,11 +115,25 @@ def segmentation(
     seed: Annotated[int, typer.Option(help="Generator seed of the held-out tiles.")] = 777,
     backend: Annotated[str, typer.Option(help="Runtime backend.")] = "auto",
     threads: Annotated[int, typer.Option(min=0, help="CPU threads; 0: one per core.")] = 0,
+    variants: Annotated[
+        bool,
+        typer.Option(
+            help="Also fp32 against int8 candidates and half resolution on ONNX Runtime's "
+            "CPU: s/MP on 928 px tiles, ratio, F1, detection parity."
+        ),
+    ] = False,
+    repeats: Annotated[int, typer.Option(min=1, help="Timed passes (--variants).")] = 3,
+    slide: Annotated[
+        Path | None,
+        typer.Option(help="With --variants: a slide whose first visited tiles' glass to measure."),
+    ] = None,
 ) -> None:
     """Segmentation F1 at IoU 0.5 on held-out synthetic tiles; s/tile vs TensorFlow."""
-    from cytoedge_demo.bench.segmentation import run_segmentation_bench
+    from cytoedge_demo.bench.segmentation import run_segmentation_bench, run_variants_bench
 
     run_segmentation_bench(segmenter_dir, stardist, tiles, size, seed, backend, threads)
+    if variants:
+        run_variants_bench(segmenter_dir, tiles, size, seed, threads, repeats, slide=slide)
 
 
 @bench_app.command()
