@@ -63,6 +63,10 @@ class SlideNetworks:
     def variant(self) -> str | None:
         return self._encoder.variant if self._encoder is not None else None
 
+    @property
+    def segmenter_variant(self) -> str | None:
+        return self._segmenter.variant if self._segmenter is not None else None
+
     def close(self) -> None:
         if self._encoder is not None:
             self._encoder.close()

@@ -134,11 +134,16 @@ class Segmenter:
     """Runs one segmentation network on tiles; thread counts follow the runtime's."""
 
     def __init__(
-        self, network: Network, spec: SegmenterSpec | Mapping[str, Any], threads: int = 0
+        self,
+        network: Network,
+        spec: SegmenterSpec | Mapping[str, Any],
+        threads: int = 0,
+        variant: str = "fp32",
     ) -> None:
         self.network = network
         self.spec = segmenter_spec(spec)
         self.threads = threads
+        self.variant = variant  # the file the backend loaded: fp32 | int8
 
     @classmethod
     def open(
@@ -156,7 +161,8 @@ class Segmenter:
         for path in (variants.fp32, variants.int8):
             if path is not None and not path.is_file():
                 raise SegmentationError(f"{path}: segmenter network not found")
-        return cls(open_model(variants, settings), spec, settings.threads)
+        model = open_model(variants, settings)
+        return cls(model, spec, settings.threads, model.variant)
 
     def predict(self, image: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """prob (h, w) and dist (h, w, n_rays) on the grid of the *padded* tile."""

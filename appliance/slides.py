@@ -154,13 +154,15 @@ def process_slide(
     except BaseException:
         spool.unlink(missing_ok=True)
         raise
-    # What embedded this slide (nothing, when it had no cells).
+    # What embedded this slide (nothing, when it had no cells), and what segmented it.
     embedded = networks.embedded > embedded_before
+    segmented = scan["format"] != CELL_FOLDER_FORMAT
     scan = ScanRecord(
         **{**scan, "slide_id": slide_id, "sha256": digest},
         qc=verdict,
         cells=len(cells.embeddings),
         encoder_variant=networks.variant if embedded else None,
+        segmenter_variant=networks.segmenter_variant if segmented else None,
     )
     meta = {
         "scan": dump(scan),

@@ -83,6 +83,7 @@ def test_a_budget_stops_the_visit_and_the_result_says_how_much_was_examined(
 
     _, whole = process(small_scan_writer(tmp_path / "small.tif", seed=3, size=1600), 0)
     assert whole.scan.examined == ExaminedRecord(4, 4, 0, "zone"), "no budget: every tile"
+    assert whole.scan.segmenter_variant == "fp32", "the suite's bundle has no int8 segmenter"
     bundle, part = process(small_scan_writer(tmp_path / "s.tif", seed=3, size=4000), 30)
     examined = part.scan.examined
     assert examined is not None and (examined.stopped, examined.budget) == ("budget", 30)

@@ -96,11 +96,11 @@ def test_int8_passes_its_gate_and_the_cpu_backend_loads_it(tmp_path: Path) -> No
 
     listed = {**section, "variants": {"int8": INT8_FILE}}
     cpu = Segmenter.open(tmp_path, listed, RuntimeSettings("ort-cpu", threads=2))
-    assert cpu.network.variant == "int8"  # type: ignore[attr-defined]
+    assert cpu.network.variant == cpu.variant == "int8"  # type: ignore[attr-defined]
     assert cpu.network.path.name == INT8_FILE  # type: ignore[attr-defined]
     assert len(cpu.detect(gate[0])) > 0
     plain = Segmenter.open(tmp_path, section, RuntimeSettings("ort-cpu", threads=2))
-    assert plain.network.variant == "fp32"  # type: ignore[attr-defined]
+    assert plain.network.variant == plain.variant == "fp32"  # type: ignore[attr-defined]
     (tmp_path / INT8_FILE).unlink()
     with pytest.raises(SegmentationError, match="not found"):
         Segmenter.open(tmp_path, listed, RuntimeSettings("ort-cpu", threads=2))

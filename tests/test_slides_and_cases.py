@@ -92,6 +92,7 @@ def test_one_shared_encoder_session_serves_every_slide_and_a_cached_one_opens_no
         assert shared.embedded == 120
     assert len(opened) == 1
     assert all(s.backend == "ort-cpu" and s.scan.encoder_variant == "fp32" for s in slides)
+    assert all(s.scan.segmenter_variant is None for s in slides), "cell folders: not segmented"
     # Both slides cached: a fresh shared encoder is never opened.
     with SlideNetworks(bundle) as idle:
         again = process_slide(pb_folders / "P0001", idle, cache_dir=tmp_path)

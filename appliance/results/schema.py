@@ -106,6 +106,7 @@ class ScanRecord:
     height: int | None = None
     fields: int | None = None  # a field folder's photos (a single photo: 1); None for scans
     encoder_variant: str | None = None  # fp32 | fp16 | int8: what embedded its cells
+    segmenter_variant: str | None = None  # fp32 | int8: what segmented it (None: cell folder)
     examined: ExaminedRecord | None = None  # a scan's share of its zone (not cells, fields)
     outputs: SlideOutputs | None = None  # absent when the case wrote no slide files
     cells_set_aside: int = 0  # kept cells beyond the scan's share of the case's budget
