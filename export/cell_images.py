@@ -12,13 +12,13 @@ import numpy as np
 
 from cytoedge_demo.synthetic import render_cell_patches
 from export.encoder import IMAGE_SIZE, MEAN, STD
+from runtime.bundle import InputSpec
+from runtime.encoder import encoder_feeds
 
 
 def normalise(images_uint8: np.ndarray) -> np.ndarray:
     """uint8 NHWC -> float32 NCHW with DinoBloom's mean / std (the encoder's ``pixels``)."""
-    x = images_uint8.astype(np.float32) / 255.0
-    x = (x - np.asarray(MEAN, np.float32)) / np.asarray(STD, np.float32)
-    return np.ascontiguousarray(x.transpose(0, 3, 1, 2))
+    return encoder_feeds(InputSpec(IMAGE_SIZE, MEAN, STD), images_uint8)["pixels"]
 
 
 def cell_pixels(count: int, seed: int = 0) -> np.ndarray:

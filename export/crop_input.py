@@ -20,10 +20,12 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
 
+from appliance.cells import resize_bilinear
 from cytoedge_demo.synthetic import render_cell_patches
 from export.onnx_export import ParityError, ParityReport, ort_session
+from runtime.bundle import InputSpec
+from runtime.encoder import encoder_feeds
 from runtime.parity import ENCODER_MIN_COSINE_BY_VARIANT, row_cosines
 
 CROPS_INPUT = "crops"
@@ -93,16 +95,9 @@ def pixels_as_before(
     crops: np.ndarray, size: int, mean: Sequence[float], std: Sequence[float]
 ) -> np.ndarray:
     """What the runtime fed an unfolded encoder: Pillow bilinear to ``size``, normalised."""
-    resized = np.stack(
-        [
-            np.asarray(Image.fromarray(c).resize((size, size), Image.Resampling.BILINEAR))
-            for c in crops
-        ]
-    )
-    x = (resized.astype(np.float32) / 255.0 - np.asarray(mean, np.float32)) / np.asarray(
-        std, np.float32
-    )
-    return np.ascontiguousarray(x.transpose(0, 3, 1, 2))
+    resized = np.stack([resize_bilinear(c, size) for c in crops])
+    spec = InputSpec(size=size, mean=tuple(mean), std=tuple(std))  # type: ignore[arg-type]
+    return encoder_feeds(spec, resized)[PIXELS_INPUT]
 
 
 def fold_in_place(

@@ -161,6 +161,20 @@ def _fused_attention(fp32_path: Path, out_path: Path) -> int:
 
 
 def _quantize_static(prepared: Path, out_path: Path) -> None:
+    batches = [cell_pixels(8, seed=3000 + i) for i in range(CALIBRATION_BATCHES)]
+    quantize_static_qdq(prepared, out_path, "pixels", batches)  # cells the gate does not see
+
+
+def quantize_static_qdq(
+    prepared: Path,
+    out_path: Path,
+    input_name: str,
+    calibration: Sequence[np.ndarray],
+    **options: object,
+) -> None:
+    """Static QDQ int8 (per-channel int8 weights, uint8 activations) with MinMax ranges
+    from ``calibration``, each array one feed of ``input_name``; ``options`` go to
+    ``quantize_static`` (op types, excluded nodes)."""
     from onnxruntime.quantization import (
         CalibrationDataReader,
         QuantFormat,
@@ -168,26 +182,23 @@ def _quantize_static(prepared: Path, out_path: Path) -> None:
         quantize_static,
     )
 
-    class CellBatches(CalibrationDataReader):
-        """Calibration on cells the gate does not see (another seed)."""
-
+    class Feeds(CalibrationDataReader):
         def __init__(self) -> None:
-            self._batches: Iterator[np.ndarray] = iter(
-                [cell_pixels(8, seed=3000 + i) for i in range(CALIBRATION_BATCHES)]
-            )
+            self._feeds: Iterator[np.ndarray] = iter(calibration)
 
         def get_next(self) -> dict[str, np.ndarray] | None:
-            batch = next(self._batches, None)
-            return None if batch is None else {"pixels": batch}
+            x = next(self._feeds, None)
+            return None if x is None else {input_name: x}
 
     quantize_static(
         str(prepared),
         str(out_path),
-        CellBatches(),
+        Feeds(),
         quant_format=QuantFormat.QDQ,
         per_channel=True,
         weight_type=QuantType.QInt8,
         activation_type=QuantType.QUInt8,
+        **options,  # type: ignore[arg-type]
     )
 
 

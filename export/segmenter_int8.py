@@ -35,7 +35,7 @@ from appliance.segmentation import (
     network_input,
     segmenter_spec,
 )
-from export.int8 import Int8Result
+from export.int8 import Int8Result, quantize_static_qdq
 from runtime.backends.ort_cpu import OrtCpuBackend
 from runtime.files import write_bytes_atomic
 from runtime.parity import (
@@ -184,39 +184,21 @@ def quantise_candidate(
     """Write the static QDQ int8 network (module docstring), ungated. ``ops`` and
     ``keep_first_conv`` let the bench measure the alternatives."""
     import onnx
-    from onnxruntime.quantization import (
-        CalibrationDataReader,
-        QuantFormat,
-        QuantType,
-        quant_pre_process,
-        quantize_static,
-    )
+    from onnxruntime.quantization import quant_pre_process
 
     spec = segmenter_spec(section)
     inputs = [_padded(tile, spec) for tile in calibration]
     prepared = Path(out_path).with_suffix(".prepared.onnx")
     # StarDist's graph has dynamic height and width: ONNX shape inference only.
     quant_pre_process(str(fp32_path), str(prepared), skip_symbolic_shape=True)
-
-    class Tiles(CalibrationDataReader):
-        def __init__(self) -> None:
-            self._inputs = iter(inputs)
-
-        def get_next(self) -> dict[str, np.ndarray] | None:
-            x = next(self._inputs, None)
-            return None if x is None else {INPUT_NAME: x}
-
     graph = onnx.load(str(prepared), load_external_data=False).graph
     first_conv = next(node.name for node in graph.node if node.op_type == "Conv")
     try:
-        quantize_static(
-            str(prepared),
-            str(out_path),
-            Tiles(),
-            quant_format=QuantFormat.QDQ,
-            per_channel=True,
-            weight_type=QuantType.QInt8,
-            activation_type=QuantType.QUInt8,
+        quantize_static_qdq(
+            prepared,
+            Path(out_path),
+            INPUT_NAME,
+            inputs,
             op_types_to_quantize=list(ops),
             nodes_to_exclude=[first_conv] if keep_first_conv else [],
         )
