@@ -138,8 +138,6 @@ def build_demo_bundle(
                 seg = train_segmenter(work / "segmenter", recipe, progress)
             else:
                 seg = exported_segmenter(Path(segmenter))
-            if recipe.int8:
-                seg = add_segmenter_int8(seg, work / "segmenter-int8", recipe)
             encoder_info = export_demo_encoder(work / "encoder", recipe, progress)
             features = _write_features(
                 work / "features", recipe, seg, encoder_info, stain_reference(recipe)
@@ -198,46 +196,15 @@ def train_segmenter(out_dir: Path, recipe: DemoRecipe, progress: Progress) -> di
 def exported_segmenter(folder: Path) -> dict[str, Any]:
     """The section, file and provenance of a folder ``cytoedge export segmenter`` wrote."""
     document = json.loads((folder / "segmenter.json").read_text(encoding="utf-8"))
-    return {
-        "file": folder / document["segmenter"]["file"],
-        "section": document["segmenter"],
+    section = document["segmenter"]
+    seg = {
+        "file": folder / section["file"],
+        "section": section,
         "provenance": document["provenance"],
     }
-
-
-def add_segmenter_int8(seg: dict[str, Any], out_dir: Path, recipe: DemoRecipe) -> dict[str, Any]:
-    """``seg`` with the int8 network when its detection gate (export.segmenter_int8)
-    accepts it: calibrated on tiles of the training seeds at the pipeline's tile size,
-    gated on the held-out tiles of ``cytoedge bench segmentation``. The outcome is kept
-    in the section's ``int8_note`` and the provenance either way."""
-    from cytoedge_demo.bench.segmentation import HELD_OUT_SEED
-    from export.segmenter_int8 import CALIBRATION_PX, INT8_FILE, quantize_segmenter
-
-    calibration_seed, (gate_n, gate_px, gate_seed) = recipe.segmenter_seed, (8, 512, HELD_OUT_SEED)
-    calibration, _ = synthetic.segmentation_tiles(4, CALIBRATION_PX, calibration_seed)
-    gate, truth = synthetic.segmentation_tiles(gate_n, gate_px, gate_seed)
-    outcome = quantize_segmenter(
-        seg["file"],
-        out_dir / INT8_FILE,
-        seg["section"],
-        calibration=calibration,
-        gate_tiles=gate,
-        gate_truth=truth,
-        threads=recipe.threads,
-    )
-    section = {**seg["section"], "int8_note": outcome.reason}
-    record = {
-        "accepted": outcome.accepted,
-        "reason": outcome.reason,
-        "gate": outcome.metrics,
-        "calibration": f"4 synthetic tiles of {CALIBRATION_PX} px, seed {calibration_seed}",
-        "gate_tiles": f"{gate_n} held-out synthetic tiles of {gate_px} px, seed {gate_seed}",
-    }
-    provenance = {**seg["provenance"], "int8": record}
-    if outcome.accepted and outcome.path is not None:
-        section["variants"] = {"int8": INT8_FILE}
-        return {**seg, "section": section, "provenance": provenance, "int8_file": outcome.path}
-    return {**seg, "section": section, "provenance": provenance}
+    if "int8" in section.get("variants", {}):  # `export segmenter --int8` passed its gate
+        seg["int8_file"] = folder / section["variants"]["int8"]
+    return seg
 
 
 def _segmenter_child(args: dict[str, Any]) -> None:
