@@ -28,7 +28,8 @@ if TYPE_CHECKING:  # the readers' package loads tifffile: not for every command'
 CONFIG_ENV = "CYTOEDGE_CONFIG"
 DATA_ENV = "CYTOEDGE_DATA"
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
-# The link to the installed bundle in use, beside the installed versions (appliance.bundles).
+# The link to the installed bundle in use, beside the installed versions
+# (appliance.site.installed_bundles).
 CURRENT_BUNDLE = "current"
 CAMERA_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
 

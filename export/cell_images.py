@@ -12,7 +12,7 @@ import numpy as np
 
 from cytoedge_demo.synthetic import render_cell_patches
 from export.encoder import IMAGE_SIZE, MEAN, STD
-from runtime.bundle import InputSpec
+from runtime.bundle_format import InputSpec
 from runtime.encoder import encoder_feeds
 
 

@@ -328,7 +328,7 @@ def engines(
         require_tensorrt,
     )
     from runtime.backends.base import BackendError
-    from runtime.bundle import BundleError, load_bundle
+    from runtime.bundle_format import BundleError, load_bundle
 
     console = Console(stderr=True)
     try:
@@ -379,8 +379,8 @@ def bundle(
     """Assemble a versioned, checksummed model bundle from gated exports."""
     from rich.console import Console
 
-    from export.bundle import AssemblyError, assemble_bundle
-    from runtime.bundle import BundleError
+    from export.bundle_assembly import AssemblyError, assemble_bundle
+    from runtime.bundle_format import BundleError
 
     console = Console()
     try:

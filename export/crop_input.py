@@ -21,10 +21,10 @@ from pathlib import Path
 
 import numpy as np
 
-from appliance.cells import resize_bilinear
+from appliance.pipeline.cells import resize_bilinear
 from cytoedge_demo.synthetic import render_cell_patches
 from export.onnx_export import ParityError, ParityReport, ort_session
-from runtime.bundle import InputSpec
+from runtime.bundle_format import InputSpec
 from runtime.encoder import encoder_feeds
 from runtime.parity import ENCODER_MIN_COSINE_BY_VARIANT, row_cosines
 

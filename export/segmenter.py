@@ -7,7 +7,7 @@ inputs of two shapes) passes; a failed gate writes nothing.
 
 ``train_segmenter`` trains a small StarDist2D on annotated tiles (the demo
 gives it synthetic ones) normalised by the very function the appliance runs
-before inference (appliance.segmentation.normalise), so training and scoring
+before inference (appliance.pipeline.segmentation.normalise), so training and scoring
 cannot drift apart.
 """
 
@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from appliance.segmentation import (
+from appliance.pipeline.segmentation import (
     DEFAULT_NORMALISATION,
     SEGMENTER_FILE,
     SegmentationError,

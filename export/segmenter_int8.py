@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from appliance.segmentation import (
+from appliance.pipeline.segmentation import (
     INPUT_NAME,
     MatchCounts,
     Segmenter,
@@ -166,7 +166,7 @@ def _failures(metrics: dict[str, float]) -> list[str]:
 
 
 def _padded(tile: np.ndarray, spec: Any) -> np.ndarray:
-    """The network's input for ``tile`` as appliance.segmentation.Segmenter.predict makes it."""
+    """The network's input for ``tile`` as ``pipeline.segmentation.Segmenter.predict`` makes it."""
     x = network_input(tile, spec)
     pad = [(0, (-s) % d) for s, d in zip(x.shape[:2], spec.div_by, strict=True)]
     return np.pad(x, [*pad, (0, 0)], mode="reflect")[None]

@@ -148,7 +148,7 @@ def _calls(target: EngineTarget, probabilities: np.ndarray) -> tuple[object, ...
 
 def bundle_targets(bundle_path: Path) -> list[EngineTarget]:
     """Every ONNX file of a bundle that gets an engine: the fp32 encoder and all head members."""
-    from runtime.bundle import load_bundle
+    from runtime.bundle_format import load_bundle
 
     bundle = load_bundle(bundle_path)
     targets = [EngineTarget(bundle.file(bundle.encoder.variants["fp32"]), "encoder")]

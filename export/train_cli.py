@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from appliance.command import ConfigOption, fail, setup
+from appliance.cli.shared import ConfigOption, fail, setup
 
 
 def train(
@@ -49,13 +49,13 @@ def train(
     """
     from rich.console import Console
 
-    from appliance.bundle_versions import next_version, version_folder
-    from appliance.cases_table import CasesTableError, read_cases_table
-    from appliance.cohort import PipelineSettings
+    from appliance.site.derived_versions import next_version, version_folder
+    from appliance.validation.cases_table import CasesTableError, read_cases_table
+    from appliance.validation.cohort import PipelineSettings
     from appliance.validation.summary import print_summary
     from export.onnx_export import ParityError
-    from export.train_bundle import TrainingError, TrainOptions, train_bundle
-    from runtime.bundle import BundleError, load_bundle
+    from export.train_run import TrainingError, TrainOptions, train_bundle
+    from runtime.bundle_format import BundleError, load_bundle
 
     cfg = setup(config)
     console = Console(stderr=True)

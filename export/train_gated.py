@@ -19,12 +19,12 @@ from typing import Any
 import numpy as np
 import torch
 
-from appliance import metrics
+from appliance.validation import metrics
 from export.calibration import fit_platt
 from export.documents import HIGH_RISK_TASKS
 from export.heads import build_head
 from export.train_heads import Criterion, Objective, Targets, TrainingRecipe
-from runtime.bundle import HeadSpec
+from runtime.bundle_format import HeadSpec
 from runtime.head_kinds import Truth
 from runtime.labels import MYELOMA_MARKERS
 

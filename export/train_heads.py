@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 from export.heads import head_kind, output_names
-from runtime.bundle import INPUT_KINDS, HeadSpec
+from runtime.bundle_format import INPUT_KINDS, HeadSpec
 from runtime.head_kinds import Truth
 
 Targets = dict[str, np.ndarray]  # per kind: named arrays, one row per case

@@ -22,13 +22,13 @@ from typing import Any
 import numpy as np
 import torch
 
-from appliance import metrics
+from appliance.validation import metrics
 from export.calibration import fit_temperature
 from export.documents import BENIGN_CLASSES
 from export.folds import one_hot
 from export.heads import build_head
 from export.train_heads import Criterion, Objective, Targets, TrainingRecipe
-from runtime.bundle import HeadSpec
+from runtime.bundle_format import HeadSpec
 from runtime.head_kinds import Truth
 from runtime.head_kinds.transformer_mil import MALIGNANCY
 from runtime.labels import PB_CLASSES

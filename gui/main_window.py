@@ -27,7 +27,7 @@ from PySide6.QtWidgets import (
 )
 
 from appliance.results import DECISION_WORDS
-from appliance.review import ReviewError, SignOff, login_name, sign_off
+from appliance.review.sign_off import ReviewError, SignOff, login_name, sign_off
 from appliance.service.audit import AUDIT_FILE, AuditLog
 from appliance.service.store import JobStore, StoreError
 from gui.models import PollingThread, QueueDelegate, QueueModel

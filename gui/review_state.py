@@ -1,7 +1,7 @@
 """Which cases wait for a person, derived from the result versions and the audit trail.
 
 The store does not hold review state (a sign-off is a result version and an
-audit line, ``appliance.review``). ``ReviewIndex`` reads each case's latest
+audit line, ``appliance.review.sign_off``). ``ReviewIndex`` reads each case's latest
 version once and keeps the answer per (case row, version): a store change that
 leaves a case's result alone costs nothing, a ``signed_off`` line appended to the
 audit trail re-reads only the case it names, and a new verification record
@@ -23,8 +23,8 @@ from appliance.results import (
     read_result,
     safe_name,
 )
-from appliance.review import waiting_reasons
-from appliance.verification import VERIFICATION_DIR, is_verified
+from appliance.review.sign_off import waiting_reasons
+from appliance.site.verification import VERIFICATION_DIR, is_verified
 from gui.store_reader import CaseRow, QueueSnapshot
 
 SHOWS_RESULT = ("done", "rejected")

@@ -20,7 +20,7 @@ from PySide6.QtWidgets import (
 )
 
 from appliance.results import DECISION_WORDS
-from appliance.review import SignOff
+from appliance.review.sign_off import SignOff
 from gui.review_state import ReviewState
 from gui.text import wrappable
 

@@ -23,7 +23,7 @@ import tarfile
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-from runtime.bundle import BUNDLE_FILE, Bundle, BundleError, load_bundle
+from runtime.bundle_format import BUNDLE_FILE, Bundle, BundleError, load_bundle
 from runtime.files import atomic_path, sha256_file
 
 ARCHIVE_FORMAT = "cytoedge-bundle-archive"

@@ -7,7 +7,7 @@ from collections.abc import Callable
 import numpy as np
 
 from runtime.backends import Backend, BackendError, RuntimeSettings, open_model
-from runtime.bundle import Bundle, InputSpec
+from runtime.bundle_format import Bundle, InputSpec
 
 ProgressCallback = Callable[[int, int], None]  # (cells done, cells in all)
 

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from runtime.backends import Backend, BackendError, RuntimeSettings, open_model
-from runtime.bundle import Bundle, HeadSpec
+from runtime.bundle_format import Bundle, HeadSpec
 from runtime.head_kinds import Finding, Prediction
 from runtime.head_kinds.base import BASE_OUTPUTS
 
@@ -118,6 +118,6 @@ def load_heads(
     inputs: Collection[str] | None = None,
 ) -> dict[str, HeadRunner]:
     """Every head of the bundle by name; with ``inputs`` (the kinds of a case's slides,
-    ``runtime.bundle.INPUT_KINDS``) only the heads that score such a case."""
+    ``runtime.bundle_format.INPUT_KINDS``) only the heads that score such a case."""
     heads = bundle.heads if inputs is None else bundle.heads_for(inputs)
     return {head.name: HeadRunner(bundle, head.name, settings) for head in heads}

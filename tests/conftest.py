@@ -79,7 +79,7 @@ def current_reference() -> object:
     of many densities, intensities relative to each field's glass)."""
     import numpy as np
 
-    from appliance import stain
+    from appliance.pipeline import stain
     from cytoedge_demo.synthetic import SmearSpec, render_field
 
     images = [

@@ -9,7 +9,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from runtime.bundle import Bundle, EncoderSpec, HeadSpec, InputSpec, write_bundle
+from runtime.bundle_format import Bundle, EncoderSpec, HeadSpec, InputSpec, write_bundle
 
 MEAN = (0.485, 0.456, 0.406)
 STD = (0.229, 0.224, 0.225)

@@ -88,7 +88,7 @@ ROOT = Path(__file__).resolve().parents[1]
 # What the trained network depends on: a change to any of these trains it again.
 SOURCES = (
     "export/segmenter.py",
-    "appliance/segmentation.py",
+    "appliance/pipeline/segmentation.py",
     "demo/cytoedge_demo/synthetic.py",
     "tests/segmenter_model.py",
 )

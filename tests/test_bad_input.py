@@ -14,7 +14,7 @@ import pytest
 import tifffile
 from PIL import Image
 
-from appliance import tiles
+from appliance.pipeline import tiles
 from appliance.readers import (
     BlankScanError,
     CellFolderError,

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from runtime.bundle import (
+from runtime.bundle_format import (
     BundleError,
     CellsSpec,
     QcSpec,

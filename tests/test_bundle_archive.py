@@ -10,7 +10,6 @@ from pathlib import Path
 
 import pytest
 
-from runtime.bundle import load_bundle
 from runtime.bundle_archive import (
     MANIFEST,
     BundleArchiveError,
@@ -18,6 +17,7 @@ from runtime.bundle_archive import (
     pack_bundle,
     unpack_bundle,
 )
+from runtime.bundle_format import load_bundle
 from tests.runtime_models import TinyBundle
 
 

@@ -8,8 +8,13 @@ from pathlib import Path
 
 import pytest
 
-from appliance.bundles import InstallError, install_archive, installed_versions, use_version
 from appliance.config import Config, PathsConfig, load_config
+from appliance.site.installed_bundles import (
+    InstallError,
+    install_archive,
+    installed_versions,
+    use_version,
+)
 from runtime.bundle_archive import pack_bundle
 from tests.runtime_models import TinyBundle
 from tests.test_cli import cytoedge
@@ -103,7 +108,7 @@ def test_a_damaged_archive_is_refused_in_one_line_and_changes_nothing(
 def test_a_bundle_that_cannot_run_here_is_not_switched_to(
     archives: dict[str, Path], tmp_path: Path
 ) -> None:
-    from appliance.bundle_cli import _checks
+    from appliance.cli.bundle_commands import _checks
 
     root = tmp_path / "bundles"
     install_archive(archives["1.0"], root, no_problems)

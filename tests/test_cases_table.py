@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from appliance.cases_table import CasesTableError, read_cases_table
+from appliance.validation.cases_table import CasesTableError, read_cases_table
 
 HEADER = "case_id,scans,del(17p),t(4;14),t(11;14),gain(1q),diagnosis,hb,notes"
 

@@ -11,15 +11,16 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from appliance import qc, stain, tiles
-from appliance.cases import case_shares, score_case
-from appliance.networks import SlideNetworks
+from appliance.pipeline import qc, stain, tiles
+from appliance.pipeline.cases import case_shares, score_case
+from appliance.pipeline.networks import SlideNetworks
+from appliance.pipeline.scans import MIN_JUDGED_TILES
+from appliance.pipeline.slides import process_slide
 from appliance.readers import open_scan
 from appliance.results.schema import ExaminedRecord
-from appliance.slides import MIN_JUDGED_TILES, process_slide
 from cytoedge_demo.synthetic import SmearSpec, render_field
 from runtime.backends import RuntimeSettings
-from runtime.bundle import CellsSpec, load_bundle
+from runtime.bundle_format import CellsSpec, load_bundle
 from runtime.typed_json import SpecError, parse_section
 
 

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from skimage.draw import disk, ellipse
 
-from appliance.cells import (
+from appliance.pipeline.cells import (
     CSV_COLUMNS,
     Cell,
     CellError,
@@ -27,7 +27,7 @@ from appliance.cells import (
     polygon_circularity,
     weighted_centroid,
 )
-from appliance.segmentation import Detections
+from appliance.pipeline.segmentation import Detections
 
 N_RAYS = 32
 GLASS = (226, 223, 228)
@@ -261,7 +261,7 @@ def test_csv_holds_one_row_per_cell_with_its_polygon_in_level0_pixels() -> None:
 
 
 def test_filters_come_from_the_bundle_section() -> None:
-    from runtime.bundle import CellsSpec
+    from runtime.bundle_format import CellsSpec
 
     assert CellFilters.from_section(CellsSpec()) == CellFilters()
     custom = CellFilters.from_section({"min_confidence": 0.5, "patch_px": 96, "min_cells": 50})

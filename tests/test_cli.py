@@ -69,8 +69,8 @@ def test_broken_config_from_environment_gives_exit_2(tmp_path: Path) -> None:
 def test_fhir_writes_signed_off_results_and_refuses_the_others(tmp_path: Path) -> None:
     from typer.testing import CliRunner
 
-    from appliance.cli import app
-    from appliance.review import SignOff, sign_off
+    from appliance.cli.main import app
+    from appliance.review.sign_off import SignOff, sign_off
     from appliance.service.audit import AuditLog
     from cytoedge_demo.samples import write_sample_result
 

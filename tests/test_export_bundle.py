@@ -11,8 +11,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from export.bundle import AssemblyError, assemble_bundle
-from runtime.bundle import QcSpec, load_bundle
+from export.bundle_assembly import AssemblyError, assemble_bundle
+from runtime.bundle_format import QcSpec, load_bundle
 from tests.runtime_models import MIL_TASKS, encoder_model, head_model
 
 PASSED = {"passed": True, "min_cosine": 0.9999999, "max_abs_diff": 2e-6}

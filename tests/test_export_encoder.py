@@ -12,7 +12,7 @@ import torch
 from export_models import meaningful_encoder, write_dinobloom_checkpoint, write_timm_cache
 from typer.testing import CliRunner
 
-from appliance.cli import app
+from appliance.cli.main import app
 from export.cell_images import cell_pixels
 from export.crop_input import pixels_as_before, render_crops
 from export.encoder import MEAN, STD, CheckpointError, load_encoder

@@ -12,7 +12,7 @@ import torch
 from export_models import peaky_head
 from typer.testing import CliRunner
 
-from appliance.cli import app
+from appliance.cli.main import app
 from export.heads import (
     MYELOMA_TASKS,
     PB_CLASSES,

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from appliance.cli import app
+from appliance.cli.main import app
 from tests.segmenter_model import tensorflow_available, trained_stardist
 
 pytestmark = [
@@ -38,7 +38,7 @@ def perturbed(onnx_bytes: bytes) -> bytes:
 def test_export_passes_its_gate_and_writes_the_section() -> None:
     import onnxruntime as ort
 
-    from runtime.bundle import SegmenterSpec
+    from runtime.bundle_format import SegmenterSpec
 
     model_dir, onnx_dir, section = trained_stardist()
     assert (model_dir / "cytoedge_normalisation.json").is_file()
@@ -62,7 +62,7 @@ def test_export_passes_its_gate_and_writes_the_section() -> None:
 
 
 def test_export_bundle_accepts_the_folder() -> None:
-    from export.bundle import read_export
+    from export.bundle_assembly import read_export
 
     _, onnx_dir, section = trained_stardist()
     exported = read_export(onnx_dir, "segmenter")

@@ -15,9 +15,10 @@ import pytest
 from PIL import Image
 from scipy import ndimage
 
-from appliance import fields, qc, stain
-from appliance.cases import score_case
-from appliance.networks import SlideNetworks
+from appliance.pipeline import fields, qc, stain
+from appliance.pipeline.cases import score_case
+from appliance.pipeline.networks import SlideNetworks
+from appliance.pipeline.slides import SlideResult, process_slide
 from appliance.readers import (
     Calibration,
     FieldFolderError,
@@ -32,11 +33,10 @@ from appliance.readers.formats import Layout
 from appliance.service.audit import AuditLog
 from appliance.service.store import QUEUED, WAITING, JobStore
 from appliance.service.watcher import InboxWatcher, WatchSettings
-from appliance.slides import SlideResult, process_slide
 from cytoedge_demo import synthetic
 from cytoedge_demo.bench.fields import Annotations, score_cells
 from cytoedge_demo.synthetic import SmearSpec
-from runtime.bundle import Bundle, QcSpec, load_bundle
+from runtime.bundle_format import Bundle, QcSpec, load_bundle
 from runtime.typed_json import dump
 from tests.conftest import SHARED_DATA, assert_technician_reason
 from tests.runtime_models import TinyBundle

@@ -21,8 +21,8 @@ from appliance.readers import (
 )
 from appliance.readers.formats import MAX_CELL_SIDE, Layout
 from appliance.service.audit import AuditLog
+from appliance.service.inbox_layout import discover
 from appliance.service.store import REJECTED, JobStore
-from appliance.service.units import discover
 from appliance.service.watcher import InboxWatcher, WatchSettings
 from cytoedge_demo import synthetic
 

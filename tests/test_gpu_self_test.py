@@ -14,9 +14,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from appliance import doctor, self_test
 from appliance.config import Config, PathsConfig
-from appliance.self_test import (
+from appliance.service.follow import BundleFollower
+from appliance.site import backend_check as self_test
+from appliance.site import doctor
+from appliance.site.backend_check import (
     REFERENCE,
     avoided_backends,
     compare_embeddings,
@@ -26,7 +28,6 @@ from appliance.self_test import (
     site_settings,
     write_record,
 )
-from appliance.service.follow import BundleFollower
 from runtime.backends import (
     Backend,
     BackendStatus,
@@ -37,7 +38,7 @@ from runtime.backends import (
 )
 from runtime.backends.choice import AVOIDED
 from runtime.backends.ort_cpu import OrtCpuBackend
-from runtime.bundle import Bundle
+from runtime.bundle_format import Bundle
 from runtime.probe import gpu_names
 from tests.runtime_models import TinyBundle
 from tests.test_cli import cytoedge

@@ -19,7 +19,7 @@ from PySide6.QtWidgets import QMessageBox
 
 import appliance.results.schema as schema_module
 from appliance.results import read_result, write_case_result
-from appliance.review import SignOff, sign_off
+from appliance.review.sign_off import SignOff, sign_off
 from appliance.service.audit import AuditLog, read_audit
 from cytoedge_demo.samples import sample_content, write_sample_site
 from gui.app import SCREEN_SIZE, make_application

@@ -20,8 +20,8 @@ from PySide6.QtCore import Qt
 from PySide6.QtGui import QImage
 from PySide6.QtWidgets import QMessageBox
 
-from appliance import fields, qc
-from appliance.cases import abstain_reason
+from appliance.pipeline import fields, qc
+from appliance.pipeline.cases import abstain_reason
 from appliance.readers import ScanError, open_scan, single_field
 from appliance.results import (
     SCHEMA_VERSION,
@@ -41,7 +41,7 @@ from gui.app import SCREEN_SIZE, InProcessService, make_application
 from gui.main_window import MainWindow, read_about, service_text
 from gui.models import QueueModel
 from gui.store_reader import ServiceInfo, StoreReader
-from runtime.bundle import QcSpec
+from runtime.bundle_format import QcSpec
 from runtime.files import sha256_file
 from runtime.typed_json import dump
 from tests.conftest import SHARED_DATA

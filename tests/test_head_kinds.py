@@ -9,12 +9,12 @@ import numpy as np
 import pytest
 
 import tests.toy_head_kind  # noqa: F401 - registers the toy kind
-from appliance.cases import score_case
-from appliance.networks import SlideNetworks
+from appliance.pipeline.cases import score_case
+from appliance.pipeline.networks import SlideNetworks
+from appliance.pipeline.slides import process_slide
 from appliance.results import read_result
-from appliance.slides import process_slide
 from cytoedge_demo.synthetic import write_cell_folders
-from runtime.bundle import BundleError, CellsSpec, HeadSpec, load_bundle
+from runtime.bundle_format import BundleError, CellsSpec, HeadSpec, load_bundle
 from runtime.head_kinds import head_kind_names
 from runtime.heads import HeadRunner
 from tests.runtime_models import TinyBundle, head_model, head_reference

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from appliance import metrics
+from appliance.validation import metrics
 
 # Four cases: 0 and 1 negative, 2 and 3 positive.
 SCORES = np.array([0.1, 0.4, 0.35, 0.8])

@@ -6,7 +6,7 @@ import math
 import re
 from pathlib import Path
 
-from appliance.pace import OTHER_PER_TILE_SHARE, PaceEstimate
+from appliance.site.pace import OTHER_PER_TILE_SHARE, PaceEstimate
 from tests.test_cli import cytoedge
 
 

@@ -13,11 +13,11 @@ import tifffile
 from PIL import Image
 from scipy import ndimage
 
-from appliance import fields, qc, stain, tiles
+from appliance.pipeline import fields, qc, stain, tiles
 from appliance.readers import BlankScanError, open_field_folder, open_scan
 from cytoedge_demo import synthetic
 from cytoedge_demo.synthetic import SmearSpec
-from runtime.bundle import QcSpec
+from runtime.bundle_format import QcSpec
 from runtime.typed_json import dump
 from tests.conftest import SHARED_DATA
 
@@ -207,7 +207,7 @@ FAIR = SmearSpec(width=1600, height=1600, seed=23, nucleated_per_mm2=1200)  # 2 
 
 
 def current_params(reference: stain.StainReference) -> qc.QCParams:
-    """What a bundle written now judges with (runtime.bundle.QcSpec.current)."""
+    """What a bundle written now judges with (runtime.bundle_format.QcSpec.current)."""
     return qc.QCParams.from_bundle(dump(QcSpec.current()), reference)
 
 

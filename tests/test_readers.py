@@ -176,7 +176,7 @@ PEAK_SCRIPT = textwrap.dedent(
     """
     import resource, sys
     from appliance.readers import open_scan
-    from appliance import tiles
+    from appliance.pipeline import tiles
     scan = open_scan(sys.argv[1])
     zone = tiles.cellular_zone(scan)
     everything = tiles.CellularZone(

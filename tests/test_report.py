@@ -22,7 +22,7 @@ from appliance.results.report import (
     render_report_html,
     write_report_pdf,
 )
-from appliance.review import SignOff, sign_off
+from appliance.review.sign_off import SignOff, sign_off
 from appliance.service.audit import AuditLog
 from cytoedge_demo.samples import sample_content, write_sample_result
 

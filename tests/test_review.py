@@ -10,7 +10,6 @@ from pathlib import Path
 
 import pytest
 
-from appliance.fhir import REPORT_STATUS, FhirError, export_signed_off, fhir_bundle
 from appliance.results import (
     QcRecord,
     ResultError,
@@ -18,9 +17,10 @@ from appliance.results import (
     read_result,
     write_case_result,
 )
-from appliance.review import ReviewError, SignOff, needs_review, sign_off, waiting_reasons
+from appliance.review.fhir import REPORT_STATUS, FhirError, export_signed_off, fhir_bundle
+from appliance.review.sign_off import ReviewError, SignOff, needs_review, sign_off, waiting_reasons
 from appliance.service.audit import AuditLog, read_audit
-from appliance.verification import (
+from appliance.site.verification import (
     VerificationRecord,
     is_verified,
     verification_path,

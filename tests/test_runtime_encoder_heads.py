@@ -9,12 +9,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from appliance.cells import resize_bilinear
+from appliance.pipeline.cells import resize_bilinear
 from export import crop_input
 from export.crop_input import fold_crop_input, fold_in_place
 from export.onnx_export import ParityError
 from runtime.backends import BackendError, RuntimeSettings
-from runtime.bundle import HeadSpec, InputSpec, load_bundle
+from runtime.bundle_format import HeadSpec, InputSpec, load_bundle
 from runtime.encoder import Encoder, EncoderInputError
 from runtime.head_kinds import INDETERMINATE, NEGATIVE, POSITIVE, call, combine_calls
 from runtime.heads import BagError, HeadRunner, load_heads

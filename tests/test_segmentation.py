@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from skimage.draw import disk
 
-from appliance.segmentation import (
+from appliance.pipeline.segmentation import (
     DEFAULT_NORMALISATION,
     MatchCounts,
     SegmentationError,
@@ -22,7 +22,7 @@ from appliance.segmentation import (
     segmenter_spec,
 )
 from runtime.backends import RuntimeSettings
-from runtime.bundle import SegmenterSpec
+from runtime.bundle_format import SegmenterSpec
 from tests.segmenter_model import (
     OracleNetwork,
     discs,
@@ -147,9 +147,9 @@ def test_matching_counts_one_to_one_pairs() -> None:
 
 def test_segmentation_imports_no_framework() -> None:
     code = (
-        "import sys, numpy as np; from appliance.segmentation import Segmenter; "
+        "import sys, numpy as np; from appliance.pipeline.segmentation import Segmenter; "
         "from tests.segmenter_model import OracleNetwork, discs, oracle_section; "
-        "from appliance.segmentation import segmenter_spec; "
+        "from appliance.pipeline.segmentation import segmenter_spec; "
         "s = Segmenter(OracleNetwork(), segmenter_spec(oracle_section()), threads=1); "
         "s.segment(discs((64, 64), [(32, 32)], 12)); "
         "print(sorted({m.split('.')[0] for m in sys.modules} & {'tensorflow', 'keras', 'torch'}))"

@@ -10,9 +10,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from appliance.segmentation import Detections, SegmentationError, Segmenter, match_detections
+from appliance.pipeline.segmentation import (
+    Detections,
+    SegmentationError,
+    Segmenter,
+    match_detections,
+)
 from runtime.backends import RuntimeSettings
-from runtime.bundle import BundleError, SegmenterSpec, segmenter_variants
+from runtime.bundle_format import BundleError, SegmenterSpec, segmenter_variants
 from runtime.typed_json import parse_section
 from tests.segmenter_model import tensorflow_available, trained_stardist
 
@@ -57,7 +62,7 @@ def test_the_section_lists_int8_only_as_a_variant() -> None:
 
 
 def test_bundle_assembly_carries_the_int8_file() -> None:
-    from export.bundle import _model_files, _relocated
+    from export.bundle_assembly import _model_files, _relocated
 
     spec = SegmenterSpec(
         "onnx/segmenter.onnx", 32, (2, 2), (16, 16), 0.5, 0.3, 3,

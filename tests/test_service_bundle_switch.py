@@ -13,13 +13,13 @@ from pathlib import Path
 
 import pytest
 
-from appliance.bundles import install_archive, use_version
 from appliance.config import Config, PathsConfig
 from appliance.results import read_result
 from appliance.service.audit import read_audit
 from appliance.service.follow import BundleFollower
 from appliance.service.store import DONE, RUNNING, BundleIdentity, JobStore
 from appliance.service.worker import CaseOutcome, ProgressFn
+from appliance.site.installed_bundles import install_archive, use_version
 from cytoedge_demo.synthetic import write_cell_folders
 from runtime.bundle_archive import pack_bundle
 from tests.runtime_models import TinyBundle

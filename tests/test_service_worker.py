@@ -23,7 +23,7 @@ import pytest
 from appliance.config import Config, PathsConfig, ServiceConfig, WatchConfig
 from appliance.readers.errors import NotAnImageError
 from appliance.results import read_result, write_case_result
-from appliance.review import SignOff, sign_off
+from appliance.review.sign_off import SignOff, sign_off
 from appliance.service.audit import AuditLog, read_audit
 from appliance.service.service import FollowFn, Service
 from appliance.service.store import (
@@ -480,7 +480,7 @@ def test_an_archive_move_takes_finished_inputs_out_of_the_inbox(
 def test_rescore_processes_the_scan_again_and_adds_a_version(run_service, tmp_path: Path) -> None:
     from rich.console import Console
 
-    from appliance.service.commands import request_rescore
+    from appliance.cli.service_commands import request_rescore
 
     engine = StandInEngine(calls=[])
     running = run_service(engine)

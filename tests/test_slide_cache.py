@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from appliance.slide_cache import save_npy_chunked
+from appliance.pipeline.slide_cache import save_npy_chunked
 
 
 def test_crops_copy_exactly_from_a_memmap_with_an_offset_and_from_an_array(
@@ -31,7 +31,7 @@ _RSS_CHILD = """
 import sys
 import numpy as np
 from pathlib import Path
-from appliance.slide_cache import save_npy_chunked
+from appliance.pipeline.slide_cache import save_npy_chunked
 def peak_kb():
     for line in open("/proc/self/status"):
         if line.startswith("VmHWM:"):

@@ -16,16 +16,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-import appliance.networks
-import appliance.slides
-from appliance import slide_cache
-from appliance.cases import abstain_reason, score_case, top_attention_mass
-from appliance.networks import SlideNetworks
+import appliance.pipeline.networks
+import appliance.pipeline.slides
+from appliance.pipeline import slide_cache
+from appliance.pipeline.cases import abstain_reason, score_case, top_attention_mass
+from appliance.pipeline.networks import SlideNetworks
+from appliance.pipeline.slides import SlideResult, process_slide
 from appliance.readers import scan_fingerprint
 from appliance.results import PredictionRecord, QcRecord, ScanRecord, read_result
-from appliance.slides import SlideResult, process_slide
 from cytoedge_demo.synthetic import write_cell_folders
-from runtime.bundle import Bundle
+from runtime.bundle_format import Bundle
 from tests.runtime_models import TinyBundle
 
 
@@ -78,12 +78,12 @@ def test_one_shared_encoder_session_serves_every_slide_and_a_cached_one_opens_no
     _, bundle = tiny
     opened: list[object] = []
 
-    class CountedEncoder(appliance.networks.Encoder):
+    class CountedEncoder(appliance.pipeline.networks.Encoder):
         def __init__(self, *args: object, **kwargs: object) -> None:
             super().__init__(*args, **kwargs)  # type: ignore[arg-type]
             opened.append(self)
 
-    monkeypatch.setattr(appliance.networks, "Encoder", CountedEncoder)
+    monkeypatch.setattr(appliance.pipeline.networks, "Encoder", CountedEncoder)
     with SlideNetworks(bundle) as shared:
         slides = [
             process_slide(pb_folders / name, shared, cache_dir=tmp_path)
@@ -113,7 +113,7 @@ def test_a_fingerprint_from_the_caller_is_not_recomputed(
     def no_hashing(path: Path) -> str:
         raise AssertionError(f"{path} hashed again")
 
-    monkeypatch.setattr(appliance.slides, "scan_fingerprint", no_hashing)
+    monkeypatch.setattr(appliance.pipeline.slides, "scan_fingerprint", no_hashing)
     again = process(pb_folders / "P0001", bundle, tmp_path, fingerprint=first.fingerprint)
     assert again.from_cache and again.fingerprint == first.fingerprint
     with pytest.raises(ValueError, match="sha256"):
@@ -248,7 +248,7 @@ def test_a_scan_gives_qupath_tables_in_the_level0_pixels_of_the_scan(
     import tifffile
     from PIL import Image
 
-    from runtime.bundle import load_bundle
+    from runtime.bundle_format import load_bundle
 
     bundle = load_bundle(tiny_bundle)
     scan = small_scan_writer(tmp_path / "smear.tif", seed=5)
@@ -283,8 +283,8 @@ def test_shared_networks_open_the_segmenter_once_for_every_scan(
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    from appliance.segmentation import Segmenter
-    from runtime.bundle import load_bundle
+    from appliance.pipeline.segmentation import Segmenter
+    from runtime.bundle_format import load_bundle
 
     bundle = load_bundle(tiny_bundle)
     opened: list[Path] = []

@@ -16,7 +16,7 @@ from cytoedge_demo.bench.soak import (
     smear_density,
     soak_bundle,
 )
-from runtime.bundle import load_bundle
+from runtime.bundle_format import load_bundle
 from tests.runtime_models import TinyBundle
 
 

@@ -9,7 +9,7 @@ import openslide
 import pytest
 from PIL import Image
 
-from appliance import stain
+from appliance.pipeline import stain
 from appliance.readers import open_cell_folder, open_scan
 from cytoedge_demo import synthetic
 from cytoedge_demo.synthetic import MARKERS, SmearSpec

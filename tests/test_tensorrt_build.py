@@ -12,7 +12,7 @@ import torch
 from export_models import meaningful_encoder, peaky_head
 from typer.testing import CliRunner
 
-from appliance.cli import app
+from appliance.cli.main import app
 from export.cell_images import cell_pixels
 from export.heads import build_head
 from export.onnx_export import ParityError, export_encoder, export_head_member, ort_session

@@ -8,7 +8,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from appliance import metrics  # noqa: E402
+from appliance.validation import metrics  # noqa: E402
 from export.calibration import fit_platt, fit_temperature  # noqa: E402
 from export.cross_validate import cross_validate  # noqa: E402
 from export.folds import one_hot, stratified_folds  # noqa: E402

@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from appliance.cli import app
-from appliance.verification import read_verification
-from runtime.bundle import load_bundle
+from appliance.cli.main import app
+from appliance.site.verification import read_verification
+from runtime.bundle_format import load_bundle
 
 pytestmark = pytest.mark.slow
 

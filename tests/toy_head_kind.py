@@ -14,7 +14,7 @@ from runtime.head_kinds.base import predict
 from runtime.typed_json import SpecError
 
 if TYPE_CHECKING:
-    from runtime.bundle import HeadSpec
+    from runtime.bundle_format import HeadSpec
 
 
 @dataclass(frozen=True)

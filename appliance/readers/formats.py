@@ -2,7 +2,7 @@
 folders of microscope field photos.
 
 The readers (``open_scan``, ``open_cell_folder``), the inbox watcher
-(``appliance.service.units``) and ``cytoedge doctor`` all read this table, so
+(``appliance.service.inbox_layout``) and ``cytoedge doctor`` all read this table, so
 what the inbox accepts is exactly what the readers open and what doctor lists.
 A format is added here or nowhere, and only once a real file of it has been
 through the appliance end to end (Zeiss CZI is not here yet: OpenSlide 4 has a

@@ -16,7 +16,7 @@ import re
 import shutil
 from pathlib import Path
 
-from appliance.service import units
+from appliance.service import inbox_layout
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +49,7 @@ def archive_case(
     wanted = set(slide_paths)
     moved: dict[str, str] = {}
     case_dirs: set[Path] = set()
-    for unit in units.discover(inbox, pattern).units:
+    for unit in inbox_layout.discover(inbox, pattern).units:
         if str(unit.path) not in wanted:
             continue
         if unit.kind == "dicom":
@@ -65,7 +65,7 @@ def archive_case(
         if unit.case_dir not in (None, inbox, unit.path):  # a folder unit moved whole
             case_dirs.add(unit.case_dir)
     for folder in case_dirs:
-        ready = folder / units.READY_FILE
+        ready = folder / inbox_layout.READY_FILE
         if ready.exists():
             _move(ready, inbox, archive)
         with contextlib.suppress(OSError):  # only when empty: anything else stays

@@ -6,20 +6,20 @@ import shutil
 from collections.abc import Sequence
 from pathlib import Path
 
-from appliance import slide_cache
-from appliance.cases import score_case
 from appliance.config import Config
-from appliance.networks import SlideNetworks
+from appliance.pipeline import slide_cache
+from appliance.pipeline.cases import score_case
+from appliance.pipeline.networks import SlideNetworks
+from appliance.pipeline.slides import SlideResult, process_slide
 from appliance.readers import scan_fingerprint
 from appliance.service.worker import CaseOutcome, ProgressFn, SlideOutcome
-from appliance.slides import SlideResult, process_slide
 from runtime.backends import RuntimeSettings
-from runtime.bundle import Bundle
+from runtime.bundle_format import Bundle
 
 
 class PipelineEngine:
-    """``appliance.slides.process_slide`` / ``appliance.cases.score_case`` with the
-    site's settings."""
+    """``appliance.pipeline.slides.process_slide`` / ``appliance.pipeline.cases.score_case``
+    with the site's settings."""
 
     def __init__(self, config: Config, bundle: Bundle, settings: RuntimeSettings) -> None:
         self.config = config

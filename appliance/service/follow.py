@@ -8,7 +8,7 @@ job in progress always ends on the bundle it started with. A bundle that does
 not load is refused (logged once) and the service keeps the one it has.
 
 On a machine with a GPU, the follower also runs the GPU self-test
-(``appliance.self_test``) before the first job with a bundle it has no result
+(``appliance.site.backend_check``) before the first job with a bundle it has no result
 for, and opens the engine without the backends that failed it.
 """
 
@@ -19,11 +19,11 @@ from collections.abc import Callable
 from pathlib import Path
 
 from appliance.config import Config
-from appliance.self_test import run_self_test, self_test_due, site_settings, write_record
 from appliance.service.store import BundleIdentity
 from appliance.service.worker import Engine, ProgressFn
+from appliance.site.backend_check import run_self_test, self_test_due, site_settings, write_record
 from runtime.backends import RuntimeSettings
-from runtime.bundle import Bundle, BundleError, load_bundle
+from runtime.bundle_format import Bundle, BundleError, load_bundle
 
 log = logging.getLogger(__name__)
 

@@ -23,9 +23,9 @@ import sdnotify
 from appliance.config import Config
 from appliance.results import safe_name
 from appliance.service.audit import AUDIT_FILE, AuditLog
+from appliance.service.inbox_layout import compile_case_pattern
 from appliance.service.migrations import SCHEMA_VERSION, backup_path
 from appliance.service.store import QUEUED, BundleIdentity, JobStore, store_path
-from appliance.service.units import compile_case_pattern
 from appliance.service.watcher import InboxWatcher, ProbeFn, WatchSettings
 from appliance.service.worker import Engine, ProgressFn, Worker, WorkerSettings
 

@@ -24,7 +24,7 @@ from watchdog.observers import Observer
 from watchdog.observers.polling import PollingObserver
 
 from appliance.readers import ScanError, formats
-from appliance.service import units
+from appliance.service import inbox_layout
 from appliance.service.audit import AuditLog
 from appliance.service.audit import iso as _iso
 from appliance.service.store import TERMINAL, WAITING, JobStore, Slide
@@ -77,8 +77,8 @@ class InboxWatcher:
         self.audit = audit
         self.on_admitted = on_admitted
         self.paused = paused or threading.Event()
-        self.tracker = units.StabilityTracker()
-        self.pending: dict[Path, units.Unit] = {}
+        self.tracker = inbox_layout.StabilityTracker()
+        self.pending: dict[Path, inbox_layout.Unit] = {}
         self._nudged = threading.Event()
         self._observer: Observer | PollingObserver | None = None
         self._store: JobStore | None = None
@@ -150,7 +150,7 @@ class InboxWatcher:
                 self.tracker.forget(path)
 
     def scan_inbox(self) -> None:
-        found = units.discover(self.settings.inbox, self.settings.case_pattern)
+        found = inbox_layout.discover(self.settings.inbox, self.settings.case_pattern)
         wall = time.time()
         current = {unit.path for unit in found.units}
         for path in [p for p in self.pending if p not in current]:
@@ -166,12 +166,12 @@ class InboxWatcher:
                 continue
             row = self.store.slide_by_path(str(unit.path))
             if row is not None and row.state != WAITING:
-                sig = units.signature(unit)
+                sig = inbox_layout.signature(unit)
                 if sig is None or (sig.size == row.size and abs(sig.mtime - row.mtime) < 1e-6):
                     continue  # known and unchanged
                 log.info("a known scan changed; checking it again", extra={"path": str(unit.path)})
             elif row is None:
-                sig = units.signature(unit)
+                sig = inbox_layout.signature(unit)
                 if sig is None:
                     continue
                 self.store.add_waiting_slide(
@@ -190,10 +190,10 @@ class InboxWatcher:
                 self.store.set_case_ready(case.id, True, wall)
                 self.on_admitted()
 
-    def _check(self, unit: units.Unit, now: float) -> None:
+    def _check(self, unit: inbox_layout.Unit, now: float) -> None:
         wall = time.time()
         row = self.store.slide_by_path(str(unit.path))
-        sig = units.signature(unit)
+        sig = inbox_layout.signature(unit)
         if sig is None or row is None:
             # Gone before it was complete (renamed away, deleted): forget the waiting row.
             if row is not None and row.state == WAITING:
@@ -219,12 +219,17 @@ class InboxWatcher:
             self._reject(row, unit, sig, _reason(exc, unit.path))
             return
         digest = unit.members.fingerprint()
-        if units.signature(unit) != sig:
+        if inbox_layout.signature(unit) != sig:
             return  # written to while hashing: not complete after all
         self._admit(row, unit, sig, digest, wall)
 
     def _admit(
-        self, row: Slide, unit: units.Unit, sig: units.Signature, digest: str, wall: float
+        self,
+        row: Slide,
+        unit: inbox_layout.Unit,
+        sig: inbox_layout.Signature,
+        digest: str,
+        wall: float,
     ) -> None:
         del self.pending[unit.path]
         if row.state in TERMINAL and row.fingerprint == digest:
@@ -258,7 +263,9 @@ class InboxWatcher:
         )
         self.on_admitted()
 
-    def _reject(self, row: Slide, unit: units.Unit, sig: units.Signature, reason: str) -> None:
+    def _reject(
+        self, row: Slide, unit: inbox_layout.Unit, sig: inbox_layout.Signature, reason: str
+    ) -> None:
         del self.pending[unit.path]
         wall = time.time()
         self.store.reject_slide(row.id, reason, wall, size=sig.size, mtime=sig.mtime)

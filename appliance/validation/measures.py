@@ -17,9 +17,9 @@ from typing import Literal
 
 import numpy as np
 
-from appliance import metrics
 from appliance.results import BundleRecord, HeadRecord, PredictionRecord
-from runtime.bundle import HeadSpec
+from appliance.validation import metrics
+from runtime.bundle_format import HeadSpec
 from runtime.head_kinds import Labels
 
 ReportKind = Literal["validation", "out-of-fold"]

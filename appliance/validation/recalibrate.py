@@ -14,10 +14,10 @@ from pathlib import Path
 
 import numpy as np
 
-from appliance import metrics
-from appliance.bundle_versions import derived_from, write_bundle_version
+from appliance.site.derived_versions import derived_from, write_bundle_version
+from appliance.validation import metrics
 from appliance.validation.measures import ValidationReport
-from runtime.bundle import Bundle
+from runtime.bundle_format import Bundle
 
 THRESHOLD_LIMITS = (1e-3, 1 - 1e-3)  # bundle thresholds lie strictly inside (0, 1)
 

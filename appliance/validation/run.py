@@ -8,16 +8,16 @@ from pathlib import Path
 
 from rich.console import Console
 
-from appliance import metrics
-from appliance.cases_table import CasesTable
-from appliance.cohort import CohortCase, PipelineSettings, process_cohort
 from appliance.config import Config
-from appliance.networks import SlideNetworks
+from appliance.pipeline.networks import SlideNetworks
 from appliance.results import BundleRecord
+from appliance.validation import metrics
+from appliance.validation.cases_table import CasesTable
+from appliance.validation.cohort import CohortCase, PipelineSettings, process_cohort
 from appliance.validation.measures import ValidationReport, build_report
 from appliance.validation.report import ReportFiles, write_validation_report
 from appliance.validation.scoring import score_cohort
-from runtime.bundle import Bundle
+from runtime.bundle_format import Bundle
 
 CASES_FOLDER = "cases"  # the report's copy of what the service would have written
 

@@ -5,11 +5,11 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
-from appliance.cases import score_case
-from appliance.cohort import CohortCase
+from appliance.pipeline.cases import score_case
+from appliance.validation.cohort import CohortCase
 from appliance.validation.measures import ValidationCase
 from runtime.backends import RuntimeSettings
-from runtime.bundle import Bundle
+from runtime.bundle_format import Bundle
 
 
 def lost_scans(case: CohortCase) -> tuple[str, ...]:
@@ -22,7 +22,7 @@ def score_cohort(
     outbox: Path,
     settings: RuntimeSettings | None = None,
 ) -> list[ValidationCase]:
-    """Each case through ``appliance.cases.score_case`` (its result folder written to
+    """Each case through ``appliance.pipeline.cases.score_case`` (its result folder written to
     ``outbox``, without the PDF); a case whose every scan was rejected is kept as
     rejected, with the readers' reasons."""
     scored = []

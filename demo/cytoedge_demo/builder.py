@@ -16,7 +16,7 @@ Built once and cached (``cytoedge demo`` reuses a bundle that loads and verifies
    (``cytoedge_demo.cohort``: myeloma smears with hidden marker labels,
    peripheral-blood single-cell folders of the eight classes, a cases table for
    training and one for held-out validation).
-4. ``export.train_bundle`` (what ``cytoedge train`` runs) embeds the training
+4. ``export.train_run`` (what ``cytoedge train`` runs) embeds the training
    cases with the appliance's own slide pipeline and the version-0 networks and
    cross-validates both heads: the demo bundle is the version it writes, with its
    out-of-fold report. ``appliance.validation`` (what ``cytoedge validate`` runs)
@@ -42,11 +42,11 @@ from typing import Any
 import numpy as np
 from rich.console import Console
 
-from appliance.cohort import PipelineSettings
 from appliance.config import Config
+from appliance.validation.cohort import PipelineSettings
 from cytoedge_demo import synthetic
 from runtime.backends import RuntimeSettings
-from runtime.bundle import Bundle, BundleError, load_bundle
+from runtime.bundle_format import Bundle, BundleError, load_bundle
 
 DEMO_NAME = "cytoedge-demo"
 FEATURES_VERSION = "0"  # the networks alone; training writes the next version
@@ -130,7 +130,7 @@ def build_demo_bundle(
     reports = reports or work / "reports"
     started = time.perf_counter()
     try:
-        from appliance.score_cli import StageBars, new_progress
+        from appliance.console import StageBars, new_progress
 
         with new_progress(console) as bars:
             progress = StageBars(bars, "build: ")
@@ -305,7 +305,7 @@ def stain_reference(recipe: DemoRecipe) -> dict[str, Any]:
     percentile of tile intensity is the range of good synthetic slides, not of
     one image.
     """
-    from appliance import stain
+    from appliance.pipeline import stain
 
     images = [
         synthetic.render_field(
@@ -357,10 +357,10 @@ def train_demo_heads(
     work: Path, features: Bundle, table: Path, recipe: DemoRecipe, console: Console, reports: Path
 ) -> Bundle:
     """``cytoedge train`` on the training table, from the version-0 networks."""
-    from appliance.cases_table import read_cases_table
+    from appliance.validation.cases_table import read_cases_table
     from appliance.validation.summary import print_summary
-    from export.train_bundle import TrainOptions, train_bundle
     from export.train_gated import GatedRecipe
+    from export.train_run import TrainOptions, train_bundle
     from export.train_transformer import TransformerRecipe
 
     cases = read_cases_table(table)
@@ -409,7 +409,7 @@ def validate_demo_bundle(
     work: Path, bundle: Bundle, table: Path, recipe: DemoRecipe, console: Console, reports: Path
 ) -> None:
     """``cytoedge validate`` on the held-out table."""
-    from appliance.cases_table import read_cases_table
+    from appliance.validation.cases_table import read_cases_table
     from appliance.validation.run import validate_bundle
     from appliance.validation.summary import print_summary
 
@@ -445,7 +445,13 @@ def _write_features(
     stain: dict[str, Any],
 ) -> Bundle:
     """Version 0: the encoder, segmenter and slide parameters, no heads yet."""
-    from runtime.bundle import CellsSpec, EncoderSpec, SegmenterSpec, StainReference, write_bundle
+    from runtime.bundle_format import (
+        CellsSpec,
+        EncoderSpec,
+        SegmenterSpec,
+        StainReference,
+        write_bundle,
+    )
 
     sources: dict[str, Path] = {"segmenter.onnx": seg["file"]}
     if "int8_file" in seg:
@@ -571,7 +577,7 @@ def run_demo(config: Config, *, rebuild: bool = False) -> int:
 
 
 def _run_demo(config: Config, rebuild: bool) -> int:
-    from appliance.score_cli import print_table, score_inputs
+    from appliance.cli.score_command import print_table, score_inputs
 
     console = Console(stderr=True)
     target = _demo_target(config)

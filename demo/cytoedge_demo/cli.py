@@ -9,7 +9,7 @@ from typing import Annotated
 
 import typer
 
-from appliance.command import ConfigOption, fail, setup
+from appliance.cli.shared import ConfigOption, fail, setup
 
 demo_app = typer.Typer(
     help="Build the demo bundle and demo scans (once), then score them.",

@@ -1,5 +1,5 @@
 """The demo's labelled synthetic cohorts, written as a site would hand them over: scans on
-disk and a cases table (``appliance.cases_table``) for training and one for held-out
+disk and a cases table (``appliance.validation.cases_table``) for training and one for held-out
 validation.
 
 Myeloma: one smear per case, each marker positive on half the cases of a split

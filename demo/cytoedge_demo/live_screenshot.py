@@ -16,7 +16,7 @@ from pathlib import Path
 from PySide6.QtCore import QEventLoop, QTimer
 
 from appliance.config import Config
-from appliance.service.commands import build_service
+from appliance.service.startup import build_service
 from appliance.service.store import store_path
 from cytoedge_demo.screenshots import save_small_png
 from gui.app import SCREEN_SIZE, InProcessService, build_window, make_application

@@ -36,8 +36,8 @@ from appliance.results import (
     write_case_result,
 )
 from appliance.service.store import STORE_FILE, JobStore
-from appliance.verification import VerificationRecord, write_verification
-from runtime.bundle import HeadSpec
+from appliance.site.verification import VerificationRecord, write_verification
+from runtime.bundle_format import HeadSpec
 from runtime.labels import MYELOMA_MARKERS, PB_CLASSES
 from runtime.typed_json import parse_section
 

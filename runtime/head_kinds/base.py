@@ -20,7 +20,7 @@ from runtime.plugins import Registered
 from runtime.typed_json import SpecError, dump, parse_section
 
 if TYPE_CHECKING:
-    from runtime.bundle import HeadSpec
+    from runtime.bundle_format import HeadSpec
 
 POSITIVE, NEGATIVE, INDETERMINATE = "positive", "negative", "indeterminate"
 CALLS = (POSITIVE, NEGATIVE, INDETERMINATE)

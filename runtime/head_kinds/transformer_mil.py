@@ -24,7 +24,7 @@ from runtime.labels import DIAGNOSIS, HEMOGLOBIN
 from runtime.typed_json import SpecError
 
 if TYPE_CHECKING:
-    from runtime.bundle import HeadSpec
+    from runtime.bundle_format import HeadSpec
 
 MALIGNANCY = "malignancy"  # the task (and threshold key) of the malignancy call
 TOP = 2  # the paper reports top-2 accuracy besides top-1

@@ -21,11 +21,11 @@ import numpy as np
 from rich.console import Console
 from rich.table import Table
 
-from appliance.cells import resize_bilinear
+from appliance.pipeline.cells import resize_bilinear
 from cytoedge_demo.bench.gemm import cpu_description
 from export.crop_input import fold_in_place, render_crops
 from runtime.backends import RuntimeSettings
-from runtime.bundle import Bundle, load_bundle, write_bundle
+from runtime.bundle_format import Bundle, load_bundle, write_bundle
 from runtime.encoder import Encoder
 from runtime.parity import row_cosines
 

@@ -108,9 +108,9 @@ def field_folder(source: Path, destination: Path, pixel_size_um: float) -> list[
 
 
 def run_fields_bench(bundle_dir: Path, data: Path, pixel_size_um: float, console: Console) -> None:
-    from appliance.networks import SlideNetworks
-    from appliance.slides import process_slide
-    from runtime.bundle import load_bundle
+    from appliance.pipeline.networks import SlideNetworks
+    from appliance.pipeline.slides import process_slide
+    from runtime.bundle_format import load_bundle
 
     truth = Annotations.read(data)
     bundle = load_bundle(bundle_dir)
@@ -210,8 +210,8 @@ def real_inputs(folder: Path, um: float) -> list[tuple[str, str, np.ndarray]]:
 
 
 def run_blur_bench(real: list[tuple[Path, float]], console: Console) -> None:
-    from appliance import qc
-    from runtime.bundle import QcSpec
+    from appliance.pipeline import qc
+    from runtime.bundle_format import QcSpec
 
     old, new = QcSpec(), QcSpec.current()
     rules = {

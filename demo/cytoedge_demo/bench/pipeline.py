@@ -60,11 +60,11 @@ def score_one(
     ``budget``: cells per slide instead of the bundle's (None: the bundle's)."""
     import dataclasses
 
-    from appliance.cases import score_case
-    from appliance.networks import SlideNetworks
-    from appliance.slides import process_slide
+    from appliance.pipeline.cases import score_case
+    from appliance.pipeline.networks import SlideNetworks
+    from appliance.pipeline.slides import process_slide
     from runtime.backends import RuntimeSettings
-    from runtime.bundle import load_bundle
+    from runtime.bundle_format import load_bundle
 
     bundle = load_bundle(bundle_dir)
     if budget is not None:

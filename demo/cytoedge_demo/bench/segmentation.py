@@ -22,7 +22,7 @@ import numpy as np
 from rich.console import Console
 from rich.table import Table
 
-from appliance.segmentation import (
+from appliance.pipeline.segmentation import (
     Detections,
     MatchCounts,
     Segmenter,
@@ -298,11 +298,11 @@ def run_variants_bench(
 
 def glass_share(slide: Path, first: int, div_by: int, margin: int = 48) -> str:
     """How much of the ``first`` tiles the pipeline visits (best-first, as
-    appliance.slides plans them) lies outside the bounding box of their stained pixels
+    appliance.pipeline.slides plans them) lies outside the bounding box of their stained pixels
     (padded by ``margin`` and rounded out to ``div_by``): the area a glass skip saves."""
     from scipy import ndimage
 
-    from appliance import qc, stain, tiles
+    from appliance.pipeline import qc, stain, tiles
     from appliance.readers import open_scan
 
     with open_scan(slide) as scan:

@@ -135,7 +135,7 @@ def make_templates(
 def soak_bundle(source: Path, target: Path, min_cells: int) -> int:
     """A bundle at ``target`` that is ``source`` with ``cells.min_cells`` at most
     ``min_cells``; its files are symbolic links to the source's. Returns the minimum."""
-    from runtime.bundle import CellsSpec
+    from runtime.bundle_format import CellsSpec
 
     manifest = json.loads((source / "bundle.json").read_text(encoding="utf-8"))
     cells = manifest.setdefault("cells", {})

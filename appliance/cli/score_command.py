@@ -1,0 +1,103 @@
+"""What ``cytoedge score`` and ``cytoedge demo`` show: progress per stage and a short table."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+from appliance.config import Config
+from appliance.console import OUT_OF_MEMORY, StageBars, new_progress
+from appliance.pipeline.cases import ScoredCase, score_case
+from appliance.pipeline.networks import SlideNetworks
+from appliance.pipeline.slides import SlideResult, process_slide
+from appliance.readers import ScanError
+from appliance.site.backend_check import site_settings
+from runtime.bundle_format import Bundle
+
+
+@dataclass
+class ScoreRun:
+    """The outcome of scoring some inputs: cases written and inputs rejected."""
+
+    cases: list[ScoredCase] = field(default_factory=list)
+    rejected: list[tuple[Path, str]] = field(default_factory=list)
+
+
+def score_inputs(
+    groups: Sequence[tuple[str, Sequence[Path]]],
+    bundle: Bundle,
+    config: Config,
+    console: Console,
+) -> ScoreRun:
+    """Process every input and score each group as a case; rejected inputs are collected."""
+    run = ScoreRun()
+    settings = site_settings(config.runtime.settings, config.state_dir, bundle)
+    # One encoder and one segmenter session for every scan of the run, opened on first use.
+    networks = SlideNetworks(bundle, settings)
+    with new_progress(console) as progress, networks:
+        for case_id, paths in groups:
+            slides: list[SlideResult] = []
+            for path in paths:
+                bars = StageBars(progress, f"{path.name[:18]}: ")
+                try:
+                    slides.append(
+                        process_slide(
+                            path,
+                            networks,
+                            cache_dir=config.cache_dir,
+                            calibration=config.calibration,
+                            progress=bars,
+                        )
+                    )
+                except ScanError as exc:
+                    run.rejected.append((path, exc.reason))
+                except MemoryError:  # the readers pass it on: the machine's limit, not the file's
+                    run.rejected.append((path, OUT_OF_MEMORY))
+            if slides:
+                bars = StageBars(progress, f"case {case_id[:18]}: ")
+                run.cases.append(
+                    score_case(
+                        case_id,
+                        slides,
+                        bundle,
+                        config.outbox,
+                        settings=settings,
+                        progress=bars,
+                    )
+                )
+    return run
+
+
+def print_table(run: ScoreRun, console: Console) -> None:
+    table = Table(title="cytoedge results", show_lines=True)
+    for column in ("case", "v", "status", "cells", "calls"):
+        table.add_column(column)
+    table.add_column("result folder", overflow="fold")
+    for case in run.cases:
+        result = case.result
+        lines = [
+            f"{p.label}: {p.call} {p.probability:.2f}"
+            for head in result.heads
+            for p in head.predictions
+        ]
+        lines += [f"{f.label}: {f.call or f.text}" for head in result.heads for f in head.findings]
+        status = (
+            result.status
+            if result.status == "scored"
+            else f"{result.status}: {result.abstain_reason}"
+        )
+        table.add_row(
+            result.case_id,
+            str(result.version),
+            status,
+            str(result.cells),
+            "\n".join(lines) or "-",
+            str(case.folder.path),
+        )
+    for path, reason in run.rejected:
+        table.add_row(path.name, "-", f"rejected: {reason}", "-", "-", "-")
+    console.print(table)

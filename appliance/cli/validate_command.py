@@ -1,0 +1,133 @@
+"""``cytoedge validate BUNDLE CASES``: a bundle against a site's labelled cases.
+
+Scores every case of the table as the service would, writes the validation report
+(report.json, report.html, report.pdf, pictures), and on request chooses new
+thresholds on these cases as a new bundle version (``--recalibrate``) and records
+that this site verified the bundle (``--verified-by``). No torch here.
+"""
+
+from __future__ import annotations
+
+import datetime
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+
+from appliance.cli.shared import ConfigOption, fail, setup
+
+
+def validate(
+    bundle_path: Annotated[Path, typer.Argument(metavar="BUNDLE", help="The bundle folder.")],
+    cases: Annotated[
+        Path, typer.Argument(metavar="CASES", help="Cases table (CSV; docs/training.md).")
+    ],
+    report: Annotated[
+        Path | None,
+        typer.Option(
+            help="Folder for the report (default <data_dir>/validation/<bundle>/<table>-<time>)."
+        ),
+    ] = None,
+    recalibrate: Annotated[
+        bool,
+        typer.Option(help="Choose new thresholds on these cases; write them as a new version."),
+    ] = False,
+    target_sensitivity: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="With --recalibrate: TASK=SENSITIVITY instead of Youden's index; repeatable."
+        ),
+    ] = None,
+    version: Annotated[
+        str | None, typer.Option(help="The recalibrated version (default: the next number).")
+    ] = None,
+    out: Annotated[
+        Path | None,
+        typer.Option(help="Folder of the recalibrated bundle (default beside the others)."),
+    ] = None,
+    verified_by: Annotated[
+        str | None,
+        typer.Option(help="Record that this site verified BUNDLE on these cases, and by whom."),
+    ] = None,
+    resamples: Annotated[int, typer.Option(min=100, help="Bootstrap resamples for AUC CIs.")] = (
+        2000
+    ),
+    seed: Annotated[int, typer.Option(help="Seed of the bootstrap.")] = 0,
+    config: ConfigOption = None,
+) -> None:
+    """Score labelled cases with a bundle and write the validation report.
+
+    Exit 0 when the report is written (cases without a call are in it); 2 with one
+    line for a bundle or table that cannot be used.
+    """
+    from appliance.site.derived_versions import next_version, version_folder
+    from appliance.site.verification import VerificationRecord, write_verification
+    from appliance.validation.cases_table import CasesTableError, read_cases_table
+    from appliance.validation.cohort import PipelineSettings
+    from appliance.validation.recalibrate import (
+        RecalibrationError,
+        new_thresholds,
+        parse_targets,
+        write_recalibrated,
+    )
+    from appliance.validation.run import default_report_folder, validate_bundle
+    from appliance.validation.summary import print_summary
+    from runtime.bundle_format import BundleError, load_bundle
+
+    cfg = setup(config)
+    console = Console(stderr=True)
+    try:
+        bundle = load_bundle(bundle_path)
+        table = read_cases_table(cases)
+        targets = parse_targets(target_sensitivity or [])
+    except (BundleError, CasesTableError, RecalibrationError) as exc:
+        raise fail(str(exc)) from None
+    if targets and not recalibrate:
+        raise fail("--target-sensitivity chooses thresholds: give it with --recalibrate")
+    folder = report or default_report_folder(cfg, bundle, table)
+    console.print(f"Validating {bundle.name} {bundle.version} on {len(table)} cases of {cases}")
+    run = validate_bundle(
+        bundle,
+        table,
+        PipelineSettings.from_config(cfg),
+        console,
+        folder=folder,
+        resamples=resamples,
+        seed=seed,
+    )
+    print_summary(run.report, Console())
+    console.print(f"Report: {run.files.html}" + (f" and {run.files.pdf}" if run.files.pdf else ""))
+    if recalibrate:
+        new_version = version or next_version(bundle.version)
+        destination = out or version_folder(cfg.data_dir / "bundles", bundle.name, new_version)
+        try:
+            thresholds = new_thresholds(bundle, run.report, targets)
+            made = write_recalibrated(
+                bundle, run.report, thresholds, targets, destination, new_version
+            )
+        except (RecalibrationError, BundleError) as exc:
+            raise fail(str(exc)) from None
+        for head in made.heads:
+            before = bundle.head(head.name).thresholds
+            for task, value in head.thresholds.items():
+                console.print(f"{head.name}: {head.label(task)}: {before[task]:.3f} -> {value:.3f}")
+        console.print(
+            f"Recalibrated bundle {made.name} {made.version} at {made.path} "
+            f"({bundle.version} untouched); validate it on other cases before use"
+        )
+    if verified_by:
+        summary = "; ".join(
+            f"{t.head}:{t.task} AUC {t.auc:.3f}" for t in run.report.tasks if t.auc is not None
+        )
+        record = VerificationRecord(
+            bundle_sha256=bundle.sha256,
+            bundle_name=bundle.name,
+            bundle_version=bundle.version,
+            verified_at=datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+            verified_by=verified_by,
+            summary=f"{run.report.cases} cases of {table.path.name} ({table.sha256[:12]}): "
+            f"{summary or 'no task measured'}; report {run.files.json}",
+        )
+        path = write_verification(cfg.data_dir, record)
+        console.print(f"Recorded: {bundle.name} {bundle.version} verified on this site ({path})")

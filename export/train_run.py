@@ -1,0 +1,372 @@
+"""``cytoedge train``: a new bundle version whose heads learnt from a labelled cases table.
+
+1. Every scan goes through the appliance's own slide pipeline with the base
+   bundle's encoder and segmenter (``appliance.validation.cohort``: the code and slide cache
+   of ``cytoedge score``), so a head learns from exactly what it will be given;
+   scans embedded before (by any version with the same encoder and segmenter)
+   are read back from the cache.
+2. Each kind of head the table has labels for (the myeloma markers: gated
+   attention MIL on slide scans; a peripheral-blood diagnosis: the transformer on
+   single-cell folders) is cross-validated at patient level
+   (``export.cross_validate``): its k fold models are the shipped ensemble,
+   calibration and thresholds are fitted on their out-of-fold predictions.
+3. The members are exported to ONNX behind their parity gates and written with
+   the base's other files as a new version (``appliance.site.derived_versions``);
+   ``bundle.json``'s provenance records the table's hash, the cases and positives
+   per task, the recipes and the out-of-fold figures.
+4. The out-of-fold predictions go through the validation report
+   (``appliance.validation``), the same figures ``cytoedge validate`` gives.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tempfile
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from rich.console import Console
+
+from appliance.console import new_progress
+from appliance.pipeline.cases import case_inputs, head_record, inputs_words
+from appliance.pipeline.networks import SlideNetworks
+from appliance.results import BundleRecord, HeadRecord
+from appliance.site.derived_versions import derived_from, write_bundle_version
+from appliance.validation.cases_table import CasesTable
+from appliance.validation.cohort import CohortCase, PipelineSettings, process_cohort
+from appliance.validation.measures import (
+    ClassFigures,
+    ValidationCase,
+    ValidationReport,
+    build_report,
+)
+from appliance.validation.report import ReportFiles, write_validation_report
+from export.cross_validate import CrossValidation, cross_validate
+from export.onnx_export import export_heads
+from export.train_gated import GatedObjective, GatedRecipe
+from export.train_heads import Objective, Targets
+from export.train_transformer import TransformerObjective, TransformerRecipe
+from runtime.bundle_format import Bundle, HeadSpec
+from runtime.heads import HeadResult
+
+PROVENANCE_KEY = "training"
+# Keys of the base's provenance that describe its heads, not carried into a new version.
+HEAD_PROVENANCE = ("training", "recalibration", "heads")
+FIGURES = ("auc", "auc_low", "auc_high", "ece")
+
+
+class TrainingError(ValueError):
+    """A cohort that cannot train a head; one line."""
+
+
+@dataclass(frozen=True)
+class TrainOptions:
+    folds: int = 5
+    indeterminate_band: float = 0.05
+    seed: int = 0
+    gated: GatedRecipe = field(default_factory=GatedRecipe)
+    transformer: TransformerRecipe = field(default_factory=TransformerRecipe)
+    resamples: int = 2000
+
+
+@dataclass
+class TrainedHead:
+    spec: HeadSpec
+    objective: Objective
+    cases: list[int]  # rows of the cohort it learnt from
+    validation: CrossValidation
+    targets: Targets
+    parity: list[dict[str, Any]]
+
+
+@dataclass
+class TrainResult:
+    bundle: Bundle
+    report: ValidationReport
+    files: ReportFiles
+    seconds: dict[str, float]
+    left_out: dict[str, str]  # case id -> why no head learnt from it
+    scans_embedded: int
+    scans_cached: int
+
+
+def _objectives(options: TrainOptions) -> list[Objective]:
+    return [GatedObjective(options.gated), TransformerObjective(options.transformer)]
+
+
+def _head_name(base: Bundle, objective: Objective) -> str:
+    """The base's head of the same kind keeps its name (this version replaces it)."""
+    same = [h.name for h in base.heads if h.kind == objective.kind]
+    return same[0] if same else objective.default_name
+
+
+def _left_out_note(left_out: dict[str, str]) -> str:
+    """The cases left out so far, for an error that may come from them."""
+    if not left_out:
+        return ""
+    shown = "; ".join(f"{case}: {why}" for case, why in list(left_out.items())[:3])
+    more = f" and {len(left_out) - 3} more" if len(left_out) > 3 else ""
+    return f" ({len(left_out)} cases left out: {shown}{more})"
+
+
+def _check_enough(
+    name: str, objective: Objective, targets: Targets, k: int, left_out: dict[str, str]
+) -> None:
+    strata = objective.strata(targets)
+    if len(strata) < 2 * k:
+        raise TrainingError(
+            f"head {name}: {len(strata)} usable cases; {k}-fold training needs at least {2 * k}"
+            + _left_out_note(left_out)
+        )
+    counts = objective.describe(targets)
+    positives = counts.get("positives", {})
+    labelled = counts.get("labelled", {})
+    for task, n in positives.items():
+        negatives = labelled[task] - n
+        if n < 2 or negatives < 2:
+            raise TrainingError(
+                f"head {name}: {task} has {n} positive and {negatives} negative cases; "
+                "training needs at least 2 of each (leave the column out to train without it)"
+                + _left_out_note(left_out)
+            )
+    classes = counts.get("classes", {})
+    if classes and sum(1 for n in classes.values() if n) < 2:
+        raise TrainingError(f"head {name}: the cases hold one diagnosis; training needs two")
+
+
+def train_bundle(
+    table: CasesTable,
+    base: Bundle,
+    pipeline: PipelineSettings,
+    console: Console,
+    *,
+    destination: Path,
+    version: str,
+    report_folder: Path,
+    options: TrainOptions | None = None,
+    intended_use: str | None = None,
+) -> TrainResult:
+    """Embed, cross-validate, export and write the new version; then its report."""
+    options = options or TrainOptions()
+    started = time.perf_counter()
+    with SlideNetworks(base, pipeline.runtime) as networks:
+        cohort = process_cohort(table, networks, pipeline, console)
+    seconds = {"embedding": round(time.perf_counter() - started, 1)}
+    left_out: dict[str, str] = {}
+    trained: list[TrainedHead] = []
+    started = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix=".train-", dir=destination.parent) as work:
+        for objective in _objectives(options):
+            head = _train_head(base, objective, cohort, options, Path(work), console, left_out)
+            if head is not None:
+                trained.append(head)
+        if not trained:
+            raise TrainingError(
+                f"{table.path}: no case can train a head "
+                + ("; ".join(f"{case}: {why}" for case, why in left_out.items()) or "")
+            )
+        training = sum(t.validation.seconds for t in trained)
+        seconds["heads"] = round(training, 1)
+        seconds["export"] = round(time.perf_counter() - started - training, 1)
+        replaced = {t.spec.name for t in trained}
+        heads = [t.spec for t in trained] + [h for h in base.heads if h.name not in replaced]
+        identity = BundleRecord(base.name, version, "", intended_use or base.intended_use)
+        cases = _out_of_fold_cases(cohort, trained, left_out)
+        report = build_report(
+            heads,
+            identity,
+            cases,
+            kind="out-of-fold",
+            cases_table=str(table.path),
+            cases_table_sha256=table.sha256,
+            resamples=options.resamples,
+            seed=options.seed,
+        )
+        provenance = {
+            **{k: v for k, v in base.provenance.items() if k not in HEAD_PROVENANCE},
+            PROVENANCE_KEY: _provenance(base, table, trained, report, options, seconds, left_out),
+        }
+        files = {
+            rel: Path(work) / "heads" / Path(rel).name for t in trained for rel in t.spec.files
+        }
+        bundle = write_bundle_version(
+            base,
+            destination,
+            version=version,
+            heads=heads,
+            head_files=files,
+            provenance=provenance,
+            intended_use=intended_use,
+        )
+    report = dataclasses.replace(report, bundle_sha256=bundle.sha256)
+    written = write_validation_report(report_folder, report)
+    slides = [s for case in cohort for s in case.slides]
+    return TrainResult(
+        bundle,
+        report,
+        written,
+        seconds,
+        left_out,
+        scans_embedded=sum(not s.from_cache for s in slides),
+        scans_cached=sum(s.from_cache for s in slides),
+    )
+
+
+def _train_head(
+    base: Bundle,
+    objective: Objective,
+    cohort: Sequence[CohortCase],
+    options: TrainOptions,
+    work: Path,
+    console: Console,
+    left_out: dict[str, str],
+) -> TrainedHead | None:
+    """Cross-validate and export one head; None when no case has its labels."""
+    name = _head_name(base, objective)
+    provisional = objective.provisional_spec(name)
+    kind = provisional.head_kind
+    truths = [kind.truth(provisional, case.case.labels) for case in cohort]
+    rows = []
+    for row, (case, truth) in enumerate(zip(cohort, truths, strict=True)):
+        if not objective.usable(truth):
+            continue
+        reason = case.left_out(base.cells.min_cells)
+        if reason is None and not case_inputs(case.slides) <= set(objective.inputs):
+            found = inputs_words(case_inputs(case.slides))
+            reason = f"holds {found}; the {name} head learns from {inputs_words(objective.inputs)}"
+        if reason is None:
+            rows.append(row)
+        else:
+            left_out[case.case_id] = reason
+    if not any(objective.usable(t) for t in truths):
+        return None
+    targets = objective.targets([truths[r] for r in rows])
+    _check_enough(name, objective, targets, options.folds, left_out)
+    bags = [cohort[r].bag(base.cells.max_cells_per_case) for r in rows]
+    with new_progress(console) as progress:
+        task = progress.add_task(f"head {name}: {options.folds} folds", total=1.0)
+        validation = cross_validate(
+            objective,
+            bags,
+            targets,
+            k=options.folds,
+            seed=options.seed,
+            progress=lambda fraction: progress.update(task, completed=fraction),
+        )
+    with console.status(f"Exporting the {options.folds} members of {name} (parity-gated)..."):
+        paths, reports = export_heads(validation.members, work / "heads", name)
+    files = [f"heads/{p.name}" for p in paths]
+    spec = objective.head_spec(
+        name, files, validation.raw, validation.extra, targets, options.indeterminate_band
+    )
+    learnt_from = set().union(*(case_inputs(cohort[r].slides) for r in rows))
+    spec = dataclasses.replace(spec, inputs=objective.scores(learnt_from))
+    parity = [r.metrics for r in reports]
+    return TrainedHead(spec, objective, rows, validation, targets, parity)
+
+
+def _out_of_fold_records(head: TrainedHead) -> dict[int, HeadRecord]:
+    """Each case's out-of-fold outputs read by the head's kind, as scoring reads them."""
+    spec, kind = head.spec, head.spec.head_kind
+    records = {}
+    for index, row in enumerate(head.cases):
+        calibrated = kind.calibrate(spec, head.validation.raw[index])
+        probabilities = {o: float(p) for o, p in zip(spec.outputs, calibrated, strict=True)}
+        extra = {name: np.asarray(values[index]) for name, values in head.validation.extra.items()}
+        reading = kind.interpret(spec, probabilities, extra)
+        result = HeadResult(
+            head=spec.name,
+            kind=spec.kind,
+            probabilities=probabilities,
+            attention=np.zeros(0, np.float32),
+            predictions=reading.predictions,
+            findings=reading.findings,
+            member_probabilities=head.validation.raw[index][None].astype(np.float32),
+        )
+        records[row] = head_record(result)
+    return records
+
+
+def _out_of_fold_cases(
+    cohort: Sequence[CohortCase], trained: Sequence[TrainedHead], left_out: dict[str, str]
+) -> list[ValidationCase]:
+    by_head = [_out_of_fold_records(head) for head in trained]
+    cases = []
+    for row, case in enumerate(cohort):
+        heads = {r[row].name: r[row] for r in by_head if row in r}
+        reason = left_out.get(case.case_id)
+        status = "scored" if heads else ("rejected" if not case.slides else "abstained")
+        cases.append(
+            ValidationCase(
+                case.case_id,
+                case.case.labels,
+                status,
+                None if heads else reason or "no head learns from its labels",
+                heads,
+                tuple(f"{p.name}: {why}" for p, why in case.rejected),
+            )
+        )
+    return cases
+
+
+def _provenance(
+    base: Bundle,
+    table: CasesTable,
+    trained: Sequence[TrainedHead],
+    report: ValidationReport,
+    options: TrainOptions,
+    seconds: dict[str, float],
+    left_out: dict[str, str],
+) -> dict[str, Any]:
+    heads = {}
+    for head in trained:
+        tasks = {
+            t.task: {k: getattr(t, k) for k in FIGURES}
+            | {
+                "sensitivity": t.sensitivity.value,
+                "specificity": t.specificity.value,
+                "threshold": t.threshold,
+            }
+            for t in report.tasks
+            if t.head == head.spec.name
+        }
+        out_of_fold: dict[str, Any] = {"tasks": tasks}
+        for figures in report.classes:
+            if figures.head == head.spec.name:
+                out_of_fold["classes"] = _class_figures(figures)
+        heads[head.spec.name] = {
+            "kind": head.spec.kind,
+            "inputs": head.spec.inputs,
+            **head.objective.describe(head.targets),
+            "folds": options.folds,
+            "epochs_run": head.validation.epochs,
+            "recipe": asdict(head.objective.recipe),
+            "out_of_fold": out_of_fold,
+            "parity": head.parity,
+        }
+    return {
+        "derived_from": derived_from(base),
+        "cases_table": str(table.path),
+        "cases_table_sha256": table.sha256,
+        "cases": len(table),
+        "left_out": left_out,
+        "heads": heads,
+        "seed": options.seed,
+        "indeterminate_band": options.indeterminate_band,
+        "seconds": seconds,
+    }
+
+
+def _class_figures(figures: ClassFigures) -> dict[str, Any]:
+    return {
+        "macro_recall": figures.macro_recall,
+        "top1": figures.top1,
+        "top2": figures.top2,
+        "ece": figures.ece,
+        "recall": figures.recall,
+        "confusion": [list(row) for row in figures.confusion],
+    }
