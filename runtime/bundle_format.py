@@ -35,6 +35,7 @@ ENGINES_DIR = "engines"
 INTENDED_USES = ("demo", "research", "clinical")
 ENCODER_VARIANTS = ("fp32", "fp16", "int8")
 SEGMENTER_VARIANTS = ("int8",)  # fp32 is the section's ``file``
+DEFAULT_GLASS_RGB = (240.0, 240.0, 240.0)  # a stain reference written without its glass
 # What a head can score: slide scans and microscope-camera field photos (both segmented),
 # single-cell folders.
 HeadInput = Literal["scans", "fields", "cells"]
@@ -208,17 +209,25 @@ class HeadSpec:
 
 @dataclass(frozen=True)
 class StainReference:
-    """Macenko reference: stain vectors (basophilic, eosinophilic) as OD rows."""
+    """Macenko reference (METHOD.md A): the stain vectors (basophilic, eosinophilic) as
+    unit OD rows, each dye's 99th-percentile concentration, the 5th / 95th percentile
+    of a good tile's mean intensity (0-255, QC's range), and the glass colour (RGB)
+    that normalised pixels are lit by and camera fields are white-balanced to."""
 
     stain_matrix: tuple[tuple[float, float, float], tuple[float, float, float]]
     max_concentrations: tuple[float, float]
     intensity_p5: float
     intensity_p95: float
+    background: tuple[float, float, float] = DEFAULT_GLASS_RGB
     extra: dict[str, Any] = field(default_factory=dict)
 
     def validate(self, where: str) -> None:
         if not 0 <= self.intensity_p5 <= self.intensity_p95:
             raise BundleError(f"{where}: need 0 <= intensity_p5 <= intensity_p95")
+        if not all(0 < value <= 255 for value in self.background):
+            raise BundleError(f"{where}.background must be an RGB colour in (0, 255]")
+        if not all(value > 0 for value in self.max_concentrations):
+            raise BundleError(f"{where}.max_concentrations must be positive")
 
 
 @dataclass(frozen=True)
@@ -276,6 +285,10 @@ class CellsSpec:
     extra: dict[str, Any] = field(default_factory=dict)
 
     def validate(self, where: str) -> None:
+        if self.pixel_size_um <= 0 or self.patch_px < 8:
+            raise BundleError(f"{where}: pixel_size_um must be > 0 and patch_px >= 8")
+        if not self.min_area_px <= self.max_area_px:
+            raise BundleError(f"{where}: min_area_px exceeds max_area_px")
         if self.max_cells_per_slide < 0 or self.max_cells_per_case < 0:
             raise BundleError(f"{where}: cell budgets must be 0 (none) or more")
         if 0 < self.max_cells_per_case < self.min_cells:

@@ -262,11 +262,14 @@ def test_csv_holds_one_row_per_cell_with_its_polygon_in_level0_pixels() -> None:
 
 def test_filters_come_from_the_bundle_section() -> None:
     from runtime.bundle_format import CellsSpec
+    from runtime.typed_json import SpecError, parse_section
 
-    assert CellFilters.from_section(CellsSpec()) == CellFilters()
-    custom = CellFilters.from_section({"min_confidence": 0.5, "patch_px": 96, "min_cells": 50})
+    assert CellFilters.of(CellsSpec()) == CellFilters()
+    section = {"min_confidence": 0.5, "patch_px": 96, "min_cells": 50}
+    custom = CellFilters.of(parse_section(CellsSpec, section, "cells"))
     assert (custom.min_confidence, custom.patch_px, custom.max_area_px) == (0.5, 96, 5000.0)
-    with pytest.raises(CellError, match="malformed"):
-        CellFilters.from_section({"min_area_px": "large"})
-    with pytest.raises(CellError, match="min_area_px"):
-        CellFilters.from_section({"min_area_px": 6000})
+    # A malformed section is refused where the bundle is read, naming the key.
+    with pytest.raises(SpecError, match="min_area_px"):
+        parse_section(CellsSpec, {"min_area_px": "large"}, "cells")
+    with pytest.raises(SpecError, match="min_area_px exceeds max_area_px"):
+        parse_section(CellsSpec, {"min_area_px": 6000}, "cells")

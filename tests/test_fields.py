@@ -15,7 +15,7 @@ import pytest
 from PIL import Image
 from scipy import ndimage
 
-from appliance.pipeline import fields, qc, stain
+from appliance.pipeline import fields, qc
 from appliance.pipeline.cases import score_case
 from appliance.pipeline.networks import SlideNetworks
 from appliance.pipeline.slides import SlideResult, process_slide
@@ -36,8 +36,7 @@ from appliance.service.watcher import InboxWatcher, WatchSettings
 from cytoedge_demo import synthetic
 from cytoedge_demo.bench.fields import Annotations, score_cells
 from cytoedge_demo.synthetic import SmearSpec
-from runtime.bundle_format import Bundle, QcSpec, load_bundle
-from runtime.typed_json import dump
+from runtime.bundle_format import Bundle, QcSpec, StainReference, load_bundle
 from tests.conftest import SHARED_DATA, assert_technician_reason
 from tests.runtime_models import TinyBundle
 
@@ -224,11 +223,11 @@ def test_the_watcher_waits_for_a_field_folder_to_say_it_is_complete(tmp_path: Pa
 # --- QC of camera fields ----------------------------------------------------------------------
 
 
-def current_params(reference: stain.StainReference) -> qc.QCParams:
-    return qc.QCParams.from_bundle(dump(QcSpec.current()), reference)
+def current_params(reference: StainReference) -> qc.QCParams:
+    return qc.QCParams.of(QcSpec.current(), reference)
 
 
-def judge(folder: Path, reference: stain.StainReference) -> qc.SlideQC:
+def judge(folder: Path, reference: StainReference) -> qc.SlideQC:
     return fields.judge(open_field_folder(folder), current_params(reference), reference)
 
 
@@ -243,7 +242,7 @@ def judge(folder: Path, reference: stain.StainReference) -> qc.SlideQC:
 )
 def test_a_field_s_exposure_and_colour_are_judged_as_taken(
     tmp_path: Path,
-    current_reference: stain.StainReference,
+    current_reference: StainReference,
     gain: tuple[float, float, float],
     verdict: str,
     words: str | None,
@@ -259,7 +258,7 @@ def test_a_field_s_exposure_and_colour_are_judged_as_taken(
 
 
 def test_cellularity_is_judged_per_area_never_per_field(
-    current_reference: stain.StainReference,
+    current_reference: StainReference,
 ) -> None:
     params = current_params(current_reference)
 
@@ -294,7 +293,7 @@ def test_bccd_pixel_size_estimate() -> None:
 
 @pytest.mark.skipif(not BCCD.is_dir(), reason="shared data (bccd-sample) not present")
 def test_real_bccd_fields_pass_qc_and_their_defocused_copies_fail(
-    tmp_path: Path, current_reference: stain.StainReference
+    tmp_path: Path, current_reference: StainReference
 ) -> None:
     result = judge(bccd_folder(tmp_path / "sharp"), current_reference)
     assert result.verdict == "pass", result.reasons
@@ -309,7 +308,7 @@ def test_real_bccd_fields_pass_qc_and_their_defocused_copies_fail(
 
 @pytest.mark.skipif(not CHULA.is_dir(), reason="shared data (chula-sample) not present")
 def test_real_chula_fields_without_white_cells_are_refused_for_that_not_for_their_cast(
-    tmp_path: Path, current_reference: stain.StainReference
+    tmp_path: Path, current_reference: StainReference
 ) -> None:
     folder = tmp_path / "chula"
     folder.mkdir()

@@ -43,7 +43,6 @@ from gui.models import QueueModel
 from gui.store_reader import ServiceInfo, StoreReader
 from runtime.bundle_format import QcSpec
 from runtime.files import sha256_file
-from runtime.typed_json import dump
 from tests.conftest import SHARED_DATA
 from tests.gui_checks import clipped
 
@@ -200,7 +199,7 @@ BCCD = SHARED_DATA / "bccd-sample"
 def real_scan(photo: Path, pixel_size_um: float) -> ScanRecord:
     """A real photo as the pipeline judges it before segmentation: a slide of one field,
     its stains estimated and the field's QC (a slide that fails QC stops there)."""
-    params = qc.QCParams.from_bundle(dump(QcSpec.current()), None)
+    params = qc.QCParams.of(QcSpec.current(), None)
     verdict = fields.judge(single_field(photo, pixel_size_um), params, None).record()
     with open_scan(photo, pixel_size_um) as scan:
         info = scan.info()

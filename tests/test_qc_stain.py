@@ -17,8 +17,7 @@ from appliance.pipeline import fields, qc, stain, tiles
 from appliance.readers import BlankScanError, open_field_folder, open_scan
 from cytoedge_demo import synthetic
 from cytoedge_demo.synthetic import SmearSpec
-from runtime.bundle_format import QcSpec
-from runtime.typed_json import dump
+from runtime.bundle_format import QcSpec, StainReference
 from tests.conftest import SHARED_DATA
 
 BCCD = SHARED_DATA / "bccd-sample"
@@ -76,7 +75,7 @@ def test_stains_are_not_estimated_from_grey_artefacts() -> None:
 
 
 @pytest.fixture(scope="module")
-def reference() -> stain.StainReference:
+def reference() -> StainReference:
     images = [
         synthetic.render_field(SmearSpec(width=1600, height=1600, seed=s)).image
         for s in range(40, 44)
@@ -84,8 +83,8 @@ def reference() -> stain.StainReference:
     return stain.derive_reference(images)
 
 
-def slide_qc(path: Path, reference: stain.StainReference) -> qc.SlideQC:
-    params = qc.QCParams.from_bundle({}, reference)
+def slide_qc(path: Path, reference: StainReference) -> qc.SlideQC:
+    params = qc.QCParams.of(QcSpec(), reference)
     with open_scan(path) as scan:
         zone = tiles.cellular_zone(scan)
         specs = tiles.tile_grid(scan, zone)
@@ -108,7 +107,7 @@ def slide_qc(path: Path, reference: stain.StainReference) -> qc.SlideQC:
     ],
 )
 def test_qc_verdicts_on_generated_variants(
-    tmp_path: Path, reference: stain.StainReference, variant: str, verdict: str, words: str | None
+    tmp_path: Path, reference: StainReference, variant: str, verdict: str, words: str | None
 ) -> None:
     path = tmp_path / f"{variant}.tif"
     synthetic.write_smear(path, SmearSpec(width=2400, height=1600, seed=7, variant=variant))
@@ -206,9 +205,9 @@ def test_real_bccd_photos_through_stain_estimation_and_tile_qc() -> None:
 FAIR = SmearSpec(width=1600, height=1600, seed=23, nucleated_per_mm2=1200)  # 2 x 2 tiles
 
 
-def current_params(reference: stain.StainReference) -> qc.QCParams:
+def current_params(reference: StainReference) -> qc.QCParams:
     """What a bundle written now judges with (runtime.bundle_format.QcSpec.current)."""
-    return qc.QCParams.from_bundle(dump(QcSpec.current()), reference)
+    return qc.QCParams.of(QcSpec.current(), reference)
 
 
 def write_scan(path: Path, image: np.ndarray, um_per_px: float) -> Path:
@@ -256,7 +255,7 @@ def fair_smears(tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict[str,
     return made
 
 
-def verdict_of(path: Path, params: qc.QCParams, reference: stain.StainReference) -> qc.SlideQC:
+def verdict_of(path: Path, params: qc.QCParams, reference: StainReference) -> qc.SlideQC:
     if path.is_dir():
         return fields.judge(open_field_folder(path), params, reference)
     with open_scan(path) as scan:
@@ -272,7 +271,7 @@ def verdict_of(path: Path, params: qc.QCParams, reference: stain.StainReference)
 
 @pytest.mark.slow
 def test_every_qc_rule_gives_one_verdict_for_one_smear_at_every_resolution(
-    fair_smears: dict[str, dict[str, Path]], current_reference: stain.StainReference
+    fair_smears: dict[str, dict[str, Path]], current_reference: StainReference
 ) -> None:
     reference = current_reference
     params = current_params(reference)
@@ -290,10 +289,10 @@ def test_every_qc_rule_gives_one_verdict_for_one_smear_at_every_resolution(
 
 @pytest.mark.slow
 def test_the_old_rule_kept_for_old_bundles_failed_a_20x_scan_for_its_resolution(
-    fair_smears: dict[str, dict[str, Path]], current_reference: stain.StainReference
+    fair_smears: dict[str, dict[str, Path]], current_reference: StainReference
 ) -> None:
     # A bundle without blur_um_per_px keeps its meaning: Laplacian at 0.25 um/px >= 100.
-    old = qc.QCParams.from_bundle(dump(QcSpec()), current_reference)
+    old = qc.QCParams.of(QcSpec(), current_reference)
     assert (old.blur_um_per_px, old.laplacian_min, old.reference_glass) == (0.25, 100, 0.0)
     good = fair_smears["good"]
     assert verdict_of(good["scan 0.25"], old, current_reference).fractions["blurred"] == 0.0

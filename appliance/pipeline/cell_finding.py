@@ -18,30 +18,30 @@ from appliance.pipeline.progress import StageTimer
 from appliance.pipeline.segmentation import Segmenter
 from appliance.pipeline.slide_cache import THUMBNAIL_LONG_SIDE
 from appliance.readers.base import TARGET_UM_PER_PX
-from runtime.bundle_format import Bundle
-from runtime.typed_json import dump
+from runtime.bundle_format import Bundle, StainReference
 
 
 @dataclass(frozen=True)
 class SlideParams:
     """A bundle's stain reference, QC thresholds and cell filters, at 0.25 um/px."""
 
-    reference: stain.StainReference | None
+    reference: StainReference | None
     qc: qc.QCParams
     filters: CellFilters
 
     @classmethod
     def of(cls, bundle: Bundle) -> SlideParams:
-        reference = stain.StainReference.from_section(bundle.stain_reference)
         return cls(
-            reference=reference,
-            qc=qc.QCParams.from_bundle(dump(bundle.qc), reference),
-            filters=CellFilters.from_section(bundle.cells).at(TARGET_UM_PER_PX),
+            reference=bundle.stain_reference,
+            qc=qc.QCParams.of(bundle.qc, bundle.stain_reference),
+            filters=CellFilters.of(bundle.cells).at(TARGET_UM_PER_PX),
         )
 
     def nuclei_stains(self, slide_stains: stain.StainEstimate) -> stain.StainEstimate:
         """Nuclei are found on normalised pixels, whose stains are the reference's."""
-        return self.reference.estimate if self.reference is not None else slide_stains
+        if self.reference is None:
+            return slide_stains
+        return stain.reference_stains(self.reference)
 
     def normalised(self, rgb: np.ndarray, slide_stains: stain.StainEstimate) -> np.ndarray:
         """``rgb`` in the reference's stains (as it is without a reference)."""

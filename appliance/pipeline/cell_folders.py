@@ -14,7 +14,7 @@ from PIL import Image
 from appliance.pipeline.cells import resize_bilinear
 from appliance.pipeline.networks import SlideNetworks
 from appliance.pipeline.progress import StageTimer
-from appliance.pipeline.slide_cache import SlideCells
+from appliance.pipeline.slide_cache import SlideCells, SlideInput
 from appliance.readers import open_cell_folder
 from appliance.results.schema import QcRecord
 
@@ -24,8 +24,8 @@ CELL_FOLDER_FORMAT = "cells"  # a single-cell folder's ScanRecord.format
 
 def process_cell_folder(
     path: Path, networks: SlideNetworks, timer: StageTimer
-) -> tuple[SlideCells, dict[str, object], QcRecord]:
-    """The folder's crops embedded -> (cells, scan record entries, a passed QC)."""
+) -> tuple[SlideCells, SlideInput, QcRecord]:
+    """The folder's crops embedded -> (cells, what the folder is, a passed QC)."""
     bundle = networks.bundle
     size = bundle.encoder.input.fed_px
     patch_px = bundle.cells.patch_px
@@ -57,12 +57,12 @@ def process_cell_folder(
         thumbnail=mosaic,
         thumbnail_scale=1.0,
     )
-    scan = {
-        "path": str(path),
-        "format": CELL_FOLDER_FORMAT,
-        "bytes": sum(p.stat().st_size for p in folder.image_paths),
-        "pixel_size_um": folder.pixel_size_um,
-    }
+    scan = SlideInput(
+        path=str(path),
+        format=CELL_FOLDER_FORMAT,
+        bytes=sum(p.stat().st_size for p in folder.image_paths),
+        pixel_size_um=folder.pixel_size_um,
+    )
     return cells, scan, QcRecord(verdict="pass")
 
 

@@ -30,7 +30,7 @@ import csv
 import io
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -78,23 +78,20 @@ class CellFilters:
     closing_px: int = CLOSING_PX
 
     @classmethod
-    def from_section(cls, section: Any) -> CellFilters:
-        """From the bundle's ``cells`` section (a mapping or runtime.bundle_format.CellsSpec)."""
-        get = section.get if isinstance(section, Mapping) else lambda k, d: getattr(section, k, d)
-        try:
-            filters = cls(
-                **{
-                    f.name: (int if f.name in _INT_FIELDS else float)(get(f.name, f.default))
-                    for f in fields(cls)
-                }
-            )
-        except (TypeError, ValueError) as exc:
-            raise CellError(f"cells section is malformed: {exc}") from None
-        if filters.pixel_size_um <= 0 or filters.patch_px < 8:
-            raise CellError("cells section: pixel_size_um must be > 0 and patch_px >= 8")
-        if not filters.min_area_px <= filters.max_area_px:
-            raise CellError("cells section: min_area_px exceeds max_area_px")
-        return filters
+    def of(cls, cells: CellsSpec) -> CellFilters:
+        """The bundle's ``cells`` section (checked when the bundle loaded)."""
+        return cls(
+            pixel_size_um=cells.pixel_size_um,
+            min_object_px=cells.min_object_px,
+            min_area_px=cells.min_area_px,
+            max_area_px=cells.max_area_px,
+            min_circularity=cells.min_circularity,
+            max_eccentricity=cells.max_eccentricity,
+            min_confidence=cells.min_confidence,
+            min_nucleus_ratio=cells.min_nucleus_ratio,
+            max_nucleus_ratio=cells.max_nucleus_ratio,
+            patch_px=cells.patch_px,
+        )
 
     def at(self, pixel_size_um: float) -> CellFilters:
         """The same physical filters for pixels of ``pixel_size_um``."""

@@ -43,9 +43,10 @@ from appliance.pipeline.embedding_sink import CellSink
 from appliance.pipeline.networks import SlideNetworks
 from appliance.pipeline.progress import StageTimer
 from appliance.pipeline.segmentation import Segmenter
-from appliance.pipeline.slide_cache import SlideCells
+from appliance.pipeline.slide_cache import SlideCells, SlideInput
 from appliance.readers import FieldFolder, open_scan
 from appliance.results.schema import QcRecord
+from runtime.bundle_format import StainReference
 
 SHEET_GAP_PX = 16  # between fields on the contact sheet, at 0.25 um/px (4 um)
 STAIN_PIXELS_PER_FIELD = 20_000
@@ -132,17 +133,15 @@ def judged(
         yield balanced, result
 
 
-def glass_target(reference: stain.StainReference | None) -> tuple[float, float, float]:
+def glass_target(reference: StainReference | None) -> tuple[float, float, float]:
     """The colour every field's glass is balanced to: the reference's glass."""
     if reference is None:
         return NEUTRAL_GLASS
-    r, g, b = (float(v) for v in reference.background)
+    r, g, b = (float(v) for v in stain.reference_stains(reference).background)
     return r, g, b
 
 
-def judge(
-    folder: FieldFolder, params: qc.QCParams, reference: stain.StainReference | None
-) -> qc.SlideQC:
+def judge(folder: FieldFolder, params: qc.QCParams, reference: StainReference | None) -> qc.SlideQC:
     """The QC verdict of a field folder alone (no segmentation): what the pipeline decides."""
     target = glass_target(reference)
     fields, samples = survey(folder, target)
@@ -156,8 +155,8 @@ def judge(
 
 def process_fields(
     folder: FieldFolder, networks: SlideNetworks, timer: StageTimer, spool: Path
-) -> tuple[SlideCells, dict[str, object], QcRecord]:
-    """One smear's field photos -> (cells, scan record entries, QC verdict); see the module.
+) -> tuple[SlideCells, SlideInput, QcRecord]:
+    """One smear's field photos -> (cells, what they are, QC verdict); see the module.
     ``spool``: where the kept cells' crops wait (``pipeline.embedding_sink``)."""
     bundle = networks.bundle
     params = SlideParams.of(bundle)
@@ -174,15 +173,15 @@ def process_fields(
         255,
         np.uint8,
     )
-    scan_entry: dict[str, object] = {
-        "path": str(folder.path),
-        "format": "fields:" + "+".join(sorted({f.format for f in fields})),
-        "bytes": sum(p.stat().st_size for p in folder.fields),
-        "pixel_size_um": fields[0].pixel_size_um,
-        "width": sheet.width,
-        "height": sheet.height,
-        "fields": n,
-    }
+    scan_entry = SlideInput(
+        path=str(folder.path),
+        format="fields:" + "+".join(sorted({f.format for f in fields})),
+        bytes=sum(p.stat().st_size for p in folder.fields),
+        pixel_size_um=fields[0].pixel_size_um,
+        width=sheet.width,
+        height=sheet.height,
+        fields=n,
+    )
 
     def empty() -> SlideCells:
         return SlideCells.empty(

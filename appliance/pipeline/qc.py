@@ -61,12 +61,13 @@ from scipy import ndimage
 
 from appliance.pipeline.stain import (
     StainEstimate,
-    StainReference,
     basophilic,
     luminance,
     mean_intensity,
+    reference_stains,
 )
 from appliance.results.schema import QcRecord
+from runtime.bundle_format import QcSpec, StainReference
 
 _LAPLACIAN = np.array([[0, 1, 0], [1, -4, 1], [0, 1, 0]], np.float32)
 PASS, WARN, FAIL = "pass", "warn", "fail"
@@ -98,16 +99,21 @@ class QCParams:
         return self.min_nuclei_per_tile / (self.tile_um / 1000.0) ** 2
 
     @classmethod
-    def from_bundle(cls, qc: dict[str, Any], reference: StainReference | None) -> QCParams:
-        """From ``bundle.json``'s ``qc`` section (unknown keys ignored) and stain reference."""
-        from_reference = ("intensity_p5", "intensity_p95", "reference_glass")
-        names = {f for f in cls.__dataclass_fields__ if f not in from_reference}
-        values: dict[str, Any] = {k: v for k, v in qc.items() if k in names}
+    def of(cls, qc: QcSpec, reference: StainReference | None) -> QCParams:
+        """The bundle's ``qc`` section with its stain reference's intensity range (and
+        glass, when intensities are judged relative to it)."""
+        values: dict[str, Any] = {
+            "laplacian_min": qc.laplacian_min,
+            "min_nuclei_per_tile": qc.min_nuclei_per_tile,
+            "max_artefact_fraction": qc.max_artefact_fraction,
+            "blur_um_per_px": qc.blur_um_per_px,
+            "tile_um": qc.tile_um,
+        }
         if reference is not None:
             values["intensity_p5"] = reference.intensity_p5
             values["intensity_p95"] = reference.intensity_p95
-            if qc.get("intensity_relative_to_glass"):
-                values["reference_glass"] = luminance(reference.background)
+            if qc.intensity_relative_to_glass:
+                values["reference_glass"] = luminance(reference_stains(reference).background)
         return cls(**values)
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +17,7 @@ from appliance.pipeline.cells import cells_csv, cells_geojson
 from appliance.pipeline.embedding_sink import CellSink
 from appliance.pipeline.networks import SlideNetworks
 from appliance.pipeline.progress import StageTimer
-from appliance.pipeline.slide_cache import SlideCells
+from appliance.pipeline.slide_cache import SlideCells, SlideInput
 from appliance.pipeline.tile_prefetch import prepared_tiles
 from appliance.readers import Calibration, open_scan
 from appliance.results.schema import ExaminedRecord, QcRecord
@@ -34,22 +35,22 @@ def process_scan(
     timer: StageTimer,
     calibration: Calibration | float,
     spool: Path,
-) -> tuple[SlideCells, dict[str, object], QcRecord]:
-    """One scan file -> (cells, scan record entries, QC verdict); see the module."""
+) -> tuple[SlideCells, SlideInput, QcRecord]:
+    """One scan file -> (cells, what it is, QC verdict); see the module."""
     bundle = networks.bundle
     params = SlideParams.of(bundle)
     timer.progress("read", 0.0)
     with open_scan(path, calibration) as scan:
         opened = time.perf_counter()
         info = scan.info()
-        scan_entry: dict[str, object] = {
-            "path": str(path),
-            "format": info.format,
-            "bytes": info.bytes,
-            "pixel_size_um": info.pixel_size_um,
-            "width": info.width,
-            "height": info.height,
-        }
+        scan_entry = SlideInput(
+            path=str(path),
+            format=info.format,
+            bytes=info.bytes,
+            pixel_size_um=info.pixel_size_um,
+            width=info.width,
+            height=info.height,
+        )
         thumb_um, thumb_scale = thumbnail_grid(scan.width, scan.height)
         thumbnail = scan.thumbnail(thumb_um)
         # The cell tables are in the scan's level-0 pixels, so that they overlay it.
@@ -107,11 +108,14 @@ def process_scan(
                 timer.progress("segment", done)
                 if 0 < budget <= sink.count and len(tile_qcs) >= MIN_JUDGED_TILES:
                     break
-        scan_entry["examined"] = ExaminedRecord(
-            tiles=len(tile_qcs),
-            zone_tiles=len(specs),
-            budget=budget,
-            stopped="budget" if 0 < budget <= sink.count else "zone",
+        scan_entry = replace(
+            scan_entry,
+            examined=ExaminedRecord(
+                tiles=len(tile_qcs),
+                zone_tiles=len(specs),
+                budget=budget,
+                stopped="budget" if 0 < budget <= sink.count else "zone",
+            ),
         )
         verdict = qc.slide_verdict(tile_qcs, params.qc).record()
     if verdict.verdict == qc.FAIL or not sink.count:

@@ -19,12 +19,14 @@ import json
 import os
 import shutil
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from PIL import Image
+
+from appliance.results.schema import ExaminedRecord, ScanRecord
 
 # 4: the scan as a typed ScanRecord (result schema 2); 5: field folders, blur judged at the
 # bundle's scale, stains estimated from every stained pixel (docs/qc.md)
@@ -33,6 +35,25 @@ THUMBNAIL_LONG_SIDE = 1024  # a slide's picture: at most this many pixels on its
 _PATCH_CHUNK = 256  # rows copied at a time: memory stays bounded for any slide
 _COPY_BYTES = 1 << 22
 META_FILE = "slide.json"
+
+
+@dataclass(frozen=True)
+class SlideInput:
+    """What a slide's path learnt about its input: result.json's ``ScanRecord`` but for
+    what ``process_slide`` adds (its id, content hash, QC verdict, cells, networks)."""
+
+    path: str
+    format: str
+    bytes: int
+    pixel_size_um: float | None
+    width: int | None = None
+    height: int | None = None
+    fields: int | None = None
+    examined: ExaminedRecord | None = None
+
+    def record(self, **rest: Any) -> ScanRecord:
+        """The ``ScanRecord`` with ``rest`` (slide_id, sha256, qc, cells, variants)."""
+        return ScanRecord(**{f.name: getattr(self, f.name) for f in fields(self)}, **rest)
 
 
 @dataclass

@@ -124,16 +124,17 @@ def process_slide(
         raise
     # What embedded this slide (nothing, when it had no cells), and what segmented it.
     embedded = networks.embedded > embedded_before
-    segmented = scan["format"] != CELL_FOLDER_FORMAT
-    scan = ScanRecord(
-        **{**scan, "slide_id": slide_id, "sha256": digest},
+    segmented = scan.format != CELL_FOLDER_FORMAT
+    record = scan.record(
+        slide_id=slide_id,
+        sha256=digest,
         qc=verdict,
         cells=len(cells.embeddings),
         encoder_variant=networks.variant if embedded else None,
         segmenter_variant=networks.segmenter_variant if segmented else None,
     )
     meta = {
-        "scan": dump(scan),
+        "scan": dump(record),
         "qc_passed": verdict.verdict != qc.FAIL,
         "qc_reason": "; ".join(verdict.reasons) or None,
         "n_cells": len(cells.embeddings),

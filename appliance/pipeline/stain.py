@@ -30,13 +30,11 @@ stain vectors.
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass
 
 import numpy as np
 
-from runtime.bundle_format import StainReference as BundleStainReference
-from runtime.typed_json import dump
+from runtime.bundle_format import StainReference
 
 LUMA = np.array([0.299, 0.587, 0.114], np.float32)
 OD_MIN = 0.065  # the per-channel floor of the paper's rule; the total below is 3 times it
@@ -67,54 +65,15 @@ class StainEstimate:
     max_concentrations: np.ndarray  # (2,) float32
     background: np.ndarray  # (3,) float32 RGB of the glass
 
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "stain_matrix": self.stain_matrix.round(6).tolist(),
-            "max_concentrations": self.max_concentrations.round(6).tolist(),
-            "background": self.background.round(3).tolist(),
-        }
 
-
-@dataclass(frozen=True)
-class StainReference:
-    """The bundle's ``stain_reference`` section: target stains and QC intensity range."""
-
-    stain_matrix: np.ndarray  # (2, 3)
-    max_concentrations: np.ndarray  # (2,)
-    intensity_p5: float  # 5th / 95th percentile of per-tile mean intensity (0-255)
-    intensity_p95: float
-    background: np.ndarray = field(
-        default_factory=lambda: np.array([240.0, 240.0, 240.0], np.float32)
+def reference_stains(reference: StainReference) -> StainEstimate:
+    """The bundle's reference as a slide's stains are held: what normalised pixels
+    show, and the glass camera fields are balanced to."""
+    return StainEstimate(
+        np.asarray(reference.stain_matrix, np.float32),
+        np.asarray(reference.max_concentrations, np.float32),
+        np.asarray(reference.background, np.float32),
     )
-
-    @property
-    def estimate(self) -> StainEstimate:
-        return StainEstimate(self.stain_matrix, self.max_concentrations, self.background)
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "stain_matrix": np.asarray(self.stain_matrix).round(6).tolist(),
-            "max_concentrations": np.asarray(self.max_concentrations).round(6).tolist(),
-            "intensity_p5": round(float(self.intensity_p5), 3),
-            "intensity_p95": round(float(self.intensity_p95), 3),
-            "background": np.asarray(self.background).round(3).tolist(),
-        }
-
-    @classmethod
-    def from_section(cls, section: BundleStainReference | None) -> StainReference | None:
-        """The bundle's ``stain_reference`` section (None: the bundle normalises nothing)."""
-        return None if section is None else cls.from_dict(dump(section))
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> StainReference:
-        matrix = np.asarray(data["stain_matrix"], np.float32)
-        maxima = np.asarray(data["max_concentrations"], np.float32)
-        if matrix.shape != (2, 3) or maxima.shape != (2,):
-            raise ValueError("stain_reference needs stain_matrix 2x3 and max_concentrations [2]")
-        background = np.asarray(data.get("background", [240.0, 240.0, 240.0]), np.float32)
-        return cls(
-            matrix, maxima, float(data["intensity_p5"]), float(data["intensity_p95"]), background
-        )
 
 
 def luminance(rgb: Sequence[float] | np.ndarray) -> float:
@@ -213,12 +172,11 @@ def basophilic(rgb: np.ndarray, stains: StainEstimate) -> np.ndarray:
 
 def normalize(rgb: np.ndarray, stains: StainEstimate, reference: StainReference) -> np.ndarray:
     """uint8 RGB as if stained like the reference: same concentrations' shape, its colours."""
+    target = reference_stains(reference)
     conc = np.maximum(concentrations(rgb, stains), 0.0)
-    conc *= (reference.max_concentrations / stains.max_concentrations).astype(np.float32)
-    od = conc @ np.asarray(reference.stain_matrix, np.float32)
-    light = np.asarray(reference.background, np.float32) * np.power(
-        np.float32(10.0), -od, dtype=np.float32
-    )
+    conc *= (target.max_concentrations / stains.max_concentrations).astype(np.float32)
+    od = conc @ target.stain_matrix
+    light = target.background * np.power(np.float32(10.0), -od, dtype=np.float32)
     return np.clip(light + 0.5, 0, 255).astype(np.uint8)
 
 
@@ -250,6 +208,12 @@ def derive_reference(
             ratio = luminance(stains.background) / luminance(_glass(image.reshape(-1, 3)))
         means += [mean_intensity(tile) * ratio for tile in _tiles_of(image, tile_px)]
     p5, p95 = np.percentile(means, [5, 95])
+    # Rounded as bundle.json keeps them, so that a reference in use is the one written.
+    matrix = stains.stain_matrix.round(6).tolist()
     return StainReference(
-        stains.stain_matrix, stains.max_concentrations, float(p5), float(p95), stains.background
+        stain_matrix=(tuple(matrix[0]), tuple(matrix[1])),
+        max_concentrations=tuple(stains.max_concentrations.round(6).tolist()),
+        intensity_p5=round(float(p5), 3),
+        intensity_p95=round(float(p95), 3),
+        background=tuple(stains.background.round(3).tolist()),
     )

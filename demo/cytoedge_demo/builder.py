@@ -46,7 +46,7 @@ from appliance.config import Config
 from appliance.validation.cohort import PipelineSettings
 from cytoedge_demo import synthetic
 from runtime.backends import RuntimeSettings
-from runtime.bundle_format import Bundle, BundleError, load_bundle
+from runtime.bundle_format import Bundle, BundleError, StainReference, load_bundle
 
 DEMO_NAME = "cytoedge-demo"
 FEATURES_VERSION = "0"  # the networks alone; training writes the next version
@@ -296,7 +296,7 @@ def _try_int8(fp32: Path, out_dir: Path, files: dict[str, Path]) -> tuple[dict[s
 # --- stain reference --------------------------------------------------------------------
 
 
-def stain_reference(recipe: DemoRecipe) -> dict[str, Any]:
+def stain_reference(recipe: DemoRecipe) -> StainReference:
     """Macenko reference and QC intensity range from synthetic fields.
 
     The fields span the stain jitter and the cell densities the demo meets, at the
@@ -322,9 +322,7 @@ def stain_reference(recipe: DemoRecipe) -> dict[str, Any]:
     # Intensity percentiles over 100-um sub-tiles: their spread covers the partial
     # tiles at the edge of small fields, which QC judges like whole ones.
     # Relative to each field's glass, as the bundle's QC (QcSpec.current) judges tiles.
-    values = stain.derive_reference(images, tile_px=400, relative_to_glass=True).to_dict()
-    background = values.pop("background")
-    return {**values, "extra": {"background": background}}
+    return stain.derive_reference(images, tile_px=400, relative_to_glass=True)
 
 
 # --- 3. labelled cohorts, training, validation ---------------------------------------------
@@ -442,14 +440,13 @@ def _write_features(
     recipe: DemoRecipe,
     seg: dict[str, Any],
     encoder_info: dict[str, Any],
-    stain: dict[str, Any],
+    stain: StainReference,
 ) -> Bundle:
     """Version 0: the encoder, segmenter and slide parameters, no heads yet."""
     from runtime.bundle_format import (
         CellsSpec,
         EncoderSpec,
         SegmenterSpec,
-        StainReference,
         write_bundle,
     )
 
@@ -477,7 +474,7 @@ def _write_features(
         ),
         heads=[],
         segmenter=_segmenter_spec(SegmenterSpec, section),
-        stain_reference=StainReference(**stain),
+        stain_reference=stain,
         cells=CellsSpec(min_cells=recipe.min_cells),
         provenance={
             "demo": "weights made here from seeded random initialisation and synthetic smears",
