@@ -1,8 +1,8 @@
 """Cell-like encoder inputs for parity and quantisation gates.
 
 Random noise is a poor probe of a ViT: fidelity must be judged on inputs that look like what
-the encoder will see. The images are the synthetic smears' own nucleated cells
-(``cytoedge_demo.synthetic.render_cell_patches``: crops made as the pipeline makes them);
+the encoder will see. The images are rendered nucleated cells
+(``export.probe_cells.render_cell_patches``: crops made as the pipeline makes them);
 this module only normalises them as the encoder's ``pixels`` input.
 """
 
@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from cytoedge_demo.synthetic import render_cell_patches
 from export.encoder import IMAGE_SIZE, MEAN, STD
+from export.probe_cells import render_cell_patches
 from runtime.bundle_format import InputSpec
 from runtime.encoder import encoder_feeds
 

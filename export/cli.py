@@ -50,23 +50,10 @@ def encoder(
     """DinoBloom encoder to ONNX (fp32, fp16, int8) with parity gates."""
     from rich.console import Console
 
-    from export.documents import (
-        exporter_versions,
-        parity_entry,
-        write_document,
-    )
-    from export.encoder import (
-        IMAGE_SIZE,
-        MEAN,
-        STD,
-        CheckpointError,
-        architecture,
-        load_encoder,
-        weights_file,
-    )
-    from export.int8 import quantize_encoder
-    from export.onnx_export import ParityError, export_encoder
-    from runtime.files import sha256_file
+    from export.documents import write_document
+    from export.encoder import CheckpointError, architecture, load_encoder, weights_file
+    from export.onnx_export import ParityError
+    from export.targets import EncoderExport, encoder_targets
 
     console = Console(stderr=True)
     try:
@@ -75,78 +62,19 @@ def encoder(
             raise CheckpointError(
                 f"--format must be dinobloom or timm-cache, not {checkpoint_format!r}"
             )
+        head_probes = _head_probes(check_heads or []) if int8 else []
         with console.status(f"Loading {checkpoint} ({checkpoint_format}, {arch}) strictly..."):
             model = load_encoder(checkpoint, arch, checkpoint_format)  # type: ignore[arg-type]
         out.mkdir(parents=True, exist_ok=True)
-        parity, variants = {}, {"fp32": "encoder.onnx"}
-        with console.status("Exporting encoder.onnx and checking it against torch..."):
-            report = export_encoder(model, out / "encoder.onnx", metadata={"cytoedge.arch": arch})
-        console.print(report.summary())
-        parity["encoder.onnx"] = parity_entry(report)
-        if fp16:
-            from export.fp16 import export_encoder_fp16
-
-            with console.status("Converting to fp16 and checking it (CPU, loose)..."):
-                report = export_encoder_fp16(out / "encoder.onnx", out / "encoder.fp16.onnx")
-            console.print(report.summary())
-            parity["encoder.fp16.onnx"] = parity_entry(report)
-            variants["fp16"] = "encoder.fp16.onnx"
-        int8_note = "int8 not requested at export"
-        if int8:
-            with console.status("Quantising to int8 and checking it on rendered cells..."):
-                result = quantize_encoder(
-                    out / "encoder.onnx",
-                    out / "encoder.int8.onnx",
-                    heads=_head_probes(check_heads or []),
-                )
-            int8_note = result.reason
-            console.print(int8_note)
-            if result.accepted:
-                variants["int8"] = "encoder.int8.onnx"
-                parity["encoder.int8.onnx"] = {"passed": True, **result.metrics}
-        if crop_px:
-            from export.crop_input import fold_in_place
-
-            for variant, name in variants.items():
-                with console.status(f"Folding the preprocessing into {name}..."):
-                    report = fold_in_place(out / name, variant, crop_px, IMAGE_SIZE, MEAN, STD)
-                console.print(report.summary())
-                parity[name] = {**parity[name], "crop_input": parity_entry(report)}
+        job = EncoderExport(model, out, arch, crop_px, head_probes, console)
+        for target in encoder_targets({"fp16": fp16, "int8": int8, "crop_px": bool(crop_px)}):
+            target.run(job)
         source = weights_file(checkpoint, checkpoint_format)  # type: ignore[arg-type]
-        extra = sorted(p.name for p in out.glob("encoder*.onnx.data"))
-        write_document(
-            out,
-            {
-                "kind": "encoder",
-                "section": {
-                    "architecture": spec.timm_name,
-                    "embed_dim": spec.embed_dim,
-                    "variants": variants,
-                    "input": {
-                        "size": IMAGE_SIZE,
-                        "mean": list(MEAN),
-                        "std": list(STD),
-                        "crop_px": crop_px,
-                    },
-                    "int8_note": int8_note,
-                },
-                "parity": parity,
-                "provenance": {
-                    "source_weights": {
-                        "file": source.name,
-                        "format": checkpoint_format,
-                        "sha256": sha256_file(source),
-                    },
-                    "embedding": "CLS token after the final LayerNorm",
-                    "exporter": exporter_versions(),
-                },
-                "extra_files": extra,
-            },
-        )
+        write_document(out, job.document(spec, source, checkpoint_format))
     except (CheckpointError, ParityError) as error:
         typer.echo(f"cytoedge: {error}", err=True)
         raise typer.Exit(1) from None
-    console.print(f"Encoder {arch} exported to {out} ({', '.join(variants)})")
+    console.print(f"Encoder {arch} exported to {out} ({', '.join(job.variants)})")
 
 
 def _head_probes(folders: list[Path]) -> list[Any]:

@@ -22,11 +22,11 @@ from pathlib import Path
 import numpy as np
 
 from appliance.pipeline.cells import resize_bilinear
-from cytoedge_demo.synthetic import render_cell_patches
-from export.onnx_export import ParityError, ParityReport, ort_session
+from export.onnx_export import ParityError, ParityReport, embedding_parity, ort_session
+from export.probe_cells import render_cell_patches
 from runtime.bundle_format import InputSpec
 from runtime.encoder import encoder_feeds
-from runtime.parity import ENCODER_MIN_COSINE_BY_VARIANT, row_cosines
+from runtime.parity import ENCODER_MIN_COSINE_BY_VARIANT
 
 CROPS_INPUT = "crops"
 PIXELS_INPUT = "pixels"
@@ -123,14 +123,12 @@ def fold_in_place(
             ["embedding"], {PIXELS_INPUT: pixels_as_before(crops, size, mean, std)}
         )
         (after,) = ort_session(folded).run(["embedding"], {CROPS_INPUT: crops})
-        limit = ENCODER_MIN_COSINE_BY_VARIANT[variant] - ROUNDING_COSINE_ALLOWANCE
-        min_cosine = float(row_cosines(before, after).min())
-        report = ParityReport(
-            what=f"encoder {path.name} with its preprocessing folded in (uint8 crops)",
-            passed=min_cosine >= limit,
-            metrics={"min_cosine": min_cosine, "rows": float(len(crops)), "crop_px": crop_px},
-            limits={"min_cosine": f">= {limit:.6g}"},
+        report = embedding_parity(
+            f"encoder {path.name} with its preprocessing folded in (uint8 crops)",
+            [(before, after)],
+            ENCODER_MIN_COSINE_BY_VARIANT[variant] - ROUNDING_COSINE_ALLOWANCE,
         )
+        report.metrics["crop_px"] = crop_px
         if not report.passed:
             raise ParityError(report)
         shutil.move(str(folded), path)

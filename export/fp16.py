@@ -18,10 +18,11 @@ import numpy as np
 from export.onnx_export import (
     ParityReport,
     default_encoder_probe,
+    embedding_parity,
     gated_export,
     ort_session,
 )
-from runtime.parity import FP16_MIN_COSINE, row_cosines
+from runtime.parity import FP16_MIN_COSINE
 
 if TYPE_CHECKING:
     from collections.abc import Sequence
@@ -73,19 +74,17 @@ def fp16_parity(
 ) -> ParityReport:
     """fp16 vs fp32 ONNX embeddings on cell-like images (CPU execution)."""
     batches = list(batches) if batches is not None else default_encoder_probe()
-    reference_session, candidate_session = ort_session(fp32_path), ort_session(fp16_path)
-    cosines, diffs = [], []
-    for pixels in batches:
-        (reference,) = reference_session.run(["embedding"], {"pixels": pixels})
-        (candidate,) = candidate_session.run(["embedding"], {"pixels": pixels})
-        cosines.append(row_cosines(reference, candidate))
-        diffs.append(float(np.abs(reference - candidate).max()))
-    min_cosine = float(np.concatenate(cosines).min())
-    return ParityReport(
-        what=f"encoder {fp16_path.name} (fp16 ONNX vs fp32 ONNX, CPU)",
-        passed=min_cosine >= FP16_MIN_COSINE,
-        metrics={"min_cosine": min_cosine, "max_abs_diff": max(diffs)},
-        limits={"min_cosine": f">= {FP16_MIN_COSINE}"},
+    reference, candidate = ort_session(fp32_path), ort_session(fp16_path)
+    return embedding_parity(
+        f"encoder {fp16_path.name} (fp16 ONNX vs fp32 ONNX, CPU)",
+        (
+            (
+                reference.run(["embedding"], {"pixels": pixels})[0],
+                candidate.run(["embedding"], {"pixels": pixels})[0],
+            )
+            for pixels in batches
+        ),
+        FP16_MIN_COSINE,
     )
 
 

@@ -30,7 +30,7 @@ from runtime.parity import (
 )
 
 if TYPE_CHECKING:
-    from collections.abc import Callable, Sequence
+    from collections.abc import Callable, Iterable, Sequence
 
     from torch import nn
 
@@ -86,33 +86,49 @@ def default_encoder_probe() -> list[np.ndarray]:
     return [cell_pixels(1, seed=101), cell_pixels(8, seed=102)]
 
 
+def embedding_parity(
+    what: str, pairs: Iterable[tuple[np.ndarray, np.ndarray]], min_cosine: float
+) -> ParityReport:
+    """The encoder's gate, for every variant and backend: per-row cosine of a candidate's
+    embeddings against its reference's, over (reference, candidate) pairs of probe batches.
+
+    Passes when the lowest cosine reaches ``min_cosine``, the runtime/parity.py limit of
+    the candidate's precision; the largest absolute difference and the rows are reported.
+    """
+    cosines, diffs = [], []
+    for reference, candidate in pairs:
+        cosines.append(row_cosines(reference, candidate))
+        diffs.append(float(np.abs(reference - candidate).max()))
+    every_row = np.concatenate(cosines)
+    lowest = float(every_row.min())
+    return ParityReport(
+        what=what,
+        passed=lowest >= min_cosine,
+        metrics={"min_cosine": lowest, "max_abs_diff": max(diffs), "rows": float(len(every_row))},
+        limits={"min_cosine": f">= {min_cosine:.10g}"},  # 10 digits: 0.99989, not ...0001
+    )
+
+
 def encoder_parity(
     model: nn.Module, onnx_path: str | Path, batches: Sequence[np.ndarray] | None = None
 ) -> ParityReport:
-    """fp32 ONNX Runtime vs torch on cell-like images: per-row cosine and max-abs-diff."""
+    """fp32 ONNX Runtime vs torch on cell-like images."""
     import torch
 
     batches = list(batches) if batches is not None else default_encoder_probe()
     session = ort_session(onnx_path)
-    cosines, diffs = [], []
-    for pixels in batches:
+
+    def pair(pixels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         with torch.no_grad():
             reference = model(torch.from_numpy(pixels)).numpy()
         (candidate,) = session.run(["embedding"], {"pixels": pixels})
-        cosines.append(row_cosines(reference, candidate))
-        diffs.append(float(np.abs(reference - candidate).max()))
-    min_cosine = float(np.concatenate(cosines).min())
-    report = ParityReport(
-        what=f"encoder {Path(onnx_path).name} (fp32 ONNX vs torch)",
-        passed=min_cosine >= ENCODER_MIN_COSINE,
-        metrics={
-            "min_cosine": min_cosine,
-            "max_abs_diff": max(diffs),
-            "rows": float(sum(len(b) for b in batches)),
-        },
-        limits={"min_cosine": f">= {ENCODER_MIN_COSINE}"},
+        return reference, candidate
+
+    return embedding_parity(
+        f"encoder {Path(onnx_path).name} (fp32 ONNX vs torch)",
+        map(pair, batches),
+        ENCODER_MIN_COSINE,
     )
-    return report
 
 
 def export_encoder(

@@ -25,8 +25,8 @@ import numpy as np
 
 from export.cell_images import cell_pixels
 from export.crop_input import CROPS_INPUT, render_crops
-from export.onnx_export import ParityError, ParityReport, ort_session
-from runtime.parity import FP16_MIN_COSINE, bag_features, row_cosines
+from export.onnx_export import ParityError, ParityReport, embedding_parity, ort_session
+from runtime.parity import FP16_MIN_COSINE, bag_features
 
 if TYPE_CHECKING:
     from collections.abc import Sequence
@@ -93,23 +93,20 @@ def build_checked_engine(target: EngineTarget, engines_dir: Path) -> tuple[Path,
 
 def encoder_engine_parity(engine: object, reference: object, name: str) -> ParityReport:
     """Engine vs fp32 ONNX Runtime on rendered cells, batches of 1 and 64 (the opt batch)."""
-    cosines, diffs = [], []
     [network_input] = reference.get_inputs()
-    for count, seed in ((1, 501), (64, 502)):
+
+    def pair(count: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
         if network_input.name == CROPS_INPUT:  # a folded encoder takes the uint8 crops
             feeds = {CROPS_INPUT: render_crops(count, network_input.shape[1], seed)}
         else:
             feeds = {"pixels": cell_pixels(count, seed)}
         (expected,) = reference.run(["embedding"], feeds)
-        got = engine.run(feeds)["embedding"].astype(np.float32)
-        cosines.append(row_cosines(expected, got))
-        diffs.append(float(np.abs(expected - got).max()))
-    min_cosine = float(np.concatenate(cosines).min())
-    return ParityReport(
-        what=f"TensorRT fp16 engine for {name} vs fp32 ONNX",
-        passed=min_cosine >= FP16_MIN_COSINE,
-        metrics={"min_cosine": min_cosine, "max_abs_diff": max(diffs)},
-        limits={"min_cosine": f">= {FP16_MIN_COSINE}"},
+        return expected, engine.run(feeds)["embedding"].astype(np.float32)
+
+    return embedding_parity(
+        f"TensorRT fp16 engine for {name} vs fp32 ONNX",
+        (pair(count, seed) for count, seed in ((1, 501), (64, 502))),
+        FP16_MIN_COSINE,
     )
 
 

@@ -90,6 +90,7 @@ SOURCES = (
     "export/segmenter.py",
     "appliance/pipeline/segmentation.py",
     "demo/cytoedge_demo/synthetic.py",
+    "export/probe_cells.py",
     "tests/segmenter_model.py",
 )
 

@@ -17,6 +17,7 @@ from export.cell_images import cell_pixels
 from export.crop_input import pixels_as_before, render_crops
 from export.encoder import MEAN, STD, CheckpointError, load_encoder
 from export.onnx_export import encoder_parity, export_encoder, ort_session
+from export.targets import FP32
 from runtime.parity import row_cosines
 
 ENCODER_ARGS = ("export", "encoder", "--arch", "vit_small", "--checkpoint")
@@ -144,6 +145,8 @@ def test_cli_export_passes_the_gate_with_dynamic_batch(exported: tuple[Path, str
         assert embedding.shape == (batch, 384)
     document = (out / "export.json").read_text()
     assert '"passed": true' in document and '"vit_small_patch14_dinov2"' in document
+    limits = json.loads(document)["parity"]["encoder.onnx"]["limits"]
+    assert limits == {"min_cosine": f">= {FP32.min_cosine}"}  # the table's limit, applied
 
 
 def test_gate_fails_loudly_on_a_perturbed_model(

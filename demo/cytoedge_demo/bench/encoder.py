@@ -57,8 +57,8 @@ def gflop_per_cell(model: Any, image_size: int = 224) -> float:
 
 
 def cell_batch(batch: int, size: int = 224) -> np.ndarray:
-    """The bench's fixed batch: rendered nucleated cells (cytoedge_demo.synthetic), uint8 NHWC."""
-    from cytoedge_demo.synthetic import render_cell_patches
+    """The bench's fixed batch: rendered nucleated cells (export.probe_cells), uint8 NHWC."""
+    from export.probe_cells import render_cell_patches
 
     return render_cell_patches(batch, seed=IMAGE_SEED, size=size)
 
