@@ -181,8 +181,7 @@ def train_bundle(
             identity,
             cases,
             kind="out-of-fold",
-            cases_table=str(table.path),
-            cases_table_sha256=table.sha256,
+            table=table,
             resamples=options.resamples,
             seed=options.seed,
         )
@@ -203,7 +202,7 @@ def train_bundle(
             intended_use=intended_use,
         )
     report = dataclasses.replace(report, bundle_sha256=bundle.sha256)
-    written = write_validation_report(report_folder, report)
+    written = write_validation_report(report_folder, report, table)
     slides = [s for case in cohort for s in case.slides]
     return TrainResult(
         bundle,
@@ -350,7 +349,7 @@ def _provenance(
         }
     return {
         "derived_from": derived_from(base),
-        "cases_table": str(table.path),
+        "cases_table": table.name,
         "cases_table_sha256": table.sha256,
         "cases": len(table),
         "left_out": left_out,

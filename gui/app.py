@@ -2,20 +2,27 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import signal
+import socket
 import sys
 import threading
 
-from PySide6.QtGui import QFont
-from PySide6.QtWidgets import QApplication
+from PySide6.QtCore import QSocketNotifier, QTimer
+from PySide6.QtGui import QFont, QGuiApplication
+from PySide6.QtWidgets import QApplication, QWidget
 
 from appliance.config import Config
+from appliance.service.startup import stop_on_signals
 from appliance.service.store import store_path
 from gui.main_window import MainWindow, ServiceControl
 
 log = logging.getLogger("cytoedge.gui")
 BASE_POINT_SIZE = 12  # readable at arm's length on a lab monitor
-SCREEN_SIZE = (1280, 800)  # the smallest screen the window must fit
+# The window's size where the screen has room; a smaller screen gets all of its free
+# area (the window works down to 1024 x 728: a laptop screen less its taskbar).
+SCREEN_SIZE = (1280, 800)
 
 
 def make_application(argv: list[str] | None = None) -> QApplication:
@@ -49,7 +56,50 @@ def build_window(config: Config, service: ServiceControl | None = None) -> MainW
         fhir_outbox=config.fhir_outbox,
         service=service,
         version=software_version(),
+        case_quiet_seconds=config.watch.case_quiet_seconds,
     )
+
+
+def show_on_screen(window: QWidget) -> None:
+    """Show the window at ``SCREEN_SIZE``, or maximised on a screen whose free area
+    (without its taskbar) is smaller, so that nothing of it lies off the screen."""
+    screen = window.screen() or QGuiApplication.primaryScreen()
+    free = screen.availableGeometry()
+    width, height = min(SCREEN_SIZE[0], free.width()), min(SCREEN_SIZE[1], free.height())
+    window.resize(width, height)
+    window.move(free.x() + (free.width() - width) // 2, free.y() + (free.height() - height) // 2)
+    if (width, height) == SCREEN_SIZE:
+        window.show()
+    else:  # a window manager fits the frame in too; without one, the size above holds
+        window.showMaximized()
+
+
+class SignalWakeup:
+    """Lets Python's signal handlers run while Qt's event loop waits in C++.
+
+    Python only notes a signal and runs its handler at the next Python bytecode; Qt's
+    loop may run none for minutes. ``signal.set_wakeup_fd`` writes a byte to a socket
+    when one arrives, and the notifier on its other end calls into Python at once.
+    """
+
+    def __init__(self) -> None:
+        self._read, self._write = socket.socketpair()
+        for end in (self._read, self._write):
+            end.setblocking(False)
+        self._previous = signal.set_wakeup_fd(self._write.fileno())
+        self._notifier = QSocketNotifier(self._read.fileno(), QSocketNotifier.Type.Read)
+        self._notifier.activated.connect(self._drain)  # Python runs: its handlers run
+
+    def _drain(self) -> None:
+        with contextlib.suppress(OSError):
+            while self._read.recv(64):
+                pass
+
+    def close(self) -> None:
+        self._notifier.setEnabled(False)
+        signal.set_wakeup_fd(self._previous)
+        self._read.close()
+        self._write.close()
 
 
 class InProcessService:
@@ -93,6 +143,11 @@ class InProcessService:
     def running(self) -> bool:
         return self._thread.is_alive()
 
+    @property
+    def stopping(self) -> threading.Event:
+        """Set: the service finishes or hands back its job and stops."""
+        return self._stop
+
     def start(self) -> None:
         self._thread.start()
 
@@ -105,17 +160,28 @@ class InProcessService:
 
 
 def run_window(config: Config, service: object | None = None) -> int:
-    """Show the window until it is closed; with a service, run it alongside; exit status."""
+    """Show the window until it is closed or a stop signal comes (a desktop logout's
+    SIGTERM, SIGHUP, Ctrl+C); with a service, run it alongside and stop it as
+    ``cytoedge run`` stops (the store records a clean stop); exit status."""
     app = make_application()
     in_process = InProcessService(service) if service is not None else None
     window = build_window(config, in_process if in_process and in_process.can_pause else None)
-    window.resize(*SCREEN_SIZE)
-    window.show()
+    wakeup = SignalWakeup()
+
+    def close() -> None:
+        window.close()
+        app.quit()  # also ends a dialog's own loop
+
+    # The handler runs on this thread, maybe before the loop starts: close from the loop.
+    stop = in_process.stopping if in_process is not None else threading.Event()
+    stop_on_signals(stop, then=lambda: QTimer.singleShot(0, close))
+    show_on_screen(window)
     if in_process is not None:
         in_process.start()
     window.start()
     try:
         return app.exec()
     finally:
+        wakeup.close()
         if in_process is not None and not in_process.stop():
             log.error("the service did not stop within a minute of closing the window")

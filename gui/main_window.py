@@ -5,12 +5,12 @@ from __future__ import annotations
 import itertools
 import json
 import time
-from datetime import datetime
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Protocol
 
 from PySide6.QtCore import QMetaObject, QModelIndex, QObject, Qt, QThreadPool, QUrl, Signal
-from PySide6.QtGui import QAction, QCloseEvent, QDesktopServices, QKeySequence
+from PySide6.QtGui import QAction, QCloseEvent, QDesktopServices, QKeySequence, QResizeEvent
 from PySide6.QtWidgets import (
     QAbstractItemView,
     QCheckBox,
@@ -26,17 +26,22 @@ from PySide6.QtWidgets import (
     QWidget,
 )
 
+from appliance.config import WatchConfig
 from appliance.results import DECISION_WORDS
 from appliance.review.sign_off import ReviewError, SignOff, login_name, sign_off
 from appliance.service.audit import AUDIT_FILE, AuditLog
 from appliance.service.store import JobStore, StoreError
-from gui.models import PollingThread, QueueDelegate, QueueModel
+from gui.models import PollingThread, QueueDelegate, QueueModel, format_received
 from gui.result_view import ResultPane
 from gui.review_state import SHOWS_RESULT, ReviewIndex, case_result_folder
 from gui.review_view import DECISIONS, SignOffDialog
 from gui.store_reader import CaseRow, QueueSnapshot, ServiceInfo
 
 STALE_HEARTBEAT_S = 30.0
+# Narrower than this, the queue is stacked above the result: side by side, neither
+# the queue's columns nor the result's calls would fit (a 1024 px screen).
+SIDE_BY_SIDE_PX = 1200
+SCORE_NOW_KEYS = "Ctrl+Shift+N"
 
 
 class ServiceControl(Protocol):
@@ -68,6 +73,39 @@ def service_text(service: ServiceInfo | None, now: datetime | None = None) -> st
         return f"Service {where} not responding (last seen {seen})"
     parts = [f"Service {where} running", service.bundle, service.backend]
     return " · ".join(p for p in parts if p)
+
+
+def _duration(seconds: float) -> str:
+    return f"{seconds:.0f} s" if seconds < 90 else f"{seconds / 60:.0f} min"
+
+
+def collecting_text(case: CaseRow, quiet_s: float, now: datetime | None = None) -> str:
+    """When the service scores a case that is still collecting slides: once every slide
+    is processed, and it holds `.ready` (or Score now was asked) or no new slide came
+    for ``quiet_s`` (``watch.case_quiet_seconds``; docs/service.md)."""
+    moment = now or datetime.now().astimezone()
+    arriving = [s.name for s in case.slides if s.state == "waiting"]
+    pending = any(s.state in ("waiting", "queued", "running") for s in case.slides)
+    first = (
+        f"Waiting for the scan files to finish arriving ({', '.join(arriving)}). "
+        if arriving
+        else ""
+    )
+    due = (case.last_slide_at or moment) + timedelta(seconds=quiet_s)
+    rule = f"unless more slides arrive (it waits {_duration(quiet_s)} after its last slide)"
+    if not case.collecting:
+        then = "once its slides are processed" if pending else "as soon as the service takes it up"
+        return f"{first}It will be scored {then}."
+    if pending and due > moment:
+        return (
+            f"{first}Once its slides are processed it will be scored, at "
+            f"{format_received(due, moment)} at the earliest, {rule}."
+        )
+    if pending:
+        return f"{first}It will be scored once its slides are processed, {rule}."
+    if due <= moment:
+        return "It will be scored as soon as the service takes it up."
+    return f"It will be scored at {format_received(due, moment)} {rule}."
 
 
 def read_about(bundle_dir: Path | None, service: ServiceInfo | None, version: str) -> str:
@@ -106,6 +144,12 @@ def read_about(bundle_dir: Path | None, service: ServiceInfo | None, version: st
     return "".join(lines)
 
 
+def _pane_key(case: CaseRow) -> tuple[object, ...]:
+    """What the result pane shows of a case: it is redrawn only when this changes."""
+    waiting = tuple(s.state for s in case.slides) if case.state == "waiting" else ()
+    return (case.id, case.shown, case.result_dir, case.review, case.collecting, waiting)
+
+
 class MainWindow(QMainWindow):
     def __init__(
         self,
@@ -118,6 +162,7 @@ class MainWindow(QMainWindow):
         service: ServiceControl | None = None,
         version: str = "unknown",
         poll_ms: int = 1000,
+        case_quiet_seconds: float = WatchConfig.case_quiet_seconds,
     ) -> None:
         super().__init__()
         self.store_path = store_path
@@ -129,6 +174,7 @@ class MainWindow(QMainWindow):
         self.fhir_outbox = fhir_outbox
         self.service = service
         self.version = version
+        self.case_quiet_seconds = case_quiet_seconds
         self.service_info: ServiceInfo | None = None
         self.reviewer = ""  # confirmed in this session's first sign-off
         self._shown_case: CaseRow | None = None
@@ -144,7 +190,6 @@ class MainWindow(QMainWindow):
         buttons = self._build_buttons()
         left = QWidget()
         left_layout = QVBoxLayout(left)
-        left_layout.setContentsMargins(6, 6, 0, 6)
         title = QLabel("&Queue")
         title.setBuddy(self.queue)
         title.setStyleSheet("font-size:15pt; font-weight:bold;")
@@ -160,10 +205,10 @@ class MainWindow(QMainWindow):
         splitter.addWidget(self.pane)
         splitter.setStretchFactor(0, 2)
         splitter.setStretchFactor(1, 3)
-        splitter.setSizes([660, 620])  # at 1280 px: every queue column whole, dates included
         splitter.setChildrenCollapsible(False)
         self.setCentralWidget(splitter)
         self.splitter = splitter
+        self._arrange(side_by_side=True)
         self.status_label = QLabel()
         self.statusBar().addWidget(self.status_label, 1)
         self._set_tab_order()
@@ -211,6 +256,11 @@ class MainWindow(QMainWindow):
         self.report_action = self._action("Open &report", "Ctrl+R", self.open_report)
         self.folder_action = self._action("Open &folder", "Ctrl+Shift+F", self.open_folder)
         self.rescore_action = self._action("Re-&score", "Ctrl+Shift+S", self.ask_rescore)
+        self.score_now_action = self._action("Score &now", SCORE_NOW_KEYS, self.score_now)
+        self.pane.score_now.clicked.connect(self.score_now_action.trigger)
+        self.pane.score_now.setToolTip(
+            f"Score this case now with the slides it has ({SCORE_NOW_KEYS})"
+        )
         self.pause_action = self._action("&Pause watching", "Ctrl+P", self.toggle_pause)
         self.about_action = self._action(
             "&About", QKeySequence.StandardKey.HelpContents, self.about
@@ -250,11 +300,32 @@ class MainWindow(QMainWindow):
             self.review_filter,
             self.queue,
             *self.buttons.values(),
+            self.pane.score_now,
             *self.pane.review_bar.buttons.values(),
             self.pane.tabs,
         ]
         for first, second in itertools.pairwise(chain):
             self.setTabOrder(first, second)
+
+    def _arrange(self, side_by_side: bool, height: int = 0) -> None:
+        """The queue beside the result, or above it on a narrow screen."""
+        orientation = Qt.Orientation.Horizontal if side_by_side else Qt.Orientation.Vertical
+        queue = self.splitter.widget(0).layout()
+        if side_by_side:
+            queue.setContentsMargins(6, 6, 0, 6)
+            sizes = [660, 620]  # at 1280 px: every queue column whole, dates included
+        else:
+            queue.setContentsMargins(6, 6, 6, 0)
+            # The result gets the larger share: at 728 px, its calls show unscrolled.
+            sizes = [height * 38 // 100, height * 62 // 100]
+        self.splitter.setOrientation(orientation)
+        self.splitter.setSizes(sizes)
+
+    def resizeEvent(self, event: QResizeEvent) -> None:  # noqa: N802
+        side_by_side = event.size().width() >= SIDE_BY_SIDE_PX
+        if side_by_side != (self.splitter.orientation() == Qt.Orientation.Horizontal):
+            self._arrange(side_by_side, event.size().height() - self.statusBar().height())
+        super().resizeEvent(event)
 
     # --- running ----------------------------------------------------------------
     def start(self) -> None:
@@ -332,12 +403,7 @@ class MainWindow(QMainWindow):
             return
         self.pane.review_bar.show_state(case.review)
         before = self._shown_case
-        if before is not None and (before.id, before.shown, before.result_dir, before.review) == (
-            case.id,
-            case.shown,
-            case.result_dir,
-            case.review,
-        ):
+        if before is not None and _pane_key(before) == _pane_key(case):
             return
         self._shown_case = case
         state, stage, progress = case.shown
@@ -352,7 +418,9 @@ class MainWindow(QMainWindow):
             self.pane.show_message(
                 f"{case.case_key}: running",
                 f"Stage: {stage or 'starting'} ({round(progress * 100)} %). "
-                "The result appears here when the case is done.",
+                "The result appears here when the case is done."
+                + (f" {self._collecting_text(case)}" if case.state == "waiting" else ""),
+                score_now=case.collecting,
             )
         elif state == "failed":
             attempts = f" after {case.attempts} attempts" if case.attempts > 1 else ""
@@ -361,12 +429,23 @@ class MainWindow(QMainWindow):
                 f"{case.reason or 'no reason recorded'}\n\nRe-score it once the cause is fixed.",
             )
         elif state == "queued":
-            self.pane.show_message(f"{case.case_key}: queued", "Waiting for its turn.")
+            self.pane.show_message(
+                f"{case.case_key}: queued",
+                "Waiting for its turn."
+                + (f" {self._collecting_text(case)}" if case.state == "waiting" else ""),
+                score_now=case.collecting,
+            )
         else:
             self.pane.show_message(
-                f"{case.case_key}: waiting",
-                "Waiting for the scan files to finish arriving, or for more slides of this case.",
+                f"{case.case_key}: waiting", self._collecting_text(case), score_now=case.collecting
             )
+
+    def _collecting_text(self, case: CaseRow) -> str:
+        text = collecting_text(case, self.case_quiet_seconds)
+        if not case.collecting:
+            return text
+        keys = QKeySequence(SCORE_NOW_KEYS).toString(QKeySequence.SequenceFormat.NativeText)
+        return f"{text} Score now ({keys}) scores it with the slides it has."
 
     def _update_buttons(self) -> None:
         case = self.selected_case()
@@ -374,6 +453,8 @@ class MainWindow(QMainWindow):
         self.report_action.setEnabled(has_result)
         self.folder_action.setEnabled(has_result)
         self.rescore_action.setEnabled(case is not None and case.shown[0] not in ("running",))
+        self.score_now_action.setEnabled(case is not None and case.collecting)
+        self.pane.score_now.setEnabled(self.score_now_action.isEnabled())
         for action in self.sign_off_actions.values():
             action.setEnabled(case is not None and case.review is not None)
         self.pause_action.setEnabled(self.service is not None)
@@ -441,6 +522,34 @@ class MainWindow(QMainWindow):
             relay.done.emit(True, f"{case.case_key} will be scored again.")
 
         self.statusBar().showMessage(f"Asking the service to re-score {case.case_key}...")
+        QThreadPool.globalInstance().start(flag)
+
+    def score_now(self) -> None:
+        """Score the selected case without waiting for more slides: the store's flag that
+        its `.ready` file sets, written off the UI thread as a re-score is."""
+        case = self.selected_case()
+        if case is None or not self.score_now_action.isEnabled():
+            return
+        store_path, relay = self.store_path, self.relay
+
+        def flag() -> None:
+            try:
+                store = JobStore(store_path, timeout=5.0)
+                try:
+                    waiting = store.request_score_now(case.id, time.time())
+                finally:
+                    store.close()
+            except (StoreError, OSError) as exc:
+                relay.done.emit(False, f"Could not ask to score {case.case_key} now: {exc}")
+                return
+            if waiting:
+                relay.done.emit(True, f"{case.case_key} will be scored with the slides it has.")
+            else:
+                relay.done.emit(True, f"{case.case_key} is no longer waiting for slides.")
+
+        self.score_now_action.setEnabled(False)  # once is enough: the store says the rest
+        self.pane.score_now.setEnabled(False)
+        self.statusBar().showMessage(f"Asking the service to score {case.case_key} now...")
         QThreadPool.globalInstance().start(flag)
 
     def _background_done(self, ok: bool, message: str) -> None:

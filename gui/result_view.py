@@ -13,7 +13,7 @@ import itertools
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from PySide6.QtCore import QObject, QPointF, QRectF, QSize, Qt, QThreadPool, Signal
+from PySide6.QtCore import QObject, QPointF, QRectF, QSize, Qt, QThreadPool, QTimer, Signal
 from PySide6.QtGui import QColor, QImage, QPainter, QPaintEvent, QPen, QPixmap, QPolygonF
 from PySide6.QtWidgets import (
     QAbstractItemView,
@@ -29,6 +29,7 @@ from PySide6.QtWidgets import (
     QLabel,
     QListWidget,
     QListWidgetItem,
+    QPushButton,
     QScrollArea,
     QSizePolicy,
     QStackedWidget,
@@ -289,10 +290,14 @@ class ResultPane(QWidget):
         self._message_body = QLabel()
         self._message_body.setWordWrap(True)
         self._message_body.setTextFormat(Qt.TextFormat.PlainText)
+        # A case still collecting slides can be scored now; the window connects it.
+        self.score_now = QPushButton("Score &now")
+        self.score_now.setVisible(False)
         message = QWidget()
         message_layout = QVBoxLayout(message)
         message_layout.addWidget(self._message_title)
         message_layout.addWidget(self._message_body)
+        message_layout.addWidget(self.score_now, 0, Qt.AlignmentFlag.AlignLeft)
         message_layout.addStretch(1)
         self._stack.addWidget(message)
         self._stack.addWidget(self._build_result_page())
@@ -406,12 +411,14 @@ class ResultPane(QWidget):
         return self.scroll
 
     # --- showing --------------------------------------------------------------
-    def show_message(self, title: str, body: str) -> None:
-        """A case without a result to show: queued, running, failed, or nothing selected."""
+    def show_message(self, title: str, body: str, *, score_now: bool = False) -> None:
+        """A case without a result to show: queued, running, failed, or nothing selected;
+        ``score_now``: offer to score it without waiting for more slides."""
         self.loader.cancel()
         self.loaded = None
         self._message_title.setText(wrappable(title))
         self._message_body.setText(wrappable(body))
+        self.score_now.setVisible(score_now)
         self._stack.setCurrentIndex(0)
 
     def load(self, folder: Path) -> None:
@@ -453,10 +460,17 @@ class ResultPane(QWidget):
         self.slide_choice.blockSignals(False)
         self._show_heatmap()
         self._fill_slides(view)
+        # After the new rows are shown (Qt shows them from the event loop), not before.
+        QTimer.singleShot(0, self, self._keep_page_whole)
         if result.status == "rejected" or (
             not result.top_cells and any(not slide.qc_passed for slide in view.slides)
         ):
             self.tabs.setCurrentIndex(2)  # nothing scored because of QC: show the QC
+
+    def _keep_page_whole(self) -> None:
+        """The page never scrolls sideways: the pane may not be made narrower than it."""
+        bar = self.scroll.verticalScrollBar().sizeHint().width()
+        self.scroll.setMinimumWidth(self.scroll.widget().minimumSizeHint().width() + bar)
 
     def select_slide(self, file_name: str) -> None:
         """Show this slide's heatmap (the queue's slide rows are named by file)."""

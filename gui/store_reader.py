@@ -81,6 +81,9 @@ class CaseRow:
     attempts: int
     slides: tuple[SlideRow, ...] = ()
     review: ReviewState | None = None  # from its result versions (gui.review_state)
+    ready: bool = False  # scored once its slides are processed (`.ready`, Score now)
+    single: bool = False  # a loose file: scored once its slide is processed
+    last_slide_at: datetime | None = None  # its quiet period runs from here
 
     @classmethod
     def of(cls, case: Case, slides: tuple[SlideRow, ...]) -> CaseRow:
@@ -97,7 +100,15 @@ class CaseRow:
             reason=case.reason,
             attempts=case.attempts,
             slides=slides,
+            ready=bool(case.ready),
+            single=bool(case.single),
+            last_slide_at=when(case.last_slide_at),
         )
+
+    @property
+    def collecting(self) -> bool:
+        """Still collecting slides: scored only after its quiet period (or when asked)."""
+        return self.state == "waiting" and not (self.ready or self.single)
 
     @property
     def n_cells(self) -> int | None:

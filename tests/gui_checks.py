@@ -3,8 +3,15 @@ real X display (tests/test_gui_window.py, tests/test_gui_xcb.py)."""
 
 from __future__ import annotations
 
-from PySide6.QtCore import QPoint, Qt
-from PySide6.QtWidgets import QAbstractButton, QLabel, QSizePolicy, QTabBar, QWidget
+import os
+import shutil
+import subprocess
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+
+import pytest
+from PySide6.QtCore import QPoint, QRect, Qt
+from PySide6.QtWidgets import QAbstractButton, QLabel, QMainWindow, QSizePolicy, QTabBar, QWidget
 
 IGNORED = QSizePolicy.Policy.Ignored
 
@@ -62,3 +69,58 @@ def clipped(window: QWidget) -> list[tuple[str, str, int]]:
                 title = str(queue.model().headerData(column, Qt.Orientation.Horizontal))
                 found.append(("queue column", title, header.sectionSize(column)))
     return found
+
+
+def result_parts(window: QMainWindow) -> list[QWidget]:
+    """What a reviewer must reach on a shown result: its banners, the review bar's text
+    and buttons, every call's name, bar, threshold and call, and the status bar."""
+    pane = window.pane  # type: ignore[attr-defined]
+    banners = [pane.banner_box.itemAt(i).widget() for i in range(pane.banner_box.count())]
+    grid = pane.predictions_grid
+    calls = [grid.itemAt(i).widget() for i in range(grid.count())]
+    bar = pane.review_bar
+    parts = [*banners, bar.text, *bar.buttons.values(), *calls, window.statusBar()]
+    return [w for w in parts if w is not None and w.isVisibleTo(window)]
+
+
+def out_of_reach(window: QMainWindow, widgets: Iterable[QWidget]) -> list[str]:
+    """The widgets a person cannot bring into view: cut by the window's edges, or inside
+    the result page where its scroll area cannot show them whole."""
+    scroll = window.pane.scroll  # type: ignore[attr-defined]
+    found = []
+    for widget in widgets:
+        inside = scroll.widget().isAncestorOf(widget)
+        frame: QWidget = scroll.viewport() if inside else window
+        if inside:
+            scroll.ensureWidgetVisible(widget, 0, 0)
+        shown = QRect(widget.mapTo(frame, QPoint(0, 0)), widget.size())
+        where = QRect(frame.mapTo(window, QPoint(0, 0)), frame.size())
+        if not (frame.rect().contains(shown) and window.rect().contains(where)):
+            text = widget.text() if isinstance(widget, (QLabel, QAbstractButton)) else ""
+            found.append(f"{type(widget).__name__} {text or widget.accessibleName()}".strip())
+    return found
+
+
+@contextmanager
+def virtual_display(screen: str = "1920x1080") -> Iterator[str]:
+    """A virtual X server (Xvfb) of one ``WIDTHxHEIGHT`` screen on the first free display
+    number: its name (":N")."""
+    if shutil.which("Xvfb") is None:
+        pytest.skip("Xvfb is not installed (packaging/system-deps.sh installs it)")
+    read, write = os.pipe()
+    server = subprocess.Popen(
+        ["Xvfb", "-displayfd", str(write), "-screen", "0", f"{screen}x24", "-nolisten", "tcp"],
+        pass_fds=(write,),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    os.close(write)
+    try:
+        with os.fdopen(read) as handle:
+            number = handle.readline().strip()  # written once the server accepts clients
+        if not number:
+            pytest.fail("Xvfb started but gave no display number")
+        yield f":{number}"
+    finally:
+        server.terminate()
+        server.wait(10)

@@ -49,19 +49,21 @@ def write_config(work: Path, bundle: Path, outbox: Path | None = None, **watch: 
 
 
 class ServiceProcess:
-    """Starts, stops and kills the service; reads its store read-only."""
+    """Starts, stops and kills the service; reads its store read-only. ``command``: the
+    cytoedge command that runs it (``gui --with-service``: the window's process)."""
 
-    def __init__(self, config: Path, state_dir: Path) -> None:
+    def __init__(self, config: Path, state_dir: Path, command: tuple[str, ...] = ("run",)) -> None:
         self.config = config
         self.store_path = state_dir / "jobs.sqlite"
         self.log = config.parent / "service.log"
+        self.command = command
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> ServiceProcess:
         env = {**os.environ, "CYTOEDGE_CONFIG": str(self.config), "QT_QPA_PLATFORM": "offscreen"}
         with open(self.log, "ab") as log:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "appliance", "run"],
+                [sys.executable, "-m", "appliance", *self.command],
                 cwd=ROOT,
                 env=env,
                 stdout=log,

@@ -165,8 +165,7 @@ def test_a_field_s_pixel_size_comes_from_its_sidecar_the_manifest_a_camera_or_th
 @pytest.mark.parametrize(
     ("make", "words"),
     [
-        (lambda f: None, "not complete yet"),
-        (lambda f: (f / ".ready").touch() or (f / "field-00.png").unlink(), "no field photos"),
+        (lambda f: (f / "field-00.png").unlink(), "no field photos"),
         (lambda f: (f / "manifest.json").write_text('{"fields": ["gone.jpg"]}'), "missing"),
         (lambda f: (f / "manifest.json").write_text('{"fields": 3}'), "must list the fields"),
         (lambda f: (f / "manifest.json").write_text("{nope"), "not valid JSON"),

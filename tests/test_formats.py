@@ -130,7 +130,8 @@ def test_one_pixel_over_the_limit_is_a_field_folder_for_both(
     )
     with pytest.raises(CellFolderError, match=f"at most {MAX_CELL_SIDE} px a side"):
         open_cell_folder(folder)
-    assert len(open_field_folder(folder, 0.25)) == 3
+    # At 0.5 um/px the narrow photos show 50 um across: room for a cell.
+    assert len(open_field_folder(folder, 0.5)) == 3
     # The probe opens the first photo as a field: these grey squares are no stained smear.
     with pytest.raises(NotBrightfieldError, match="grayscale"):
-        probe(folder, 0.25)
+        probe(folder, 0.5)

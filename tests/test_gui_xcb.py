@@ -8,11 +8,14 @@ import os
 import shutil
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 pytest.importorskip("PySide6")
+
+from tests.gui_checks import virtual_display
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -69,27 +72,10 @@ def test_the_xcb_platform_plugin_finds_all_its_libraries() -> None:
 
 
 @pytest.fixture
-def x_display() -> str:
+def x_display() -> Iterator[str]:
     """A virtual X server of this test's own, on the first free display number."""
-    if shutil.which("Xvfb") is None:
-        pytest.skip("Xvfb is not installed (packaging/system-deps.sh installs it)")
-    read, write = os.pipe()
-    server = subprocess.Popen(
-        ["Xvfb", "-displayfd", str(write), "-screen", "0", "1920x1080x24", "-nolisten", "tcp"],
-        pass_fds=(write,),
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    os.close(write)
-    try:
-        with os.fdopen(read) as handle:
-            number = handle.readline().strip()  # written once the server accepts clients
-        if not number:
-            pytest.fail("Xvfb started but gave no display number")
-        yield f":{number}"
-    finally:
-        server.terminate()
-        server.wait(10)
+    with virtual_display() as display:
+        yield display
 
 
 def test_the_window_runs_on_a_real_x_display(x_display: str, tmp_path: Path) -> None:

@@ -23,6 +23,7 @@ from appliance.readers import (
 )
 from appliance.readers.tiff_scan import TiffScan
 from cytoedge_demo import synthetic
+from export.probe_cells import render_cell_patches
 from tests.conftest import SHARED_DATA
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -155,21 +156,18 @@ def test_real_bccd_photos_open_at_the_configured_pixel_size() -> None:
     assert opened == 7
 
 
-def test_cell_folder_complete_only_with_ready_or_manifest(tmp_path: Path) -> None:
+def test_a_cell_folder_is_read_as_it_is_and_its_manifest_checked(tmp_path: Path) -> None:
     folder = tmp_path / "P1"
     folder.mkdir()
-    for index, patch in enumerate(synthetic.render_cell_patches(3, seed=1)):
+    for index, patch in enumerate(render_cell_patches(3, seed=1)):
         Image.fromarray(patch[40:184, 40:184]).save(folder / f"c{index}.tif")
-    with pytest.raises(CellFolderError, match="not complete"):
-        open_cell_folder(folder)
-    (folder / "manifest.json").write_text(json.dumps({"cells": ["c0.tif", "c9.tif"]}))
-    with pytest.raises(CellFolderError, match="missing"):
-        open_cell_folder(folder)
-    (folder / "manifest.json").unlink()
-    (folder / ".ready").touch()
+    # No .ready: whether a folder is copied in full is the inbox's question, not the reader's.
     cells = open_cell_folder(folder)
     assert cells.patient_id == "P1" and len(cells) == 3
     assert probe(folder).format == "cells"
+    (folder / "manifest.json").write_text(json.dumps({"cells": ["c0.tif", "c9.tif"]}))
+    with pytest.raises(CellFolderError, match="missing"):
+        open_cell_folder(folder)
 
 
 PEAK_SCRIPT = textwrap.dedent(

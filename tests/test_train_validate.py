@@ -94,6 +94,9 @@ def test_train_then_validate_recalibrate_and_verify(
     training_report = isolated_data_dir / "validation" / f"{base.name}-7" / "training"
     oof = json.loads((training_report / "report.json").read_text())
     assert oof["kind"] == "out-of-fold" and oof["bundle_sha256"] == made.sha256
+    # The table by name and hash, its copy beside the report: its own folder may not last.
+    assert oof["cases_table"] == "first.csv" == made.provenance["training"]["cases_table"]
+    assert (training_report / "cases-table.csv").read_bytes() == first.read_bytes()
     assert "Training report (out-of-fold)" in (training_report / "report.html").read_text()
 
     # Two cases added: only their scans are embedded, the rest come from the cache.

@@ -6,6 +6,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from rich import box
 from rich.console import Console
 from rich.table import Table
 
@@ -73,31 +74,32 @@ def score_inputs(
 
 
 def print_table(run: ScoreRun, console: Console) -> None:
-    table = Table(title="cytoedge results", show_lines=True)
-    for column in ("case", "v", "status", "cells", "calls"):
-        table.add_column(column)
-    table.add_column("result folder", overflow="fold")
+    """A row per call or finding of each case (or why it has none), then each case's
+    result folder on a line of its own, whole, to copy: at 80 columns no task or class
+    name is cut."""
+    table = Table(
+        title="cytoedge results", box=box.SIMPLE_HEAD, show_edge=False, padding=(0, 1, 0, 0)
+    )
+    table.add_column("case", overflow="fold")
+    table.add_column("v", justify="right")
+    table.add_column("cells", justify="right")
+    table.add_column("status")
+    table.add_column("task")
+    table.add_column("call / reason")
     for case in run.cases:
         result = case.result
-        lines = [
-            f"{p.label}: {p.call} {p.probability:.2f}"
+        calls = [
+            (p.label, f"{p.call} {p.probability:.2f}")
             for head in result.heads
             for p in head.predictions
         ]
-        lines += [f"{f.label}: {f.call or f.text}" for head in result.heads for f in head.findings]
-        status = (
-            result.status
-            if result.status == "scored"
-            else f"{result.status}: {result.abstain_reason}"
-        )
-        table.add_row(
-            result.case_id,
-            str(result.version),
-            status,
-            str(result.cells),
-            "\n".join(lines) or "-",
-            str(case.folder.path),
-        )
+        calls += [(f.label, f.call or f.text) for head in result.heads for f in head.findings]
+        first = (result.case_id, str(result.version), str(result.cells), result.status)
+        for index, (task, call) in enumerate(calls or [("-", result.abstain_reason or "-")]):
+            table.add_row(*(first if index == 0 else ("",) * len(first)), task, call)
+        table.add_section()
     for path, reason in run.rejected:
-        table.add_row(path.name, "-", f"rejected: {reason}", "-", "-", "-")
+        table.add_row(path.name, "-", "-", "rejected", "-", reason)
     console.print(table)
+    for case in run.cases:
+        console.print(f"{case.case_id} v{case.result.version}: {case.folder.path}", soft_wrap=True)

@@ -2,12 +2,12 @@
 
 One folder per patient (the folder name is the patient / case id) holding
 crops, 144x144 px by default (Metafer exports TIFF), at most
-``formats.MAX_CELL_SIDE`` px a side. The folder is complete when it holds a
-``.ready`` file or a ``manifest.json`` (``formats.folder_complete``); the
-manifest, when present, lists the cells: ``{"cells": ["c0001.tif", ...],
-"pixel_size_um": 0.25}`` (``pixel_size_um`` optional) and every listed file
-must exist. Without a manifest the cells are the files with the extensions of
-``formats.CELL_EXTENSIONS``.
+``formats.MAX_CELL_SIDE`` px a side. The folder is read as it is (whether a
+folder in the inbox is copied in full is the inbox's question); its
+``manifest.json``, when present, lists the cells: ``{"cells": ["c0001.tif",
+...], "pixel_size_um": 0.25}`` (``pixel_size_um`` optional) and every listed
+file must exist. Without a manifest the cells are the files with the extensions
+of ``formats.CELL_EXTENSIONS``.
 """
 
 from __future__ import annotations
@@ -21,10 +21,17 @@ import numpy as np
 
 from . import formats
 from .errors import CellFolderError, ScanError, fails_as, listed_files
-from .formats import MANIFEST_FILE, MAX_CELL_SIDE, READY_FILE
+from .formats import MANIFEST_FILE, MAX_CELL_SIDE
 from .image_scan import decode_rgb, open_image
 
 _MANIFEST_EXAMPLE = '{"cells": ["c0001.tif", ...], "pixel_size_um": 0.25}'
+# A manifest that says nothing of what the folder holds: its images' size made it a
+# folder of crops; say how to list either kind.
+_UNLISTED = (
+    f"{MANIFEST_FILE} does not list the images: at most {MAX_CELL_SIDE} px a side, they "
+    'were taken for single-cell crops; list them as "cells", or as "fields" if they are '
+    "field photos"
+)
 
 
 @dataclass(frozen=True)
@@ -61,6 +68,8 @@ def _manifest(folder: Path) -> tuple[list[Path], float | None]:
         text = manifest.read_text(encoding="utf-8")
     with fails_as(CellFolderError, folder, f"{MANIFEST_FILE} is not valid JSON"):
         data = json.loads(text)
+    if isinstance(data, dict) and "cells" not in data:
+        raise CellFolderError(folder, _UNLISTED)
     shape = f"{MANIFEST_FILE} must list the cells, e.g. {_MANIFEST_EXAMPLE}"
     with fails_as(CellFolderError, folder, shape):
         names = [str(name) for name in data["cells"]]
@@ -88,10 +97,6 @@ def open_cell_folder(folder: Path) -> CellFolder:
     folder = Path(folder)
     if not folder.is_dir():
         raise CellFolderError(folder, "not a folder: a single-cell scan is a folder of crops")
-    if not formats.folder_complete(folder):
-        raise CellFolderError(
-            folder, f"not complete yet: no {READY_FILE} file and no {MANIFEST_FILE}"
-        )
     pixel_um: float | None = None
     if (folder / MANIFEST_FILE).is_file():
         paths, pixel_um = _manifest(folder)

@@ -49,12 +49,13 @@ class Layout(StrEnum):
             Layout.FILE_WITH_DATA_FOLDER: "a file and its data folder of the same name",
             Layout.FOLDER_OF_FILES: "a folder of its files",
             Layout.CELL_FOLDER: (
-                f"a folder of crops of at most {MAX_CELL_SIDE} px a side, "
-                f"complete with {READY_FILE} or {MANIFEST_FILE}"
+                f"a folder of crops of at most {MAX_CELL_SIDE} px a side (in the inbox: "
+                f"complete with {READY_FILE} or {MANIFEST_FILE})"
             ),
             Layout.FIELD_FOLDER: (
-                f"a folder of photos larger than {MAX_CELL_SIDE} px a side (one smear), "
-                f"complete with {READY_FILE} or {MANIFEST_FILE}"
+                f"a folder of photos of one smear, larger than {MAX_CELL_SIDE} px a side or "
+                f'listed as "fields" in its {MANIFEST_FILE} (in the inbox: complete with '
+                f"{READY_FILE} or {MANIFEST_FILE})"
             ),
         }[self]
 
@@ -150,9 +151,15 @@ _SNIFF_BYTES = max(m.offset + len(m.value) for f in FORMATS for m in f.magic)
 # 0.25 um/px, and exports such as Metafer's are 144 px. 512 px a side leaves room
 # for wide margins and finer scanners, yet stays below a microscope field (a
 # camera frame is 640 px or more, a slide tile 800 px), so a field in a case
-# folder is not taken for a cell. The inbox and the cell-folder reader share it.
+# folder is not taken for a cell. It decides only what a folder's manifest does
+# not say: tiles of 512 px listed as "fields" are fields. The inbox and the
+# cell-folder reader share it.
 MAX_CELL_SIDE = 512
-# A folder of cells or fields is complete (its writer is done) once it holds one of these.
+# A field photo must hold a white cell (10-20 um) and the crop the pipeline takes
+# around it: 128 px at the 0.25 um/px working grid.
+MIN_FIELD_UM = 32.0
+# A folder of cells or fields says its writer is done with one of these (the inbox
+# waits for it; a folder named on the command line or in a cases table is at rest).
 READY_FILE = ".ready"
 MANIFEST_FILE = "manifest.json"
 
@@ -205,8 +212,3 @@ def image_size(path: Path) -> tuple[int, int] | None:
 
 def fits_a_cell(size: tuple[int, int]) -> bool:
     return max(size) <= MAX_CELL_SIDE
-
-
-def folder_complete(folder: Path) -> bool:
-    """A cell or field folder is complete once it holds ``.ready`` or its manifest."""
-    return (folder / READY_FILE).is_file() or (folder / MANIFEST_FILE).is_file()

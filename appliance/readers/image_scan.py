@@ -32,7 +32,8 @@ _DAMAGED_DATA = (
 )
 
 
-def _metadata_um(image: Image.Image) -> tuple[float, float] | None:
+def metadata_um(image: Image.Image) -> tuple[float, float] | None:
+    """(x, y) um/px from an open image's header (its resolution in a physical unit)."""
     dpi = image.info.get("dpi")
     if image.format == "JPEG" and image.info.get("jfif_unit") == 2:
         density = image.info.get("jfif_density", (0, 0))
@@ -90,7 +91,7 @@ class ImageScan(Scan):
     def __init__(self, path: Path, configured: pixel_size.Calibration | float) -> None:
         image = open_image(path)
         with image:
-            mpp_x, mpp_y, source = pixel_size.resolve(path, _metadata_um(image), configured)
+            mpp_x, mpp_y, source = pixel_size.resolve(path, metadata_um(image), configured)
             self._pixels = decode_rgb(path, image)
             self.format = f"image:{(image.format or 'unknown').lower()}"
         height, width = self._pixels.shape[:2]

@@ -17,6 +17,11 @@ from runtime.backends import RuntimeSettings
 from runtime.bundle_format import Bundle
 
 
+def qc_rejection(result: SlideResult) -> str:
+    """Why a processed slide gives the case no cells ("" when its QC passed)."""
+    return "" if result.qc_passed else f"slide QC failed: {result.qc_reason or 'no reason'}"
+
+
 class PipelineEngine:
     """``appliance.pipeline.slides.process_slide`` / ``appliance.pipeline.cases.score_case``
     with the site's settings."""
@@ -44,9 +49,11 @@ class PipelineEngine:
             progress=progress,
             fingerprint=fingerprint,
         )
-        rejected = "" if result.qc_passed else f"slide QC failed: {result.qc_reason or 'no reason'}"
         return SlideOutcome(
-            handle=result, n_cells=result.n_cells, rejected_reason=rejected, backend=result.backend
+            handle=result,
+            n_cells=result.n_cells,
+            rejected_reason=qc_rejection(result),
+            backend=result.backend,
         )
 
     def score_case(

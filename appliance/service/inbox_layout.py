@@ -15,10 +15,13 @@ Layout rules (docs/service.md):
 - Multi-file scans are one unit: ``X.mrxs`` with its folder ``X/``, a DICOM
   WSI folder (``*.dcm`` files), a single-cell folder (crops of at most
   ``formats.MAX_CELL_SIDE`` px a side) or a field folder (photos of one smear,
-  larger than that), each complete once it holds ``.ready`` or its manifest
-  (``appliance.readers.members.folder_layout`` tells them apart), an image with
+  larger than that or listed as fields by its manifest;
+  ``appliance.readers.members.folder_layout`` tells them apart), an image with
   its pixel-size sidecar ``<file>.json``. A cell or field folder at the top of
-  the inbox is a case of one; inside a case folder it is one of its slides.
+  the inbox is a case of one; inside a case folder it is one of its slides. It
+  is complete once it holds ``.ready`` or its manifest (``folder_complete``):
+  the inbox's own rule, for folders still being copied into it; the readers
+  open a folder as it is.
 - Temporary names (``.part``, ``.tmp``, ``~$...``, hidden files) are ignored
   until renamed; symlinks that lead out of the inbox are never followed.
 """
@@ -33,7 +36,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from appliance.readers import formats, pixel_size
-from appliance.readers.formats import READY_FILE, Layout
+from appliance.readers.formats import MANIFEST_FILE, READY_FILE, Layout
 from appliance.readers.members import (
     ScanMembers,
     data_folder,
@@ -169,6 +172,12 @@ def _units_in(
             kind = Layout.FILE_WITH_DATA_FOLDER
             extras = (*extras, data_folder(path))
         yield Unit(path, key, single, kind, case_dir, extras)
+
+
+def folder_complete(folder: Path) -> bool:
+    """A cell or field folder in the inbox is copied in full once it holds ``.ready`` or
+    its manifest (a technician adds one when the last image is in)."""
+    return (folder / READY_FILE).is_file() or (folder / MANIFEST_FILE).is_file()
 
 
 def scans_at(path: Path) -> list[Path]:

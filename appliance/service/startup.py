@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import signal
 import threading
+from collections.abc import Callable
 from types import FrameType
 
 from appliance.config import Config
@@ -56,12 +57,15 @@ def build_service(config: Config) -> Service:
     )
 
 
-def stop_on_signals(stop: threading.Event) -> None:
-    """SIGTERM, SIGINT and SIGHUP set ``stop`` (call from the main thread)."""
+def stop_on_signals(stop: threading.Event, then: Callable[[], None] | None = None) -> None:
+    """SIGTERM, SIGINT and SIGHUP set ``stop``, then call ``then`` (the window closes
+    itself); call from the main thread."""
 
     def on_signal(signum: int, _frame: FrameType | None) -> None:
         log.info("stop requested", extra={"signal": signal.Signals(signum).name})
         stop.set()
+        if then is not None:
+            then()
 
     for signum in STOP_SIGNALS:
         signal.signal(signum, on_signal)

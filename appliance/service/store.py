@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import sqlite3
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -125,6 +125,19 @@ class ResultRecord:
     bundle_sha256: str
     backend: str
     written_at: float
+
+
+@dataclass(frozen=True)
+class FinishedSlide:
+    """A slide scored outside the service (``JobStore.record_finished_case``)."""
+
+    path: str
+    state: str  # done | rejected
+    fingerprint: str | None = None  # None: the reader refused it (as ``reject_slide``)
+    reason: str = ""
+    n_cells: int | None = None
+    size: int = 0
+    mtime: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -637,6 +650,95 @@ class JobStore:
                 (QUEUED, now, case_id),
             )
 
+    # --- cases scored outside the service (``cytoedge demo``) ---------------------
+
+    def record_finished_case(
+        self,
+        case_key: str,
+        slides: Sequence[FinishedSlide],
+        *,
+        state: str,
+        reason: str,
+        result_version: int | None,
+        result_dir: str,
+        bundle_hash: str,
+        now: float,
+        written_by: BundleIdentity | None = None,
+        backend: str = "",
+    ) -> Case:
+        """A case scored by another process, recorded as the worker leaves a finished
+        case, in one transaction: the window and ``cytoedge status`` list it, and a
+        re-score asks the service to score it again. Slides are matched by path; content
+        the store already holds under this bundle in another row is recorded as a copy
+        of it. Refused (StoreError) while the service has work on that case."""
+        if state not in TERMINAL or any(s.state not in TERMINAL for s in slides):
+            raise StoreError(f"case {case_key}: only finished cases and slides are recorded")
+        pending = (WAITING, QUEUED, RUNNING)
+        with self._write() as conn:
+            busy = conn.execute(
+                "SELECT c.state FROM cases c WHERE c.case_key = ? AND (c.state IN (?, ?, ?) "
+                "OR EXISTS (SELECT 1 FROM slides s WHERE s.case_id = c.id AND s.state IN "
+                "(?, ?, ?)))",
+                (case_key, *pending, *pending),
+            ).fetchone()
+            if busy is not None:
+                raise StoreError(
+                    f"case {case_key} is in the service's queue ({busy['state']}): not recorded"
+                )
+            conn.execute(
+                "INSERT OR IGNORE INTO cases(case_key, state, received_at, updated_at, "
+                "single, last_slide_at) VALUES (?, ?, ?, ?, ?, ?)",
+                (case_key, state, now, now, int(len(slides) == 1), now),
+            )
+            case_id = conn.execute(
+                "SELECT id FROM cases WHERE case_key = ?", (case_key,)
+            ).fetchone()["id"]
+            for slide in slides:
+                self._record_finished_slide(conn, case_id, slide, bundle_hash, now)
+            if written_by is not None and result_version is not None:
+                conn.execute(
+                    "INSERT OR REPLACE INTO results(case_id, version, bundle_name, "
+                    "bundle_version, bundle_sha256, backend, written_at) "
+                    "VALUES (?, ?, ?, ?, ?, ?, ?)",
+                    (case_id, result_version, written_by.name, written_by.version,
+                     written_by.sha256, backend, now),
+                )  # fmt: skip
+            conn.execute(
+                "UPDATE cases SET state = ?, reason = ?, result_version = ?, result_dir = ?, "
+                "ready = 1, stage = '', progress = ?, attempts = 0, last_error = '', "
+                "next_attempt_at = 0, pending_version = NULL, started_at = ?, "
+                "finished_at = ?, updated_at = ? WHERE id = ?",
+                (state, reason, result_version, result_dir, 1.0 if state == DONE else 0.0,
+                 now, now, now, case_id),
+            )  # fmt: skip
+        return self.case(case_id)
+
+    @staticmethod
+    def _record_finished_slide(
+        conn: sqlite3.Connection, case_id: int, slide: FinishedSlide, bundle_hash: str, now: float
+    ) -> None:
+        original = None
+        if slide.fingerprint is not None:
+            original = conn.execute(
+                "SELECT id FROM slides WHERE fingerprint = ? AND bundle_hash = ? "
+                "AND duplicate_of IS NULL AND path != ?",
+                (slide.fingerprint, bundle_hash, slide.path),
+            ).fetchone()
+        conn.execute(
+            "INSERT OR IGNORE INTO slides(case_id, path, state, seen_at) VALUES (?, ?, ?, ?)",
+            (case_id, slide.path, slide.state, now),
+        )
+        conn.execute(
+            "UPDATE slides SET case_id = ?, state = ?, reason = ?, n_cells = ?, "
+            "fingerprint = ?, bundle_hash = ?, duplicate_of = ?, size = ?, mtime = ?, "
+            "stage = '', progress = ?, attempts = 1, last_error = '', next_attempt_at = 0, "
+            "rescore = 0, started_at = ?, finished_at = ? WHERE path = ?",
+            (case_id, slide.state, slide.reason, slide.n_cells, slide.fingerprint,
+             bundle_hash if slide.fingerprint is not None else "",
+             original["id"] if original is not None else None, slide.size, slide.mtime,
+             1.0 if slide.state == DONE else 0.0, now, now, slide.path),
+        )  # fmt: skip
+
     # --- rescore (any process may call this) ------------------------------------
 
     def request_rescore_slide(self, slide_id: int, now: float) -> Slide:
@@ -658,6 +760,17 @@ class JobStore:
         return [self.request_rescore_slide(s.id, now) for s in targets] or (
             self._reopen_case_only(case_id, now)
         )
+
+    def request_score_now(self, case_id: int, now: float) -> bool:
+        """Score a case collecting slides as soon as its slides are processed, without
+        waiting for its quiet period (what its `.ready` file does); False when it is no
+        longer waiting."""
+        with self._write() as conn:
+            changed = conn.execute(
+                "UPDATE cases SET ready = 1, updated_at = ? WHERE id = ? AND state = ?",
+                (now, case_id, WAITING),
+            ).rowcount
+        return bool(changed)
 
     def _reopen_case_only(self, case_id: int, now: float) -> list[Slide]:
         with self._write() as conn:

@@ -23,7 +23,7 @@ from watchdog.events import FileSystemEvent, FileSystemEventHandler
 from watchdog.observers import Observer
 from watchdog.observers.polling import PollingObserver
 
-from appliance.readers import ScanError, formats
+from appliance.readers import ScanError
 from appliance.service import inbox_layout
 from appliance.service.audit import AuditLog
 from appliance.service.audit import iso as _iso
@@ -206,7 +206,7 @@ class InboxWatcher:
             self.store.update_waiting(row.id, sig.size, sig.mtime, wall)
         if quiet_for < self.settings.quiet_seconds:
             return
-        if unit.kind.is_folder_of_images and not formats.folder_complete(unit.path):
+        if unit.kind.is_folder_of_images and not inbox_layout.folder_complete(unit.path):
             return  # a folder of cells or fields is complete only once it says so
         if not unit.supported:
             self._reject(row, unit, sig, unit.unsupported_reason)

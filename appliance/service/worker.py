@@ -119,6 +119,19 @@ class CaseOutcome:
             bundle=BundleIdentity(result.bundle.name, result.bundle.version, result.bundle.sha256),
         )
 
+    @property
+    def state(self) -> str:
+        """The case's state in the store: rejected when no call could be made."""
+        return REJECTED if self.status == "rejected" or self.no_call else DONE
+
+
+def with_left_out(reason: str, left_out: Sequence[tuple[str, str]]) -> str:
+    """A case's reason with the slides it was scored without: (file name, why)."""
+    if not left_out:
+        return reason
+    note = "; ".join(f"{name}: {why}" for name, why in left_out)
+    return f"{reason}; left out: {note}" if reason else f"left out: {note}"
+
 
 class Engine(Protocol):
     """The slide pipeline as the worker sees it."""
@@ -454,14 +467,13 @@ class Worker:
         return CaseOutcome.from_result(result, folder)
 
     def _finish_case(self, case: Case, outcome: CaseOutcome, slides: list[Slide]) -> None:
-        state = REJECTED if outcome.status == "rejected" or outcome.no_call else DONE
-        reason = outcome.reason
+        state = outcome.state
         failed = [
             s for s in slides if s.state == FAILED or (s.state == REJECTED and s.n_cells is None)
         ]
-        if failed:
-            note = "; ".join(f"{Path(s.path).name}: {s.reason or s.last_error}" for s in failed)
-            reason = f"{reason}; left out: {note}" if reason else f"left out: {note}"
+        reason = with_left_out(
+            outcome.reason, [(Path(s.path).name, s.reason or s.last_error) for s in failed]
+        )
         now = time.time()
         self.store.finish_case(
             case.id,

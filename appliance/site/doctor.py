@@ -11,12 +11,19 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
+from rich import box
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from appliance.config import Config
-from appliance.site.backend_check import REFERENCE, run_self_test, site_settings, write_record
+from appliance.site.backend_check import (
+    REFERENCE,
+    SelfTestReport,
+    run_self_test,
+    site_settings,
+    write_record,
+)
 from appliance.site.pace import measure_pace
 from runtime.backends import (
     Backend,
@@ -239,28 +246,7 @@ def _gpu_self_test(config: Config, bundle: Bundle | None, out: Console) -> bool:
             config.runtime.settings,
             progress=lambda stage, done: bars.update(task, description=stage, completed=done),
         )
-    table = Table(title=f"GPU self-test against {REFERENCE} (fp32), same inputs")
-    for column in ("network", "backend", "variant", "parity", "measured (limit)", "speed"):
-        table.add_column(column)
-    for row in report.measurements:
-        if row.passed is None:
-            table.add_row(row.network, row.backend, "-", "not loaded", row.detail, "-")
-            continue
-        measured = "; ".join(
-            f"{key} {_figure(value)} ({row.limits[key]})"
-            if key in row.limits
-            else f"{key} {_figure(value)}"
-            for key, value in row.metrics.items()
-        )
-        table.add_row(
-            row.network,
-            row.backend,
-            row.variant,
-            "[green]pass[/]" if row.passed else "[bold red]FAIL[/]",
-            measured,
-            f"{row.seconds_per_unit:.3g} s/{row.unit}",
-        )
-    out.print(table)
+    out.print(self_test_table(report))
     record = write_record(config.state_dir, bundle, report)
     if report.avoid:
         out.print(
@@ -269,6 +255,39 @@ def _gpu_self_test(config: Config, bundle: Bundle | None, out: Console) -> bool:
         )
     out.print(f"GPU self-test: {'passed' if report.passed else '[bold red]FAILED[/]'}")
     return report.passed
+
+
+def self_test_table(report: SelfTestReport) -> Table:
+    """Each network on each backend against the reference: names whole, one measure a
+    line, the speed under the verdict, so that it reads at 80 columns."""
+    table = Table(
+        title=f"GPU self-test against {REFERENCE} (fp32), same inputs",
+        box=box.SIMPLE_HEAD,
+        show_edge=False,
+        padding=0,
+    )
+    table.add_column("network", no_wrap=True)
+    table.add_column("backend", no_wrap=True)
+    table.add_column("parity, speed")
+    table.add_column("measured (limit)", overflow="fold")
+    for row in report.measurements:
+        if row.passed is None:
+            table.add_row(row.network, row.backend, "not loaded", row.detail)
+            continue
+        measured = "\n".join(
+            f"{key} {_figure(value)} ({row.limits[key]})"
+            if key in row.limits
+            else f"{key} {_figure(value)}"
+            for key, value in row.metrics.items()
+        )
+        verdict = "[green]pass[/]" if row.passed else "[bold red]FAIL[/]"
+        table.add_row(
+            row.network,
+            f"{row.backend} {row.variant}",
+            f"{verdict}\n{row.seconds_per_unit:.3g} s/{row.unit}",
+            measured,
+        )
+    return table
 
 
 def _figure(value: float) -> str:

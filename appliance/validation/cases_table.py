@@ -21,12 +21,12 @@ it: the header is row 1) and the column.
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from appliance.service.inbox_layout import scans_at
-from runtime.files import sha256_file
 from runtime.labels import DIAGNOSIS, HEMOGLOBIN, MYELOMA_MARKERS, PB_CLASSES
 
 CASE_ID = "case_id"
@@ -52,19 +52,26 @@ class LabelledCase:
 @dataclass(frozen=True)
 class CasesTable:
     path: Path
-    sha256: str
+    sha256: str  # of ``data``
     columns: tuple[str, ...]  # the label columns present
     cases: tuple[LabelledCase, ...]
+    data: bytes = field(repr=False)  # the bytes read: what a report keeps a copy of
 
     def __len__(self) -> int:
         return len(self.cases)
+
+    @property
+    def name(self) -> str:
+        """How reports and records name the table: its file name (the path may not last)."""
+        return self.path.name
 
 
 def read_cases_table(path: Path | str) -> CasesTable:
     """Parse and check the whole table; CasesTableError on the first problem."""
     path = Path(path)
     try:
-        text = path.read_bytes().decode("utf-8-sig")
+        data = path.read_bytes()
+        text = data.decode("utf-8-sig")
     except FileNotFoundError:
         raise CasesTableError(f"{path}: no such file") from None
     except UnicodeDecodeError:
@@ -94,7 +101,7 @@ def read_cases_table(path: Path | str) -> CasesTable:
         cases.append(case)
     if not cases:
         raise CasesTableError(f"{path}: no cases below the header")
-    return CasesTable(path, sha256_file(path), columns, tuple(cases))
+    return CasesTable(path, hashlib.sha256(data).hexdigest(), columns, tuple(cases), data)
 
 
 def _check_header(path: Path, header: list[str]) -> tuple[str, ...]:

@@ -19,6 +19,7 @@ import numpy as np
 
 from appliance.results import BundleRecord, HeadRecord, PredictionRecord
 from appliance.validation import metrics
+from appliance.validation.cases_table import CasesTable
 from runtime.bundle_format import HeadSpec
 from runtime.head_kinds import Labels
 
@@ -121,7 +122,7 @@ class ValidationReport:
     bundle_version: str
     bundle_sha256: str
     intended_use: str
-    cases_table: str
+    cases_table: str  # the table's file name; a copy lies beside the report
     cases_table_sha256: str
     cases: int
     bootstrap_resamples: int
@@ -275,12 +276,12 @@ def build_report(
     cases: Sequence[ValidationCase],
     *,
     kind: ReportKind,
-    cases_table: str,
-    cases_table_sha256: str,
+    table: CasesTable,
     resamples: int = metrics.BOOTSTRAP_RESAMPLES,
     seed: int = 0,
 ) -> ValidationReport:
-    """Every figure of every head in ``heads`` (those of ``bundle``) over ``cases``."""
+    """Every figure of every head in ``heads`` (those of ``bundle``) over ``cases``, the
+    cases of ``table``."""
     tasks: list[TaskFigures] = []
     classes: list[ClassFigures] = []
     values: list[ValueFigures] = []
@@ -300,8 +301,8 @@ def build_report(
         bundle_version=bundle.version,
         bundle_sha256=bundle.sha256,
         intended_use=bundle.intended_use,
-        cases_table=cases_table,
-        cases_table_sha256=cases_table_sha256,
+        cases_table=table.name,
+        cases_table_sha256=table.sha256,
         cases=len(cases),
         bootstrap_resamples=resamples,
         seed=seed,

@@ -4,6 +4,10 @@ pictures, and report.pdf printed from the same HTML as the case report is
 
 Pictures: ``roc-<n>.png`` and ``reliability-<n>.png`` for the n-th task of
 ``tasks`` (1-based), ``classes-<n>.png`` for the n-th entry of ``classes``.
+
+The report names its cases table by file name and sha256 and keeps a copy of the
+bytes read as ``cases-table.csv``: the folder the table was read from may be gone
+(a build's temporary folder) by the time anyone reads the report.
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from appliance.results.report import DEMO_WARNING, write_report_pdf
+from appliance.validation.cases_table import CasesTable
 from appliance.validation.measures import (
     ClassFigures,
     Proportion,
@@ -20,12 +25,13 @@ from appliance.validation.measures import (
     ValidationReport,
 )
 from appliance.validation.pictures import reliability_picture, roc_picture
-from runtime.files import atomic_path, write_json_atomic, write_text_atomic
+from runtime.files import atomic_path, write_bytes_atomic, write_json_atomic, write_text_atomic
 from runtime.typed_json import dump
 
 REPORT_JSON = "report.json"
 REPORT_HTML = "report.html"
 REPORT_PDF = "report.pdf"
+TABLE_COPY = "cases-table.csv"
 TITLES = {"validation": "Validation report", "out-of-fold": "Training report (out-of-fold)"}
 PICTURE_WIDTH = 300
 
@@ -59,10 +65,12 @@ def _proportion(p: Proportion) -> str:
 
 
 def write_validation_report(
-    folder: Path, report: ValidationReport, *, pdf: bool = True
+    folder: Path, report: ValidationReport, table: CasesTable, *, pdf: bool = True
 ) -> ReportFiles:
-    """Write every file of the report into ``folder`` (created); each file atomically."""
+    """Write every file of the report on ``table``'s cases into ``folder`` (created), with
+    the table's copy; each file atomically."""
     folder.mkdir(parents=True, exist_ok=True)
+    write_bytes_atomic(folder / TABLE_COPY, table.data)
     for n, task in enumerate(report.tasks, start=1):
         title = f"{task.head}: {task.label}"
         operating = None
@@ -154,7 +162,8 @@ def _header(report: ValidationReport) -> str:
         f"<tr><td><b>Bundle</b></td><td>{_e(report.bundle_name)} {_e(report.bundle_version)} "
         f"({_e(report.intended_use)}), sha256 {_e(report.bundle_sha256[:16])}</td></tr>"
         f"<tr><td><b>Cases</b></td><td>{report.cases} from {_e(report.cases_table)} "
-        f"(sha256 {_e(report.cases_table_sha256[:16])})</td></tr>"
+        f"(sha256 {_e(report.cases_table_sha256[:16])}; a copy is {TABLE_COPY} "
+        "beside this report)</td></tr>"
         f"</table><p>{what}</p>"
     )
 

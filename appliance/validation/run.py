@@ -62,10 +62,9 @@ def validate_bundle(
             BundleRecord(bundle.name, bundle.version, bundle.sha256, bundle.intended_use),
             cases,
             kind="validation",
-            cases_table=str(table.path),
-            cases_table_sha256=table.sha256,
+            table=table,
             resamples=resamples,
             seed=seed,
         )
-        files = write_validation_report(folder, report, pdf=pdf)
+        files = write_validation_report(folder, report, table, pdf=pdf)
     return ValidationRun(report, files, tuple(cohort))

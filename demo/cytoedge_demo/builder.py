@@ -575,6 +575,8 @@ def run_demo(config: Config, *, rebuild: bool = False) -> int:
 
 def _run_demo(config: Config, rebuild: bool) -> int:
     from appliance.cli.score_command import print_table, score_inputs
+    from appliance.service.store import StoreError
+    from cytoedge_demo.queue_rows import record_demo_cases
 
     console = Console(stderr=True)
     target = _demo_target(config)
@@ -596,8 +598,12 @@ def _run_demo(config: Config, rebuild: bool) -> int:
         ("demo-blurred", scans["blurred"]),
     ]
     run = score_inputs(groups, bundle, config, console)
+    try:
+        record_demo_cases(config.state_dir, groups, run)
+        listed = "`cytoedge gui` lists these cases in its queue."
+    except StoreError as exc:
+        listed = f"The window's queue does not list these cases: {exc}"
     print_table(run, Console())
-    for case in run.cases:
-        console.print(f"{case.case_id}: {case.folder.path / 'report.html'}")
+    console.print(listed)
     console.print("Demo model, not for diagnosis.")
     return 1 if run.rejected else 0
