@@ -245,7 +245,7 @@ def _train_head(
         return None
     targets = objective.targets([truths[r] for r in rows])
     _check_enough(name, objective, targets, options.folds, left_out)
-    bags = [cohort[r].bag(base.cells.max_cells_per_case) for r in rows]
+    bags = [cohort[r].bag(base) for r in rows]
     with new_progress(console) as progress:
         task = progress.add_task(f"head {name}: {options.folds} folds", total=1.0)
         validation = cross_validate(

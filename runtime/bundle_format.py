@@ -160,7 +160,9 @@ class HeadSpec:
     ``inputs``: the kinds of slide it scores (a myeloma head's smears are scans, a
     peripheral blood head's crops are single-cell folders and the white cells found on
     blood field photos); a case runs only the heads whose inputs hold every kind of its
-    slides.
+    slides. ``bag_classes``: the classes of the bundle's cell head a case head reads
+    (plasma cells for a myeloma head, white cells for a blood head); empty: every
+    kept cell. The bundle's ``cell_head`` is a HeadSpec too, of a per-cell kind.
     """
 
     name: str
@@ -171,6 +173,7 @@ class HeadSpec:
     indeterminate_band: float = 0.0
     calibration: dict[str, Any] = field(default_factory=dict)
     inputs: tuple[HeadInput, ...] = INPUT_KINDS
+    bag_classes: tuple[str, ...] = ()
     extra: dict[str, Any] = field(default_factory=dict)  # the kind's own keys
 
     @property
@@ -242,6 +245,11 @@ class QcSpec:
     min_nuclei_per_tile: int = 5
     max_artefact_fraction: float = 0.2
     min_plasma_cell_fraction: float = 0.10
+    # The paper's inclusion rule (IMWG minimum) for a case of slide scans, once the
+    # bundle's cell head knows plasma cells: below min_plasma_cell_fraction of its
+    # classified cells the result is "outside the burden the model was validated on":
+    # a warning for a person (warn), no call (abstain), or nothing (off).
+    plasma_cell_rule: Literal["warn", "abstain", "off"] = "warn"
     blur_um_per_px: float = 0.25
     intensity_relative_to_glass: bool = False
     extra: dict[str, Any] = field(default_factory=dict)
@@ -311,6 +319,7 @@ class Bundle:
     encoder: EncoderSpec
     heads: tuple[HeadSpec, ...]
     segmenter: SegmenterSpec | None = None
+    cell_head: HeadSpec | None = None
     stain_reference: StainReference | None = None
     qc: QcSpec = field(default_factory=QcSpec)
     cells: CellsSpec = field(default_factory=CellsSpec)
@@ -342,6 +351,21 @@ class Bundle:
         return tuple(head for head in self.heads if set(kinds) <= set(head.inputs))
 
     @property
+    def cell_classes(self) -> tuple[str, ...]:
+        """The classes of the cell head, in its output order (none without one)."""
+        return self.cell_head.outputs if self.cell_head is not None else ()
+
+    def budget_classes(self, kind: str) -> tuple[str, ...]:
+        """The cell-head classes a slide of this kind (INPUT_KINDS) is visited for:
+        the union of the bags of the heads that read such a slide, when every one of
+        them reads only some classes; empty: every kept cell counts."""
+        heads = [head for head in self.heads if kind in head.inputs]
+        if self.cell_head is None or not heads or not all(h.bag_classes for h in heads):
+            return ()
+        wanted = {name for head in heads for name in head.bag_classes}
+        return tuple(name for name in self.cell_classes if name in wanted)
+
+    @property
     def slide_sha256(self) -> str:
         """A digest of what shapes a slide's cells and embeddings: the encoder,
         segmenter, stain reference, QC and cell sections and their files' hashes.
@@ -349,9 +373,16 @@ class Bundle:
         share it, so their slide-cache entries are shared too."""
         sections = {
             name: dump(getattr(self, name))
-            for name in ("encoder", "segmenter", "stain_reference", "qc", "cells")
+            for name in ("encoder", "segmenter", "cell_head", "stain_reference", "qc", "cells")
         }
+        if self.cell_head is None:  # a bundle made before cell heads: the same digest
+            sections.pop("cell_head")
+        else:  # the visit counts the bags' classes; calibration applies when a case is scored
+            for key in ("calibration", "thresholds", "labels"):
+                sections["cell_head"].pop(key)
+            sections["budget_classes"] = {k: self.budget_classes(k) for k in INPUT_KINDS}
         sections["cells"].pop("max_cells_per_case")  # chosen when a case is scored
+        sections["qc"].pop("plasma_cell_rule")  # likewise
         segmenter = sections["segmenter"]
         for key in ("variants", "int8_note"):  # a bundle made before they existed: same digest
             if isinstance(segmenter, dict) and not segmenter.get(key):
@@ -361,6 +392,8 @@ class Bundle:
         used = [*self.encoder.variants.values()]
         if self.segmenter is not None:
             used += [self.segmenter.file, *self.segmenter.variants.values()]
+        if self.cell_head is not None:
+            used += list(self.cell_head.files)
         files = {rel: self.files[rel].sha256 for rel in sorted(used) if rel in self.files}
         text = json.dumps({"sections": sections, "files": files}, sort_keys=True)
         return hashlib.sha256(text.encode("utf-8")).hexdigest()
@@ -390,7 +423,15 @@ class Bundle:
 # ---------------------------------------------------------------- loading
 
 _TOP_REQUIRED = ("format_version", "name", "version", "intended_use", "files", "encoder", "heads")
-_TOP_OPTIONAL = ("created", "segmenter", "stain_reference", "qc", "cells", "provenance")
+_TOP_OPTIONAL = (
+    "created",
+    "segmenter",
+    "cell_head",
+    "stain_reference",
+    "qc",
+    "cells",
+    "provenance",
+)
 
 
 def load_bundle(path: Path | str, *, verify_files: bool = True) -> Bundle:
@@ -451,6 +492,20 @@ def _check_cross_references(bundle: Bundle) -> None:
         referenced += [(f"segmenter.variants.{k}", v) for k, v in bundle.segmenter.variants.items()]
     for head in bundle.heads:
         referenced += [(f"heads[{head.name}].files", f) for f in head.files]
+        if head.head_kind.per_cell:
+            raise BundleError(f"heads[{head.name}]: a {head.kind} head belongs in cell_head")
+        if head.bag_classes:
+            if bundle.cell_head is None:
+                raise BundleError(f"heads[{head.name}].bag_classes needs the bundle's cell_head")
+            unknown = sorted(set(head.bag_classes) - set(bundle.cell_head.outputs))
+            if unknown:
+                raise BundleError(
+                    f"heads[{head.name}].bag_classes: {unknown} are not classes of the cell head"
+                )
+    if bundle.cell_head is not None:
+        if not bundle.cell_head.head_kind.per_cell:
+            raise BundleError(f"cell_head: a {bundle.cell_head.kind} head is a case head")
+        referenced += [("cell_head.files", f) for f in bundle.cell_head.files]
     for where, relative in referenced:
         if relative not in bundle.files:
             raise BundleError(f"{where}: {relative} is not listed in files")
@@ -504,6 +559,7 @@ def write_bundle(
     encoder: EncoderSpec,
     heads: Sequence[HeadSpec],
     segmenter: SegmenterSpec | None = None,
+    cell_head: HeadSpec | None = None,
     stain_reference: StainReference | None = None,
     qc: QcSpec | None = None,
     cells: CellsSpec | None = None,
@@ -543,6 +599,7 @@ def write_bundle(
             encoder=encoder,
             heads=tuple(heads),
             segmenter=segmenter,
+            cell_head=cell_head,
             stain_reference=stain_reference,
             qc=qc or QcSpec.current(),
             cells=cells or CellsSpec(),

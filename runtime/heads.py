@@ -1,8 +1,11 @@
-"""MIL heads on a bag of cell embeddings: ensemble-averaged probabilities, calls, attention.
+"""Heads on cell embeddings: a case head's bag, and the cell head's every cell.
 
-``HeadRunner`` loads every ensemble member of one head, checks that each has the
-outputs its kind needs, runs them on a bag, averages them and hands the mean to
+``HeadRunner`` loads every ensemble member of one case head, checks that each has
+the outputs its kind needs, runs them on a bag, averages them and hands the mean to
 the head's kind (``runtime.head_kinds``), which calibrates and calls it.
+``CellHeadRunner`` does the same for the bundle's cell head, row by row: the mean
+of its members' class probabilities per cell (``probabilities``, what the slide
+cache keeps), and each cell's call from it (``classify``).
 """
 
 from __future__ import annotations
@@ -14,8 +17,10 @@ import numpy as np
 
 from runtime.backends import Backend, BackendError, RuntimeSettings, open_model
 from runtime.bundle_format import Bundle, HeadSpec
-from runtime.head_kinds import Finding, Prediction
+from runtime.head_kinds import CellCalls, CellHeadKind, Finding, Prediction
 from runtime.head_kinds.base import BASE_OUTPUTS
+
+CELL_BATCH = 4096  # cells per call of the cell head: its work per cell is a few matmuls
 
 
 class BagError(ValueError):
@@ -121,3 +126,61 @@ def load_heads(
     ``runtime.bundle_format.INPUT_KINDS``) only the heads that score such a case."""
     heads = bundle.heads if inputs is None else bundle.heads_for(inputs)
     return {head.name: HeadRunner(bundle, head.name, settings) for head in heads}
+
+
+class CellHeadRunner:
+    """The bundle's cell head: every ensemble member loaded, run on rows of cells."""
+
+    def __init__(self, bundle: Bundle, settings: RuntimeSettings | None = None) -> None:
+        if bundle.cell_head is None:
+            raise ValueError(f"bundle {bundle.name} {bundle.version} has no cell head")
+        self.spec: HeadSpec = bundle.cell_head
+        kind = self.spec.head_kind
+        if not isinstance(kind, CellHeadKind):
+            raise ValueError(f"cell_head {self.spec.name}: {self.spec.kind} is not a cell head")
+        self.kind = kind
+        self.classes = self.spec.outputs
+        self.embed_dim = bundle.encoder.embed_dim
+        self.members: list[Backend] = [
+            open_model(bundle.file(relative), settings, engine_dir=bundle.engines_dir)
+            for relative in self.spec.files
+        ]
+        for member in self.members:
+            inputs = {spec.name: spec for spec in member.inputs}
+            if set(inputs) != {"features"} or "probabilities" not in {
+                o.name for o in member.outputs
+            }:
+                raise BackendError(
+                    f"{member.path.name}: a cell head needs input features and output probabilities"
+                )
+
+    def probabilities(self, embeddings: np.ndarray) -> np.ndarray:
+        """(N, D) -> (N, C) float32: the members' mean class probabilities, uncalibrated."""
+        if embeddings.ndim != 2 or embeddings.shape[1] != self.embed_dim:
+            raise BagError(f"cells must be (N, {self.embed_dim}), got {embeddings.shape}")
+        out = np.zeros((len(embeddings), len(self.classes)), np.float32)
+        limits = [m.max_batch for m in self.members if m.max_batch is not None]
+        step = min([CELL_BATCH, *limits])
+        for start in range(0, len(embeddings), step):
+            rows = np.ascontiguousarray(embeddings[start : start + step], dtype=np.float32)
+            runs = [m.run({"features": rows})["probabilities"] for m in self.members]
+            mean = np.mean([np.asarray(r, np.float32) for r in runs], axis=0)
+            if mean.shape != (len(rows), len(self.classes)):
+                raise BackendError(
+                    f"cell head {self.spec.name}: probabilities {mean.shape}, expected "
+                    f"({len(rows)}, {len(self.classes)})"
+                )
+            out[start : start + len(rows)] = mean
+        return out
+
+    def classify(self, probabilities: np.ndarray) -> CellCalls:
+        """Each cell's class, calibrated confidence and whether it is sure enough."""
+        return self.kind.classify(self.spec, probabilities)
+
+    @property
+    def backend_name(self) -> str:
+        return self.members[0].name
+
+    def close(self) -> None:
+        for member in self.members:
+            member.close()

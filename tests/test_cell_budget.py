@@ -3,7 +3,9 @@ the zone, and the result says how much of the zone was examined and why it stopp
 
 from __future__ import annotations
 
+import csv
 import dataclasses
+import io
 import threading
 from pathlib import Path
 
@@ -12,7 +14,8 @@ import pytest
 from PIL import Image
 
 from appliance.pipeline import qc, stain, tiles
-from appliance.pipeline.cases import case_shares, score_case
+from appliance.pipeline.bags import case_shares
+from appliance.pipeline.cases import score_case
 from appliance.pipeline.networks import SlideNetworks
 from appliance.pipeline.scans import MIN_JUDGED_TILES
 from appliance.pipeline.slides import process_slide
@@ -165,10 +168,11 @@ def test_a_case_budget_takes_each_slides_first_cells_and_the_result_says_what_it
     assert sum(r.cells for r in records) == case.result.cells == budget
     assert [r.cells + r.cells_set_aside for r in records] == found
     for slide, record in zip(slides, records, strict=True):
-        rows = (case.folder.path / record.outputs.cells_csv).read_text().splitlines()
-        assert len(rows) == 1 + record.cells, "the cell table holds the cells the heads saw"
-        ids = [int(row.split(",")[0]) for row in rows[1:]]
-        assert ids == list(slide.cells().cell_ids[: record.cells]), "the start of the visit"
+        table = (case.folder.path / record.outputs.cells_csv).read_text()
+        rows = list(csv.DictReader(io.StringIO(table)))
+        assert len(rows) == record.cells + record.cells_set_aside, "every kept cell is shown"
+        in_bag = [int(row["cell_id"]) for row in rows if row["attention"]]
+        assert in_bag == list(slide.cells().cell_ids[: record.cells]), "the start of the visit"
     with np.load(case.folder.path / "embeddings.npz") as saved:
         assert len(saved["embeddings"]) == budget
     report = (case.folder.path / "report.html").read_text(encoding="utf-8")

@@ -14,14 +14,15 @@ from skimage.draw import disk, ellipse
 from appliance.pipeline.cells import (
     CSV_COLUMNS,
     Cell,
+    CellCallLabels,
     CellError,
     CellFilters,
     cells_csv,
     cells_geojson,
     crop_patch,
-    csv_with_attention,
+    csv_with_calls,
     encoder_patches,
-    geojson_with_attention,
+    geojson_with_calls,
     mask_eccentricity,
     measure_cells,
     polygon_circularity,
@@ -224,20 +225,45 @@ def test_geojson_is_a_qupath_detection_collection() -> None:
 
 def test_attention_is_added_to_both_tables_by_position_and_checked() -> None:
     cells = some_cells()
-    collection = geojson_with_attention(cells_geojson(cells), "s1", np.array([0.25, 0.75]))
+    collection = geojson_with_calls(cells_geojson(cells), "s1", np.array([0.25, 0.75]))
     features = collection["features"]
     assert [f["properties"]["measurements"]["attention"] for f in features] == [0.25, 0.75]
     assert {f["properties"]["slide"] for f in features} == {"s1"}
-    unscored = geojson_with_attention(cells_geojson(cells), "s1", None)["features"]
+    unscored = geojson_with_calls(cells_geojson(cells), "s1", None)["features"]
     assert "attention" not in unscored[0]["properties"]["measurements"]
-    rows = list(csv.DictReader(io.StringIO(csv_with_attention(cells_csv(cells), [0.1, 0.9]))))
+    rows = list(csv.DictReader(io.StringIO(csv_with_calls(cells_csv(cells), np.array([0.1, 0.9])))))
     assert list(rows[0]) == [*CSV_COLUMNS, "attention"]
     assert float(rows[1]["attention"]) == pytest.approx(0.9)
-    assert csv_with_attention(cells_csv(cells), None) == cells_csv(cells)
+    assert csv_with_calls(cells_csv(cells), None) == cells_csv(cells)
     with pytest.raises(CellError, match="2 cells"):
-        geojson_with_attention(cells_geojson(cells), "s1", np.array([1.0]))
+        geojson_with_calls(cells_geojson(cells), "s1", np.array([1.0]))
     with pytest.raises(CellError, match="2 cells"):
-        csv_with_attention(cells_csv(cells), np.array([1.0, 2.0, 3.0]))
+        csv_with_calls(cells_csv(cells), np.array([1.0, 2.0, 3.0]))
+
+
+def test_cell_calls_colour_the_detections_for_qupath_and_fill_the_table() -> None:
+    cells = some_cells()
+    calls = CellCallLabels(
+        names=["plasma_cell", "lymphocyte"],
+        labels=["Plasma cell", "Lymphocyte"],
+        colours=[(0, 120, 60), (30, 90, 200)],
+        confidence=np.array([0.97, 0.41]),
+        sure=np.array([True, False]),
+    )
+    # The second cell is outside the heads' bag: no attention, but still classified.
+    attention = np.array([0.6, np.nan])
+    features = geojson_with_calls(cells_geojson(cells), "s1", attention, calls)["features"]
+    first, second = (f["properties"] for f in features)
+    # QuPath reads a detection's class as classification {name, color [r, g, b]}.
+    assert first["classification"] == {"name": "Plasma cell", "color": [0, 120, 60]}
+    assert second["classification"] == {"name": "Unsure", "color": [128, 128, 128]}
+    assert second["predicted_class"] == "lymphocyte"
+    assert second["measurements"]["class_confidence"] == pytest.approx(0.41)
+    assert "attention" not in second["measurements"]
+    rows = list(csv.DictReader(io.StringIO(csv_with_calls(cells_csv(cells), attention, calls))))
+    assert [r["cell_class"] for r in rows] == ["plasma_cell", "lymphocyte"]
+    assert [r["class_sure"] for r in rows] == ["1", "0"]
+    assert rows[0]["attention"] != "" and rows[1]["attention"] == ""
 
 
 def test_csv_holds_one_row_per_cell_with_its_polygon_in_level0_pixels() -> None:

@@ -114,7 +114,7 @@ def test_the_result_round_trips_through_json_and_every_part_is_typed(tmp_path: P
     ("change", "message"),
     [
         (lambda d: d.update(schema_version=1), "schema_version 1 is not one this cytoedge reads"),
-        (lambda d: d.update(schema_version=3), "schema_version 3 is not one this cytoedge reads"),
+        (lambda d: d.update(schema_version=4), "schema_version 4 is not one this cytoedge reads"),
         (lambda d: d.update(high_risk="positive"), "unknown key.*high_risk"),
         (lambda d: d["scans"][0].update(cells="many"), r"scans\[0\].cells must be an integer"),
         (lambda d: d.update(status="maybe"), "status must be one of scored, abstained, rejected"),
@@ -206,3 +206,15 @@ def test_gallery_shows_twenty_cells(tmp_path: Path) -> None:
     folder, _ = write_case_result(tmp_path, make_content(case_id="c"), write_pdf=False)
     gallery = Image.open(folder.path / "gallery.png")
     assert gallery.size == (5 * 128, 4 * (128 + 30))
+
+
+def test_a_version_2_result_reads_as_version_3_without_the_cell_head(tmp_path: Path) -> None:
+    folder, written = write_case_result(tmp_path, make_content(), write_pdf=False)
+    data = json.loads((folder.path / "result.json").read_text())
+    for key in ("differential", "burden", "warnings", "cell_gallery"):
+        data.pop(key)
+    data["schema_version"] = 2
+    (folder.path / "result.json").write_text(json.dumps(data))
+    again = read_result(folder.path)
+    assert again.differential is None and again.warnings == () and again.cell_gallery == ()
+    assert again.heads == written.heads

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from runtime.head_kinds import Finding, HeadKind, Interpretation
+from runtime.head_kinds import CaseHeadKind, Finding, Interpretation
 from runtime.head_kinds.base import predict
 from runtime.typed_json import SpecError
 
@@ -23,7 +23,7 @@ class ScoreParams:
     margin_label: str = "Distance from the cut-off"
 
 
-class CutOffScore(HeadKind):
+class CutOffScore(CaseHeadKind):
     name = "toy_cut_off_score"
     params_type = ScoreParams
 

@@ -1,5 +1,6 @@
-"""A case from its processed slides: the heads over all their cells, the decision
-whether a call can be made, and the next version of the case's result folder.
+"""A case from its processed slides: the cell head's differential, the case heads
+over their bags, the decision whether a call can be made, and the next version of
+the case's result folder.
 
 ``score_case`` is what the service and ``cytoedge score`` call once a case's slides
 are processed (``appliance.pipeline.slides.process_slide``); it reads each slide's cached
@@ -17,13 +18,13 @@ from pathlib import Path
 
 import numpy as np
 
+from appliance.pipeline.bags import CaseBag
+from appliance.pipeline.case_outputs import CaseViews
 from appliance.pipeline.cell_folders import CELL_FOLDER_FORMAT
-from appliance.pipeline.cells import csv_with_attention, geojson_with_attention
+from appliance.pipeline.differential import burden, classify, differential
 from appliance.pipeline.progress import ProgressCallback, StageTimer, no_progress
-from appliance.pipeline.slide_cache import SlideCells
 from appliance.pipeline.slides import SlideResult
 from appliance.results import (
-    GALLERY_CELLS,
     SCHEMA_VERSION,
     BundleRecord,
     CaseContent,
@@ -33,9 +34,6 @@ from appliance.results import (
     HeadRecord,
     PredictionRecord,
     ResultFolder,
-    ScanRecord,
-    SlideContent,
-    TopCell,
     write_case_result,
 )
 from runtime.backends import RuntimeSettings
@@ -43,7 +41,6 @@ from runtime.bundle_format import Bundle
 from runtime.head_kinds import INDETERMINATE
 from runtime.heads import HeadResult, load_heads
 
-TOP_CELLS = GALLERY_CELLS
 TOP_FRACTION = 0.2  # the paper's explainability figure: the top 20 % of cells hold ~68 %
 INPUT_WORDS = {
     "scans": "slide scans",
@@ -80,49 +77,66 @@ def score_case(
     progress: ProgressCallback = no_progress,
     write_pdf: bool = True,
 ) -> ScoredCase:
-    """Run the bundle's heads over all cells of the case's slides; write version N+1."""
+    """Run the bundle's heads over the cells of the case's slides; write version N+1."""
     if not slides:
         raise ValueError("a case needs at least one slide")
     timer = StageTimer(progress)
     progress("heads", 0.0)
+    passed = [s for s in slides if s.qc_passed]
     with timer.stage("load cells"):
-        passed = [s for s in slides if s.qc_passed]
-        cells = case_cells(passed, bundle.cells.max_cells_per_case)
+        kept = {s.slide_id: s.cells() for s in passed}
+    calls = (
+        {sid: classify(bundle, c.class_probabilities) for sid, c in kept.items()}
+        if bundle.cell_head is not None
+        else {}
+    )
     qc_failures = [f"{s.slide_id}: {s.qc_reason}" for s in slides if not s.qc_passed]
-    n_cells = sum(len(c.embeddings) for c in cells.values())
+    inputs = case_inputs(slides)
+    heads = bundle.heads_for(inputs)
+    bag = CaseBag.of(bundle, kept, heads)
+    found = differential(bundle, list(calls.values()))
+    load = burden(bundle, found, inputs)
+    below = load is not None and load.below and load.rule != "off"
+    warnings = (load.sentence(),) if below and load.rule == "warn" else ()
 
     head_results: list[HeadResult] = []
-    attention = np.zeros(n_cells, np.float32)
+    attention = np.zeros(bag.size, np.float32)
     backend = slides[0].backend
-    inputs = case_inputs(slides)
     no_head = (
         None
-        if bundle.heads_for(inputs)
+        if heads
         else f"no head of bundle {bundle.name} {bundle.version} scores {inputs_words(inputs)}"
     )
-    if not no_head and n_cells >= bundle.cells.min_cells and len(qc_failures) < len(slides):
-        bag = np.concatenate([c.embeddings for c in cells.values()])
+    outside = load.sentence() if below and load.rule == "abstain" else None
+    runnable = not no_head and not outside and len(qc_failures) < len(slides)
+    if runnable and bag.smallest >= bundle.cells.min_cells:
         with timer.stage("heads"):
             runners = load_heads(bundle, settings, inputs)
             try:
-                head_results = [runner.predict(bag) for runner in runners.values()]
+                for name, runner in runners.items():
+                    result = runner.predict(bag.features(name))
+                    head_results.append(result)
+                    bag.add_attention(name, result.attention)
                 backend = next(iter(runners.values())).backend_name
             finally:
                 for runner in runners.values():
                     runner.close()
-        attention = np.mean([h.attention for h in head_results], axis=0).astype(np.float32)
+        attention = bag.attention()
     progress("heads", 1.0)
 
-    heads = tuple(head_record(h) for h in head_results)
+    records = tuple(head_record(h) for h in head_results)
     reason = abstain_reason(
-        n_cells,
+        bag.smallest,
         bundle.cells.min_cells,
         qc_failures,
         len(slides),
-        [p for h in heads for p in h.predictions],
+        [p for h in records for p in h.predictions],
         no_head=no_head,
+        outside=outside,
     )
-    top = _top_cells(passed, cells, attention) if head_results else []
+    views = CaseViews(bundle, passed, kept, calls, bag, attention, scored=bool(head_results))
+    top = views.top_cells() if head_results else []
+    gallery = views.cell_gallery()
     draft = CaseResult(
         schema_version=SCHEMA_VERSION,
         case_id=case_id,
@@ -132,19 +146,24 @@ def score_case(
         abstain_reason=reason,
         bundle=BundleRecord(bundle.name, bundle.version, bundle.sha256, bundle.intended_use),
         backend=backend,
-        scans=tuple(_scan_record(s, cells.get(s.slide_id)) for s in slides),
-        heads=heads,
+        scans=tuple(views.scan_record(s) for s in slides),
+        heads=records,
         top_cells=tuple(cell for cell, _, _ in top),
-        attention_top20_mass=top_attention_mass(attention) if n_cells else None,
+        attention_top20_mass=top_attention_mass(attention) if bag.size else None,
         timings_s={**_slide_timings(slides), **timer.rounded()},
         outputs=CaseOutputs(report_html="report.html", cells_geojson="cells.geojson"),
+        differential=found,
+        burden=load,
+        warnings=warnings,
+        cell_gallery=tuple(cell for cell, _ in gallery),
     )
     content = CaseContent(
         result=draft,
-        slides=_slide_contents(passed, cells, attention, scored=bool(head_results)),
+        slides=views.slide_contents(),
         gallery_patches=[patch for _, patch, _ in top],
         gallery_captions=[caption for _, _, caption in top],
-        embeddings=_embeddings(passed, cells, attention),
+        cell_gallery_patches=[patch for _, patch in gallery],
+        embeddings=views.embeddings(),
     )
     progress("write", 0.0)
     folder, result = write_case_result(outbox, content, write_pdf=write_pdf)
@@ -154,49 +173,9 @@ def score_case(
         case_id,
         f"abstained: {reason}" if reason else result.status,
         result.version,
-        extra={"case": case_id, "status": result.status, "cells": n_cells},
+        extra={"case": case_id, "status": result.status, "cells": bag.size},
     )
     return ScoredCase(result, folder, tuple(slides))
-
-
-def case_shares(counts: Sequence[int], budget: int) -> list[int]:
-    """How many of each slide's cells go into the case's bag.
-
-    All of them when they fit in ``budget`` (0: no budget); else an equal share each,
-    a slide with fewer cells giving all it has and its unused share going to the others.
-    """
-    if budget <= 0 or sum(counts) <= budget:
-        return list(counts)
-    shares = [0] * len(counts)
-    left = budget
-    by_size = sorted(range(len(counts)), key=lambda index: counts[index])
-    for done, index in enumerate(by_size):
-        shares[index] = min(counts[index], left // (len(by_size) - done))
-        left -= shares[index]
-    return shares
-
-
-def case_cells(slides: Sequence[SlideResult], budget: int) -> dict[str, SlideCells]:
-    """The cells the heads see, by slide id: each slide's share of the case's budget
-    (``case_shares``) from the start of its visit, which is spread over its zone.
-
-    Scoring, training and validation all take a case's bag from here. The shares depend
-    on the case's slides only, not on the order they arrived in, so a re-score after a
-    late slide gives what scoring all of them at once gives.
-    """
-    loaded = {slide.slide_id: slide.cells() for slide in slides}
-    by_id = sorted(loaded)  # equal slides share the remainder the same way in any order
-    counts = [len(loaded[slide_id].embeddings) for slide_id in by_id]
-    shares = dict(zip(by_id, case_shares(counts, budget), strict=True))
-    return {slide_id: cells.first(shares[slide_id]) for slide_id, cells in loaded.items()}
-
-
-def _scan_record(slide: SlideResult, cells: SlideCells | None) -> ScanRecord:
-    """The slide's scan as the case used it: ``cells`` in the bag, the rest set aside."""
-    if cells is None or len(cells.embeddings) == slide.scan.cells:
-        return slide.scan
-    used = len(cells.embeddings)
-    return dataclasses.replace(slide.scan, cells=used, cells_set_aside=slide.scan.cells - used)
 
 
 def slide_input(slide: SlideResult) -> str:
@@ -234,18 +213,22 @@ def abstain_reason(
     predictions: Sequence[PredictionRecord],
     *,
     no_head: str | None = None,
+    outside: str | None = None,
 ) -> str | None:
     """Why the case gets no call, or None when it can be scored.
 
     ``qc_failures`` lists "<slide>: <reason>" for slides that failed QC; they
     contribute no cells. The case abstains when no slide passed QC, when no head
-    of the bundle scores its kind of input (``no_head`` says so), when too few
-    cells remain, or when every task came out indeterminate.
+    of the bundle scores its kind of input (``no_head`` says so), when its plasma
+    cells are below the burden the bundle abstains under (``outside`` says so), when
+    too few cells remain in a head's bag, or when every task came out indeterminate.
     """
     if qc_failures and len(qc_failures) >= n_slides:
         return "slide QC failed: " + "; ".join(qc_failures)
     if no_head:
         return no_head
+    if outside:
+        return outside
     if n_cells < min_cells:
         return f"too few cells: {n_cells} (the bundle needs at least {min_cells})"
     if predictions and all(p.call == INDETERMINATE for p in predictions):
@@ -270,74 +253,3 @@ def _slide_timings(slides: Sequence[SlideResult]) -> dict[str, float]:
         for stage, seconds in slide.timings_s.items():
             total[stage] = round(total.get(stage, 0.0) + seconds, 3)
     return total
-
-
-def _slide_contents(
-    slides: Sequence[SlideResult],
-    cells: dict[str, SlideCells],
-    attention: np.ndarray,
-    scored: bool,
-) -> list[SlideContent]:
-    """Per-slide pictures and tables with the attention of each cell."""
-    contents, start = [], 0
-    for slide in slides:
-        c = cells[slide.slide_id]
-        share = attention[start : start + len(c.embeddings)]
-        start += len(c.embeddings)
-        contents.append(
-            SlideContent(
-                slide_id=slide.slide_id,
-                thumbnail=c.thumbnail,
-                thumbnail_scale=c.thumbnail_scale,
-                cell_xy=c.xy,
-                attention=share,
-                cells_csv=csv_with_attention(c.table_csv, share if scored else None),
-                geojson=geojson_with_attention(
-                    c.geojson, slide.slide_id, share if scored else None
-                ),
-            )
-        )
-    return contents
-
-
-def _top_cells(
-    slides: Sequence[SlideResult], cells: dict[str, SlideCells], attention: np.ndarray
-) -> list[tuple[TopCell, np.ndarray, str]]:
-    """The cells that weighed most, in rank order: (record, crop, gallery caption)."""
-    owners, start = [], 0
-    for slide in slides:
-        owners.append((slide.slide_id, start, cells[slide.slide_id]))
-        start += len(cells[slide.slide_id].xy)
-    top = []
-    for rank, index in enumerate(np.argsort(-attention)[:TOP_CELLS], start=1):
-        slide_id, offset, c = next(o for o in owners if o[1] <= index < o[1] + len(o[2].xy))
-        local = int(index - offset)
-        x, y = (float(v) for v in c.xy[local])
-        cell_id = int(c.cell_ids[local])
-        record = TopCell(
-            rank=rank,
-            slide=slide_id,
-            cell_id=cell_id,
-            x=x,
-            y=y,
-            attention=float(attention[index]),
-            image=f"top_cells/{rank:02d}.png",
-        )
-        caption = f"#{rank} a={attention[index]:.4f}\n{slide_id[:14]} cell {cell_id}"
-        top.append((record, np.asarray(c.patches[local]), caption))
-    return top
-
-
-def _embeddings(
-    slides: Sequence[SlideResult], cells: dict[str, SlideCells], attention: np.ndarray
-) -> dict[str, np.ndarray]:
-    """embeddings.npz: every cell of the case in bag order, with its attention and place."""
-    if not cells:
-        return {}
-    return {
-        "embeddings": np.concatenate([cells[s.slide_id].embeddings for s in slides]),
-        "attention": attention,
-        "slide": np.array([s.slide_id for s in slides for _ in cells[s.slide_id].cell_ids]),
-        "cell_id": np.concatenate([cells[s.slide_id].cell_ids for s in slides]),
-        "xy": np.concatenate([cells[s.slide_id].xy for s in slides]),
-    }

@@ -41,6 +41,8 @@ def process_cell_folder(
         embeddings = networks.embed(
             np.stack(inputs), progress=lambda done, total: timer.progress("embed", done / total)
         )
+    with timer.stage("classify"):
+        probabilities = networks.classify(embeddings)
     mosaic, xy = _mosaic(crops)
     table = io.StringIO()
     writer = csv.writer(table, lineterminator="\n")
@@ -56,6 +58,7 @@ def process_cell_folder(
         geojson={"type": "FeatureCollection", "features": []},
         thumbnail=mosaic,
         thumbnail_scale=1.0,
+        class_probabilities=probabilities,
     )
     scan = SlideInput(
         path=str(path),

@@ -19,9 +19,10 @@ Per object (a StarDist star-convex polygon):
 Tables: CSV (one row per cell, polygon as WKT) and a QuPath-importable GeoJSON
 FeatureCollection of detections with measurements, both in level-0 pixels of the
 scan so that they overlay it (cells of a field folder: in the pixels of the photo
-each is on, named by a ``field`` column / property); a slide's tables are made once (and cached) and
-the case's attention is added to them after scoring (``csv_with_attention``,
-``geojson_with_attention``).
+each is on, named by a ``field`` column / property); a slide's tables are made once
+(and cached) and the case's attention and the cell head's calls are added to them
+after scoring (``csv_with_calls``, ``geojson_with_calls``; QuPath colours a cell by
+its ``classification``).
 """
 
 from __future__ import annotations
@@ -45,6 +46,8 @@ from runtime.bundle_format import CellsSpec
 ENCODER_INPUT_PX = 224
 CLOSING_PX = 3  # nucleus closing footprint at 0.25 um/px
 CLASSIFICATION = "Nucleated cell"
+UNSURE = "Unsure"  # a cell below the cell head's operating point, for a person
+UNSURE_RGB = (128, 128, 128)
 CSV_COLUMNS = (
     "cell_id", "x", "y", "area_um2", "nucleus_area_um2", "nc_ratio", "circularity",
     "eccentricity", "confidence", "tile_id", "polygon_wkt",
@@ -391,42 +394,88 @@ def cells_geojson(
     return {"type": "FeatureCollection", "features": features}
 
 
-def _attention_values(rows: int, attention: np.ndarray) -> np.ndarray:
-    values = np.asarray(attention, np.float64).ravel()
+@dataclass(frozen=True)
+class CellCallLabels:
+    """The cell head's call of each row of a cell table, as the tables show it."""
+
+    names: Sequence[str]  # class key per cell
+    labels: Sequence[str]  # what a person reads
+    colours: Sequence[tuple[int, int, int]]
+    confidence: np.ndarray  # (N,) calibrated
+    sure: np.ndarray  # (N,) bool: at or above the operating point
+
+
+def _row_values(rows: int, values: np.ndarray | Sequence[Any], what: str) -> None:
     if len(values) != rows:
-        raise CellError(f"{len(values)} attention values for {rows} cells")
-    return values
+        raise CellError(f"{len(values)} {what} for {rows} cells")
 
 
-def csv_with_attention(table_csv: str, attention: np.ndarray | None) -> str:
-    """A cell table with an ``attention`` column added, row by row (unchanged when None)."""
-    if attention is None or not table_csv:
+def csv_with_calls(
+    table_csv: str, attention: np.ndarray | None, calls: CellCallLabels | None = None
+) -> str:
+    """A cell table with ``attention`` (blank for a cell outside the heads' bag, NaN) and,
+    with a cell head, ``cell_class``, ``class_confidence`` and ``class_sure`` columns
+    added row by row (unchanged when both are None)."""
+    if (attention is None and calls is None) or not table_csv:
         return table_csv
     header, *rows = csv.reader(io.StringIO(table_csv))
-    values = _attention_values(len(rows), attention)
+    extra = []
+    if attention is not None:
+        _row_values(len(rows), attention, "attention values")
+        extra.append("attention")
+    if calls is not None:
+        _row_values(len(rows), calls.names, "cell classes")
+        extra += ["cell_class", "class_confidence", "class_sure"]
     out = io.StringIO()
     writer = csv.writer(out, lineterminator="\n")
-    writer.writerow([*header, "attention"])
-    for row, value in zip(rows, values, strict=True):
-        writer.writerow([*row, f"{value:.6g}"])
+    writer.writerow([*header, *extra])
+    for index, row in enumerate(rows):
+        values = []
+        if attention is not None:
+            value = float(attention[index])
+            values.append("" if np.isnan(value) else f"{value:.6g}")
+        if calls is not None:
+            values += [
+                calls.names[index],
+                f"{float(calls.confidence[index]):.4f}",
+                "1" if calls.sure[index] else "0",
+            ]
+        writer.writerow([*row, *values])
     return out.getvalue()
 
 
-def geojson_with_attention(
-    collection: Mapping[str, Any], slide_id: str, attention: np.ndarray | None
+def geojson_with_calls(
+    collection: Mapping[str, Any],
+    slide_id: str,
+    attention: np.ndarray | None,
+    calls: CellCallLabels | None = None,
 ) -> dict[str, Any]:
-    """The slide's detections named with ``slide`` and, when given, each cell's attention.
+    """The slide's detections named with ``slide`` and, when given, each cell's attention
+    (none for a cell outside the heads' bag, NaN) and the cell head's call: QuPath's
+    ``classification`` {name, color} of its class, or *Unsure* below the operating
+    point, with the class and its confidence among the measurements.
 
     A collection without features (a single-cell folder has no geometry) stays empty.
     """
     source = list(collection.get("features") or [])
-    values = _attention_values(len(source), attention) if attention is not None and source else None
+    if source and attention is not None:
+        _row_values(len(source), attention, "attention values")
+    if source and calls is not None:
+        _row_values(len(source), calls.names, "cell classes")
     features = []
     for index, feature in enumerate(source):
         properties = dict(feature.get("properties") or {})
         measurements = dict(properties.get("measurements") or {})
-        if values is not None:
-            measurements["attention"] = float(values[index])
+        if attention is not None and not np.isnan(attention[index]):
+            measurements["attention"] = float(attention[index])
+        if calls is not None:
+            sure = bool(calls.sure[index])
+            measurements["class_confidence"] = round(float(calls.confidence[index]), 4)
+            properties["predicted_class"] = calls.names[index]
+            properties["classification"] = {
+                "name": calls.labels[index] if sure else UNSURE,
+                "color": list(calls.colours[index] if sure else UNSURE_RGB),
+            }
         properties["measurements"] = measurements
         properties["slide"] = slide_id
         features.append({**feature, "properties": properties})

@@ -185,7 +185,11 @@ def process_fields(
 
     def empty() -> SlideCells:
         return SlideCells.empty(
-            bundle.encoder.embed_dim, thumbnail, thumb_scale, params.filters.patch_px
+            bundle.encoder.embed_dim,
+            thumbnail,
+            thumb_scale,
+            params.filters.patch_px,
+            len(bundle.cell_classes),
         )
 
     # 2. stains once over the slide's fields
@@ -222,7 +226,7 @@ def process_fields(
         return empty(), scan_entry, verdict
 
     # 4. the slide's cells: sheet coordinates, tables in each photo's pixels
-    kept, embeddings, patches = sink.finish()
+    kept, embeddings, probabilities, patches = sink.finish()
     origins = np.array([sheet.origins[i] for i in owners], np.float32)
     in_photos = [c.at(fields[i].pixel_size_um) for c, i in zip(kept, owners, strict=True)]
     names = [folder.name(i) for i in owners]
@@ -236,6 +240,7 @@ def process_fields(
         geojson=cells_geojson(in_photos, fields=names),
         thumbnail=thumbnail,
         thumbnail_scale=thumb_scale,
+        class_probabilities=probabilities,
     )
     return cells, scan_entry, verdict
 

@@ -1,4 +1,5 @@
-"""The bundle's encoder and segmenter sessions, opened once and shared by many slides."""
+"""The bundle's encoder, segmenter and cell head sessions, opened once and shared by
+many slides."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from appliance.pipeline.segmentation import Segmenter
 from runtime.backends import RuntimeSettings
 from runtime.bundle_format import Bundle
 from runtime.encoder import Encoder
+from runtime.heads import CellHeadRunner
 
 
 class SlideNetworks:
@@ -28,6 +30,7 @@ class SlideNetworks:
         self.settings = settings or RuntimeSettings()
         self._encoder: Encoder | None = None
         self._segmenter: Segmenter | None = None
+        self._cell_head: CellHeadRunner | None = None
         self.embedded = 0  # images embedded so far, over all slides
 
     def __enter__(self) -> SlideNetworks:
@@ -42,6 +45,14 @@ class SlideNetworks:
         embeddings = self._encoder.embed(patches, progress=progress)
         self.embedded += len(patches)
         return embeddings
+
+    def classify(self, embeddings: np.ndarray) -> np.ndarray:
+        """(N, C) class probabilities from the bundle's cell head ((N, 0) without one)."""
+        if self.bundle.cell_head is None:
+            return np.zeros((len(embeddings), 0), np.float32)
+        if self._cell_head is None:
+            self._cell_head = CellHeadRunner(self.bundle, self.settings)
+        return self._cell_head.probabilities(embeddings)
 
     def segmenter(self) -> Segmenter:
         if self._segmenter is None:
@@ -74,3 +85,6 @@ class SlideNetworks:
         if self._segmenter is not None:
             self._segmenter.network.close()
             self._segmenter = None
+        if self._cell_head is not None:
+            self._cell_head.close()
+            self._cell_head = None

@@ -60,7 +60,11 @@ def process_scan(
         timer.seconds["read"] = time.perf_counter() - opened
         timer.progress("read", 1.0)
         empty = SlideCells.empty(
-            bundle.encoder.embed_dim, thumbnail, thumb_scale, params.filters.patch_px
+            bundle.encoder.embed_dim,
+            thumbnail,
+            thumb_scale,
+            params.filters.patch_px,
+            len(bundle.cell_classes),
         )
         if not grid:
             return empty, scan_entry, qc.slide_verdict([], params.qc).record()
@@ -81,14 +85,15 @@ def process_scan(
         segmenter = networks.segmenter()
         nuclei_stains = params.nuclei_stains(stains)
         budget = bundle.cells.max_cells_per_slide
+        budget_classes = bundle.budget_classes("scans")
         tile_qcs = []
-        sink = CellSink(networks, params.filters.patch_px, spool, timer)
+        sink = CellSink(networks, params.filters.patch_px, spool, timer, budget_classes)
         # Closed here, whether the budget stops the visit or an error does: its worker
         # is done with the scan before the scan is closed.
         with contextlib.closing(prepared_tiles(scan, specs, stains, params, timer)) as prepared:
             for index, (tile, result, normalised) in enumerate(prepared):
                 tile_qcs.append(result)
-                if normalised is not None and not 0 < budget <= sink.count:
+                if normalised is not None and not 0 < budget <= sink.counted(budget):
                     spec, m = tile.spec, tile.spec.margin
                     sink.add(
                         cells_in_window(
@@ -104,9 +109,9 @@ def process_scan(
                     )
                 done = (index + 1) / len(specs)
                 if budget > 0:
-                    done = max(done, min(sink.count / budget, 1.0))
+                    done = max(done, min(sink.counted(budget) / budget, 1.0))
                 timer.progress("segment", done)
-                if 0 < budget <= sink.count and len(tile_qcs) >= MIN_JUDGED_TILES:
+                if 0 < budget <= sink.counted(budget) and len(tile_qcs) >= MIN_JUDGED_TILES:
                     break
         scan_entry = replace(
             scan_entry,
@@ -114,14 +119,16 @@ def process_scan(
                 tiles=len(tile_qcs),
                 zone_tiles=len(specs),
                 budget=budget,
-                stopped="budget" if 0 < budget <= sink.count else "zone",
+                stopped="budget" if 0 < budget <= sink.counted(budget) else "zone",
+                budget_classes=budget_classes,
+                counted=sink.counted(0) if budget_classes else None,
             ),
         )
         verdict = qc.slide_verdict(tile_qcs, params.qc).record()
     if verdict.verdict == qc.FAIL or not sink.count:
         sink.discard()
         return empty, scan_entry, verdict
-    found, embeddings, patches = sink.finish()
+    found, embeddings, probabilities, patches = sink.finish()
     cells = SlideCells(
         embeddings=embeddings,
         xy=np.array([[c.x, c.y] for c in found], np.float32),
@@ -131,5 +138,6 @@ def process_scan(
         geojson=cells_geojson(found, level0_scale),
         thumbnail=thumbnail,
         thumbnail_scale=thumb_scale,
+        class_probabilities=probabilities,
     )
     return cells, scan_entry, verdict

@@ -14,7 +14,6 @@ from __future__ import annotations
 import csv
 import dataclasses
 import io
-import itertools
 import json
 import os
 import shutil
@@ -29,8 +28,9 @@ from PIL import Image
 from appliance.results.schema import ExaminedRecord, ScanRecord
 
 # 4: the scan as a typed ScanRecord (result schema 2); 5: field folders, blur judged at the
-# bundle's scale, stains estimated from every stained pixel (docs/qc.md)
-CACHE_FORMAT = 5
+# bundle's scale, stains estimated from every stained pixel (docs/qc.md); 6: each cell's
+# class probabilities from the bundle's cell head
+CACHE_FORMAT = 6
 THUMBNAIL_LONG_SIDE = 1024  # a slide's picture: at most this many pixels on its long side
 _PATCH_CHUNK = 256  # rows copied at a time: memory stays bounded for any slide
 _COPY_BYTES = 1 << 22
@@ -68,9 +68,14 @@ class SlideCells:
     geojson: dict[str, Any]  # FeatureCollection, one feature per cell in the order above
     thumbnail: np.ndarray  # (h, w, 3) uint8
     thumbnail_scale: float  # 0.25-um pixels per thumbnail pixel
+    # (N, C) float32: the cell head's mean class probabilities, uncalibrated (the case
+    # applies its calibration and operating point); C = 0 without a cell head
+    class_probabilities: np.ndarray
 
     @classmethod
-    def empty(cls, dim: int, thumbnail: np.ndarray, scale: float, patch_px: int) -> SlideCells:
+    def empty(
+        cls, dim: int, thumbnail: np.ndarray, scale: float, patch_px: int, classes: int = 0
+    ) -> SlideCells:
         return cls(
             embeddings=np.zeros((0, dim), np.float32),
             xy=np.zeros((0, 2), np.float32),
@@ -80,25 +85,43 @@ class SlideCells:
             geojson={"type": "FeatureCollection", "features": []},
             thumbnail=thumbnail,
             thumbnail_scale=scale,
+            class_probabilities=np.zeros((0, classes), np.float32),
         )
 
-    def first(self, count: int) -> SlideCells:
-        """The first ``count`` cells (the order the slide was visited in), with their rows."""
-        if count >= len(self.embeddings):
-            return self
+    def classes(self) -> np.ndarray:
+        """(N,) int: each cell's most probable class (-1 each without a cell head)."""
+        if not self.class_probabilities.shape[1]:
+            return np.full(len(self.embeddings), -1, np.int64)
+        return self.class_probabilities.argmax(axis=1)
+
+    def take(self, indices: np.ndarray) -> SlideCells:
+        """The cells at ``indices`` (ascending: the order the slide was visited in),
+        with their rows of the tables."""
+        indices = np.asarray(indices, np.int64)
+        count = len(indices)
+        if np.array_equal(indices, np.arange(count)):
+            if count == len(self.embeddings):
+                return self
+            rows: slice | np.ndarray = slice(0, count)  # a prefix keeps the crops mapped
+        else:
+            rows = indices
         table = io.StringIO()
-        csv.writer(table, lineterminator="\n").writerows(
-            itertools.islice(csv.reader(io.StringIO(self.table_csv)), count + 1)
-        )
+        if self.table_csv:
+            header, *lines = csv.reader(io.StringIO(self.table_csv))
+            csv.writer(table, lineterminator="\n").writerows([header, *(lines[i] for i in indices)])
         features = list(self.geojson.get("features") or [])
         return dataclasses.replace(
             self,
-            embeddings=self.embeddings[:count],
-            xy=self.xy[:count],
-            cell_ids=self.cell_ids[:count],
-            patches=self.patches[:count],
+            embeddings=self.embeddings[rows],
+            xy=self.xy[rows],
+            cell_ids=self.cell_ids[rows],
+            patches=self.patches[rows],
             table_csv=table.getvalue(),
-            geojson={**self.geojson, "features": features[:count]},
+            geojson={
+                **self.geojson,
+                "features": [features[i] for i in indices] if features else [],
+            },
+            class_probabilities=self.class_probabilities[rows],
         )
 
 
@@ -126,6 +149,7 @@ def write_entry(entry: Path, meta: dict[str, Any], cells: SlideCells) -> None:
             embeddings=cells.embeddings,
             xy=cells.xy,
             cell_ids=cells.cell_ids,
+            class_probabilities=cells.class_probabilities,
         )
         save_npy_chunked(staging / "patches.npy", cells.patches)
         (staging / "cells.csv").write_text(cells.table_csv, encoding="utf-8")
@@ -183,4 +207,5 @@ def read_cells(entry: Path) -> SlideCells:
         geojson=json.loads((entry / "cells.geojson").read_text(encoding="utf-8")),
         thumbnail=thumbnail,
         thumbnail_scale=float(meta["thumbnail_scale"]),
+        class_probabilities=loaded["class_probabilities"],
     )

@@ -4,6 +4,7 @@ Layout (docs/DESIGN.md "Result folders")::
 
     <outbox>/<case_id>/v<N>/   result.json report.html report.pdf gallery.png
                                cells.geojson embeddings.npz top_cells/NN.png
+                               cells/<class or unsure>/NN.png
                                slides/<slide_id>/ cells.csv cells.geojson
                                                   heatmap.png thumbnail.png
     <outbox>/<case_id>/latest.json   {"version": N, "path": "v<N>"}
@@ -84,6 +85,7 @@ class CaseContent:
     slides: list[SlideContent]
     gallery_patches: list[np.ndarray] = field(default_factory=list)  # (s, s, 3) uint8
     gallery_captions: list[str] = field(default_factory=list)
+    cell_gallery_patches: list[np.ndarray] = field(default_factory=list)  # result.cell_gallery
     embeddings: dict[str, np.ndarray] = field(default_factory=dict)  # saved to embeddings.npz
 
 
@@ -283,6 +285,9 @@ def _write_version_files(
         gallery = render_gallery(content.gallery_patches, content.gallery_captions)
         write_png_atomic(folder / "gallery.png", gallery)
         outputs = dataclasses.replace(outputs, gallery="gallery.png")
+    # Classified cells by class and the unsure ones: the window's galleries, re-labelling.
+    for cell, patch in zip(content.result.cell_gallery, content.cell_gallery_patches, strict=True):
+        write_png_atomic(folder / cell.image, Image.fromarray(np.asarray(patch)))
 
     result = dataclasses.replace(
         content.result,

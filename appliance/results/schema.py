@@ -13,7 +13,12 @@ Version history: 1, the first result folders (top-level ``predictions``,
 2, each head's calls and findings under ``heads``, per-scan ``outputs``,
 ``review``: a person's sign-off, written as a new version of the case
 (``appliance.results.review``), and field folders (``scans[].fields``,
-``qc.nuclei_per_mm2``); all added to 2 before it was released.
+``qc.nuclei_per_mm2``); all added to 2 before it was released; 3, the cell head's
+differential (``differential``), the burden of a group of classes with the inclusion
+rule (``burden``), case-level ``warnings``, the crops of classified cells
+(``cell_gallery``), each top cell's class, and what a class-restricted bag left out
+(``scans[].cells_other_classes``, ``examined.budget_classes`` and ``.counted``). A
+version 2 document reads as version 3 without them.
 """
 
 from __future__ import annotations
@@ -25,7 +30,8 @@ from typing import Any, Literal
 
 from runtime.typed_json import SpecError, dump, json_schema, parse_section
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
+READABLE_VERSIONS = (2, 3)  # a version 2 result is a version 3 one without the cell head
 RESULT_FILE = "result.json"
 
 Status = Literal["scored", "abstained", "rejected"]
@@ -72,6 +78,10 @@ class ExaminedRecord:
     zone_tiles: int  # tiles in the cellular zone
     budget: int  # the bundle's cells per slide (0: no budget)
     stopped: str  # "budget": that many cells kept; "zone": every zone tile visited
+    # The cell-head classes the budget counted (a class-restricted bag, e.g. plasma
+    # cells), with how many of them the visit kept; empty: every kept cell counted.
+    budget_classes: tuple[str, ...] = ()
+    counted: int | None = None
 
     @property
     def fraction(self) -> float:
@@ -79,11 +89,16 @@ class ExaminedRecord:
 
     def sentence(self) -> str:
         """ "Examined 87 of 121 tiles of the cellular zone (72 %): ..." """
+        counted = "cells"
+        if self.budget_classes:
+            counted = " or ".join(name.replace("_", " ") for name in self.budget_classes) + " cells"
         why = (
-            f"stopped at the bundle's budget of {self.budget} cells"
+            f"stopped at the bundle's budget of {self.budget} {counted}"
             if self.stopped == "budget"
             else "the whole zone"
         )
+        if self.budget_classes and self.counted is not None:
+            why += f" ({self.counted} {counted} kept)"
         return (
             f"Examined {self.tiles} of {self.zone_tiles} tiles of the cellular zone "
             f"({100 * self.fraction:.0f} %): {why}"
@@ -110,19 +125,25 @@ class ScanRecord:
     examined: ExaminedRecord | None = None  # a scan's share of its zone (not cells, fields)
     outputs: SlideOutputs | None = None  # absent when the case wrote no slide files
     cells_set_aside: int = 0  # kept cells beyond the scan's share of the case's budget
+    cells_other_classes: int = 0  # kept cells of classes no head of the case reads
 
     @property
     def name(self) -> str:
         return Path(self.path).name or self.slide_id
 
     def set_aside_sentence(self) -> str | None:
-        """ "120 more cells were set aside: ..." when the case's budget left some out."""
-        if not self.cells_set_aside:
-            return None
-        return (
-            f"{self.cells_set_aside} more cells were set aside: "
-            "beyond this scan's share of the bundle's cell budget per case"
-        )
+        """What the case's bag left out of this scan's kept cells, or None."""
+        parts = []
+        if self.cells_set_aside:
+            parts.append(
+                f"{self.cells_set_aside} more cells were set aside: "
+                "beyond this scan's share of the bundle's cell budget per case"
+            )
+        if self.cells_other_classes:
+            parts.append(
+                f"{self.cells_other_classes} kept cells are of classes the heads do not read"
+            )
+        return "; ".join(parts) or None
 
 
 @dataclass(frozen=True)
@@ -178,6 +199,81 @@ class TopCell:
     x: float  # pixels of the 0.25 um/px working grid from the scan's top-left
     y: float
     attention: float
+    image: str  # its crop, relative to the version folder
+    cell_class: str | None = None  # the cell head's class (None without one)
+    confidence: float | None = None
+    sure: bool | None = None  # False: below the cell head's operating point (unsure)
+
+
+@dataclass(frozen=True)
+class ClassCount:
+    """One class of the differential: its cells and their share of the classified ones."""
+
+    name: str
+    label: str
+    count: int
+    percent: float  # of the classified (sure) cells
+    low: float  # Wilson 95 % interval of the percent
+    high: float
+    colour: tuple[int, int, int]
+
+
+@dataclass(frozen=True)
+class Differential:
+    """Every kept cell of the slides that passed QC, classified by the bundle's cell head;
+    the cells below its operating point are unsure and counted apart, for a person."""
+
+    head: str
+    taxonomy: str
+    cells: int  # kept cells the cell head saw
+    classified: int  # at or above the operating point
+    unsure: int
+    operating_point: float  # the confidence a call needs
+    target_accuracy: float  # the out-of-fold accuracy the operating point was chosen for
+    classes: tuple[ClassCount, ...]
+
+
+@dataclass(frozen=True)
+class BurdenRecord:
+    """The share of a group of classes among the classified cells, against the minimum the
+    bundle's models were validated on (the paper's 10 % plasma cells, IMWG)."""
+
+    group: str  # e.g. plasma_cells
+    label: str  # e.g. "Plasma cells"
+    count: int
+    classified: int
+    percent: float
+    low: float
+    high: float
+    minimum: float  # percent
+    rule: Literal["warn", "abstain", "off"]
+
+    @property
+    def below(self) -> bool:
+        return self.percent < self.minimum
+
+    def sentence(self) -> str:
+        """ "Plasma cells 23.1 % (19.0-27.8 %) of 412 classified cells" and, below the
+        minimum, what that means."""
+        text = (
+            f"{self.label} {self.percent:.1f} % ({self.low:.1f}-{self.high:.1f} %) "
+            f"of {self.classified} classified cells"
+        )
+        if self.below:
+            text += f": below {self.minimum:.0f} %, outside the burden the model was validated on"
+        return text
+
+
+@dataclass(frozen=True)
+class GalleryCell:
+    """A classified cell whose crop the result keeps: the window's gallery by class, the
+    unsure cells for a person, and what a reviewer re-labels."""
+
+    slide: str
+    cell_id: int
+    cell_class: str
+    confidence: float
+    sure: bool
     image: str  # its crop, relative to the version folder
 
 
@@ -235,6 +331,10 @@ class CaseResult:
     timings_s: dict[str, float]
     outputs: CaseOutputs  # set by the result writer: the files it wrote
     review: ReviewRecord | None = None  # a person's sign-off (a version of its own)
+    differential: Differential | None = None  # with a cell head
+    burden: BurdenRecord | None = None  # a case of scans, when the cell head knows the group
+    warnings: tuple[str, ...] = ()  # case-level, for a person (the inclusion rule's)
+    cell_gallery: tuple[GalleryCell, ...] = ()
 
     @property
     def predictions(self) -> tuple[PredictionRecord, ...]:
@@ -255,9 +355,10 @@ class CaseResult:
     def from_json(cls, data: Any) -> CaseResult:
         """Parse and check a result.json object; ResultError names the key at fault."""
         version = data.get("schema_version") if isinstance(data, dict) else None
-        if version != SCHEMA_VERSION:
+        if version not in READABLE_VERSIONS:
+            readable = " or ".join(map(str, READABLE_VERSIONS))
             raise ResultError(
-                f"schema_version {version!r} is not one this cytoedge reads ({SCHEMA_VERSION}); "
+                f"schema_version {version!r} is not one this cytoedge reads ({readable}); "
                 "score the case again to write it in the current form"
             )
         try:

@@ -1,14 +1,16 @@
 """Review and sign-off: which results wait for a person, and the sign-off itself.
 
 A result waits for a person (*to review*) when the case abstained or was
-rejected, a call is indeterminate, a slide's QC warned or failed, or the bundle
-that scored it is not verified on this site (``appliance.site.verification``). Any
-result may be signed off; one that waits is not sent on until it is. The
-reviewer accepts it, rejects it with a reason, or sends it for FISH. A sign-off
-never edits the result it signs: it is version N+1 of the case (version N's
-files with a ``review`` record, the report printed again), a ``signed_off``
-line in the audit trail, and, where a FHIR outbox is set, the result written as
-FHIR for the laboratory system (``appliance.review.fhir``). docs/review.md has the rules.
+rejected, a call is indeterminate, a slide's QC warned or failed, the case carries
+a warning (below the plasma-cell burden the model was validated on), the cell head
+left cells unsure, or the bundle that scored it is not verified on this site
+(``appliance.site.verification``). Any result may be signed off; one that waits is
+not sent on until it is. The reviewer accepts it, rejects it with a reason, or
+sends it for FISH. A sign-off never edits the result it signs: it is version N+1
+of the case (version N's files with a ``review`` record, the report printed
+again), a ``signed_off`` line in the audit trail, and, where a FHIR outbox is set,
+the result written as FHIR for the laboratory system (``appliance.review.fhir``).
+docs/review.md has the rules.
 """
 
 from __future__ import annotations
@@ -58,6 +60,12 @@ def waiting_reasons(result: CaseResult, *, bundle_verified: bool) -> tuple[str, 
         names = [scan.name for scan in result.scans if scan.qc.verdict == verdict]
         if names:
             reasons.append(f"{words} on {', '.join(names)}")
+    reasons.extend(result.warnings)
+    if result.differential is not None and result.differential.unsure:
+        # A pre-classification a person confirms (CellaVision's workflow, CytoDINO's lesson).
+        reasons.append(
+            f"{result.differential.unsure} cells unsure: below the cell head's operating point"
+        )
     if not bundle_verified:
         bundle = result.bundle
         reasons.append(f"bundle {bundle.name} {bundle.version} not verified on this site")

@@ -1,6 +1,7 @@
 """A new version of a bundle: the same encoder, segmenter and slide parameters, new or
-changed heads. ``cytoedge train`` (new heads) and ``cytoedge validate --recalibrate``
-(new thresholds) both write one; the version they start from is never touched.
+changed heads. ``cytoedge train`` (new case heads, or a new cell head) and ``cytoedge
+validate --recalibrate`` (new thresholds) both write one; the version they start
+from is never touched.
 
 Versions sit side by side as ``<data_dir>/bundles/<name>-<version>/`` unless the
 caller names another folder.
@@ -40,12 +41,15 @@ def write_bundle_version(
     head_files: Mapping[str, Path],
     provenance: Mapping[str, Any],
     intended_use: str | None = None,
+    cell_head: HeadSpec | None = None,
 ) -> Bundle:
     """Write ``base`` with ``heads`` in place of its heads as ``version`` at ``destination``.
 
     ``head_files`` are the new heads' files by bundle path; a head that keeps its
-    files (same paths as a head of ``base``) is copied from ``base``. Refuses to
-    write over an existing folder or to reuse ``base``'s version.
+    files (same paths as a head of ``base``) is copied from ``base``. ``cell_head``
+    replaces the base's cell head (its files among ``head_files``); without it the
+    base's is kept. Refuses to write over an existing folder or to reuse ``base``'s
+    version.
     """
     if version == base.version:
         raise BundleError(
@@ -53,11 +57,12 @@ def write_bundle_version(
         )
     if destination.exists():
         raise BundleError(f"{destination} exists; choose another version or folder")
-    kept = {rel for head in base.heads for rel in head.files}
+    replaced = [base.cell_head] if cell_head is not None and base.cell_head is not None else []
+    kept = {rel for head in [*base.heads, *replaced] for rel in head.files}
     sources: dict[str, Path] = {
         rel: base.file(rel) for rel in base.files if rel not in kept
     }  # encoder, segmenter and whatever else the base ships beside its heads
-    for head in heads:
+    for head in [*heads, *([cell_head] if cell_head is not None else [])]:
         for rel in head.files:
             if rel in head_files:
                 sources[rel] = Path(head_files[rel])
@@ -74,6 +79,7 @@ def write_bundle_version(
         encoder=base.encoder,
         heads=heads,
         segmenter=base.segmenter,
+        cell_head=cell_head or base.cell_head,
         stain_reference=base.stain_reference,
         qc=base.qc,
         cells=base.cells,

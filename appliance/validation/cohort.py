@@ -20,12 +20,14 @@ from rich.progress import Progress
 
 from appliance.config import Config
 from appliance.console import OUT_OF_MEMORY, new_progress
-from appliance.pipeline.cases import abstain_reason, case_cells
+from appliance.pipeline.bags import head_bag
+from appliance.pipeline.cases import abstain_reason
 from appliance.pipeline.networks import SlideNetworks
 from appliance.pipeline.slides import SlideResult, process_slide
 from appliance.readers import Calibration, ScanError
 from appliance.validation.cases_table import CasesTable, LabelledCase
 from runtime.backends import RuntimeSettings
+from runtime.bundle_format import Bundle
 
 
 @dataclass(frozen=True)
@@ -65,12 +67,11 @@ class CohortCase:
         cells = sum(s.n_cells for s in self.slides if s.qc_passed)
         return abstain_reason(cells, min_cells, failures, len(self.slides), [])
 
-    def bag(self, max_cells_per_case: int) -> np.ndarray:
-        """The embeddings the heads see (``pipeline.cases.case_cells``), in slide order."""
-        passed = [s for s in self.slides if s.qc_passed]
-        return np.concatenate(
-            [c.embeddings for c in case_cells(passed, max_cells_per_case).values()]
-        )
+    def bag(self, bundle: Bundle, bag_classes: Sequence[str] = ()) -> np.ndarray:
+        """The embeddings a head of ``bundle`` that reads ``bag_classes`` (none: every
+        kept cell) sees, as scoring takes them (``pipeline.bags.head_bag``)."""
+        kept = {s.slide_id: s.cells() for s in self.slides if s.qc_passed}
+        return head_bag(bundle, kept, bag_classes)
 
 
 def process_cohort(

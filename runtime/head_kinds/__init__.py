@@ -1,7 +1,8 @@
 """Kinds of heads, found from the classes themselves (``HeadKind`` subclasses).
 
 Every module of this package is imported once when a kind is first asked for,
-so a new kind is one new file: gated_attention_mil.py, transformer_mil.py, ...
+so a new kind is one new file: gated_attention_mil.py, transformer_mil.py (case
+heads), cell_classifier.py (the cell head), ...
 """
 
 from __future__ import annotations
@@ -13,6 +14,9 @@ from runtime.head_kinds.base import (
     INDETERMINATE,
     NEGATIVE,
     POSITIVE,
+    CaseHeadKind,
+    CellCalls,
+    CellHeadKind,
     Finding,
     HeadKind,
     Interpretation,
@@ -30,6 +34,9 @@ __all__ = [
     "INDETERMINATE",
     "NEGATIVE",
     "POSITIVE",
+    "CaseHeadKind",
+    "CellCalls",
+    "CellHeadKind",
     "Finding",
     "HeadKind",
     "Interpretation",

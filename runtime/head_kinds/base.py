@@ -1,10 +1,16 @@
 """What a kind of head is: its keys in ``bundle.json``, what its networks must output,
-how its probabilities are calibrated and called, and the rows it adds to a result.
+how its probabilities are calibrated and called, and what it adds to a result.
 
-A kind is one class in one module of ``runtime.head_kinds`` (subclassing ``HeadKind``
-with a ``name`` registers it). The runtime, the result, the report and the window
-only ever iterate over what a kind returns (``Prediction`` rows with a threshold and
-a call, ``Finding`` rows with a call or a text); none of them branches on its name.
+A kind is one class in one module of ``runtime.head_kinds`` (subclassing
+``CaseHeadKind`` or ``CellHeadKind`` with a ``name`` registers it). Two families:
+- a *case* head (``bundle.json``'s ``heads``) reads a case's bag of cells and gives
+  ``Prediction`` rows with a threshold and a call and ``Finding`` rows with a call or
+  a text; the runtime, the result, the report and the window only iterate over them;
+- a *cell* head (``bundle.json``'s ``cell_head``) gives every cell a class and a
+  confidence, or *unsure* below its operating point (``CellCalls``), from which the
+  appliance builds the differential and the bags of the case heads that read only
+  some classes.
+None of the parts branches on a kind's name.
 """
 
 from __future__ import annotations
@@ -101,9 +107,10 @@ def predict(spec: HeadSpec, task: str, probability: float) -> Prediction:
 class HeadKind(Registered, ABC):
     """One kind of head. Subclasses set the class attributes and implement the methods."""
 
-    name: ClassVar[str]  # bundle.json's heads[].kind
+    name: ClassVar[str]  # bundle.json's heads[].kind (or cell_head.kind)
     params_type: ClassVar[type]  # dataclass of the kind's own keys in the head object
     model_outputs: ClassVar[frozenset[str]] = BASE_OUTPUTS
+    per_cell: ClassVar[bool] = False  # a cell head (CellHeadKind) rather than a case head
     registered: ClassVar[dict[str, type[HeadKind]]] = {}
 
     def params(self, spec: HeadSpec, where: str = "") -> Any:
@@ -121,23 +128,6 @@ class HeadKind(Registered, ABC):
     @abstractmethod
     def calibrate(self, spec: HeadSpec, probabilities: np.ndarray) -> np.ndarray:
         """The ensemble mean (in output order) as calibrated probabilities."""
-
-    @abstractmethod
-    def interpret(
-        self, spec: HeadSpec, probabilities: Mapping[str, float], extra: Mapping[str, np.ndarray]
-    ) -> Interpretation:
-        """Calls and findings from the calibrated probabilities and the members' mean of
-        each further output the kind declares in ``model_outputs``."""
-
-    def truth(self, spec: HeadSpec, labels: Labels) -> Truth:
-        """The truth of each prediction task whose name is a label of the case (a
-        kind whose tasks are derived, or which has classes or values, says more)."""
-        tasks = {}
-        for task in spec.thresholds:
-            value = labels.get(task)
-            if isinstance(value, bool):
-                tasks[task] = value
-        return Truth(tasks)
 
     def labelled(self, spec: HeadSpec) -> set[str]:
         """Names ``labels`` may give display names to."""
@@ -157,6 +147,48 @@ class HeadKind(Registered, ABC):
         self.check(spec, params, where)
 
 
+class CaseHeadKind(HeadKind):
+    """A head that reads a case's bag of cell embeddings: (N, D) -> its probabilities
+    (one per output) and an attention weight per cell."""
+
+    @abstractmethod
+    def interpret(
+        self, spec: HeadSpec, probabilities: Mapping[str, float], extra: Mapping[str, np.ndarray]
+    ) -> Interpretation:
+        """Calls and findings from the calibrated probabilities and the members' mean of
+        each further output the kind declares in ``model_outputs``."""
+
+    def truth(self, spec: HeadSpec, labels: Labels) -> Truth:
+        """The truth of each prediction task whose name is a label of the case (a
+        kind whose tasks are derived, or which has classes or values, says more)."""
+        tasks = {}
+        for task in spec.thresholds:
+            value = labels.get(task)
+            if isinstance(value, bool):
+                tasks[task] = value
+        return Truth(tasks)
+
+
+@dataclass(frozen=True)
+class CellCalls:
+    """Each cell's class and confidence (calibrated), and whether it is sure enough."""
+
+    classes: np.ndarray  # (N,) int: index into the head's outputs (its classes)
+    confidence: np.ndarray  # (N,) float: the calibrated probability of that class
+    sure: np.ndarray  # (N,) bool: confidence at or above the head's operating point
+
+
+class CellHeadKind(HeadKind):
+    """A head that classifies each cell: (N, D) embeddings -> (N, C) probabilities."""
+
+    model_outputs = frozenset({"probabilities"})
+    per_cell = True
+
+    @abstractmethod
+    def classify(self, spec: HeadSpec, probabilities: np.ndarray) -> CellCalls:
+        """Each cell's call from the ensemble mean (N, C) of its probabilities."""
+
+
 def check_subset(values: Sequence[str], allowed: Sequence[str], where: str, what: str) -> None:
     stray = sorted(set(values) - set(allowed))
     if stray:
@@ -165,3 +197,25 @@ def check_subset(values: Sequence[str], allowed: Sequence[str], where: str, what
 
 def clipped(probabilities: np.ndarray) -> np.ndarray:
     return np.clip(probabilities, 1e-7, 1 - 1e-7)
+
+
+def check_temperature(spec: HeadSpec, kind: str, where: str) -> None:
+    """``calibration`` is {} or {"kind": "temperature", "temperature": t > 0}."""
+    calibration = spec.calibration.get("kind", "none")
+    if calibration == "none":
+        return
+    if calibration != "temperature":
+        raise SpecError(f"{where}.calibration.kind {calibration!r}: a {kind} head uses temperature")
+    temperature = spec.calibration.get("temperature")
+    if not isinstance(temperature, int | float) or temperature <= 0:
+        raise SpecError(f"{where}.calibration.temperature must be a positive number")
+
+
+def temperature_scaled(spec: HeadSpec, probabilities: np.ndarray) -> np.ndarray:
+    """Softmax probabilities (..., C) at the head's temperature (unchanged without one)."""
+    if spec.calibration.get("kind", "none") != "temperature":
+        return probabilities
+    # log p differs from the logits by a constant per row, which softmax ignores.
+    scaled = np.log(clipped(probabilities)) / float(spec.calibration["temperature"])
+    scaled = np.exp(scaled - scaled.max(axis=-1, keepdims=True))
+    return scaled / scaled.sum(axis=-1, keepdims=True)

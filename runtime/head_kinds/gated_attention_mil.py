@@ -10,8 +10,8 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from runtime.head_kinds.base import (
+    CaseHeadKind,
     Finding,
-    HeadKind,
     Interpretation,
     check_subset,
     clipped,
@@ -32,7 +32,7 @@ class GatedMilParams:
     high_risk: tuple[str, ...] = ()
 
 
-class GatedAttentionMil(HeadKind):
+class GatedAttentionMil(CaseHeadKind):
     name = "gated_attention_mil"
     params_type = GatedMilParams
 

@@ -11,14 +11,15 @@ import numpy as np
 
 from runtime.head_kinds.base import (
     BASE_OUTPUTS,
+    CaseHeadKind,
     Finding,
-    HeadKind,
     Interpretation,
     Labels,
     Truth,
     check_subset,
-    clipped,
+    check_temperature,
     predict,
+    temperature_scaled,
 )
 from runtime.labels import DIAGNOSIS, HEMOGLOBIN
 from runtime.typed_json import SpecError
@@ -38,7 +39,7 @@ class TransformerMilParams:
     malignant_classes: tuple[str, ...] = ()
 
 
-class TransformerMil(HeadKind):
+class TransformerMil(CaseHeadKind):
     name = "transformer_mil"
     params_type = TransformerMilParams
     model_outputs = BASE_OUTPUTS | {"hemoglobin"}
@@ -57,24 +58,10 @@ class TransformerMil(HeadKind):
             raise SpecError(f"{where}.thresholds may only hold {MALIGNANCY!r}")
         if params.malignant_classes and MALIGNANCY not in spec.thresholds:
             raise SpecError(f"{where}.thresholds.{MALIGNANCY} is needed with malignant_classes")
-        kind = spec.calibration.get("kind", "none")
-        if kind == "none":
-            return
-        temperature = spec.calibration.get("temperature")
-        if kind != "temperature":
-            raise SpecError(
-                f"{where}.calibration.kind {kind!r}: a {self.name} head uses temperature"
-            )
-        if not isinstance(temperature, int | float) or temperature <= 0:
-            raise SpecError(f"{where}.calibration.temperature must be a positive number")
+        check_temperature(spec, self.name, where)
 
     def calibrate(self, spec: HeadSpec, probabilities: np.ndarray) -> np.ndarray:
-        if spec.calibration.get("kind", "none") != "temperature":
-            return probabilities
-        # log p differs from the logits by a constant, which softmax ignores.
-        scaled = np.log(clipped(probabilities)) / float(spec.calibration["temperature"])
-        scaled = np.exp(scaled - scaled.max())
-        return scaled / scaled.sum()
+        return temperature_scaled(spec, probabilities)
 
     def truth(self, spec: HeadSpec, labels: Labels) -> Truth:
         """The case's diagnosis is its class; malignancy follows from the bundle's
