@@ -121,10 +121,13 @@ class CaseBag:
         return cls(kept, indices, candidates)
 
     @property
+    def sizes(self) -> dict[str, int]:
+        """The cells of each head's bag (what ``cells.min_cells`` is held to)."""
+        return {head: sum(len(i) for i in bag.values()) for head, bag in self.indices.items()}
+
+    @property
     def smallest(self) -> int:
-        """The cells of the smallest head's bag (what ``cells.min_cells`` is held to)."""
-        sizes = [sum(len(i) for i in bag.values()) for bag in self.indices.values()]
-        return min(sizes, default=0)
+        return min(self.sizes.values(), default=0)
 
     def features(self, head: str) -> np.ndarray:
         """A head's bag (N, D), slides in the case's order."""

@@ -125,6 +125,7 @@ def score_case(
     progress("heads", 1.0)
 
     records = tuple(head_record(h) for h in head_results)
+    smallest = min(bag.sizes, key=bag.sizes.__getitem__)
     reason = abstain_reason(
         bag.smallest,
         bundle.cells.min_cells,
@@ -133,6 +134,7 @@ def score_case(
         [p for h in records for p in h.predictions],
         no_head=no_head,
         outside=outside,
+        of_classes=bundle.head(smallest).bag_classes if heads else (),
     )
     views = CaseViews(bundle, passed, kept, calls, bag, attention, scored=bool(head_results))
     top = views.top_cells() if head_results else []
@@ -214,6 +216,7 @@ def abstain_reason(
     *,
     no_head: str | None = None,
     outside: str | None = None,
+    of_classes: Sequence[str] = (),
 ) -> str | None:
     """Why the case gets no call, or None when it can be scored.
 
@@ -221,7 +224,8 @@ def abstain_reason(
     contribute no cells. The case abstains when no slide passed QC, when no head
     of the bundle scores its kind of input (``no_head`` says so), when its plasma
     cells are below the burden the bundle abstains under (``outside`` says so), when
-    too few cells remain in a head's bag, or when every task came out indeterminate.
+    too few cells remain in a head's bag (``of_classes``: the classes it reads), or
+    when every task came out indeterminate.
     """
     if qc_failures and len(qc_failures) >= n_slides:
         return "slide QC failed: " + "; ".join(qc_failures)
@@ -230,7 +234,9 @@ def abstain_reason(
     if outside:
         return outside
     if n_cells < min_cells:
-        return f"too few cells: {n_cells} (the bundle needs at least {min_cells})"
+        kind = " or ".join(c.replace("_", " ") for c in of_classes)
+        cells = f"{n_cells} {kind} cells" if kind else str(n_cells)
+        return f"too few cells: {cells} (the bundle needs at least {min_cells})"
     if predictions and all(p.call == INDETERMINATE for p in predictions):
         return "all tasks indeterminate (every probability is within the band around its threshold)"
     return None
