@@ -127,6 +127,48 @@ def test_an_object_without_a_basophilic_nucleus_is_dropped() -> None:
     assert len(measure_cells(detections, image, baso, CellFilters(), min_basophilic=0.12)) == 1
 
 
+def test_a_darker_rim_of_eosin_is_not_a_nucleus() -> None:
+    # A red cell on a real photo after normalisation: part of its eosin deconvolves as
+    # basophilic, Otsu splits its darker rim off as a "nucleus" of the right N:C at a level
+    # (0.14) above the QC's floor (0.12); but the rim's staining is mostly eosin.
+    image, _ = drawn_cell((200, 200), (100, 100), 24, 12)
+    rr, cc = disk((100, 100), 24, shape=(200, 200))
+    rim = np.zeros((200, 200), bool)
+    rim[rr, cc] = np.hypot(rr - 100, cc - 100) > 16
+    baso = np.zeros((200, 200), np.float32)
+    baso[rr, cc] = 0.14
+    baso[rim] = 0.3
+    eosin_share = np.where(baso > 0, 0.2, 0.0).astype(np.float32)
+    detections = star([(100, 100)], [24], [0.9])
+    assert len(measure_cells(detections, image, baso, CellFilters(), min_basophilic=0.12)) == 1
+    dropped = measure_cells(
+        detections, image, baso, CellFilters(), min_basophilic=0.12, basophilic_share=eosin_share
+    )
+    assert dropped == []
+    # The same pixels stained mostly by the basophilic dye are a nucleus (N:C about 0.56).
+    nuclear_share = np.where(baso > 0, 0.9, 0.0).astype(np.float32)
+    [cell] = measure_cells(
+        detections, image, baso, CellFilters(), min_basophilic=0.12, basophilic_share=nuclear_share
+    )
+    assert cell.nc_ratio == pytest.approx(1 - (16 / 24) ** 2, abs=0.05)
+    # A pixel counts by its own share: a basophilic half of the rim alone is too small a
+    # nucleus (N:C below 0.2), the other half being eosin.
+    half = np.where(cc_grid(200) < 100, nuclear_share, eosin_share).astype(np.float32)
+    assert measure_cells(detections, image, baso, CellFilters(), basophilic_share=half) != []
+    quarter = np.where(
+        (cc_grid(200) < 100) & (rr_grid(200) < 100), nuclear_share, eosin_share
+    ).astype(np.float32)
+    assert measure_cells(detections, image, baso, CellFilters(), basophilic_share=quarter) == []
+
+
+def cc_grid(side: int) -> np.ndarray:
+    return np.broadcast_to(np.arange(side)[None, :], (side, side))
+
+
+def rr_grid(side: int) -> np.ndarray:
+    return np.broadcast_to(np.arange(side)[:, None], (side, side))
+
+
 def test_elongated_objects_are_dropped() -> None:
     dist = np.full((1, N_RAYS), 12, np.float32)
     angles = 2 * np.pi * np.arange(N_RAYS) / N_RAYS

@@ -78,13 +78,15 @@ def cells_in_window(
     if not len(detections):
         return []
     with timer.stage("cells"):
+        basophilic, share = stain.basophilic_and_share(window, stains)
         return measure_cells(
             detections,
             window,
-            stain.basophilic(window, stains),
+            basophilic,
             params.filters,
             origin=origin,
             tile_id=tile_id,
             background=stains.background,
             min_basophilic=params.qc.min_basophilic,  # the QC's "no nucleus at all" level
+            basophilic_share=share,  # a red cell's darker rim is eosin, not a nucleus
         )

@@ -9,9 +9,12 @@ Per object (a StarDist star-convex polygon):
 - area = pixels inside the polygon; circularity = 4 pi A / P^2 of the polygon
   itself (resolution independent, 1 for a circle); eccentricity from the second
   moments of the pixel mask (as skimage's regionprops);
-- nucleus = Otsu threshold of the basophilic concentration (Macenko
-  deconvolution, appliance.pipeline.stain) inside the cell, then a 3x3 closing (at
-  0.25 um/px), kept inside the cell; N:C = nucleus / cell area;
+- nucleus = the pixels above the Otsu threshold of the basophilic concentration
+  (Macenko deconvolution, appliance.pipeline.stain) inside the cell where that stain
+  makes up most of the staining (``NUCLEUS_MIN_SHARE``), then a 3x3 closing (at
+  0.25 um/px), kept inside the cell; N:C = nucleus / cell area. A red cell, whose
+  colour on a real photo partly deconvolves as basophilic, has no such pixels (or
+  too few for the N:C filter);
 - centre = basophilic-intensity-weighted centroid of the nucleus;
 - patch = ``patch_px`` square centred on it, padded with the background colour
   beyond the image, resized to the encoder's input (bilinear) on demand.
@@ -45,6 +48,11 @@ from runtime.bundle_format import CellsSpec
 
 ENCODER_INPUT_PX = 224
 CLOSING_PX = 3  # nucleus closing footprint at 0.25 um/px
+# A nucleus pixel's basophilic share of its staining (``stain.basophilic_and_share``), at least.
+# Measured (docs/fields.md): the BCCD photos' red cells, given to the cell step as
+# detections, keep no nucleus from 0.4 up (at 0.33, 4 of 60 still pass as cells); the
+# synthetic smears lose no nucleated cell up to 0.45 and 4 of 708 plasma cells at 0.5.
+NUCLEUS_MIN_SHARE = 0.45
 CLASSIFICATION = "Nucleated cell"
 UNSURE = "Unsure"  # a cell below the cell head's operating point, for a person
 UNSURE_RGB = (128, 128, 128)
@@ -175,11 +183,15 @@ def nucleus_mask(
     cell: np.ndarray,
     closing_px: int = CLOSING_PX,
     min_level: float = 0.0,
+    share: np.ndarray | None = None,
 ) -> np.ndarray:
     """Otsu on the basophilic concentration inside ``cell``, closed, kept inside the cell.
 
     Empty when the Otsu level is below ``min_level``: then even the darkest part of
-    the object is not a nucleus (a red cell or debris), whatever the split.
+    the object is not a nucleus (a red cell or debris), whatever the split. With
+    ``share`` (``stain.basophilic_and_share``), only pixels where the basophilic stain makes
+    up at least ``NUCLEUS_MIN_SHARE`` of the staining: the darker rim of a red cell is
+    eosin, however its faint basophilic part splits.
     """
     values = basophilic[cell]
     if values.size < 2 or float(np.ptp(values)) <= 0:
@@ -188,6 +200,8 @@ def nucleus_mask(
     if level < min_level:
         return np.zeros_like(cell)
     nucleus = (basophilic > level) & cell
+    if share is not None:
+        nucleus &= share >= NUCLEUS_MIN_SHARE
     footprint = np.ones((closing_px, closing_px), bool)
     # Pad so that the closing does not treat the bounding box edge as background.
     padded = np.pad(nucleus, closing_px)
@@ -238,6 +252,7 @@ def measure_cells(
     tile_id: int = 0,
     background: Sequence[float] | np.ndarray | None = None,
     min_basophilic: float = 0.0,
+    basophilic_share: np.ndarray | None = None,
 ) -> list[Cell]:
     """Objects of one tile that pass the filters, with nucleus, centre and patch.
 
@@ -246,10 +261,13 @@ def measure_cells(
     at the tile's pixel size (``CellFilters.at``); ``origin`` = slide (x, y) of
     the tile's pixel (0, 0); ``background`` = the padding colour of patches (the
     tile's glass when None); an object whose basophilic Otsu level is below
-    ``min_basophilic`` has no nucleus and is dropped (``nucleus_mask``).
+    ``min_basophilic`` has no nucleus and is dropped (``nucleus_mask``), and so is one
+    whose nucleus, with ``basophilic_share`` (H, W), is not mostly basophilic.
     """
     if image.shape[:2] != basophilic.shape:
         raise CellError(f"image {image.shape[:2]} and basophilic {basophilic.shape} differ")
+    if basophilic_share is not None and basophilic_share.shape != basophilic.shape:
+        raise CellError(f"share {basophilic_share.shape} and basophilic {basophilic.shape} differ")
     fill = background_colour(image) if background is None else np.asarray(background)
     ox, oy = origin
     height, width = basophilic.shape
@@ -270,8 +288,10 @@ def measure_cells(
         eccentricity = mask_eccentricity(mask)
         if eccentricity >= filters.max_eccentricity:
             continue
-        baso = basophilic[r0 : r0 + mask.shape[0], c0 : c0 + mask.shape[1]]
-        nucleus = nucleus_mask(baso, mask, filters.closing_px, min_basophilic)
+        box = slice(r0, r0 + mask.shape[0]), slice(c0, c0 + mask.shape[1])
+        baso = basophilic[box]
+        share = None if basophilic_share is None else basophilic_share[box]
+        nucleus = nucleus_mask(baso, mask, filters.closing_px, min_basophilic, share)
         ratio = float(nucleus.sum()) / area
         if not nucleus.any() or not filters.min_nucleus_ratio <= ratio <= filters.max_nucleus_ratio:
             continue

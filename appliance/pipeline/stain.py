@@ -170,6 +170,22 @@ def basophilic(rgb: np.ndarray, stains: StainEstimate) -> np.ndarray:
     return np.maximum(optical_density(rgb, stains.background) @ pinv[:, 0], 0.0)
 
 
+def basophilic_and_share(rgb: np.ndarray, stains: StainEstimate) -> tuple[np.ndarray, np.ndarray]:
+    """float32 (H, W) twice, from one deconvolution: the basophilic concentration (as
+    ``basophilic``) and its share of the pixel's staining, each stain's concentration
+    taken relative to its maximum on the slide: 1 where only the basophilic stain is, 0
+    where only eosin is (and on glass). The share tells a nucleus from a red cell whose
+    colour partly deconvolves as basophilic (``appliance.pipeline.cells.nucleus_mask``)."""
+    od = optical_density(rgb, stains.background)
+    pinv = np.linalg.pinv(stains.stain_matrix).astype(np.float32)
+    baso = np.maximum(od @ pinv[:, 0], 0.0)
+    eos = np.maximum(od @ pinv[:, 1], 0.0)
+    relative = baso / np.float32(stains.max_concentrations[0])
+    total = relative + eos / np.float32(stains.max_concentrations[1])
+    share = np.divide(relative, total, out=np.zeros_like(total), where=total > 0)
+    return baso, share
+
+
 def normalize(rgb: np.ndarray, stains: StainEstimate, reference: StainReference) -> np.ndarray:
     """uint8 RGB as if stained like the reference: same concentrations' shape, its colours."""
     target = reference_stains(reference)

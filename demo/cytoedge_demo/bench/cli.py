@@ -143,6 +143,14 @@ def fields(
     ],
     pixel_size: Annotated[float, typer.Option(help="The photos' um per pixel.")] = 0.07,
     bundle: Annotated[Path | None, typer.Option(help="Bundle (default: configured).")] = None,
+    clear_fields: Annotated[
+        int,
+        typer.Option(
+            min=0,
+            help="Also this many fields per photo without a white cell (a band of the photo "
+            "clear of its white cells, mirrored): a smear where most fields hold none.",
+        ),
+    ] = 0,
 ) -> None:
     """Annotated photos as one field folder: white cells found, red cells kept, s/field."""
     from rich.console import Console
@@ -150,7 +158,8 @@ def fields(
     from appliance.config import load_config
     from cytoedge_demo.bench.fields import run_fields_bench
 
-    run_fields_bench(bundle or load_config(None).bundle_dir, data, pixel_size, Console())
+    where = bundle or load_config(None).bundle_dir
+    run_fields_bench(where, data, pixel_size, Console(), clear_fields)
 
 
 @bench_app.command()

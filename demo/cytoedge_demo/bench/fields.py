@@ -1,12 +1,18 @@
 """``cytoedge bench fields`` and ``cytoedge bench blur``: camera fields through the appliance.
 
 ``fields``: annotated field photos (the BCCD sample: Pascal VOC boxes labelled
-WBC / RBC) scored as one field folder: the fraction of annotated white cells
-with a kept cell inside their box, the kept cells on red cells (inside an RBC
-box and no WBC box), the kept cells on neither, and seconds per field on this
-CPU, cold (the first folder opens the networks) and warm (a second, uncached
-run). The pixel size is given; the command prints what the red cells' boxes
-say it is (median box side at 7.5 um per red cell) as its check.
+WBC / RBC) scored as one field folder, per photo and overall: the annotated
+white cells with a kept cell inside their box, the kept cells on white cells, on
+red cells (inside an RBC box and no WBC box) and on neither, the two shares a
+blood head's bag is judged by (of the kept cells, the white ones; of the white
+cells, the kept ones), and seconds per field on this CPU, cold (the first folder
+opens the networks) and warm (a second, uncached run). The pixel size is given;
+the command prints what the red cells' boxes say it is (median box side at
+7.5 um per red cell) as its check. An empty photo file is left out, and named.
+With ``clear_fields`` N, each photo also gives N fields that hold no white cell (the
+widest band of it clear of its white cells' boxes, mirrored to the photo's size): a
+smear where most fields hold none, as a real one photographed at 100x does; every
+cell kept on them is not a white cell.
 
 ``blur``: the QC blur measure on one synthetic smear at 0.25 and 0.5 um/px and
 as 0.1 um/px camera photos, in focus and defocused, and on the real photos
@@ -76,15 +82,26 @@ class FieldScore:
     on_rbc: int  # inside a red cell's box and no white cell's
     elsewhere: int
 
+    @property
+    def white_share(self) -> float | None:
+        """Of the kept cells, the share on white cells (None without kept cells)."""
+        return self.on_wbc / self.kept if self.kept else None
+
+    @property
+    def found_share(self) -> float | None:
+        """Of the annotated white cells, the share with a kept cell (None without any)."""
+        return self.wbc_found / self.wbc if self.wbc else None
+
 
 def inside(x: float, y: float, boxes: list[Box]) -> bool:
     return any(x0 <= x <= x1 and y0 <= y <= y1 for x0, y0, x1, y1 in boxes)
 
 
 def score_cells(table_csv: str, truth: Annotations, photos: list[str]) -> FieldScore:
-    """Kept cells (cells.csv of a field folder: photo pixels, ``field`` column) against boxes."""
+    """Kept cells (cells.csv of a field folder: photo pixels, ``field`` column) on ``photos``
+    against their boxes."""
     rows = list(csv.DictReader(io.StringIO(table_csv)))
-    cells = [(r["field"], float(r["x"]), float(r["y"])) for r in rows]
+    cells = [(r["field"], float(r["x"]), float(r["y"])) for r in rows if r["field"] in photos]
     on_wbc = sum(inside(x, y, truth.wbc.get(f, [])) for f, x, y in cells)
     on_rbc = sum(
         inside(x, y, truth.rbc.get(f, [])) and not inside(x, y, truth.wbc.get(f, []))
@@ -107,7 +124,52 @@ def field_folder(source: Path, destination: Path, pixel_size_um: float) -> list[
     return names
 
 
-def run_fields_bench(bundle_dir: Path, data: Path, pixel_size_um: float, console: Console) -> None:
+CLEAR_MARGIN_PX = 20  # between a white cell's box and the band cut beside it
+
+
+def clear_fields(folder: Path, photos: list[str], truth: Annotations, per_photo: int) -> list[str]:
+    """``per_photo`` fields without a white cell from each photo of ``folder`` (named
+    ``<photo>-clear-<k>.jpg``; none from a photo without a wide band clear of them)."""
+    names = []
+    for name in photos:
+        rgb = np.asarray(Image.open(folder / name).convert("RGB"))
+        band = clear_band(rgb, truth.wbc.get(name, []))
+        if band is None:
+            continue
+        for k in range(per_photo):
+            # Mirrored copies side by side, each field from another offset, every other
+            # one upside down: no two fields alike.
+            copies = -(-rgb.shape[1] // band.shape[1]) + 1
+            strip = np.concatenate([band[:, :: (-1) ** i] for i in range(copies)], axis=1)
+            start = k * 37 % band.shape[1]
+            field = strip[:, start : start + rgb.shape[1]]
+            field = field[::-1] if k % 2 else field
+            names.append(f"{Path(name).stem}-clear-{k:02d}.jpg")
+            Image.fromarray(np.ascontiguousarray(field)).save(folder / names[-1], quality=95)
+    return names
+
+
+def clear_band(rgb: np.ndarray, boxes: list[Box]) -> np.ndarray | None:
+    """The widest band of full-height columns clear of ``boxes``, if a quarter of the
+    width at least."""
+    taken = np.zeros(rgb.shape[1] + 1, bool)
+    taken[-1] = True  # closes a band that reaches the right edge
+    for x0, _, x1, _ in boxes:
+        taken[max(0, int(x0) - CLEAR_MARGIN_PX) : int(x1) + CLEAR_MARGIN_PX + 1] = True
+    best, start = (0, 0), None
+    for x, used in enumerate(taken):
+        if not used and start is None:
+            start = x
+        elif used and start is not None:
+            best, start = max(best, (start, x), key=lambda r: r[1] - r[0]), None
+    if best[1] - best[0] < rgb.shape[1] // 4:
+        return None
+    return rgb[:, best[0] : best[1]]
+
+
+def run_fields_bench(
+    bundle_dir: Path, data: Path, pixel_size_um: float, console: Console, clear_per_photo: int = 0
+) -> None:
     from appliance.pipeline.networks import SlideNetworks
     from appliance.pipeline.slides import process_slide
     from runtime.bundle_format import load_bundle
@@ -123,28 +185,70 @@ def run_fields_bench(bundle_dir: Path, data: Path, pixel_size_um: float, console
     with tempfile.TemporaryDirectory(prefix="cytoedge-bench-fields-") as work:
         folder = Path(work) / "smear"
         photos = field_folder(data, folder, pixel_size_um)
+        clear = clear_fields(folder, photos, truth, clear_per_photo)
         runs = []
         with SlideNetworks(bundle) as networks:
             for run in ("cold", "warm"):
                 start = time.perf_counter()
                 result = process_slide(folder, networks, cache_dir=Path(work) / run)
                 runs.append((run, time.perf_counter() - start, result))
-        score = score_cells(result.cells().table_csv, truth, photos)
-    table = Table(title=f"{len(photos)} field photos of {data.name} as one field folder")
+        table_csv = result.cells().table_csv
+    empty = sorted(p.name for p in data.glob("*.jpg") if not p.stat().st_size)
+    if empty:
+        console.print(f"left out, empty files: {', '.join(empty)}")
+    title = f"{len(photos)} field photos of {data.name}"
+    if clear:
+        title += f" and {len(clear)} fields cut from them without a white cell"
+    scores = Table(
+        title=f"{title}, as one field folder",
+        caption="WBC: annotated white cells; found: those with a kept cell; on WBC / RBC: "
+        "kept cells in a white cell's box / a red cell's (and no white cell's) box; "
+        "WBC share: of the kept cells, those on WBC; found share: of the WBC, those found",
+    )
+    scores.add_column("photo", no_wrap=True)
+    for column in (
+        "WBC",
+        "found",
+        "kept",
+        "on\nWBC",
+        "on\nRBC",
+        "other",
+        "WBC\nshare",
+        "found\nshare",
+    ):
+        scores.add_column(column, justify="right")
+    rows = [(Path(p).stem, score_cells(table_csv, truth, [p])) for p in photos]
+    if clear:
+        rows.append((f"{len(clear)} without WBC", score_cells(table_csv, truth, clear)))
+    for name, score in [*rows, ("all", score_cells(table_csv, truth, photos + clear))]:
+        scores.add_row(
+            name,
+            str(score.wbc),
+            str(score.wbc_found),
+            str(score.kept),
+            str(score.on_wbc),
+            str(score.on_rbc),
+            str(score.elsewhere),
+            _share(score.white_share),
+            _share(score.found_share),
+            end_section=name == rows[-1][0],
+        )
+    console.print(scores)
+    table = Table(title="QC and time")
     table.add_column("figure")
     table.add_column("value", justify="right")
     table.add_row("QC verdict", f"{result.scan.qc.verdict} {'; '.join(result.scan.qc.reasons)}")
     table.add_row("QC nuclei per mm2", f"{result.scan.qc.nuclei_per_mm2}")
-    table.add_row("annotated white cells with a kept cell", f"{score.wbc_found} / {score.wbc}")
-    table.add_row("kept cells", str(score.kept))
-    table.add_row("  on a white cell's box", str(score.on_wbc))
-    table.add_row("  on a red cell's box (and no white cell's)", str(score.on_rbc))
-    table.add_row("  on neither", str(score.elsewhere))
     for run, seconds, outcome in runs:
-        table.add_row(f"seconds per field, {run}", f"{seconds / len(photos):.2f}")
-        stages = ", ".join(f"{k} {v / len(photos):.2f}" for k, v in outcome.timings_s.items())
+        per = len(photos) + len(clear)
+        table.add_row(f"seconds per field, {run}", f"{seconds / per:.2f}")
+        stages = ", ".join(f"{k} {v / per:.2f}" for k, v in outcome.timings_s.items())
         table.add_row(f"  per stage ({run})", stages)
     console.print(table)
+
+
+def _share(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f}"
 
 
 # --- the blur measure across resolutions ---------------------------------------------------
