@@ -54,6 +54,7 @@ class PathsConfig:
     bundle: str = ""
     archive: str = ""
     fhir_outbox: str = ""  # where signed-off results are written as FHIR for the LIS
+    training_cells: str = ""  # re-labelled cells, the class folders `cytoedge train` reads
 
 
 @dataclass(frozen=True)
@@ -160,6 +161,11 @@ class Config:
         return self._path_or(self.paths.fhir_outbox, "fhir-outbox")
 
     @property
+    def training_cells_dir(self) -> Path:
+        """Where the window saves re-labelled cells (appliance.review.relabel)."""
+        return self._path_or(self.paths.training_cells, "training/cells")
+
+    @property
     def archive_dir(self) -> Path | None:
         return Path(self.paths.archive).expanduser() if self.paths.archive else None
 
@@ -196,6 +202,7 @@ _MUST_EXIST = {
     ("paths", "outbox"),
     ("paths", "archive"),
     ("paths", "fhir_outbox"),
+    ("paths", "training_cells"),
 }
 
 

@@ -25,6 +25,11 @@ class StageBars:
         self.progress.update(self.tasks[stage], completed=max(0.0, min(1.0, fraction)))
 
 
+def counted(count: int, noun: str) -> str:
+    """ "1 cell", "3 cells": a count with its noun, as the console says it."""
+    return f"{count} {noun}" + ("" if count == 1 else "s")
+
+
 def new_progress(console: Console) -> Progress:
     return Progress(
         TextColumn("{task.description:<34}"),

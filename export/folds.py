@@ -4,10 +4,13 @@ Iterative stratification (Sechidis, Tsoumakas and Vlahavas 2011): labels are
 dealt from the rarest first, each case of that label to the fold that still
 needs most of it, so that every fold holds its share of each label's positives,
 multi-label (myeloma markers) and single-label (a class, one-hot) alike. A case
-is one patient, so none of its scans is ever on both sides of a split.
+is one patient, so none of its scans is ever on both sides of a split. Labelled
+cells are dealt a group (a patient, an image) at a time: ``grouped_folds``.
 """
 
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -48,3 +51,13 @@ def one_hot(classes: np.ndarray, count: int) -> np.ndarray:
     known = classes >= 0
     out[np.flatnonzero(known), classes[known]] = 1.0
     return out
+
+
+def grouped_folds(classes: np.ndarray, groups: Sequence[str], k: int, seed: int) -> np.ndarray:
+    """The fold of each cell, whole groups (patients, images) at a time: the groups are
+    stratified by which classes they hold (``stratified_folds`` on the groups), so no
+    group is ever on both sides of a split. ``classes``: (n,) class index per cell."""
+    names, group_of = np.unique(np.asarray(groups, dtype=object).astype(str), return_inverse=True)
+    holds = np.zeros((len(names), int(classes.max()) + 1 if len(classes) else 0))
+    holds[group_of, classes] = 1.0
+    return stratified_folds(holds, k, seed)[group_of]

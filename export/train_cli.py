@@ -1,18 +1,32 @@
-"""``cytoedge train CASES``: torch is imported inside the command only."""
+"""``cytoedge train PATH``: heads from a labelled cases table, or a cell head from labelled
+cells (docs/training.md, docs/cells.md); torch is imported inside the command only."""
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
 from appliance.cli.shared import ConfigOption, fail, setup
 
+if TYPE_CHECKING:
+    from rich.console import Console
+
+    from appliance.validation.cell_measures import CellFigures
+    from appliance.validation.cohort import PipelineSettings
+    from runtime.bundle_format import Bundle
+
 
 def train(
-    cases: Annotated[
-        Path, typer.Argument(metavar="CASES", help="Cases table (CSV; docs/training.md).")
+    path: Annotated[
+        Path,
+        typer.Argument(
+            metavar="CASES|CELLS",
+            help="Cases table (CSV; docs/training.md), or labelled cells: class folders, a "
+            "points table or images with QuPath GeoJSON (docs/cells.md).",
+        ),
     ],
     bundle: Annotated[
         Path | None,
@@ -25,7 +39,9 @@ def train(
         Path | None,
         typer.Option(help="Folder of the new version (default <data_dir>/bundles/<name>-<ver>)."),
     ] = None,
-    folds: Annotated[int, typer.Option(min=2, help="Patient-level cross-validation folds.")] = 5,
+    folds: Annotated[
+        int, typer.Option(min=2, help="Cross-validation folds, by patient (cells: by group).")
+    ] = 5,
     indeterminate_band: Annotated[
         float,
         typer.Option(min=0.0, max=0.49, help="Calls within this distance of a threshold."),
@@ -38,53 +54,125 @@ def train(
         typer.Option(help="Folder of the training report (default <data_dir>/validation/...)."),
     ] = None,
     seed: Annotated[int, typer.Option(help="Seed of folds, initialisation and sampling.")] = 0,
+    taxonomy: Annotated[
+        str | None,
+        typer.Option(help="Cells: the classes, a shipped taxonomy's name or a taxonomy file."),
+    ] = None,
+    target_accuracy: Annotated[
+        float,
+        typer.Option(
+            min=0.5, max=1.0, help="Cells: out-of-fold accuracy the operating point must reach."
+        ),
+    ] = 0.99,
+    pixel_size: Annotated[
+        float | None,
+        typer.Option(min=0.02, max=10.0, help="um/px of photos that state none (and no camera)."),
+    ] = None,
+    bag_classes: Annotated[
+        str | None,
+        typer.Option(
+            help="Cases: the heads read only these cells, a group of the cell head's taxonomy "
+            "(plasma_cells, white_cells) or comma-separated classes."
+        ),
+    ] = None,
     config: ConfigOption = None,
 ) -> None:
-    """Train heads on labelled cases: a new bundle version and its out-of-fold report.
+    """Train heads on labelled cases, or a cell head on labelled cells: a new bundle version
+    and its out-of-fold figures.
 
-    Every scan is embedded by the base bundle's own encoder and segmenter (cached:
-    a second run embeds only new scans). Exit 0 when the new version is written; 1
-    when the cases cannot train a head; 2 with one line for a bundle or table that
+    Every scan, photo or crop is embedded by the base bundle's own cell path (cached: a
+    second run embeds only what is new). Exit 0 when the new version is written; 1 when
+    the input cannot train a head; 2 with one line for a bundle, table or cells that
     cannot be used.
     """
     from rich.console import Console
 
     from appliance.site.derived_versions import next_version, version_folder
-    from appliance.validation.cases_table import CasesTableError, read_cases_table
     from appliance.validation.cohort import PipelineSettings
-    from appliance.validation.summary import print_summary
-    from export.onnx_export import ParityError
-    from export.train_run import TrainingError, TrainOptions, train_bundle
+    from appliance.validation.labelled_cells import is_labelled_cells
     from runtime.bundle_format import BundleError, load_bundle
 
     cfg = setup(config)
     console = Console(stderr=True)
     try:
         base = load_bundle(bundle or cfg.bundle_dir)
-        table = read_cases_table(cases)
-    except (BundleError, CasesTableError) as exc:
+    except BundleError as exc:
         raise fail(str(exc)) from None
+    pipeline = PipelineSettings.from_config(cfg)
+    if pixel_size is not None:  # the configuration's fallback, stated for this run
+        calibration = dataclasses.replace(cfg.calibration, pixel_size_um=pixel_size, camera="")
+        pipeline = dataclasses.replace(pipeline, calibration=calibration)
     new_version = version or next_version(base.version)
     destination = out or version_folder(cfg.data_dir / "bundles", base.name, new_version)
     folder = report or cfg.data_dir / "validation" / f"{base.name}-{new_version}" / "training"
     if destination.exists():
         raise fail(f"{destination} exists; choose another --version or --out")
     destination.parent.mkdir(parents=True, exist_ok=True)
+    where = _Destination(destination, new_version, folder, intended_use, seed, folds)
+    if path.is_dir() or is_labelled_cells(path):
+        if bag_classes is not None:
+            raise fail("--bag-classes is for case heads; labelled cells train the cell head")
+        if taxonomy is None:
+            raise fail(f"{path}: labelled cells need --taxonomy (a shipped name or a file)")
+        _train_cells(path, base, pipeline, console, where, taxonomy, target_accuracy)
+    elif taxonomy is not None:
+        raise fail(f"{path} is a cases table; --taxonomy names the classes of labelled cells")
+    else:
+        _train_cases(path, base, pipeline, console, where, indeterminate_band, bag_classes)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Destination:
+    """Where the new version and its figures go, and what it is."""
+
+    folder: Path
+    version: str
+    report: Path
+    intended_use: str | None
+    seed: int
+    folds: int
+
+
+def _train_cases(
+    cases: Path,
+    base: Bundle,
+    pipeline: PipelineSettings,
+    console: Console,
+    where: _Destination,
+    indeterminate_band: float,
+    bag_classes: str | None,
+) -> None:
+    from rich.console import Console
+
+    from appliance.validation.cases_table import CasesTableError, read_cases_table
+    from appliance.validation.summary import print_summary
+    from export.onnx_export import ParityError
+    from export.train_run import TrainingError, TrainOptions, bag_classes_of, train_bundle
+    from runtime.bundle_format import BundleError
+
+    try:
+        table = read_cases_table(cases)
+        bag = bag_classes_of(base, bag_classes) if bag_classes is not None else ()
+    except (CasesTableError, TrainingError) as exc:
+        raise fail(str(exc)) from None
     console.print(
         f"Training on {len(table)} cases of {cases} with the encoder and segmenter of "
-        f"{base.name} {base.version}"
+        f"{base.name} {base.version}" + (f", bags of {', '.join(bag)}" if bag else "")
+    )
+    options = TrainOptions(
+        folds=where.folds, indeterminate_band=indeterminate_band, seed=where.seed, bag_classes=bag
     )
     try:
         result = train_bundle(
             table,
             base,
-            PipelineSettings.from_config(cfg),
+            pipeline,
             console,
-            destination=destination,
-            version=new_version,
-            report_folder=folder,
-            options=TrainOptions(folds=folds, indeterminate_band=indeterminate_band, seed=seed),
-            intended_use=intended_use,
+            destination=where.folder,
+            version=where.version,
+            report_folder=where.report,
+            options=options,
+            intended_use=where.intended_use,
         )
     except (TrainingError, BundleError, ParityError) as exc:
         raise fail(str(exc), code=1) from None
@@ -101,4 +189,93 @@ def train(
     console.print(
         f"Bundle {made.name} {made.version} ({made.intended_use}) at {made.path}, heads "
         f"{', '.join(made.head_names)}; report {result.files.html}"
+    )
+
+
+def _train_cells(
+    path: Path,
+    base: Bundle,
+    pipeline: PipelineSettings,
+    console: Console,
+    where: _Destination,
+    taxonomy_name: str,
+    target_accuracy: float,
+) -> None:
+    from appliance.pipeline.networks import SlideNetworks
+    from appliance.results import BundleRecord
+    from appliance.validation.labelled_cells import LabelledCellsError, read_labelled_cells
+    from appliance.validation.measures import build_report, cell_report
+    from appliance.validation.report import write_validation_report
+    from export.onnx_export import ParityError
+    from export.train_cells import CellOptions, train_cell_head
+    from export.train_run import TrainingError
+    from runtime.bundle_format import BundleError
+    from runtime.taxonomy import TaxonomyError, load_taxonomy
+
+    try:
+        taxonomy = load_taxonomy(taxonomy_name)
+    except TaxonomyError as exc:
+        raise fail(str(exc)) from None
+    console.print(
+        f"Training a cell head on the labelled cells of {path} ({taxonomy.name}) with the "
+        f"encoder and segmenter of {base.name} {base.version}"
+    )
+    try:
+        with SlideNetworks(base, pipeline.runtime) as networks:
+            cells = read_labelled_cells(path, taxonomy, networks, pipeline, console)
+    except LabelledCellsError as exc:
+        raise fail(str(exc)) from None
+    options = CellOptions(folds=where.folds, target_accuracy=target_accuracy, seed=where.seed)
+    try:
+        result = train_cell_head(
+            cells,
+            base,
+            console,
+            destination=where.folder,
+            version=where.version,
+            source=path.name,
+            options=options,
+            intended_use=where.intended_use,
+        )
+    except (TrainingError, BundleError, ParityError) as exc:
+        raise fail(str(exc), code=1) from None
+    for name, reason in result.left_out.items():
+        console.print(f"[yellow]left out of the head[/yellow] class {name}: {reason}")
+    made = result.bundle
+    assert made.cell_head is not None
+    report = build_report(
+        (),
+        BundleRecord(made.name, made.version, made.sha256, made.intended_use),
+        (),
+        kind="out-of-fold",
+        table=None,
+        cells=cell_report(made.cell_head, result.figures, path.name),
+    )
+    files = write_validation_report(where.report, report, None)
+    _print_figures(result.figures, where.folds, console)
+    console.print(
+        f"Bundle {made.name} {made.version} ({made.intended_use}) at {made.path}, cell head "
+        f"of {len(made.cell_classes)} classes; out-of-fold report {files.html}"
+    )
+
+
+def _print_figures(figures: CellFigures, folds: int, console: Console) -> None:
+    point = figures.operating_point
+    console.print(
+        f"Out of fold ({folds} folds by group, {figures.cells} cells): accuracy "
+        f"{figures.accuracy:.3f}, macro F1 {figures.macro_f1:.3f}, weighted F1 "
+        f"{figures.weighted_f1:.3f}"
+    )
+    reached = (
+        f"reaches {figures.target_accuracy:.1%}"
+        if point.reached
+        else f"does not reach {figures.target_accuracy:.1%}: only the surest cells are called"
+    )
+    console.print(
+        f"Operating point: confidence {point.confidence:.3f} calls {point.coverage:.1%} of the "
+        f"cells at {point.accuracy:.1%} accuracy ({reached}); the rest are unsure"
+    )
+    console.print(
+        f"Critical errors: {figures.critical_errors} cells, {figures.critical_errors_sure} of "
+        "them at or above the operating point"
     )

@@ -9,7 +9,11 @@
    attention MIL on slide scans; a peripheral-blood diagnosis: the transformer on
    single-cell folders) is cross-validated at patient level
    (``export.cross_validate``): its k fold models are the shipped ensemble,
-   calibration and thresholds are fitted on their out-of-fold predictions.
+   calibration and thresholds are fitted on their out-of-fold predictions. With
+   ``bag_classes`` (``--bag-classes``: plasma cells for a myeloma head) each head
+   learns on the bag it will score, the kept cells the base's cell head puts in those
+   classes (``CohortCase.bag``, as scoring takes it), and its section says so; a case
+   with too few of them is left out, as scoring would abstain.
 3. The members are exported to ONNX behind their parity gates and written with
    the base's other files as a new version (``appliance.site.derived_versions``);
    ``bundle.json``'s provenance records the table's hash, the cases and positives
@@ -32,7 +36,7 @@ import numpy as np
 from rich.console import Console
 
 from appliance.console import new_progress
-from appliance.pipeline.cases import case_inputs, head_record, inputs_words
+from appliance.pipeline.cases import abstain_reason, case_inputs, head_record, inputs_words
 from appliance.pipeline.networks import SlideNetworks
 from appliance.results import BundleRecord, HeadRecord
 from appliance.site.derived_versions import derived_from, write_bundle_version
@@ -71,6 +75,8 @@ class TrainOptions:
     gated: GatedRecipe = field(default_factory=GatedRecipe)
     transformer: TransformerRecipe = field(default_factory=TransformerRecipe)
     resamples: int = 2000
+    # The cell-head classes every trained head reads (``HeadSpec.bag_classes``); none: all
+    bag_classes: tuple[str, ...] = ()
 
 
 @dataclass
@@ -81,6 +87,7 @@ class TrainedHead:
     validation: CrossValidation
     targets: Targets
     parity: list[dict[str, Any]]
+    bag_cells: dict[str, int]  # case id -> the cells of its bag
 
 
 @dataclass
@@ -92,6 +99,56 @@ class TrainResult:
     left_out: dict[str, str]  # case id -> why no head learnt from it
     scans_embedded: int
     scans_cached: int
+
+
+def bag_classes_of(base: Bundle, text: str) -> tuple[str, ...]:
+    """The cell-head classes ``--bag-classes`` names: a group of the base's taxonomy
+    (``plasma_cells``, ``white_cells``) or comma-separated class names, in the cell
+    head's order; TrainingError (one line) for a base without a cell head or a name it
+    does not know."""
+    head = base.cell_head
+    if head is None:
+        raise TrainingError(
+            f"--bag-classes: {base.name} {base.version} has no cell head to classify the "
+            "cells by; train one on labelled cells first (docs/cells.md)"
+        )
+    taxonomy = head.head_kind.params(head).taxonomy
+    wanted = set(taxonomy.group(text.strip())) or {n.strip() for n in text.split(",") if n.strip()}
+    unknown = sorted(wanted - set(base.cell_classes))
+    if unknown or not wanted:
+        groups = ", ".join(taxonomy.groups) or "none"
+        raise TrainingError(
+            f"--bag-classes: {', '.join(unknown) or repr(text)} is neither a group of the cell "
+            f"head's taxonomy ({groups}) nor one of its classes ({', '.join(base.cell_classes)})"
+        )
+    return tuple(name for name in base.cell_classes if name in wanted)
+
+
+def case_bag(
+    case: CohortCase, base: Bundle, bag_classes: tuple[str, ...]
+) -> tuple[np.ndarray, str | None]:
+    """A case's bag for a head reading ``bag_classes`` (as scoring takes it), and why the
+    case is left out when the bag holds fewer cells than the bundle needs (as scoring
+    would abstain), else None."""
+    bag = case.bag(base, bag_classes)
+    reason = abstain_reason(len(bag), base.cells.min_cells, [], 1, [], of_classes=bag_classes)
+    return bag, reason
+
+
+def _visiting(base: Bundle, table: CasesTable, options: TrainOptions) -> Bundle:
+    """The base as the new version will visit a scan: each head the table trains reads
+    ``bag_classes``, so the scan's cell budget counts those classes
+    (``Bundle.budget_classes``) and the bags learnt on are the bags scored."""
+    if not options.bag_classes:
+        return base
+    trained = []
+    for objective in _objectives(options):
+        spec = objective.provisional_spec(_head_name(base, objective))
+        if any(objective.usable(spec.head_kind.truth(spec, c.labels)) for c in table.cases):
+            trained.append(dataclasses.replace(spec, bag_classes=options.bag_classes))
+    names = {spec.name for spec in trained}
+    kept = tuple(head for head in base.heads if head.name not in names)
+    return dataclasses.replace(base, heads=(*trained, *kept))
 
 
 def _objectives(options: TrainOptions) -> list[Objective]:
@@ -153,7 +210,7 @@ def train_bundle(
     """Embed, cross-validate, export and write the new version; then its report."""
     options = options or TrainOptions()
     started = time.perf_counter()
-    with SlideNetworks(base, pipeline.runtime) as networks:
+    with SlideNetworks(_visiting(base, table, options), pipeline.runtime) as networks:
         cohort = process_cohort(table, networks, pipeline, console)
     seconds = {"embedding": round(time.perf_counter() - started, 1)}
     left_out: dict[str, str] = {}
@@ -229,7 +286,7 @@ def _train_head(
     provisional = objective.provisional_spec(name)
     kind = provisional.head_kind
     truths = [kind.truth(provisional, case.case.labels) for case in cohort]
-    rows = []
+    rows, bags = [], []
     for row, (case, truth) in enumerate(zip(cohort, truths, strict=True)):
         if not objective.usable(truth):
             continue
@@ -238,14 +295,16 @@ def _train_head(
             found = inputs_words(case_inputs(case.slides))
             reason = f"holds {found}; the {name} head learns from {inputs_words(objective.inputs)}"
         if reason is None:
+            bag, reason = case_bag(case, base, options.bag_classes)
+        if reason is None:
             rows.append(row)
+            bags.append(bag)
         else:
             left_out[case.case_id] = reason
     if not any(objective.usable(t) for t in truths):
         return None
     targets = objective.targets([truths[r] for r in rows])
     _check_enough(name, objective, targets, options.folds, left_out)
-    bags = [cohort[r].bag(base) for r in rows]
     with new_progress(console) as progress:
         task = progress.add_task(f"head {name}: {options.folds} folds", total=1.0)
         validation = cross_validate(
@@ -263,9 +322,12 @@ def _train_head(
         name, files, validation.raw, validation.extra, targets, options.indeterminate_band
     )
     learnt_from = set().union(*(case_inputs(cohort[r].slides) for r in rows))
-    spec = dataclasses.replace(spec, inputs=objective.scores(learnt_from))
+    spec = dataclasses.replace(
+        spec, inputs=objective.scores(learnt_from), bag_classes=options.bag_classes
+    )
     parity = [r.metrics for r in reports]
-    return TrainedHead(spec, objective, rows, validation, targets, parity)
+    bag_cells = {cohort[r].case_id: len(bag) for r, bag in zip(rows, bags, strict=True)}
+    return TrainedHead(spec, objective, rows, validation, targets, parity, bag_cells)
 
 
 def _out_of_fold_records(head: TrainedHead) -> dict[int, HeadRecord]:
@@ -321,7 +383,14 @@ def _provenance(
     seconds: dict[str, float],
     left_out: dict[str, str],
 ) -> dict[str, Any]:
-    heads = {}
+    # A head this run keeps (one of a kind it does not train) keeps its training record.
+    replaced = {head.spec.name for head in trained}
+    earlier = base.provenance.get(PROVENANCE_KEY, {}).get("heads", {})
+    heads = {
+        name: record
+        for name, record in earlier.items()
+        if name in base.head_names and name not in replaced
+    }
     for head in trained:
         tasks = {
             t.task: {k: getattr(t, k) for k in FIGURES}
@@ -340,6 +409,8 @@ def _provenance(
         heads[head.spec.name] = {
             "kind": head.spec.kind,
             "inputs": head.spec.inputs,
+            "bag_classes": head.spec.bag_classes,
+            "bag_cells": head.bag_cells,
             **head.objective.describe(head.targets),
             "folds": options.folds,
             "epochs_run": head.validation.epochs,

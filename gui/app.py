@@ -54,6 +54,7 @@ def build_window(config: Config, service: ServiceControl | None = None) -> MainW
         bundle_dir=config.bundle_dir,
         data_dir=config.data_dir,
         fhir_outbox=config.fhir_outbox,
+        training_dir=config.training_cells_dir,
         service=service,
         version=software_version(),
         case_quiet_seconds=config.watch.case_quiet_seconds,

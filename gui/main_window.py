@@ -26,12 +26,15 @@ from PySide6.QtWidgets import (
     QWidget,
 )
 
-from appliance.config import WatchConfig
+from appliance.config import Config, PathsConfig, WatchConfig
 from appliance.results import DECISION_WORDS
+from appliance.review.relabel import RelabelError, save_cell_label
 from appliance.review.sign_off import ReviewError, SignOff, login_name, sign_off
 from appliance.service.audit import AUDIT_FILE, AuditLog
 from appliance.service.store import JobStore, StoreError
 from gui.models import PollingThread, QueueDelegate, QueueModel, format_received
+from gui.relabel_view import RelabelDialog
+from gui.result_data import CellView
 from gui.result_view import ResultPane
 from gui.review_state import SHOWS_RESULT, ReviewIndex, case_result_folder
 from gui.review_view import DECISIONS, SignOffDialog
@@ -58,6 +61,7 @@ class _Relay(QObject):
 
     done = Signal(bool, str)
     signed = Signal(bool, str, str)  # ok, one line, the new version folder
+    relabelled = Signal(bool, str, object, str)  # ok, one line, (slide, cell id), class
 
 
 def service_text(service: ServiceInfo | None, now: datetime | None = None) -> str:
@@ -159,6 +163,7 @@ class MainWindow(QMainWindow):
         bundle_dir: Path | None = None,
         data_dir: Path | None = None,
         fhir_outbox: Path | None = None,
+        training_dir: Path | None = None,
         service: ServiceControl | None = None,
         version: str = "unknown",
         poll_ms: int = 1000,
@@ -172,6 +177,10 @@ class MainWindow(QMainWindow):
         self.data_dir = data_dir or store_path.parent.parent
         self.audit_path = store_path.parent / AUDIT_FILE
         self.fhir_outbox = fhir_outbox
+        # Where re-labelled cells go (paths.training_cells), by the configuration's default.
+        self.training_dir = training_dir or (
+            Config(paths=PathsConfig(data_dir=str(self.data_dir))).training_cells_dir
+        )
         self.service = service
         self.version = version
         self.case_quiet_seconds = case_quiet_seconds
@@ -185,7 +194,9 @@ class MainWindow(QMainWindow):
         self.relay = _Relay(self)
         self.relay.done.connect(self._background_done)
         self.relay.signed.connect(self._signed)
+        self.relay.relabelled.connect(self._relabelled)
         self.pane.review_bar.decided.connect(self.ask_sign_off)
+        self.pane.gallery.relabel_requested.connect(self.ask_relabel)
 
         buttons = self._build_buttons()
         left = QWidget()
@@ -619,6 +630,76 @@ class MainWindow(QMainWindow):
         QMetaObject.invokeMethod(
             self.polling.poller, "poll_now", Qt.ConnectionType.QueuedConnection
         )
+
+    def ask_relabel(self, cell: CellView) -> RelabelDialog | None:
+        """Ask for a cell's class (from the shown result's cell head); saved when chosen."""
+        loaded = self.pane.loaded
+        found = loaded.view.result.differential if loaded is not None else None
+        if loaded is None or found is None:
+            return None
+        dialog = RelabelDialog(
+            cell, loaded.image(cell.image), found.classes, self.training_dir, parent=self
+        )
+        folder = loaded.view.folder
+        dialog.accepted.connect(lambda: self.relabel(folder, cell, dialog.chosen() or ""))
+        dialog.finished.connect(dialog.deleteLater)
+        dialog.finished.connect(self.activateWindow)
+        dialog.finished.connect(lambda _: self.pane.gallery.cells.setFocus())  # the next cell
+        dialog.open()  # window-modal, not exec(): the queue keeps updating behind it
+        return dialog
+
+    def relabel(self, folder: Path, cell: CellView, cell_class: str) -> None:
+        """Save the cell's new label in the training folder, with an audit line, off the
+        UI thread; the result folder is not touched."""
+        relay, training_dir = self.relay, self.training_dir
+        audit_path, version = self.audit_path, self.version
+        record = cell.cell
+        where = f"cell {record.cell_id} of slide {record.slide}"
+        loaded = self.pane.loaded
+        label = loaded.view.class_labels.get(cell_class, cell_class) if loaded else cell_class
+
+        def write() -> None:
+            try:
+                audit = AuditLog(audit_path, software_version=version, source="window")
+                saved = save_cell_label(
+                    folder,
+                    record.slide,
+                    record.cell_id,
+                    cell_class,
+                    training_dir=training_dir,
+                    audit=audit,
+                    labelled_by=login_name(),
+                )
+            except RelabelError as exc:
+                relay.relabelled.emit(False, f"Could not re-label {where}: {exc}", cell.key, "")
+                return
+            except OSError as exc:  # the audit trail's folder could not be made
+                why = f"the audit trail's folder {audit_path.parent} cannot be written"
+                reason = f"{why} ({exc.strerror})" if exc.strerror else why
+                relay.relabelled.emit(False, f"Could not re-label {where}: {reason}", cell.key, "")
+                return
+            relay.relabelled.emit(
+                True,
+                f"{where[0].upper()}{where[1:]} saved as {label} in {saved.crop.parent}, "
+                "a class folder cytoedge train reads.",
+                cell.key,
+                cell_class,
+            )
+
+        self.statusBar().showMessage(f"Saving the label of {where}...")
+        QThreadPool.globalInstance().start(write)
+
+    def _relabelled(self, ok: bool, message: str, key: tuple[str, int], cell_class: str) -> None:
+        if not ok:
+            self.statusBar().showMessage(message, 15000)
+            box = QMessageBox(QMessageBox.Icon.Warning, "cytoedge", message, parent=self)
+            box.setObjectName("relabel_problem")
+            box.open()
+            return
+        # The whole sentence, folder included, wraps above the gallery; the status bar's
+        # line may be narrower than it.
+        self.statusBar().showMessage(f"Cell {key[1]} saved for training.", 15000)
+        self.pane.gallery.mark_relabelled(key, cell_class, message)
 
     def toggle_pause(self) -> None:
         if self.service is None:

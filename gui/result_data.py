@@ -16,6 +16,7 @@ from pathlib import Path
 from appliance.results import (
     RESULT_FILE,
     CaseResult,
+    GalleryCell,
     ResultError,
     ScanRecord,
     TopCell,
@@ -24,6 +25,8 @@ from appliance.results import (
 )
 
 DEMO_BANNER = "Demo model, not for diagnosis"
+TOP_CELLS = "top"  # the gallery's filters: the highest-attention cells, a class, the unsure
+UNSURE = "unsure"
 
 
 class ResultUnreadableError(RuntimeError):
@@ -52,12 +55,25 @@ class SlideView:
 
 @dataclass(frozen=True)
 class CellView:
-    cell: TopCell
+    """A cell with a crop: one of the highest-attention cells, or a classified cell of
+    the cell head's galleries."""
+
+    cell: TopCell | GalleryCell
     image: Path | None
 
     @property
     def key(self) -> tuple[str, int]:
         return self.cell.slide, self.cell.cell_id
+
+
+@dataclass(frozen=True)
+class GalleryFilter:
+    """One choice of the cell gallery's filter: its key (TOP_CELLS, a class name, UNSURE),
+    what it says, and the cells it shows in order."""
+
+    key: str
+    text: str
+    cells: tuple[CellView, ...]
 
 
 @dataclass(frozen=True)
@@ -88,6 +104,42 @@ class CaseView:
     @cached_property
     def top_cells(self) -> tuple[CellView, ...]:
         return tuple(CellView(cell, self.file(cell.image)) for cell in self.result.top_cells)
+
+    @cached_property
+    def gallery_cells(self) -> tuple[CellView, ...]:
+        """The cell head's crops: each class's surest cells, then the unsure ones."""
+        return tuple(CellView(cell, self.file(cell.image)) for cell in self.result.cell_gallery)
+
+    @cached_property
+    def class_labels(self) -> dict[str, str]:
+        """The cell head's classes, name to label, in the taxonomy's order."""
+        found = self.result.differential
+        return {row.name: row.label for row in found.classes} if found else {}
+
+    def gallery_filters(self) -> tuple[GalleryFilter, ...]:
+        """The highest-attention cells (all classes), each class with crops (the surest
+        first), and the unsure cells (the least sure first), each with its crops out of
+        the case's cells."""
+        top = GalleryFilter(
+            TOP_CELLS, f"Highest attention, all classes ({len(self.top_cells)})", self.top_cells
+        )
+        found = self.result.differential
+        if found is None:
+            return (top,)
+        choices = [top]
+        for row in found.classes:
+            cells = tuple(
+                c for c in self.gallery_cells if c.cell.sure and c.cell.cell_class == row.name
+            )
+            if cells:
+                text = f"{row.label} ({len(cells)} of {row.count})"
+                choices.append(GalleryFilter(row.name, text, cells))
+        unsure = tuple(c for c in self.gallery_cells if not c.cell.sure)
+        if unsure:
+            choices.append(
+                GalleryFilter(UNSURE, f"Unsure ({len(unsure)} of {found.unsure})", unsure)
+            )
+        return tuple(choices)
 
     @property
     def report(self) -> Path | None:
@@ -132,13 +184,16 @@ def load_result(path: Path) -> CaseView:
         raise ResultUnreadableError(str(exc)) from None
 
 
-def cell_measurements(cells_csv: Path, cell_id: int) -> dict[str, str]:
-    """The row of a slide's cell table for one cell (empty when not found)."""
+def cell_measurements(cells_csv: Path, cell_ids: set[int]) -> dict[int, dict[str, str]]:
+    """The rows of a slide's cell table for some cells, by cell id (one read of the
+    table; a cell not found, or a table not readable, has no row)."""
+    wanted = {str(cell_id) for cell_id in cell_ids}
+    rows: dict[int, dict[str, str]] = {}
     try:
         with cells_csv.open(newline="", encoding="utf-8") as handle:
             for row in csv.DictReader(handle):
-                if row.get("cell_id") == str(cell_id):
-                    return {k: v for k, v in row.items() if k is not None}
+                if row.get("cell_id") in wanted:
+                    rows[int(row["cell_id"])] = {k: v for k, v in row.items() if k is not None}
     except OSError:
         return {}
-    return {}
+    return rows

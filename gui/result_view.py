@@ -27,8 +27,6 @@ from PySide6.QtWidgets import (
     QHBoxLayout,
     QHeaderView,
     QLabel,
-    QListWidget,
-    QListWidgetItem,
     QPushButton,
     QScrollArea,
     QSizePolicy,
@@ -41,6 +39,9 @@ from PySide6.QtWidgets import (
 )
 
 from appliance.results import TopCell
+from gui.cell_gallery import CellGallery, class_words
+from gui.differential_view import DifferentialPanel
+from gui.pictures import ScaledImage
 from gui.result_data import (
     CaseView,
     CellView,
@@ -58,7 +59,6 @@ BANNER_STYLES = {
     "rejected": "background:#7f1010; color:white;",
     "abstained": "background:#f2c200; color:#1a1a1a;",
 }
-GALLERY_ICON_PX = 96
 ENLARGED_PX = 384
 
 
@@ -77,7 +77,8 @@ class LoadedResult:
 def read_folder(path: Path) -> LoadedResult:
     """Everything the pane shows for one result folder (runs off the UI thread)."""
     result = load_result(path)
-    wanted = [c.image for c in result.top_cells] + [result.gallery]
+    cells = result.top_cells + result.gallery_cells
+    wanted = [c.image for c in cells] + [result.gallery]
     for slide in result.slides:
         wanted += [slide.heatmap, slide.thumbnail]
     images = {}
@@ -87,11 +88,11 @@ def read_folder(path: Path) -> LoadedResult:
             if not image.isNull():
                 images[image_path] = image
     measurements: dict[tuple[str, int], dict[str, str]] = {}
-    csv_of = {s.slide_id: s.cells_csv for s in result.slides}
-    for cell in result.top_cells:
-        table = csv_of.get(cell.cell.slide)
-        if table is not None:
-            measurements[cell.key] = cell_measurements(table, cell.cell.cell_id)
+    for slide in result.slides:
+        ids = {c.cell.cell_id for c in cells if c.cell.slide == slide.slide_id}
+        if slide.cells_csv is not None and ids:
+            for cell_id, row in cell_measurements(slide.cells_csv, ids).items():
+                measurements[slide.slide_id, cell_id] = row
     return LoadedResult(result, images, measurements)
 
 
@@ -188,51 +189,22 @@ def call_label(call: str, big: bool = False) -> QLabel:
     return label
 
 
-class ScaledImage(QLabel):
-    """A picture that keeps its aspect ratio while the pane is resized."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self._image: QImage | None = None
-        self.setAlignment(Qt.AlignmentFlag.AlignCenter)
-        self.setSizePolicy(QSizePolicy.Policy.Ignored, QSizePolicy.Policy.Ignored)
-        self.setMinimumSize(120, 90)
-
-    def set_image(self, image: QImage | None, missing_text: str = "no picture") -> None:
-        self._image = image
-        if image is None:
-            self.setPixmap(QPixmap())
-            self.setText(missing_text)
-        else:
-            self.setText("")
-            self._rescale()
-
-    def resizeEvent(self, event: object) -> None:  # noqa: N802
-        self._rescale()
-
-    def _rescale(self) -> None:
-        if self._image is None or self.width() < 2 or self.height() < 2:
-            return
-        scaled = self._image.scaled(
-            self.size(),
-            Qt.AspectRatioMode.KeepAspectRatio,
-            Qt.TransformationMode.SmoothTransformation,
-        )
-        self.setPixmap(QPixmap.fromImage(scaled))
-
-
 class CellDialog(QDialog):
-    """One top cell, enlarged, with its attention and its measurements."""
+    """One cell, enlarged, with the cell head's class, its attention (a top cell) and its
+    measurements."""
 
     def __init__(
         self,
-        cell: TopCell,
+        shown: CellView,
         image: QImage | None,
         measurements: dict[str, str],
+        labels: dict[str, str],
         parent: QWidget | None = None,
     ) -> None:
         super().__init__(parent)
-        self.setWindowTitle(f"Cell #{cell.rank}")
+        cell = shown.cell
+        top = isinstance(cell, TopCell)
+        self.setWindowTitle(f"Cell #{cell.rank}" if top else f"Cell {cell.cell_id}")
         layout = QHBoxLayout(self)
         picture = QLabel()
         picture.setAlignment(Qt.AlignmentFlag.AlignCenter)
@@ -251,15 +223,23 @@ class CellDialog(QDialog):
             picture.setText("no crop stored for this cell")
         layout.addWidget(picture)
         form = QFormLayout()
-        form.addRow("Rank:", QLabel(f"#{cell.rank} of the highest-attention cells"))
-        form.addRow("Attention:", QLabel(f"{cell.attention * 100:.2f} % of the case's attention"))
+        called = class_words(shown, labels)
+        if called:
+            form.addRow("Class:", QLabel(called))
+        if top:
+            form.addRow("Rank:", QLabel(f"#{cell.rank} of the highest-attention cells"))
+            form.addRow(
+                "Attention:", QLabel(f"{cell.attention * 100:.2f} % of the case's attention")
+            )
         form.addRow("Slide:", QLabel(cell.slide))
         form.addRow("Cell:", QLabel(str(cell.cell_id)))
-        form.addRow("Position (px):", QLabel(f"x {cell.x:,.0f}, y {cell.y:,.0f}"))
+        if top:
+            form.addRow("Position (px):", QLabel(f"x {cell.x:,.0f}, y {cell.y:,.0f}"))
         # Shown above, or not a measurement (the outline, for QuPath and GIS tools).
-        shown = {"cell_id", "id", "x", "y", "attention", "polygon_wkt"}
+        said = {"cell_id", "id", "x", "y", "attention", "polygon_wkt", "cell_class"}
+        said |= {"class_confidence", "class_sure"}
         for key, value in measurements.items():
-            if key not in shown and value not in ("", None):
+            if key not in said and value not in ("", None):
                 form.addRow(f"{key.replace('_', ' ')}:", QLabel(str(value)))
         buttons = QDialogButtonBox(QDialogButtonBox.StandardButton.Close)
         buttons.rejected.connect(self.reject)
@@ -336,32 +316,13 @@ class ResultPane(QWidget):
         self.predictions_grid.setColumnStretch(1, 1)
         self.predictions_grid.setHorizontalSpacing(12)
         layout.addWidget(self.predictions_box)
+        self.differential = DifferentialPanel()
+        layout.addWidget(self.differential)
 
         self.tabs = QTabWidget()
-        self.gallery = QListWidget()
-        self.gallery.setViewMode(QListWidget.ViewMode.IconMode)
-        self.gallery.setIconSize(QSize(GALLERY_ICON_PX, GALLERY_ICON_PX))
-        self.gallery.setResizeMode(QListWidget.ResizeMode.Adjust)
-        self.gallery.setMovement(QListWidget.Movement.Static)
-        self.gallery.setSpacing(4)
-        self.gallery.setUniformItemSizes(True)
-        self.gallery.setSelectionMode(QAbstractItemView.SelectionMode.SingleSelection)
-        self.gallery.itemActivated.connect(self._open_cell)
-        self.gallery.itemClicked.connect(self._open_cell)
-        self.gallery.setAccessibleName("Highest-attention cells")
-        self.gallery_picture = ScaledImage()
-        self.gallery_picture.setAccessibleName("Gallery of the highest-attention cells")
-        cells_tab = QWidget()
-        cells_layout = QVBoxLayout(cells_tab)
-        cells_layout.setContentsMargins(2, 2, 2, 2)
-        self.cells_hint = QLabel(
-            "The 20 cells the model weighed most. Click a cell, or select it and press Enter."
-        )
-        self.cells_hint.setWordWrap(True)
-        cells_layout.addWidget(self.cells_hint)
-        cells_layout.addWidget(self.gallery_picture, 2)
-        cells_layout.addWidget(self.gallery, 3)
-        self.tabs.addTab(cells_tab, "&Cells that drove it")
+        self.gallery = CellGallery()
+        self.gallery.opened.connect(self.open_cell)
+        self.tabs.addTab(self.gallery, "&Cells")
 
         heat_tab = QWidget()
         heat_layout = QVBoxLayout(heat_tab)
@@ -452,7 +413,8 @@ class ResultPane(QWidget):
         self.summary.setText(" · ".join(parts))
         self._fill_qc(view)
         self._fill_predictions(view)
-        self._fill_gallery(loaded)
+        self.differential.show_differential(result.differential, result.burden, result.warnings)
+        self.gallery.show_view(view, loaded.image)
         self.slide_choice.blockSignals(True)
         self.slide_choice.clear()
         for slide in view.slides:
@@ -553,56 +515,14 @@ class ResultPane(QWidget):
             grid.addWidget(message, 0, 0, 1, 4)
         self.predictions_box.setVisible(True)
 
-    def _fill_gallery(self, loaded: LoadedResult) -> None:
-        view = loaded.view
-        self.gallery.clear()
-        have_crops = any(loaded.image(c.image) is not None for c in view.top_cells)
-        gallery_image = loaded.image(view.gallery)
-        self.gallery_picture.setVisible(not have_crops and gallery_image is not None)
-        if gallery_image is not None and not have_crops:
-            self.gallery_picture.set_image(gallery_image)
-        if have_crops:
-            self.gallery.setViewMode(QListWidget.ViewMode.IconMode)
-            line = self.gallery.fontMetrics()
-            self.gallery.setGridSize(
-                QSize(
-                    max(GALLERY_ICON_PX, line.horizontalAdvance("#20  0.00 %")) + 16,
-                    GALLERY_ICON_PX + line.height() + 14,
-                )
-            )
-        else:
-            self.gallery.setViewMode(QListWidget.ViewMode.ListMode)
-            self.gallery.setGridSize(QSize())
-        for shown in view.top_cells:
-            cell = shown.cell
-            text = f"#{cell.rank}  {cell.attention * 100:.2f} %"
-            if not have_crops:
-                text += f"  ·  slide {cell.slide}, cell {cell.cell_id}"
-            item = QListWidgetItem(text)
-            image = loaded.image(shown.image)
-            if image is not None:
-                item.setIcon(QPixmap.fromImage(image))
-            item.setData(Qt.ItemDataRole.UserRole, shown)
-            item.setToolTip(f"Cell {cell.cell_id} on {cell.slide}: attention {cell.attention:.4f}")
-            self.gallery.addItem(item)
-        self.gallery.setVisible(bool(view.top_cells))
-        self.cells_hint.setText(
-            "The 20 cells the model weighed most. Click a cell, or select it and press Enter."
-            if view.top_cells
-            else "No cells were scored for this case."
-        )
-
-    def _open_cell(self, item: QListWidgetItem) -> None:
-        cell: CellView = item.data(Qt.ItemDataRole.UserRole)
-        self.open_cell(cell)
-
     def open_cell(self, cell: CellView) -> CellDialog | None:
         if self.loaded is None:
             return None
         dialog = CellDialog(
-            cell.cell,
+            cell,
             self.loaded.image(cell.image),
             self.loaded.measurements.get(cell.key, {}),
+            self.loaded.view.class_labels,
             self,
         )
         self.cell_opened.emit(dialog)

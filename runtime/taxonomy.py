@@ -18,7 +18,8 @@ validation counts.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from runtime.typed_json import SpecError, parse_section
@@ -82,6 +83,23 @@ class Taxonomy:
 
     def is_critical(self, true: str, predicted: str) -> bool:
         return any(true == c.true and predicted in c.predicted for c in self.critical)
+
+    def restricted(self, names: Sequence[str]) -> Taxonomy:
+        """This taxonomy over ``names`` only, in that order (a cell head's output order):
+        the confusions and groups among them, those that lose all their classes dropped."""
+        kept = set(names)
+        critical = tuple(
+            replace(c, predicted=tuple(p for p in c.predicted if p in kept))
+            for c in self.critical
+            if c.true in kept and kept & set(c.predicted)
+        )
+        groups = {g: tuple(m for m in members if m in kept) for g, members in self.groups.items()}
+        return replace(
+            self,
+            classes=tuple(self.cell_class(name) for name in names),
+            critical=critical,
+            groups={g: members for g, members in groups.items() if members},
+        )
 
     def validate(self, where: str) -> None:
         names = self.names

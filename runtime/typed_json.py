@@ -76,6 +76,18 @@ def dump(value: Any) -> Any:
     return value
 
 
+def finite(value: Any) -> Any:
+    """A JSON value with each NaN or infinity as null: JSON has none, and an undefined
+    figure (the precision of a class never called) is no number."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: finite(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [finite(v) for v in value]
+    return value
+
+
 def json_schema(cls: type, title: str, description: str = "") -> dict[str, Any]:
     """A JSON Schema (draft 2020-12) of dataclass ``cls`` and the dataclasses it holds."""
     definitions: dict[str, Any] = {}

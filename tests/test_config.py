@@ -110,3 +110,13 @@ def test_a_bad_camera_section_stops_with_one_line(tmp_path: Path, text: str, mes
     with pytest.raises(ConfigError, match=message) as caught:
         load_config(write(tmp_path, text))
     assert "\n" not in str(caught.value)
+
+
+def test_the_training_folder_of_relabelled_cells(tmp_path: Path, isolated_data_dir: Path) -> None:
+    assert load_config().training_cells_dir == isolated_data_dir / "training" / "cells"
+    folder = tmp_path / "labels"
+    folder.mkdir()
+    config = load_config(write(tmp_path, f'[paths]\ntraining_cells = "{folder}"\n'))
+    assert config.training_cells_dir == folder
+    with pytest.raises(ConfigError, match=r"paths\.training_cells: directory /no/such/dir"):
+        load_config(write(tmp_path, '[paths]\ntraining_cells = "/no/such/dir"\n'))

@@ -23,6 +23,8 @@ from appliance.validation.measures import (
 )
 from appliance.validation.summary import print_summary
 from cytoedge_demo.samples import write_sample_result
+from runtime.taxonomy import load_taxonomy
+from tests.cell_results import MARROW_COUNTS, write_differential_case
 
 TASK_NAMES = ("del(17p)", "t(4;14)", "t(11;14)", "gain(1q)", "acute leukemia", "hemoglobin")
 
@@ -139,3 +141,28 @@ def test_the_gpu_self_test_table_keeps_every_network_name_whole() -> None:
     assert fits(lines)
     for name in ("head peripheral-blood", "head myeloma-risk", "ort-tensorrt"):
         assert whole(name, lines), name
+
+
+def test_the_score_table_shows_the_plasma_cell_burden_and_the_unsure_cells(
+    tmp_path: Path,
+) -> None:
+    two = load_taxonomy("marrow-mll").restricted(("plasma_cell", "other_cell"))
+    run = ScoreRun()
+    for case_id, taxonomy, counts, unsure in (
+        ("MM-2611-0416-second-opinion", load_taxonomy("marrow-mll"), MARROW_COUNTS, 41),
+        ("MM-2611-0420", two, (97, 318), 23),
+    ):
+        folder = write_differential_case(tmp_path, case_id, taxonomy, counts, unsure)
+        run.cases.append(ScoredCase(read_result(folder.path), folder, ()))
+    lines = rendered(lambda console: print_table(run, console))
+    assert fits(lines[: -len(run.cases)])
+    rows = [line for line in lines if "Plasma cells" in line]
+    assert len(rows) == 2
+    # Each case's share with its interval on its row, whole; below the minimum, the rule's words.
+    assert "6.6 % (4.4-9.7)" in rows[0] and "23.4 % (19.6-27.7)" in rows[1]
+    first = " ".join(" ".join(lines[lines.index(rows[0]) :]).split())
+    assert "below 10 %, outside the burden the model was validated on" in first
+    second = " ".join(" ".join(lines[lines.index(rows[1]) :]).split())
+    assert "outside the burden" not in second
+    unsure = [line for line in lines if "Unsure cells" in line]
+    assert ["41 of 389" in unsure[0], "23 of 438" in unsure[1]] == [True, True]

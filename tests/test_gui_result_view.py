@@ -94,7 +94,7 @@ def test_qc_failed_case_shows_the_reasons_and_opens_on_the_qc_tab(qtbot, folders
     assert pane.slides_table.rowCount() == 2
     assert pane.slides_table.item(0, 1).text() == "fail"
     assert "71 % of tiles blurred" in pane.slides_table.item(0, 3).text()
-    assert pane.gallery.count() == 0
+    assert pane.gallery.cells.count() == 0
 
 
 def test_demo_banner_only_for_demo_bundles(qtbot, folders) -> None:
@@ -132,14 +132,14 @@ def test_the_gallery_lists_the_top_cells_and_opens_one_with_its_measurements(
     qtbot, folders
 ) -> None:
     pane = shown(qtbot, folders["mm_positive"])
-    assert pane.gallery.count() == 20
-    first = pane.gallery.item(0)
+    assert pane.gallery.cells.count() == 20
+    first = pane.gallery.cells.item(0)
     cell = first.data(Qt.ItemDataRole.UserRole).cell
     assert cell.rank == 1
     assert cell == read_result(folders["mm_positive"]).top_cells[0]
     opened: list[CellDialog] = []
     pane.cell_opened.connect(opened.append)
-    pane.gallery.itemClicked.emit(first)
+    pane.gallery.cells.itemClicked.emit(first)
     assert len(opened) == 1
     dialog = opened[0]
     qtbot.addWidget(dialog)

@@ -8,6 +8,7 @@ import logging
 import shutil
 import subprocess
 import sys
+import unicodedata
 from pathlib import Path
 
 import numpy as np
@@ -25,6 +26,8 @@ from appliance.results.report import (
 from appliance.review.sign_off import SignOff, sign_off
 from appliance.service.audit import AuditLog
 from cytoedge_demo.samples import sample_content, write_sample_result
+from runtime.taxonomy import load_taxonomy
+from tests.cell_results import MARROW_COUNTS, write_differential_case
 
 pytest.importorskip("PySide6.QtGui")
 
@@ -167,3 +170,62 @@ def test_a_case_prints_on_one_page_with_every_section_readable(
     assert len(heatmaps) == len(shown)
     least = 50 if len(shown) <= 3 else 25
     assert all(max(w, h) >= least for w, h in heatmaps), heatmaps
+
+
+# --- the cell head's differential and the plasma-cell burden ------------------------------
+
+
+def pdf_text(pdf: Path) -> str:
+    """Page 1's text as poppler lays it out, ligatures undone and whitespace runs made one
+    space."""
+    text = subprocess.run(
+        ["pdftotext", "-f", "1", "-l", "1", "-layout", str(pdf), "-"],
+        capture_output=True, text=True, check=True,
+    ).stdout  # fmt: skip
+    return " ".join(unicodedata.normalize("NFKC", text).split())
+
+
+@pytest.mark.skipif(shutil.which("pdftoppm") is None, reason="poppler-utils not installed")
+@pytest.mark.parametrize(
+    ("taxonomy", "counts", "slides"),
+    [("marrow-mll", MARROW_COUNTS, 6), ("two-classes", (97, 318), 1)],
+    ids=["marrow-21-classes-below-the-minimum-6-slides", "two-classes-1-slide"],
+)
+def test_the_differential_and_the_burden_print_on_the_one_page(
+    tmp_path: Path, taxonomy: str, counts: tuple[int, ...], slides: int
+) -> None:
+    classes = (
+        load_taxonomy("marrow-mll").restricted(("plasma_cell", "other_cell"))
+        if taxonomy == "two-classes"
+        else load_taxonomy(taxonomy)
+    )
+    names = tuple(f"slide-{n}.svs" for n in range(1, slides + 1))
+    folder = write_differential_case(
+        tmp_path / "outbox", "MM-2611-0416", classes, counts, 41, slides=names
+    )
+    result = read_result(folder.path)
+    painted(folder.path, result)
+    pdf = folder.path / "report.pdf"
+    print_pdf_in_child(render_report_html(result, folder.path), folder.path, pdf)
+    subprocess.run(
+        ["pdftoppm", "-r", str(PAGE_DPI), "-png", str(pdf), str(tmp_path / "page")], check=True
+    )
+    pages = sorted(tmp_path.glob("page-*.png"))
+    assert [p.name for p in pages] == ["page-1.png"]  # one page, nothing spilled over
+    text = pdf_text(pdf)
+    found, burden = result.differential, result.burden
+    assert found is not None and burden is not None
+    assert f"{found.classified} of {found.cells} cells classified, 41 unsure" in text
+    assert f"operating point (confidence {found.operating_point:.2f}, for 99 % accuracy" in text
+    for row in found.classes:  # the class, its count, its percent with the interval
+        assert f"{row.label} {row.count} {row.percent:.1f} ({row.low:.1f}-{row.high:.1f})" in text
+    assert burden.sentence() in text
+    if burden.below:  # 23 of 348: the warning, at the top too
+        assert "below 10 %, outside the burden the model was validated on" in burden.sentence()
+        assert f"Warning: {burden.sentence()}" in text
+    else:
+        assert "Warning:" not in text
+    # The crops stay large enough to read beside the longer page.
+    cells = boxes_mm(np.asarray(Image.open(pages[0]).convert("RGB")), GREEN)
+    assert len(cells) == len(result.top_cells)
+    assert all(w >= 18 and h >= 18 for w, h in cells), cells

@@ -16,6 +16,7 @@ from appliance.pipeline.cases import ScoredCase, score_case
 from appliance.pipeline.networks import SlideNetworks
 from appliance.pipeline.slides import SlideResult, process_slide
 from appliance.readers import ScanError
+from appliance.results import CaseResult
 from appliance.site.backend_check import site_settings
 from runtime.bundle_format import Bundle
 
@@ -73,10 +74,27 @@ def score_inputs(
     return run
 
 
+def cell_rows(result: CaseResult) -> list[tuple[str, str]]:
+    """The cell head's rows of a case: its plasma-cell burden (with the inclusion rule's
+    words below the minimum) and its unsure cells, for a person to look at."""
+    rows = []
+    burden = result.burden
+    if burden is not None:  # the interval without its own "%": it keeps to the column
+        figure = (
+            f"{burden.percent:.1f} % ({burden.low:.1f}-{burden.high:.1f}) "
+            f"of {burden.classified} classified"
+        )
+        rows.append((burden.label, f"{figure}; {burden.outside}" if burden.outside else figure))
+    found = result.differential
+    if found is not None:
+        rows.append(("Unsure cells", f"{found.unsure} of {found.cells}, for a person to look at"))
+    return rows
+
+
 def print_table(run: ScoreRun, console: Console) -> None:
-    """A row per call or finding of each case (or why it has none), then each case's
-    result folder on a line of its own, whole, to copy: at 80 columns no task or class
-    name is cut."""
+    """A row per call or finding of each case (or why it has none), its plasma-cell burden
+    and unsure cells, then each case's result folder on a line of its own, whole, to
+    copy: at 80 columns no task or class name is cut."""
     table = Table(
         title="cytoedge results", box=box.SIMPLE_HEAD, show_edge=False, padding=(0, 1, 0, 0)
     )
@@ -94,6 +112,7 @@ def print_table(run: ScoreRun, console: Console) -> None:
             for p in head.predictions
         ]
         calls += [(f.label, f.call or f.text) for head in result.heads for f in head.findings]
+        calls += cell_rows(result)
         first = (result.case_id, str(result.version), str(result.cells), result.status)
         for index, (task, call) in enumerate(calls or [("-", result.abstain_reason or "-")]):
             table.add_row(*(first if index == 0 else ("",) * len(first)), task, call)

@@ -12,6 +12,7 @@ import numpy as np
 from PIL import Image
 
 from appliance.pipeline.cells import resize_bilinear
+from appliance.pipeline.embedding_sink import EMBED_CHUNK
 from appliance.pipeline.networks import SlideNetworks
 from appliance.pipeline.progress import StageTimer
 from appliance.pipeline.slide_cache import SlideCells, SlideInput
@@ -31,16 +32,22 @@ def process_cell_folder(
     patch_px = bundle.cells.patch_px
     with timer.stage("read"):
         folder = open_cell_folder(path)
-        names, crops, inputs = [], [], []
-        for index, (name, image) in enumerate(folder):
-            names.append(name)
-            crops.append(resize_bilinear(image, patch_px))
-            inputs.append(resize_bilinear(image, size))
-            timer.progress("read", (index + 1) / len(folder))
-    with timer.stage("embed"):
-        embeddings = networks.embed(
-            np.stack(inputs), progress=lambda done, total: timer.progress("embed", done / total)
-        )
+    names = [p.name for p in folder.image_paths]
+    crops: list[np.ndarray] = []
+    embedded: list[np.ndarray] = []
+    # A chunk at a time: memory holds one chunk's encoder inputs, whatever the folder's size.
+    for start in range(0, len(folder), EMBED_CHUNK):
+        inputs = []
+        with timer.stage("read"):
+            for index in range(start, min(start + EMBED_CHUNK, len(folder))):
+                image = folder.read(index)
+                crops.append(resize_bilinear(image, patch_px))
+                inputs.append(resize_bilinear(image, size))
+                timer.progress("read", (index + 1) / len(folder))
+        with timer.stage("embed"):
+            embedded.append(networks.embed(np.stack(inputs), progress=_per_chunk))
+        timer.progress("embed", len(crops) / len(folder))
+    embeddings = np.concatenate(embedded)
     with timer.stage("classify"):
         probabilities = networks.classify(embeddings)
     mosaic, xy = _mosaic(crops)
@@ -84,3 +91,7 @@ def _mosaic(crops: Sequence[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
         mosaic[r * side : (r + 1) * side, c * side : (c + 1) * side] = np.asarray(small)
         xy[index] = ((c + 0.5) * side, (r + 0.5) * side)
     return mosaic, xy
+
+
+def _per_chunk(done: int, total: int) -> None:
+    """The folder reports progress per chunk."""

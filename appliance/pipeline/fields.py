@@ -104,7 +104,7 @@ def survey(
     rng = np.random.default_rng(0)
     for index in range(len(folder)):
         with timer.stage("read"):
-            rgb, field = _read(folder, index)
+            rgb, field = read_field(folder, index)
             pixels = white_balanced(rgb, field.taken.glass, target).reshape(-1, 3)
         fields.append(field)
         if len(pixels) > STAIN_PIXELS_PER_FIELD:
@@ -126,7 +126,7 @@ def judged(
     timer = timer or StageTimer()
     for index, field in enumerate(fields):
         with timer.stage("read"):
-            rgb, _ = _read(folder, index)
+            rgb, _ = read_field(folder, index)
             balanced = white_balanced(rgb, field.taken.glass, target)
         with timer.stage("qc"):
             result = qc.assess_field(index, balanced, field.taken, stains, params)
@@ -245,7 +245,7 @@ def process_fields(
     return cells, scan_entry, verdict
 
 
-def _read(folder: FieldFolder, index: int) -> tuple[np.ndarray, FieldInfo]:
+def read_field(folder: FieldFolder, index: int) -> tuple[np.ndarray, FieldInfo]:
     """A photo at the working grid, with what it is (the readers check it on opening)."""
     with open_scan(folder.fields[index], folder.calibration) as scan:
         rgb = scan.read_region(0, 0, scan.width, scan.height)
@@ -309,7 +309,7 @@ def _paste_all(
 ) -> None:
     """The sheet of a slide that stopped before its fields were judged."""
     for index, field in enumerate(fields):
-        rgb, _ = _read(folder, index)
+        rgb, _ = read_field(folder, index)
         balanced = white_balanced(rgb, field.taken.glass, target)
         _paste(thumbnail, balanced, sheet.origins[index], scale)
 

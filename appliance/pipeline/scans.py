@@ -19,7 +19,7 @@ from appliance.pipeline.networks import SlideNetworks
 from appliance.pipeline.progress import StageTimer
 from appliance.pipeline.slide_cache import SlideCells, SlideInput
 from appliance.pipeline.tile_prefetch import prepared_tiles
-from appliance.readers import Calibration, open_scan
+from appliance.readers import Calibration, Scan, open_scan
 from appliance.results.schema import ExaminedRecord, QcRecord
 
 STAIN_SAMPLE_TILES = 8
@@ -27,6 +27,13 @@ STAIN_SAMPLE_TILES = 8
 # of the zone (tiles.visiting_order), so that the slide's QC verdict rests on a
 # sample of the whole zone, not on the few tiles that gave the cells.
 MIN_JUDGED_TILES = tiles.SPREAD_BLOCKS
+
+
+def scan_stains(scan: Scan, grid: list[tiles.TileSpec]) -> stain.StainEstimate:
+    """The scan's stains: Macenko on tiles spread over its cellular zone (``grid``);
+    raises ``stain.StainError``."""
+    sample = [t.core for t in tiles.iter_tiles(scan, tiles.sample_specs(grid, STAIN_SAMPLE_TILES))]
+    return stain.estimate_stains(sample)
 
 
 def process_scan(
@@ -69,11 +76,8 @@ def process_scan(
         if not grid:
             return empty, scan_entry, qc.slide_verdict([], params.qc).record()
         with timer.stage("stain"):
-            sample = [
-                t.core for t in tiles.iter_tiles(scan, tiles.sample_specs(grid, STAIN_SAMPLE_TILES))
-            ]
             try:
-                stains = stain.estimate_stains(sample)
+                stains = scan_stains(scan, grid)
             except stain.StainError as exc:
                 return empty, scan_entry, QcRecord(verdict=qc.FAIL, reasons=(exc.reason,))
         with timer.stage("plan"):

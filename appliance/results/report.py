@@ -34,6 +34,11 @@ BODY_WIDTH = BODY_PX[0]  # the page's width for the layout, in CSS pixels
 GALLERY_COLUMNS = 7  # 20 cells in three rows
 GALLERY_CELL_PX = 84  # 22 mm on paper: a nucleus's chromatin is readable
 GALLERY_MAX_HEIGHT = 380.0  # the gallery picture, when the crops are missing
+# A differential's classes side by side in up to three columns: marrow-mll's 21 classes
+# take seven rows, a short taxonomy one column.
+DIFFERENTIAL_ROWS = 7
+WARNING_STYLE = "background-color:#fff3cd; color:#5c3c00;"
+BELOW_COLOUR = "#b00020"
 HEATMAP_MAX_PX = 220.0  # 58 mm: three slides side by side, a tall one no taller
 # Printing takes well under a second; this bounds a printer that hangs.
 PRINT_TIMEOUT_SECONDS = 60.0
@@ -51,9 +56,10 @@ def _pct(value: float | None) -> str:
 def render_report_html(result: CaseResult, folder: Path | None = None) -> str:
     """Everything a technician and a pathologist need, on one A4 page.
 
-    Top to bottom: the demo warning, the case line with its sign-off, the calls
-    beside the scans' QC, the cells that weighed most (their own crops, large
-    enough to read), the attention over each slide, the provenance. ``folder`` is
+    Top to bottom: the demo warning, the case line with its sign-off and warnings,
+    the calls beside the scans' QC, the cell head's differential with the
+    plasma-cell burden, the cells that weighed most (their own crops, large enough
+    to read), the attention over each slide, the provenance. ``folder`` is
     the version folder the pictures are in: their sizes bound each picture's box
     so that a tall slide cannot push the page over; without it widths alone are set.
     """
@@ -78,6 +84,7 @@ def render_report_html(result: CaseResult, folder: Path | None = None) -> str:
         "<td width='2%'></td>"
         f"<td width='46%' valign='top'>{_scans_block(result)}</td></tr></table>"
     )
+    parts.append(_differential_block(result))
     parts.append(_gallery_block(result, folder))
     parts.append(_heatmaps_block(result, folder))
     parts.append(_footer(result))
@@ -101,12 +108,17 @@ def _case_block(result: CaseResult) -> str:
         cells += (
             f" The top 20 % of cells hold {_pct(result.attention_top20_mass)} of the attention."
         )
+    warnings = "".join(
+        f"<table width='100%' cellpadding='3' style='{WARNING_STYLE}'><tr><td>"
+        f"<b>Warning:</b> {_e(warning)}</td></tr></table>"
+        for warning in result.warnings
+    )
     return (
         "<table width='100%' cellspacing='0' cellpadding='3'><tr>"
         f"<td valign='top'><span style='font-size:15pt; font-weight:bold;'>"
         f"Case {_e(result.case_id)}</span> &nbsp; result version {_e(result.version)}<br>"
         f"<span style='font-size:12pt; font-weight:bold; color:{colour};'>{status}</span><br>"
-        f"{cells}</td>"
+        f"{cells}{warnings}</td>"
         f"<td width='42%' valign='top'>{_review_block(result)}</td></tr></table>"
     )
 
@@ -203,6 +215,56 @@ def _scans_block(result: CaseResult) -> str:
         )
     rows.append("</table>")
     return "".join(rows)
+
+
+def _differential_block(result: CaseResult) -> str:
+    """The cell head's differential: each class with its colour, count and percent of the
+    classified cells with the Wilson 95 % interval; the unsure cells and the operating
+    point; the plasma-cell burden against the minimum the model was validated on."""
+    found = result.differential
+    if found is None:
+        return ""
+    summary = (
+        f"{found.classified} of {found.cells} cells classified, <b>{found.unsure} unsure</b>: "
+        f"below the operating point (confidence {found.operating_point:.2f}, for "
+        f"{100 * found.target_accuracy:.0f} % accuracy), for a person to look at"
+    )
+    header = (
+        "<tr><th></th><th align='left'>class</th><th align='right'>cells</th>"
+        "<th align='left'>% (95 % CI)</th></tr>"
+    )
+    rows = []
+    for row in found.classes:
+        red, green, blue = row.colour
+        share = f"{row.percent:.1f} ({row.low:.1f}-{row.high:.1f})" if found.classified else "-"
+        rows.append(
+            f"<tr><td bgcolor='#{red:02x}{green:02x}{blue:02x}' width='9'>&nbsp;</td>"
+            f"<td>{_e(row.label)}</td><td align='right'>{row.count}</td><td>&nbsp;{share}</td></tr>"
+        )
+    columns = max(1, -(-len(rows) // DIFFERENTIAL_ROWS))
+    per_column = max(1, -(-len(rows) // columns))  # balanced: 21 classes, 7 a column
+    tables = [
+        "<table cellspacing='0' cellpadding='2' style='font-size:8pt;'>"
+        + header
+        + "".join(rows[i : i + per_column])
+        + "</table>"
+        for i in range(0, len(rows), per_column)
+    ]
+    width = 100 // max(1, len(tables))
+    grid = "".join(f"<td width='{width}%' valign='top'>{table}</td>" for table in tables)
+    burden = ""
+    if result.burden is not None:
+        colour = BELOW_COLOUR if result.burden.below else "black"
+        burden = (
+            f"<p style='margin-top:2px; margin-bottom:0px; color:{colour};'>"
+            f"<b>{_e(result.burden.sentence())}</b></p>"
+        )
+    return (
+        _heading("Differential", f"{found.taxonomy}; percent of the classified cells")
+        + f"<p style='margin-top:0px; margin-bottom:2px;'>{summary}</p>"
+        + f"<table width='100%' cellspacing='0' cellpadding='0'><tr>{grid}</tr></table>"
+        + burden
+    )
 
 
 def _picture_box(folder: Path | None, path: str, width: float, height: float) -> str:

@@ -252,6 +252,13 @@ class BurdenRecord:
     def below(self) -> bool:
         return self.percent < self.minimum
 
+    @property
+    def outside(self) -> str | None:
+        """What a share below the minimum means (None at or above it)."""
+        if not self.below:
+            return None
+        return f"below {self.minimum:.0f} %, outside the burden the model was validated on"
+
     def sentence(self) -> str:
         """ "Plasma cells 23.1 % (19.0-27.8 %) of 412 classified cells" and, below the
         minimum, what that means."""
@@ -259,9 +266,7 @@ class BurdenRecord:
             f"{self.label} {self.percent:.1f} % ({self.low:.1f}-{self.high:.1f} %) "
             f"of {self.classified} classified cells"
         )
-        if self.below:
-            text += f": below {self.minimum:.0f} %, outside the burden the model was validated on"
-        return text
+        return f"{text}: {self.outside}" if self.outside else text
 
 
 @dataclass(frozen=True)

@@ -50,6 +50,17 @@ class OperatingPoint:
 
 
 @dataclass(frozen=True)
+class CriticalPair:
+    """Labelled cells of class ``true`` called ``called``, a confusion the taxonomy names
+    dangerous; ``sure``: of those, the ones at or above the operating point."""
+
+    true: str
+    called: str
+    cells: int
+    sure: int
+
+
+@dataclass(frozen=True)
 class CellFigures:
     taxonomy: str
     cells: int
@@ -60,6 +71,7 @@ class CellFigures:
     confusion: tuple[tuple[int, ...], ...]  # rows: truth, columns: called, taxonomy order
     critical_errors: int  # cells the taxonomy's critical confusions describe
     critical_errors_sure: int  # of those, the ones at or above the operating point
+    critical_pairs: tuple[CriticalPair, ...]  # the same errors by (truth, call), most first
     curve: tuple[CoveragePoint, ...]  # confidence falling, coverage rising
     operating_point: OperatingPoint
     target_accuracy: float
@@ -158,6 +170,7 @@ def cell_figures(
             accuracy=float(correct[sure].mean()) if sure.any() else float("nan"),
             reached=bool(sure.any()) and float(correct[sure].mean()) >= target_accuracy,
         )
+    sure = confidence >= point.confidence
     critical = np.array(
         [taxonomy.is_critical(names[a], names[c]) for a, c in zip(actual, called, strict=True)],
         bool,
@@ -171,8 +184,21 @@ def cell_figures(
         macro_f1=float(np.mean([r.f1 for r in supported])) if supported else float("nan"),
         confusion=tuple(tuple(int(v) for v in row) for row in confusion),
         critical_errors=int(critical.sum()),
-        critical_errors_sure=int((critical & (confidence >= point.confidence)).sum()),
+        critical_errors_sure=int((critical & sure).sum()),
+        critical_pairs=_critical_pairs(names, actual[critical], called[critical], sure[critical]),
         curve=coverage_curve(confidence, correct),
         operating_point=point,
         target_accuracy=target_accuracy,
     )
+
+
+def _critical_pairs(
+    names: tuple[str, ...], actual: np.ndarray, called: np.ndarray, sure: np.ndarray
+) -> tuple[CriticalPair, ...]:
+    pairs: dict[tuple[int, int], list[int]] = {}
+    for a, c, s in zip(actual.tolist(), called.tolist(), sure.tolist(), strict=True):
+        counts = pairs.setdefault((a, c), [0, 0])
+        counts[0] += 1
+        counts[1] += int(s)
+    ranked = sorted(pairs.items(), key=lambda item: (-item[1][0], item[0]))
+    return tuple(CriticalPair(names[a], names[c], n, s) for (a, c), (n, s) in ranked)

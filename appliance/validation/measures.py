@@ -4,7 +4,8 @@
 head its probabilities, calls and findings) and its labels; each head's kind says
 what the labels mean for its outputs (``HeadKind.truth``), so nothing here knows a
 kind by name. ``cytoedge validate`` gives it scored cases, ``cytoedge train`` its
-out-of-fold predictions: one set of figures, one layout.
+out-of-fold predictions: one set of figures, one layout. A report may also hold a cell
+head's figures on labelled cells (``cell_report``), beside the cases or alone.
 """
 
 from __future__ import annotations
@@ -20,8 +21,11 @@ import numpy as np
 from appliance.results import BundleRecord, HeadRecord, PredictionRecord
 from appliance.validation import metrics
 from appliance.validation.cases_table import CasesTable
+from appliance.validation.cell_measures import CellFigures
 from runtime.bundle_format import HeadSpec
 from runtime.head_kinds import Labels
+from runtime.head_kinds.cell_classifier import CellClassifierParams
+from runtime.taxonomy import CriticalConfusion
 
 ReportKind = Literal["validation", "out-of-fold"]
 
@@ -115,6 +119,19 @@ class CaseLine:
 
 
 @dataclass(frozen=True)
+class CellReport:
+    """A cell head against labelled cells: the figures (``cell_measures.cell_figures``)
+    and what a reader needs beside them."""
+
+    head: str
+    taxonomy_title: str
+    source: str  # the labelled cells' folder or file name
+    temperature: float | None  # the calibration the confidences went through
+    critical: tuple[CriticalConfusion, ...]  # the taxonomy's dangerous confusions, with why
+    figures: CellFigures
+
+
+@dataclass(frozen=True)
 class ValidationReport:
     kind: ReportKind
     created: str
@@ -122,8 +139,8 @@ class ValidationReport:
     bundle_version: str
     bundle_sha256: str
     intended_use: str
-    cases_table: str  # the table's file name; a copy lies beside the report
-    cases_table_sha256: str
+    cases_table: str | None  # the table's file name, a copy beside the report; None: cells only
+    cases_table_sha256: str | None
     cases: int
     bootstrap_resamples: int
     seed: int
@@ -132,6 +149,7 @@ class ValidationReport:
     values: tuple[ValueFigures, ...]
     not_scored: tuple[CaseLine, ...]  # every case that got no call, with why
     lost_scans: tuple[CaseLine, ...]  # scored cases that lost a scan the reader rejected
+    cells: CellReport | None = None  # the cell head on labelled cells
 
 
 def _number(value: float) -> float | None:
@@ -270,18 +288,34 @@ def value_figures(spec: HeadSpec, cases: Sequence[ValidationCase]) -> list[Value
     return figures
 
 
+def cell_report(spec: HeadSpec, figures: CellFigures, source: str) -> CellReport:
+    """The report's part for cell head ``spec``'s ``figures`` on the labelled cells of
+    ``source`` (a folder or file name: what lasts of where the cells came from)."""
+    params: CellClassifierParams = spec.params
+    return CellReport(
+        head=spec.name,
+        taxonomy_title=params.taxonomy.title,
+        source=source,
+        temperature=spec.calibration.get("temperature"),
+        critical=params.taxonomy.critical,
+        figures=figures,
+    )
+
+
 def build_report(
     heads: Sequence[HeadSpec],
     bundle: BundleRecord,
     cases: Sequence[ValidationCase],
     *,
     kind: ReportKind,
-    table: CasesTable,
+    table: CasesTable | None,
     resamples: int = metrics.BOOTSTRAP_RESAMPLES,
     seed: int = 0,
+    cells: CellReport | None = None,
 ) -> ValidationReport:
     """Every figure of every head in ``heads`` (those of ``bundle``) over ``cases``, the
-    cases of ``table``."""
+    cases of ``table``, and the cell head's figures ``cells``; a report of labelled
+    cells alone has no table and no cases."""
     tasks: list[TaskFigures] = []
     classes: list[ClassFigures] = []
     values: list[ValueFigures] = []
@@ -301,8 +335,8 @@ def build_report(
         bundle_version=bundle.version,
         bundle_sha256=bundle.sha256,
         intended_use=bundle.intended_use,
-        cases_table=table.name,
-        cases_table_sha256=table.sha256,
+        cases_table=table.name if table is not None else None,
+        cases_table_sha256=table.sha256 if table is not None else None,
         cases=len(cases),
         bootstrap_resamples=resamples,
         seed=seed,
@@ -319,4 +353,5 @@ def build_report(
             for c in cases
             if c.status == "scored" and c.rejected_scans
         ),
+        cells=cells,
     )

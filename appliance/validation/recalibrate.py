@@ -4,20 +4,26 @@ Per task: Youden's index on the cases' probabilities (the calibrated ones the
 runtime calls with), or the highest threshold that keeps a sensitivity the site
 asks for. Only thresholds change; the networks, calibration and indeterminate
 band stay, and the bundle recalibrated from is left as it was.
+
+For a cell head, on a site's labelled cells: a new operating point, the lowest
+confidence at which the cells at or above it reach the head's target accuracy
+(``cell_measures.operating_point``, as training chose it out of fold).
 """
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
 
 from appliance.site.derived_versions import derived_from, write_bundle_version
 from appliance.validation import metrics
-from appliance.validation.measures import ValidationReport
-from runtime.bundle_format import Bundle
+from appliance.validation.cell_measures import OperatingPoint, operating_point
+from appliance.validation.measures import CellReport, ValidationReport
+from runtime.bundle_format import Bundle, HeadSpec
+from runtime.head_kinds.cell_classifier import CONFIDENCE, CellClassifierParams
 
 THRESHOLD_LIMITS = (1e-3, 1 - 1e-3)  # bundle thresholds lie strictly inside (0, 1)
 
@@ -114,3 +120,65 @@ def write_recalibrated(
 
 def _method(target: float | None) -> str:
     return "Youden's index" if target is None else f"highest threshold with sensitivity >= {target}"
+
+
+def new_operating_point(
+    spec: HeadSpec, truth: Sequence[str], calibrated: np.ndarray
+) -> OperatingPoint:
+    """The cell head's operating point for its target accuracy on these labelled cells
+    (``calibrated``: their probabilities in its class order)."""
+    params: CellClassifierParams = spec.params
+    actual = np.array([spec.outputs.index(label) for label in truth], np.int64)
+    confidence = calibrated.max(axis=1)
+    correct = calibrated.argmax(axis=1) == actual
+    point = operating_point(confidence, correct, params.target_accuracy)
+    if not point.reached:
+        raise RecalibrationError(
+            f"cell head {spec.name}: no confidence reaches the target accuracy "
+            f"{params.target_accuracy} on these cells (the surest are right "
+            f"{point.accuracy:.3f} of the time); the operating point stays "
+            f"{spec.thresholds[CONFIDENCE]:.3f}"
+        )
+    # A bundle's thresholds lie inside (0, 1): a clipped point calls the cells it now covers.
+    value = float(np.clip(point.confidence, *THRESHOLD_LIMITS))
+    sure = confidence >= value
+    accuracy = float(correct[sure].mean())
+    return OperatingPoint(value, float(sure.mean()), accuracy, accuracy >= params.target_accuracy)
+
+
+def write_recalibrated_cell_head(
+    bundle: Bundle, cells: CellReport, point: OperatingPoint, destination: Path, version: str
+) -> Bundle:
+    """``bundle`` with its cell head at operating point ``point`` (chosen on the labelled
+    cells ``cells`` measured) as ``version`` at ``destination``."""
+    spec = bundle.cell_head
+    if spec is None:
+        raise RecalibrationError(f"bundle {bundle.name} {bundle.version} has no cell head")
+    head = dataclasses.replace(
+        spec,
+        thresholds={CONFIDENCE: point.confidence},
+        extra={**spec.extra, "coverage": point.coverage},
+    )
+    provenance = {
+        **bundle.provenance,
+        "recalibration": {
+            "derived_from": derived_from(bundle),
+            "labelled_cells": cells.source,
+            "cells": cells.figures.cells,
+            "method": "the lowest confidence whose cells reach the target accuracy "
+            f"{cells.figures.target_accuracy} on these cells",
+            "operating_point_before": spec.thresholds[CONFIDENCE],
+            "operating_point": point.confidence,
+            "coverage": point.coverage,
+            "accuracy": point.accuracy,
+        },
+    }
+    return write_bundle_version(
+        bundle,
+        destination,
+        version=version,
+        heads=bundle.heads,
+        head_files={},
+        provenance=provenance,
+        cell_head=head,
+    )

@@ -3,7 +3,9 @@ pictures, and report.pdf printed from the same HTML as the case report is
 (``appliance.results.report.write_report_pdf``: Qt in a child process).
 
 Pictures: ``roc-<n>.png`` and ``reliability-<n>.png`` for the n-th task of
-``tasks`` (1-based), ``classes-<n>.png`` for the n-th entry of ``classes``.
+``tasks`` (1-based), ``classes-<n>.png`` for the n-th entry of ``classes``; with a cell
+head's figures, ``cell-confusion.png`` and ``cell-coverage.png`` (``cell_section``).
+A report of labelled cells alone has no cases table.
 
 The report names its cases table by file name and sha256 and keeps a copy of the
 bytes read as ``cases-table.csv``: the folder the table was read from may be gone
@@ -18,6 +20,7 @@ from pathlib import Path
 
 from appliance.results.report import DEMO_WARNING, write_report_pdf
 from appliance.validation.cases_table import CasesTable
+from appliance.validation.cell_section import cell_section_html, write_cell_pictures
 from appliance.validation.measures import (
     ClassFigures,
     Proportion,
@@ -26,7 +29,7 @@ from appliance.validation.measures import (
 )
 from appliance.validation.pictures import reliability_picture, roc_picture
 from runtime.files import atomic_path, write_bytes_atomic, write_json_atomic, write_text_atomic
-from runtime.typed_json import dump
+from runtime.typed_json import dump, finite
 
 REPORT_JSON = "report.json"
 REPORT_HTML = "report.html"
@@ -65,12 +68,13 @@ def _proportion(p: Proportion) -> str:
 
 
 def write_validation_report(
-    folder: Path, report: ValidationReport, table: CasesTable, *, pdf: bool = True
+    folder: Path, report: ValidationReport, table: CasesTable | None, *, pdf: bool = True
 ) -> ReportFiles:
-    """Write every file of the report on ``table``'s cases into ``folder`` (created), with
-    the table's copy; each file atomically."""
+    """Write every file of the report on ``table``'s cases (None: labelled cells alone)
+    into ``folder`` (created), with the table's copy; each file atomically."""
     folder.mkdir(parents=True, exist_ok=True)
-    write_bytes_atomic(folder / TABLE_COPY, table.data)
+    if table is not None:
+        write_bytes_atomic(folder / TABLE_COPY, table.data)
     for n, task in enumerate(report.tasks, start=1):
         title = f"{task.head}: {task.label}"
         operating = None
@@ -86,8 +90,10 @@ def write_validation_report(
             reliability_picture(f"Reliability {figures.head}: top class", figures.reliability),
             folder / f"classes-{n}.png",
         )
+    if report.cells is not None:
+        write_cell_pictures(folder, report.cells)
     json_path = folder / REPORT_JSON
-    write_json_atomic(json_path, dump(report))
+    write_json_atomic(json_path, finite(dump(report)))
     page = render_report_html(report)
     html_path = folder / REPORT_HTML
     write_text_atomic(html_path, page)
@@ -109,9 +115,11 @@ def render_report_html(report: ValidationReport) -> str:
         "<body style='font-family: sans-serif; font-size: 10pt;'>",
     ]
     if report.intended_use == "demo":
+        # The demo's cohorts are synthetic; labelled cells may be anyone's.
+        cohort = ": synthetic cases, synthetic labels" if report.cases_table is not None else ""
         parts.append(
             "<p style='color:white; background-color:#b00020; font-weight:bold;' "
-            f"align='center'>{DEMO_WARNING}: synthetic cases, synthetic labels</p>"
+            f"align='center'>{DEMO_WARNING}{cohort}</p>"
         )
     parts.append(f"<h2>{_e(TITLES[report.kind])}</h2>")
     parts.append(_header(report))
@@ -138,34 +146,56 @@ def render_report_html(report: ValidationReport) -> str:
             f"<p>Expected calibration error {_figure(figures.ece)}.</p>"
             f"<img src='classes-{n}.png' width='{PICTURE_WIDTH}'>"
         )
-    parts.append(_not_scored_block(report))
+    if report.cases_table is not None:
+        parts.append(_not_scored_block(report))
+    if report.cells is not None:
+        parts.append(cell_section_html(report.cells, report.kind))
+    notes = (
+        [
+            f"AUC intervals: {report.bootstrap_resamples} bootstrap resamples of the cases "
+            f"(seed {report.seed}), percentile 95 %; proportions: Wilson 95 % intervals. "
+            "Sensitivity, specificity, PPV and NPV count positive and negative calls only; "
+            "indeterminate calls and cases without a call are counted apart."
+        ]
+        if report.cases_table is not None
+        else []
+    )
+    if report.cells is not None:
+        notes.append(
+            "Cells: F1 is the harmonic mean of precision and recall; weighted F1 weighs "
+            "each class by its labelled cells, macro F1 counts each class with cells once."
+        )
     parts.append(
         "<hr><p style='font-size:8pt; color:#555;'>"
-        f"AUC intervals: {report.bootstrap_resamples} bootstrap resamples of the cases "
-        f"(seed {report.seed}), percentile 95 %; proportions: Wilson 95 % intervals. "
-        "Sensitivity, specificity, PPV and NPV count positive and negative calls only; "
-        f"indeterminate calls and cases without a call are counted apart. Created "
-        f"{_e(report.created)}.</p></body></html>"
+        f"{' '.join(notes)} Created {_e(report.created)}.</p></body></html>"
     )
     return "\n".join(parts)
 
 
 def _header(report: ValidationReport) -> str:
-    what = (
-        "Each case was scored by the bundle exactly as the service scores it."
-        if report.kind == "validation"
-        else "Each case was predicted by the fold model that did not see it; the bundle "
-        "ships the fold models as its ensemble."
-    )
-    return (
-        "<table cellpadding='2'>"
+    rows = [
         f"<tr><td><b>Bundle</b></td><td>{_e(report.bundle_name)} {_e(report.bundle_version)} "
         f"({_e(report.intended_use)}), sha256 {_e(report.bundle_sha256[:16])}</td></tr>"
-        f"<tr><td><b>Cases</b></td><td>{report.cases} from {_e(report.cases_table)} "
-        f"(sha256 {_e(report.cases_table_sha256[:16])}; a copy is {TABLE_COPY} "
-        "beside this report)</td></tr>"
-        f"</table><p>{what}</p>"
-    )
+    ]
+    what = ""
+    if report.cases_table is not None:
+        rows.append(
+            f"<tr><td><b>Cases</b></td><td>{report.cases} from {_e(report.cases_table)} "
+            f"(sha256 {_e((report.cases_table_sha256 or '')[:16])}; a copy is {TABLE_COPY} "
+            "beside this report)</td></tr>"
+        )
+        what = (
+            "<p>Each case was scored by the bundle exactly as the service scores it.</p>"
+            if report.kind == "validation"
+            else "<p>Each case was predicted by the fold model that did not see it; the "
+            "bundle ships the fold models as its ensemble.</p>"
+        )
+    if report.cells is not None:
+        rows.append(
+            f"<tr><td><b>Cells</b></td><td>{report.cells.figures.cells} labelled cells from "
+            f"{_e(report.cells.source)}</td></tr>"
+        )
+    return f"<table cellpadding='2'>{''.join(rows)}</table>{what}"
 
 
 def _tasks_table(tasks: tuple[TaskFigures, ...]) -> str:

@@ -29,14 +29,14 @@ class ValidationRun:
     cohort: tuple[CohortCase, ...]
 
 
-def default_report_folder(config: Config, bundle: Bundle, table: CasesTable) -> Path:
-    """``<data_dir>/validation/<name>-<version>/<table>-<UTC time>``: one per run."""
+def default_report_folder(config: Config, bundle: Bundle, labelled: Path) -> Path:
+    """``<data_dir>/validation/<name>-<version>/<table or cells>-<UTC time>``: one per run."""
     stamp = datetime.datetime.now(datetime.UTC).strftime("%Y%m%dT%H%M%SZ")
     return (
         config.data_dir
         / "validation"
         / f"{bundle.name}-{bundle.version}"
-        / (f"{table.path.stem}-{stamp}")
+        / f"{labelled.stem}-{stamp}"
     )
 
 

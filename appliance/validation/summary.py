@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import math
+
 from rich import box
 from rich.console import Console
 from rich.table import Table
 
-from appliance.validation.measures import Proportion, ValidationReport
+from appliance.validation.measures import CellReport, Proportion, ValidationReport
 
 
 def _p(p: Proportion) -> str:
@@ -14,7 +16,7 @@ def _p(p: Proportion) -> str:
 
 
 def _figure(value: float | None) -> str:
-    return "-" if value is None else f"{value:.3f}"
+    return "-" if value is None or not math.isfinite(value) else f"{value:.3f}"
 
 
 def print_summary(report: ValidationReport, console: Console) -> None:
@@ -38,6 +40,43 @@ def print_summary(report: ValidationReport, console: Console) -> None:
         console.print(
             f"[yellow]scored without[/yellow] {line.case_id}: {'; '.join(line.rejected_scans)}"
         )
+    if report.cells is not None:
+        _print_cells(report, report.cells, console)
+
+
+def _print_cells(report: ValidationReport, cells: CellReport, console: Console) -> None:
+    """The cell head's headline figures, a line each, and its critical errors by pair in
+    a table whose class names never wrap."""
+    figures = cells.figures
+    point = figures.operating_point
+    reached = "reached" if point.reached else "not reached"
+    console.print()
+    console.print(
+        f"{report.bundle_name} {report.bundle_version}, cell head {cells.head}: {report.kind}"
+    )
+    console.print(
+        f"{figures.cells} labelled cells: macro F1 {_figure(figures.macro_f1)}, "
+        f"weighted F1 {_figure(figures.weighted_f1)}"
+    )
+    console.print(
+        f"operating point {_figure(point.confidence)}: coverage {_figure(point.coverage)}, "
+        f"accuracy {_figure(point.accuracy)} (target {_figure(figures.target_accuracy)} "
+        f"{reached})"
+    )
+    console.print(
+        f"critical errors: {figures.critical_errors}, "
+        f"{figures.critical_errors_sure} of them at or above the operating point"
+    )
+    if figures.critical_pairs:
+        labels = {c.name: c.label for c in figures.classes}
+        table = Table(box=box.SIMPLE_HEAD, show_edge=False, padding=(0, 1, 0, 0))
+        table.add_column("true class", no_wrap=True)
+        table.add_column("called", no_wrap=True)
+        table.add_column("cells", justify="right")
+        table.add_column("sure", justify="right")
+        for pair in figures.critical_pairs:
+            table.add_row(labels[pair.true], labels[pair.called], str(pair.cells), str(pair.sure))
+        console.print(table)
 
 
 def _tasks_table(report: ValidationReport, head: str) -> Table:
