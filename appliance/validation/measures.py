@@ -18,6 +18,7 @@ from typing import Literal
 
 import numpy as np
 
+from appliance.pipeline.differential import wilson_interval
 from appliance.results import BundleRecord, HeadRecord, PredictionRecord
 from appliance.validation import metrics
 from appliance.validation.cases_table import CasesTable
@@ -158,7 +159,7 @@ def _number(value: float) -> float | None:
 
 
 def proportion(successes: int, total: int) -> Proportion:
-    low, high = metrics.wilson_interval(successes, total)
+    low, high = wilson_interval(successes, total)
     value = successes / total if total else float("nan")
     return Proportion(successes, total, _number(value), _number(low), _number(high))
 

@@ -14,7 +14,6 @@ from dataclasses import dataclass
 
 import numpy as np
 
-Z_95 = 1.959963984540054  # the normal quantile of 0.975
 BOOTSTRAP_RESAMPLES = 2000
 CALIBRATION_BINS = 10
 
@@ -84,17 +83,6 @@ def bootstrap_auc_interval(
     tail = 100 * (1 - level) / 2
     low, high = np.percentile(values, [tail, 100 - tail])
     return float(low), float(high)
-
-
-def wilson_interval(successes: int, total: int, z: float = Z_95) -> tuple[float, float]:
-    """Wilson score interval of a proportion; (NaN, NaN) when ``total`` is 0."""
-    if total <= 0:
-        return float("nan"), float("nan")
-    p = successes / total
-    denominator = 1 + z * z / total
-    centre = (p + z * z / (2 * total)) / denominator
-    half = z * np.sqrt(p * (1 - p) / total + z * z / (4 * total * total)) / denominator
-    return float(max(0.0, centre - half)), float(min(1.0, centre + half))
 
 
 def _candidates(scores: np.ndarray) -> np.ndarray:
