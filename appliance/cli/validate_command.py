@@ -76,7 +76,6 @@ def validate(
     line for a bundle, table or cells that cannot be used.
     """
     from appliance.site.derived_versions import next_version, version_folder
-    from appliance.site.verification import VerificationRecord, write_verification
     from appliance.validation.cases_table import CasesTableError, read_cases_table
     from appliance.validation.cohort import PipelineSettings
     from appliance.validation.labelled_cells import is_labelled_cells
@@ -144,17 +143,14 @@ def validate(
         summary = "; ".join(
             f"{t.head}:{t.task} AUC {t.auc:.3f}" for t in run.report.tasks if t.auc is not None
         )
-        record = VerificationRecord(
-            bundle_sha256=bundle.sha256,
-            bundle_name=bundle.name,
-            bundle_version=bundle.version,
-            verified_at=datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-            verified_by=verified_by,
-            summary=f"{run.report.cases} cases of {table.path.name} ({table.sha256[:12]}): "
+        _record_verification(
+            cfg,
+            bundle,
+            verified_by,
+            f"{run.report.cases} cases of {table.path.name} ({table.sha256[:12]}): "
             f"{summary or 'no task measured'}; report {run.files.json}",
+            console,
         )
-        path = write_verification(cfg.data_dir, record)
-        console.print(f"Recorded: {bundle.name} {bundle.version} verified on this site ({path})")
 
 
 def _validate_cells(
@@ -169,7 +165,6 @@ def _validate_cells(
 ) -> None:
     """``validate`` on labelled cells: the report, then the options as for cases."""
     from appliance.site.derived_versions import next_version, version_folder
-    from appliance.site.verification import VerificationRecord, write_verification
     from appliance.validation.cell_run import CellValidationError, cell_head_of, validate_cells
     from appliance.validation.cohort import PipelineSettings
     from appliance.validation.labelled_cells import LabelledCellsError
@@ -218,17 +213,32 @@ def _validate_cells(
     if verified_by:
         figures = cells.figures
         point = figures.operating_point
-        record = VerificationRecord(
-            bundle_sha256=bundle.sha256,
-            bundle_name=bundle.name,
-            bundle_version=bundle.version,
-            verified_at=datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-            verified_by=verified_by,
-            summary=f"{figures.cells} labelled cells of {cells.source}: macro F1 "
+        _record_verification(
+            cfg,
+            bundle,
+            verified_by,
+            f"{figures.cells} labelled cells of {cells.source}: macro F1 "
             f"{figures.macro_f1:.3f}, weighted F1 {figures.weighted_f1:.3f}, accuracy "
             f"{point.accuracy:.3f} at coverage {point.coverage:.3f} (operating point "
             f"{point.confidence:.3f}), {figures.critical_errors} critical errors; "
             f"report {run.files.json}",
+            console,
         )
-        path = write_verification(cfg.data_dir, record)
-        console.print(f"Recorded: {bundle.name} {bundle.version} verified on this site ({path})")
+
+
+def _record_verification(
+    cfg: Config, bundle: Bundle, verified_by: str, summary: str, console: Console
+) -> None:
+    """This site verified ``bundle`` (``--verified-by``), with what it was verified on."""
+    from appliance.site.verification import VerificationRecord, write_verification
+
+    record = VerificationRecord(
+        bundle_sha256=bundle.sha256,
+        bundle_name=bundle.name,
+        bundle_version=bundle.version,
+        verified_at=datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        verified_by=verified_by,
+        summary=summary,
+    )
+    path = write_verification(cfg.data_dir, record)
+    console.print(f"Recorded: {bundle.name} {bundle.version} verified on this site ({path})")
