@@ -111,3 +111,15 @@ def test_confusion_recall_and_top_k() -> None:
     assert metrics.top_k_accuracy(probabilities, truth, 1) == pytest.approx(0.75)
     # Case 2's true class is its second most probable.
     assert metrics.top_k_accuracy(probabilities, truth, 2) == pytest.approx(1.0)
+
+
+def test_a_burden_of_no_classified_cell_is_not_measured_and_not_shown_inside() -> None:
+    from appliance.results import BurdenRecord
+
+    common = {"group": "plasma_cells", "label": "Plasma cells", "minimum": 10.0, "rule": "warn"}
+    inside = BurdenRecord(count=40, classified=200, percent=20.0, low=15.0, high=26.0, **common)
+    assert inside.measured and not inside.below and inside.outside is None
+    unknown = BurdenRecord(count=0, classified=0, percent=0.0, low=0.0, high=0.0, **common)
+    assert not unknown.measured and unknown.below  # the inclusion rule applies to it too
+    assert unknown.sentence().startswith("Plasma cells not measured: no cell was classified")
+    assert "0.0 %" not in unknown.sentence()

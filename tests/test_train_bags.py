@@ -151,5 +151,5 @@ def test_training_and_validation_take_the_same_bag(
     )
     _, reason = case_bag(case, stricter, PLASMA)
     assert reason == (
-        f"too few cells: {len(bag)} plasma cell cells (the bundle needs at least {len(bag) + 1})"
+        f"too few cells: {len(bag)} plasma cells (the bundle needs at least {len(bag) + 1})"
     )

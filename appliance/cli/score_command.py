@@ -84,9 +84,12 @@ def cell_rows(result: CaseResult) -> list[tuple[str, str]]:
             f"{burden.percent:.1f} % ({burden.low:.1f}-{burden.high:.1f}) "
             f"of {burden.classified} classified"
         )
-        rows.append((burden.label, f"{figure}; {burden.outside}" if burden.outside else figure))
+        if not burden.measured:
+            rows.append((burden.label, str(burden.outside)))
+        else:
+            rows.append((burden.label, f"{figure}; {burden.outside}" if burden.outside else figure))
     found = result.differential
-    if found is not None:
+    if found is not None and found.cells:  # a case whose scans all failed QC has none
         rows.append(("Unsure cells", f"{found.unsure} of {found.cells}, for a person to look at"))
     return rows
 

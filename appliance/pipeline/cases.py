@@ -34,6 +34,7 @@ from appliance.results import (
     HeadRecord,
     PredictionRecord,
     ResultFolder,
+    cells_of,
     write_case_result,
 )
 from runtime.backends import RuntimeSettings
@@ -234,8 +235,7 @@ def abstain_reason(
     if outside:
         return outside
     if n_cells < min_cells:
-        kind = " or ".join(c.replace("_", " ") for c in of_classes)
-        cells = f"{n_cells} {kind} cells" if kind else str(n_cells)
+        cells = f"{n_cells} {cells_of(of_classes)}" if of_classes else str(n_cells)
         return f"too few cells: {cells} (the bundle needs at least {min_cells})"
     if predictions and all(p.call == INDETERMINATE for p in predictions):
         return "all tasks indeterminate (every probability is within the band around its threshold)"

@@ -85,8 +85,9 @@ def burden(
     bundle: Bundle, found: Differential | None, inputs: Collection[str]
 ) -> BurdenRecord | None:
     """The plasma-cell share of a case of slide scans, when the cell head knows plasma
-    cells (None otherwise)."""
-    if found is None or "scans" not in inputs or bundle.cell_head is None:
+    cells and the case kept cells (None otherwise: a case whose scans all failed QC
+    abstains for that)."""
+    if found is None or not found.cells or "scans" not in inputs or bundle.cell_head is None:
         return None
     params: CellClassifierParams = bundle.cell_head.params
     group = params.taxonomy.group(PLASMA_CELLS)

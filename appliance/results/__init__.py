@@ -35,6 +35,7 @@ from appliance.results.schema import (
     ScanRecord,
     SlideOutputs,
     TopCell,
+    cells_of,
     read_result,
 )
 
@@ -63,6 +64,7 @@ __all__ = [
     "SlideContent",
     "SlideOutputs",
     "TopCell",
+    "cells_of",
     "existing_versions",
     "latest_in",
     "latest_version",

@@ -24,6 +24,7 @@ version 2 document reads as version 3 without them.
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -70,6 +71,13 @@ class SlideOutputs:
     cells_geojson: str
 
 
+def cells_of(classes: Sequence[str]) -> str:
+    """ "cells", or the classes a bag reads in words: "plasma cells", "blasts or lymphocytes"."""
+    if not classes:
+        return "cells"
+    return " or ".join(name.replace("_", " ") + "s" for name in classes)
+
+
 @dataclass(frozen=True)
 class ExaminedRecord:
     """How much of a scan's cellular zone was examined, and why it stopped."""
@@ -89,9 +97,7 @@ class ExaminedRecord:
 
     def sentence(self) -> str:
         """ "Examined 87 of 121 tiles of the cellular zone (72 %): ..." """
-        counted = "cells"
-        if self.budget_classes:
-            counted = " or ".join(name.replace("_", " ") for name in self.budget_classes) + " cells"
+        counted = cells_of(self.budget_classes)
         why = (
             f"stopped at the bundle's budget of {self.budget} {counted}"
             if self.stopped == "budget"
@@ -249,19 +255,32 @@ class BurdenRecord:
     rule: Literal["warn", "abstain", "off"]
 
     @property
+    def measured(self) -> bool:
+        return self.classified > 0
+
+    @property
     def below(self) -> bool:
-        return self.percent < self.minimum
+        """Below the minimum, or not measured (no cell classified surely): either way the
+        case is not shown to lie inside the burden the model was validated on."""
+        return not self.measured or self.percent < self.minimum
 
     @property
     def outside(self) -> str | None:
-        """What a share below the minimum means (None at or above it)."""
+        """What a share below the minimum, or none measured, means (None at or above it)."""
         if not self.below:
             return None
+        if not self.measured:
+            return (
+                "not measured: no cell was classified surely, so the case is not shown to be "
+                "inside the burden the model was validated on"
+            )
         return f"below {self.minimum:.0f} %, outside the burden the model was validated on"
 
     def sentence(self) -> str:
         """ "Plasma cells 23.1 % (19.0-27.8 %) of 412 classified cells" and, below the
-        minimum, what that means."""
+        minimum or when none was classified, what that means."""
+        if not self.measured:
+            return f"{self.label} {self.outside}"
         text = (
             f"{self.label} {self.percent:.1f} % ({self.low:.1f}-{self.high:.1f} %) "
             f"of {self.classified} classified cells"
