@@ -27,7 +27,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -59,6 +59,9 @@ class CellRecipe:
 
     epochs: int = 100
     patience: int = 10
+    # What the early stopping keeps: the best balanced accuracy on the inner split, or
+    # the lowest loss (docs/cells.md, step 5).
+    select_by: Literal["balanced_accuracy", "loss"] = "balanced_accuracy"
     batch_size: int = 256
     learning_rate: float = 1e-3
     weight_decay: float = 1e-4
@@ -284,8 +287,9 @@ def train_member(
     seed: int,
 ) -> tuple[CellHeadNet, int]:
     """One member; (the network in eval mode, epochs run). With validation cells the
-    epoch of the lowest validation loss is kept, and training stops ``patience`` epochs
-    after it."""
+    epoch they judge best is kept (``recipe.select_by``: the best balanced accuracy, the
+    lower loss breaking ties; or the lowest loss), and training stops ``patience``
+    epochs after it."""
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
     classes = len(taxonomy.names)
@@ -303,7 +307,7 @@ def train_member(
     )
     x, y = torch.from_numpy(features), torch.from_numpy(truth)
     x_val, y_val = torch.from_numpy(val_features), torch.from_numpy(val_truth)
-    best, best_state, stale, ran = np.inf, None, 0, 0
+    best, best_state, stale, ran = (-np.inf, -np.inf), None, 0, 0
     for epoch in range(recipe.epochs):
         net.train()
         order = torch.from_numpy(rng.permutation(len(y)))
@@ -317,8 +321,14 @@ def train_member(
             continue
         net.eval()
         with torch.no_grad():
-            value = float(loss(net(x_val), y_val))
-        if value < best - 1e-6:
+            logits = net(x_val)
+            lower_loss = -float(loss(logits, y_val))
+            value = (
+                (balanced_accuracy(val_truth, logits.argmax(1).numpy()), lower_loss)
+                if recipe.select_by == "balanced_accuracy"
+                else (lower_loss, 0.0)
+            )
+        if value > best:
             best, stale = value, 0
             best_state = {key: v.detach().clone() for key, v in net.state_dict().items()}
         else:
@@ -328,6 +338,12 @@ def train_member(
     if best_state is not None:
         net.load_state_dict(best_state)
     return net.eval(), ran
+
+
+def balanced_accuracy(truth: np.ndarray, called: np.ndarray) -> float:
+    """The mean recall over the classes present: each class counts once, the rare ones as
+    much as the common."""
+    return float(np.mean([(called[truth == k] == k).mean() for k in np.unique(truth)]))
 
 
 def predict(member: CellHeadNet, features: np.ndarray) -> np.ndarray:

@@ -103,3 +103,23 @@ def with_cell_head(
         cells=cells,
         provenance={"test": "a seeded random cell head over the tiny bundle"},
     )
+
+
+def without_cell_head(base_path: Path, destination: Path) -> Bundle:
+    """``base`` as a bundle whose case heads read every cell and that has no cell head."""
+    base = load_bundle(base_path)
+    dropped = set(base.cell_head.files) if base.cell_head is not None else set()
+    return write_bundle(
+        destination,
+        name=base.name,
+        version=f"{base.version}-no-cells",
+        intended_use=base.intended_use,
+        sources={rel: base.file(rel) for rel in base.files if rel not in dropped},
+        encoder=base.encoder,
+        heads=[dataclasses.replace(h, bag_classes=()) for h in base.heads],
+        segmenter=base.segmenter,
+        stain_reference=base.stain_reference,
+        qc=base.qc,
+        cells=base.cells,
+        provenance={"test": "the tiny bundle without its cell head"},
+    )

@@ -65,10 +65,16 @@ def test_the_tiny_bundle_was_trained_by_the_training_path(tiny_bundle: Path) -> 
     assert len(myeloma.files) == len(blood.files) == 2  # one member per fold
     assert myeloma.calibration["kind"] == "platt"
     assert blood.calibration["kind"] == "temperature"
+    # Three runs as a site trains: the cell head on labelled cells, the myeloma head on
+    # the plasma cells of its 8 smears, the blood head on every cell of its 16 folders.
+    assert bundle.cell_classes == ("blast", "segmented_neutrophil", "lymphocyte", "plasma_cell")
+    assert bundle.provenance["cell_training"]["derived_from"]["version"] == "0"
+    assert (myeloma.bag_classes, blood.bag_classes) == (("plasma_cell",), ())
     training = bundle.provenance["training"]
-    assert len(training["cases_table_sha256"]) == 64 and training["cases"] == 24
-    assert training["derived_from"]["version"] == "0"
+    assert len(training["cases_table_sha256"]) == 64 and training["cases"] == 16
+    assert training["derived_from"]["version"] == "0.2"
     heads = training["heads"]
+    assert heads["myeloma"]["bag_classes"] == ["plasma_cell"] and heads["myeloma"]["cases"] == 8
     assert heads["myeloma"]["positives"] == dict.fromkeys(myeloma.thresholds, 4)
     assert heads["peripheral-blood"]["classes"]["MDS"] == 2
     assert set(heads["myeloma"]["out_of_fold"]["tasks"]) == set(myeloma.thresholds)
@@ -90,7 +96,10 @@ def test_train_then_validate_recalibrate_and_verify(
     made = load_bundle(isolated_data_dir / "bundles" / f"{base.name}-7")
     assert made.version == "7" and set(made.head_names) == {"myeloma", "peripheral-blood"}
     assert made.provenance["training"]["cases"] == len(rows) - 2
-    assert made.slide_sha256 == base.slide_sha256  # same networks: shared slide cache
+    # The same networks and cell head, but its heads read every cell where the base's
+    # myeloma head read plasma cells: a scan's visit counts other cells, so its own cache.
+    assert made.cell_head == base.cell_head and not any(h.bag_classes for h in made.heads)
+    assert made.slide_sha256 != base.slide_sha256
     training_report = isolated_data_dir / "validation" / f"{base.name}-7" / "training"
     oof = json.loads((training_report / "report.json").read_text())
     assert oof["kind"] == "out-of-fold" and oof["bundle_sha256"] == made.sha256

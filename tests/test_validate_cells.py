@@ -27,7 +27,7 @@ from appliance.validation.cell_section import CONFUSION_PICTURE, COVERAGE_PICTUR
 from appliance.validation.cohort import PipelineSettings
 from appliance.validation.labelled_cells import read_labelled_cells
 from runtime.bundle_format import Bundle, load_bundle
-from tests.cell_head_bundle import TWO_CLASSES, with_cell_head
+from tests.cell_head_bundle import TWO_CLASSES, with_cell_head, without_cell_head
 from tests.conftest import INTERNAL_TEXT, SHARED_DATA
 
 BCCD = SHARED_DATA / "bccd-sample"
@@ -209,7 +209,8 @@ def test_validate_on_labelled_cells_end_to_end(
 def test_what_labelled_cells_cannot_validate_is_one_line(
     tiny_bundle: Path, bundle: Bundle, labelled: Path, tmp_path: Path
 ) -> None:
-    code, output = _invoke("validate", str(tiny_bundle), str(labelled))
+    no_cells = without_cell_head(tiny_bundle, tmp_path / "no-cells")
+    code, output = _invoke("validate", str(no_cells.path), str(labelled))
     assert code == 2 and "has no cell head" in _one_line(output)
 
     unknown = tmp_path / "marrow-cells"

@@ -6,7 +6,17 @@ Myeloma: one smear per case, each marker positive on half the cases of a split
 (hidden morphology, ``synthetic.SmearSpec.labels``). Peripheral blood: one folder of
 single-cell crops per patient, the eight classes in equal numbers, and a hemoglobin
 drawn around its class's typical value (the demo head's regression has only the
-class to go on).
+class to go on). Each workload also gets a table of its own per split: a myeloma head
+that reads plasma cells and a blood head that reads every cell are trained in two
+runs (docs/training.md, "Bags of some classes").
+
+Labelled cells for the demo's cell head (``write_labelled_cells``), whose kinds the
+generator knows, named as classes of the marrow-mll taxonomy (``KIND_CLASSES``):
+class folders of single-cell crops, one folder per synthetic donor above them (the
+blood patients' crops), and a points table on labelled smears from their truth (the
+myeloma smears' cells, cut by the pipeline as it cuts them). The held-out myeloma
+smears' cells get a points table too, to measure the cell head where the myeloma
+head reads it.
 """
 
 from __future__ import annotations
@@ -17,8 +27,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from PIL import Image
 
 from cytoedge_demo import synthetic
+from export.probe_cells import KINDS, single_cell
 from runtime.labels import DIAGNOSIS, HEMOGLOBIN, MYELOMA_MARKERS, PB_CLASSES
 
 # g/dL: anaemia in marrow failure and leukaemia, a high value in MPN (polycythaemia).
@@ -34,6 +46,15 @@ HEMOGLOBIN_BY_CLASS = {
 }
 HEMOGLOBIN_SD = 0.8
 SPLITS = ("train", "holdout")
+WORKLOADS = ("myeloma", "blood")
+# The generator's kinds of nucleated cell as classes of the marrow-mll taxonomy.
+KIND_CLASSES = {
+    "plasma": "plasma_cell",
+    "lymphocyte": "lymphocyte",
+    "neutrophil": "segmented_neutrophil",
+    "blast": "blast",
+}
+POINT_HEADER = ("image", "x_px", "y_px", "class", "group")
 
 
 @dataclass(frozen=True)
@@ -45,6 +66,13 @@ class CohortSizes:
     nucleated_per_mm2: float
     plasma_fraction: float
     seed: int
+
+
+@dataclass(frozen=True)
+class LabelledCellSizes:
+    donors: dict[str, int]  # per split: synthetic donors of class folders, a group each
+    crops_per_kind: int  # crops of each kind per donor
+    smears: int  # labelled smears (training only) whose nucleated cells are the points
 
 
 def _mm_specs(sizes: CohortSizes, split: str, seed: int) -> list[synthetic.SmearSpec]:
@@ -67,26 +95,31 @@ def _mm_specs(sizes: CohortSizes, split: str, seed: int) -> list[synthetic.Smear
 def write_cohorts(
     root: Path, sizes: CohortSizes, progress: Callable[[float], None]
 ) -> dict[str, Path]:
-    """Scans under ``root`` and one cases table per split: {split: table path}."""
+    """Scans under ``root`` and the cases tables: ``{split}`` (both workloads) and
+    ``{split}-{workload}`` per split; ``holdout-cells``: the points of the held-out
+    smears' nucleated cells, when there are any."""
     total = sum(sizes.mm_cases.values()) + sum(sizes.pb_patients.values())
     done = 0
     tables = {}
     for index, split in enumerate(SPLITS):
         rows: list[dict[str, str]] = []
+        points: list[tuple[str, ...]] = []
         folder = root / "mm" / split
         folder.mkdir(parents=True, exist_ok=True)
         for i, spec in enumerate(_mm_specs(sizes, split, sizes.seed * 1000 + 500 * index)):
             path = folder / f"smear-{i + 1:03d}.tif"
-            synthetic.write_smear(path, spec)
+            truth = synthetic.write_smear(path, spec)
             path.with_name(f"{path.stem}.truth.json").unlink(missing_ok=True)
             labels = spec.labels or {}
+            case_id = f"MM-{split}-{i + 1:03d}"
             rows.append(
                 {
-                    "case_id": f"MM-{split}-{i + 1:03d}",
+                    "case_id": case_id,
                     "scans": str(path.relative_to(root)),
                     **{m: "1" if labels[m] else "0" for m in MYELOMA_MARKERS},
                 }
             )
+            points += truth_points(truth, str(path.relative_to(root)), case_id)
             done += 1
             progress(done / total)
         patients = sizes.pb_patients[split]
@@ -110,7 +143,82 @@ def write_cohorts(
             done += patients
             progress(done / total)
         tables[split] = _write_table(root / f"{split}.csv", rows)
+        for workload, prefix in zip(WORKLOADS, ("MM-", "PB-"), strict=True):
+            of_workload = [row for row in rows if row["case_id"].startswith(prefix)]
+            if of_workload:
+                name = f"{split}-{workload}"
+                tables[name] = _write_table(root / f"{name}.csv", of_workload)
+        if split == "holdout" and points:
+            tables["holdout-cells"] = write_points(root / "holdout-cells.csv", points)
     return tables
+
+
+def truth_points(truth: synthetic.SlideTruth, image: str, group: str) -> list[tuple[str, ...]]:
+    """A points table's rows for a smear's nucleated cells as the generator placed them
+    (those whose centre lies on the slide), in the slide's level-0 pixels."""
+    width, height = truth.spec["width"], truth.spec["height"]
+    return [
+        (image, f"{cell.x:.1f}", f"{cell.y:.1f}", KIND_CLASSES[cell.kind], group)
+        for cell in truth.cells
+        if 0 <= cell.x < width and 0 <= cell.y < height
+    ]
+
+
+def write_points(path: Path, rows: list[tuple[str, ...]]) -> Path:
+    with open(path, "w", newline="", encoding="utf-8") as handle:
+        csv.writer(handle).writerows([POINT_HEADER, *rows])
+    return path
+
+
+def write_labelled_cells(
+    root: Path, cohort: CohortSizes, sizes: LabelledCellSizes, progress: Callable[[float], None]
+) -> dict[str, Path]:
+    """Labelled cells of the generator's four kinds under ``root``: ``crops`` and
+    ``holdout-crops``, class folders of single-cell crops (``<donor>/<class>/NNN.png``,
+    as the blood patients' folders hold them), and ``points``, a points table on
+    ``sizes.smears`` labelled smears drawn as the myeloma smears are (their truth
+    gives each cell's kind and place). A smear draws no blasts: they come from the
+    crops alone."""
+    total = sum(sizes.donors.values()) + sizes.smears
+    done = 0
+    written = {}
+    for index, split in enumerate(SPLITS):
+        if not sizes.donors.get(split):
+            continue
+        folder = root / ("crops" if split == "train" else f"{split}-crops")
+        rng = np.random.default_rng([cohort.seed, 11, index])
+        for donor in range(sizes.donors[split]):
+            for kind in KINDS:
+                place = folder / f"donor-{donor + 1:03d}" / KIND_CLASSES[kind]
+                place.mkdir(parents=True, exist_ok=True)
+                for n in range(sizes.crops_per_kind):
+                    # Stains of their own: the blood patients' crops count from seed % 10_000.
+                    seed = (cohort.seed % 10_000 + 50 + index) * 100_003 + donor * 1_009 + n
+                    crop = single_cell(rng, kind, synthetic.PB_CROP_PX, seed)
+                    Image.fromarray(crop).save(place / f"{n + 1:03d}.png")
+            done += 1
+            progress(done / total)
+        written[folder.name] = folder
+    points: list[tuple[str, ...]] = []
+    smears = root / "smears"
+    smears.mkdir(parents=True, exist_ok=True)
+    for i in range(sizes.smears):
+        path = smears / f"labelled-{i + 1:03d}.tif"
+        spec = synthetic.SmearSpec(
+            width=cohort.slide_px,
+            height=cohort.slide_px,
+            seed=cohort.seed * 1000 + 900 + i,
+            nucleated_per_mm2=cohort.nucleated_per_mm2,
+            plasma_fraction=cohort.plasma_fraction,
+        )
+        truth = synthetic.write_smear(path, spec)
+        synthetic.truth_path(path).unlink(missing_ok=True)
+        points += truth_points(truth, str(path.relative_to(root)), path.stem)
+        done += 1
+        progress(done / total)
+    if points:
+        written["points"] = write_points(root / "points.csv", points)
+    return written
 
 
 def _write_table(path: Path, rows: list[dict[str, str]]) -> Path:

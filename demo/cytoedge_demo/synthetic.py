@@ -91,6 +91,7 @@ CLONE_FRACTION = 0.7  # plasma cells carrying a positive slide's morphology chan
 
 _TILE = 256
 _STRIP = 256
+PB_CROP_PX = 144  # a blood patient's single-cell crops, as a cell-image analyser exports them
 
 
 @dataclass(frozen=True)
@@ -548,7 +549,7 @@ def write_cell_folders(
         folder.mkdir(exist_ok=True)
         for c in range(cells_per_patient):
             kind = names[int(rng.choice(len(names), p=probs / probs.sum()))]
-            crop = single_cell(rng, kind, 144, seed * 100_003 + p * 1_009 + c)
+            crop = single_cell(rng, kind, PB_CROP_PX, seed * 100_003 + p * 1_009 + c)
             Image.fromarray(crop).save(folder / f"cell_{c:04d}.tif")
         (folder / ".ready").touch()
         labels[patient] = cls

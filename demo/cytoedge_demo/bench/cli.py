@@ -79,6 +79,13 @@ def pipeline(
         typer.Option(help="Cells per slide instead of the bundle's budget (0: the whole zone)."),
     ] = None,
     bundle: Annotated[Path | None, typer.Option(help="Bundle (default: configured).")] = None,
+    every_cell: Annotated[
+        bool,
+        typer.Option(
+            help="Also the first slide with every case head reading every cell: what a bag "
+            "of some classes (its budget counted in them) costs against it.",
+        ),
+    ] = False,
 ) -> None:
     """Bench slides end to end: seconds per stage, share of the zone, peak memory, ratios."""
     from appliance.config import load_config
@@ -97,6 +104,7 @@ def pipeline(
         backend=config.runtime.backend,
         threads=config.runtime.threads,
         budget=budget,
+        every_cell=every_cell,
     )
 
 
@@ -246,3 +254,50 @@ def heads(
     from cytoedge_demo.bench.heads import run_heads_bench
 
     run_heads_bench(cases, mm_cells, pb_cells, epochs, folds)
+
+
+@bench_app.command()
+def cells(
+    data: Annotated[
+        Path,
+        typer.Argument(help="Photos N.jpg with N.txt beside them (x y class), e.g. Chula RBC-12."),
+    ],
+    pixel_size: Annotated[
+        float, typer.Option(help="The photos' um per pixel (Chula RBC-12: about 0.2).")
+    ] = 0.2,
+    bundle: Annotated[
+        Path | None, typer.Option(help="Bundle whose encoder to use (default: configured).")
+    ] = None,
+    held_out: Annotated[
+        float, typer.Option(min=0.05, max=0.9, help="Share of the images held out.")
+    ] = 0.3,
+    seed: Annotated[int, typer.Option(help="Seed of the image split, folds and training.")] = 0,
+    images: Annotated[
+        int, typer.Option(min=0, help="Use this many images, drawn by the seed (0: all).")
+    ] = 0,
+    folds: Annotated[int, typer.Option(min=2, help="Training folds, by image.")] = 5,
+) -> None:
+    """A cell head on labelled cells of held-out images vs majority class and colour/shape."""
+    from rich.console import Console
+
+    from appliance.config import load_config
+    from appliance.validation.labelled_cells import LabelledCellsError
+    from cytoedge_demo.bench.cells import run_cells_bench
+    from runtime.bundle_format import BundleError
+
+    config = load_config(None)
+    try:
+        run_cells_bench(
+            data,
+            bundle or config.bundle_dir,
+            Console(),
+            pixel_size=pixel_size,
+            held_out=held_out,
+            seed=seed,
+            limit=images,
+            folds=folds,
+            cache=config.cache_dir,
+        )
+    except (LabelledCellsError, BundleError) as exc:
+        typer.echo(f"cytoedge: {exc}", err=True)
+        raise typer.Exit(2) from None
