@@ -185,7 +185,7 @@ def _print(rows: list[dict[str, Any]], console: Console) -> None:
     table = Table(title="cytoedge bench pipeline")
     table.add_column("seconds")
     for row in rows:
-        table.add_column(row["slide"].removeprefix("bench-").removesuffix(".tif"), justify="right")
+        table.add_column(row["slide"].removeprefix("bench-").replace(".tif", ""), justify="right")
     for stage in stages:
         table.add_row(stage, *(f"{r['stages'].get(stage, 0.0):.1f}" for r in rows))
     # Tiles are read and judged on a thread of their own while the networks run:
