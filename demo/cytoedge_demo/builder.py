@@ -86,7 +86,7 @@ Progress = Callable[[str, float], None]
 
 @dataclass(frozen=True)
 class DemoRecipe:
-    """Sizes chosen so that the whole build takes about a quarter of an hour on a 2-core CPU."""
+    """Sizes chosen so that the whole build takes under half an hour on a 2-core CPU."""
 
     encoder_arch: str = "vit_small"
     encoder_depth: int = 0  # 0: the architecture's own; fewer blocks only for test fixtures
@@ -789,7 +789,7 @@ def _run_demo(config: Config, rebuild: bool) -> int:
     reports = config.data_dir / "demo" / "reports"
     if bundle is None:
         console.print(
-            f"Building the demo bundle in {target} (once; about 15 min on 2 cores): "
+            f"Building the demo bundle in {target} (once; about 25 min on 2 cores): "
             "cytoedge train on synthetic cases, then cytoedge validate on held-out ones"
         )
         shutil.rmtree(reports, ignore_errors=True)
