@@ -60,7 +60,7 @@ class _Relay(QObject):
     """Carries a background job's one-line outcome back to the UI thread."""
 
     done = Signal(bool, str)
-    signed = Signal(bool, str, str)  # ok, one line, the new version folder
+    signed = Signal(bool, str, str, str)  # ok, one line, the new version folder, the case
     relabelled = Signal(bool, str, object, str)  # ok, one line, (slide, cell id), class
 
 
@@ -424,7 +424,7 @@ class MainWindow(QMainWindow):
                 f"{case.case_key}: rejected", case.reason or "no reason recorded"
             )
         elif state in SHOWS_RESULT:
-            self.pane.load(case_result_folder(case, self.outbox))
+            self.pane.load(case_result_folder(case, self.outbox), case.case_key)
         elif state == "running":
             self.pane.show_message(
                 f"{case.case_key}: running",
@@ -601,10 +601,15 @@ class MainWindow(QMainWindow):
             try:
                 audit = AuditLog(audit_path, software_version=version, source="window")
                 done = sign_off(
-                    folder, decision, data_dir=data_dir, audit=audit, fhir_outbox=fhir_outbox
+                    folder,
+                    decision,
+                    data_dir=data_dir,
+                    audit=audit,
+                    fhir_outbox=fhir_outbox,
+                    case_id=case_key,
                 )
             except (ReviewError, OSError) as exc:  # OSError: the audit trail's folder
-                relay.signed.emit(False, f"Could not sign off {case_key}: {exc}", "")
+                relay.signed.emit(False, f"Could not sign off {case_key}: {exc}", "", "")
                 return
             words = DECISION_WORDS[decision.decision]
             words = words[0].lower() + words[1:]
@@ -612,12 +617,13 @@ class MainWindow(QMainWindow):
                 True,
                 f"{case_key} {words} by {decision.reviewer} (version {done.result.version}).",
                 str(done.folder.path),
+                case_key,
             )
 
         self.statusBar().showMessage(f"Signing off {case_key}...")
         QThreadPool.globalInstance().start(write)
 
-    def _signed(self, ok: bool, message: str, folder: str) -> None:
+    def _signed(self, ok: bool, message: str, folder: str, case_key: str) -> None:
         self.statusBar().showMessage(message, 10000)
         if not ok:
             box = QMessageBox(QMessageBox.Icon.Warning, "cytoedge", message, parent=self)
@@ -625,7 +631,7 @@ class MainWindow(QMainWindow):
             box.open()
             return
         self._shown_case = None
-        self.pane.load(Path(folder))
+        self.pane.load(Path(folder), case_key)
         # The audit line is written: the queue's review column catches up now.
         QMetaObject.invokeMethod(
             self.polling.poller, "poll_now", Qt.ConnectionType.QueuedConnection

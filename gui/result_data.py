@@ -20,6 +20,8 @@ from appliance.results import (
     ResultError,
     ScanRecord,
     TopCell,
+    WrongCaseError,
+    check_case,
     latest_in,
     read_result,
 )
@@ -175,13 +177,17 @@ def resolve_version_folder(path: Path) -> Path:
     return latest.path
 
 
-def load_result(path: Path) -> CaseView:
-    """Read a result version folder (or a case folder, following latest.json)."""
+def load_result(path: Path, case_id: str | None = None) -> CaseView:
+    """Read a result version folder (or a case folder, following latest.json); with
+    ``case_id``, a result of any other case is refused."""
     folder = resolve_version_folder(path)
     try:
-        return CaseView(folder, read_result(folder))
-    except ResultError as exc:
+        result = read_result(folder)
+        if case_id is not None:
+            check_case(result.case_id, case_id, folder)
+    except (ResultError, WrongCaseError) as exc:
         raise ResultUnreadableError(str(exc)) from None
+    return CaseView(folder, result)
 
 
 def cell_measurements(cells_csv: Path, cell_ids: set[int]) -> dict[int, dict[str, str]]:

@@ -74,9 +74,10 @@ class LoadedResult:
         return None if path is None else self.images.get(path)
 
 
-def read_folder(path: Path) -> LoadedResult:
-    """Everything the pane shows for one result folder (runs off the UI thread)."""
-    result = load_result(path)
+def read_folder(path: Path, case_id: str | None = None) -> LoadedResult:
+    """Everything the pane shows for one result folder (runs off the UI thread); with
+    ``case_id``, only a result of that case."""
+    result = load_result(path, case_id)
     cells = result.top_cells + result.gallery_cells
     wanted = [c.image for c in cells] + [result.gallery]
     for slide in result.slides:
@@ -111,17 +112,17 @@ class ResultLoader(QObject):
         self._counter = itertools.count(1)
         self._read.connect(self._deliver)
 
-    def request(self, path: Path) -> None:
+    def request(self, path: Path, case_id: str | None = None) -> None:
         token = next(self._counter)
         self._latest = token
-        QThreadPool.globalInstance().start(lambda: self._run(token, path))
+        QThreadPool.globalInstance().start(lambda: self._run(token, path, case_id))
 
     def cancel(self) -> None:
         self._latest = next(self._counter)
 
-    def _run(self, token: int, path: Path) -> None:
+    def _run(self, token: int, path: Path, case_id: str | None) -> None:
         try:
-            loaded: LoadedResult | str = read_folder(path)
+            loaded: LoadedResult | str = read_folder(path, case_id)
         except ResultUnreadableError as exc:
             loaded = str(exc)
         if token != self._latest:
@@ -382,9 +383,10 @@ class ResultPane(QWidget):
         self.score_now.setVisible(score_now)
         self._stack.setCurrentIndex(0)
 
-    def load(self, folder: Path) -> None:
-        """Read a result folder in the background; the pane updates when it arrives."""
-        self.loader.request(folder)
+    def load(self, folder: Path, case_id: str | None = None) -> None:
+        """Read a result folder in the background; the pane updates when it arrives. With
+        ``case_id`` (the queue's case), a result of another case is refused, not shown."""
+        self.loader.request(folder, case_id)
 
     def show_result(self, loaded: LoadedResult) -> None:
         self.loaded = loaded

@@ -19,9 +19,9 @@ from appliance.results import (
     CaseResult,
     ResultError,
     ReviewRecord,
+    case_folder,
     latest_in,
     read_result,
-    safe_name,
 )
 from appliance.review.sign_off import waiting_reasons
 from appliance.site.verification import VERIFICATION_DIR, is_verified
@@ -38,7 +38,7 @@ def case_result_folder(case: CaseRow, outbox: Path) -> Path:
     if case.result_dir:
         folder = Path(case.result_dir)
         return folder.parent if (folder / "result.json").is_file() else folder
-    return outbox / safe_name(case.case_key)
+    return case_folder(outbox, case.case_key)
 
 
 @dataclass(frozen=True)
@@ -132,15 +132,16 @@ class ReviewIndex:
         stamp = (case.case_key, case.result_version)
         cached = self._states.get(case.id)
         if cached is None or cached[0] != stamp:
-            cached = (stamp, self._read_state(case_result_folder(case, self.outbox)))
+            folder = case_result_folder(case, self.outbox)
+            cached = (stamp, self._read_state(folder, case.case_key))
             self._states[case.id] = cached
         return cached[1]
 
-    def _read_state(self, case_folder: Path) -> ReviewState | None:
-        latest = latest_in(case_folder)
+    def _read_state(self, folder: Path, case_key: str) -> ReviewState | None:
+        latest = latest_in(folder)
         if latest is None:
             return None
-        known = self._results.get(case_folder)
+        known = self._results.get(folder)
         if known is not None and known[0] == latest.path:
             result = known[1]
         else:
@@ -148,7 +149,9 @@ class ReviewIndex:
                 result = read_result(latest.path)
             except ResultError:
                 return None
-            self._results[case_folder] = (latest.path, result)
+            self._results[folder] = (latest.path, result)
+        if result.case_id != case_key:  # another case's result is never reviewed as this one
+            return None
         sha = result.bundle.sha256
         if sha not in self._verified:
             self._verified[sha] = is_verified(self.data_dir, sha)

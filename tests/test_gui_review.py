@@ -154,7 +154,7 @@ def test_keyboard_only_review_and_sign_off(qtbot, data: Path) -> None:
     qtbot.keyClicks(dialog.reason, "t(11;14) indeterminate on a thick smear: rescan")
     with qtbot.waitSignal(window.relay.signed, timeout=30_000) as signed:
         qtbot.keyClick(dialog.reason, Qt.Key.Key_Return)
-    ok, message, folder = signed.args
+    ok, message, folder, _ = signed.args
     assert ok, message
     assert message == f"MM-2611-0416 rejected by {REVIEWER} (version 2)."
     v2 = read_result(Path(folder))
@@ -229,7 +229,7 @@ def test_a_sign_off_that_cannot_be_written_says_why(qtbot, data: Path) -> None:
     dialog.name.setText(REVIEWER)
     with qtbot.waitSignal(window.relay.signed, timeout=30_000) as signed:
         dialog.ok.click()
-    ok, message, _ = signed.args
+    ok, message, _, _ = signed.args
     assert not ok
     assert message.startswith("Could not sign off MM-2611-0413: case MM-2611-0413 has a newer")
     box = window.findChild(QMessageBox, "sign_off_problem")

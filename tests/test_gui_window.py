@@ -94,6 +94,27 @@ def test_cases_without_a_result_say_where_they_are(qtbot, site) -> None:
     assert window.buttons["rescore"].isEnabled()
 
 
+def test_a_result_of_another_case_is_never_shown_under_a_case_s_name(qtbot, tmp_path: Path) -> None:
+    """Case "P_001"'s store row names a folder that holds case "P 001"'s result (as an
+    earlier release's shared ``P_001/`` folder did): the window refuses it."""
+    outbox, store_path = tmp_path / "outbox", tmp_path / "jobs.sqlite"
+    other = write_sample_result(outbox, "P 001", "mm_positive", ("a.svs",), write_pdf=False)
+    store = JobStore(store_path)
+    for key in ("P 001", "P_001"):
+        store.record_finished_case(
+            key, [], state="done", reason="", result_version=1, result_dir=str(other.path),
+            bundle_hash="a" * 64, now=time.time(),
+        )  # fmt: skip
+    store.close()
+    window = open_window(qtbot, store_path, outbox)
+    window.select_case("P_001")
+    qtbot.waitUntil(lambda: window.pane._message_title.text() == "Result not readable")
+    assert "holds a result of case 'P 001', not of case 'P_001'" in window.pane._message_body.text()
+    assert window.pane.loaded is None
+    window.select_case("P 001")
+    qtbot.waitUntil(lambda: showing(window, "P 001"), timeout=5000)
+
+
 def test_selecting_a_slide_shows_its_heatmap(qtbot, site) -> None:
     window = open_window(qtbot, *site)
     window.select_case("MM-2611-0416")

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from appliance.results import case_folder, latest_version, read_result
 from tests.conftest import assert_technician_reason
 from tests.runtime_models import TinyBundle
 
@@ -54,8 +55,10 @@ def test_a_scan_is_scored_and_a_bad_one_rejected_in_one_run(
     rejected = [line for line in done.stderr.splitlines() if line.startswith("cytoedge: rejected")]
     assert len(rejected) == 1 and "empty.svs" in rejected[0] and "empty file" in rejected[0]
     assert "smear é 1" in done.stdout and "rejected" in done.stdout
-    latest = json.loads((isolated_data_dir / "outbox" / "smear_é_1" / "latest.json").read_text())
-    result_dir = isolated_data_dir / "outbox" / "smear_é_1" / latest["path"]
+    case_dir = case_folder(isolated_data_dir / "outbox", "smear é 1")
+    assert case_dir.name.startswith("smear_é_1~")  # readable, and its own
+    latest = json.loads((case_dir / "latest.json").read_text())
+    result_dir = case_dir / latest["path"]
     result = json.loads((result_dir / "result.json").read_text())
     assert result["status"] in ("scored", "abstained")
     assert result["scans"][0]["cells"] > 0
@@ -82,6 +85,26 @@ def test_scans_given_as_one_case_share_one_result(
     again = cytoedge("score", "--case", "patient-9", *map(str, scans), config=config)
     assert again.returncode == 0, again.stderr
     assert json.loads((case_dir / "latest.json").read_text())["version"] == 2
+
+
+@pytest.mark.slow
+def test_case_ids_that_differ_only_in_unsafe_characters_never_share_a_result(
+    tiny_bundle: Path,
+    small_scan_writer: Callable[..., Path],
+    tmp_path: Path,
+    isolated_data_dir: Path,
+) -> None:
+    scan = small_scan_writer(tmp_path / "s.tif", seed=21)
+    config = config_for(tiny_bundle, tmp_path)
+    for case_id in ("P 001", "P_001", "P/001"):
+        done = cytoedge("score", "--case", case_id, str(scan), config=config)
+        assert done.returncode == 0, done.stderr
+    outbox = isolated_data_dir / "outbox"
+    assert len(list(outbox.iterdir())) == 3
+    for case_id in ("P 001", "P_001", "P/001"):
+        latest = latest_version(outbox, case_id)
+        assert latest is not None and latest.version == 1
+        assert read_result(latest.path).case_id == case_id
 
 
 def test_without_a_bundle_score_says_so_in_one_line(tmp_path: Path) -> None:

@@ -1,6 +1,14 @@
 """A case's result: the typed ``result.json`` (schema.py), the versioned folder it
 lives in (folder.py) and the pictures beside it (pictures.py)."""
 
+from appliance.results.case_folders import (
+    MovedVersion,
+    WrongCaseError,
+    case_folder,
+    check_case,
+    migrate_case_folders,
+    unique_name,
+)
 from appliance.results.folder import (
     CaseContent,
     ResultFolder,
@@ -10,7 +18,6 @@ from appliance.results.folder import (
     latest_in,
     latest_version,
     point_latest_at,
-    safe_name,
     write_case_result,
     write_reviewed_version,
 )
@@ -54,6 +61,7 @@ __all__ = [
     "FindingRecord",
     "GalleryCell",
     "HeadRecord",
+    "MovedVersion",
     "PredictionRecord",
     "QcRecord",
     "ResultError",
@@ -64,13 +72,17 @@ __all__ = [
     "SlideContent",
     "SlideOutputs",
     "TopCell",
+    "WrongCaseError",
+    "case_folder",
     "cells_of",
+    "check_case",
     "existing_versions",
     "latest_in",
     "latest_version",
+    "migrate_case_folders",
     "point_latest_at",
     "read_result",
-    "safe_name",
+    "unique_name",
     "write_case_result",
     "write_reviewed_version",
 ]

@@ -2,12 +2,15 @@
 
 Layout (docs/DESIGN.md "Result folders")::
 
-    <outbox>/<case_id>/v<N>/   result.json report.html report.pdf gallery.png
-                               cells.geojson embeddings.npz top_cells/NN.png
-                               cells/<class or unsure>/NN.png
-                               slides/<slide_id>/ cells.csv cells.geojson
-                                                  heatmap.png thumbnail.png
-    <outbox>/<case_id>/latest.json   {"version": N, "path": "v<N>"}
+    <outbox>/<case>/v<N>/   result.json report.html report.pdf gallery.png
+                            cells.geojson embeddings.npz top_cells/NN.png
+                            cells/<class or unsure>/NN.png
+                            slides/<slide>/ cells.csv cells.geojson
+                                            heatmap.png thumbnail.png
+    <outbox>/<case>/latest.json   {"version": N, "path": "v<N>"}
+
+``<case>`` and ``<slide>`` are ``case_folders.unique_name`` of the ids: distinct ids
+never share a folder.
 
 Every file is written to a temporary name and renamed; the version folder is
 assembled under a temporary name and renamed into place whole, so a reader
@@ -37,6 +40,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from appliance.results.case_folders import case_folder, unique_name
 from appliance.results.pictures import render_gallery, render_heatmap
 from appliance.results.report import render_report_html, write_report_pdf
 from appliance.results.schema import (
@@ -96,12 +100,6 @@ class ResultFolder:
     path: Path
 
 
-def safe_name(text: str) -> str:
-    """A folder name made from a case or slide id: no separators, no dot files."""
-    cleaned = re.sub(r"[^\w.+-]", "_", text, flags=re.UNICODE).strip("._")
-    return cleaned[:120] or "unnamed"
-
-
 def write_png_atomic(target: Path, image: Image.Image) -> None:
     buffer = io.BytesIO()
     image.save(buffer, format="PNG", optimize=False)
@@ -130,7 +128,7 @@ def existing_versions(case_dir: Path) -> list[int]:
 
 def latest_version(outbox: Path, case_id: str) -> ResultFolder | None:
     """The version latest.json points at, or None when the case has no result yet."""
-    return latest_in(outbox / safe_name(case_id))
+    return latest_in(case_folder(outbox, case_id))
 
 
 def latest_in(case_dir: Path) -> ResultFolder | None:
@@ -165,7 +163,7 @@ def write_case_result(
 ) -> tuple[ResultFolder, CaseResult]:
     """Write version N+1 of a case's result and point latest.json at it."""
     case_id = content.result.case_id
-    case_dir = outbox / safe_name(case_id)
+    case_dir = case_folder(outbox, case_id)
     case_dir.mkdir(parents=True, exist_ok=True)
     with _case_lock(case_dir):
         staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=case_dir))
@@ -255,7 +253,7 @@ def _write_version_files(
     """Every file of the version; returns the result as written to result.json."""
     scans = {scan.slide_id: scan for scan in content.result.scans}
     for slide in content.slides:
-        rel = Path("slides") / safe_name(slide.slide_id)
+        rel = Path("slides") / unique_name(slide.slide_id)
         files = SlideOutputs(
             thumbnail=str(rel / "thumbnail.png"),
             heatmap=str(rel / "heatmap.png"),

@@ -28,9 +28,12 @@ from appliance.results import (
     PredictionRecord,
     ResultError,
     ReviewRecord,
+    WrongCaseError,
+    case_folder,
+    check_case,
     latest_in,
     read_result,
-    safe_name,
+    unique_name,
 )
 from runtime.files import write_json_atomic
 
@@ -51,7 +54,7 @@ class FhirError(ValueError):
 
 
 def fhir_file(fhir_outbox: Path, result: CaseResult) -> Path:
-    return fhir_outbox / f"{safe_name(result.case_id)}-v{result.version}.json"
+    return fhir_outbox / f"{unique_name(result.case_id)}-v{result.version}.json"
 
 
 def write_fhir_report(result: CaseResult, folder: Path, fhir_outbox: Path) -> Path:
@@ -65,7 +68,8 @@ def export_signed_off(target: str, outbox: Path, fhir_outbox: Path) -> Path:
     """``cytoedge fhir TARGET``: a case id, a case folder (its latest version) or a version
     folder, written to the FHIR outbox; FhirError with one line when it cannot be."""
     path = Path(target)
-    folder = path if path.exists() else outbox / safe_name(target)
+    by_case_id = not path.exists()
+    folder = case_folder(outbox, target) if by_case_id else path
     if not (folder / RESULT_FILE).is_file():
         latest = latest_in(folder)
         if latest is None:
@@ -73,7 +77,9 @@ def export_signed_off(target: str, outbox: Path, fhir_outbox: Path) -> Path:
         folder = latest.path
     try:
         result = read_result(folder)
-    except ResultError as exc:
+        if by_case_id:
+            check_case(result.case_id, target, folder)
+    except (ResultError, WrongCaseError) as exc:
         raise FhirError(str(exc)) from None
     return write_fhir_report(result, folder, fhir_outbox)
 

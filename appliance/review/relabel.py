@@ -23,7 +23,7 @@ from appliance.results import (
     ResultError,
     TopCell,
     read_result,
-    safe_name,
+    unique_name,
 )
 from appliance.service.audit import AuditLog
 from runtime.files import write_bytes_atomic, write_json_atomic
@@ -70,7 +70,7 @@ class SavedLabel:
 
 def label_stem(case_id: str, slide: str, cell_id: int) -> str:
     """A cell's file name in the training folder, without its suffix: unique on a site."""
-    return f"{safe_name(case_id)}-{safe_name(slide)}-{cell_id}"
+    return unique_name(case_id, slide, str(cell_id))
 
 
 def class_names(result: CaseResult) -> tuple[str, ...]:

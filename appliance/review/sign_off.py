@@ -28,6 +28,8 @@ from appliance.results import (
     ResultFolder,
     ResultWriteError,
     ReviewRecord,
+    WrongCaseError,
+    check_case,
     read_result,
     write_reviewed_version,
 )
@@ -114,10 +116,12 @@ def sign_off(
     audit: AuditLog,
     fhir_outbox: Path | None = None,
     write_pdf: bool = True,
+    case_id: str | None = None,
 ) -> SignedOff:
     """Write the sign-off of the result in ``version_folder`` as the case's next version,
     record it in the audit trail, and write its FHIR document; ReviewError says why not.
-    ``data_dir`` holds the site's bundle verifications (``appliance.site.verification``)."""
+    ``data_dir`` holds the site's bundle verifications (``appliance.site.verification``).
+    With ``case_id`` (the case the reviewer chose), a result of another case is refused."""
     reviewer, reason = decision.reviewer.strip(), decision.reason.strip()
     if not reviewer:
         raise ReviewError("a sign-off needs the reviewer's name")
@@ -125,6 +129,8 @@ def sign_off(
         raise ReviewError("a rejection needs a reason")
     try:
         seen = read_result(version_folder)
+        if case_id is not None:
+            check_case(seen.case_id, case_id, version_folder)
         verified = is_verified(data_dir, seen.bundle.sha256)
         review = ReviewRecord(
             decision=decision.decision,
@@ -135,7 +141,7 @@ def sign_off(
             waited_for=waiting_reasons(seen, bundle_verified=verified),
         )
         folder, result = write_reviewed_version(version_folder, review, write_pdf=write_pdf)
-    except (ResultError, ResultWriteError) as exc:
+    except (ResultError, ResultWriteError, WrongCaseError) as exc:
         raise ReviewError(str(exc)) from None
     except PermissionError as exc:
         raise ReviewError(

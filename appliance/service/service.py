@@ -21,7 +21,7 @@ from pathlib import Path
 import sdnotify
 
 from appliance.config import Config
-from appliance.results import safe_name
+from appliance.results import case_folder, migrate_case_folders
 from appliance.service.audit import AUDIT_FILE, AuditLog
 from appliance.service.inbox_layout import compile_case_pattern
 from appliance.service.migrations import SCHEMA_VERSION, backup_path
@@ -91,6 +91,7 @@ class Service:
                 copy=str(backup_path(self.store_path, store.migrated_from)),
             )
         self._recover(store)
+        self._move_case_folders(store)
         store.register_service(
             os.getpid(),
             socket.gethostname(),
@@ -238,7 +239,18 @@ class Service:
             )
             self.audit.record("recovered", kind=kind, id=row_id, state=state)
             if kind == "case":
-                _remove_staging(self.config.outbox / safe_name(store.case(row_id).case_key))
+                _remove_staging(case_folder(self.config.outbox, store.case(row_id).case_key))
+
+    def _move_case_folders(self, store: JobStore) -> None:
+        """Result versions an earlier release put in a folder another case id shared."""
+        for moved in migrate_case_folders(self.config.outbox):
+            store.move_result_dir(str(moved.source), str(moved.target))
+            self.audit.record(
+                "result_moved",
+                case=moved.case_id,
+                source=str(moved.source),
+                target=str(moved.target),
+            )
 
 
 def _remove_staging(case_dir: Path) -> None:

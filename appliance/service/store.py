@@ -422,6 +422,14 @@ class JobStore:
         with self._write() as conn:
             conn.execute("UPDATE slides SET path = ? WHERE id = ?", (new_path, slide_id))
 
+    def move_result_dir(self, old: str, new: str) -> int:
+        """A result version folder was moved (``migrate_case_folders``): the cases that
+        name it follow; how many did."""
+        with self._write() as conn:
+            return conn.execute(
+                "UPDATE cases SET result_dir = ? WHERE result_dir = ?", (new, old)
+            ).rowcount
+
     def touch_slide(self, slide_id: int, size: int, mtime: float) -> None:
         """Same bytes with a new mtime (touched, copied over): remember the new stat."""
         with self._write() as conn:

@@ -30,11 +30,11 @@ from appliance.results import (
     CaseResult,
     ResultError,
     ResultWriteError,
+    case_folder,
     existing_versions,
     latest_version,
     point_latest_at,
     read_result,
-    safe_name,
 )
 from appliance.service.archive import archive_case
 from appliance.service.audit import AuditLog, iso
@@ -414,7 +414,7 @@ class Worker:
         if not members:
             self._finish_without_scoring(queued, slides)
             return
-        case_dir = self.settings.outbox / safe_name(queued.case_key)
+        case_dir = case_folder(self.settings.outbox, queued.case_key)
         adopted = self._adopt_written_result(queued, case_dir)
         if adopted is not None:
             self._finish_case(queued, adopted, slides)
@@ -455,8 +455,8 @@ class Worker:
             result = read_result(folder)
         except ResultError:
             return None
-        if result.review is not None:  # a sign-off took that number: this job wrote nothing
-            return None
+        if result.review is not None or result.case_id != case.case_key:
+            return None  # a sign-off (or another case) took that number: this job wrote nothing
         latest = latest_version(self.settings.outbox, case.case_key)
         if latest is None or latest.version < case.pending_version:
             point_latest_at(case_dir, case.pending_version)
