@@ -38,7 +38,7 @@ class TrailReport:
     before_chain: int = 0  # records from before the chain, at the start of the trail
     versions: int = 0  # result version folders checked
     result_files: int = 0
-    last_seq: int = 0
+    last_seq: int = 0  # the last line's record number
     head: str = ""  # hash of the last line: what a copy kept elsewhere is compared with
 
     @property
@@ -74,6 +74,8 @@ def verify_trail(path: Path) -> TrailReport:
     report.records = sum(1 for line in lines if line.record is not None)
     if lines:
         report.head = line_hash(lines[-1].raw)
+        seq = (lines[-1].record or {}).get("seq")
+        report.last_seq = seq if isinstance(seq, int) else 0
     _check_chain(lines, report)
     for line in lines:
         if line.record is not None and isinstance(line.record.get("result_files"), dict):
@@ -117,7 +119,7 @@ def _check_chain(lines: list[Line], report: TrailReport) -> None:
         if isinstance(seq, int):
             at_seq.setdefault(seq, line.where)
         first_of.setdefault(line.raw, line.where)
-    chained = False
+    chained, last_seq = False, 0
     previous: Line | None = None
     for line in lines:
         before, previous = previous, line
@@ -133,11 +135,11 @@ def _check_chain(lines: list[Line], report: TrailReport) -> None:
             )
             return
         chained = True
-        problem = _break(line, before, report.last_seq, at_seq, first_of)
+        problem = _break(line, before, last_seq, at_seq, first_of)
         if problem:
             report.problems.append(problem)
             return
-        report.last_seq = line.record["seq"]
+        last_seq = line.record["seq"]
 
 
 def _break(
