@@ -12,7 +12,9 @@ the chain are accepted only as the trail's leading lines, and counted.
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +27,10 @@ class Line:
     where: str  # "<file> line <n>"
     raw: bytes
     record: dict[str, Any] | None  # None: not a JSON object
+
+    @cached_property
+    def hash(self) -> str:
+        return line_hash(self.raw)
 
 
 @dataclass
@@ -47,7 +53,7 @@ class TrailReport:
 
     @property
     def summary(self) -> str:
-        if not self.files:
+        if not self.files and self.intact:
             return f"audit trail {self.path}: no records yet"
         verdict = "intact" if self.intact else f"{len(self.problems)} problem(s)"
         older = f", {self.before_chain} from before the chain" if self.before_chain else ""
@@ -59,28 +65,48 @@ class TrailReport:
 
 
 def verify_trail(path: Path) -> TrailReport:
-    """Check the trail whose current file is ``path`` (``<state>/audit.jsonl``)."""
+    """Check the trail whose current file is ``path`` (``<state>/audit.jsonl``). Files
+    are read one at a time, twice: a trail of years need not fit in memory."""
     report = TrailReport(path)
     report.problems.extend(_missing_files(path))
-    lines: list[Line] = []
-    for file in trail_files(path):
+    files = trail_files(path)
+    at_seq: dict[int, str] = {}  # record number -> where it first is: moved or deleted?
+    first_of: dict[str, str] = {}  # line hash -> where it first is: a copy?
+    results: list[str] = []
+    last: Line | None = None
+    for line in _read(files, report):
+        first_of.setdefault(line.hash, line.where)
+        last = line
+        if line.record is None:
+            continue
+        report.records += 1
+        seq = line.record.get("seq")
+        if isinstance(seq, int):
+            at_seq.setdefault(seq, line.where)
+        if isinstance(line.record.get("result_files"), dict):
+            results.extend(_check_results(line, report))
+    if last is not None:
+        report.head = last.hash
+        seq = (last.record or {}).get("seq")
+        report.last_seq = seq if isinstance(seq, int) else 0
+    _check_chain(_read(files), at_seq, first_of, report)
+    report.problems.extend(results)
+    return report
+
+
+def _read(files: list[Path], report: TrailReport | None = None) -> Iterator[Line]:
+    """The lines of the trail's files in order; an unreadable file is a problem (and
+    counted as read) on the ``report`` given."""
+    for file in files:
         try:
             data = file.read_bytes()
         except OSError as exc:
-            report.problems.append(f"{file.name}: cannot be read: {exc.strerror or exc}")
+            if report is not None:
+                report.problems.append(f"{file.name}: cannot be read: {exc.strerror or exc}")
             continue
-        report.files += 1
-        lines.extend(_lines(file.name, data))
-    report.records = sum(1 for line in lines if line.record is not None)
-    if lines:
-        report.head = line_hash(lines[-1].raw)
-        seq = (lines[-1].record or {}).get("seq")
-        report.last_seq = seq if isinstance(seq, int) else 0
-    _check_chain(lines, report)
-    for line in lines:
-        if line.record is not None and isinstance(line.record.get("result_files"), dict):
-            _check_results(line, report)
-    return report
+        if report is not None:
+            report.files += 1
+        yield from _lines(file.name, data)
 
 
 def _missing_files(path: Path) -> list[str]:
@@ -110,15 +136,10 @@ def _lines(name: str, data: bytes) -> list[Line]:
     return lines
 
 
-def _check_chain(lines: list[Line], report: TrailReport) -> None:
+def _check_chain(
+    lines: Iterator[Line], at_seq: dict[int, str], first_of: dict[str, str], report: TrailReport
+) -> None:
     """Follow ``prev_sha256`` and ``seq`` from line to line; report the first break."""
-    at_seq = {}  # record number -> where it first is, to tell moved from deleted
-    first_of = {}  # line bytes -> where they first are, to tell copies
-    for line in lines:
-        seq = line.record.get("seq") if line.record is not None else None
-        if isinstance(seq, int):
-            at_seq.setdefault(seq, line.where)
-        first_of.setdefault(line.raw, line.where)
     chained, last_seq = False, 0
     previous: Line | None = None
     for line in lines:
@@ -147,20 +168,20 @@ def _break(
     before: Line | None,
     last_seq: int,
     at_seq: dict[int, str],
-    first_of: dict[bytes, str],
+    first_of: dict[str, str],
 ) -> str:
     """What is wrong where ``line`` follows ``before`` ("" when it chains to it)."""
     assert line.record is not None
     seq, expected = line.record.get("seq"), last_seq + 1
-    chains = line.record.get("prev_sha256") == (line_hash(before.raw) if before else GENESIS)
+    chains = line.record.get("prev_sha256") == (before.hash if before else GENESIS)
     if not isinstance(seq, int):
         return f"{line.where}: edited: its record number {seq!r} is not a number"
     if chains:
         if seq == expected:
             return ""
         return f"{line.where}: edited: it is record {seq}, but follows record {last_seq}"
-    if first_of[line.raw] != line.where:
-        return f"{line.where}: a copy of {first_of[line.raw]}"
+    if first_of[line.hash] != line.where:
+        return f"{line.where}: a copy of {first_of[line.hash]}"
     if seq == expected:
         if before is None:
             return f"{line.where}: edited: the trail's first record does not start the chain"
@@ -179,28 +200,29 @@ def _break(
     return f"{line.where}: {gone} missing before it (deleted{', or a file' if first else ''})"
 
 
-def _check_results(line: Line, report: TrailReport) -> None:
+def _check_results(line: Line, report: TrailReport) -> list[str]:
     """The version folder a record hashed: each file's bytes, and nothing added."""
     assert line.record is not None
     folder = Path(str(line.record.get("result_dir") or ""))
     recorded: dict[str, Any] = line.record["result_files"]
     report.versions += 1
     if not folder.is_dir():
-        report.problems.append(f"{folder}: result folder missing (recorded in {line.where})")
-        return
+        return [f"{folder}: result folder missing (recorded in {line.where})"]
+    problems = []
     for name, digest in recorded.items():
         file = folder / name
         report.result_files += 1
         if not file.is_file():
-            report.problems.append(f"{file}: missing (recorded in {line.where})")
+            problems.append(f"{file}: missing (recorded in {line.where})")
             continue
         try:
             same = sha256_file(file) == digest
         except OSError as exc:
-            report.problems.append(f"{file}: cannot be read: {exc.strerror or exc}")
+            problems.append(f"{file}: cannot be read: {exc.strerror or exc}")
             continue
         if not same:
-            report.problems.append(f"{file}: changed since {line.where} recorded it")
+            problems.append(f"{file}: changed since {line.where} recorded it")
     for file in sorted(folder.rglob("*")):
         if file.is_file() and file.relative_to(folder).as_posix() not in recorded:
-            report.problems.append(f"{file}: added after {line.where} recorded the folder")
+            problems.append(f"{file}: added after {line.where} recorded the folder")
+    return problems
