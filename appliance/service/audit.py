@@ -101,6 +101,7 @@ class AuditLog:
             self.common = {**self.common, **fields}
 
     def record(self, event: str, **fields: Any) -> None:
+        """Append one record, chained to the trail's last line."""
         with self._lock:
             entry = {
                 "time": iso(datetime.now(tz=UTC).timestamp()),
@@ -108,14 +109,9 @@ class AuditLog:
                 **self.common,
                 **fields,
             }
-            fd = _open_locked(self.path)
+            fd = _open_for_append(self.path, self.max_bytes)
             try:
                 size = os.fstat(fd).st_size
-                if self.max_bytes and size >= self.max_bytes:
-                    _rotate(self.path)
-                    os.close(fd)
-                    fd = _open_locked(self.path)
-                    size = os.fstat(fd).st_size
                 previous, seq = self._previous(fd, size)
                 entry["seq"] = seq + 1
                 entry["prev_sha256"] = line_hash(previous) if previous else GENESIS
@@ -154,6 +150,18 @@ def _open_locked(path: Path) -> int:
             os.close(fd)
             raise
         os.close(fd)
+
+
+def _open_for_append(path: Path, max_bytes: int) -> int:
+    """``_open_locked``, after renaming the file away when it has reached ``max_bytes``."""
+    fd = _open_locked(path)
+    if not max_bytes or os.fstat(fd).st_size < max_bytes:
+        return fd
+    try:
+        _rotate(path)
+    finally:
+        os.close(fd)
+    return _open_locked(path)
 
 
 def _rotate(path: Path) -> None:
