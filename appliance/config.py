@@ -109,6 +109,12 @@ class LoggingConfig:
 
 
 @dataclass(frozen=True)
+class AuditConfig:
+    # audit.jsonl is renamed audit-000001.jsonl (the next number) once this large; 0: never.
+    max_bytes: int = 10_000_000
+
+
+@dataclass(frozen=True)
 class Config:
     paths: PathsConfig = field(default_factory=PathsConfig)
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
@@ -116,6 +122,7 @@ class Config:
     service: ServiceConfig = field(default_factory=ServiceConfig)
     scan: ScanConfig = field(default_factory=ScanConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    audit: AuditConfig = field(default_factory=AuditConfig)
     cameras: dict[str, CameraConfig] = field(default_factory=dict)  # [cameras.<name>]
     source: Path | None = None  # the file it was read from, None for defaults
 

@@ -58,6 +58,7 @@ def build_window(config: Config, service: ServiceControl | None = None) -> MainW
         service=service,
         version=software_version(),
         case_quiet_seconds=config.watch.case_quiet_seconds,
+        audit_max_bytes=config.audit.max_bytes,
     )
 
 

@@ -26,7 +26,7 @@ from PySide6.QtWidgets import (
     QWidget,
 )
 
-from appliance.config import Config, PathsConfig, WatchConfig
+from appliance.config import AuditConfig, Config, PathsConfig, WatchConfig
 from appliance.results import DECISION_WORDS
 from appliance.review.relabel import RelabelError, save_cell_label
 from appliance.review.sign_off import ReviewError, SignOff, login_name, sign_off
@@ -168,6 +168,7 @@ class MainWindow(QMainWindow):
         version: str = "unknown",
         poll_ms: int = 1000,
         case_quiet_seconds: float = WatchConfig.case_quiet_seconds,
+        audit_max_bytes: int = AuditConfig.max_bytes,
     ) -> None:
         super().__init__()
         self.store_path = store_path
@@ -176,6 +177,7 @@ class MainWindow(QMainWindow):
         # The store is <data_dir>/state/jobs.sqlite, the audit trail beside it.
         self.data_dir = data_dir or store_path.parent.parent
         self.audit_path = store_path.parent / AUDIT_FILE
+        self.audit_max_bytes = audit_max_bytes  # [audit] max_bytes: when it is rotated
         self.fhir_outbox = fhir_outbox
         # Where re-labelled cells go (paths.training_cells), by the configuration's default.
         self.training_dir = training_dir or (
@@ -595,11 +597,13 @@ class MainWindow(QMainWindow):
         """Write the sign-off (a new version, the audit line, FHIR) off the UI thread."""
         self.reviewer = decision.reviewer
         relay, data_dir, fhir_outbox = self.relay, self.data_dir, self.fhir_outbox
-        audit_path, version = self.audit_path, self.version
+        audit_path, version, max_bytes = self.audit_path, self.version, self.audit_max_bytes
 
         def write() -> None:
             try:
-                audit = AuditLog(audit_path, software_version=version, source="window")
+                audit = AuditLog(
+                    audit_path, max_bytes=max_bytes, software_version=version, source="window"
+                )
                 done = sign_off(
                     folder,
                     decision,
@@ -658,7 +662,7 @@ class MainWindow(QMainWindow):
         """Save the cell's new label in the training folder, with an audit line, off the
         UI thread; the result folder is not touched."""
         relay, training_dir = self.relay, self.training_dir
-        audit_path, version = self.audit_path, self.version
+        audit_path, version, max_bytes = self.audit_path, self.version, self.audit_max_bytes
         record = cell.cell
         where = f"cell {record.cell_id} of slide {record.slide}"
         loaded = self.pane.loaded
@@ -666,7 +670,9 @@ class MainWindow(QMainWindow):
 
         def write() -> None:
             try:
-                audit = AuditLog(audit_path, software_version=version, source="window")
+                audit = AuditLog(
+                    audit_path, max_bytes=max_bytes, software_version=version, source="window"
+                )
                 saved = save_cell_label(
                     folder,
                     record.slide,

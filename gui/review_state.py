@@ -75,6 +75,7 @@ class ReviewIndex:
         self._states: dict[int, tuple[tuple[str, int | None], ReviewState | None]] = {}
         self._verified: dict[str, bool] = {}
         self._audit_read = 0
+        self._audit_file: tuple[int, int] | None = None  # (device, inode) read from
         self._verification_mtime: int | None = None
 
     def refresh(self) -> bool:
@@ -98,11 +99,14 @@ class ReviewIndex:
     def _signed_since_last_read(self) -> set[str]:
         """Case keys named by ``signed_off`` lines appended since the last read."""
         try:
-            size = self.audit_path.stat().st_size
+            stat = self.audit_path.stat()
         except OSError:
             return set()
-        if size < self._audit_read:  # replaced: read it from the start
-            self._audit_read = 0
+        size, file = stat.st_size, (stat.st_dev, stat.st_ino)
+        if file != self._audit_file or size < self._audit_read:
+            # Rotated or replaced: lines the old file got since the last read are not
+            # read, so every case is read again; the new file is read from its start.
+            self._audit_file, self._audit_read = file, 0
             self._states.clear()
         if size == self._audit_read:
             return set()

@@ -285,3 +285,23 @@ def test_review_states_are_read_once_per_case_and_version(
     with audit.open("a") as handle:  # a line being written is read once it is whole
         handle.write(json.dumps({"event": "signed_off", "case": "MM-2611-0413"})[:20])
     assert not index.refresh()
+
+
+def test_a_sign_off_in_a_rotated_audit_trail_reaches_the_queue(data: Path) -> None:
+    store = data / "state" / "jobs.sqlite"
+    audit = data / "state" / "audit.jsonl"
+    rotating = AuditLog(audit, max_bytes=1)  # every line starts a new audit.jsonl
+    rotating.record("service_started")
+    index = ReviewIndex(data / "outbox", data, audit)
+    queue = StoreReader(store).poll()
+    assert queue is not None
+    index.refresh()  # read up to the end of the first line
+    before = {c.case_key: c.review for c in index.annotate(queue).cases}
+    assert before["MM-2611-0415"].to_review
+    sign_off(data / "outbox" / "MM-2611-0415" / "v1", SignOff("accepted", "Dr D"),
+             data_dir=data, audit=rotating, write_pdf=False)  # fmt: skip
+    (signed,) = audit.read_text(encoding="utf-8").splitlines()  # longer than the line read
+    assert '"event": "signed_off"' in signed and audit.with_name("audit-000001.jsonl").is_file()
+    assert index.refresh()
+    after = {c.case_key: c.review for c in index.annotate(queue).cases}
+    assert after["MM-2611-0415"].review.reviewer == "Dr D"

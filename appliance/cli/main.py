@@ -18,6 +18,7 @@ from typing import Annotated
 
 import typer
 
+from appliance.cli.audit_commands import audit_app
 from appliance.cli.bundle_commands import bundle_app
 from appliance.cli.shared import ConfigOption, fail, setup
 from appliance.cli.validate_command import validate
@@ -30,6 +31,7 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 app.add_typer(bundle_app, name="bundle")
+app.add_typer(audit_app, name="audit")
 log = logging.getLogger("cytoedge")
 PLUGIN_GROUP = "cytoedge.commands"
 

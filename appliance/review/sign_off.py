@@ -35,7 +35,7 @@ from appliance.results import (
 )
 from appliance.results.schema import Decision
 from appliance.review.fhir import write_fhir_report
-from appliance.service.audit import AuditLog
+from appliance.service.audit import AuditLog, result_file_hashes
 from appliance.site.verification import is_verified
 
 log = logging.getLogger(__name__)
@@ -161,6 +161,7 @@ def sign_off(
             reason=review.reason,
             waited_for=list(review.waited_for),
             result_dir=str(folder.path),
+            result_files=result_file_hashes(folder.path),
             bundle_sha256=result.bundle.sha256,
         )
     except OSError as exc:

@@ -69,6 +69,7 @@ class Service:
         self.store_path = store_path(config.state_dir)
         self.audit = AuditLog(
             config.state_dir / AUDIT_FILE,
+            max_bytes=config.audit.max_bytes,
             bundle=dataclasses.asdict(bundle),
             backend=backend,
             software_version=software_version(),

@@ -37,7 +37,7 @@ from appliance.results import (
     read_result,
 )
 from appliance.service.archive import archive_case
-from appliance.service.audit import AuditLog, iso
+from appliance.service.audit import AuditLog, iso, result_file_hashes
 from appliance.service.store import (
     DONE,
     FAILED,
@@ -595,6 +595,8 @@ class Worker:
             status=result.status if result else None,
             version=result.version if result else None,
             result_dir=str(result.result_dir) if result else None,
+            # Every file of the version by its hash: `cytoedge audit verify` checks them.
+            result_files=result_file_hashes(result.result_dir) if result else None,
             reason=reason,
             **({"backend": result.backend} if result and result.backend else {}),
             # The bundle the result names (it wrote it), over the service's current one.
