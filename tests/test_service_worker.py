@@ -27,7 +27,6 @@ from appliance.readers.errors import NotAnImageError
 from appliance.results import read_result, write_case_result
 from appliance.review.sign_off import SignOff, sign_off
 from appliance.service.audit import AuditLog, read_audit
-from appliance.service.pause import read_pause
 from appliance.service.service import FollowFn, Service
 from appliance.service.store import (
     DONE,
@@ -47,6 +46,7 @@ from appliance.service.worker import (
     classify,
     error_text,
 )
+from appliance.site.pause_note import read_pause
 from cytoedge_demo.samples import sample_content
 
 BUNDLE = BundleIdentity("test-bundle", "1.0", "a" * 64)

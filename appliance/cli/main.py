@@ -21,6 +21,7 @@ import typer
 from appliance.cli.bundle_commands import bundle_app
 from appliance.cli.shared import ConfigOption, fail, setup
 from appliance.cli.validate_command import validate
+from runtime.files import restrict_umask
 
 app = typer.Typer(
     name="cytoedge",
@@ -198,4 +199,5 @@ _add_plugin_commands()
 
 
 def main() -> None:
+    restrict_umask()  # what any command writes below the data directory is not world-readable
     app()

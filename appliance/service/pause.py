@@ -3,35 +3,26 @@
 Two things stop scoring that are no fault of a scan: a damaged model bundle and a
 full data disk. While either lasts, the worker starts no job and spends no attempt;
 it resumes by itself once the bundle is repaired (or another chosen) and the space
-is back. The reason goes to ``<state>/paused``, a file of fixed size written in
-place: rewriting blocks it already owns needs no free space, so the note can still
-say "data disk full" on a full disk, where the job store (a SQLite write) cannot.
-``cytoedge status``, ``cytoedge doctor`` and the window read it; the service
-rewrites it every few seconds, so its time says the service is alive when the store's
-heartbeat cannot be written.
+is back. The reason goes to the pause note (``appliance.site.pause_note``), which
+``cytoedge status``, ``cytoedge doctor`` and the window read.
 """
 
 from __future__ import annotations
 
 import errno
-import json
 import logging
 import os
 import shutil
 import sqlite3
-import threading
-import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 
 from appliance.readers.errors import ScanError
 from appliance.service.store import Case, Slide
+from appliance.site.pause_note import PauseNote
 
 log = logging.getLogger(__name__)
 
-PAUSE_FILE = "paused"
-_NOTE_BYTES = 4096
 MB = 1_000_000
 # Room the job store, the audit trail and the log need to take any job at all.
 STORE_MARGIN_BYTES = 2 * MB
@@ -71,61 +62,6 @@ def is_disk_full(exc: BaseException) -> bool:
             return True
         current = current.__cause__ or current.__context__
     return False
-
-
-class PauseNote:
-    """The service's side: the current reason, rewritten in place ("" clears it)."""
-
-    def __init__(self, state_dir: Path) -> None:
-        self.path = state_dir / PAUSE_FILE
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.reason = ""
-        self._lock = threading.Lock()  # the worker says, the supervisor beats
-        # Made once, at start, while there is room; later writes reuse its blocks.
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o640)
-        try:
-            os.ftruncate(fd, _NOTE_BYTES)
-            os.pwrite(fd, _padded(""), 0)
-        finally:
-            os.close(fd)
-
-    def say(self, reason: str) -> None:
-        """Write ``reason`` ("" clears it) with the time now."""
-        with self._lock:
-            fd = os.open(self.path, os.O_WRONLY)
-            try:
-                os.pwrite(fd, _padded(reason), 0)
-            finally:
-                os.close(fd)
-            self.reason = reason
-
-    def beat(self) -> None:
-        """The same reason, the time now."""
-        with self._lock:
-            reason = self.reason
-        self.say(reason)
-
-
-def _padded(reason: str) -> bytes:
-    note = {"paused": reason[:1000], "at": round(time.time(), 1)}
-    return json.dumps(note, ensure_ascii=True).encode("ascii").ljust(_NOTE_BYTES, b" ")
-
-
-@dataclass(frozen=True)
-class Pause:
-    """What the note says: why work is held ("" when it is not), and when it was written."""
-
-    reason: str = ""
-    at: float = 0.0
-
-
-def read_pause(state_dir: Path) -> Pause:
-    """The service's pause note (empty when the service never ran or the note is torn)."""
-    try:
-        note = json.loads((state_dir / PAUSE_FILE).read_bytes().strip() or b"{}")
-        return Pause(str(note.get("paused", "")), float(note.get("at", 0.0)))
-    except (OSError, ValueError, AttributeError, TypeError):
-        return Pause()
 
 
 class WorkHold:

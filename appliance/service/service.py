@@ -25,10 +25,11 @@ from appliance.results import safe_name
 from appliance.service.audit import AUDIT_FILE, AuditLog
 from appliance.service.inbox_layout import compile_case_pattern
 from appliance.service.migrations import SCHEMA_VERSION, backup_path
-from appliance.service.pause import FreeBytes, PauseNote, WorkHold, free_bytes, is_disk_full
+from appliance.service.pause import FreeBytes, WorkHold, free_bytes, is_disk_full
 from appliance.service.store import QUEUED, BundleIdentity, JobStore, store_path
 from appliance.service.watcher import InboxWatcher, ProbeFn, WatchSettings
 from appliance.service.worker import Engine, ProgressFn, Worker, WorkerSettings
+from appliance.site.pause_note import PauseNote
 
 log = logging.getLogger(__name__)
 
