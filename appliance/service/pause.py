@@ -26,8 +26,10 @@ log = logging.getLogger(__name__)
 MB = 1_000_000
 # Room the job store, the audit trail and the log need to take any job at all.
 STORE_MARGIN_BYTES = 2 * MB
-# Room a case's result version (report, pictures, FHIR bundle) may need.
-CASE_MARGIN_BYTES = 20 * MB
+# Room a case's result version needs: its report, gallery, top cells and slide pictures
+# (about 1.2 MB measured), and each cell's picture (about 23 kB) and embedding.
+CASE_BASE_BYTES = 2 * MB
+RESULT_BYTES_PER_CELL = 30_000
 # Free bytes on the file system holding a path (tests pass their own).
 FreeBytes = Callable[[Path], int]
 
@@ -71,8 +73,9 @@ class WorkHold:
 
     ``bundle_problem(full)``: what is wrong with the bundle's files (``BundleFollower
     .problem``); ``slide_needs(path)``: the data disk a slide takes (``PipelineEngine
-    .space_needed``). A slide that met a full disk anyway needs half as much again as
-    was free when it started, before it is tried again.
+    .space_needed``); ``case_cells(case)``: the cells its slides gave. A slide that met
+    a full disk anyway needs half as much again as was free when it started, before it
+    is tried again.
     """
 
     def __init__(
@@ -83,12 +86,14 @@ class WorkHold:
         outbox: Path,
         bundle_problem: Callable[[bool], str] | None,
         slide_needs: Callable[[Path], int],
+        case_cells: Callable[[Case], int],
         free: FreeBytes = free_bytes,
     ) -> None:
         self.note = note
         self.data_dir, self.outbox = data_dir, outbox
         self.bundle_problem = bundle_problem
         self.slide_needs = slide_needs
+        self.case_cells = case_cells
         self.free = free
         self._estimates: dict[str, int] = {}  # by slide path
         self._waiting: tuple[Path, int] | None = None  # room a held job waits for
@@ -131,7 +136,7 @@ class WorkHold:
                 self._estimates[job.path] = self.slide_needs(Path(job.path))
             return self.data_dir, STORE_MARGIN_BYTES + self._estimates[job.path]
         if isinstance(job, Case):
-            return self.outbox, CASE_MARGIN_BYTES
+            return self.outbox, CASE_BASE_BYTES + RESULT_BYTES_PER_CELL * self.case_cells(job)
         return self._waiting or (self.data_dir, STORE_MARGIN_BYTES)
 
     def _free(self, where: Path) -> int:

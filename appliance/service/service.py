@@ -148,6 +148,7 @@ class Service:
                 outbox=cfg.outbox,
                 bundle_problem=self.bundle_problem,
                 slide_needs=lambda path: self.engine.space_needed(path),
+                case_cells=lambda case: self._worker().case_cells(case),
                 free=self.free_space,
             ),
         )
@@ -256,6 +257,10 @@ class Service:
                 extra={"from": str(previous), "to": str(bundle), "sha256": bundle.sha256},
             )
         return engine
+
+    def _worker(self) -> Worker:
+        assert self.worker is not None
+        return self.worker
 
     def _current(self) -> str:
         return self.worker.current if self.worker else ""

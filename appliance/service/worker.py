@@ -348,6 +348,10 @@ class Worker:
                 self._put_back_later.append(job)
         return True
 
+    def case_cells(self, case: Case) -> int:
+        """The cells a case's slides gave (what its result version will show)."""
+        return sum(s.n_cells or 0 for s in self.store.slides(case.id))
+
     def _put_back(self, job: Slide | Case) -> None:
         if isinstance(job, Slide):
             self.store.abandon_slide(job.id)
