@@ -123,10 +123,10 @@ class WorkHold:
             return self._say(damaged_text(damaged))
         if not is_disk_full(exc):
             return ""
-        where, needed = self._needs(job)
         if isinstance(job, Slide):
-            needed = max(needed, self._free_at_start * 3 // 2)
-            self._estimates[job.path] = needed
+            more = self._free_at_start * 3 // 2 - STORE_MARGIN_BYTES
+            self._estimates[job.path] = max(self._estimates.get(job.path, 0), more)
+        where, needed = self._needs(job)
         self._waiting = (where, needed)
         return self._say(disk_full_text(self._disk(where), self._free(where), needed))
 
