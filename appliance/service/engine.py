@@ -72,7 +72,7 @@ class PipelineEngine:
         """About how many bytes of the data disk processing ``path`` takes."""
         try:
             info = probe(path, self.config.calibration)
-        except ScanError:
+        except (ScanError, OSError):
             return SLIDE_MARGIN_BYTES  # the job itself says what is wrong with the input
         return slide_bytes(info, self.bundle)
 
