@@ -15,9 +15,12 @@ from pathlib import Path
 
 import pytest
 
+from appliance.config import Config, PathsConfig, RuntimeConfig
+from appliance.service.engine import PipelineEngine
 from appliance.service.store import DONE, QUEUED, REJECTED, WAITING
 from appliance.site.pause_note import read_pause
 from cytoedge_demo.synthetic import write_cell_folders
+from runtime.bundle_format import load_bundle
 from tests.service_harness import ROOT, ServiceProcess, copy_unit, write_config
 
 pytestmark = pytest.mark.slow
@@ -262,3 +265,29 @@ def test_what_a_scored_and_signed_off_case_writes_is_the_groups_to_read_and_nobo
     # The folders made here by the test's own harness (write_config) are the test's.
     wrong = {p: m for p, m in wrong.items() if p not in ("data/.", "outbox/.")}
     assert wrong == {}
+
+
+def test_a_slides_estimate_covers_what_processing_it_writes(
+    tmp_path: Path, bundle_copy: Path, patients: Path, small_scan_writer: object
+) -> None:
+    """The room the service waits for is at least the cache entry plus the spool of
+    crops the slide had while it was embedded (a cell folder, and a small smear)."""
+    assert callable(small_scan_writer)
+    smear = small_scan_writer(tmp_path / "smear.tif", seed=1, size=768)
+    config = Config(
+        paths=PathsConfig(data_dir=str(tmp_path / "data")),
+        runtime=RuntimeConfig(backend="ort-cpu", threads=1),
+    )
+    bundle = load_bundle(bundle_copy)
+    engine = PipelineEngine(config, bundle, config.runtime.settings)
+    try:
+        for path in (patients / "P0001", Path(smear)):
+            needed = engine.space_needed(path)
+            outcome = engine.process_slide(path, lambda stage, done: None, use_cache=True)
+            entry = outcome.handle.cache_entry
+            written = sum(f.stat().st_size for f in entry.rglob("*") if f.is_file())
+            spool = outcome.n_cells * bundle.cells.patch_px**2 * 3
+            assert outcome.n_cells > 0, path
+            assert written + spool <= needed, (path, written, spool, needed)
+    finally:
+        engine.close()
