@@ -64,7 +64,10 @@ class _Relay(QObject):
     relabelled = Signal(bool, str, object, str)  # ok, one line, (slide, cell id), class
 
 
-def service_text(service: ServiceInfo | None, now: datetime | None = None) -> str:
+def service_text(service: ServiceInfo | None, now: datetime | None = None, paused: str = "") -> str:
+    """The status line; ``paused``: why the service holds its work (its pause note)."""
+    if paused and service is not None:
+        return f"Service on {service.host}: {paused}" if service.host else f"Service: {paused}"
     if service is None:
         return "No service has used this job store yet."
     moment = now or datetime.now().astimezone()
@@ -231,6 +234,8 @@ class MainWindow(QMainWindow):
         self.polling = PollingThread(store_path, self.reviews, poll_ms)
         self.polling.poller.snapshot.connect(self.apply_snapshot)
         self.polling.poller.unavailable.connect(self._store_problem)
+        self.polling.poller.paused.connect(self._paused)
+        self.pause_reason = ""
         self._update_buttons()
 
     # --- building ---------------------------------------------------------------
@@ -354,7 +359,7 @@ class MainWindow(QMainWindow):
     def apply_snapshot(self, snapshot: QueueSnapshot) -> None:
         self.service_info = snapshot.service
         self.model.apply(snapshot.cases)
-        self.status_label.setText(service_text(snapshot.service))
+        self.status_label.setText(service_text(snapshot.service, paused=self.pause_reason))
         self._apply_filter()
         self._refresh_pane()
         self._update_buttons()
@@ -384,6 +389,10 @@ class MainWindow(QMainWindow):
                 return True
         self.statusBar().showMessage("No case waits for review.", 5000)
         return False
+
+    def _paused(self, reason: str) -> None:
+        self.pause_reason = reason
+        self.status_label.setText(service_text(self.service_info, paused=reason))
 
     def _store_problem(self, reason: str) -> None:
         if reason:

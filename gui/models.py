@@ -37,6 +37,7 @@ from PySide6.QtWidgets import (
 )
 
 from appliance.results import DECISION_WORDS
+from appliance.site.pause_note import read_pause
 from gui.review_state import ReviewIndex
 from gui.store_reader import (
     CaseRow,
@@ -339,10 +340,13 @@ class QueuePoller(QObject):
 
     snapshot = Signal(object)  # QueueSnapshot
     unavailable = Signal(str)  # one-line reason, emitted when it changes
+    paused = Signal(str)  # why the service holds its work ("" when it does not), on change
 
     def __init__(self, store_path: Path, reviews: ReviewIndex, interval_ms: int = 1000) -> None:
         super().__init__()
         self._reader = StoreReader(store_path)
+        self._state_dir = store_path.parent  # the service's pause note is beside the store
+        self._paused = ""
         self._reviews = reviews
         self._interval_ms = interval_ms
         self._timer: QTimer | None = None
@@ -365,6 +369,11 @@ class QueuePoller(QObject):
 
     @Slot()
     def poll_now(self) -> None:
+        # Read apart from the store: on a full disk the store does not change.
+        paused = read_pause(self._state_dir).reason
+        if paused != self._paused:
+            self._paused = paused
+            self.paused.emit(paused)
         try:
             snapshot = self._reader.poll()
         except StoreUnavailableError as exc:

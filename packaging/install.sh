@@ -202,6 +202,10 @@ folder "$DATA/outbox" 2750 $ACCOUNT:$ACCOUNT
 folder "$DATA/state" 2770 $ACCOUNT:$ACCOUNT # the window's re-score writes the store
 folder "$DATA/bundles" 750 $ACCOUNT:$ACCOUNT
 folder "$DATA/logs" 750 $ACCOUNT:$ACCOUNT
+# Patient data (results, FHIR bundles, caches, the audit trail, logs) is the service's
+# and its group's only: take away any world access an earlier release left (the service
+# itself creates folders 0750 and files 0640, umask 0027).
+find "$DATA" ! -type l -perm /o=rwx -exec chmod o-rwx {} +
 {
     echo '#!/bin/sh'
     echo "# cytoedge with this site's configuration (written by install.sh)."

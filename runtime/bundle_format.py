@@ -11,6 +11,7 @@ add a parameter without a format change; everything else is strict.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime
 import hashlib
@@ -522,6 +523,44 @@ def verify_bundle_files(bundle: Bundle) -> None:
             raise BundleError(f"{relative}: {size} bytes, bundle.json records {entry.bytes}")
         if sha256_file(path) != entry.sha256:
             raise BundleError(f"{relative}: sha256 does not match bundle.json (changed or corrupt)")
+
+
+class FileCheck:
+    """A loaded bundle's files checked again while it is in use (a file damaged or
+    replaced on disk under a running service). Cheap between checks: a file is hashed
+    again only when its size or mtime changed since it last matched; ``full`` hashes
+    every file."""
+
+    def __init__(self, bundle: Bundle) -> None:
+        self.bundle = bundle
+        # (size, mtime_ns) of each file when it last matched; load_bundle verified them.
+        self._matched: dict[str, tuple[int, int]] = {}
+        for relative in bundle.files:
+            with contextlib.suppress(OSError):
+                self._matched[relative] = _stamp(bundle.file(relative))
+
+    def problem(self, *, full: bool = False) -> str:
+        """The first file that does not match bundle.json, in words ("" when all do)."""
+        for relative, entry in self.bundle.files.items():
+            path = self.bundle.file(relative)
+            try:
+                stamp = _stamp(path)
+                if not full and self._matched.get(relative) == stamp:
+                    continue
+                intact = stamp[0] == entry.bytes and sha256_file(path) == entry.sha256
+            except OSError:
+                self._matched.pop(relative, None)
+                return f"bundle file {relative} is missing or unreadable"
+            if not intact:
+                self._matched.pop(relative, None)
+                return f"bundle file {relative} does not match its sha256 (damaged)"
+            self._matched[relative] = stamp
+        return ""
+
+
+def _stamp(path: Path) -> tuple[int, int]:
+    stat = path.stat()
+    return stat.st_size, stat.st_mtime_ns
 
 
 def _check_relative(relative: str, where: str) -> None:

@@ -19,6 +19,21 @@ from typing import Any
 import numpy as np
 
 _CHUNK = 1 << 20
+# What cytoedge writes is its account's and its group's (the technicians read results),
+# nobody else's: files 0640, folders 0750 (appliance.site.permissions checks).
+UMASK = 0o027
+FOLDER_MODE = 0o750
+
+
+def restrict_umask() -> None:
+    """Files 0640 and folders 0750 from here on, in this process and its children."""
+    os.umask(UMASK)
+
+
+def group_readable(folder: Path) -> None:
+    """A folder ``tempfile.mkdtemp`` made private (0700), readable by the group like
+    any other before it is renamed into place."""
+    os.chmod(folder, FOLDER_MODE)
 
 
 def sha256_file(path: Path | str) -> str:

@@ -57,13 +57,14 @@ class ServiceProcess:
         self.store_path = state_dir / "jobs.sqlite"
         self.log = config.parent / "service.log"
         self.command = command
+        self.prefix: tuple[str, ...] = ()  # a command it runs under (a namespace)
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> ServiceProcess:
         env = {**os.environ, "CYTOEDGE_CONFIG": str(self.config), "QT_QPA_PLATFORM": "offscreen"}
         with open(self.log, "ab") as log:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "appliance", *self.command],
+                [*self.prefix, sys.executable, "-m", "appliance", *self.command],
                 cwd=ROOT,
                 env=env,
                 stdout=log,

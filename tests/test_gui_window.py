@@ -34,7 +34,9 @@ from appliance.results import (
     read_result,
     write_case_result,
 )
+from appliance.service.pause import damaged_text
 from appliance.service.store import JobStore
+from appliance.site.pause_note import PauseNote
 from cytoedge_demo.samples import SampleCase, add_case, write_sample_result, write_sample_site
 from cytoedge_demo.screenshots import render_screenshots
 from gui.app import SCREEN_SIZE, InProcessService, make_application
@@ -365,6 +367,26 @@ def test_the_status_line_tells_a_silent_service_from_a_live_one() -> None:
     stale = ServiceInfo(1, "host-a", now, now - timedelta(minutes=5), "b 1", "ort-cpu", "0.1")
     assert "not responding" in service_text(stale, now)
     assert service_text(None, now).startswith("No service")
+    full = "data disk full: 3 MB free, needs about 45 MB"
+    assert service_text(info, now, paused=full) == f"Service on host-a: {full}"
+
+
+def test_the_status_line_says_why_the_service_holds_its_work(qtbot, tmp_path: Path) -> None:
+    state = tmp_path / "data" / "state"
+    store = JobStore(state / "jobs.sqlite")
+    store.register_service(1, "host-a", "b 1", "ort-cpu", "0.1", time.time())
+    store.close()
+    window = MainWindow(state / "jobs.sqlite", tmp_path / "outbox", poll_ms=50)
+    qtbot.addWidget(window)
+    window.show()
+    window.start()
+    note = PauseNote(state)
+    note.say(damaged_text("bundle file encoder.int8.onnx does not match its sha256 (damaged)"))
+    qtbot.waitUntil(lambda: "encoder.int8.onnx" in window.status_label.text(), timeout=5000)
+    assert "choose another with `cytoedge bundle use`" in window.status_label.text()
+    note.say("")
+    qtbot.waitUntil(lambda: "encoder.int8.onnx" not in window.status_label.text(), timeout=5000)
+    window.close()
 
 
 def test_an_in_process_service_runs_on_its_own_thread_and_pauses(qtbot, tmp_path: Path) -> None:

@@ -170,15 +170,21 @@ def test_install_twice_changes_nothing_and_uninstall_keeps_the_data(tmp_path: Pa
     assert snapshot(site) == before
     assert "wrote" not in second.stdout and "created" not in second.stdout, second.stdout
 
-    # A site's own configuration is never overwritten.
+    # A site's own configuration is never overwritten; patient data an earlier release
+    # left world-readable is made the service's and its group's only.
     edited = config.replace("quiet_seconds = 10.0", "quiet_seconds = 30.0")
     (site / "etc/cytoedge/cytoedge.toml").write_text(edited)
+    result = site / "var/lib/cytoedge/outbox/CASE-1/v1/result.json"
+    result.parent.mkdir(parents=True, mode=0o755)
+    result.write_text("{}")
+    result.chmod(0o644)
+    result.parent.chmod(0o777)
     assert install(wheelhouse, "--root", str(site)).returncode == 0
     assert (site / "etc/cytoedge/cytoedge.toml").read_text() == edited
-
-    result = site / "var/lib/cytoedge/outbox/CASE-1/v1/result.json"
-    result.parent.mkdir(parents=True)
-    result.write_text("{}")
+    assert (result.stat().st_mode & 0o7777, result.parent.stat().st_mode & 0o7777) == (
+        0o640,
+        0o770,
+    )
     removed = install(wheelhouse, "--root", str(site), "--uninstall")
     assert removed.returncode == 0, removed.stderr
     assert "kept" in removed.stdout

@@ -15,6 +15,7 @@ import pytest
 
 from appliance.service.audit import read_audit
 from appliance.service.store import DONE, QUEUED, REJECTED, RUNNING, WAITING
+from appliance.site.pause_note import read_pause
 from cytoedge_demo.synthetic import write_cell_folders
 from tests.runtime_models import TinyBundle
 from tests.service_harness import (
@@ -183,11 +184,11 @@ def _mount_tmpfs(path: Path, size: str) -> bool:
     return done.returncode == 0
 
 
-def test_a_full_output_disk_fails_retryably_and_succeeds_when_space_returns(
+def test_a_full_output_disk_holds_the_case_and_it_succeeds_when_space_returns(
     tmp_path: Path, bundle_dir: Path, patients: Path
 ) -> None:
     outbox = tmp_path / "small-disk"
-    if not _mount_tmpfs(outbox, "2m"):
+    if not _mount_tmpfs(outbox, "8m"):
         pytest.skip("needs permission to mount a small tmpfs as the output disk")
     service = None
     try:
@@ -201,13 +202,14 @@ def test_a_full_output_disk_fails_retryably_and_succeeds_when_space_returns(
         config = write_config(tmp_path, bundle_dir, outbox=outbox)
         service = ServiceProcess(config, tmp_path / "data" / "state").start()
         copy_unit(patients / "P0004", tmp_path / "inbox" / "P0004")
+        state_dir = tmp_path / "data" / "state"
         service.wait_for(
-            lambda: (c := service.case("P0004")) and c.state == QUEUED and c.last_error,
+            lambda: read_pause(state_dir).reason.startswith("outbox disk full"),
             60,
-            "a retryable failure",
+            "the case held",
         )
         case = service.case("P0004")
-        assert "No space left" in case.last_error
+        assert case is not None and (case.state, case.attempts) == (QUEUED, 0)
         assert result_versions(outbox, "P0004") == []
         leftovers = [p.name for p in (outbox / "P0004").glob(".*")]
         assert leftovers == [], f"half-written result left: {leftovers}"

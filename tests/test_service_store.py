@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import sqlite3
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -217,3 +219,53 @@ def test_a_vanished_waiting_scan_is_forgotten_with_its_empty_case(store: JobStor
     assert store.slide_by_path("/in/A.svs") is None
     assert store.case_by_key("A") is None
     assert store.case_by_key("B") is not None, "B still has a slide"
+
+
+FULL_DISK_SCRIPT = """
+import os, sys, time
+from pathlib import Path
+from appliance.service.pause import is_disk_full
+from appliance.service.store import JobStore
+disk = Path(sys.argv[1])
+store = JobStore(disk / "jobs.sqlite")
+store.ensure_case("before", single=True, now=time.time())
+with open(disk / "ballast", "wb") as ballast:
+    try:
+        while True:
+            ballast.write(b"x" * 65536)
+            ballast.flush()
+    except OSError:
+        pass
+try:
+    for i in range(100_000):  # until the WAL needs a page the disk has not got
+        store.ensure_case(f"full-{i}", single=True, now=time.time())
+except Exception as exc:
+    print("full:", is_disk_full(exc), store._conn.in_transaction)
+(disk / "ballast").unlink()
+store.ensure_case("after", single=True, now=time.time())
+print("after:", store.case_by_key("after") is not None)
+"""
+
+
+def test_a_write_that_meets_a_full_disk_is_rolled_back_and_the_store_works_again(
+    tmp_path: Path,
+) -> None:
+    """On a real 1 MB tmpfs (a user and mount namespace: no root needed)."""
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    mount = f'mount -t tmpfs -o size=1m tmpfs "{disk}" && exec "$@"'
+    script = (sys.executable, "-c", FULL_DISK_SCRIPT, str(disk))
+    try:
+        done = subprocess.run(
+            ["unshare", "-rm", "sh", "-c", mount, "sh", *script],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            cwd=Path(__file__).resolve().parents[1],
+        )
+    except FileNotFoundError:
+        pytest.skip("no unshare here")
+    if "mount" in done.stderr or "unshare" in done.stderr:
+        pytest.skip(f"cannot mount a tmpfs in a user namespace: {done.stderr.strip()}")
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines() == ["full: True False", "after: True"]

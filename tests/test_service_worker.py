@@ -12,11 +12,13 @@ import errno
 import json
 import logging
 import socket
+import sqlite3
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -44,6 +46,7 @@ from appliance.service.worker import (
     classify,
     error_text,
 )
+from appliance.site.pause_note import read_pause
 from cytoedge_demo.samples import sample_content
 
 BUNDLE = BundleIdentity("test-bundle", "1.0", "a" * 64)
@@ -58,6 +61,7 @@ class StandInEngine:
     score_errors: list[BaseException] | None = None
     calls: list[str] | None = None
     abstain: str = ""  # set: every case abstains with this reason and no predictions
+    space_bytes: int = 0  # what space_needed says a slide takes
 
     def __post_init__(self) -> None:
         self.cache: dict[Path, SlideOutcome] = {}  # like the pipeline's embedding cache
@@ -98,6 +102,9 @@ class StandInEngine:
         folder, result = write_case_result(outbox, content, write_pdf=False)
         return CaseOutcome.from_result(result, folder.path)
 
+    def space_needed(self, path: Path) -> int:
+        return self.space_bytes
+
     def close(self) -> None:
         self.closed_on.append(threading.get_ident())
 
@@ -134,12 +141,19 @@ class Running:
         engine: StandInEngine,
         bundle: BundleIdentity = BUNDLE,
         follow: FollowFn | None = None,
+        **service: Any,
     ) -> None:
         self.config = config
         self.engine = engine
         self.stop = threading.Event()
         self.service = Service(
-            config, engine, probe=probe, bundle=bundle, backend="stand-in", follow=follow
+            config,
+            engine,
+            probe=probe,
+            bundle=bundle,
+            backend="stand-in",
+            follow=follow,
+            **service,
         )
         self.clean: bool | None = None
         self.thread = threading.Thread(target=self._run, daemon=True)
@@ -250,8 +264,8 @@ def test_copies_and_renames_are_not_scored_again(run_service, tmp_path: Path) ->
 def test_a_transient_error_retries_and_leaves_nothing_half_written(
     run_service, tmp_path: Path
 ) -> None:
-    disk_full = OSError(errno.ENOSPC, "No space left on device")
-    engine = StandInEngine(score_errors=[disk_full, disk_full])
+    io_error = OSError(errno.EIO, "Input/output error")
+    engine = StandInEngine(score_errors=[io_error, io_error])
     running = run_service(engine)
     (tmp_path / "inbox" / "T.svs").write_bytes(b"t" * 3000)
     wait_for(lambda: case_state(running, "T") == DONE)
@@ -261,8 +275,50 @@ def test_a_transient_error_retries_and_leaves_nothing_half_written(
     retries = [
         r for r in read_audit(tmp_path / "data" / "state" / "audit.jsonl") if r["event"] == "retry"
     ]
-    assert len(retries) == 2 and "No space left" in retries[0]["error"]
+    assert len(retries) == 2 and "Input/output error" in retries[0]["error"]
     assert versions(tmp_path / "outbox", "T") == ["v1"]
+
+
+def test_a_full_disk_met_by_a_job_spends_no_attempt(run_service, tmp_path: Path) -> None:
+    disk_full = OSError(errno.ENOSPC, "No space left on device")
+    store_full = sqlite3.OperationalError("database or disk is full")
+    # More failures than max_attempts (3): each would have spent one.
+    engine = StandInEngine(score_errors=[disk_full, store_full, disk_full, disk_full])
+    running = run_service(engine)
+    (tmp_path / "inbox" / "F.svs").write_bytes(b"f" * 3000)
+    wait_for(lambda: case_state(running, "F") == DONE)
+    records = read_audit(tmp_path / "data" / "state" / "audit.jsonl")
+    assert "retry" not in [r["event"] for r in records]
+    finished = next(r for r in records if r["event"] == "finished" and r["kind"] == "case")
+    assert (finished["attempts"], finished["version"]) == (1, 1)
+    assert versions(tmp_path / "outbox", "F") == ["v1"]
+
+
+def test_no_job_starts_while_the_data_disk_lacks_room_and_work_resumes_with_it(
+    tmp_path: Path,
+) -> None:
+    free = {"bytes": 5_000_000}
+    config = make_config(tmp_path)
+    running = Running(
+        config,
+        StandInEngine(space_bytes=30_000_000),
+        free_space=lambda path: free["bytes"],
+    )
+    try:
+        (tmp_path / "inbox" / "W.svs").write_bytes(b"w" * 3000)
+        state_dir = tmp_path / "data" / "state"
+        wait_for(lambda: "needs about 32 MB" in read_pause(state_dir).reason)
+        # Nothing admitted waits in vain: the scan is queued, not started.
+        store = running.store
+        slide = store.slides()[0]
+        assert (slide.state, slide.attempts) == (QUEUED, 0)
+        assert read_pause(state_dir).reason == "data disk full: 5 MB free, needs about 32 MB"
+        free["bytes"] = 40_000_000
+        wait_for(lambda: case_state(running, "W") == DONE)
+        assert read_pause(state_dir).reason == ""
+        assert store.slides()[0].state == DONE
+    finally:
+        running.halt()
 
 
 def test_bad_inputs_end_rejected_with_a_reason_and_service_goes_on(

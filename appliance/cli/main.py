@@ -22,6 +22,7 @@ from appliance.cli.audit_commands import audit_app
 from appliance.cli.bundle_commands import bundle_app
 from appliance.cli.shared import ConfigOption, fail, setup
 from appliance.cli.validate_command import validate
+from runtime.files import restrict_umask
 
 app = typer.Typer(
     name="cytoedge",
@@ -200,4 +201,5 @@ _add_plugin_commands()
 
 
 def main() -> None:
+    restrict_umask()  # what any command writes below the data directory is not world-readable
     app()

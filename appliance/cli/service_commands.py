@@ -15,6 +15,7 @@ from rich.table import Table
 from appliance.config import Config
 from appliance.service.startup import ServiceSetupError, build_service, stop_on_signals
 from appliance.service.store import RUNNING, JobStore, Slide, StoreError, store_path
+from appliance.site.pause_note import read_pause
 
 log = logging.getLogger(__name__)
 
@@ -66,10 +67,12 @@ def print_status(config: Config, limit: int, console: Console) -> int:
         counts = store.counts()
     finally:
         store.close()
+    pause = read_pause(config.state_dir)
     if service is None:
         console.print("service: has not run yet")
     else:
-        age = time.time() - service.heartbeat_at
+        # On a full disk the store's heartbeat cannot be written; the pause note's can.
+        age = time.time() - max(service.heartbeat_at, pause.at)
         if service.stopped_at:
             alive = f"stopped {time.time() - service.stopped_at:.0f} s ago"
         elif age < ALIVE_SECONDS:
@@ -81,6 +84,8 @@ def print_status(config: Config, limit: int, console: Console) -> int:
             f"bundle {service.bundle}; backend {service.backend}; "
             f"cytoedge {service.software_version}"
         )
+        if pause.reason and not service.stopped_at:
+            console.print(pause.reason, style="bold yellow", markup=False)
     summary = ", ".join(f"{n} {state}" for state, n in sorted(counts["cases"].items()))
     console.print(f"cases: {summary or 'none'}")
     table = Table(show_lines=False)

@@ -26,6 +26,7 @@ import numpy as np
 from PIL import Image
 
 from appliance.results.schema import ExaminedRecord, ScanRecord
+from runtime.files import group_readable
 
 # 4: the scan as a typed ScanRecord (result schema 2); 5: field folders, blur judged at the
 # bundle's scale, stains estimated from every stained pixel (docs/qc.md); 6: each cell's
@@ -144,6 +145,7 @@ def write_entry(entry: Path, meta: dict[str, Any], cells: SlideCells) -> None:
     entry.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{entry.name}.", dir=entry.parent))
     try:
+        group_readable(staging)
         np.savez(
             staging / "cells.npz",
             embeddings=cells.embeddings,

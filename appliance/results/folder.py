@@ -51,7 +51,7 @@ from appliance.results.schema import (
     SlideOutputs,
     read_result,
 )
-from runtime.files import write_bytes_atomic, write_json_atomic, write_text_atomic
+from runtime.files import group_readable, write_bytes_atomic, write_json_atomic, write_text_atomic
 
 VERSION_DIR = re.compile(r"^v(\d+)$")
 LATEST_FILE = "latest.json"
@@ -168,6 +168,7 @@ def write_case_result(
     with _case_lock(case_dir):
         staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=case_dir))
         try:
+            group_readable(staging)
             version = (existing_versions(case_dir) or [0])[-1] + 1
             result = _write_version_files(staging, version, content, write_pdf)
             final, result = _rename_into_place(staging, case_dir, result)
@@ -196,6 +197,7 @@ def write_reviewed_version(
             )
         staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=case_dir))
         try:
+            group_readable(staging)
             _carry_over(version_folder, staging)
             result = dataclasses.replace(source, version=source.version + 1, review=review)
             result = _write_report_and_result(staging, result, write_pdf)

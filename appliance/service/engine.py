@@ -1,4 +1,6 @@
-"""The real slide pipeline behind the worker's ``Engine`` seam."""
+"""The real slide pipeline behind the worker's ``Engine`` seam, and what a slide will
+take of the data disk (the service waits for that room rather than start a slide it
+cannot finish)."""
 
 from __future__ import annotations
 
@@ -11,10 +13,20 @@ from appliance.pipeline import slide_cache
 from appliance.pipeline.cases import score_case
 from appliance.pipeline.networks import SlideNetworks
 from appliance.pipeline.slides import SlideResult, process_slide
-from appliance.readers import scan_fingerprint
+from appliance.pipeline.tiles import TILE_PX
+from appliance.readers import probe, scan_fingerprint
+from appliance.readers.base import ScanInfo
+from appliance.readers.errors import ScanError
 from appliance.service.worker import CaseOutcome, ProgressFn, SlideOutcome
 from runtime.backends import RuntimeSettings
-from runtime.bundle_format import Bundle
+from runtime.bundle_format import Bundle, CellsSpec
+
+# Kept cells a 200 um tile (or a field photo) can give, at most: a dense marrow
+# smear's tiles give a few dozen.
+CELLS_PER_TILE = 100
+# Per slide, beside its cells: the cache entry's thumbnail and tables, the job store,
+# audit and log lines.
+SLIDE_MARGIN_BYTES = 4_000_000
 
 
 def qc_rejection(result: SlideResult) -> str:
@@ -56,6 +68,14 @@ class PipelineEngine:
             backend=result.backend,
         )
 
+    def space_needed(self, path: Path) -> int:
+        """About how many bytes of the data disk processing ``path`` takes."""
+        try:
+            info = probe(path, self.config.calibration)
+        except (ScanError, OSError):
+            return SLIDE_MARGIN_BYTES  # the job itself says what is wrong with the input
+        return slide_bytes(info, self.bundle)
+
     def score_case(
         self, case_key: str, slides: Sequence[object], outbox: Path, progress: ProgressFn
     ) -> CaseOutcome:
@@ -73,3 +93,24 @@ class PipelineEngine:
     def close(self) -> None:
         """The worker calls this on its own thread as it ends."""
         self.networks.close()
+
+
+def most_cells(info: ScanInfo, cells: CellsSpec) -> int:
+    """The most kept cells a slide can give: its crops (a cell folder), else its tiles
+    or photos times ``CELLS_PER_TILE``, within the bundle's budget per slide."""
+    if info.format == "cells":
+        return info.width
+    if info.format == "fields":
+        bound = info.width * CELLS_PER_TILE
+    else:
+        bound = -(-info.width // TILE_PX) * -(-info.height // TILE_PX) * CELLS_PER_TILE
+    return min(bound, cells.max_cells_per_slide) if cells.max_cells_per_slide else bound
+
+
+def slide_bytes(info: ScanInfo, bundle: Bundle) -> int:
+    """Each kept cell's crop twice (the spool while the slide is embedded, then the
+    cache entry: ``appliance.pipeline.embedding_sink``, ``slide_cache``) and its
+    embedding, plus ``SLIDE_MARGIN_BYTES``."""
+    patch = bundle.cells.patch_px**2 * 3
+    per_cell = 2 * patch + 4 * bundle.encoder.embed_dim + 256  # 256: its table rows
+    return most_cells(info, bundle.cells) * per_cell + SLIDE_MARGIN_BYTES

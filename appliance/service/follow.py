@@ -7,6 +7,11 @@ folder, that bundle is loaded with every check and the next job runs on it; a
 job in progress always ends on the bundle it started with. A bundle that does
 not load is refused (logged once) and the service keeps the one it has.
 
+While a bundle is in use its files are checked again before each job
+(``runtime.bundle_format.FileCheck``: cheap unless a file changed, in full when a
+job fails): a damaged file holds scoring (``appliance.service.pause``) until it
+is repaired, when the networks are opened afresh, or another bundle is chosen.
+
 On a machine with a GPU, the follower also runs the GPU self-test
 (``appliance.site.backend_check``) before the first job with a bundle it has no result
 for, and opens the engine without the backends that failed it.
@@ -23,7 +28,7 @@ from appliance.service.store import BundleIdentity
 from appliance.service.worker import Engine, ProgressFn
 from appliance.site.backend_check import run_self_test, self_test_due, site_settings, write_record
 from runtime.backends import RuntimeSettings
-from runtime.bundle_format import Bundle, BundleError, load_bundle
+from runtime.bundle_format import Bundle, BundleError, FileCheck, load_bundle
 
 log = logging.getLogger(__name__)
 
@@ -42,20 +47,38 @@ class BundleFollower:
         self.path = config.bundle_dir
         self.open_engine = open_engine
         self.bundle: Bundle | None = None
+        self._files: FileCheck | None = None
+        self._damaged = False  # set: the engine is opened afresh once the files match
         self._refused: Path | None = None
         self._self_tested = False
 
     def open(self) -> tuple[Engine, BundleIdentity]:
         """The engine for the bundle configured now; BundleError when it cannot be used."""
-        self.bundle = load_bundle(self.path.resolve())
+        self._use(load_bundle(self.path.resolve()))
+        assert self.bundle is not None
         return self._engine(self.bundle), identity(self.bundle)
+
+    def problem(self, full: bool = False) -> str:
+        """What is wrong with the files of the bundle in use ("" when nothing is)."""
+        assert self._files is not None, "open() first"
+        found = self._files.problem(full=full)
+        self._damaged = self._damaged or bool(found)
+        return found
+
+    def _use(self, bundle: Bundle) -> None:
+        self.bundle, self._files, self._damaged = bundle, FileCheck(bundle), False
 
     def __call__(self, progress: ProgressFn) -> tuple[Engine, BundleIdentity] | None:
         """(engine, bundle) to run the next jobs with, or None to keep the current ones."""
         switched = self._switched()
         if switched is not None:
-            self.bundle, self._self_tested = switched, False
+            self._use(switched)
+            self._self_tested = False
         assert self.bundle is not None, "open() first"
+        if self._damaged and not self.problem():
+            # Repaired: sessions that failed to open, or opened a damaged file, go.
+            self._damaged = False
+            switched = switched or self.bundle
         due = not self._self_tested and self_test_due(self.config.state_dir, self.bundle)
         self._self_tested = True
         if due and self._self_test(self.bundle, progress) and switched is None:

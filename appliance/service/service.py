@@ -25,9 +25,11 @@ from appliance.results import case_folder, migrate_case_folders
 from appliance.service.audit import AUDIT_FILE, AuditLog
 from appliance.service.inbox_layout import compile_case_pattern
 from appliance.service.migrations import SCHEMA_VERSION, backup_path
+from appliance.service.pause import FreeBytes, WorkHold, free_bytes, is_disk_full
 from appliance.service.store import QUEUED, BundleIdentity, JobStore, store_path
 from appliance.service.watcher import InboxWatcher, ProbeFn, WatchSettings
 from appliance.service.worker import Engine, ProgressFn, Worker, WorkerSettings
+from appliance.site.pause_note import PauseNote
 
 log = logging.getLogger(__name__)
 
@@ -59,13 +61,19 @@ class Service:
         bundle: BundleIdentity,
         backend: str,
         follow: FollowFn | None = None,
+        bundle_problem: Callable[[bool], str] | None = None,
+        free_space: FreeBytes = free_bytes,
     ) -> None:
+        """``bundle_problem(full)``: what is wrong with the files of the bundle in use
+        (``BundleFollower.problem``); ``free_space``: free bytes on a path's disk."""
         self.config = config
         self.engine = engine
         self.probe = probe
         self.bundle = bundle
         self.backend = backend
         self.follow = follow
+        self.bundle_problem = bundle_problem
+        self.free_space = free_space
         self.store_path = store_path(config.state_dir)
         self.audit = AuditLog(
             config.state_dir / AUDIT_FILE,
@@ -84,6 +92,7 @@ class Service:
         """Serve until ``stop``; True when the worker ended within the bounded time."""
         cfg = self.config
         store = JobStore(self.store_path)
+        note = PauseNote(cfg.state_dir)
         if store.migrated_from is not None:
             self.audit.record(
                 "store_migrated",
@@ -135,6 +144,15 @@ class Service:
             abandon=abandon,
             wake=wake,
             refresh=self._between_jobs if self.follow else None,
+            hold=WorkHold(
+                note,
+                data_dir=cfg.data_dir,
+                outbox=cfg.outbox,
+                bundle_problem=self.bundle_problem,
+                slide_needs=lambda path: self.engine.space_needed(path),
+                case_cells=lambda case: self._worker().case_cells(case),
+                free=self.free_space,
+            ),
         )
         threads = [
             threading.Thread(target=watcher.run, args=(watcher_stop,), name="watcher", daemon=True),
@@ -149,15 +167,25 @@ class Service:
         )
         self.notifier.notify("READY=1")
         try:
-            self._supervise(stop, store, threads)
+            self._supervise(stop, store, threads, note)
         finally:
             clean = self._shut_down(threads, watcher_stop, worker_stop, abandon, wake)
-            store.service_stopped(time.time())
+            note.say("")
+            try:
+                store.service_stopped(time.time())
+            except Exception as exc:
+                if not is_disk_full(exc):
+                    raise
+                log.warning("could not record the stop: the data disk is full")
             store.close()
         return clean
 
     def _supervise(
-        self, stop: threading.Event, store: JobStore, threads: list[threading.Thread]
+        self,
+        stop: threading.Event,
+        store: JobStore,
+        threads: list[threading.Thread],
+        note: PauseNote,
     ) -> None:
         watchdog_s = int(os.environ.get("WATCHDOG_USEC", "0")) / 1e6
         ping_every = min(HEARTBEAT_SECONDS, watchdog_s / 3) if watchdog_s else HEARTBEAT_SECONDS
@@ -172,10 +200,13 @@ class Service:
             elif not alive:
                 log.error("a service thread died; stopping so the service manager restarts")
                 raise SystemExit(1)
+            note.beat()  # its time: alive, also when the store cannot be written
             try:
                 store.heartbeat()
-            except Exception:
-                log.warning("could not write the service heartbeat", exc_info=True)
+            except Exception as exc:
+                # A full disk is said once, by the worker's hold (the pause note).
+                if not is_disk_full(exc):
+                    log.warning("could not write the service heartbeat", exc_info=True)
             counts = store.counts()
             queued = counts["slides"].get(QUEUED, 0) + counts["cases"].get(QUEUED, 0)
             self.notifier.notify(f"STATUS=queued {queued}; running {self.worker.current or '-'}")
@@ -228,6 +259,10 @@ class Service:
                 extra={"from": str(previous), "to": str(bundle), "sha256": bundle.sha256},
             )
         return engine
+
+    def _worker(self) -> Worker:
+        assert self.worker is not None
+        return self.worker
 
     def _current(self) -> str:
         return self.worker.current if self.worker else ""

@@ -54,6 +54,7 @@ def build_service(config: Config) -> Service:
         bundle=bundle,
         backend=config.runtime.backend,
         follow=follower,
+        bundle_problem=follower.problem,
     )
 
 

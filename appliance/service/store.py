@@ -213,10 +213,12 @@ class JobStore:
         self._conn.execute("BEGIN IMMEDIATE")
         try:
             yield self._conn
+            self._conn.execute("COMMIT")
         except BaseException:
-            self._conn.execute("ROLLBACK")
+            # A COMMIT that failed (a full disk) may leave the transaction open.
+            if self._conn.in_transaction:
+                self._conn.execute("ROLLBACK")
             raise
-        self._conn.execute("COMMIT")
 
     # --- reading ----------------------------------------------------------
 
@@ -530,12 +532,13 @@ class JobStore:
             )
 
     def abandon_slide(self, slide_id: int) -> None:
-        """Stopped on purpose (SIGTERM): back to queued, the attempt not counted."""
+        """Stopped on purpose (SIGTERM) or held (``appliance.service.pause``): a running
+        slide goes back to queued, the attempt not counted."""
         with self._write() as conn:
             conn.execute(
                 "UPDATE slides SET state = ?, stage = '', progress = 0, "
-                "attempts = MAX(attempts - 1, 0) WHERE id = ?",
-                (QUEUED, slide_id),
+                "attempts = MAX(attempts - 1, 0) WHERE id = ? AND state = ?",
+                (QUEUED, slide_id, RUNNING),
             )
 
     def promote_ready_cases(self, case_quiet_seconds: float, now: float) -> list[Case]:
@@ -651,11 +654,12 @@ class JobStore:
             )
 
     def abandon_case(self, case_id: int, now: float) -> None:
+        """As ``abandon_slide``, for a running case."""
         with self._write() as conn:
             conn.execute(
                 "UPDATE cases SET state = ?, stage = '', progress = 0, updated_at = ?, "
-                "attempts = MAX(attempts - 1, 0) WHERE id = ?",
-                (QUEUED, now, case_id),
+                "attempts = MAX(attempts - 1, 0) WHERE id = ? AND state = ?",
+                (QUEUED, now, case_id, RUNNING),
             )
 
     # --- cases scored outside the service (``cytoedge demo``) ---------------------

@@ -27,6 +27,7 @@ from appliance.readers import ScanError
 from appliance.service import inbox_layout
 from appliance.service.audit import AuditLog
 from appliance.service.audit import iso as _iso
+from appliance.service.pause import is_disk_full
 from appliance.service.store import TERMINAL, WAITING, JobStore, Slide
 
 log = logging.getLogger(__name__)
@@ -115,8 +116,10 @@ class InboxWatcher:
                     continue
                 try:
                     self.tick(time.monotonic())
-                except Exception:  # one bad look at the inbox must not end the watching
-                    log.exception("inbox scan failed; trying again")
+                except Exception as exc:  # one bad look at the inbox must not end the watching
+                    if not is_disk_full(exc):
+                        log.exception("inbox scan failed; trying again")
+                    # Full: nothing admitted is lost; the worker's hold says so once.
                 self._nudged.wait(TICK_SECONDS)
         finally:
             self.stop_observer()

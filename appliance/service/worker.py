@@ -9,6 +9,12 @@ Crash safety: attempts are counted when a job starts, so a job that keeps
 killing the process ends failed instead of looping. Before a case job runs,
 the version it will write is stored; if the process dies after the result was
 renamed into place, the re-run adopts that folder instead of writing another.
+
+Held work: before each job the worker asks its ``Hold`` (the service's
+``appliance.service.pause.WorkHold``) whether work may go on; a damaged bundle
+or a full disk is no fault of a scan, so no job starts, and a job that meets one
+goes back to the queue with its attempt not counted. When even that write does not
+fit on the disk, the job is put back as soon as it does.
 """
 
 from __future__ import annotations
@@ -38,6 +44,7 @@ from appliance.results import (
 )
 from appliance.service.archive import archive_case
 from appliance.service.audit import AuditLog, iso, result_file_hashes
+from appliance.service.pause import is_disk_full
 from appliance.service.store import (
     DONE,
     FAILED,
@@ -150,6 +157,10 @@ class Engine(Protocol):
         """The heads over the slides' handles; writes the next result version atomically."""
         ...
 
+    def space_needed(self, path: Path) -> int:
+        """About how many bytes of the data disk ``process_slide(path)`` takes."""
+        ...
+
     def close(self) -> None:
         """Release what is kept between jobs; called on the worker thread as it ends
         (or when it switches to another engine)."""
@@ -160,6 +171,18 @@ class Engine(Protocol):
 # keeps the watchdog fed (and raises JobAbandoned when the service stops): an engine
 # to run the next jobs with (another bundle), or None to keep the current one.
 EngineRefresh = Callable[[ProgressFn], "Engine | None"]
+
+
+class Hold(Protocol):
+    """Whether work may go on: "" when it may, else why not (one line)."""
+
+    def reason(self, job: Slide | Case | None) -> str:
+        """Before a job (None: before choosing one)."""
+        ...
+
+    def failed(self, job: Slide | Case | None, exc: BaseException) -> str:
+        """After ``job`` failed with ``exc``: why that is no fault of the job."""
+        ...
 
 
 @dataclass(frozen=True)
@@ -200,6 +223,10 @@ def _transient_text(exc: BaseException) -> str | None:
     return None if what is None else f"temporary system problem: {what}"
 
 
+def _name(job: Slide | Case) -> str:
+    return job.path if isinstance(job, Slide) else job.case_key
+
+
 def error_text(exc: BaseException, job: str = "scan") -> str:
     """What is stored and shown for a failed ``job`` (scan | case): the input's reason,
     a temporary problem in words, or that an internal error happened."""
@@ -226,9 +253,11 @@ class Worker:
         abandon: threading.Event,
         wake: threading.Event,
         refresh: EngineRefresh | None = None,
+        hold: Hold | None = None,
     ) -> None:
         self.engine = engine
         self.refresh = refresh
+        self.hold = hold
         self.store_path = store_path
         self.settings = settings
         self.audit = audit
@@ -241,6 +270,8 @@ class Worker:
         # pipeline's embedding cache makes process_slide cheap instead.
         self._handles: dict[int, object] = {}
         self._store: JobStore | None = None
+        # Jobs to put back in the queue once the store can be written again.
+        self._put_back_later: list[Slide | Case] = []
 
     @property
     def store(self) -> JobStore:
@@ -255,8 +286,9 @@ class Worker:
                 self.heartbeat = time.monotonic()
                 try:
                     worked = self.run_one()
-                except Exception:
-                    log.exception("worker loop error; continuing")
+                except Exception as exc:
+                    if not self._held_by(None, exc):
+                        log.exception("worker loop error; continuing")
                     worked = False
                 if not worked:
                     self.wake.wait(IDLE_WAIT_SECONDS)
@@ -273,18 +305,58 @@ class Worker:
     def run_one(self) -> bool:
         """Run the next job, if any: ready cases first (cheap, a result), then slides."""
         self._switch_engine()
+        if self._held(None):
+            return False
+        while self._put_back_later:
+            self._put_back(self._put_back_later[0])
+            self._put_back_later.pop(0)
         now = time.time()
         for case in self.store.promote_ready_cases(self.settings.case_quiet_seconds, now):
             log.info("case complete, queued for scoring", extra={"case": case.case_key})
         case = self.store.next_case_job(now)
         if case is not None:
+            if self._held(case):
+                return False
             self.run_case(case)
             return True
         slide = self.store.next_slide_job(now)
         if slide is not None:
+            if self._held(slide):
+                return False
             self.run_slide(slide)
             return True
         return False
+
+    # --- held work ----------------------------------------------------------------
+
+    def _held(self, job: Slide | Case | None) -> bool:
+        return bool(self.hold and self.hold.reason(job))
+
+    def _held_by(self, job: Slide | Case | None, exc: BaseException) -> bool:
+        """``exc`` is no fault of ``job`` (a damaged bundle, a full disk): the job, if
+        any, goes back to the queue, its attempt not counted."""
+        why = self.hold.failed(job, exc) if self.hold else ""
+        if not why:
+            return False
+        if job is not None:
+            log.warning("job put back in the queue", extra={"job": _name(job), "reason": why})
+            try:
+                self._put_back(job)
+            except Exception as again:
+                if not is_disk_full(again):
+                    raise
+                self._put_back_later.append(job)
+        return True
+
+    def case_cells(self, case: Case) -> int:
+        """The cells a case's slides gave (what its result version will show)."""
+        return sum(s.n_cells or 0 for s in self.store.slides(case.id))
+
+    def _put_back(self, job: Slide | Case) -> None:
+        if isinstance(job, Slide):
+            self.store.abandon_slide(job.id)
+        else:
+            self.store.abandon_case(job.id, time.time())
 
     def _switch_engine(self) -> None:
         """Between jobs only: a job runs start to end on the engine it started with."""
@@ -336,16 +408,22 @@ class Worker:
             log.info("slide abandoned: the service is stopping", extra={"path": slide.path})
             return
         except Exception as exc:
-            self._slide_error(slide, exc)
+            if not self._held_by(slide, exc):
+                self._slide_error(slide, exc)
             return
         finally:
             self.current = ""
         self._handles[slide.id] = outcome.handle
         state = REJECTED if outcome.rejected_reason else DONE
         now = time.time()
-        self.store.finish_slide(
-            slide.id, state, reason=outcome.rejected_reason, n_cells=outcome.n_cells, now=now
-        )
+        try:
+            self.store.finish_slide(
+                slide.id, state, reason=outcome.rejected_reason, n_cells=outcome.n_cells, now=now
+            )
+        except Exception as exc:  # the run again reads the slide's cache entry
+            if not self._held_by(slide, exc):
+                raise
+            return
         self._audit_slide(
             slide, state, outcome.rejected_reason, now, n_cells=outcome.n_cells,
             backend=outcome.backend,
@@ -432,11 +510,16 @@ class Worker:
             log.info("case abandoned: the service is stopping", extra={"case": case.case_key})
             return
         except Exception as exc:
-            self._case_error(case, exc)
+            if not self._held_by(case, exc):
+                self._case_error(case, exc)
             return
         finally:
             self.current = ""
-        self._finish_case(case, outcome, slides)
+        try:
+            self._finish_case(case, outcome, slides)
+        except Exception as exc:  # the run again adopts the result written
+            if not self._held_by(case, exc):
+                raise
 
     def _handle(self, slide: Slide, progress: ProgressFn) -> object:
         handle = self._handles.get(slide.id)

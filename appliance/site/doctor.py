@@ -7,12 +7,14 @@ import logging
 import math
 import platform
 import sys
+import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
 from rich import box
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
@@ -25,6 +27,8 @@ from appliance.site.backend_check import (
     write_record,
 )
 from appliance.site.pace import measure_pace
+from appliance.site.pause_note import read_pause
+from appliance.site.permissions import open_paths
 from runtime.backends import (
     Backend,
     BackendError,
@@ -294,6 +298,36 @@ def _figure(value: float) -> str:
     return f"{value:.0f}" if value == int(value) and abs(value) >= 1 else f"{value:.6g}"
 
 
+# A pause note older than this is left from a service that is not running.
+PAUSE_NOTE_FRESH_S = 30.0
+
+
+def _service_hold(config: Config, out: Console) -> bool:
+    """What the running service says holds its work (a damaged bundle, a full disk)."""
+    pause = read_pause(config.state_dir)
+    if not pause.reason or time.time() - pause.at > PAUSE_NOTE_FRESH_S:
+        return True
+    out.print(f"[bold red]Service:[/] {escape(pause.reason)}")
+    return False
+
+
+def _open_data(config: Config, out: Console) -> None:
+    """Paths with patient data that anyone on the machine may read or write."""
+    outboxes = (config.outbox, config.fhir_outbox)
+    elsewhere = [p for p in outboxes if not p.is_relative_to(config.data_dir)]
+    found = open_paths([config.data_dir, *elsewhere])
+    scope = "" if found.complete else f" (the first {found.checked} paths; not all in time)"
+    if not found.paths:
+        out.print(f"Data permissions: nothing readable or writable by anyone{scope}")
+        return
+    out.print(
+        f"[bold yellow]Data permissions: readable or writable by anyone{scope}; patient "
+        "data must not be (chmod -R o-rwx, or run install.sh again):[/]"
+    )
+    for path, mode in found.paths:
+        out.print(f"  {oct(mode)[2:].zfill(4)} {escape(str(path))}")
+
+
 def run_doctor(config: Config, bundle: Path | None = None, gpu_self_test: bool = False) -> int:
     """Print the report; return the exit code (0 when the setup can score)."""
     out = Console(soft_wrap=True)
@@ -336,8 +370,10 @@ def run_doctor(config: Config, bundle: Path | None = None, gpu_self_test: bool =
         settings = site_settings(config.runtime.settings, config.state_dir, loaded)
         out.print(measure_pace(loaded, settings).sentence())
     self_test_ok = _gpu_self_test(config, loaded, out) if gpu_self_test else True
+    held_ok = _service_hold(config, out)
+    _open_data(config, out)
 
-    ok = backend_ok and slide_ok and bundle_ok and self_test_ok
+    ok = backend_ok and slide_ok and bundle_ok and self_test_ok and held_ok
     if not ok:
         out.print("[bold red]Cannot score; see above.[/]")
     elif bundle_built:
