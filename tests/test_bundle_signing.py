@@ -8,6 +8,7 @@ kept in the installed folder for the service, doctor and the window.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import io
 import json
@@ -21,6 +22,11 @@ from pathlib import Path
 import pytest
 
 from appliance.config import Config, ConfigError, load_config
+from appliance.pipeline.cases import bundle_record
+from appliance.results import CaseResult, SignerRecord
+from appliance.results.report import render_report_html
+from appliance.review.fhir import fhir_bundle
+from appliance.review.sign_off import SignOff
 from appliance.site.bundle_trust import (
     NOT_TRUSTED,
     Trust,
@@ -47,6 +53,8 @@ from runtime.bundle_format import load_bundle
 from tests.runtime_models import TinyBundle
 from tests.test_bundle_install import no_problems, tree
 from tests.test_cli import cytoedge
+from tests.test_review import signed as signed_off_case
+from tests.test_review import validated
 
 
 @pytest.fixture(scope="module")
@@ -376,3 +384,34 @@ def test_trusted_key_files_and_revocations_are_checked(keys: Path, tmp_path: Pat
 def test_the_installed_site_configuration_requires_signatures() -> None:
     shipped = Path(__file__).parents[1] / "packaging" / "cytoedge.toml"
     assert tomllib.loads(shipped.read_text())["bundles"]["policy"] == "require"
+
+
+def test_results_reports_and_fhir_name_the_signer_or_warn(
+    packed: dict[str, Path], keys: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    site(tmp_path / "site", keys, monkeypatch, policy="warn")
+    cfg = load_config()
+    for version, signer in (("1.0", "owner"), ("2.0", "stranger")):
+        archive = signed(packed[version], keys, signer, tmp_path / version)
+        install_archive(archive, cfg.bundles_root, no_problems, Trust.of(cfg))
+    by_owner = bundle_record(load_bundle(cfg.bundles_root / "tiny-1.0"))
+    by_stranger = bundle_record(load_bundle(cfg.bundles_root / "tiny-2.0"))
+    owner = fingerprint_of(keys, "owner")
+    assert by_owner.signer == SignerRecord("owner", owner) and by_owner.signature_warning is None
+    assert by_stranger.signer is None and by_stranger.signature_warning == NOT_TRUSTED
+
+    _, done = signed_off_case(tmp_path / "case", "mm_negative", SignOff("accepted", "A. Reviewer"))
+    for record, words in (
+        (by_owner, f"signed by owner ({owner[:16]})"),
+        (by_stranger, NOT_TRUSTED),
+    ):
+        result = dataclasses.replace(done.result, bundle=record)
+        assert CaseResult.from_json(json.loads(json.dumps(result.to_json()))) == result
+        assert words in render_report_html(result)
+        document = fhir_bundle(result, done.folder.path)
+        device, report = validated(document).entry[0].resource, document["entry"][-1]["resource"]
+        assert words in device.note[0].text
+        assert (NOT_TRUSTED.upper() in report["conclusion"]) == (record is by_stranger)
+        keys_named = [i.value for i in device.identifier if i.system.endswith("signer-key")]
+        assert keys_named == ([owner] if record is by_owner else [])
+    assert NOT_TRUSTED not in render_report_html(done.result)  # an older result says nothing
