@@ -190,7 +190,7 @@ def read_record(folder: Path) -> Signed:
     """The record ``write_record`` kept; a folder without one is vouched for by no one."""
     record = _record(folder)
     if record is None:
-        return Signed(None, NOT_TRUSTED, "not installed by `cytoedge bundle install`")
+        return Signed(None, NOT_TRUSTED, "no signature record (not installed with one)")
     signer = record.get("signer")
     warning = record.get("warning")
     return Signed(
