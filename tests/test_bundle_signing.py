@@ -249,8 +249,7 @@ def tampered(archive: Path, out: Path) -> Path:
     """``archive`` with its bundle.json changed to claim clinical use, and the manifest
     made to match (its sha256 and size, the bundle's sha256): consistent in itself, so
     only a signature can tell. The old signature is kept."""
-    with tarfile.open(archive) as tar:
-        contents = {m.name: tar.extractfile(m).read() for m in tar.getmembers()}  # type: ignore[union-attr]
+    contents = read_members(archive)
     described = json.loads(contents["bundle/bundle.json"])
     described["intended_use"] = "clinical"
     changed = (json.dumps(described, indent=2) + "\n").encode()
@@ -259,6 +258,15 @@ def tampered(archive: Path, out: Path) -> Path:
     manifest["files"]["bundle/bundle.json"] = {"sha256": sha(changed), "bytes": len(changed)}
     manifest["bundle"].update(sha256=sha(changed), intended_use="clinical")
     contents[MANIFEST] = (json.dumps(manifest, indent=2) + "\n").encode()
+    return write_members(contents, out)
+
+
+def read_members(archive: Path) -> dict[str, bytes]:
+    with tarfile.open(archive) as tar:
+        return {m.name: tar.extractfile(m).read() for m in tar.getmembers()}  # type: ignore[union-attr]
+
+
+def write_members(contents: dict[str, bytes], out: Path) -> Path:
     with tarfile.open(out, "w", format=tarfile.PAX_FORMAT) as tar:
         for name, data in contents.items():
             info = tarfile.TarInfo(name)
@@ -282,6 +290,21 @@ def test_a_tampered_bundle_fails_with_its_old_signature_and_re_signed_by_a_stran
     sign_archive(changed, signature_document(load_private_key(keys / "stranger.key"), manifest))
     refused_in_one_line(changed, root, "which this site does not trust")
     assert not root.exists() or not (root / "current").exists()
+
+
+def test_a_signed_manifest_must_be_the_one_the_unpacked_bundle_packs_to(
+    packed: dict[str, Path], keys: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The same listing written otherwise, signed by a trusted key: what was unpacked
+    could not be checked again against its signature, so it is refused."""
+    root = site(tmp_path, keys, monkeypatch)
+    contents = read_members(packed["1.0"])
+    listing = json.loads(contents[MANIFEST])
+    contents[MANIFEST] = json.dumps(listing, indent=1).encode()
+    other = write_members(contents, tmp_path / "tiny-1.0.bundle.tar")
+    manifest, _ = read_signed_manifest(other)
+    sign_archive(other, signature_document(load_private_key(keys / "owner.key"), manifest))
+    refused_in_one_line(other, root, "the signed manifest is not the unpacked bundle's")
 
 
 def test_warn_installs_what_no_trusted_key_signed_and_says_so(

@@ -26,7 +26,12 @@ from pathlib import Path
 
 from appliance.config import CURRENT_BUNDLE, Config
 from appliance.site.bundle_trust import Trust, TrustError, check_folder, write_record
-from runtime.bundle_archive import folder_name, read_signed_manifest, unpack_bundle
+from runtime.bundle_archive import (
+    folder_name,
+    manifest_bytes,
+    read_signed_manifest,
+    unpack_bundle,
+)
 from runtime.bundle_format import Bundle, BundleError, load_bundle
 
 STAGING_PREFIX = ".incoming-"
@@ -90,7 +95,8 @@ def install_archive(
     """
     with _locked(root):
         try:
-            verdict = trust.check(*read_signed_manifest(archive))
+            manifest, signature = read_signed_manifest(archive)
+            verdict = trust.check(manifest, signature)
             trust.admit(verdict, archive.name)
         except (BundleError, TrustError) as exc:
             raise InstallError(str(exc)) from None
@@ -100,6 +106,12 @@ def install_archive(
                 bundle = unpack_bundle(archive, staging)
             except BundleError as exc:
                 raise InstallError(str(exc)) from None
+            if verdict.signer is not None and manifest_bytes(bundle) != manifest:
+                # What was unpacked is what was signed, and `use` can check it again.
+                raise InstallError(
+                    f"{archive.name}: the signed manifest is not the unpacked bundle's "
+                    "(the file changed while it was read, or was not packed by `bundle pack`)"
+                )
             target = root / folder_name(bundle)
             new = not target.exists()
             if not new:
