@@ -32,6 +32,12 @@ LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 # (appliance.site.installed_bundles).
 CURRENT_BUNDLE = "current"
 CAMERA_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
+# What `bundle install` and `bundle use` do with a bundle no trusted key signed
+# (appliance.site.bundle_trust): refuse it, take it with a warning on every result, or
+# not check signatures at all. An installed site's file sets "require".
+SIGNATURE_POLICIES = ("require", "warn", "off")
+TRUSTED_KEYS = "trusted-keys"
+FINGERPRINT = re.compile(r"[0-9a-f]{16}|[0-9a-f]{64}")
 
 
 class ConfigError(ValueError):
@@ -102,6 +108,13 @@ class CameraConfig:
 
 
 @dataclass(frozen=True)
+class BundlesConfig:
+    policy: str = "warn"  # SIGNATURE_POLICIES
+    revoked_keys: list[str] = field(default_factory=list)  # fingerprints (16 or 64 hex digits)
+    signing_key: str = ""  # this site's private key: signs the versions train / validate write
+
+
+@dataclass(frozen=True)
 class LoggingConfig:
     level: str = "INFO"
     max_bytes: int = 10_000_000
@@ -123,6 +136,7 @@ class Config:
     scan: ScanConfig = field(default_factory=ScanConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     audit: AuditConfig = field(default_factory=AuditConfig)
+    bundles: BundlesConfig = field(default_factory=BundlesConfig)
     cameras: dict[str, CameraConfig] = field(default_factory=dict)  # [cameras.<name>]
     source: Path | None = None  # the file it was read from, None for defaults
 
@@ -153,6 +167,16 @@ class Config:
     def bundles_root(self) -> Path:
         """Where ``cytoedge bundle install`` keeps installed versions side by side."""
         return self.data_dir / "bundles"
+
+    @property
+    def config_dir(self) -> Path:
+        """The folder of the configuration file; the data directory without one."""
+        return self.source.parent if self.source is not None else self.data_dir
+
+    @property
+    def trusted_keys_dir(self) -> Path:
+        """The public keys whose bundle signatures this site trusts, one ``<name>.pub`` each."""
+        return self.config_dir / TRUSTED_KEYS
 
     @property
     def bundle_dir(self) -> Path:
@@ -201,6 +225,7 @@ class Config:
 _CHOICES: dict[tuple[str, str], Callable[[], tuple[str, ...]]] = {
     ("runtime", "backend"): lambda: (AUTO, *backend_names()),
     ("logging", "level"): lambda: LOG_LEVELS,
+    ("bundles", "policy"): lambda: SIGNATURE_POLICIES,
 }
 # Paths that, when set in the file, must already exist (defaults are created).
 _MUST_EXIST = {
@@ -256,6 +281,12 @@ def _build(raw: dict[str, Any], source: Path) -> Config:
             f"{source}: scan.camera names {config.scan.camera!r}, but there is no "
             f"[cameras.{config.scan.camera}] section"
         )
+    for entry in config.bundles.revoked_keys:
+        if not FINGERPRINT.fullmatch(entry):
+            raise ConfigError(
+                f"{source}: bundles.revoked_keys: {entry!r} is not a key fingerprint "
+                "(16 or 64 lower-case hex digits, as `cytoedge doctor` shows them)"
+            )
     return config
 
 
@@ -312,9 +343,14 @@ def _type_ok(value: Any, expected: Any) -> bool:
         return isinstance(value, int) and not isinstance(value, bool)
     if isinstance(expected, types.UnionType):
         return any(_type_ok(value, arg) for arg in typing.get_args(expected))
+    if typing.get_origin(expected) is list:
+        (item,) = typing.get_args(expected)
+        return isinstance(value, list) and all(_type_ok(v, item) for v in value)
     return isinstance(value, expected)
 
 
 def _type_name(expected: Any) -> str:
     names = {bool: "true or false", float: "a number", int: "an integer", str: "a string"}
+    if typing.get_origin(expected) is list:
+        return f"a list of {_type_name(typing.get_args(expected)[0]).removeprefix('a ')}s"
     return names.get(expected, str(expected))

@@ -9,11 +9,18 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-from appliance.cli.shared import ConfigOption, fail, setup
+from appliance.cli.shared import (
+    ConfigOption,
+    check_signing_key,
+    fail,
+    setup,
+    sign_written_version,
+)
 
 if TYPE_CHECKING:
     from rich.console import Console
 
+    from appliance.config import Config
     from appliance.validation.cell_measures import CellFigures
     from appliance.validation.cohort import PipelineSettings
     from runtime.bundle_format import Bundle
@@ -108,7 +115,8 @@ def train(
     if destination.exists():
         raise fail(f"{destination} exists; choose another --version or --out")
     destination.parent.mkdir(parents=True, exist_ok=True)
-    where = _Destination(destination, new_version, folder, intended_use, seed, folds)
+    check_signing_key(cfg)
+    where = _Destination(destination, new_version, folder, intended_use, seed, folds, cfg)
     if path.is_dir() or is_labelled_cells(path):
         if bag_classes is not None:
             raise fail("--bag-classes is for case heads; labelled cells train the cell head")
@@ -131,6 +139,7 @@ class _Destination:
     intended_use: str | None
     seed: int
     folds: int
+    config: Config  # the site's: its key signs the new version
 
 
 def _train_cases(
@@ -190,6 +199,7 @@ def _train_cases(
         f"Bundle {made.name} {made.version} ({made.intended_use}) at {made.path}, heads "
         f"{', '.join(made.head_names)}; report {result.files.html}"
     )
+    console.print(sign_written_version(where.config, made))
 
 
 def _train_cells(
@@ -257,6 +267,7 @@ def _train_cells(
         f"Bundle {made.name} {made.version} ({made.intended_use}) at {made.path}, cell head "
         f"of {len(made.cell_classes)} classes; out-of-fold report {files.html}"
     )
+    console.print(sign_written_version(where.config, made))
 
 
 def _print_figures(figures: CellFigures, folds: int, console: Console) -> None:

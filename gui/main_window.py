@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import html
 import itertools
 import json
 import time
@@ -32,6 +33,7 @@ from appliance.review.relabel import RelabelError, save_cell_label
 from appliance.review.sign_off import ReviewError, SignOff, login_name, sign_off
 from appliance.service.audit import AUDIT_FILE, AuditLog
 from appliance.service.store import JobStore, StoreError
+from appliance.site.bundle_trust import read_record
 from gui.models import PollingThread, QueueDelegate, QueueModel, format_received
 from gui.relabel_view import RelabelDialog
 from gui.result_data import CellView
@@ -140,6 +142,11 @@ def read_about(bundle_dir: Path | None, service: ServiceInfo | None, version: st
     )
     if use == "demo":
         lines.append("<p style='color:#b00020'><b>Demo model, not for diagnosis.</b></p>")
+    signed = read_record(bundle_dir) if bundle_dir else None
+    if signed is not None and signed.signer is not None:
+        lines.append(f"<p>Signed by {html.escape(str(signed.signer))}</p>")
+    elif signed is not None and signed.warning:
+        lines.append(f"<p style='color:#8a6d00'><b>{signed.warning.capitalize()}</b></p>")
     provenance = bundle.get("provenance") or {}
     rows = []
     for key, value in provenance.items():

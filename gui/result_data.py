@@ -162,6 +162,8 @@ class CaseView:
             found.append(("abstained", f"No call: {result.abstain_reason or 'model abstained'}"))
         if result.is_demo:
             found.append(("demo", DEMO_BANNER))
+        if result.bundle.signature_warning:
+            found.append(("unsigned", result.bundle.signature_warning.capitalize()))
         return found
 
 

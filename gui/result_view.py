@@ -58,6 +58,7 @@ BANNER_STYLES = {
     "demo": "background:#b00020; color:white;",
     "rejected": "background:#7f1010; color:white;",
     "abstained": "background:#f2c200; color:#1a1a1a;",
+    "unsigned": "background:#8a6d00; color:white;",
 }
 ENLARGED_PX = 384
 
@@ -412,6 +413,8 @@ class ResultPane(QWidget):
         if result.attention_top20_mass is not None:
             mass = result.attention_top20_mass * 100
             parts.append(f"top 20 % of cells hold {mass:.0f} % of attention")
+        if result.bundle.signer is not None:  # without one, a banner says so (under warn)
+            parts.append(f"bundle {result.bundle.signed_words}")
         self.summary.setText(" · ".join(parts))
         self._fill_qc(view)
         self._fill_predictions(view)

@@ -2,7 +2,7 @@
 # Install cytoedge on a workstation with no network, from the wheelhouse folder this
 # script sits in (`make wheelhouse` writes it; docs/install.md, INSTALL.md beside it).
 #
-#   sudo ./install.sh [--bundle FILE.bundle.tar] [--technician USER]
+#   sudo ./install.sh [--bundle FILE.bundle.tar] [--trust-key NAME.pub] [--technician USER]
 #   sudo ./install.sh --uninstall [--purge]
 #
 # It checks the wheelhouse (every file's sha256, this machine's Python, architecture
@@ -10,7 +10,9 @@
 # /opt/cytoedge/.venv with pip --no-index, writes /etc/cytoedge (kept when present),
 # /var/lib/cytoedge, the systemd unit and /usr/local/bin/cytoedge; with the window,
 # a desktop launcher and, for --technician USER, an autostart entry at their login;
-# with --bundle, installs that model bundle; then enables the service, starts it
+# with --trust-key (once per key), trusts that public key's bundle signatures (copied into
+# /etc/cytoedge/trusted-keys/: the site's policy takes only signed bundles); with
+# --bundle, installs that model bundle; then enables the service, starts it
 # when a bundle is installed, and ends with `cytoedge doctor` (its exit status).
 #
 # Every step looks before it acts: running it again changes nothing. A newer
@@ -30,6 +32,7 @@ wheelhouse=$here
 root=""
 python=python3.11
 bundle=""
+trusted=()
 technician=""
 action=install
 purge=0
@@ -46,6 +49,7 @@ while [ $# -gt 0 ]; do
     --root) root=$(realpath -m "$2") && shift 2 ;;
     --python) python=$2 && shift 2 ;;
     --bundle) bundle=$(realpath "$2") && shift 2 ;;
+    --trust-key) trusted+=("$(realpath "$2")") && shift 2 ;;
     --technician) technician=$2 && shift 2 ;;
     --uninstall) action=uninstall && shift ;;
     --purge) purge=1 && shift ;;
@@ -159,6 +163,10 @@ fi
 if [ -n "$technician" ] && [ $system = 1 ]; then
     id "$technician" >/dev/null 2>&1 || die "no user $technician on this machine"
 fi
+for key in "${trusted[@]}"; do
+    case $key in *.pub) ;; *) die "--trust-key $key: give the public key, NAME.pub (\`cytoedge bundle keygen\` writes it)" ;; esac
+    [ -f "$key" ] || die "--trust-key $key: no such file"
+done
 say "wheelhouse: role $role, Python $want_python on $machine; every file's sha256 checked"
 
 # --- 2. the service account -------------------------------------------------------------
@@ -196,6 +204,8 @@ trap 'rm -rf "$work"' EXIT
 folder "$ETC" 755
 render "$here/cytoedge.env" >"$work/env" && put "$work/env" "$ETC/cytoedge.env" 644 keep
 render "$here/cytoedge.toml" >"$work/toml" && put "$work/toml" "$ETC/cytoedge.toml" 644 keep
+folder "$ETC/trusted-keys" 755 # public keys: whose bundle signatures this site takes
+for key in "${trusted[@]}"; do put "$key" "$ETC/trusted-keys/$(basename "$key")" 644; done
 folder "$DATA" 750 $ACCOUNT:$ACCOUNT
 folder "$DATA/inbox" 2770 $ACCOUNT:$ACCOUNT # scanners and technicians write here
 folder "$DATA/outbox" 2750 $ACCOUNT:$ACCOUNT

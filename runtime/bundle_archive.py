@@ -4,12 +4,19 @@
 ``MANIFEST.json`` first (what the archive holds, each file's sha256 and size),
 then ``bundle/bundle.json`` and every file it lists (``engines/`` is built per
 GPU on site and never shipped). The archive is reproducible: the same bundle
-packs to the same bytes.
+packs to the same bytes, and the manifest is a function of the bundle alone
+(``manifest_bytes``), so a signature over it can be checked again later against
+an unpacked folder.
+
+``sign_archive`` puts ``MANIFEST.sig`` right after the manifest (what it holds is
+the signer's business: appliance.site.bundle_trust); ``read_signed_manifest``
+reads those two members back without unpacking anything.
 
 ``unpack_bundle`` reads an archive into an empty folder, refusing anything the
 manifest does not list, any link, device or path outside ``bundle/``, a size or
 sha256 that differs, or a listed file that never comes (a truncated copy), with
-one line for a person. It never writes outside the folder it is given; the
+one line for a person (``MANIFEST.sig`` is the one member it takes without a
+listing, and only right after the manifest). It never writes outside the folder it is given; the
 caller decides what happens to it.
 """
 
@@ -29,9 +36,11 @@ from runtime.files import atomic_path, sha256_file
 ARCHIVE_FORMAT = "cytoedge-bundle-archive"
 ARCHIVE_VERSION = 1
 MANIFEST = "MANIFEST.json"
+SIGNATURE = "MANIFEST.sig"
 ROOT = "bundle"
 SUFFIX = ".bundle.tar"
 _MANIFEST_LIMIT = 4 << 20  # a manifest lists files; it is never this large
+_SIGNATURE_LIMIT = 64 << 10  # a key's fingerprint and one signature
 _CHUNK = 1 << 20
 _UNSAFE = re.compile(r"[^A-Za-z0-9_.-]+")
 
@@ -56,6 +65,17 @@ def pack_bundle(bundle_dir: Path, out: Path) -> Path:
     not verify."""
     bundle = load_bundle(bundle_dir)
     target = out / archive_name(bundle) if out.is_dir() else out
+    data = manifest_bytes(bundle)
+    with atomic_path(target) as tmp, tarfile.open(tmp, "w", format=tarfile.PAX_FORMAT) as tar:
+        tar.addfile(_member(MANIFEST, len(data)), io.BytesIO(data))
+        for name, entry in json.loads(data)["files"].items():
+            with (bundle.path / PurePosixPath(name).relative_to(ROOT)).open("rb") as handle:
+                tar.addfile(_member(name, entry["bytes"]), handle)
+    return target
+
+
+def manifest_bytes(bundle: Bundle) -> bytes:
+    """The exact ``MANIFEST.json`` that packing ``bundle`` writes (what a signature covers)."""
     members = {BUNDLE_FILE: (bundle.sha256, (bundle.path / BUNDLE_FILE).stat().st_size)}
     members.update({rel: (entry.sha256, entry.bytes) for rel, entry in bundle.files.items()})
     manifest = {
@@ -72,13 +92,48 @@ def pack_bundle(bundle_dir: Path, out: Path) -> Path:
             for rel, (sha, size) in sorted(members.items())
         },
     }
-    data = (json.dumps(manifest, indent=2, ensure_ascii=False) + "\n").encode("utf-8")
-    with atomic_path(target) as tmp, tarfile.open(tmp, "w", format=tarfile.PAX_FORMAT) as tar:
-        tar.addfile(_member(MANIFEST, len(data)), io.BytesIO(data))
-        for rel, (_, size) in sorted(members.items()):
-            with (bundle.path / rel).open("rb") as handle:
-                tar.addfile(_member(f"{ROOT}/{rel}", size), handle)
-    return target
+    return (json.dumps(manifest, indent=2, ensure_ascii=False) + "\n").encode("utf-8")
+
+
+def read_signed_manifest(archive: Path) -> tuple[bytes, bytes | None]:
+    """The archive's ``MANIFEST.json`` bytes (checked as ``unpack_bundle`` checks them)
+    and its ``MANIFEST.sig`` bytes, None when it has none; nothing is unpacked."""
+    try:
+        with tarfile.open(archive, "r:*") as tar:
+            data, _ = _manifest(tar, archive)
+            member = tar.next()
+            if member is None or member.name != SIGNATURE:
+                return data, None
+            return data, _signature(tar, member, archive)
+    except BundleArchiveError:
+        raise
+    except (tarfile.TarError, EOFError, OSError) as exc:
+        raise _unreadable(archive, exc) from None
+
+
+def sign_archive(archive: Path, signature: bytes) -> None:
+    """Rewrite ``archive`` in place (one rename) with ``signature`` as ``MANIFEST.sig``
+    after the manifest, replacing any signature it had; the other members are copied
+    byte for byte, so the signed archive is as reproducible as the packed one."""
+    try:
+        with (
+            tarfile.open(archive, "r:*") as source,
+            atomic_path(archive) as tmp,
+            tarfile.open(tmp, "w", format=tarfile.PAX_FORMAT) as tar,
+        ):
+            data, _ = _manifest(source, archive)
+            tar.addfile(_member(MANIFEST, len(data)), io.BytesIO(data))
+            tar.addfile(_member(SIGNATURE, len(signature)), io.BytesIO(signature))
+            while (member := source.next()) is not None:
+                if member.name == SIGNATURE:
+                    continue
+                if not member.isreg():
+                    raise BundleArchiveError(f"{archive.name}: {member.name} is not a plain file")
+                tar.addfile(_member(member.name, member.size), source.extractfile(member))
+    except BundleArchiveError:
+        raise
+    except (tarfile.TarError, EOFError, OSError) as exc:
+        raise _unreadable(archive, exc) from None
 
 
 def _member(name: str, size: int) -> tarfile.TarInfo:
@@ -96,10 +151,15 @@ def unpack_bundle(archive: Path, into: Path) -> Bundle:
     ``into`` left to the caller to remove, when anything does not match."""
     try:
         with tarfile.open(archive, "r:*") as tar:
-            manifest = _manifest(tar, archive)
+            _, manifest = _manifest(tar, archive)
             expected: dict[str, dict[str, Any]] = manifest["files"]
             seen: set[str] = set()
+            first = True
             while (member := tar.next()) is not None:  # the members after the manifest
+                if first and member.name == SIGNATURE:  # checked before unpacking, if at all
+                    first = False
+                    continue
+                first = False
                 name = _checked_name(member, archive, expected, seen)
                 seen.add(name)
                 _extract(tar, member, into / name, expected[name], archive)
@@ -122,7 +182,8 @@ def unpack_bundle(archive: Path, into: Path) -> Bundle:
     return bundle
 
 
-def _manifest(tar: tarfile.TarFile, archive: Path) -> dict[str, Any]:
+def _manifest(tar: tarfile.TarFile, archive: Path) -> tuple[bytes, dict[str, Any]]:
+    """The first member's bytes and what they say, checked."""
     first = tar.next()
     if first is None or first.name != MANIFEST or not first.isreg():
         raise BundleArchiveError(f"{archive.name}: not a bundle archive (no {MANIFEST} first)")
@@ -130,8 +191,9 @@ def _manifest(tar: tarfile.TarFile, archive: Path) -> dict[str, Any]:
         raise BundleArchiveError(f"{archive.name}: {MANIFEST} is implausibly large")
     handle = tar.extractfile(first)
     assert handle is not None  # a regular file
+    data = handle.read()
     try:
-        manifest = json.loads(handle.read())
+        manifest = json.loads(data)
     except (ValueError, UnicodeDecodeError):
         raise BundleArchiveError(f"{archive.name}: {MANIFEST} is not valid JSON") from None
     if not isinstance(manifest, dict) or manifest.get("format") != ARCHIVE_FORMAT:
@@ -156,7 +218,15 @@ def _manifest(tar: tarfile.TarFile, archive: Path) -> dict[str, Any]:
             or not isinstance(entry.get("bytes"), int)
         ):
             raise BundleArchiveError(f"{archive.name}: {MANIFEST} has a bad entry {name!r}")
-    return manifest
+    return data, manifest
+
+
+def _signature(tar: tarfile.TarFile, member: tarfile.TarInfo, archive: Path) -> bytes:
+    if not member.isreg() or member.size > _SIGNATURE_LIMIT:
+        raise BundleArchiveError(f"{archive.name}: {SIGNATURE} is not a signature")
+    handle = tar.extractfile(member)
+    assert handle is not None  # a regular file
+    return handle.read()
 
 
 def _checked_name(

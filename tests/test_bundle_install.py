@@ -3,12 +3,14 @@ and runs here; anything refused changes nothing; the version before stays for ro
 
 from __future__ import annotations
 
+import datetime
 import os
 from pathlib import Path
 
 import pytest
 
 from appliance.config import Config, PathsConfig, load_config
+from appliance.site.bundle_trust import Trust
 from appliance.site.installed_bundles import (
     InstallError,
     install_archive,
@@ -56,6 +58,11 @@ def tree(root: Path) -> dict[str, str]:
 
 def no_problems(bundle: object) -> list[str]:
     return []
+
+
+# A site's trust under the built-in policy with no trusted key: signatures are not
+# these tests' subject (tests/test_bundle_signing.py).
+WARN = Trust("warn", (), (), datetime.date(2026, 1, 1), "tests")
 
 
 def test_install_switch_and_roll_back_from_the_command_line(
@@ -111,10 +118,10 @@ def test_a_bundle_that_cannot_run_here_is_not_switched_to(
     from appliance.cli.bundle_commands import _checks
 
     root = tmp_path / "bundles"
-    install_archive(archives["1.0"], root, no_problems)
+    install_archive(archives["1.0"], root, no_problems, WARN)
     before = tree(root)
     with pytest.raises(InstallError) as refused:
-        install_archive(archives["3.0-broken"], root, _checks(Config()))
+        install_archive(archives["3.0-broken"], root, _checks(Config()), WARN)
     message = str(refused.value)
     assert "tiny 3.0 cannot run here (head mm_risk [1]:" in message
     assert message.endswith("the bundle in use is unchanged")
@@ -125,10 +132,10 @@ def test_the_same_version_with_other_content_is_refused(
     archives: dict[str, Path], tmp_path: Path
 ) -> None:
     root = tmp_path / "bundles"
-    install_archive(archives["1.0"], root, no_problems)
+    install_archive(archives["1.0"], root, no_problems, WARN)
     before = tree(root)
     with pytest.raises(InstallError, match=r"tiny-1\.0 is installed already with other content"):
-        install_archive(archives["1.0-other-content"], root, no_problems)
+        install_archive(archives["1.0-other-content"], root, no_problems, WARN)
     assert tree(root) == before
 
 
@@ -136,9 +143,9 @@ def test_installing_the_same_archive_again_changes_nothing(
     archives: dict[str, Path], tmp_path: Path
 ) -> None:
     root = tmp_path / "bundles"
-    first, new = install_archive(archives["1.0"], root, no_problems)
+    first, new = install_archive(archives["1.0"], root, no_problems, WARN)
     before = tree(root)
-    again, new_again = install_archive(archives["1.0"], root, no_problems)
+    again, new_again = install_archive(archives["1.0"], root, no_problems, WARN)
     assert (new, new_again) == (True, False) and first == again
     assert tree(root) == before
 
@@ -147,14 +154,14 @@ def test_use_refuses_an_unknown_or_changed_version(
     archives: dict[str, Path], tmp_path: Path
 ) -> None:
     root = tmp_path / "bundles"
-    install_archive(archives["1.0"], root, no_problems)
-    install_archive(archives["2.0"], root, no_problems)
+    install_archive(archives["1.0"], root, no_problems, WARN)
+    install_archive(archives["2.0"], root, no_problems, WARN)
     with pytest.raises(InstallError, match=r"no installed bundle is called '9\.9'"):
-        use_version(root, "9.9", no_problems)
+        use_version(root, "9.9", no_problems, WARN)
     onnx = root / "tiny-1.0" / "encoder.onnx"
     onnx.write_bytes(onnx.read_bytes()[:-1] + b"\0")
     with pytest.raises(InstallError, match=r"installed version tiny-1\.0 no longer verifies"):
-        use_version(root, "1.0", no_problems)
+        use_version(root, "1.0", no_problems, WARN)
     assert [v.folder.name for v in installed_versions(root) if v.in_use] == ["tiny-2.0"]
 
 

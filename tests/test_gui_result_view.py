@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
+import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -13,7 +16,8 @@ from PySide6.QtCore import Qt, QThreadPool
 from PySide6.QtGui import QColor, QImage
 from PySide6.QtWidgets import QGridLayout, QLabel
 
-from appliance.results import read_result
+from appliance.results import SignerRecord, read_result
+from appliance.site.bundle_trust import NOT_TRUSTED
 from cytoedge_demo.samples import KINDS, write_sample_result
 from gui.result_data import DEMO_BANNER, ResultUnreadableError, load_result
 from gui.result_view import CellDialog, ProbabilityBar, ResultPane, read_folder
@@ -103,6 +107,27 @@ def test_demo_banner_only_for_demo_bundles(qtbot, folders) -> None:
     assert banner_texts(research) == []
     banner_labels = research.findChildren(object, "banner_demo")
     assert banner_labels == []
+
+
+def with_bundle(folder: Path, into: Path, **signed: object) -> Path:
+    """A copy of a result folder whose result names the bundle's signature otherwise."""
+    copy = Path(shutil.copytree(folder, into))
+    result = read_result(copy)
+    bundle = dataclasses.replace(result.bundle, **signed)
+    changed = dataclasses.replace(result, bundle=bundle).to_json()
+    (copy / "result.json").write_text(json.dumps(changed), encoding="utf-8")
+    return copy
+
+
+def test_the_case_header_names_the_bundles_signer_or_warns(qtbot, folders, tmp_path) -> None:
+    owner = SignerRecord("owner", "ab" * 32)
+    signed = shown(qtbot, with_bundle(folders["research"], tmp_path / "signed", signer=owner))
+    assert f"bundle signed by owner ({'ab' * 8})" in signed.summary.text()
+    assert banner_texts(signed) == []
+    warned = with_bundle(folders["research"], tmp_path / "warned", signature_warning=NOT_TRUSTED)
+    pane = shown(qtbot, warned)
+    assert banner_texts(pane) == ["Bundle not signed by a trusted key"]
+    assert "signed by" not in pane.summary.text()
 
 
 def test_pb_case_shows_malignancy_and_top_two_classes(qtbot, folders) -> None:

@@ -24,6 +24,7 @@ from cytoedge_demo.synthetic import write_cell_folders
 from runtime.bundle_archive import pack_bundle
 from tests.runtime_models import TinyBundle
 from tests.service_harness import ROOT, ServiceProcess, copy_unit, write_config
+from tests.test_bundle_install import WARN
 from tests.test_service_worker import Running, StandInEngine, make_config, wait_for
 
 OLD = BundleIdentity("site-model", "1.0", "1" * 64)
@@ -127,14 +128,14 @@ def test_the_follower_takes_up_a_switched_link_and_refuses_a_broken_one(
     root = tmp_path / "data" / "bundles"
     for version in ("1.0", "2.0"):
         made = TinyBundle(tmp_path / version).write(version=version)
-        install_archive(pack_bundle(made.path, tmp_path), root, no_problems)
-    use_version(root, "1.0", no_problems)
+        install_archive(pack_bundle(made.path, tmp_path), root, no_problems, WARN)
+    use_version(root, "1.0", no_problems, WARN)
     config = Config(paths=PathsConfig(data_dir=str(tmp_path / "data")))
     follower = BundleFollower(config, lambda bundle, settings: bundle)  # type: ignore[arg-type,return-value]
     _, bundle = follower.open()
     assert bundle.version == "1.0"
     assert follower(lambda s, f: None) is None  # nothing changed
-    use_version(root, "2.0", no_problems)
+    use_version(root, "2.0", no_problems, WARN)
     switched = follower(lambda s, f: None)
     assert switched is not None and switched[1].version == "2.0"
     # A link moved by hand to a folder that does not verify: refused once, old kept.
@@ -163,7 +164,7 @@ def test_bundle_install_while_the_service_scores(tmp_path: Path) -> None:
         made = TinyBundle(tmp_path / "made" / version).write(version=version)
         archives[version] = pack_bundle(made.path, tmp_path / "made")
     current = tmp_path / "data" / "bundles" / "current"
-    install_archive(archives["1.0"], current.parent, no_problems)
+    install_archive(archives["1.0"], current.parent, no_problems, WARN)
     config = write_config(tmp_path, current)
     patients = tmp_path / "patients"
     write_cell_folders(patients, 2, 60, seed=31)

@@ -7,12 +7,15 @@ from __future__ import annotations
 
 import csv
 import json
+import shutil
 from pathlib import Path
 
 import pytest
 from typer.testing import CliRunner
 
 from appliance.cli.main import app
+from appliance.site.bundle_trust import read_record
+from appliance.site.signing_keys import generate_key_pair
 from appliance.site.verification import read_verification
 from runtime.bundle_format import load_bundle
 
@@ -86,6 +89,12 @@ def test_train_then_validate_recalibrate_and_verify(
     tiny_bundle: Path, cohort: dict[str, Path], tmp_path: Path, isolated_data_dir: Path
 ) -> None:
     base = load_bundle(tiny_bundle)
+    # The site has its own key, and trusts it: the versions it writes are signed with it.
+    generate_key_pair(tmp_path / "keys", "site")
+    (isolated_data_dir / "trusted-keys").mkdir()
+    shutil.copy(tmp_path / "keys" / "site.pub", isolated_data_dir / "trusted-keys")
+    key = tmp_path / "keys" / "site.key"
+    (isolated_data_dir / "cytoedge.toml").write_text(f'[bundles]\nsigning_key = "{key}"\n')
     # A first run on all but two training cases.
     rows = _rows(cohort["train"])
     first = _write_rows(cohort["train"].with_name("first.csv"), rows[2:])
@@ -107,6 +116,8 @@ def test_train_then_validate_recalibrate_and_verify(
     assert oof["cases_table"] == "first.csv" == made.provenance["training"]["cases_table"]
     assert (training_report / "cases-table.csv").read_bytes() == first.read_bytes()
     assert "Training report (out-of-fold)" in (training_report / "report.html").read_text()
+    signer = read_record(made.path).signer
+    assert signer is not None and signer.name == "site" and f"site's key {signer}" in output
 
     # Two cases added: only their scans are embedded, the rest come from the cache.
     code, output = _invoke(
@@ -160,6 +171,7 @@ def test_train_then_validate_recalibrate_and_verify(
     positives = [s for s, t in zip(scores["scores"], scores["truth"], strict=True) if t]
     assert malignancy <= min(positives)  # sensitivity 1.0 on these cases
     assert [h.files for h in recalibrated.heads] == [h.files for h in second.heads]
+    assert read_record(recalibrated.path).signer == signer
     record = read_verification(isolated_data_dir, second.sha256)
     assert record is not None and record.verified_by == "lab lead"
     assert record.bundle_version == "2" and "12 cases" in record.summary

@@ -9,12 +9,15 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
 from appliance.config import Config, ConfigError, load_config
 from appliance.logs import setup_logging
+
+if TYPE_CHECKING:
+    from runtime.bundle_format import Bundle
 
 USAGE_EXIT = 2  # bad configuration, nothing to score with, a missing part
 
@@ -54,3 +57,30 @@ def setup(config_path: Path | None, *, log_to_file: bool = True) -> Config:
         config.logging.backups,
     )
     return config
+
+
+def check_signing_key(config: Config) -> None:
+    """Open the site's signing key (``bundles.signing_key``) before a command that writes
+    a version spends its time; a key that cannot be used exits 2 with one line."""
+    from appliance.site.bundle_trust import TrustError, site_signing_key
+
+    try:
+        site_signing_key(config)
+    except TrustError as exc:
+        raise fail(str(exc)) from None
+
+
+def sign_written_version(config: Config, bundle: Bundle) -> str:
+    """Sign a version this site wrote (``train``, ``validate --recalibrate``) with the
+    site's key when it has one, as ``bundle install`` would record it; the line to print."""
+    from appliance.site.bundle_trust import TrustError, sign_new_version
+
+    try:
+        verdict = sign_new_version(bundle, config)
+    except TrustError as exc:
+        raise fail(f"{bundle.path} written but not signed: {exc}", 1) from None
+    if verdict is None:
+        return f"Not signed: this site has no key (bundles.signing_key in {config.source})"
+    if verdict.signer is not None:
+        return f"Signed by this site's key {verdict.signer}"
+    return f"Signed with bundles.signing_key, but {verdict.reason} ({config.trusted_keys_dir})"

@@ -19,7 +19,13 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
-from appliance.cli.shared import ConfigOption, fail, setup
+from appliance.cli.shared import (
+    ConfigOption,
+    check_signing_key,
+    fail,
+    setup,
+    sign_written_version,
+)
 from appliance.config import Config
 from runtime.bundle_format import Bundle
 
@@ -91,6 +97,8 @@ def validate(
 
     cfg = setup(config)
     console = Console(stderr=True)
+    if recalibrate:
+        check_signing_key(cfg)
     if is_labelled_cells(cases):
         if target_sensitivity:
             raise fail("--target-sensitivity is for cases; cells keep the head's target accuracy")
@@ -139,6 +147,7 @@ def validate(
             f"Recalibrated bundle {made.name} {made.version} at {made.path} "
             f"({bundle.version} untouched); validate it on other cases before use"
         )
+        console.print(sign_written_version(cfg, made))
     if verified_by:
         summary = "; ".join(
             f"{t.head}:{t.task} AUC {t.auc:.3f}" for t in run.report.tasks if t.auc is not None
@@ -210,6 +219,7 @@ def _validate_cells(
             f"Recalibrated bundle {made.name} {made.version} at {made.path} "
             f"({bundle.version} untouched); validate it on other cells before use"
         )
+        console.print(sign_written_version(cfg, made))
     if verified_by:
         figures = cells.figures
         point = figures.operating_point

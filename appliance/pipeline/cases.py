@@ -34,9 +34,11 @@ from appliance.results import (
     HeadRecord,
     PredictionRecord,
     ResultFolder,
+    SignerRecord,
     cells_of,
     write_case_result,
 )
+from appliance.site.bundle_trust import read_record
 from runtime.backends import RuntimeSettings
 from runtime.bundle_format import Bundle
 from runtime.head_kinds import INDETERMINATE
@@ -147,7 +149,7 @@ def score_case(
         created=datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         status="abstained" if reason else "scored",
         abstain_reason=reason,
-        bundle=BundleRecord(bundle.name, bundle.version, bundle.sha256, bundle.intended_use),
+        bundle=bundle_record(bundle),
         backend=backend,
         scans=tuple(views.scan_record(s) for s in slides),
         heads=records,
@@ -179,6 +181,20 @@ def score_case(
         extra={"case": case_id, "status": result.status, "cells": bag.size},
     )
     return ScoredCase(result, folder, tuple(slides))
+
+
+def bundle_record(bundle: Bundle) -> BundleRecord:
+    """The bundle as a result names it, with its signer as its installation recorded."""
+    signed = read_record(bundle.path)
+    signer = signed.signer
+    return BundleRecord(
+        bundle.name,
+        bundle.version,
+        bundle.sha256,
+        bundle.intended_use,
+        SignerRecord(signer.name, signer.fingerprint) if signer else None,
+        signed.warning,
+    )
 
 
 def slide_input(slide: SlideResult) -> str:

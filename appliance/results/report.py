@@ -25,7 +25,7 @@ from typing import Any
 from PIL import Image
 
 from appliance.results.print_pdf import BODY_PX
-from appliance.results.schema import DECISION_WORDS, CaseResult
+from appliance.results.schema import DECISION_WORDS, BundleRecord, CaseResult
 from runtime.files import atomic_path
 
 DEMO_WARNING = "DEMO MODEL, NOT FOR DIAGNOSIS"
@@ -76,6 +76,12 @@ def render_report_html(result: CaseResult, folder: Path | None = None) -> str:
             "<tr><td style='color:white; font-size:8.5pt;' align='center'>This result comes"
             " from a demonstration model trained on synthetic images. It says nothing about a"
             " patient.</td></tr></table>"
+        )
+    if result.bundle.signature_warning:
+        parts.append(
+            "<table width='100%' cellpadding='3' style='background-color:#8a6d00;'>"
+            "<tr><td style='color:white; font-size:10pt; font-weight:bold;' align='center'>"
+            f"{_e(result.bundle.signature_warning.upper())}</td></tr></table>"
         )
     parts.append(_case_block(result))
     parts.append(
@@ -328,9 +334,14 @@ def _footer(result: CaseResult) -> str:
         "<hr><p style='font-size:7.5pt; color:#555;'>"
         f"Model bundle {_e(bundle.name)} {_e(bundle.version)} "
         f"(intended use: {_e(bundle.intended_use)}, sha256 "
-        f"{_e(bundle.sha256[:16])}); backend {_e(result.backend)}; "
+        f"{_e(bundle.sha256[:16])}{_e(_signed(bundle))}); backend {_e(result.backend)}; "
         f"created {_e(result.created)}.<br>Timings: {_e(timing_text)}</p>"
     )
+
+
+def _signed(bundle: BundleRecord) -> str:
+    words = bundle.signed_words
+    return f"; {words}" if words else ""
 
 
 class ReportPrintError(RuntimeError):

@@ -17,8 +17,10 @@ Version history: 1, the first result folders (top-level ``predictions``,
 differential (``differential``), the burden of a group of classes with the inclusion
 rule (``burden``), case-level ``warnings``, the crops of classified cells
 (``cell_gallery``), each top cell's class, and what a class-restricted bag left out
-(``scans[].cells_other_classes``, ``examined.budget_classes`` and ``.counted``). A
-version 2 document reads as version 3 without them.
+(``scans[].cells_other_classes``, ``examined.budget_classes`` and ``.counted``), and
+who signed the bundle (``bundle.signer``) or the site's warning that no trusted key
+did (``bundle.signature_warning``). A version 2 document reads as version 3 without
+them.
 """
 
 from __future__ import annotations
@@ -153,6 +155,14 @@ class ScanRecord:
 
 
 @dataclass(frozen=True)
+class SignerRecord:
+    """The trusted key that signed the bundle (appliance.site.bundle_trust)."""
+
+    name: str
+    fingerprint: str  # sha256 of the raw Ed25519 public key, hex
+
+
+@dataclass(frozen=True)
 class BundleRecord:
     """The model bundle that scored the case."""
 
@@ -160,6 +170,16 @@ class BundleRecord:
     version: str
     sha256: str
     intended_use: str  # demo | research | clinical
+    signer: SignerRecord | None = None
+    # "bundle not signed by a trusted key" when the site's policy warns about it
+    signature_warning: str | None = None
+
+    @property
+    def signed_words(self) -> str | None:
+        """Who signed the bundle, for a person; None when the result does not say."""
+        if self.signer is not None:
+            return f"signed by {self.signer.name} ({self.signer.fingerprint[:16]})"
+        return self.signature_warning
 
 
 @dataclass(frozen=True)

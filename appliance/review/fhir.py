@@ -172,14 +172,23 @@ def _interpretation(call: str) -> list[dict[str, Any]]:
 
 
 def _device(result: CaseResult) -> dict[str, Any]:
+    """The bundle, with the key that signed it (its fingerprint as an identifier)."""
     bundle = result.bundle
+    identifiers = [{"system": f"{SYSTEM}:bundle-sha256", "value": bundle.sha256}]
+    if bundle.signer is not None:
+        identifiers.append(
+            {"system": f"{SYSTEM}:bundle-signer-key", "value": bundle.signer.fingerprint}
+        )
+    note = f"intended use: {bundle.intended_use}; backend: {result.backend}"
+    if bundle.signed_words:
+        note += f"; {bundle.signed_words}"
     return {
         "resourceType": "Device",
-        "identifier": [{"system": f"{SYSTEM}:bundle-sha256", "value": bundle.sha256}],
+        "identifier": identifiers,
         "deviceName": [{"name": bundle.name, "type": "model-name"}],
         "type": {"text": "cytoedge model bundle"},
         "version": [{"value": bundle.version}],
-        "note": [{"text": f"intended use: {bundle.intended_use}; backend: {result.backend}"}],
+        "note": [{"text": note}],
     }
 
 
@@ -242,6 +251,8 @@ def _diagnostic_report(
         conclusion += f". No call was made: {result.abstain_reason}"
     if result.is_demo:
         conclusion += ". DEMO MODEL, NOT FOR DIAGNOSIS"
+    if result.bundle.signature_warning:
+        conclusion += f". {result.bundle.signature_warning.upper()}"
     report: dict[str, Any] = {
         "resourceType": "DiagnosticReport",
         "identifier": [

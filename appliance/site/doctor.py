@@ -26,6 +26,7 @@ from appliance.site.backend_check import (
     site_settings,
     write_record,
 )
+from appliance.site.bundle_trust import NOT_TRUSTED, Trust, TrustError, check_folder
 from appliance.site.pace import measure_pace
 from appliance.site.pause_note import read_pause
 from appliance.site.permissions import open_paths
@@ -204,6 +205,7 @@ def _bundle_check(
     )
     if bundle.is_demo:
         out.print("[bold yellow]Demo model, not for diagnosis.[/]")
+    trusted = _signature(config, bundle, out)
     if not bundle.heads:
         out.print(
             "[bold red]No heads[/]: this bundle embeds cells but scores nothing; "
@@ -229,8 +231,31 @@ def _bundle_check(
     out.print(f"Encoder int8: {bundle.encoder.int8_note or 'no note'}")
     if bundle.segmenter is not None:
         out.print(f"Segmenter int8: {bundle.segmenter.int8_note or 'no note'}")
-    usable = not any(check.problem for check in checks) and bool(bundle.heads)
+    usable = not any(check.problem for check in checks) and bool(bundle.heads) and trusted
     return usable, True, bundle
+
+
+def _signature(config: Config, bundle: Bundle, out: Console) -> bool:
+    """Print who signed the bundle, checked again against today's trusted keys, revocations
+    and policy; False when the policy requires a signature this bundle lacks."""
+    try:
+        trust = Trust.of(config)
+    except TrustError as exc:
+        out.print(f"Signature: [bold red]{escape(str(exc))}[/]")
+        return False
+    verdict = check_folder(bundle, trust)
+    if verdict.signer is not None:
+        out.print(f"Signature: signed by {escape(str(verdict.signer))}")
+        return True
+    if trust.policy == "off":
+        out.print("Signature: not checked (bundles.policy = off)")
+        return True
+    colour = "red" if trust.policy == "require" else "yellow"
+    out.print(
+        f"Signature: [bold {colour}]{NOT_TRUSTED}[/] ({escape(verdict.reason)}; "
+        f"bundles.policy = {trust.policy})"
+    )
+    return trust.policy != "require"
 
 
 def _gpu_self_test(config: Config, bundle: Bundle | None, out: Console) -> bool:

@@ -6,7 +6,11 @@ reader (the service between jobs, ``cytoedge score``, the window, ``doctor``)
 sees either the old bundle or the new one, never a mix. The configuration
 names that link (``paths.bundle`` empty, or set to it). A version is only
 switched to once it verified and every network loaded and ran a test input on
-this machine; the versions before stay for ``cytoedge bundle use``.
+this machine; the versions before stay for ``cytoedge bundle use``. Before anything
+is unpacked, the archive's signature is checked against the keys this site trusts
+and the site's policy applied (appliance.site.bundle_trust); ``use`` checks an
+installed version's signature again under the policy of the day, and both keep the
+verdict in the version's folder.
 """
 
 from __future__ import annotations
@@ -21,7 +25,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from appliance.config import CURRENT_BUNDLE, Config
-from runtime.bundle_archive import folder_name, unpack_bundle
+from appliance.site.bundle_trust import Trust, TrustError, check_folder, write_record
+from runtime.bundle_archive import (
+    folder_name,
+    manifest_bytes,
+    read_signed_manifest,
+    unpack_bundle,
+)
 from runtime.bundle_format import Bundle, BundleError, load_bundle
 
 STAGING_PREFIX = ".incoming-"
@@ -73,26 +83,42 @@ def installed_versions(root: Path) -> list[Installed]:
     return found
 
 
-def install_archive(archive: Path, root: Path, check: CheckFn) -> tuple[Installed, bool]:
-    """Verify ``archive``, unpack it beside the installed versions and switch to it once
-    ``check`` finds nothing wrong; (the version now in use, whether it was new).
+def install_archive(
+    archive: Path, root: Path, check: CheckFn, trust: Trust
+) -> tuple[Installed, bool]:
+    """Check ``archive``'s signature against ``trust``, verify and unpack it beside the
+    installed versions and switch to it once ``check`` finds nothing wrong; (the
+    version now in use, whether it was new).
 
     Anything wrong raises InstallError and leaves the installed versions and the one
     in use exactly as they were.
     """
     with _locked(root):
+        try:
+            manifest, signature = read_signed_manifest(archive)
+            verdict = trust.check(manifest, signature)
+            trust.admit(verdict, archive.name)
+        except (BundleError, TrustError) as exc:
+            raise InstallError(str(exc)) from None
         staging = Path(tempfile.mkdtemp(dir=root, prefix=STAGING_PREFIX))
         try:
             try:
                 bundle = unpack_bundle(archive, staging)
             except BundleError as exc:
                 raise InstallError(str(exc)) from None
+            if verdict.signer is not None and manifest_bytes(bundle) != manifest:
+                # What was unpacked is what was signed, and `use` can check it again.
+                raise InstallError(
+                    f"{archive.name}: the signed manifest is not the unpacked bundle's "
+                    "(the file changed while it was read, or was not packed by `bundle pack`)"
+                )
             target = root / folder_name(bundle)
             new = not target.exists()
             if not new:
                 _same_bundle(target, bundle)
                 bundle = _verified(target)
             _require_checks(bundle, check)
+            write_record(bundle.path, verdict, trust)
             if new:
                 os.rename(bundle.path, target)
             _switch(root, target)
@@ -101,9 +127,10 @@ def install_archive(archive: Path, root: Path, check: CheckFn) -> tuple[Installe
         return _installed(load_bundle(target, verify_files=False), target, True), new
 
 
-def use_version(root: Path, handle: str, check: CheckFn) -> Installed:
+def use_version(root: Path, handle: str, check: CheckFn, trust: Trust) -> Installed:
     """Switch to an installed version (its folder name, or its version when only one
-    has it) after verifying it again and running ``check``."""
+    has it) after verifying it again, checking its signature under ``trust`` and
+    running ``check``."""
     with _locked(root):
         versions = installed_versions(root)
         matches = [v for v in versions if handle == v.folder.name] or [
@@ -115,7 +142,13 @@ def use_version(root: Path, handle: str, check: CheckFn) -> Installed:
             raise InstallError(f"{what} installed bundle is called {handle!r} (installed: {names})")
         target = matches[0].folder
         bundle = _verified(target)
+        verdict = check_folder(bundle, trust)
+        try:
+            trust.admit(verdict, f"installed version {target.name}")
+        except TrustError as exc:
+            raise InstallError(str(exc)) from None
         _require_checks(bundle, check)
+        write_record(target, verdict, trust)
         _switch(root, target)
         return _installed(bundle, target, True)
 
