@@ -27,3 +27,13 @@ def check_dimensions(path: Path, width: int, height: int, max_pixels: int = MAX_
             f"the header claims {width}x{height} px, which would exceed any real slide: "
             "the file is damaged or not a slide scan",
         )
+
+
+def check_tile(path: Path, width: int, height: int) -> None:
+    """A tile, decoded whole by any reader, must be of a size scanners write."""
+    if width * height > MAX_TILE_PIXELS:
+        raise ImageTooLargeError(
+            path,
+            f"its tiles of {width}x{height} px are far larger than any scanner writes: "
+            "the file is damaged",
+        )

@@ -23,7 +23,7 @@ from .errors import (
     UnsupportedScanError,
     fails_as,
 )
-from .limits import MAX_FIELD_PIXELS, MAX_TILE_PIXELS, check_dimensions
+from .limits import MAX_FIELD_PIXELS, check_dimensions, check_tile
 
 _DAMAGED_STRUCTURE = "the TIFF is damaged: its header or image directory cannot be read"
 _TRUNCATED_TILE = "truncated file: a tile's data stops before its end (the copy may be incomplete)"
@@ -134,12 +134,8 @@ class TiffScan(Scan):
                 raise _compression_error(path, page.compression)
         levels = []
         for page in pages:
-            if page.is_tiled and page.tilewidth * page.tilelength > MAX_TILE_PIXELS:
-                raise ImageTooLargeError(
-                    path,
-                    f"its tiles of {page.tilewidth}x{page.tilelength} px are far larger than "
-                    "any scanner writes: the file is damaged",
-                )
+            if page.is_tiled:
+                check_tile(path, page.tilewidth, page.tilelength)
             if not page.is_tiled and page.imagewidth * page.imagelength > MAX_FIELD_PIXELS:
                 raise ImageTooLargeError(
                     path,
