@@ -114,7 +114,7 @@ class TiffScan(Scan):
         if channels < 3 or first.dtype != np.uint8:
             raise NotBrightfieldError(
                 path,
-                f"{first.bitspersample}-bit TIFF with {channels} samples per pixel: "
+                f"the TIFF holds {channels} samples per pixel of {first.bitspersample} bits: "
                 "an 8-bit colour (RGB) scan is needed",
             )
         if first.planarconfig != tifffile.PLANARCONFIG.CONTIG:
