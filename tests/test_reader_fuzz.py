@@ -19,6 +19,7 @@ import subprocess
 import sys
 import tempfile
 import textwrap
+import threading
 import zlib
 from collections.abc import Iterator
 from pathlib import Path
@@ -30,10 +31,15 @@ import tifffile
 from hypothesis import HealthCheck, given, settings
 from PIL import Image
 
-from appliance.readers import NotBrightfieldError, open_scan
+from appliance.readers import NotBrightfieldError, open_scan, probe
+from appliance.service.service import Service
+from appliance.service.store import DONE, REJECTED, JobStore, StoreError
+from appliance.service.worker import ProgressFn, SlideOutcome
 from cytoedge_demo.bench.fuzz_inputs import (
+    CALIBRATION,
     FuzzInput,
     Seed,
+    exercise,
     fuzz_inputs,
     outcome,
     place,
@@ -41,6 +47,7 @@ from cytoedge_demo.bench.fuzz_inputs import (
 )
 from tests.conftest import SHARED_DATA, assert_technician_reason
 from tests.fixtures.openslide_files import FOLDER as OPENSLIDE_FILES
+from tests.test_service_worker import BUNDLE, StandInEngine, make_config, wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -234,3 +241,64 @@ def test_16_bit_tiff_is_refused_with_a_sentence(tmp_path: Path) -> None:
         open_scan(path, 0.25)
     assert "16 bits" in refused.value.reason
     assert_technician_reason(refused.value.reason)
+
+
+class ReadingEngine(StandInEngine):
+    """The stand-in engine, reading each scan as the pipeline does before its stand-in work."""
+
+    def process_slide(
+        self, path: Path, progress: ProgressFn, *, use_cache: bool, fingerprint: str | None = None
+    ) -> SlideOutcome:
+        exercise(path)
+        return super().process_slide(path, progress, use_cache=use_cache, fingerprint=fingerprint)
+
+
+def test_the_service_records_a_sentence_for_mutated_files_and_moves_on(tmp_path: Path) -> None:
+    photo = (SHARED_DATA / "bccd-sample" / "BloodImage_00300.jpg").read_bytes()
+    tiles = _pyramid_bytes()
+    _set_tag(tiles, 322, 1_227_934_080)
+    config = make_config(tmp_path)
+    service = Service(
+        config,
+        ReadingEngine(),
+        probe=lambda path: probe(path, CALIBRATION),
+        bundle=BUNDLE,
+        backend="stand-in",
+    )
+    stop = threading.Event()
+    thread = threading.Thread(target=service.run, args=(stop,), daemon=True)
+    thread.start()
+    try:
+        inbox = tmp_path / "inbox"
+        (inbox / "tiles.tif").write_bytes(tiles)  # once took the service down
+        (inbox / "cut.jpg").write_bytes(photo[: len(photo) // 3])
+        (inbox / "bomb.png").write_bytes(_png_header_claiming(60_000, 60_000))
+        (inbox / "good.jpg").write_bytes(photo)
+        store = wait_for(lambda: _open_store(service), timeout=30)
+        keys = ("tiles", "cut", "bomb", "good")
+        wait_for(lambda: all(_state(store, k) in (REJECTED, DONE) for k in keys), timeout=60)
+        reasons = {c.case_key: (c.state, c.reason) for c in store.cases()}
+        store.close()
+    finally:
+        stop.set()
+        thread.join(30)
+    assert not thread.is_alive()
+    assert reasons["good"][0] == DONE
+    for key in ("tiles", "cut", "bomb"):
+        state, reason = reasons[key]
+        assert state == REJECTED, (key, reason)
+        assert_technician_reason(reason)
+    assert "larger than any scanner writes" in reasons["tiles"][1]
+    assert "60000x60000 px" in reasons["bomb"][1]
+
+
+def _open_store(service: Service) -> JobStore | None:
+    try:
+        return JobStore(service.store_path, readonly=True)
+    except StoreError:
+        return None
+
+
+def _state(store: JobStore, key: str) -> str | None:
+    case = store.case_by_key(key)
+    return case.state if case else None
