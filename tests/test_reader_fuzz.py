@@ -31,7 +31,16 @@ import tifffile
 from hypothesis import HealthCheck, given, settings
 from PIL import Image
 
-from appliance.readers import NotBrightfieldError, open_scan, probe
+from appliance.pipeline.fields import read_field
+from appliance.readers import (
+    Calibration,
+    FieldFolder,
+    FieldFolderError,
+    NotBrightfieldError,
+    open_scan,
+    probe,
+    single_field,
+)
 from appliance.service.service import Service
 from appliance.service.store import DONE, REJECTED, JobStore, StoreError
 from appliance.service.worker import ProgressFn, SlideOutcome
@@ -302,3 +311,22 @@ def _open_store(service: Service) -> JobStore | None:
 def _state(store: JobStore, key: str) -> str | None:
     case = store.case_by_key(key)
     return case.state if case else None
+
+
+def test_a_photo_whose_pixel_size_makes_it_too_large_to_read_whole_is_refused(
+    tmp_path: Path,
+) -> None:
+    """A photo stating 10 um/px (JFIF 2540 dpi): read whole at 0.25 um/px, its 640 x 480 px
+    would be 25600 x 19200, past what one read may return; the pipeline's field path
+    raised ValueError (an internal error) instead of rejecting it."""
+    path = tmp_path / "overview.jpg"
+    with Image.open(SHARED_DATA / "bccd-sample" / "BloodImage_00300.jpg") as photo:
+        photo.save(path, "JPEG", dpi=(2540, 2540))
+    field = FieldFolder(path, (path,), Calibration())  # what it was before the check
+    with pytest.raises(ValueError, match="read in tiles"):
+        read_field(field, 0)
+    with pytest.raises(FieldFolderError) as refused:
+        single_field(path, CALIBRATION)
+    assert "6.4 x 4.8 mm" in refused.value.reason and "10 um/px" in refused.value.reason
+    assert_technician_reason(refused.value.reason)
+    assert outcome(path).kind == "rejected"

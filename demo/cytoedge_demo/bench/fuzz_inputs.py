@@ -6,7 +6,8 @@ damaged ones too) and small TIFFs written here with tifffile (a tiled pyramid, a
 OME-TIFF with a sub-IFD pyramid, an untiled field). ``fuzz_inputs`` is a hypothesis
 strategy: a seed, one to three mutations, and the path that reads the result (a scan
 file, a cell folder, a field folder). Mutations know the formats' structure (TIFF
-directory entries, the JPEG frame header, PNG's IHDR with its CRC kept right) or are
+directory entries, the JPEG frame header and JFIF density, PNG's IHDR with its CRC
+kept right) or are
 plain byte flips, inserts, deletions, overwrites and truncations.
 
 ``exercise`` reads an input the way the service does (``probe``, then the pipeline's
@@ -35,8 +36,10 @@ from PIL import Image
 
 from appliance.pipeline import tiles
 from appliance.pipeline.cell_finding import thumbnail_grid
+from appliance.pipeline.fields import read_field
 from appliance.readers import (
     Calibration,
+    FieldFolder,
     ScanError,
     is_field_file,
     open_cell_folder,
@@ -178,9 +181,15 @@ INTERESTING = (0, 1, 2, 3, 7, 8, 16, 127, 255, 256, 0x7FFF, 0x8000, 0xFFFF, 60_0
 INTERESTING_32 = (*INTERESTING, 0x7FFFFFFF, 0x80000000, 0xFFFFFFFF, 1_000_000, 2**24)
 # ImageWidth, ImageLength, BitsPerSample, Compression, Photometric, StripOffsets,
 # SamplesPerPixel, RowsPerStrip, StripByteCounts, PlanarConfig, TileWidth, TileLength,
-# TileOffsets, TileByteCounts, SubIFDs, JPEGTables, SampleFormat, NewSubfileType.
-TIFF_TAGS = (256, 257, 258, 259, 262, 273, 277, 278, 279, 284, 322, 323, 324, 325, 330, 347, 339)
+# TileOffsets, TileByteCounts, SubIFDs, JPEGTables, SampleFormat, XResolution,
+# YResolution, ResolutionUnit, NewSubfileType.
+TIFF_TAGS = (
+    *(256, 257, 258, 259, 262, 273, 277, 278, 279, 284, 322, 323, 324, 325, 330, 347, 339),
+    *(282, 283, 296, 254),
+)
 _TIFF_TYPE_SIZE = {1: 1, 2: 1, 3: 2, 4: 4, 5: 8, 6: 1, 7: 1, 8: 2, 9: 4, 10: 8, 11: 4, 12: 8}
+# Pixels per inch or per cm: screen, print, and microscope-like (1 to 10 um/px) values.
+DENSITIES = (0, 1, 72, 96, 300, 1000, 2540, 5000, 10_000, 25_400, 65_535)
 _SOF_MARKERS = frozenset({0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB})
 
 
@@ -266,6 +275,17 @@ def _mutate_jpeg_frame(draw: Draw, data: bytearray) -> str:
     return f"jpeg {field}={value}"
 
 
+def _mutate_jfif_density(draw: Draw, data: bytearray) -> str:
+    """The JFIF header's unit and density: the pixel size a photo states for itself."""
+    if data[6:11] != b"JFIF\0" or len(data) < 18:
+        return _flip_bit(draw, data)
+    unit = draw(st.sampled_from((0, 1, 2, 3)))
+    density = draw(st.one_of(st.sampled_from(DENSITIES), st.integers(0, 0xFFFF)))
+    data[13] = unit
+    data[14:18] = struct.pack(">HH", density, density)
+    return f"jfif unit {unit} density {density}"
+
+
 def _mutate_png_header(draw: Draw, data: bytearray) -> str:
     if data[12:16] != b"IHDR" or len(data) < 33:
         return _flip_bit(draw, data)
@@ -328,6 +348,7 @@ def _truncate(draw: Draw, data: bytearray) -> str:
 MUTATORS = (
     _mutate_tiff_tag,
     _mutate_jpeg_frame,
+    _mutate_jfif_density,
     _mutate_png_header,
     _flip_bit,
     _overwrite,
@@ -389,11 +410,10 @@ def _read_scan(path: Path) -> None:
             tiles.read_tile(scan, specs[index])
 
 
-def _read_fields(fields: Sequence[Path], calibration: Calibration) -> None:
-    """Each field photo read whole at the working grid, as the pipeline reads it."""
-    for field in fields:
-        with open_scan(field, calibration) as scan:
-            scan.read_region(0, 0, scan.width, scan.height)
+def _read_fields(folder: FieldFolder) -> None:
+    """Each field photo read whole at the working grid, by the pipeline's own function."""
+    for index in range(len(folder)):
+        read_field(folder, index)
 
 
 def exercise(path: Path) -> None:
@@ -403,14 +423,12 @@ def exercise(path: Path) -> None:
     """
     probe(path, CALIBRATION)
     if path.is_dir() and (path / MANIFEST_FILE).is_file() and path.name == FIELDS:
-        folder = open_field_folder(path, CALIBRATION)
-        _read_fields(folder.fields, folder.calibration)
+        _read_fields(open_field_folder(path, CALIBRATION))
     elif path.is_dir():
         for _ in open_cell_folder(path):
             pass
     elif is_field_file(path):
-        field = single_field(path, CALIBRATION)
-        _read_fields(field.fields, field.calibration)
+        _read_fields(single_field(path, CALIBRATION))
     else:
         _read_scan(path)
 
