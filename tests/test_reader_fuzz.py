@@ -37,6 +37,7 @@ from appliance.readers import (
     FieldFolder,
     FieldFolderError,
     NotBrightfieldError,
+    UnreadableScanError,
     open_scan,
     probe,
     single_field,
@@ -330,3 +331,19 @@ def test_a_photo_whose_pixel_size_makes_it_too_large_to_read_whole_is_refused(
     assert "6.4 x 4.8 mm" in refused.value.reason and "10 um/px" in refused.value.reason
     assert_technician_reason(refused.value.reason)
     assert outcome(path).kind == "rejected"
+
+
+def test_a_tiff_listing_fewer_tiles_than_its_size_needs_is_refused_at_once(
+    tmp_path: Path,
+) -> None:
+    """One flipped bit of ImageLength made a 512 px pyramid level 262528 px tall with its
+    4 tiles: OpenSlide read the missing 8200 as glass, and the thumbnail took half a minute
+    before the scan was refused as grayscale."""
+    data = _pyramid_bytes()
+    _set_tag(data, 257, 262_528)  # ImageLength of level 0
+    path = tmp_path / "tall.tif"
+    path.write_bytes(data)
+    with pytest.raises(UnreadableScanError) as refused:
+        probe(path, 0.25)
+    assert "lists 4 tiles" in refused.value.reason and "needs 4102" in refused.value.reason
+    assert_technician_reason(refused.value.reason)

@@ -11,6 +11,7 @@ from . import pixel_size
 from .base import Level, Scan
 from .errors import UnreadableScanError, fails_as
 from .limits import check_dimensions, check_tile
+from .tiff_scan import check_tiff_tiles
 
 
 def detect(path: Path) -> str | None:
@@ -65,6 +66,7 @@ class OpenSlideScan(Scan):
                 )
             )
             _check_levels(path, levels, props)
+            check_tiff_tiles(path)
             mpp_x, mpp_y, source = pixel_size.resolve(path, metadata_um(props), configured)
         except BaseException:
             self._slide.close()

@@ -66,6 +66,41 @@ def _compression_error(path: Path, compression: int) -> ScanError:
     )
 
 
+def check_tile_count(path: Path, page: tifffile.TiffPage) -> None:
+    """A tiled page must list a tile for every place of its grid. Fewer is a damaged
+    directory (a dimension or a count changed), whose missing tiles every reader would
+    read as glass, one by one, however large the dimensions claim the image is."""
+    if not page.is_tiled:
+        return
+    if min(page.tilewidth, page.tilelength, page.tiledepth) <= 0:
+        raise UnreadableScanError(path, _DAMAGED_STRUCTURE)
+    needed = (
+        math.ceil(page.imagewidth / page.tilewidth)
+        * math.ceil(page.imagelength / page.tilelength)
+        * math.ceil(max(page.imagedepth, 1) / page.tiledepth)
+    )
+    if page.planarconfig == tifffile.PLANARCONFIG.SEPARATE:
+        needed *= page.samplesperpixel
+    if len(page.dataoffsets) < needed or len(page.databytecounts) < needed:
+        raise UnreadableScanError(
+            path,
+            f"the TIFF is damaged: it lists {len(page.dataoffsets)} tiles where its "
+            f"{page.imagewidth}x{page.imagelength} px image needs {needed}",
+        )
+
+
+def check_tiff_tiles(path: Path) -> None:
+    """``check_tile_count`` on every page of a TIFF that tifffile parses (one it cannot
+    parse is left to the reader that opens it)."""
+    try:
+        with tifffile.TiffFile(path) as tif:
+            pages = [page for page in tif.pages if isinstance(page, tifffile.TiffPage)]
+    except Exception:
+        return
+    for page in pages:
+        check_tile_count(path, page)
+
+
 def _tag_um(page: tifffile.TiffPage) -> tuple[float, float] | None:
     tags = page.tags
     if "XResolution" not in tags or "ResolutionUnit" not in tags:
@@ -136,6 +171,7 @@ class TiffScan(Scan):
         for page in pages:
             if page.is_tiled:
                 check_tile(path, page.tilewidth, page.tilelength)
+                check_tile_count(path, page)
             if not page.is_tiled and page.imagewidth * page.imagelength > MAX_FIELD_PIXELS:
                 raise ImageTooLargeError(
                     path,
