@@ -2,7 +2,7 @@
 
 The inputs are the real photos, OpenSlide's test slides and small TIFFs, mutated by
 ``cytoedge_demo.bench.fuzz_inputs`` (a hypothesis strategy: TIFF tags, the JPEG frame
-header, PNG's IHDR, byte flips, inserts, deletions, truncations). The run is seeded
+header and JFIF density, PNG's IHDR, byte flips, inserts, deletions, truncations). The run is seeded
 (``derandomize``) and of a fixed size; ``cytoedge bench fuzz`` is the long run, with
 each input in a child process under a memory limit. The regression tests below hold
 the smallest inputs of what the fuzzer found, written here byte by byte; those that
@@ -62,8 +62,9 @@ from tests.test_service_worker import BUNDLE, StandInEngine, make_config, wait_f
 pytestmark = pytest.mark.slow
 
 ROOT = Path(__file__).resolve().parents[1]
-# Seconds one input may take before it counts as a hang (real ones take well under 1 s).
-HANG_SECONDS = 20
+# Seconds one input may take before it counts as a hang: most take well under 1 s, a
+# photo whose header claims 60000 px a side (within the limits) up to 10 s when loaded.
+HANG_SECONDS = 60
 EXAMPLES = 1000
 
 
@@ -346,4 +347,16 @@ def test_a_tiff_listing_fewer_tiles_than_its_size_needs_is_refused_at_once(
     with pytest.raises(UnreadableScanError) as refused:
         probe(path, 0.25)
     assert "lists 4 tiles" in refused.value.reason and "needs 4102" in refused.value.reason
+    assert_technician_reason(refused.value.reason)
+
+
+def test_a_photo_whose_pixel_size_inflates_it_past_a_field_is_refused(tmp_path: Path) -> None:
+    """A Chula photo stating 7301 dpi (3.48 um/px) fits one read at the grid (8909 x 6680
+    px), but reading it whole and measuring it took over 1 GB for a 640 x 480 JPEG."""
+    path = tmp_path / "inflated.jpg"
+    with Image.open(SHARED_DATA / "chula-sample" / "10.jpg") as photo:
+        photo.save(path, "JPEG", dpi=(7301, 7301))
+    with pytest.raises(FieldFolderError) as refused:
+        single_field(path, CALIBRATION)
+    assert "at most 1 mm2" in refused.value.reason
     assert_technician_reason(refused.value.reason)

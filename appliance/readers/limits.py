@@ -11,6 +11,11 @@ MAX_SIDE = 400_000
 MAX_PIXELS = 60_000_000_000
 # Images decoded whole (PNG / JPEG / untiled TIFF fields, single cells): ~300 MB RGB at most.
 MAX_FIELD_PIXELS = 100_000_000
+# A field photo at the 0.25 um/px working grid, where it is read whole: 4096 x 4096 px,
+# 1 mm2 of the smear, more than a 20x objective's field of view. The pipeline holds
+# a few copies of it (about 1 GB at 64 M px), so a header's pixel size must not inflate
+# a small photo past it.
+MAX_FIELD_GRID_PIXELS = 4096 * 4096
 # One tile of a tiled TIFF.
 MAX_TILE_PIXELS = 16 * 1024 * 1024
 
