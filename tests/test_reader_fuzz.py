@@ -360,3 +360,19 @@ def test_a_photo_whose_pixel_size_inflates_it_past_a_field_is_refused(tmp_path: 
         single_field(path, CALIBRATION)
     assert "at most 1 mm2" in refused.value.reason
     assert_technician_reason(refused.value.reason)
+
+
+def test_a_tiff_claiming_thousands_of_samples_per_pixel_is_refused_before_decoding(
+    tmp_path: Path,
+) -> None:
+    """SamplesPerPixel 12073 on a 640 x 480 field: the whole decode allocated 3.7 GB."""
+    buffer = io.BytesIO()
+    rgb = np.full((480, 640, 3), (225, 190, 205), np.uint8)
+    tifffile.imwrite(buffer, rgb, photometric="rgb", compression="zlib")
+    data = bytearray(buffer.getvalue())
+    _set_tag(data, 277, 12_073)  # SamplesPerPixel
+    path = tmp_path / "samples.tif"
+    path.write_bytes(data)
+    said = _refusal_in_child(path)
+    assert said.startswith("NotBrightfieldError"), said
+    assert "12073 samples per pixel" in said

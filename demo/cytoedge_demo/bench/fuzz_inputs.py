@@ -52,8 +52,6 @@ from appliance.readers.formats import MANIFEST_FILE
 
 # What a technician's site would configure: files without a pixel size are at 0.1 um/px.
 CALIBRATION = Calibration(pixel_size_um=0.1)
-# Tiles of a scan read per input: the first, a middle one and the last of the zone.
-TILES_READ = 3
 FILE, CELLS, FIELDS = "file", "cells", "fields"
 _PHOTOS_PER_SET = 2
 _CROP_PX = 96
@@ -68,10 +66,6 @@ class Seed:
     name: str
     data: bytes
     targets: tuple[str, ...]
-
-    @property
-    def suffix(self) -> str:
-        return Path(self.name).suffix.lower()
 
 
 @dataclass(frozen=True)
@@ -400,13 +394,14 @@ def place(item: FuzzInput, folder: Path) -> Path:
 
 
 def _read_scan(path: Path) -> None:
-    """The pipeline's reads of a scan file: thumbnail, cellular zone, a few tiles."""
+    """The pipeline's reads of a scan file: thumbnail, cellular zone, and of the zone's
+    tiles the first, a middle one and the last."""
     with open_scan(path, CALIBRATION) as scan:
         scan.thumbnail(thumbnail_grid(scan.width, scan.height)[0])
         zone = tiles.cellular_zone(scan)
         specs = tiles.tile_grid(scan, zone)
         picks = {0, len(specs) // 2, len(specs) - 1} if specs else set()
-        for index in sorted(picks)[:TILES_READ]:
+        for index in sorted(picks):
             tiles.read_tile(scan, specs[index])
 
 
