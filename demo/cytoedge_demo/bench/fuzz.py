@@ -51,12 +51,16 @@ _KB = 1024
 
 @dataclass
 class Failure:
+    """One distinct failure: how often it came, and the first input that showed it."""
+
     count: int
     first: FuzzInput
 
 
 @dataclass
 class FuzzReport:
+    """What a run tried and met; ``growth_mb`` holds each input's peak resident growth."""
+
     tried: int = 0
     kinds: Counter[str] = field(default_factory=Counter)
     failures: dict[str, Failure] = field(default_factory=dict)
