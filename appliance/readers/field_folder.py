@@ -16,7 +16,8 @@ one slide:
   fields may be any size (tiles of 512 px are common);
 - each field's pixel size follows ``pixel_size.resolve``: its own sidecar, the
   folder's manifest, the file's metadata, the configuration; at that size a field
-  must show at least ``formats.MIN_FIELD_UM`` a side, room for a cell;
+  must show at least ``formats.MIN_FIELD_UM`` a side, room for a cell, and at most
+  ``limits.MAX_FIELD_GRID_PIXELS`` at the working grid (1 mm2), where it is read whole;
 - the folder is read as it is: whether a folder in the inbox is copied in full
   (``.ready``) is the inbox's question.
 
@@ -36,9 +37,11 @@ import tifffile
 from PIL import Image
 
 from . import formats, pixel_size
+from .base import TARGET_UM_PER_PX
 from .errors import FieldFolderError, PixelSizeError, fails_as, listed_files
 from .formats import MANIFEST_FILE, MAX_CELL_SIDE, MIN_FIELD_UM, Reader
 from .image_scan import metadata_um
+from .limits import MAX_FIELD_GRID_PIXELS
 from .pixel_size import Calibration
 
 _MANIFEST_EXAMPLE = '{"fields": ["f01.jpg", ...], "pixel_size_um": 0.075}'
@@ -85,7 +88,7 @@ def single_field(path: Path, calibration: Calibration | float = 0.0) -> FieldFol
     field = FieldFolder(path, (path,), pixel_size.calibration(calibration))
     size = formats.image_size(path)
     if size is not None:
-        _check_holds_a_cell(path, path, size, field.calibration)
+        _check_field_size(path, path, size, field.calibration)
     return field
 
 
@@ -119,7 +122,7 @@ def _check_field(folder: Path, path: Path, cal: Calibration, listed: bool) -> No
             "folder of fields, not inside it",
         )
     if size is not None:
-        _check_holds_a_cell(folder, path, size, cal)
+        _check_field_size(folder, path, size, cal)
 
 
 def _check_not_a_crop(folder: Path, path: Path, size: tuple[int, int]) -> None:
@@ -133,8 +136,9 @@ def _check_not_a_crop(folder: Path, path: Path, size: tuple[int, int]) -> None:
         )
 
 
-def _check_holds_a_cell(where: Path, path: Path, size: tuple[int, int], cal: Calibration) -> None:
-    """A photo must show enough of the smear for a cell and the crop around it."""
+def _check_field_size(where: Path, path: Path, size: tuple[int, int], cal: Calibration) -> None:
+    """A photo must show enough of the smear for a cell and the crop around it, and no
+    more than ``limits.MAX_FIELD_GRID_PIXELS`` at the working grid, where it is read whole."""
     um = _pixel_um(path, cal)
     if um is None:
         return  # no pixel size yet: opening the photo says why
@@ -145,6 +149,13 @@ def _check_holds_a_cell(where: Path, path: Path, size: tuple[int, int], cal: Cal
             f"field {path.name} shows only {width:.0f} x {height:.0f} um of the smear "
             f"({size[0]}x{size[1]} px at {um[0]:.3g} um/px): too small to hold a white cell, "
             f"which is looked at in a {MIN_FIELD_UM:.0f} um square",
+        )
+    if (width / TARGET_UM_PER_PX) * (height / TARGET_UM_PER_PX) > MAX_FIELD_GRID_PIXELS:
+        raise FieldFolderError(
+            where,
+            f"field {path.name} shows {width / 1000:.1f} x {height / 1000:.1f} mm of the smear "
+            f"({size[0]}x{size[1]} px at {um[0]:.3g} um/px): a field photo shows at most 1 mm2 "
+            "of it; it was taken at a low magnification, or its pixel size is wrong",
         )
 
 

@@ -81,7 +81,7 @@ def decode_rgb(path: Path, image: Image.Image) -> np.ndarray:
     with fails_as(UnreadableScanError, path, _DAMAGED_DATA):
         frames = getattr(image, "n_frames", 1)  # a TIFF walks its directories for this
         if frames > 1 and image.format == "TIFF":
-            raise NotBrightfieldError(path, f"{frames}-frame TIFF: looks like fluorescence")
+            raise NotBrightfieldError(path, f"a TIFF of {frames} frames: looks like fluorescence")
         image.load()
         rgb = image.convert("RGBA").convert("RGB") if image.mode == "P" else image.convert("RGB")
         return np.asarray(rgb)

@@ -10,7 +10,8 @@ import openslide
 from . import pixel_size
 from .base import Level, Scan
 from .errors import UnreadableScanError, fails_as
-from .limits import check_dimensions
+from .limits import check_dimensions, check_tile
+from .tiff_scan import check_tiff_tiles
 
 
 def detect(path: Path) -> str | None:
@@ -38,6 +39,16 @@ def metadata_um(props: dict[str, str]) -> tuple[float, float] | None:
     return (x, y) if x and y else None
 
 
+def _check_levels(path: Path, levels: tuple[Level, ...], props: dict[str, str]) -> None:
+    """Every level's size, and its tile size where OpenSlide says it, from the headers:
+    OpenSlide allocates a whole tile to decode it and aborts the process when it cannot."""
+    for index, level in enumerate(levels):
+        check_dimensions(path, level.width, level.height)
+        tile = (props.get(f"openslide.level[{index}].tile-{side}") for side in ("width", "height"))
+        width, height = (int(value) if value and value.isdigit() else 0 for value in tile)
+        check_tile(path, width, height)
+
+
 class OpenSlideScan(Scan):
     def __init__(self, path: Path, vendor: str, configured: pixel_size.Calibration | float) -> None:
         reason = (
@@ -54,7 +65,8 @@ class OpenSlideScan(Scan):
                     self._slide.level_dimensions, self._slide.level_downsamples, strict=True
                 )
             )
-            check_dimensions(path, levels[0].width, levels[0].height)
+            _check_levels(path, levels, props)
+            check_tiff_tiles(path)
             mpp_x, mpp_y, source = pixel_size.resolve(path, metadata_um(props), configured)
         except BaseException:
             self._slide.close()

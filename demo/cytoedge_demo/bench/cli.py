@@ -301,3 +301,47 @@ def cells(
     except (LabelledCellsError, BundleError) as exc:
         typer.echo(f"cytoedge: {exc}", err=True)
         raise typer.Exit(2) from None
+
+
+@bench_app.command()
+def fuzz(
+    minutes: Annotated[
+        float, typer.Option(min=0.1, help="Run for this long (whole batches).")
+    ] = 5.0,
+    seed: Annotated[int, typer.Option(help="Hypothesis seed of the first batch.")] = 0,
+    data: Annotated[
+        Path, typer.Option(help="Folder of bccd-sample and chula-sample (the seed photos).")
+    ] = Path("../shared/data"),
+    slides: Annotated[
+        Path, typer.Option(help="OpenSlide's test files (`make testdata`), also seeds.")
+    ] = Path(".testdata/openslide-python-1.4.1"),
+    timeout: Annotated[float, typer.Option(min=1, help="Seconds per input before a hang.")] = 30,
+    memory_mb: Annotated[
+        float, typer.Option(min=1, help="Resident growth per input above which it fails.")
+    ] = 1024,
+    keep: Annotated[
+        Path | None, typer.Option(help="Write the first input of each distinct failure here.")
+    ] = None,
+) -> None:
+    """Mutated real files through every reader, each in a child: failures, hangs, memory."""
+    from rich.console import Console
+
+    from cytoedge_demo.bench.fuzz import print_report, run_fuzz
+
+    console = Console()
+    try:
+        report = run_fuzz(
+            data,
+            slides if slides.is_dir() else None,
+            minutes,
+            seed,
+            timeout,
+            memory_mb,
+            keep,
+            console,
+        )
+    except FileNotFoundError as exc:
+        typer.echo(f"cytoedge: {exc}", err=True)
+        raise typer.Exit(2) from None
+    print_report(report, console)
+    raise typer.Exit(1 if report.failures else 0)
