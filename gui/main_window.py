@@ -33,7 +33,6 @@ from appliance.review.relabel import RelabelError, save_cell_label
 from appliance.review.sign_off import ReviewError, SignOff, login_name, sign_off
 from appliance.service.audit import AUDIT_FILE, AuditLog
 from appliance.service.store import JobStore, StoreError
-from appliance.site.bundle_trust import read_record
 from gui.models import PollingThread, QueueDelegate, QueueModel, format_received
 from gui.relabel_view import RelabelDialog
 from gui.result_data import CellView
@@ -41,6 +40,7 @@ from gui.result_view import ResultPane
 from gui.review_state import SHOWS_RESULT, ReviewIndex, case_result_folder
 from gui.review_view import DECISIONS, SignOffDialog
 from gui.store_reader import CaseRow, QueueSnapshot, ServiceInfo
+from runtime.bundle_signer import read_record
 
 STALE_HEARTBEAT_S = 30.0
 # Narrower than this, the queue is stacked above the result: side by side, neither

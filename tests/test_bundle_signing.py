@@ -27,13 +27,7 @@ from appliance.results import CaseResult, SignerRecord
 from appliance.results.report import render_report_html
 from appliance.review.fhir import fhir_bundle
 from appliance.review.sign_off import SignOff
-from appliance.site.bundle_trust import (
-    NOT_TRUSTED,
-    Trust,
-    read_record,
-    sign_new_version,
-    signature_document,
-)
+from appliance.site.bundle_trust import Trust, sign_new_version, signature_document
 from appliance.site.installed_bundles import InstallError, install_archive, use_version
 from appliance.site.signing_keys import (
     SigningKeyError,
@@ -50,6 +44,7 @@ from runtime.bundle_archive import (
     sign_archive,
 )
 from runtime.bundle_format import load_bundle
+from runtime.bundle_signer import NOT_TRUSTED, read_record
 from tests.runtime_models import TinyBundle
 from tests.test_bundle_install import no_problems, tree
 from tests.test_cli import cytoedge

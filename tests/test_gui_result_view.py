@@ -17,10 +17,10 @@ from PySide6.QtGui import QColor, QImage
 from PySide6.QtWidgets import QGridLayout, QLabel
 
 from appliance.results import SignerRecord, read_result
-from appliance.site.bundle_trust import NOT_TRUSTED
 from cytoedge_demo.samples import KINDS, write_sample_result
 from gui.result_data import DEMO_BANNER, ResultUnreadableError, load_result
 from gui.result_view import CellDialog, ProbabilityBar, ResultPane, read_folder
+from runtime.bundle_signer import NOT_TRUSTED
 
 
 def text_of_grid(grid: QGridLayout) -> list[str]:

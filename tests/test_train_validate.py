@@ -14,10 +14,10 @@ import pytest
 from typer.testing import CliRunner
 
 from appliance.cli.main import app
-from appliance.site.bundle_trust import read_record
 from appliance.site.signing_keys import generate_key_pair
 from appliance.site.verification import read_verification
 from runtime.bundle_format import load_bundle
+from runtime.bundle_signer import read_record
 
 pytestmark = pytest.mark.slow
 

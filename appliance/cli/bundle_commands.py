@@ -166,8 +166,8 @@ def list_versions(config: ConfigOption = None) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    from appliance.site.bundle_trust import read_record
     from appliance.site.installed_bundles import installed_versions
+    from runtime.bundle_signer import read_record
 
     cfg = setup(config, log_to_file=False)
     versions = installed_versions(cfg.bundles_root)
@@ -193,7 +193,7 @@ def list_versions(config: ConfigOption = None) -> None:
 
 
 def _signed_line(folder: Path) -> str:
-    from appliance.site.bundle_trust import read_record
+    from runtime.bundle_signer import read_record
 
     signed = read_record(folder)
     if signed.signer is not None:

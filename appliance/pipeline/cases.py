@@ -38,9 +38,9 @@ from appliance.results import (
     cells_of,
     write_case_result,
 )
-from appliance.site.bundle_trust import read_record
 from runtime.backends import RuntimeSettings
 from runtime.bundle_format import Bundle
+from runtime.bundle_signer import read_record
 from runtime.head_kinds import INDETERMINATE
 from runtime.heads import HeadResult, load_heads
 

@@ -25,7 +25,6 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
@@ -37,32 +36,19 @@ from appliance.site.signing_keys import (
     fingerprint,
     is_encrypted,
     load_private_key,
-    short,
     trusted_keys,
 )
 from runtime.bundle_archive import SIGNATURE, manifest_bytes
 from runtime.bundle_format import Bundle
+from runtime.bundle_signer import NOT_TRUSTED, RECORD, Signer, record_json, short
 from runtime.files import write_json_atomic
 
-NOT_TRUSTED = "bundle not signed by a trusted key"
 SIGNATURE_FORMAT = "cytoedge-bundle-signature"
-RECORD = "signature.json"
 PASSPHRASE_ENV = "CYTOEDGE_KEY_PASSPHRASE"
 
 
 class TrustError(ValueError):
     """A bundle the site's policy refuses, or trust that cannot be read; one line."""
-
-
-@dataclass(frozen=True)
-class Signer:
-    """The trusted key that signed a bundle."""
-
-    name: str
-    fingerprint: str
-
-    def __str__(self) -> str:
-        return f"{self.name} ({short(self.fingerprint)})"
 
 
 @dataclass(frozen=True)
@@ -72,15 +58,6 @@ class Verdict:
     signer: Signer | None
     reason: str  # empty with a signer
     signature: bytes | None  # MANIFEST.sig as it came, kept to check again later
-
-
-@dataclass(frozen=True)
-class Signed:
-    """What an installed folder's record says, for results, doctor and the window."""
-
-    signer: Signer | None
-    warning: str | None  # NOT_TRUSTED when the site's policy warns about this bundle
-    reason: str
 
 
 @dataclass(frozen=True)
@@ -186,22 +163,6 @@ def write_record(folder: Path, verdict: Verdict, trust: Trust) -> None:
     )
 
 
-def read_record(folder: Path) -> Signed:
-    """The record ``write_record`` kept; a folder without one is vouched for by no one."""
-    record = _record(folder)
-    if record is None:
-        return Signed(None, NOT_TRUSTED, "no signature record (not installed with one)")
-    signer = record.get("signer")
-    warning = record.get("warning")
-    return Signed(
-        Signer(str(signer.get("name")), str(signer.get("fingerprint")))
-        if isinstance(signer, dict)
-        else None,
-        NOT_TRUSTED if warning else None,
-        str(record.get("reason") or ""),
-    )
-
-
 def sign_new_version(bundle: Bundle, config: Config) -> Verdict | None:
     """Sign a version this site wrote (``train``, ``validate --recalibrate``) with the
     site's key, ``bundles.signing_key``, and keep the verdict in its folder as an
@@ -244,16 +205,8 @@ def _parse(signature: bytes) -> tuple[str, bytes]:
         raise ValueError("not base64") from None
 
 
-def _record(folder: Path) -> dict[str, Any] | None:
-    try:
-        record = json.loads((folder / RECORD).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-    return record if isinstance(record, dict) else None
-
-
 def _stored_signature(folder: Path) -> bytes | None:
-    record = _record(folder) or {}
+    record = record_json(folder) or {}
     try:
         return base64.b64decode(record["signature"], validate=True)
     except (KeyError, TypeError, binascii.Error):

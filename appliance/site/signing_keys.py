@@ -25,7 +25,6 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 PRIVATE_SUFFIX = ".key"
 PUBLIC_SUFFIX = ".pub"
 EXPIRES = "Expires:"
-SHORT = 16  # hex digits of a fingerprint shown to a person
 KEY_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
 _PEM_START = "-----BEGIN"
 
@@ -49,11 +48,6 @@ def fingerprint(public: Ed25519PublicKey) -> str:
     """sha256 of the raw public key, lower-case hex."""
     raw = public.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
     return hashlib.sha256(raw).hexdigest()
-
-
-def short(fingerprint_hex: str) -> str:
-    """A fingerprint as a person reads it."""
-    return fingerprint_hex[:SHORT]
 
 
 def generate_key_pair(
