@@ -174,9 +174,9 @@ def test_comparisons_at_and_beyond_their_limits() -> None:
     assert not compare_embeddings({"embedding": embedding}, noisy, "fp32")[2]
 
     prob, dist = rng.uniform(size=(1, 8, 8, 1)), rng.uniform(5, 20, (1, 8, 8, 32))
-    assert compare_segmenter({"prob": prob, "dist": dist}, {"prob": prob, "dist": dist}, "")[2]
+    assert compare_segmenter({"prob": prob, "dist": dist}, {"prob": prob, "dist": dist}, "fp32")[2]
     assert not compare_segmenter(
-        {"prob": prob, "dist": dist}, {"prob": prob, "dist": dist + 3e-3}, ""
+        {"prob": prob, "dist": dist}, {"prob": prob, "dist": dist + 3e-3}, "fp32"
     )[2]
 
     head = {

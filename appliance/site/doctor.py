@@ -25,6 +25,7 @@ from appliance.site.backend_check import (
     write_record,
 )
 from appliance.site.pace import measure_pace
+from appliance.site.self_test import choice_table, measure_paths
 from runtime.backends import (
     Backend,
     BackendError,
@@ -294,7 +295,26 @@ def _figure(value: float) -> str:
     return f"{value:.0f}" if value == int(value) and abs(value) >= 1 else f"{value:.6g}"
 
 
-def run_doctor(config: Config, bundle: Path | None = None, gpu_self_test: bool = False) -> int:
+def _self_test(config: Config, bundle: Bundle | None, out: Console) -> bool:
+    """Measure every path of the encoder and segmenter here and keep the fastest that
+    passed its gate (appliance.site.self_test); True when each network has one."""
+    if bundle is None:
+        out.print("Self-test: [bold red]needs a bundle that verifies[/] (see above).")
+        return False
+    report, choices, record = measure_paths(bundle, config.runtime.settings, config.state_dir, out)
+    out.print(choice_table(report, choices))
+    for choice in choices:
+        out.print(f"{choice.network}: {choice.backend} at {choice.precision}")
+    out.print(f"Kept in {record}; the service and `cytoedge score` use it.")
+    return len(choices) == len({m.network for m in report.measurements})
+
+
+def run_doctor(
+    config: Config,
+    bundle: Path | None = None,
+    gpu_self_test: bool = False,
+    self_test: bool = False,
+) -> int:
     """Print the report; return the exit code (0 when the setup can score)."""
     out = Console(soft_wrap=True)
     out.print(f"Python {sys.version.split()[0]} on {platform.platform()}")
@@ -336,6 +356,8 @@ def run_doctor(config: Config, bundle: Path | None = None, gpu_self_test: bool =
         settings = site_settings(config.runtime.settings, config.state_dir, loaded)
         out.print(measure_pace(loaded, settings).sentence())
     self_test_ok = _gpu_self_test(config, loaded, out) if gpu_self_test else True
+    if self_test:
+        self_test_ok = _self_test(config, loaded, out) and self_test_ok
 
     ok = backend_ok and slide_ok and bundle_ok and self_test_ok
     if not ok:
