@@ -31,7 +31,7 @@ from runtime.backends.base import (
     RuntimeSettings,
     TensorSpec,
 )
-from runtime.files import sha256_file
+from runtime.engines import file_sha256
 from runtime.probe import cpu_info
 
 CACHE_FOLDER = "openvino"
@@ -118,7 +118,7 @@ class OpenVinoBackend(Backend):
                 f"openvino on this {device} runs at {'/'.join(precisions)}, not {precision}"
             )
         path = variants.fp32
-        key = cache_key(sha256_file(path), openvino_version() or "", device, precision)
+        key = cache_key(file_sha256(path), openvino_version() or "", device, precision)
         cache = engines / CACHE_FOLDER / key
         cache.mkdir(parents=True, exist_ok=True)
         config: dict[str, Any] = {
