@@ -34,6 +34,7 @@ from runtime.backends import (
     ModelVariants,
     RuntimeSettings,
     TensorSpec,
+    backend_names,
     open_model,
 )
 from runtime.backends.choice import AVOIDED
@@ -49,6 +50,7 @@ STAND_INS = ["toy-half", "toy-drift"]
 @pytest.fixture
 def stand_ins(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[str]]:
     """Register the two stand-in accelerators for one test (the registry is restored)."""
+    backend_names()  # the real backends register in the real registry first
     monkeypatch.setattr(Backend, "registered", dict(Backend.registered))
 
     class Wrapped(Backend):

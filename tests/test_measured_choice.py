@@ -27,6 +27,7 @@ from runtime.backends import (
     ModelVariants,
     RuntimeSettings,
     TensorSpec,
+    backend_names,
     open_model,
 )
 from runtime.backends.ort_cpu import OrtCpuBackend
@@ -46,8 +47,6 @@ def bf16(array: np.ndarray) -> np.ndarray:
 def bf16_stand_ins(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[str]]:
     """Two CPU stand-ins at bf16 over ONNX Runtime fp32: one feeds its inputs rounded
     to bf16; one also drifts every output by 10 % (the registry is restored after)."""
-    from runtime.backends.registry import backend_names
-
     backend_names()  # the real backends register in the real registry first
     monkeypatch.setattr(Backend, "registered", dict(Backend.registered))
 

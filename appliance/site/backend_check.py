@@ -208,8 +208,8 @@ def run_self_test(
     statuses = {status.name: status for status in probe_backends()}
     if statuses.get("tensorrt") and statuses["tensorrt"].available and "tensorrt" in names:
         build_engines(bundle, report)
-    chosen = _networks(bundle)
-    networks = [n for n in chosen if networks is None or n.label in networks]
+    every = _networks(bundle)
+    networks = [n for n in every if networks is None or n.label in networks]
     reference_settings = RuntimeSettings(REFERENCE, threads=settings.threads)
     measurements = []
     steps = len(networks) * len(names)
