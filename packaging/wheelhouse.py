@@ -64,8 +64,9 @@ class Role:
 
 
 ROLES = {
-    "cpu": Role(),
-    "gui": Role(extras=("gui",), window=True),
+    # OpenVINO: the CPU path the site's own measurement may choose (doctor --self-test).
+    "cpu": Role(extras=("openvino",)),
+    "gui": Role(extras=("gui", "openvino"), window=True),
     "gpu": Role(extras=("gui", "gpu"), leave_out=("onnxruntime",), window=True),
     "model-owner": Role(extras=("export",), demo=True, appliance=False),
 }

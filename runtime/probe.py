@@ -1,4 +1,4 @@
-"""What this machine has for the backends to probe: packages, GPUs, cuda-python."""
+"""What this machine has for the backends to probe: packages, GPUs, the CPU, cuda-python."""
 
 from __future__ import annotations
 
@@ -70,3 +70,27 @@ def cuda_python_present() -> bool:
         except ImportError:  # the parent package "cuda" is absent
             continue
     return False
+
+
+@dataclass(frozen=True)
+class CpuInfo:
+    model: str  # /proc/cpuinfo's "model name"; "" where the system does not say
+    flags: tuple[str, ...]  # its instruction-set flags, sorted
+
+
+def cpu_info() -> CpuInfo:
+    """The CPU's model and flags (Linux): what decides which precision runs fastest, so
+    compiled-model caches and measured choices are kept per CPU."""
+    model, flags = "", ()
+    try:
+        text = Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return CpuInfo(model, flags)
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        key = key.strip()
+        if key == "model name" and not model:
+            model = value.strip()
+        elif key == "flags" and not flags:
+            flags = tuple(sorted(set(value.split())))
+    return CpuInfo(model, flags)

@@ -34,6 +34,7 @@ from runtime.backends import (
     ModelVariants,
     RuntimeSettings,
     TensorSpec,
+    backend_names,
     open_model,
 )
 from runtime.backends.choice import AVOIDED
@@ -49,6 +50,7 @@ STAND_INS = ["toy-half", "toy-drift"]
 @pytest.fixture
 def stand_ins(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[str]]:
     """Register the two stand-in accelerators for one test (the registry is restored)."""
+    backend_names()  # the real backends register in the real registry first
     monkeypatch.setattr(Backend, "registered", dict(Backend.registered))
 
     class Wrapped(Backend):
@@ -174,9 +176,9 @@ def test_comparisons_at_and_beyond_their_limits() -> None:
     assert not compare_embeddings({"embedding": embedding}, noisy, "fp32")[2]
 
     prob, dist = rng.uniform(size=(1, 8, 8, 1)), rng.uniform(5, 20, (1, 8, 8, 32))
-    assert compare_segmenter({"prob": prob, "dist": dist}, {"prob": prob, "dist": dist}, "")[2]
+    assert compare_segmenter({"prob": prob, "dist": dist}, {"prob": prob, "dist": dist}, "fp32")[2]
     assert not compare_segmenter(
-        {"prob": prob, "dist": dist}, {"prob": prob, "dist": dist + 3e-3}, ""
+        {"prob": prob, "dist": dist}, {"prob": prob, "dist": dist + 3e-3}, "fp32"
     )[2]
 
     head = {

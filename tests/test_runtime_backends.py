@@ -29,7 +29,7 @@ def model(tmp_path: Path) -> tuple[Path, np.ndarray]:
 
 
 def statuses(**available: bool) -> list[BackendStatus]:
-    names = ("tensorrt", "ort-tensorrt", "ort-cuda", "ort-cpu")
+    names = ("tensorrt", "ort-tensorrt", "ort-cuda", "ort-cpu", "openvino")
     return [
         BackendStatus(n, available.get(n.replace("-", "_"), False), f"{n} probed") for n in names
     ]
@@ -88,10 +88,11 @@ def test_expected_fallbacks_log_at_debug_and_the_choice_in_one_info_line(
     loud = [r for r in caplog.records if r.levelno >= logging.INFO]
     assert [r.levelname for r in loud] == ["INFO"]
     line = loud[0].getMessage()
-    assert "runs on ort-cpu (fp32)" in line and "skipped tensorrt, ort-tensorrt, ort-cuda" in line
+    assert "runs on ort-cpu (fp32)" in line
+    assert "skipped tensorrt, ort-tensorrt, ort-cuda, openvino" in line
     assert "probed" not in line  # the reasons are not repeated at INFO...
     quiet = [r.getMessage() for r in caplog.records if r.levelno == logging.DEBUG]
-    assert sum("probed" in m for m in quiet) == 3  # ...they are at DEBUG
+    assert sum("probed" in m for m in quiet) == 4  # ...they are at DEBUG (openvino's too)
     assert "ort-cuda probed" in backend.describe()  # and what cytoedge doctor shows
 
 
@@ -118,7 +119,7 @@ def test_plan_follows_the_order_and_the_override(monkeypatch: pytest.MonkeyPatch
     monkeypatch.setattr(choice, "probe_backends", lambda: statuses(ort_cuda=True, ort_cpu=True))
     candidates, skipped = plan_backends("auto")
     assert candidates == ["ort-cuda", "ort-cpu"]
-    assert [f.backend for f in skipped] == ["tensorrt", "ort-tensorrt"]
+    assert [f.backend for f in skipped] == ["tensorrt", "ort-tensorrt", "openvino"]
     assert plan_backends("ort-cpu") == (["ort-cpu"], [])
 
 
@@ -133,7 +134,28 @@ def test_each_backend_chooses_its_own_file(tmp_path: Path) -> None:
 
 
 def test_the_registry_holds_every_backend_in_the_automatic_order() -> None:
-    assert backend_names() == ("tensorrt", "ort-tensorrt", "ort-cuda", "ort-cpu")
+    assert backend_names() == ("tensorrt", "ort-tensorrt", "ort-cuda", "ort-cpu", "openvino")
+
+
+def test_the_measured_choice_comes_first_then_the_automatic_order(
+    tmp_path: Path, model: tuple[Path, np.ndarray], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path, _ = model
+    int8 = tmp_path / "encoder.int8.onnx"
+    int8.write_bytes(path.read_bytes())  # a stand-in file: ORT loads it as int8
+    variants = ModelVariants(path, int8=int8)
+    monkeypatch.setattr(choice, "probe_backends", lambda: statuses(ort_cpu=True, openvino=True))
+    assert open_model(variants).variant == "int8"  # the fixed order: ort-cpu, its int8
+    # Measured: ort-cpu at fp32 was fastest for this network; its precision is pinned.
+    fp32 = open_model(variants, RuntimeSettings(prefer=(("encoder.onnx", "ort-cpu", "fp32"),)))
+    assert (fp32.name, fp32.variant) == ("ort-cpu", "fp32")
+    # Another network's choice, an avoided backend or a configured one do not apply.
+    other = RuntimeSettings(prefer=(("segmenter.onnx", "ort-cpu", "fp32"),))
+    assert open_model(variants, other).variant == "int8"
+    assert choice.measured_first("encoder.onnx", [("encoder.onnx", "openvino", "fp32")], []) is None
+    assert choice.measured_first(
+        "encoder.onnx", [("encoder.onnx", "openvino", "bf16")], ["ort-cpu", "openvino"]
+    ) == ("openvino", "bf16")
 
 
 TOY_BACKEND = """

@@ -158,13 +158,21 @@ def doctor(
             "the CPU (builds missing TensorRT engines).",
         ),
     ] = False,
+    self_test: Annotated[
+        bool,
+        typer.Option(
+            "--self-test",
+            help="Time the encoder and segmenter on every backend and precision that "
+            "passes its parity gate here, and keep the fastest for this bundle.",
+        ),
+    ] = False,
     config: ConfigOption = None,
 ) -> None:
     """Show what this machine can run; exit 0 when the configured setup can score."""
     from appliance.site.doctor import run_doctor
 
     cfg = setup(config, log_to_file=False)
-    raise typer.Exit(run_doctor(cfg, bundle, gpu_self_test))
+    raise typer.Exit(run_doctor(cfg, bundle, gpu_self_test, self_test))
 
 
 def _add_plugin_commands() -> None:

@@ -1,6 +1,6 @@
-"""The GPU self-test: every network of a bundle on every backend that loads here,
-compared with ONNX Runtime on the CPU (fp32) on the same inputs, with the export's
-parity limits (``runtime.parity``), and timed.
+"""The GPU self-test: every network of a bundle on every backend that loads here, at
+each precision it can run there, compared with ONNX Runtime on the CPU (fp32) on the
+same inputs, with the export's parity limits (``runtime.parity``), and timed.
 
 ``cytoedge doctor --gpu-self-test`` runs it and prints the table; the service runs
 it before its first job on a machine with a GPU (and again for a new bundle, GPU
@@ -8,7 +8,9 @@ or software). The result is kept in ``<data_dir>/state/gpu-self-test/``; a
 backend that failed it is not used for that bundle on this machine
 (``RuntimeSettings.avoid``) until the self-test runs again and it passes.
 TensorRT engines that are missing are built first (``runtime.engines``), with
-progress.
+progress. ``cytoedge doctor --self-test`` runs the same comparisons on the encoder
+and the segmenter on any machine and keeps the fastest path that passed
+(``appliance.site.measured_choice``); ``site_settings`` hands it on.
 """
 
 from __future__ import annotations
@@ -19,17 +21,20 @@ import json
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterator, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
 
+from appliance.pipeline.segmentation import Detections, Segmenter, match_detections
+from appliance.site.measured_choice import preferred_paths
 from runtime.backends import (
     BackendError,
     ModelVariants,
     RuntimeSettings,
+    backend_class,
     backend_names,
     open_model,
     probe_backends,
@@ -44,6 +49,8 @@ from runtime.parity import (
     HEAD_MAX_PROBABILITY_DIFF,
     HEAD_MIN_ATTENTION_COSINE,
     SEGMENTER_DIST_TOLERANCE,
+    SEGMENTER_INT8_MAX_EXTRA,
+    SEGMENTER_INT8_MIN_IOU,
     SEGMENTER_PROB_TOLERANCE,
     bag_features,
     centred_cosine,
@@ -57,11 +64,12 @@ log = logging.getLogger(__name__)
 REFERENCE = "ort-cpu"  # on the fp32 files: what every other backend is compared with
 ENCODER_CELLS = 32
 TILE_PX = 512
+GATE_TILES = 3  # fields of TILE_PX whose detections a reduced-precision segmenter must keep
 BAG_CELLS = 512  # the heads' TensorRT profile's optimum
 TIMED_RUNS = 3
 TICK_SECONDS = 30.0
 RECORD_DIR = "gpu-self-test"
-PACKAGES = ("cytoedge", "onnxruntime", "onnxruntime-gpu", "tensorrt", "cuda-python")
+PACKAGES = ("cytoedge", "onnxruntime", "onnxruntime-gpu", "tensorrt", "cuda-python", "openvino")
 
 ProgressFn = Callable[[str, float], None]
 Outputs = dict[str, np.ndarray]
@@ -108,6 +116,10 @@ class _Loaded(Protocol):
 
     def run(self) -> Outputs: ...
 
+    def gate(self) -> Outputs:
+        """Outputs the comparison needs beyond one timed run's (untimed)."""
+        ...
+
     def close(self) -> None: ...
 
 
@@ -118,6 +130,7 @@ class _Network:
     units: float  # cells or megapixels in one run
     open: Callable[[RuntimeSettings, bool], _Loaded]  # (settings, as the reference)
     compare: Callable[[Outputs, Outputs, str], tuple[dict[str, float], dict[str, str], bool]]
+    variants: ModelVariants | None = None  # a network's files; None: heads, not pinned
 
 
 class _ModelRun:
@@ -128,8 +141,31 @@ class _ModelRun:
     def run(self) -> Outputs:
         return {k: np.asarray(v) for k, v in self.model.run(self.feeds).items()}
 
+    def gate(self) -> Outputs:
+        return {}
+
     def close(self) -> None:
         self.model.close()
+
+
+class _SegmenterRun(_ModelRun):
+    """The segmenter timed on one field's network input, and gated on the detections
+    it makes on ``tiles`` through the pipeline's own Segmenter."""
+
+    def __init__(self, model: Any, feeds: Outputs, spec: Any, tiles: list[np.ndarray]) -> None:
+        super().__init__(model, feeds)
+        self.spec, self.tiles = spec, tiles
+
+    def gate(self) -> Outputs:
+        segmenter = Segmenter(self.model, self.spec, threads=0, variant=self.variant)
+        found = [segmenter.detect(tile) for tile in self.tiles]
+        return {
+            "det_tile": np.concatenate([np.full(len(d), i) for i, d in enumerate(found)]),
+            "det_points": np.concatenate([d.points for d in found]),
+            "det_dist": np.concatenate([d.dist for d in found]),
+            "det_prob": np.concatenate([d.prob for d in found]),
+            "tile_shapes": np.array([tile.shape[:2] for tile in self.tiles]),
+        }
 
 
 class _HeadRun:
@@ -149,6 +185,9 @@ class _HeadRun:
             "calls": np.array(calls),
         }
 
+    def gate(self) -> Outputs:
+        return {}
+
     def close(self) -> None:
         self.runner.close()
 
@@ -159,14 +198,18 @@ def run_self_test(
     *,
     progress: ProgressFn | None = None,
     backends: Sequence[str] | None = None,
+    networks: Collection[str] | None = None,
 ) -> SelfTestReport:
-    """Every network of ``bundle`` on each of ``backends`` (default: all registered)."""
+    """Every network of ``bundle`` (or those labelled in ``networks``: "encoder",
+    "segmenter", "head <name>") on each of ``backends`` (default: all registered), at
+    each precision the backend can run it at here (``Backend.precisions``)."""
     report = progress or (lambda stage, fraction: None)
     names = list(backends or backend_names())
     statuses = {status.name: status for status in probe_backends()}
     if statuses.get("tensorrt") and statuses["tensorrt"].available and "tensorrt" in names:
         build_engines(bundle, report)
-    networks = _networks(bundle)
+    every = _networks(bundle)
+    networks = [n for n in every if networks is None or n.label in networks]
     reference_settings = RuntimeSettings(REFERENCE, threads=settings.threads)
     measurements = []
     steps = len(networks) * len(names)
@@ -175,6 +218,7 @@ def run_self_test(
         loaded = network.open(reference_settings, True)
         try:
             reference, _ = _timed(loaded)
+            reference |= loaded.gate()
         finally:
             loaded.close()
         for offset, name in enumerate(names):
@@ -185,31 +229,41 @@ def run_self_test(
                     Measurement(network.label, name, "-", None, detail=status.detail)
                 )
                 continue
-            candidate = replace(settings, backend=name, avoid=(), build_engines=True)
-            try:
-                loaded = network.open(candidate, False)
-            except BackendError as exc:
-                measurements.append(Measurement(network.label, name, "-", None, detail=str(exc)))
-                continue
-            try:
-                outputs, seconds = _timed(loaded)
-            finally:
-                loaded.close()
-            metrics, limits, passed = network.compare(reference, outputs, loaded.variant)
-            measurements.append(
-                Measurement(
-                    network.label,
-                    name,
-                    loaded.variant,
-                    passed,
-                    metrics,
-                    limits,
-                    seconds / network.units,
-                    network.unit,
+            precisions = ("",)  # the backend's own choice
+            if network.variants is not None and status is not None:
+                precisions = backend_class(name).precisions(network.variants)
+            for precision in precisions:
+                candidate = replace(
+                    settings, backend=name, avoid=(), build_engines=True, precision=precision
                 )
-            )
+                measurements.append(_measure(network, candidate, reference))
     report("done", 1.0)
     return SelfTestReport(bundle.sha256, tuple(measurements))
+
+
+def _measure(network: _Network, settings: RuntimeSettings, reference: Outputs) -> Measurement:
+    """One network on one backend at one precision, against the reference's outputs."""
+    name = settings.backend
+    try:
+        loaded = network.open(settings, False)
+    except BackendError as exc:
+        return Measurement(network.label, name, settings.precision or "-", None, detail=str(exc))
+    try:
+        outputs, seconds = _timed(loaded)
+        outputs |= loaded.gate()
+    finally:
+        loaded.close()
+    metrics, limits, passed = network.compare(reference, outputs, loaded.variant)
+    return Measurement(
+        network.label,
+        name,
+        loaded.variant,
+        passed,
+        metrics,
+        limits,
+        seconds / network.units,
+        network.unit,
+    )
 
 
 def build_engines(bundle: Bundle, progress: ProgressFn) -> None:
@@ -282,22 +336,40 @@ def _networks(bundle: Bundle) -> list[_Network]:
         return _ModelRun(model, feeds)
 
     networks = [
-        _Network("encoder", "cell", ENCODER_CELLS, open_encoder, compare_embeddings),
+        _Network(
+            "encoder",
+            "cell",
+            ENCODER_CELLS,
+            open_encoder,
+            compare_embeddings,
+            bundle.encoder_variants(),
+        ),
     ]
     if bundle.segmenter is not None:
         segmenter = bundle.segmenter
         tile = stained_field(TILE_PX, TILE_PX, cells=24, seed=7).astype(np.float32) / 255.0
         if segmenter.input_channels == 1:
             tile = tile.mean(axis=2, keepdims=True)
-        feeds = {"input": np.ascontiguousarray(tile[None], dtype=np.float32)}
-        path = bundle.file(segmenter.file)
+        # Its own name: open_encoder above reads ``feeds`` when it is called.
+        tile_feeds = {"input": np.ascontiguousarray(tile[None], dtype=np.float32)}
+        gate_tiles = [stained_field(TILE_PX, TILE_PX, 25, seed=4200 + i) for i in range(GATE_TILES)]
+        seg_variants = bundle.segmenter_variants()
+        assert seg_variants is not None
+        fp32_segmenter = ModelVariants(fp32=seg_variants.fp32)
+
+        def open_segmenter(settings: RuntimeSettings, reference: bool) -> _Loaded:
+            variants = fp32_segmenter if reference else seg_variants
+            model = open_model(variants, settings, engine_dir=bundle.engines_dir)
+            return _SegmenterRun(model, tile_feeds, segmenter, gate_tiles)
+
         networks.append(
             _Network(
                 "segmenter",
                 "megapixel",
                 TILE_PX * TILE_PX / 1e6,
-                lambda s, _: _ModelRun(open_model(path, s, engine_dir=bundle.engines_dir), feeds),
+                open_segmenter,
                 compare_segmenter,
+                seg_variants,
             )
         )
     bag = bag_features(BAG_CELLS, bundle.encoder.embed_dim, seed=9512)
@@ -331,7 +403,11 @@ def compare_embeddings(
 def compare_segmenter(
     reference: Outputs, candidate: Outputs, variant: str
 ) -> tuple[dict[str, float], dict[str, str], bool]:
-    """StarDist's probabilities and ray lengths, with the segmenter export's tolerances."""
+    """fp32: StarDist's probabilities and ray lengths, with the segmenter export's
+    tolerances; reduced precision: the int8 segmenter's detection parity on the gate
+    tiles (every fp32 detection matched at IoU 0.5, extras at most 1 %)."""
+    if variant != "fp32":
+        return compare_detections(reference, candidate)
     prob = float(np.abs(reference["prob"] - candidate["prob"]).max())
     dist = float(np.abs(reference["dist"] - candidate["dist"]).max())
     limits = {
@@ -340,6 +416,39 @@ def compare_segmenter(
     }
     passed = prob <= SEGMENTER_PROB_TOLERANCE and dist <= SEGMENTER_DIST_TOLERANCE
     return {"max_prob_diff": prob, "max_dist_diff_px": dist}, limits, passed
+
+
+def compare_detections(
+    reference: Outputs, candidate: Outputs
+) -> tuple[dict[str, float], dict[str, str], bool]:
+    """Detection parity of two segmenter runs on the same gate tiles (``_SegmenterRun``)."""
+    counts = None
+    for index, shape in enumerate(reference["tile_shapes"]):
+        tile = (int(shape[0]), int(shape[1]))
+        pair = [_detections(outputs, index) for outputs in (reference, candidate)]
+        found = match_detections(pair[0], pair[1], tile, SEGMENTER_INT8_MIN_IOU)
+        counts = found if counts is None else counts + found
+    assert counts is not None  # GATE_TILES > 0
+    expected = counts.true_positives + counts.false_negatives
+    metrics = {
+        "reference_detections": float(expected),
+        "missing": float(counts.false_negatives),
+        "extra": float(counts.false_positives),
+    }
+    limits = {"missing": "== 0", "extra": f"<= {SEGMENTER_INT8_MAX_EXTRA:.0%} of fp32's"}
+    passed = (
+        expected > 0
+        and counts.false_negatives == 0
+        and counts.false_positives <= SEGMENTER_INT8_MAX_EXTRA * expected
+    )
+    return metrics, limits, passed
+
+
+def _detections(outputs: Outputs, tile: int) -> Detections:
+    keep = outputs["det_tile"] == tile
+    return Detections(
+        outputs["det_points"][keep], outputs["det_dist"][keep], outputs["det_prob"][keep]
+    )
 
 
 def compare_heads(
@@ -418,8 +527,13 @@ def avoided_backends(state_dir: Path, bundle: Bundle) -> tuple[str, ...]:
 
 
 def site_settings(settings: RuntimeSettings, state_dir: Path, bundle: Bundle) -> RuntimeSettings:
-    """The configured settings, less the backends the self-test found wanting here."""
-    return replace(settings, avoid=avoided_backends(state_dir, bundle))
+    """The configured settings, less the backends the self-test found wanting here, with
+    the paths ``doctor --self-test`` measured fastest here put first."""
+    return replace(
+        settings,
+        avoid=avoided_backends(state_dir, bundle),
+        prefer=preferred_paths(state_dir, bundle),
+    )
 
 
 def _recorded(state_dir: Path, bundle: Bundle) -> dict[str, Any] | None:

@@ -30,6 +30,7 @@ from appliance.site.bundle_trust import NOT_TRUSTED, Trust, TrustError, check_fo
 from appliance.site.pace import measure_pace
 from appliance.site.pause_note import read_pause
 from appliance.site.permissions import open_paths
+from appliance.site.self_test import choice_table, measure_paths
 from runtime.backends import (
     Backend,
     BackendError,
@@ -353,7 +354,26 @@ def _open_data(config: Config, out: Console) -> None:
         out.print(f"  {oct(mode)[2:].zfill(4)} {escape(str(path))}")
 
 
-def run_doctor(config: Config, bundle: Path | None = None, gpu_self_test: bool = False) -> int:
+def _self_test(config: Config, bundle: Bundle | None, out: Console) -> bool:
+    """Measure every path of the encoder and segmenter here and keep the fastest that
+    passed its gate (appliance.site.self_test); True when each network has one."""
+    if bundle is None:
+        out.print("Self-test: [bold red]needs a bundle that verifies[/] (see above).")
+        return False
+    report, choices, record = measure_paths(bundle, config.runtime.settings, config.state_dir, out)
+    out.print(choice_table(report, choices))
+    for choice in choices:
+        out.print(f"{choice.network}: {choice.backend} at {choice.precision}")
+    out.print(f"Kept in {record}; the service and `cytoedge score` use it.")
+    return len(choices) == len({m.network for m in report.measurements})
+
+
+def run_doctor(
+    config: Config,
+    bundle: Path | None = None,
+    gpu_self_test: bool = False,
+    self_test: bool = False,
+) -> int:
     """Print the report; return the exit code (0 when the setup can score)."""
     out = Console(soft_wrap=True)
     out.print(f"Python {sys.version.split()[0]} on {platform.platform()}")
@@ -397,6 +417,8 @@ def run_doctor(config: Config, bundle: Path | None = None, gpu_self_test: bool =
     self_test_ok = _gpu_self_test(config, loaded, out) if gpu_self_test else True
     held_ok = _service_hold(config, out)
     _open_data(config, out)
+    if self_test:
+        self_test_ok = _self_test(config, loaded, out) and self_test_ok
 
     ok = backend_ok and slide_ok and bundle_ok and self_test_ok and held_ok
     if not ok:

@@ -4,8 +4,8 @@ The surface: ``open_model(model, RuntimeSettings(...))`` -> a ``Backend``;
 ``plan_backends`` / ``probe_backends`` say what this machine can run and why;
 ``backend_names()`` lists the registered backends in the automatic order. Each
 backend is one module of this package (``ort_cpu.py``, ``ort_cuda.py``,
-``ort_tensorrt.py``, ``trt.py``); heavy modules (tensorrt, cuda-python,
-onnxruntime) are imported only when a backend that needs them probes or loads.
+``ort_tensorrt.py``, ``trt.py``, ``ov.py``); heavy modules (tensorrt, cuda-python,
+onnxruntime, openvino) are imported only when a backend that needs them probes or loads.
 """
 
 from runtime.backends.base import (

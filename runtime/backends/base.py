@@ -32,7 +32,11 @@ class RuntimeSettings:
     ``threads``: CPU threads per session, 0 for one per core; ``batch_size``: cells per
     encoder batch, 0 for the backend's own best; ``build_engines``: False turns a
     missing or stale TensorRT engine into a fallback instead of a build; ``avoid``:
-    backends not to use although they load (they failed the GPU self-test here).
+    backends not to use although they load (they failed the GPU self-test here);
+    ``prefer``: (network's fp32 file name, backend, precision) the measured choice put
+    first for that network here (``appliance.site.measured_choice``), tried before the
+    automatic order; ``precision``: the precision a backend is asked to run at, set by
+    ``open_model`` from ``prefer`` ("" for the backend's own best).
     """
 
     backend: str = "auto"
@@ -40,6 +44,8 @@ class RuntimeSettings:
     batch_size: int = 0
     build_engines: bool = True
     avoid: tuple[str, ...] = ()
+    prefer: tuple[tuple[str, str, str], ...] = ()
+    precision: str = ""
 
 
 @dataclass(frozen=True)
@@ -79,10 +85,14 @@ class ModelVariants:
     fp16: Path | None = None
     int8: Path | None = None
 
+    def present(self, preference: tuple[str, ...]) -> tuple[str, ...]:
+        """The variants of ``preference`` this network has a file for, in that order."""
+        return tuple(v for v in preference if getattr(self, v, None) is not None)
+
     def first_of(self, preference: tuple[str, ...]) -> tuple[str, Path]:
         """(variant, file): the first of ``preference`` this network has, else fp32."""
         for variant in preference:
-            path = getattr(self, variant)
+            path = getattr(self, variant, None)
             if path is not None:
                 return variant, path
         return "fp32", self.fp32
@@ -116,9 +126,16 @@ class Backend(Registered, ABC):
         Raises BackendError (or OSError) when it cannot."""
 
     @classmethod
-    def choose_file(cls, variants: ModelVariants) -> tuple[str, Path]:
-        """(variant, file) of ``variants`` this backend loads."""
-        return variants.first_of(cls.files)
+    def choose_file(cls, variants: ModelVariants, precision: str = "") -> tuple[str, Path]:
+        """(variant, file) of ``variants`` this backend loads: ``precision``'s file when
+        one is asked for and present, else the first of ``files`` present."""
+        return variants.first_of((precision,) if precision else cls.files)
+
+    @classmethod
+    def precisions(cls, variants: ModelVariants) -> tuple[str, ...]:
+        """The precisions this backend can run ``variants`` at on this machine, each a
+        path the measured choice times and gates (``RuntimeSettings.precision``)."""
+        return variants.present(cls.files) or ("fp32",)
 
     # -- a loaded network ------------------------------------------------------------------
     @property

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Collection
+from dataclasses import replace
 from pathlib import Path
 
 from runtime.backends.base import Backend, BackendError, Fallback, ModelVariants, RuntimeSettings
@@ -46,8 +47,9 @@ def open_model(
     *,
     engine_dir: Path | None = None,
 ) -> Backend:
-    """Load ``model`` on ``settings.backend`` ("auto": the first in the automatic order
-    that loads it).
+    """Load ``model`` on ``settings.backend`` ("auto": the backend and precision the
+    measured choice put first for this network, ``settings.prefer``, then the first in
+    the automatic order that loads it).
 
     ``engine_dir`` is where compiled engines are cached (default: ``engines/`` beside
     the ONNX file). Every skipped backend is logged and kept in ``.fallbacks``. A
@@ -59,13 +61,21 @@ def open_model(
         raise BackendError(f"{variants.fp32}: model file not found")
     engines = engine_dir or variants.fp32.parent / "engines"
     candidates, fallbacks = plan_backends(settings.backend, settings.avoid)
+    precisions: dict[str, str] = {}
+    if settings.backend == AUTO:
+        measured = measured_first(variants.fp32.name, settings.prefer, candidates)
+        if measured is not None:
+            candidates.remove(measured[0])
+            candidates.insert(0, measured[0])
+            precisions[measured[0]] = measured[1]
     for fallback in fallbacks:
         # Expected on most sites (no GPU, no TensorRT): every session would repeat them.
         log.debug("not using %s for %s: %s", fallback.backend, variants.fp32.name, fallback.reason)
     for name in candidates:
         cls = backend_class(name)
         try:
-            loaded = cls.load(variants, settings, engines)
+            precision = precisions.get(name, settings.precision)
+            loaded = cls.load(variants, replace(settings, precision=precision), engines)
         except (BackendError, OSError) as exc:
             # OSError: e.g. a read-only bundle folder where engines cannot be cached.
             fallback = Fallback(name, str(exc))
@@ -84,3 +94,14 @@ def open_model(
             f"configured backend {settings.backend} cannot run {variants.fp32.name}: {reasons}"
         )
     raise BackendError(f"no backend can run {variants.fp32.name}: {reasons}")
+
+
+def measured_first(
+    network: str, prefer: Collection[tuple[str, str, str]], candidates: list[str]
+) -> tuple[str, str] | None:
+    """(backend, precision) measured fastest for the network whose fp32 file is named
+    ``network``, when that backend is among ``candidates`` (present and not avoided)."""
+    for name, backend, precision in prefer:
+        if name == network and backend in candidates:
+            return backend, precision
+    return None

@@ -71,7 +71,7 @@ class OrtBackend(Backend):
 
     @classmethod
     def load(cls, variants: ModelVariants, settings: RuntimeSettings, engines: Path) -> Backend:
-        variant, path = cls.choose_file(variants)
+        variant, path = cls.choose_file(variants, settings.precision)
         return cls(path, variant, threads=settings.threads)
 
     def __init__(

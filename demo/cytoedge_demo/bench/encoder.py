@@ -2,7 +2,8 @@
 
 Paths, in one run on the same images: torch eager fp32 (the baseline), torch bf16
 autocast (the strongest torch CPU baseline, docs/ENVIRONMENT.md), ONNX Runtime fp32
-and int8 on the CPU through the runtime's own backend, and where present ORT-CUDA
+and int8 on the CPU through the runtime's own backend, OpenVINO on the fp32 ONNX at
+each precision this CPU runs (bf16 with AMX or AVX-512 bf16, f32), and where present ORT-CUDA
 fp16 and TensorRT fp16 (plus torch CUDA fp16 autocast as the GPU baseline). Prints
 cells/s, GFLOP/s and the ratio to torch eager fp32, and the int8 fidelity gate.
 
@@ -174,6 +175,27 @@ def run_encoder_bench(
         int8.close()
 
     candidates, _ = plan_backends("auto")
+    if "openvino" in candidates:
+        from runtime.backends import backend_class
+
+        for precision in backend_class("openvino").precisions(ModelVariants(fp32)):
+            settings = RuntimeSettings("openvino", threads, precision=precision)
+            with out.status(f"Compiling for OpenVINO at {precision}..."):
+                vino = open_model(fp32, settings, engine_dir=work / "engines")
+            vino_cosine = float(
+                row_cosines(reference, vino.run({"pixels": pixels})["embedding"]).min()
+            )
+            results.append(
+                time_path(
+                    f"OpenVINO {precision} (fp32 ONNX)",
+                    lambda vino=vino: vino.run({"pixels": pixels}),
+                    batch,
+                    repeats,
+                    warmup,
+                    note=f"min cosine vs torch fp32 {vino_cosine:.5f}",
+                )
+            )
+            vino.close()
     if torch.cuda.is_available():
         gpu_model = model.cuda()
         gpu_tensor = tensor.cuda()

@@ -237,6 +237,7 @@ def run_variants_bench(
                 keep_first_conv=bool(options.get("keep_first_conv", True)),
             )
             variants.append(make(name, OrtCpuBackend(path, "int8", threads=threads)))
+        variants += openvino_variants(fp32_path, Path(work), threads, make)
     variants.append(make("fp32 half res", fp32_network, half=True))
 
     images, masks = segmentation_tiles(n_tiles, size, seed)
@@ -287,13 +288,31 @@ def run_variants_bench(
         "int8: static QDQ as export/segmenter_int8.py makes it (first Conv fp32, "
         f"calibrated on 4 tiles of {SPEED_PX} px); +1st Conv: the first Conv quantised too; "
         "Conv only: ReLU, MaxPool, Concat left in float; cal 512: calibrated on 6 tiles of "
-        "512 px; half res: the tile at 0.5 um/px (2 x 2 mean), objects scaled back"
+        "512 px; half res: the tile at 0.5 um/px (2 x 2 mean), objects scaled back; "
+        "OpenVINO: the fp32 network compiled at that inference precision"
     )
     load = ", ".join(f"{x:.2f}" for x in os.getloadavg())
     console.print(f"load average (1, 5, 15 min): {load}; {threads or 'all'} threads")
     if slide is not None:
         console.print(glass_share(slide, VISITED_TILES, int(section["div_by"][0])))
     return variants
+
+
+def openvino_variants(
+    fp32_path: Path, work: Path, threads: int, make: Callable[[str, Any], Variant]
+) -> list[Variant]:
+    """The fp32 network on OpenVINO at each precision this CPU runs, when installed."""
+    from runtime.backends import ModelVariants, backend_class, open_model, plan_backends
+
+    candidates, _ = plan_backends("openvino")
+    if not candidates:
+        return []
+    found = []
+    for precision in backend_class("openvino").precisions(ModelVariants(fp32_path)):
+        settings = RuntimeSettings("openvino", threads, precision=precision)
+        network = open_model(fp32_path, settings, engine_dir=work / "engines")
+        found.append(make(f"OpenVINO {precision}", network))
+    return found
 
 
 def glass_share(slide: Path, first: int, div_by: int, margin: int = 48) -> str:
