@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from appliance.results import case_folder, latest_version, read_result
+from appliance.service.audit import read_audit
 from tests.conftest import assert_technician_reason
 from tests.runtime_models import TinyBundle
 
@@ -105,6 +106,15 @@ def test_case_ids_that_differ_only_in_unsafe_characters_never_share_a_result(
         latest = latest_version(outbox, case_id)
         assert latest is not None and latest.version == 1
         assert read_result(latest.path).case_id == case_id
+    # Each result is in the audit trail with its files, and the trail is intact.
+    records = read_audit(isolated_data_dir / "state" / "audit.jsonl")
+    finished = {r["case"]: r for r in records if r["event"] == "finished"}
+    assert set(finished) == {"P 001", "P_001", "P/001"}
+    assert all(
+        r["source"] == "score" and "result.json" in r["result_files"] for r in finished.values()
+    )
+    verified = cytoedge("audit", "verify", config=config)
+    assert verified.returncode == 0 and "intact" in verified.stdout, verified.stdout
 
 
 def test_without_a_bundle_score_says_so_in_one_line(tmp_path: Path) -> None:

@@ -1,4 +1,9 @@
-"""What ``cytoedge score`` and ``cytoedge demo`` show: progress per stage and a short table."""
+"""What ``cytoedge score`` and ``cytoedge demo`` show: progress per stage and a short table.
+
+Each case written goes into the audit trail as the service's cases do (a
+``finished`` record with every file of the version by its hash, ``source:
+score``), so ``cytoedge audit verify`` covers results scored from the command line.
+"""
 
 from __future__ import annotations
 
@@ -17,6 +22,8 @@ from appliance.pipeline.networks import SlideNetworks
 from appliance.pipeline.slides import SlideResult, process_slide
 from appliance.readers import ScanError
 from appliance.results import CaseResult
+from appliance.service.audit import AUDIT_FILE, AuditLog, result_file_hashes
+from appliance.service.service import software_version
 from appliance.site.backend_check import site_settings
 from runtime.bundle_format import Bundle
 
@@ -38,6 +45,12 @@ def score_inputs(
     """Process every input and score each group as a case; rejected inputs are collected."""
     run = ScoreRun()
     settings = site_settings(config.runtime.settings, config.state_dir, bundle)
+    audit = AuditLog(
+        config.state_dir / AUDIT_FILE,
+        max_bytes=config.audit.max_bytes,
+        software_version=software_version(),
+        source="score",
+    )
     # One encoder and one segmenter session for every scan of the run, opened on first use.
     networks = SlideNetworks(bundle, settings)
     with new_progress(console) as progress, networks:
@@ -61,17 +74,31 @@ def score_inputs(
                     run.rejected.append((path, OUT_OF_MEMORY))
             if slides:
                 bars = StageBars(progress, f"case {case_id[:18]}: ")
-                run.cases.append(
-                    score_case(
-                        case_id,
-                        slides,
-                        bundle,
-                        config.outbox,
-                        settings=settings,
-                        progress=bars,
-                    )
+                scored = score_case(
+                    case_id, slides, bundle, config.outbox, settings=settings, progress=bars
                 )
+                run.cases.append(scored)
+                audit_scored(audit, scored)
     return run
+
+
+def audit_scored(audit: AuditLog, case: ScoredCase) -> None:
+    """The ``finished`` record of a case scored outside the service."""
+    result, folder = case.result, case.folder.path
+    audit.record(
+        "finished",
+        kind="case",
+        case=case.case_id,
+        slides=[{"path": str(s.path), "fingerprint": s.fingerprint} for s in case.slides],
+        outcome=result.status,
+        status=result.status,
+        version=result.version,
+        result_dir=str(folder),
+        result_files=result_file_hashes(folder),
+        backend=result.backend,
+        bundle={"name": result.bundle.name, "version": result.bundle.version,
+                "sha256": result.bundle.sha256},
+    )  # fmt: skip
 
 
 def cell_rows(result: CaseResult) -> list[tuple[str, str]]:
