@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from appliance.config import Config, PathsConfig
+from appliance.config import Config, PathsConfig, RuntimeConfig
 from appliance.service.follow import BundleFollower
 from appliance.site import backend_check as self_test
 from appliance.site import doctor
@@ -272,7 +272,10 @@ def test_the_service_runs_it_before_its_first_job_on_a_gpu_and_then_avoids_what_
 def test_without_a_gpu_the_service_runs_no_self_test(bundle: Bundle, tmp_path: Path) -> None:
     if gpu_names():
         pytest.skip("this machine has a GPU")
-    config = Config(paths=PathsConfig(data_dir=str(tmp_path / "data"), bundle=str(bundle.path)))
+    config = Config(
+        paths=PathsConfig(data_dir=str(tmp_path / "data"), bundle=str(bundle.path)),
+        runtime=RuntimeConfig(measure_on_start=False),
+    )
     follower = BundleFollower(config, lambda b, s: object())  # type: ignore[arg-type,return-value]
     follower.open()
     assert follower(lambda stage, fraction: None) is None
