@@ -17,7 +17,15 @@ from appliance.service.audit import read_audit
 from appliance.service.follow import BundleFollower
 from appliance.service.store import DONE, REJECTED
 from appliance.site import measured_choice
-from appliance.site.measured_choice import preferred_paths, record_path, recorded_choices
+from appliance.site.backend_check import Measurement
+from appliance.site.measured_choice import (
+    choose,
+    preferred_paths,
+    record_path,
+    recorded_choices,
+    write_choice,
+)
+from cytoedge_demo.bench.pipeline import score_one
 from cytoedge_demo.synthetic import write_cell_folders
 from runtime.backends import RuntimeSettings
 from runtime.bundle_format import Bundle, load_bundle
@@ -149,3 +157,23 @@ def test_a_real_service_measures_before_its_first_case_and_scores_it_on_the_choi
     (version,) = sorted((tmp_path / "outbox" / "P0001").glob("v*/result.json"))
     assert json.loads(version.read_text())["scans"][0]["encoder_variant"] == encoder["precision"]
     assert "timing the encoder and the segmenter" in service.log_text()
+
+
+def test_bench_pipeline_runs_each_network_on_the_measured_choice_and_names_it(
+    tiny: Bundle, tmp_path: Path, small_scan_writer: object
+) -> None:
+    """The choice differs from the fixed order on both networks (whose first is
+    ``ort-cpu``): openvino for each, kept as ``doctor --self-test`` keeps it."""
+    pytest.importorskip("openvino")
+    assert callable(small_scan_writer)
+    slide = small_scan_writer(tmp_path / "smear.tif", seed=1, size=768)
+    timed = [
+        Measurement(network, "openvino", "fp32", True, seconds_per_unit=0.01, unit="cell")
+        for network in ("encoder", "segmenter")
+    ]
+    state = tmp_path / "state"
+    write_choice(state, tiny, choose(tiny, timed), timed)
+    fixed = score_one(Path(slide), tiny.path, "auto", 1)
+    chosen = score_one(Path(slide), tiny.path, "auto", 1, state_dir=state)
+    assert fixed["encoder"].startswith("ort-cpu ") and fixed["segmenter"].startswith("ort-cpu ")
+    assert (chosen["encoder"], chosen["segmenter"]) == ("openvino fp32", "openvino fp32")
