@@ -158,8 +158,8 @@ class BundleFollower:
         if report is None:
             log.warning(
                 "first start with this bundle on this machine: timing the encoder and the "
-                "segmenter on each backend and precision to choose the fastest (about a "
-                "minute; `cytoedge doctor --self-test` shows the table)",
+                "segmenter on each backend and precision to choose the fastest (a minute "
+                "or two; `cytoedge doctor --self-test` shows the table)",
                 extra={"bundle": f"{bundle.name} {bundle.version}"},
             )
         try:
