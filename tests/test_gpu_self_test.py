@@ -28,6 +28,7 @@ from appliance.site.backend_check import (
     site_settings,
     write_record,
 )
+from appliance.site.measured_choice import preferred_paths, recorded_choices
 from runtime.backends import (
     Backend,
     BackendStatus,
@@ -260,6 +261,10 @@ def test_the_service_runs_it_before_its_first_job_on_a_gpu_and_then_avoids_what_
     assert switched is not None and switched[1].sha256 == bundle.sha256
     assert [s.avoid for s in opened] == [(), ("toy-drift",)]
     assert any("on toy-half" in stage for stage in stages)
+    # The CPU paths' choice came from the same run: nothing was measured twice.
+    assert stages.count("encoder on ort-cpu") == 1
+    assert {c.network for c in recorded_choices(config.state_dir, bundle)} == {"encoder"}
+    assert opened[-1].prefer == preferred_paths(config.state_dir, bundle)
     assert follower(lambda stage, fraction: None) is None  # once per bundle and machine
     # The next start reads the kept result: no self-test, the backend still avoided.
     again = BundleFollower(config, open_engine)  # type: ignore[arg-type]
