@@ -68,6 +68,7 @@ class RuntimeConfig:
     backend: str = AUTO  # or one of runtime.backends.backend_names()
     threads: int = 0  # 0: one per core
     encoder_batch: int = 0  # 0: the backend's own best batch size
+    measure_on_start: bool = True  # time the CPU paths before the first job with a bundle
 
     @property
     def settings(self) -> RuntimeSettings:

@@ -16,7 +16,17 @@ from appliance.service.store import Case, JobStore, StoreError
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def write_config(work: Path, bundle: Path, outbox: Path | None = None, **watch: float) -> Path:
+def write_config(
+    work: Path,
+    bundle: Path,
+    outbox: Path | None = None,
+    *,
+    backend: str = "ort-cpu",
+    measure_on_start: bool = False,
+    **watch: float,
+) -> Path:
+    """A service's configuration over ``work``; it does not time the CPU paths before
+    its first job unless ``measure_on_start`` (one test's subject, minutes of others')."""
     for name in ("inbox", "outbox", "data"):
         (work / name).mkdir(parents=True, exist_ok=True)
     settings = {
@@ -32,8 +42,9 @@ def write_config(work: Path, bundle: Path, outbox: Path | None = None, **watch: 
         f'outbox = "{outbox or work / "outbox"}"',
         f'bundle = "{bundle}"',
         "[runtime]",
-        'backend = "ort-cpu"',
+        f'backend = "{backend}"',
         "threads = 1",
+        f"measure_on_start = {str(measure_on_start).lower()}",
         "[watch]",
         *(f"{key} = {value}" for key, value in settings.items()),
         "[service]",

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from appliance.config import Config, PathsConfig
+from appliance.config import Config, PathsConfig, RuntimeConfig
 from appliance.service.follow import BundleFollower
 from appliance.site import backend_check as self_test
 from appliance.site import doctor
@@ -28,6 +28,7 @@ from appliance.site.backend_check import (
     site_settings,
     write_record,
 )
+from appliance.site.measured_choice import preferred_paths, recorded_choices
 from runtime.backends import (
     Backend,
     BackendStatus,
@@ -260,6 +261,10 @@ def test_the_service_runs_it_before_its_first_job_on_a_gpu_and_then_avoids_what_
     assert switched is not None and switched[1].sha256 == bundle.sha256
     assert [s.avoid for s in opened] == [(), ("toy-drift",)]
     assert any("on toy-half" in stage for stage in stages)
+    # The CPU paths' choice came from the same run: nothing was measured twice.
+    assert stages.count("encoder on ort-cpu") == 1
+    assert {c.network for c in recorded_choices(config.state_dir, bundle)} == {"encoder"}
+    assert opened[-1].prefer == preferred_paths(config.state_dir, bundle)
     assert follower(lambda stage, fraction: None) is None  # once per bundle and machine
     # The next start reads the kept result: no self-test, the backend still avoided.
     again = BundleFollower(config, open_engine)  # type: ignore[arg-type]
@@ -272,7 +277,10 @@ def test_the_service_runs_it_before_its_first_job_on_a_gpu_and_then_avoids_what_
 def test_without_a_gpu_the_service_runs_no_self_test(bundle: Bundle, tmp_path: Path) -> None:
     if gpu_names():
         pytest.skip("this machine has a GPU")
-    config = Config(paths=PathsConfig(data_dir=str(tmp_path / "data"), bundle=str(bundle.path)))
+    config = Config(
+        paths=PathsConfig(data_dir=str(tmp_path / "data"), bundle=str(bundle.path)),
+        runtime=RuntimeConfig(measure_on_start=False),
+    )
     follower = BundleFollower(config, lambda b, s: object())  # type: ignore[arg-type,return-value]
     follower.open()
     assert follower(lambda stage, fraction: None) is None

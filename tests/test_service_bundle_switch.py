@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from appliance.config import Config, PathsConfig
+from appliance.config import Config, PathsConfig, RuntimeConfig
 from appliance.results import read_result
 from appliance.service.audit import read_audit
 from appliance.service.follow import BundleFollower
@@ -130,7 +130,10 @@ def test_the_follower_takes_up_a_switched_link_and_refuses_a_broken_one(
         made = TinyBundle(tmp_path / version).write(version=version)
         install_archive(pack_bundle(made.path, tmp_path), root, no_problems, WARN)
     use_version(root, "1.0", no_problems, WARN)
-    config = Config(paths=PathsConfig(data_dir=str(tmp_path / "data")))
+    config = Config(
+        paths=PathsConfig(data_dir=str(tmp_path / "data")),
+        runtime=RuntimeConfig(measure_on_start=False),
+    )
     follower = BundleFollower(config, lambda bundle, settings: bundle)  # type: ignore[arg-type,return-value]
     _, bundle = follower.open()
     assert bundle.version == "1.0"

@@ -61,8 +61,13 @@ class SlideNetworks:
                     f"bundle {self.bundle.name} has no segmenter: it scores cell folders only"
                 )
             # Always "auto": engines are built for the encoder and heads only, so a
-            # configured "tensorrt" could not load the segmenter.
-            settings = RuntimeSettings(threads=self.settings.threads)
+            # configured "tensorrt" could not load the segmenter. The site's measured
+            # choice and the backends its GPU self-test refused still hold.
+            settings = RuntimeSettings(
+                threads=self.settings.threads,
+                avoid=self.settings.avoid,
+                prefer=self.settings.prefer,
+            )
             self._segmenter = Segmenter.open(self.bundle.path, self.bundle.segmenter, settings)
         return self._segmenter
 
@@ -77,6 +82,10 @@ class SlideNetworks:
     @property
     def segmenter_variant(self) -> str | None:
         return self._segmenter.variant if self._segmenter is not None else None
+
+    @property
+    def segmenter_backend(self) -> str:
+        return self._segmenter.network.name if self._segmenter is not None else ""
 
     def close(self) -> None:
         if self._encoder is not None:

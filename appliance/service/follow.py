@@ -14,7 +14,12 @@ is repaired, when the networks are opened afresh, or another bundle is chosen.
 
 On a machine with a GPU, the follower also runs the GPU self-test
 (``appliance.site.backend_check``) before the first job with a bundle it has no result
-for, and opens the engine without the backends that failed it.
+for, and opens the engine without the backends that failed it. On any machine, with
+``[runtime] backend = "auto"`` and ``measure_on_start``, it then measures the paths of
+the encoder and the segmenter (``appliance.site.self_test.measure``, what ``doctor
+--self-test`` runs; from the GPU self-test's own timings when that just ran) when no
+measured choice holds for the bundle here, and opens the engine on the fastest. A
+measurement that fails is logged and the fixed order stays: it never costs a job.
 """
 
 from __future__ import annotations
@@ -25,9 +30,17 @@ from pathlib import Path
 
 from appliance.config import Config
 from appliance.service.store import BundleIdentity
-from appliance.service.worker import Engine, ProgressFn
-from appliance.site.backend_check import run_self_test, self_test_due, site_settings, write_record
-from runtime.backends import RuntimeSettings
+from appliance.service.worker import Engine, JobAbandoned, ProgressFn
+from appliance.site.backend_check import (
+    SelfTestReport,
+    run_self_test,
+    self_test_due,
+    site_settings,
+    write_record,
+)
+from appliance.site.measured_choice import measurement_due
+from appliance.site.self_test import measure
+from runtime.backends import AUTO, RuntimeSettings
 from runtime.bundle_format import Bundle, BundleError, FileCheck, load_bundle
 
 log = logging.getLogger(__name__)
@@ -79,10 +92,9 @@ class BundleFollower:
             # Repaired: sessions that failed to open, or opened a damaged file, go.
             self._damaged = False
             switched = switched or self.bundle
-        due = not self._self_tested and self_test_due(self.config.state_dir, self.bundle)
-        self._self_tested = True
-        if due and self._self_test(self.bundle, progress) and switched is None:
-            switched = self.bundle  # the same bundle, without the backends that failed
+        first, self._self_tested = not self._self_tested, True
+        if first and self._first_start(self.bundle, progress):
+            switched = switched or self.bundle  # the same bundle, on what was measured
         if switched is None:
             return None
         return self._engine(switched), identity(switched)
@@ -104,8 +116,23 @@ class BundleFollower:
         self._refused = None
         return bundle
 
-    def _self_test(self, bundle: Bundle, progress: ProgressFn) -> bool:
-        """Run it and keep the result; True when a backend is now avoided."""
+    def _first_start(self, bundle: Bundle, progress: ProgressFn) -> bool:
+        """The GPU self-test and the CPU paths' measurement, those due; True when the
+        engine is to be opened again on what they found."""
+        report = None
+        if self_test_due(self.config.state_dir, bundle):
+            report = self._self_test(bundle, progress)
+        runtime = self.config.runtime
+        measured = (
+            runtime.measure_on_start
+            and runtime.backend == AUTO
+            and measurement_due(self.config.state_dir, bundle)
+            and self._measure(bundle, progress, report)
+        )
+        return measured or bool(report and report.avoid)
+
+    def _self_test(self, bundle: Bundle, progress: ProgressFn) -> SelfTestReport:
+        """Run it and keep the result."""
         log.warning(
             "first start with this bundle on this GPU: running the GPU self-test "
             "(TensorRT engines are built now; minutes)",
@@ -123,7 +150,33 @@ class BundleFollower:
             "GPU self-test finished",
             extra={"passed": report.passed, "avoid": list(report.avoid), "record": str(record)},
         )
-        return bool(report.avoid)
+        return report
+
+    def _measure(self, bundle: Bundle, progress: ProgressFn, report: SelfTestReport | None) -> bool:
+        """Measure the paths (or choose from ``report``) and keep the choice; True when
+        a path was chosen. A failure is logged: the engine keeps the fixed order."""
+        if report is None:
+            log.warning(
+                "first start with this bundle on this machine: timing the encoder and the "
+                "segmenter on each backend and precision to choose the fastest (a minute "
+                "or two; `cytoedge doctor --self-test` shows the table)",
+                extra={"bundle": f"{bundle.name} {bundle.version}"},
+            )
+        try:
+            _, choices, record = measure(
+                bundle, self.config.runtime.settings, self.config.state_dir, progress, report
+            )
+        except JobAbandoned:
+            raise
+        except Exception:
+            log.exception(
+                "measuring the CPU paths failed; the networks open in the fixed order",
+                extra={"bundle": f"{bundle.name} {bundle.version}"},
+            )
+            return False
+        chosen = {c.network: f"{c.backend} {c.precision}" for c in choices}
+        log.info("measured choice kept", extra={"chosen": chosen, "record": str(record)})
+        return bool(choices)
 
     def _engine(self, bundle: Bundle) -> Engine:
         settings = site_settings(self.config.runtime.settings, self.config.state_dir, bundle)

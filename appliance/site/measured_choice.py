@@ -128,16 +128,30 @@ def write_choice(
 def recorded_choices(state_dir: Path, bundle: Bundle) -> list[Choice]:
     """The choices measured for this bundle on this machine as it is now; none when the
     record is missing, unreadable or was measured under another key."""
+    record = _current_record(state_dir, bundle)
+    try:
+        return [Choice(**row) for row in record["choices"]] if record else []
+    except (TypeError, KeyError):
+        return []
+
+
+def measurement_due(state_dir: Path, bundle: Bundle) -> bool:
+    """No record holds for this bundle on this machine as it is now (a record whose
+    networks all failed their gates holds: the fixed order, not a measurement per start)."""
+    return _current_record(state_dir, bundle) is None
+
+
+def _current_record(state_dir: Path, bundle: Bundle) -> dict[str, Any] | None:
     path = record_path(state_dir, bundle)
     if not path.is_file():
-        return []
+        return None
     try:
         record = json.loads(path.read_text(encoding="utf-8"))
-        if record.get("key") != machine_key(bundle):
-            return []
-        return [Choice(**row) for row in record["choices"]]
-    except (OSError, ValueError, TypeError, KeyError, AttributeError):
-        return []
+    except (OSError, ValueError):
+        return None
+    if not isinstance(record, dict) or record.get("key") != machine_key(bundle):
+        return None
+    return record
 
 
 def preferred_paths(state_dir: Path, bundle: Bundle) -> tuple[tuple[str, str, str], ...]:

@@ -1,6 +1,7 @@
-"""``cytoedge doctor --self-test``: every path of the encoder and the segmenter
-measured here, gated, timed, and the fastest that passed kept as this machine's
-choice (``appliance.site.measured_choice``); the table says what each did."""
+"""``cytoedge doctor --self-test``, and the service before its first job with a bundle
+(``appliance.service.follow``): every path of the encoder and the segmenter measured
+here, gated, timed, and the fastest that passed kept as this machine's choice
+(``appliance.site.measured_choice``); doctor's table says what each did."""
 
 from __future__ import annotations
 
@@ -11,7 +12,13 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from appliance.site.backend_check import REFERENCE, TILE_PX, SelfTestReport, run_self_test
+from appliance.site.backend_check import (
+    REFERENCE,
+    TILE_PX,
+    ProgressFn,
+    SelfTestReport,
+    run_self_test,
+)
 from appliance.site.measured_choice import NETWORKS, Choice, choose, write_choice
 from runtime.backends import RuntimeSettings
 from runtime.bundle_format import Bundle
@@ -21,17 +28,31 @@ from runtime.probe import cpu_info
 def measure_paths(
     bundle: Bundle, settings: RuntimeSettings, state_dir: Path, out: Console
 ) -> tuple[SelfTestReport, list[Choice], Path]:
-    """Measure, choose and keep; the report, the choices and where they are kept."""
+    """``measure`` with a progress bar on ``out``."""
     with Progress(
         TextColumn("{task.description}"), BarColumn(), TimeElapsedColumn(), console=out
     ) as bars:
         task = bars.add_task("self-test", total=1.0)
-        report = run_self_test(
+        return measure(
             bundle,
             settings,
-            networks=NETWORKS,
-            progress=lambda stage, done: bars.update(task, description=stage, completed=done),
+            state_dir,
+            lambda stage, done: bars.update(task, description=stage, completed=done),
         )
+
+
+def measure(
+    bundle: Bundle,
+    settings: RuntimeSettings,
+    state_dir: Path,
+    progress: ProgressFn | None = None,
+    report: SelfTestReport | None = None,
+) -> tuple[SelfTestReport, list[Choice], Path]:
+    """Measure, choose and keep; the report, the choices and where they are kept.
+    ``report``: a self-test that already timed every path of both networks (the GPU
+    self-test's), chosen from instead of measuring again."""
+    if report is None:
+        report = run_self_test(bundle, settings, networks=NETWORKS, progress=progress)
     choices = choose(bundle, report.measurements)
     return report, choices, write_choice(state_dir, bundle, choices, report.measurements)
 

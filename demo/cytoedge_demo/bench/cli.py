@@ -99,6 +99,7 @@ def pipeline(
     run_pipeline_bench(
         bundle or config.bundle_dir,
         config.data_dir / "bench",
+        config.state_dir,
         size=size,
         large=sizes,
         backend=config.runtime.backend,

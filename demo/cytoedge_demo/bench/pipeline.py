@@ -9,7 +9,9 @@ stops once it has its cells, so the target is a ratio near 1 (<= 1.3) at any
 size; with ``--budget 0`` time grows with the zone's area. With ``--every-cell``
 the first slide is scored once more with every case head reading every cell:
 against a bundle whose myeloma head reads plasma cells, what the visit's longer
-walk (its budget counted in plasma cells) costs.
+walk (its budget counted in plasma cells) costs. The networks open as the service
+opens them, with the site's measured choice (``cytoedge doctor --self-test``) under
+``backend = "auto"``; the table names the backend and precision each one ran on.
 """
 
 from __future__ import annotations
@@ -63,15 +65,18 @@ def score_one(
     threads: int,
     budget: int | None = None,
     every_cell: bool = False,
+    state_dir: Path | None = None,
 ) -> dict[str, Any]:
     """Process + score one slide in this process; what the parent prints.
     ``budget``: cells per slide instead of the bundle's (None: the bundle's);
-    ``every_cell``: the case heads' bags of every class, whatever the bundle says."""
+    ``every_cell``: the case heads' bags of every class, whatever the bundle says;
+    ``state_dir``: the site's, whose measured choice and refused backends apply."""
     import dataclasses
 
     from appliance.pipeline.cases import score_case
     from appliance.pipeline.networks import SlideNetworks
     from appliance.pipeline.slides import process_slide
+    from appliance.site.backend_check import site_settings
     from runtime.backends import RuntimeSettings
     from runtime.bundle_format import load_bundle
 
@@ -83,6 +88,8 @@ def score_one(
         heads = tuple(dataclasses.replace(h, bag_classes=()) for h in bundle.heads)
         bundle = dataclasses.replace(bundle, heads=heads)
     settings = RuntimeSettings(backend=backend, threads=threads)
+    if state_dir is not None:
+        settings = site_settings(settings, state_dir, bundle)
     with (
         tempfile.TemporaryDirectory(prefix="cytoedge-bench-") as work,
         SlideNetworks(bundle, settings) as networks,
@@ -91,6 +98,10 @@ def score_one(
         result = process_slide(slide, networks, cache_dir=Path(work) / "cache")
         case = score_case("bench", [result], bundle, Path(work) / "out", settings=settings)
         total = time.perf_counter() - start
+        paths = {
+            "encoder": (networks.backend_name, result.scan.encoder_variant),
+            "segmenter": (networks.segmenter_backend, result.scan.segmenter_variant),
+        }
     examined = result.scan.examined
     differential = case.result.differential
     return {
@@ -108,8 +119,7 @@ def score_one(
         if differential
         else "-",
         "status": case.result.status,
-        "backend": case.result.backend,
-        "encoder": result.scan.encoder_variant or "-",
+        **{name: f"{ran} {variant}" if ran else "-" for name, (ran, variant) in paths.items()},
         "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
     }
 
@@ -120,6 +130,7 @@ def _child(
     backend: str,
     threads: int,
     budget: int | None,
+    state_dir: Path,
     every_cell: bool = False,
 ) -> dict[str, Any]:
     code = (
@@ -127,11 +138,19 @@ def _child(
         "from cytoedge_demo.bench.pipeline import score_one; "
         "budget = None if sys.argv[5] == '-' else int(sys.argv[5]); "
         "print('RESULT ' + json.dumps(score_one(Path(sys.argv[1]), Path(sys.argv[2]), "
-        "sys.argv[3], int(sys.argv[4]), budget, sys.argv[6] == 'every')))"
+        "sys.argv[3], int(sys.argv[4]), budget, sys.argv[6] == 'every', Path(sys.argv[7]))))"
     )
     budget_arg = "-" if budget is None else str(budget)
     bag = "every" if every_cell else "bundle"
-    arguments = [str(slide), str(bundle_dir), backend, str(threads), budget_arg, bag]
+    arguments = [
+        str(slide),
+        str(bundle_dir),
+        backend,
+        str(threads),
+        budget_arg,
+        bag,
+        str(state_dir),
+    ]
     done = subprocess.run(
         [sys.executable, "-c", code, *arguments],
         capture_output=True,
@@ -147,6 +166,7 @@ def _child(
 def run_pipeline_bench(
     bundle_dir: Path,
     slides_dir: Path,
+    state_dir: Path,
     size: int = 8192,
     large: tuple[tuple[int, int], ...] = (),
     backend: str = "auto",
@@ -155,8 +175,9 @@ def run_pipeline_bench(
     console: Console | None = None,
     every_cell: bool = False,
 ) -> list[dict[str, Any]]:
-    """Score the size x size slide, the 2x-area slide and each ``large`` (width, height);
-    with ``every_cell`` the first slide again with every case head reading every cell."""
+    """Score the size x size slide, the 2x-area slide and each ``large`` (width, height)
+    with the measured choice kept in ``state_dir``; with ``every_cell`` the first slide
+    again with every case head reading every cell."""
     console = console or Console()
     plan = [(size, size), (2 * size, size), *large]
     rows = []
@@ -168,11 +189,13 @@ def run_pipeline_bench(
         if made > 1.0:
             console.print(f"  written in {made:.0f} s ({slide.stat().st_size / 1e6:.0f} MB)")
         console.print(f"scoring {slide.name} in a fresh process ...")
-        rows.append(_child(slide, bundle_dir, backend, threads, budget))
+        rows.append(_child(slide, bundle_dir, backend, threads, budget, state_dir))
     if every_cell:
         first = bench_slide(slides_dir, size, size)
         console.print(f"scoring {first.name} with every cell in the bags ...")
-        rows.insert(1, _child(first, bundle_dir, backend, threads, budget, every_cell=True))
+        rows.insert(
+            1, _child(first, bundle_dir, backend, threads, budget, state_dir, every_cell=True)
+        )
     _print(rows, console)
     return rows
 
@@ -199,8 +222,8 @@ def _print(rows: list[dict[str, Any]], console: Console) -> None:
     table.add_row("tiles examined", *(str(r["examined"]) for r in rows))
     table.add_row("stopped", *(str(r["stopped"]) for r in rows))
     table.add_row("peak RSS MB", *(f"{r['peak_rss_mb']:.0f}" for r in rows))
-    table.add_row("backend", *(str(r["backend"]) for r in rows))
-    table.add_row("encoder", *(str(r["encoder"]) for r in rows))
+    table.add_row("encoder ran on", *(str(r["encoder"]) for r in rows))
+    table.add_row("segmenter ran on", *(str(r["segmenter"]) for r in rows))
     console.print(table)
     if rows[0]["total_s"] <= 0:
         return
