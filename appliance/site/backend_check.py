@@ -16,7 +16,6 @@ and the segmenter on any machine and keeps the fastest path that passed
 from __future__ import annotations
 
 import contextlib
-import importlib.metadata
 import json
 import logging
 import threading
@@ -29,7 +28,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from appliance.pipeline.segmentation import Detections, Segmenter, match_detections
-from appliance.site.measured_choice import preferred_paths
+from appliance.site.measured_choice import package_versions, preferred_paths
 from runtime.backends import (
     BackendError,
     ModelVariants,
@@ -69,7 +68,6 @@ BAG_CELLS = 512  # the heads' TensorRT profile's optimum
 TIMED_RUNS = 3
 TICK_SECONDS = 30.0
 RECORD_DIR = "gpu-self-test"
-PACKAGES = ("cytoedge", "onnxruntime", "onnxruntime-gpu", "tensorrt", "cuda-python", "openvino")
 
 ProgressFn = Callable[[str, float], None]
 Outputs = dict[str, np.ndarray]
@@ -488,13 +486,7 @@ def compare_heads(
 
 def machine_key(bundle: Bundle) -> dict[str, Any]:
     """What a self-test result holds for: this bundle, these GPUs, these packages."""
-    versions = {}
-    for name in PACKAGES:
-        try:
-            versions[name] = importlib.metadata.version(name)
-        except importlib.metadata.PackageNotFoundError:
-            versions[name] = ""
-    return {"bundle_sha256": bundle.sha256, "gpus": gpu_names(), "packages": versions}
+    return {"bundle_sha256": bundle.sha256, "gpus": gpu_names(), "packages": package_versions()}
 
 
 def record_path(state_dir: Path, bundle: Bundle) -> Path:

@@ -77,18 +77,23 @@ def choose(bundle: Bundle, measurements: Iterable[Timed]) -> list[Choice]:
     ]
 
 
-def machine_key(bundle: Bundle) -> dict[str, Any]:
-    """What a measured choice holds for: this bundle, these packages, this CPU and GPUs."""
+def package_versions() -> dict[str, str]:
+    """The installed version of each package a measurement depends on ("" when absent)."""
     versions = {}
     for name in PACKAGES:
         try:
             versions[name] = importlib.metadata.version(name)
         except importlib.metadata.PackageNotFoundError:
             versions[name] = ""
+    return versions
+
+
+def machine_key(bundle: Bundle) -> dict[str, Any]:
+    """What a measured choice holds for: this bundle, these packages, this CPU and GPUs."""
     cpu = cpu_info()
     return {
         "bundle_sha256": bundle.sha256,
-        "packages": versions,
+        "packages": package_versions(),
         "cpu": cpu.model,
         "cpu_flags": list(cpu.flags),
         "gpus": gpu_names(),
