@@ -6,12 +6,21 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+import time
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 
 import pytest
 from PySide6.QtCore import QPoint, QRect, Qt
-from PySide6.QtWidgets import QAbstractButton, QLabel, QMainWindow, QSizePolicy, QTabBar, QWidget
+from PySide6.QtWidgets import (
+    QAbstractButton,
+    QApplication,
+    QLabel,
+    QMainWindow,
+    QSizePolicy,
+    QTabBar,
+    QWidget,
+)
 
 IGNORED = QSizePolicy.Policy.Ignored
 
@@ -68,6 +77,22 @@ def clipped(window: QWidget) -> list[tuple[str, str, int]]:
             if header.sectionSize(column) < wanted:
                 title = str(queue.model().headerData(column, Qt.Orientation.Horizontal))
                 found.append(("queue column", title, header.sectionSize(column)))
+    return found
+
+
+def clipped_once_settled(window: QMainWindow, timeout_s: float = 3.0) -> list:
+    """``clipped(window)`` once the window's layout has settled.
+
+    A new result is laid out over several event-loop passes (a wrapping label reaches
+    its height on the second), and on a loaded machine or a real X server those passes
+    take longer than any fixed wait. What a person sees is the settled window, so this
+    runs the event loop for up to ``timeout_s`` until nothing is clipped, then reports
+    what still is.
+    """
+    deadline = time.monotonic() + timeout_s
+    while (found := clipped(window)) and time.monotonic() < deadline:
+        QApplication.processEvents()
+        time.sleep(0.01)
     return found
 
 

@@ -36,7 +36,7 @@ from gui.result_data import TOP_CELLS, UNSURE
 from gui.store_reader import StoreReader
 from tests.cell_results import CELL_CASES, write_cell_site
 from tests.conftest import assert_technician_reason
-from tests.gui_checks import clipped, out_of_reach, result_parts, virtual_display
+from tests.gui_checks import clipped_once_settled, out_of_reach, result_parts, virtual_display
 
 ROOT = Path(__file__).resolve().parents[1]
 SIZES = [(1280, 800), (1366, 728), (1024, 728)]
@@ -286,14 +286,14 @@ def test_nothing_is_clipped_and_the_differential_is_within_reach(qtbot, site, si
     for key in CELL_CASES:
         show_case(qtbot, window, key)
         assert (window.width(), window.height()) == size
-        assert clipped(window) == [], key
+        assert clipped_once_settled(window) == [], key
         panel = window.pane.differential
         parts = [*result_parts(window), panel.summary, panel.burden, *panel.chips]
         assert out_of_reach(window, parts) == [], key
         for choice in ("plasma_cell", UNSURE):
             window.pane.gallery.show_filter(choice)
             QApplication.processEvents()
-            assert clipped(window) == [], (key, choice)
+            assert clipped_once_settled(window) == [], (key, choice)
 
 
 @pytest.fixture(scope="module")
@@ -357,7 +357,7 @@ def test_a_case_the_pipeline_scored_shows_its_differential_and_a_cell_is_relabel
         .replace("\u200b", "")
         .startswith(result.burden.sentence()[:20])
     )
-    assert clipped(window) == []
+    assert clipped_once_settled(window) == []
     pane.gallery.show_filter(UNSURE)
     first = pane.gallery.cells.item(0).data(Qt.ItemDataRole.UserRole).cell
     assert first == next(g for g in result.cell_gallery if not g.sure)

@@ -28,7 +28,7 @@ from gui.models import QueueModel
 from gui.review_state import ReviewIndex
 from gui.review_view import SignOffDialog
 from gui.store_reader import StoreReader
-from tests.gui_checks import clipped
+from tests.gui_checks import clipped_once_settled
 
 CTRL_SHIFT = Qt.KeyboardModifier.ControlModifier | Qt.KeyboardModifier.ShiftModifier
 REVIEWER = "Dr Ana Reviewer"
@@ -183,7 +183,7 @@ def test_keyboard_only_review_and_sign_off(qtbot, data: Path) -> None:
     refresh(window)
     assert review_column(window)["MM-2611-0416"] == "rejected"
     assert visible_cases(window) == TO_REVIEW - {"MM-2611-0416"}
-    assert clipped(window) == []
+    assert clipped_once_settled(window) == []
 
     # The next one: the name is remembered for the session, Enter accepts.
     qtbot.waitUntil(window.isActiveWindow, timeout=5000)
@@ -251,7 +251,7 @@ def test_a_sign_off_elsewhere_reaches_the_queue_through_the_audit_trail(qtbot, d
         window.review_filter.setChecked(False)
         window.select_case("MM-2611-0418")  # the running case: its progress bar in full
         qtbot.wait(50)
-        assert clipped(window) == []
+        assert clipped_once_settled(window) == []
     finally:
         window.close()
 

@@ -24,7 +24,7 @@ from cytoedge_demo.samples import write_sample_site
 from gui.app import make_application
 from gui.main_window import MainWindow
 from gui.store_reader import StoreReader
-from tests.gui_checks import clipped, out_of_reach, result_parts, virtual_display
+from tests.gui_checks import clipped_once_settled, out_of_reach, result_parts, virtual_display
 
 ROOT = Path(__file__).resolve().parents[1]
 SIZES = [(1366, 728), (1024, 728)]
@@ -56,7 +56,7 @@ def test_the_window_works_whole_on_a_laptop_screen_offscreen(qtbot, site, size) 
         qtbot.waitUntil(lambda key=case_key: showing(window, key), timeout=5000)
         qtbot.wait(50)
         assert (window.width(), window.height()) == size
-        assert clipped(window) == [], case_key
+        assert clipped_once_settled(window) == [], case_key
         parts = result_parts(window)
         assert len(parts) >= 5, case_key  # banners, review bar, calls, status bar
         assert out_of_reach(window, parts) == [], case_key
@@ -79,7 +79,7 @@ def test_the_result_pane_cannot_be_dragged_narrower_than_its_calls(qtbot, site) 
     qtbot.wait(50)
     window.splitter.setSizes([5000, 10])  # the handle dragged to the far right
     qtbot.wait(50)
-    assert clipped(window) == []
+    assert clipped_once_settled(window) == []
     assert out_of_reach(window, result_parts(window)) == []
 
 
@@ -91,7 +91,7 @@ from cytoedge_demo.samples import write_sample_site
 from gui.app import make_application, show_on_screen
 from gui.main_window import MainWindow
 from gui.store_reader import StoreReader
-from tests.gui_checks import clipped, out_of_reach, result_parts
+from tests.gui_checks import clipped_once_settled, out_of_reach, result_parts
 
 app = make_application()
 store, outbox = write_sample_site(Path(sys.argv[1]))
@@ -112,7 +112,7 @@ for key in sys.argv[3:]:
         time.sleep(0.01)
     if not screen.contains(window.frameGeometry()):
         problems.append((key, "off the screen", window.frameGeometry().getRect()))
-    problems += [(key, *p) for p in clipped(window)]
+    problems += [(key, *p) for p in clipped_once_settled(window)]
     problems += [(key, p) for p in out_of_reach(window, result_parts(window))]
     window.grab().save(f"{sys.argv[2]}-{key}.png")
 print(app.platformName(), window.isVisible(), screen.width(), screen.height(), problems)

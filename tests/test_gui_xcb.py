@@ -27,7 +27,7 @@ from cytoedge_demo.samples import write_sample_site
 from gui.app import SCREEN_SIZE, make_application
 from gui.main_window import MainWindow
 from gui.store_reader import StoreReader
-from tests.gui_checks import clipped
+from tests.gui_checks import clipped_once_settled
 
 app = make_application()
 store, outbox = write_sample_site(Path(sys.argv[1]))
@@ -46,7 +46,7 @@ for key in ("MM-2611-0416", "MM-2611-0415", "PB-2611-0101"):
     for _ in range(20):
         app.processEvents()
         time.sleep(0.01)
-    problems += [(key, *p) for p in clipped(window)]
+    problems += [(key, *p) for p in clipped_once_settled(window)]
 print(app.platformName(), window.isVisible(), window.width(), window.height(), problems)
 window.close()
 """
