@@ -35,6 +35,13 @@ def encoder(
     int8: Annotated[
         bool, typer.Option(help="Also try encoder.int8.onnx for CPU-only sites (gated).")
     ] = False,
+    int8_static: Annotated[
+        bool,
+        typer.Option(
+            help="Also try encoder.int8-static.onnx, NNCF's static int8 for the openvino "
+            "backend (gated; the site keeps it only where it measures fastest)."
+        ),
+    ] = False,
     check_heads: Annotated[
         list[Path] | None,
         typer.Option(help="Folder from `export heads` whose calls int8 must keep; repeatable."),
@@ -62,12 +69,14 @@ def encoder(
             raise CheckpointError(
                 f"--format must be dinobloom or timm-cache, not {checkpoint_format!r}"
             )
-        head_probes = _head_probes(check_heads or []) if int8 else []
+        head_probes = _head_probes(check_heads or []) if int8 or int8_static else []
         with console.status(f"Loading {checkpoint} ({checkpoint_format}, {arch}) strictly..."):
             model = load_encoder(checkpoint, arch, checkpoint_format)  # type: ignore[arg-type]
         out.mkdir(parents=True, exist_ok=True)
         job = EncoderExport(model, out, arch, crop_px, head_probes, console)
-        for target in encoder_targets({"fp16": fp16, "int8": int8, "crop_px": bool(crop_px)}):
+        for target in encoder_targets(
+            {"fp16": fp16, "int8": int8, "int8_static": int8_static, "crop_px": bool(crop_px)}
+        ):
             target.run(job)
         source = weights_file(checkpoint, checkpoint_format)  # type: ignore[arg-type]
         write_document(out, job.document(spec, source, checkpoint_format))

@@ -71,7 +71,6 @@ def quantize_encoder(
     fp32_path, out_path = Path(fp32_path), Path(out_path)
     pixels = pixels if pixels is not None else cell_pixels(GATE_CELLS, seed=2024)
     (reference,) = ort_session(fp32_path).run(["embedding"], {"pixels": pixels})
-    reference_calls = {probe.name: _calls(probe, reference) for probe in heads}
     out_path.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out_path.name}.", dir=out_path.parent))
     failures = []
@@ -105,34 +104,16 @@ def quantize_encoder(
             candidate = staging / f"{method}.onnx"
             quantise(candidate)
             (embeddings,) = ort_session(candidate).run(["embedding"], {"pixels": pixels})
-            report = embedding_parity(
-                f"encoder {method} int8 vs fp32 ONNX", [(reference, embeddings)], INT8_MIN_COSINE
-            )
-            metrics = {**report.metrics, **_cell_to_cell(reference, embeddings)}
-            changed = [
-                f"{probe.name} ({n} calls changed)"
-                for probe in heads
-                if (n := _changed(reference_calls[probe.name], _calls(probe, embeddings)))
-            ]
-            metrics["head_calls_changed"] = float(len(changed))
-            if report.passed and not changed:
+            verdict = judge_int8(f"encoder {method} int8", reference, embeddings, heads)
+            metrics = verdict.metrics
+            if verdict.passed:
                 shutil.move(str(candidate), out_path)
-                checked = ", ".join(p.name for p in heads) or "none given"
                 if method == "dynamic" and fused_blocks:
                     metrics["qattention_blocks"] = float(fused_blocks)
                 return Int8Result(
-                    True,
-                    f"{method} int8 accepted: min cosine {metrics['min_cosine']:.5f} vs fp32 "
-                    f"on {len(pixels)} rendered cells (>= {INT8_MIN_COSINE}); head calls "
-                    f"unchanged (heads checked: {checked})",
-                    method,
-                    metrics,
-                    out_path,
+                    True, f"{method} int8 accepted: {verdict.summary}", method, metrics, out_path
                 )
-            why = f"min cosine {metrics['min_cosine']:.5f}"
-            if changed:
-                why += f", {'; '.join(changed)}"
-            failures.append(f"{method}: {why}")
+            failures.append(f"{method}: {verdict.summary}")
         return Int8Result(
             False,
             "int8 rejected, bundle keeps fp32: " + " | ".join(failures),
@@ -141,6 +122,41 @@ def quantize_encoder(
         )
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+
+
+@dataclass
+class Int8Verdict:
+    """One int8 candidate against the fp32 reference: passed, its figures, one line."""
+
+    passed: bool
+    metrics: dict[str, float]
+    summary: str
+
+
+def judge_int8(
+    label: str, reference: np.ndarray, embeddings: np.ndarray, heads: Sequence[HeadProbe] = ()
+) -> Int8Verdict:
+    """The int8 gate, whatever made the candidate: every embedding of the rendered cells
+    keeps cosine >= INT8_MIN_COSINE against fp32, and no head's call changes."""
+    report = embedding_parity(f"{label} vs fp32 ONNX", [(reference, embeddings)], INT8_MIN_COSINE)
+    metrics = {**report.metrics, **_cell_to_cell(reference, embeddings)}
+    changed = [
+        f"{probe.name} ({n} calls changed)"
+        for probe in heads
+        if (n := _changed(_calls(probe, reference), _calls(probe, embeddings)))
+    ]
+    metrics["head_calls_changed"] = float(len(changed))
+    if report.passed and not changed:
+        checked = ", ".join(p.name for p in heads) or "none given"
+        summary = (
+            f"min cosine {metrics['min_cosine']:.5f} vs fp32 on {len(reference)} rendered "
+            f"cells (>= {INT8_MIN_COSINE}); head calls unchanged (heads checked: {checked})"
+        )
+        return Int8Verdict(True, metrics, summary)
+    summary = f"min cosine {metrics['min_cosine']:.5f}"
+    if changed:
+        summary += f", {'; '.join(changed)}"
+    return Int8Verdict(False, metrics, summary)
 
 
 def _fused_attention(fp32_path: Path, out_path: Path) -> int:

@@ -142,6 +142,21 @@ def _int8(job: EncoderExport, target: ExportTarget) -> None:
         job.parity[target.file] = {"passed": True, **result.metrics}
 
 
+def _int8_static(job: EncoderExport, target: ExportTarget) -> None:
+    from export.int8_static import quantize_encoder_static
+
+    with job.console.status("Quantising to static int8 with NNCF and checking it on OpenVINO..."):
+        result = quantize_encoder_static(
+            job.out / FP32.file, job.out / target.file, heads=job.head_probes
+        )
+    # Like int8: a rejection is noted, the bundle keeps the other variants.
+    job.int8_note = f"{job.int8_note}; {result.reason}"
+    job.console.print(result.reason)
+    if result.accepted:
+        job.variants[target.variant] = target.file
+        job.parity[target.file] = {"passed": True, **result.metrics}
+
+
 def _crop_input(job: EncoderExport, target: ExportTarget) -> None:
     from export.crop_input import fold_in_place
     from export.documents import parity_entry
@@ -194,6 +209,20 @@ INT8 = ExportTarget(
     variant="int8",
     build=_int8,
 )
+INT8_STATIC = ExportTarget(
+    name="static int8 ONNX (NNCF)",
+    option="int8_static",
+    file="encoder.int8-static.onnx",
+    cpu=True,
+    gpu=False,
+    needs="nncf, openvino",
+    gate="the int8 gate (per-row cosine vs fp32 ONNX on 48 rendered cells, unchanged "
+    "--check-heads calls) run through OpenVINO; a miss is noted in int8_note",
+    precision="int8_static",
+    min_cosine=INT8_MIN_COSINE,
+    variant="int8_static",
+    build=_int8_static,
+)
 CROP_INPUT = ExportTarget(
     name="crop-input fold",
     option="crop_px",
@@ -219,7 +248,7 @@ TENSORRT = ExportTarget(
     min_cosine=FP16_MIN_COSINE,
     built_by=ENGINES_COMMAND,
 )
-ENCODER_TARGETS: tuple[ExportTarget, ...] = (FP32, FP16, INT8, CROP_INPUT, TENSORRT)
+ENCODER_TARGETS: tuple[ExportTarget, ...] = (FP32, FP16, INT8, INT8_STATIC, CROP_INPUT, TENSORRT)
 
 
 def encoder_targets(asked: dict[str, bool]) -> list[ExportTarget]:

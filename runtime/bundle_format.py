@@ -34,7 +34,7 @@ FORMAT_VERSION = 1
 BUNDLE_FILE = "bundle.json"
 ENGINES_DIR = "engines"
 INTENDED_USES = ("demo", "research", "clinical")
-ENCODER_VARIANTS = ("fp32", "fp16", "int8")
+ENCODER_VARIANTS = ("fp32", "fp16", "int8", "int8_static")
 SEGMENTER_VARIANTS = ("int8",)  # fp32 is the section's ``file``
 DEFAULT_GLASS_RGB = (240.0, 240.0, 240.0)  # a stain reference written without its glass
 # What a head can score: slide scans and microscope-camera field photos (both segmented),
@@ -92,7 +92,9 @@ class InputSpec:
 class EncoderSpec:
     architecture: str  # e.g. vit_base_patch14_dinov2
     embed_dim: int
-    variants: dict[str, str]  # fp32 always; fp16 / int8 only when they passed their gates
+    variants: dict[
+        str, str
+    ]  # fp32 always; fp16, int8, int8_static only when they passed their gates
     input: InputSpec = field(default_factory=InputSpec)
     int8_note: str = ""  # why int8 was accepted (its fidelity) or why the bundle has none
 
@@ -103,7 +105,9 @@ class EncoderSpec:
             raise BundleError(f"{where}.variants must name the fp32 model")
         unknown = sorted(set(self.variants) - set(ENCODER_VARIANTS))
         if unknown:
-            raise BundleError(f"{where}.variants: unknown {unknown} (allowed: fp32, fp16, int8)")
+            raise BundleError(
+                f"{where}.variants: unknown {unknown} (allowed: {', '.join(ENCODER_VARIANTS)})"
+            )
 
 
 @dataclass(frozen=True)
@@ -407,7 +411,9 @@ class Bundle:
 
     def encoder_variants(self) -> ModelVariants:
         variants = self.encoder.variants
-        optional = {k: self.file(variants[k]) if k in variants else None for k in ("fp16", "int8")}
+        optional = {
+            k: self.file(variants[k]) if k in variants else None for k in ENCODER_VARIANTS[1:]
+        }
         return ModelVariants(fp32=self.file(variants["fp32"]), **optional)
 
     def to_json(self) -> dict[str, Any]:

@@ -29,6 +29,7 @@ ENCODER_MIN_COSINE_BY_VARIANT = {
     "fp16": FP16_MIN_COSINE,
     "bf16": FP16_MIN_COSINE,  # OpenVINO's bf16 inference precision, judged as fp16
     "int8": INT8_MIN_COSINE,
+    "int8_static": INT8_MIN_COSINE,  # NNCF's static int8 for OpenVINO, the same gate
 }
 
 

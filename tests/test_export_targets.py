@@ -28,6 +28,7 @@ def test_every_gate_limit_is_the_runtime_limit_of_its_precision() -> None:
         "fp32 ONNX": ENCODER_MIN_COSINE,
         "fp16 ONNX": FP16_MIN_COSINE,
         "int8 ONNX": INT8_MIN_COSINE,
+        "static int8 ONNX (NNCF)": INT8_MIN_COSINE,
         "crop-input fold": None,  # each folded variant keeps its own limit
         "TensorRT plan": FP16_MIN_COSINE,
     }
@@ -54,10 +55,11 @@ def test_every_row_the_encoder_command_builds_has_its_option_and_function() -> N
         ([], ["fp32 ONNX"]),
         (["--fp16"], ["fp32 ONNX", "fp16 ONNX"]),
         (["--int8"], ["fp32 ONNX", "int8 ONNX"]),
+        (["--int8-static"], ["fp32 ONNX", "static int8 ONNX (NNCF)"]),
         (["--crop-px", "128"], ["fp32 ONNX", "crop-input fold"]),
         (
-            ["--fp16", "--int8", "--crop-px", "128"],
-            ["fp32 ONNX", "fp16 ONNX", "int8 ONNX", "crop-input fold"],
+            ["--fp16", "--int8", "--int8-static", "--crop-px", "128"],
+            ["fp32 ONNX", "fp16 ONNX", "int8 ONNX", "static int8 ONNX (NNCF)", "crop-input fold"],
         ),
     ],
 )

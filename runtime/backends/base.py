@@ -79,11 +79,13 @@ class Fallback:
 
 @dataclass(frozen=True)
 class ModelVariants:
-    """The files of one network: fp32 always; fp16 for GPUs and int8 for CPUs when present."""
+    """The files of one network: fp32 always; fp16 for GPUs and int8 for CPUs when present
+    (``int8``: ONNX Runtime's dynamic int8; ``int8_static``: NNCF's, for OpenVINO)."""
 
     fp32: Path
     fp16: Path | None = None
     int8: Path | None = None
+    int8_static: Path | None = None
 
     def present(self, preference: tuple[str, ...]) -> tuple[str, ...]:
         """The variants of ``preference`` this network has a file for, in that order."""

@@ -1,6 +1,7 @@
 """OpenVINO on the CPU, or on an Intel GPU when one is present: the bundle's fp32 ONNX
 compiled at the lowest precision the device runs natively (bf16 on CPUs with AVX-512
-bf16 or AMX, f16 on Intel GPUs, f32 otherwise).
+bf16 or AMX, f16 on Intel GPUs, f32 otherwise), and the encoder's NNCF static int8
+(export/int8_static.py) as precision ``int8`` where the bundle has it.
 
 It comes after ONNX Runtime on the CPU in the automatic order: whether it beats that
 (an int8 encoder on AVX2 and VNNI machines) depends on the CPU, so it is chosen where
@@ -89,7 +90,7 @@ def _spec(port: Any) -> TensorSpec:
 class OpenVinoBackend(Backend):
     name = "openvino"
     priority = 50  # after ort-cpu: used first only where measured faster here
-    files = ("fp32",)  # it lowers the fp32 graph's precision itself
+    files = ("fp32",)  # it lowers the fp32 graph's precision itself (int8: see precisions)
     batch: ClassVar[int] = 16
 
     @classmethod
@@ -106,24 +107,31 @@ class OpenVinoBackend(Backend):
 
     @classmethod
     def precisions(cls, variants: ModelVariants) -> tuple[str, ...]:
-        return device_and_precisions(_core())[1]
+        floats = device_and_precisions(_core())[1]
+        # NNCF's static int8 where the bundle has it: last, as whether it beats bf16 is
+        # for the self-test to measure on this CPU.
+        return (*floats, "int8") if variants.int8_static is not None else floats
 
     @classmethod
     def load(cls, variants: ModelVariants, settings: RuntimeSettings, engines: Path) -> Backend:
         core = _core()
-        device, precisions = device_and_precisions(core)
+        device, floats = device_and_precisions(core)
+        precisions = cls.precisions(variants)
         precision = settings.precision or precisions[0]
         if precision not in precisions:
             raise BackendError(
-                f"openvino on this {device} runs at {'/'.join(precisions)}, not {precision}"
+                f"openvino on this {device} runs {variants.fp32.name} at "
+                f"{'/'.join(precisions)}, not {precision}"
             )
-        path = variants.fp32
+        # int8: the static int8 file, whatever it left unquantised at the device's best float
+        path = variants.int8_static if precision == "int8" else variants.fp32
+        assert path is not None  # precisions() offers int8 only with the file
         key = cache_key(file_sha256(path), openvino_version() or "", device, precision)
         cache = engines / CACHE_FOLDER / key
         cache.mkdir(parents=True, exist_ok=True)
         config: dict[str, Any] = {
             "CACHE_DIR": str(cache),
-            "INFERENCE_PRECISION_HINT": HINTS[precision],
+            "INFERENCE_PRECISION_HINT": HINTS[floats[0] if precision == "int8" else precision],
             "PERFORMANCE_HINT": "LATENCY",
         }
         if settings.threads > 0 and device == "CPU":

@@ -3,7 +3,8 @@
 Paths, in one run on the same images: torch eager fp32 (the baseline), torch bf16
 autocast (the strongest torch CPU baseline, docs/ENVIRONMENT.md), ONNX Runtime fp32
 and int8 on the CPU through the runtime's own backend, OpenVINO on the fp32 ONNX at
-each precision this CPU runs (bf16 with AMX or AVX-512 bf16, f32), and where present ORT-CUDA
+each precision this CPU runs (bf16 with AMX or AVX-512 bf16, f32) and on NNCF's static
+int8 (export/int8_static.py) when it passes its gate, and where present ORT-CUDA
 fp16 and TensorRT fp16 (plus torch CUDA fp16 autocast as the GPU baseline). Prints
 cells/s, GFLOP/s and the ratio to torch eager fp32, and the int8 fidelity gate.
 
@@ -176,18 +177,24 @@ def run_encoder_bench(
 
     candidates, _ = plan_backends("auto")
     if "openvino" in candidates:
+        from export.int8_static import quantize_encoder_static
         from runtime.backends import backend_class
 
-        for precision in backend_class("openvino").precisions(ModelVariants(fp32)):
+        with out.status("Quantising to static int8 with NNCF and running its gate..."):
+            static = quantize_encoder_static(fp32, work / "encoder.int8-static.onnx")
+        out.print(f"int8-static gate: {static.reason}")
+        variants = ModelVariants(fp32, int8_static=static.path if static.accepted else None)
+        for precision in backend_class("openvino").precisions(variants):
             settings = RuntimeSettings("openvino", threads, precision=precision)
             with out.status(f"Compiling for OpenVINO at {precision}..."):
-                vino = open_model(fp32, settings, engine_dir=work / "engines")
+                vino = open_model(variants, settings, engine_dir=work / "engines")
             vino_cosine = float(
                 row_cosines(reference, vino.run({"pixels": pixels})["embedding"]).min()
             )
+            source = "NNCF static int8 ONNX" if precision == "int8" else "fp32 ONNX"
             results.append(
                 time_path(
-                    f"OpenVINO {precision} (fp32 ONNX)",
+                    f"OpenVINO {precision} ({source})",
                     lambda vino=vino: vino.run({"pixels": pixels}),
                     batch,
                     repeats,
