@@ -1,5 +1,7 @@
 """Review in the window: the bar above a result that says whether it waits for a person
-and offers the three decisions, and the dialog that signs one off."""
+and offers the three decisions, and the dialog that signs one off, where the reviewer
+may also enter what the laboratory confirmed (the diagnosis, FISH markers, the
+karyotype, a panel's mutations)."""
 
 from __future__ import annotations
 
@@ -19,7 +21,8 @@ from PySide6.QtWidgets import (
     QWidget,
 )
 
-from appliance.results import DECISION_WORDS
+from appliance.results import DECISION_WORDS, ConfirmedFindings, FindingsError
+from appliance.results.schema import ISCN_EXAMPLE
 from appliance.review.sign_off import SignOff
 from gui.review_state import ReviewState
 from gui.text import wrappable
@@ -38,6 +41,27 @@ BAR_STYLES = {
 }
 
 
+def split_entries(text: str) -> list[str]:
+    """A field of several entries, split at each comma or semicolon outside brackets:
+    "t(11;14), del(17p)" is two markers. An empty field is none; an empty entry between
+    two separators is kept, for the check to name."""
+    if not text.strip():
+        return []
+    entries, depth, start = [], 0, 0
+    for at, char in enumerate(text):
+        depth += {"(": 1, "[": 1, ")": -1, "]": -1}.get(char, 0)
+        if char in ",;" and depth <= 0:
+            entries.append(text[start:at])
+            start = at + 1
+    return [*entries, text[start:]]
+
+
+def confirmed_text(findings: ConfirmedFindings) -> str:
+    """ "Confirmed: FISH t(11;14), del(17p) · Karyotype 46,XY[20]", as rich text."""
+    parts = [f"{what} {html.escape(wrappable(text))}" for what, text in findings.lines()]
+    return "Confirmed: " + " · ".join(parts)
+
+
 def review_text(state: ReviewState | None) -> tuple[str, str]:
     """(style, rich text) the bar shows for a case's review state."""
     if state is None:
@@ -52,6 +76,8 @@ def review_text(state: ReviewState | None) -> tuple[str, str]:
         )
         if review.reason:
             text += f"<br>Reason: {html.escape(wrappable(review.reason))}"
+        if review.confirmed is not None:
+            text += f"<br>{confirmed_text(review.confirmed)}"
         return "signed", text
     if state.waiting:
         # "no call: <reason>" is the banner's sentence already: the bar names it only.
@@ -100,7 +126,10 @@ class SignOffDialog(QDialog):
     """One decision on one result, in the reviewer's name; a rejection needs a reason.
 
     The name is asked once per session (from the workstation login the first time)
-    and offered again after; Enter signs, Escape cancels."""
+    and offered again after; Enter signs, Escape cancels. What the laboratory confirmed
+    is optional, several markers or mutations separated by commas; signing a signed
+    result again offers what was confirmed before. A finding that cannot be kept is
+    said under the fields, and nothing is signed until it is put right."""
 
     def __init__(
         self,
@@ -126,9 +155,37 @@ class SignOffDialog(QDialog):
         self.reason.setPlaceholderText(
             "required: why the result is rejected" if decision == "rejected" else "optional note"
         )
+        before = state.review.confirmed if state.review is not None else None
+        self.diagnosis = self._field(
+            "Confirmed diagnosis",
+            before.diagnosis if before else "",
+            "optional: the diagnosis the laboratory confirmed",
+        )
+        self.fish = self._field(
+            "FISH markers",
+            ", ".join(before.fish) if before else "",
+            "optional: markers FISH found, e.g. t(11;14), del(17p)",
+        )
+        self.karyotype = self._field(
+            "Karyotype", before.karyotype if before else "", f"optional: ISCN, e.g. {ISCN_EXAMPLE}"
+        )
+        self.mutations = self._field(
+            "Mutations",
+            ", ".join(before.mutations) if before else "",
+            "optional: a panel's, e.g. KRAS G12D, TP53 R273H",
+        )
+        self.problem = QLabel()
+        self.problem.setObjectName("findings_problem")
+        self.problem.setWordWrap(True)
+        self.problem.setStyleSheet("color:#b00020;")
+        self.problem.setAccessibleName("What cannot be kept")
         form = QFormLayout()
         form.addRow("&Reviewer:", self.name)
         form.addRow("R&eason:", self.reason)
+        form.addRow("&Diagnosis:", self.diagnosis)
+        form.addRow("&FISH:", self.fish)
+        form.addRow("&Karyotype:", self.karyotype)
+        form.addRow("&Mutations:", self.mutations)
         self.buttons = QDialogButtonBox(
             QDialogButtonBox.StandardButton.Ok | QDialogButtonBox.StandardButton.Cancel
         )
@@ -140,9 +197,11 @@ class SignOffDialog(QDialog):
         layout = QVBoxLayout(self)
         layout.addWidget(about)
         layout.addLayout(form)
+        layout.addWidget(self.problem)
         layout.addWidget(self.buttons)
-        self.name.textChanged.connect(self._check)
-        self.reason.textChanged.connect(self._check)
+        fields = (self.diagnosis, self.fish, self.karyotype, self.mutations)
+        for field in (self.name, self.reason, *fields):
+            field.textChanged.connect(self._check)
         self._check()
         self.resize(560, self.sizeHint().height())
         if name_confirmed:
@@ -164,14 +223,43 @@ class SignOffDialog(QDialog):
             lines.append(f"Waits for review: {html.escape('; '.join(state.waiting))}.")
         return "<br>".join(lines)
 
+    @staticmethod
+    def _field(name: str, text: str, placeholder: str) -> QLineEdit:
+        field = QLineEdit(text)
+        field.setAccessibleName(name)
+        field.setPlaceholderText(placeholder)
+        return field
+
+    def findings(self) -> ConfirmedFindings | None:
+        """What the reviewer entered as confirmed (None: nothing); FindingsError says what
+        cannot be kept."""
+        return ConfirmedFindings.entered(
+            diagnosis=self.diagnosis.text(),
+            fish=split_entries(self.fish.text()),
+            karyotype=self.karyotype.text(),
+            mutations=split_entries(self.mutations.text()),
+        )
+
     def _check(self) -> None:
         named = bool(self.name.text().strip())
         reasoned = self.decision != "rejected" or bool(self.reason.text().strip())
-        self.ok.setEnabled(named and reasoned)
+        try:
+            self.findings()
+            problem = ""
+        except FindingsError as exc:
+            problem = f"Confirmed findings: {exc}"
+        self.problem.setText(problem)
+        self.problem.setVisible(bool(problem))
+        self.ok.setEnabled(named and reasoned and not problem)
 
     def accept(self) -> None:  # Enter in a field lands here too: never sign half a form
         if self.ok.isEnabled():
             super().accept()
 
     def sign_off(self) -> SignOff:
-        return SignOff(self.decision, self.name.text().strip(), self.reason.text().strip())  # type: ignore[arg-type]
+        return SignOff(
+            self.decision,  # type: ignore[arg-type]
+            self.name.text().strip(),
+            self.reason.text().strip(),
+            self.findings(),
+        )

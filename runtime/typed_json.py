@@ -4,6 +4,8 @@ One mechanism for every JSON contract cytoedge owns (``bundle.json``'s sections,
 the head kinds' own keys, ``result.json``): the dataclass is the schema. Reading
 checks each field's type from its annotation and refuses unknown keys, naming
 the key; a dataclass with an ``extra`` field keeps unknown keys there instead.
+A field whose metadata sets ``OMIT_NONE`` is left out of the document while it is
+None, for a key that a contract says is absent rather than null.
 ``json_schema`` turns the same dataclass into a JSON Schema for integrators.
 """
 
@@ -18,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 CATCH_ALL = "extra"  # a field of this name keeps the keys its dataclass does not name
+OMIT_NONE = "omit_none"  # field metadata: written only when it is not None
 
 
 class SpecError(ValueError):
@@ -64,6 +67,8 @@ def dump(value: Any) -> Any:
         for item in dataclasses.fields(value):
             if item.name == CATCH_ALL:
                 data.update(dump(getattr(value, item.name)))
+            elif item.metadata.get(OMIT_NONE) and getattr(value, item.name) is None:
+                continue
             else:
                 data[item.name] = dump(getattr(value, item.name))
         return data
@@ -169,7 +174,10 @@ def _object_schema(cls: type, definitions: dict[str, Any]) -> dict[str, Any]:
     for item in dataclasses.fields(cls):
         if item.name == CATCH_ALL:
             continue
-        properties[item.name] = _type_schema(hints[item.name], definitions)
+        hint = hints[item.name]
+        if item.metadata.get(OMIT_NONE):  # absent, never null
+            (hint,) = (a for a in typing.get_args(hint) if a is not type(None))
+        properties[item.name] = _type_schema(hint, definitions)
         comment = item.metadata.get("doc")
         if comment:
             properties[item.name]["description"] = comment

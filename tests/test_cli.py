@@ -9,7 +9,7 @@ from pathlib import Path
 
 from appliance.readers.formats import FORMATS
 
-SUBCOMMANDS = ("run", "score", "gui", "fhir", "demo", "doctor", "export", "bench")
+SUBCOMMANDS = ("run", "score", "gui", "fhir", "sign-off", "demo", "doctor", "export", "bench")
 
 
 def cytoedge(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
@@ -85,4 +85,58 @@ def test_fhir_writes_signed_off_results_and_refuses_the_others(tmp_path: Path) -
     assert done.stderr == (
         "cytoedge: case MM-2 version 1 is not signed off: "
         "only a reviewed result goes to the laboratory system\n"
+    )
+
+
+def test_sign_off_enters_confirmed_findings_and_refuses_bad_ones_in_one_line(
+    tmp_path: Path,
+) -> None:
+    import json
+
+    from typer.testing import CliRunner
+
+    from appliance.cli.main import app
+    from appliance.results import read_result
+    from appliance.service.audit import read_audit
+    from cytoedge_demo.samples import write_sample_result
+
+    write_sample_result(tmp_path / "outbox", "MM-3", "mm_positive")
+    env = {"CYTOEDGE_DATA": str(tmp_path)}
+    runner = CliRunner()
+    refused = runner.invoke(
+        app,
+        ["sign-off", "MM-3", "--decision", "accept", "--reviewer", "Dr A",
+         "--karyotype", "46XY"],
+        env=env,
+    )  # fmt: skip
+    assert refused.exit_code == 1
+    assert refused.stderr.startswith("cytoedge: confirmed findings: karyotype 46XY does not read")
+    assert refused.stderr.count("\n") == 1
+    assert not (tmp_path / "outbox" / "MM-3" / "v2").exists()
+    done = runner.invoke(
+        app,
+        ["sign-off", "MM-3", "--decision", "send-for-fish", "--reviewer", "Dr A",
+         "--fish", "t(11;14)", "--fish", " del(17p) ", "--mutation", "KRAS G12D",
+         "--karyotype", "46,XY,t(11;14)(q13;q32)[20]", "--diagnosis", "Plasma cell myeloma"],
+        env=env,
+    )  # fmt: skip
+    assert done.exit_code == 0, done.stderr
+    version = tmp_path / "outbox" / "MM-3" / "v2"
+    fhir = tmp_path / "fhir-outbox" / "MM-3-v2.json"
+    assert done.stdout.splitlines() == [
+        f"MM-3: sent for FISH by Dr A, version 2 ({version})",
+        f"FHIR: {fhir}",
+    ]
+    review = read_result(version).review
+    assert review is not None and review.decision == "sent_for_fish"
+    assert review.confirmed is not None and review.confirmed.fish == ("t(11;14)", "del(17p)")
+    assert review.confirmed.mutations == ("KRAS G12D",)
+    (line,) = read_audit(tmp_path / "state" / "audit.jsonl")
+    assert line["source"] == "sign-off" and line["confirmed"]["fish"] == ["t(11;14)", "del(17p)"]
+    entries = json.loads(fhir.read_text())["entry"]
+    assert "FISH: del(17p)" in [e["resource"].get("code", {}).get("text") for e in entries]
+    missing = runner.invoke(app, ["sign-off", "MM-9", "--decision", "accept"], env=env)
+    assert missing.exit_code == 1
+    assert missing.stderr == (
+        "cytoedge: MM-9: no result found (a case id, a case folder or a version)\n"
     )

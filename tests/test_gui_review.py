@@ -26,7 +26,7 @@ from gui.app import SCREEN_SIZE, make_application
 from gui.main_window import MainWindow
 from gui.models import QueueModel
 from gui.review_state import ReviewIndex
-from gui.review_view import SignOffDialog
+from gui.review_view import SignOffDialog, split_entries
 from gui.store_reader import StoreReader
 from tests.gui_checks import clipped_once_settled
 
@@ -305,3 +305,64 @@ def test_a_sign_off_in_a_rotated_audit_trail_reaches_the_queue(data: Path) -> No
     assert index.refresh()
     after = {c.case_key: c.review for c in index.annotate(queue).cases}
     assert after["MM-2611-0415"].review.reviewer == "Dr D"
+
+
+def test_split_entries_keeps_brackets_whole() -> None:
+    assert split_entries("") == [] and split_entries("  ") == []
+    assert split_entries("t(11;14), del(17p); nuc ish(CCND1,IGH)x3") == [
+        "t(11;14)",
+        " del(17p)",
+        " nuc ish(CCND1,IGH)x3",
+    ]
+    assert split_entries("KRAS G12D,,TP53") == ["KRAS G12D", "", "TP53"]  # for the check
+
+
+def test_confirmed_findings_are_entered_in_the_dialog_and_shown_after(qtbot, data: Path) -> None:
+    window = open_window(qtbot, data)
+    window.select_case("MM-2611-0416")
+    qtbot.waitUntil(lambda: showing(window, "MM-2611-0416", 1), timeout=5000)
+    dialog = window.ask_sign_off("sent_for_fish")
+    assert dialog is not None
+    dialog.name.setText(REVIEWER)
+    assert dialog.ok.isEnabled() and not dialog.problem.isVisible()  # findings are optional
+    qtbot.waitUntil(dialog.name.hasFocus, timeout=5000)
+    qtbot.keyClick(dialog.name, Qt.Key.Key_F, Qt.KeyboardModifier.AltModifier)  # the FISH field
+    assert dialog.fish.hasFocus()
+    qtbot.keyClicks(dialog.fish, "t(11;14), del(17p)")
+    qtbot.keyClick(dialog.fish, Qt.Key.Key_K, Qt.KeyboardModifier.AltModifier)
+    assert dialog.karyotype.hasFocus()
+    qtbot.keyClicks(dialog.karyotype, "46XY")
+    assert not dialog.ok.isEnabled() and dialog.problem.isVisible()
+    assert dialog.problem.text().startswith("Confirmed findings: karyotype 46XY does not read")
+    qtbot.keyClick(dialog.karyotype, Qt.Key.Key_Return)  # Enter signs nothing while it is wrong
+    assert dialog.isVisible()
+    qtbot.waitUntil(lambda: clipped(dialog) == [], timeout=3000)  # the refusal drawn whole
+    dialog.karyotype.setText("46,XY,t(11;14)(q13;q32)[20]")
+    dialog.mutations.setText("KRAS G12D")
+    assert dialog.ok.isEnabled() and not dialog.problem.isVisible()
+    with qtbot.waitSignal(window.relay.signed, timeout=30_000) as signed:
+        qtbot.keyClick(dialog.karyotype, Qt.Key.Key_Return)
+    assert signed.args[0], signed.args[1]
+    written = json.loads((Path(signed.args[2]) / "result.json").read_text())
+    assert written["review"]["confirmed"] == {
+        "diagnosis": "",
+        "fish": ["t(11;14)", "del(17p)"],
+        "karyotype": "46,XY,t(11;14)(q13;q32)[20]",
+        "mutations": ["KRAS G12D"],
+    }
+    qtbot.waitUntil(lambda: showing(window, "MM-2611-0416", 2), timeout=5000)
+    bar = window.pane.review_bar.text.text()
+    assert "Confirmed: FISH t(11;14), del(17p)" in bar and "Mutations KRAS G12D" in bar
+    # Signed again when the diagnosis arrives, the dialog offers what was confirmed.
+    refresh(window)
+    again = window.ask_sign_off("accepted")
+    assert again is not None
+    assert (again.fish.text(), again.mutations.text()) == ("t(11;14), del(17p)", "KRAS G12D")
+    assert again.karyotype.text() == "46,XY,t(11;14)(q13;q32)[20]"
+    again.diagnosis.setText("Plasma cell myeloma")
+    with qtbot.waitSignal(window.relay.signed, timeout=30_000) as signed:
+        again.ok.click()
+    assert signed.args[0], signed.args[1]
+    confirmed = read_result(Path(signed.args[2])).review.confirmed
+    assert confirmed is not None and confirmed.diagnosis == "Plasma cell myeloma"
+    assert confirmed.fish == ("t(11;14)", "del(17p)")

@@ -11,6 +11,8 @@ from pathlib import Path
 import pytest
 
 from appliance.results import (
+    ConfirmedFindings,
+    FindingsError,
     QcRecord,
     ResultError,
     latest_version,
@@ -260,3 +262,132 @@ def test_only_signed_off_results_are_written_and_ids_are_escaped(tmp_path: Path)
     validated(document)
     query = document["entry"][-1]["request"]["ifNoneExist"]
     assert query == "identifier=urn%3Acytoedge%3Aresult%7CMM%5C%2C17%5C%7Ca%2Fv2"
+
+
+# --- Confirmed findings -------------------------------------------------------------------
+
+FINDINGS = ConfirmedFindings(
+    diagnosis="Plasma cell myeloma",
+    fish=("t(11;14)", "del(17p)"),
+    karyotype="46,XY,t(11;14)(q13;q32)[20]",
+    mutations=("KRAS G12D",),
+)
+
+
+def test_confirmed_findings_are_normalised_as_entered_and_refused_with_one_line() -> None:
+    entered = ConfirmedFindings.entered(
+        diagnosis="  Plasma   cell\nmyeloma ",
+        fish=[" t(11;14) ", "del(17p)"],
+        karyotype=" 46,XY, t(11;14)(q13;q32) [20] ",
+        mutations=["KRAS  G12D"],
+    )
+    assert entered == FINDINGS
+    assert ConfirmedFindings.entered(diagnosis=" ", karyotype="\t") is None  # nothing entered
+    for kwargs, message in (
+        ({"fish": ["t(11;14)", "  "]}, "FISH entry 2 is empty"),
+        ({"mutations": ["TP53", "tp53 "]}, "mutations lists tp53 twice"),
+        ({"karyotype": "46XY"}, "karyotype 46XY does not read as ISCN"),
+        ({"karyotype": "46,XY,t(11;14"}, "does not read as ISCN"),
+        ({"karyotype": "not done"}, r"e\.g\. 46,XY,t\(11;14\)\(q13;q32\)\[20\]"),
+    ):
+        with pytest.raises(FindingsError, match=message) as caught:
+            ConfirmedFindings.entered(**kwargs)
+        assert "\n" not in str(caught.value)
+    # Clones, a composite, idem and a donor's cells read as ISCN.
+    for karyotype in ("45,X,-Y[3]/46,XY[17]", "46,XX,t(9;22)(q34;q11.2)[10]/47,idem,+8[10]",
+                      "44~47,XY,+1,del(17)(p13)[cp10]", "46,XX[10]//46,XY[10]"):  # fmt: skip
+        assert ConfirmedFindings.entered(karyotype=karyotype) is not None, karyotype
+
+
+def test_confirmed_findings_land_in_the_result_the_report_and_the_audit_line(
+    tmp_path: Path,
+) -> None:
+    _, done = signed(tmp_path, "mm_positive", SignOff("accepted", REVIEWER, "", FINDINGS))
+    raw = json.loads((done.folder.path / "result.json").read_text())
+    assert raw["review"]["confirmed"] == {
+        "diagnosis": "Plasma cell myeloma",
+        "fish": ["t(11;14)", "del(17p)"],
+        "karyotype": "46,XY,t(11;14)(q13;q32)[20]",
+        "mutations": ["KRAS G12D"],
+    }
+    assert read_result(done.folder.path).review.confirmed == FINDINGS
+    report = (done.folder.path / "report.html").read_text()
+    for text in ("Plasma cell myeloma", "t(11;14), del(17p)", "46,XY,t(11;14)(q13;q32)[20]",
+                 "KRAS G12D"):  # fmt: skip
+        assert text in report
+    (line,) = read_audit(tmp_path / "state" / "audit.jsonl")
+    assert line["confirmed"] == raw["review"]["confirmed"]
+
+
+def test_a_sign_off_without_findings_writes_no_confirmed_key_and_older_results_read(
+    tmp_path: Path,
+) -> None:
+    _, done = signed(tmp_path, "mm_negative", SignOff("accepted", REVIEWER))
+    raw = json.loads((done.folder.path / "result.json").read_text())
+    assert "confirmed" not in raw["review"]  # absent, not null
+    assert read_result(done.folder.path).review.confirmed is None
+    (line,) = read_audit(tmp_path / "state" / "audit.jsonl")
+    assert "confirmed" not in line
+
+
+def test_confirmed_findings_are_checked_on_reading_and_on_signing(tmp_path: Path) -> None:
+    _, done = signed(tmp_path, "mm_negative", SignOff("accepted", REVIEWER, "", FINDINGS))
+    data = done.result.to_json()
+    for broken, message in (
+        ({"karyotype": "XY46"}, r"review\.confirmed: karyotype XY46 does not read as ISCN"),
+        ({"fish": ["t(11;14)", "T(11;14)"]}, r"review\.confirmed: FISH lists T\(11;14\) twice"),
+        ({"fish": [""]}, r"review\.confirmed: FISH entry 1 is empty"),
+        ({"diagnosis": "", "fish": [], "karyotype": "", "mutations": []}, "holds no finding"),
+        ({"extra": 1}, r"review\.confirmed: unknown key\(s\) extra"),
+    ):
+        changed = {**data, "review": {**data["review"], "confirmed": {
+            **data["review"]["confirmed"], **broken}}}  # fmt: skip
+        with pytest.raises(ResultError, match=message):
+            type(done.result).from_json(changed)
+    # Built by code rather than typed, findings are still checked before anything is written.
+    folder = write_sample_result(tmp_path / "outbox", "c-9", "mm_negative")
+    audit = AuditLog(tmp_path / "audit.jsonl")
+    bad = SignOff("accepted", REVIEWER, "", ConfirmedFindings(fish=("t(4;14)", "t(4;14)")))
+    with pytest.raises(ReviewError, match=r"confirmed findings: FISH lists t\(4;14\) twice"):
+        sign_off(folder.path, bad, data_dir=tmp_path, audit=audit, write_pdf=False)
+    assert sorted(p.name for p in folder.case_dir.iterdir()) == ["latest.json", "v1"]
+    assert read_audit(tmp_path / "audit.jsonl") == []
+
+
+def test_confirmed_findings_are_fhir_observations(tmp_path: Path) -> None:
+    _, done = signed(tmp_path, "mm_positive", SignOff("sent_for_fish", REVIEWER, "", FINDINGS))
+    bundle = validated(json.loads(done.fhir.read_text()))
+    urls = [entry.fullUrl for entry in bundle.entry]
+    report = bundle.entry[-1].resource
+    assert report.status == "preliminary"
+    assert [r.reference for r in report.result] == urls[1:-1]  # the report lists them too
+    head_rows = sum(len(h.predictions) + len(h.findings) for h in done.result.heads)
+    confirmed = [entry.resource for entry in bundle.entry[1 + head_rows : -1]]
+    local = "urn:cytoedge:confirmed"
+    seen = [
+        (r.identifier[0].value, {c.system: c.code for c in r.code.coding}, r.valueString)
+        for r in confirmed
+    ]
+    assert seen == [
+        ("c-1/v2/confirmed/diagnosis/1", {"http://loinc.org": "29308-4", local: "diagnosis"},
+         "Plasma cell myeloma"),
+        ("c-1/v2/confirmed/fish/1", {local: "fish"}, "t(11;14)"),
+        ("c-1/v2/confirmed/fish/2", {local: "fish"}, "del(17p)"),
+        ("c-1/v2/confirmed/karyotype/1", {"http://loinc.org": "62356-1", local: "karyotype"},
+         "46,XY,t(11;14)(q13;q32)[20]"),
+        ("c-1/v2/confirmed/mutation/1", {"http://loinc.org": "69548-6", local: "mutation"},
+         None),
+    ]  # fmt: skip
+    for observation in confirmed:
+        # The laboratory's own results: final, entered by the reviewer, made by no Device.
+        assert observation.status == "final" and observation.device is None
+        assert observation.performer[0].display == REVIEWER
+        assert observation.issued.isostring == done.result.review.signed_at
+    assert confirmed[1].method.text.startswith("Fluorescence in situ hybridization")
+    mutation = confirmed[-1]
+    assert mutation.valueCodeableConcept.coding[0].code == "LA9633-4"  # Present
+    assert mutation.component[0].valueString == "KRAS G12D"
+    # Without findings, the document holds the screen's Observations only.
+    _, plain = signed(tmp_path / "plain", "mm_positive", SignOff("sent_for_fish", REVIEWER))
+    plain_bundle = validated(json.loads(plain.fhir.read_text()))
+    assert len(plain_bundle.entry) == len(bundle.entry) - len(confirmed)

@@ -20,6 +20,7 @@ import typer
 
 from appliance.cli.audit_commands import audit_app
 from appliance.cli.bundle_commands import bundle_app
+from appliance.cli.review_command import sign_off_command
 from appliance.cli.shared import ConfigOption, fail, setup
 from appliance.cli.validate_command import validate
 from runtime.files import restrict_umask
@@ -111,6 +112,8 @@ def score(
 # Sites: a bundle checked against a site's own labelled cases (``train``, which needs
 # torch, plugs in from export/).
 app.command()(validate)
+# A reviewer at a terminal: what the window's sign-off dialog writes.
+app.command(name="sign-off")(sign_off_command)
 
 
 @app.command()

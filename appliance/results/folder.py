@@ -142,6 +142,21 @@ def latest_in(case_dir: Path) -> ResultFolder | None:
     return ResultFolder(case_dir, version, path) if path.is_dir() else None
 
 
+def find_version(target: str, outbox: Path) -> tuple[Path, str | None] | None:
+    """What a command's TARGET names: a case id (its latest version), a case folder (its
+    latest) or a version folder. Returns the version folder with, for a case id, the id
+    its result must carry (``check_case``); None where there is no result."""
+    path = Path(target)
+    by_case_id = not path.exists()
+    folder = case_folder(outbox, target) if by_case_id else path
+    if not (folder / RESULT_FILE).is_file():
+        latest = latest_in(folder)
+        if latest is None:
+            return None
+        folder = latest.path
+    return folder, (target if by_case_id else None)
+
+
 def point_latest_at(case_dir: Path, version: int) -> None:
     """Make ``latest.json`` name ``v<version>`` (atomically)."""
     write_json_atomic(case_dir / LATEST_FILE, {"version": version, "path": f"v{version}"})

@@ -144,6 +144,9 @@ def _review_block(result: CaseResult) -> str:
     ]
     if review.reason:
         lines.append(f"Reason: {_e(review.reason)}")
+    if review.confirmed is not None:
+        lines.append("<b>Confirmed:</b>")
+        lines += [f"{what}: {_e(text)}" for what, text in review.confirmed.lines()]
     if review.waited_for:
         lines.append(f"Waited for review: {_e('; '.join(review.waited_for))}")
     return (

@@ -20,18 +20,20 @@ rule (``burden``), case-level ``warnings``, the crops of classified cells
 (``scans[].cells_other_classes``, ``examined.budget_classes`` and ``.counted``), and
 who signed the bundle (``bundle.signer``) or the site's warning that no trusted key
 did (``bundle.signature_warning``). A version 2 document reads as version 3 without
-them.
+them. Added to 3 before it was released: the findings the laboratory confirmed, entered
+at sign-off (``review.confirmed``), absent where none were entered.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+import re
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from runtime.typed_json import SpecError, dump, json_schema, parse_section
+from runtime.typed_json import OMIT_NONE, SpecError, dump, json_schema, parse_section
 
 SCHEMA_VERSION = 3
 READABLE_VERSIONS = (2, 3)  # a version 2 result is a version 3 one without the cell head
@@ -50,6 +52,10 @@ DECISION_WORDS: dict[str, str] = {
 
 class ResultError(ValueError):
     """A result.json that cannot be read: one line naming the file and the key."""
+
+
+class FindingsError(ValueError):
+    """Confirmed findings a person entered that cannot be kept; one line saying which."""
 
 
 @dataclass(frozen=True)
@@ -332,12 +338,110 @@ class CaseOutputs:
     embeddings: str | None = None
 
 
+# ISCN, loosely: each clone ("/" between clones, "//" before a donor's) is the chromosome
+# count (46, 45~47, 92<4n>), the sex chromosomes (XY, X, XXYc, or idem / sl / sdl for a
+# clone described from another), any abnormalities, and its cell count ([20], [cp10]).
+_ISCN_CLONE = re.compile(
+    r"\d{1,3}(~\d{1,3})?(<\d+n>)?,([XY?]+c?|idem|sl|sdl\d*)(,[^,\[\]/]+)*(\[(cp)?\d+\])?"
+)
+ISCN_EXAMPLE = "46,XY,t(11;14)(q13;q32)[20]"
+
+
+def looks_like_iscn(karyotype: str) -> bool:
+    """True when a karyotype reads as ISCN: each clone well formed, brackets balanced."""
+    depth = 0
+    for char in karyotype:
+        depth += {"(": 1, ")": -1}.get(char, 0)
+        if depth < 0:
+            return False
+    clones = re.split(r"/{1,2}", karyotype)
+    return depth == 0 and all(_ISCN_CLONE.fullmatch(clone) for clone in clones)
+
+
+def _one_line(text: str) -> str:
+    return " ".join(text.split())
+
+
+@dataclass(frozen=True)
+class ConfirmedFindings:
+    """What the laboratory confirmed for the case, entered by the reviewer at sign-off:
+    the labels that similar-case retrieval and the next training learn from.
+
+    Free text as the laboratory words it, one marker or mutation per entry; the
+    karyotype in ISCN. ``entered`` normalises what a person typed."""
+
+    diagnosis: str = ""
+    fish: tuple[str, ...] = ()  # FISH markers found, e.g. t(11;14), del(17p)
+    karyotype: str = ""  # ISCN, e.g. 46,XY,t(11;14)(q13;q32)[20]
+    mutations: tuple[str, ...] = ()  # a panel's, e.g. KRAS G12D
+
+    @classmethod
+    def entered(
+        cls,
+        *,
+        diagnosis: str = "",
+        fish: Iterable[str] = (),
+        karyotype: str = "",
+        mutations: Iterable[str] = (),
+    ) -> ConfirmedFindings | None:
+        """The findings a person typed, each entry on one line with single spaces and the
+        karyotype without spaces; None when nothing was entered. FindingsError says what
+        cannot be kept: an empty or repeated entry, a karyotype that is not ISCN."""
+        findings = cls(
+            diagnosis=_one_line(diagnosis),
+            fish=tuple(_one_line(entry) for entry in fish),
+            karyotype="".join(karyotype.split()),
+            mutations=tuple(_one_line(entry) for entry in mutations),
+        )
+        if not any((findings.diagnosis, findings.fish, findings.karyotype, findings.mutations)):
+            return None
+        problem = findings.problem()
+        if problem is not None:
+            raise FindingsError(problem)
+        return findings
+
+    def problem(self) -> str | None:
+        """What is wrong with these findings, in a line, or None."""
+        for name, entries in (("FISH", self.fish), ("mutations", self.mutations)):
+            seen: set[str] = set()
+            for number, entry in enumerate(entries, 1):
+                if not entry.strip():
+                    return f"{name} entry {number} is empty"
+                if entry.casefold() in seen:
+                    return f"{name} lists {entry} twice"
+                seen.add(entry.casefold())
+        if self.karyotype and not looks_like_iscn(self.karyotype):
+            return (
+                f"karyotype {self.karyotype} does not read as ISCN: the chromosome count, "
+                f"the sex chromosomes, then any abnormalities, e.g. {ISCN_EXAMPLE}"
+            )
+        if not any((self.diagnosis.strip(), self.fish, self.karyotype, self.mutations)):
+            return "holds no finding (leave it out when none was entered)"
+        return None
+
+    def validate(self, where: str) -> None:
+        problem = self.problem()
+        if problem is not None:
+            raise SpecError(f"{where}: {problem}")
+
+    def lines(self) -> list[tuple[str, str]]:
+        """(what, the findings) for a person, leaving out what was not entered."""
+        rows = [
+            ("Diagnosis", self.diagnosis),
+            ("FISH", ", ".join(self.fish)),
+            ("Karyotype", self.karyotype),
+            ("Mutations", ", ".join(self.mutations)),
+        ]
+        return [(what, text) for what, text in rows if text]
+
+
 @dataclass(frozen=True)
 class ReviewRecord:
     """A person's sign-off of the result of one version, kept in the next version.
 
     ``waited_for`` is why the result waited for a person when it was signed
-    (empty when it did not have to); ``reason`` is required for a rejection.
+    (empty when it did not have to); ``reason`` is required for a rejection;
+    ``confirmed`` is what the laboratory confirmed, absent when nothing was entered.
     """
 
     decision: Decision
@@ -346,6 +450,13 @@ class ReviewRecord:
     reviewed_version: int  # the version the reviewer saw; this one repeats it with the review
     reason: str = ""
     waited_for: tuple[str, ...] = ()
+    confirmed: ConfirmedFindings | None = field(
+        default=None,
+        metadata={
+            OMIT_NONE: True,
+            "doc": "What the laboratory confirmed, entered at sign-off; absent when nothing was",
+        },
+    )
 
     def validate(self, where: str) -> None:
         if not self.reviewer.strip():

@@ -2,9 +2,11 @@
 
 One JSON file per signed-off version, ``<fhir_outbox>/<case>-v<N>.json``: a
 transaction ``Bundle`` holding the model bundle as a ``Device``, one
-``Observation`` per task (probability, call, threshold) and per finding, and
-the ``DiagnosticReport`` that lists them, with the reviewer as its interpreter
-and the report PDF attached. The appliance only writes the file (atomically,
+``Observation`` per task (probability, call, threshold) and per finding, one per
+finding the laboratory confirmed at sign-off (the diagnosis, each FISH marker, the
+karyotype, each mutation; LOINC-coded where LOINC has a code), and the
+``DiagnosticReport`` that lists them, with the reviewer as its interpreter and the
+report PDF attached. The appliance only writes the file (atomically,
 so an interface engine never reads half of one); it sends nothing over a
 network. docs/fhir.md has the mapping, element by element. Plain JSON is
 written here; the tests validate it with a FHIR library against R4's
@@ -21,7 +23,6 @@ from urllib.parse import quote
 
 from appliance.results import (
     DECISION_WORDS,
-    RESULT_FILE,
     CaseResult,
     FindingRecord,
     HeadRecord,
@@ -29,9 +30,8 @@ from appliance.results import (
     ResultError,
     ReviewRecord,
     WrongCaseError,
-    case_folder,
     check_case,
-    latest_in,
+    find_version,
     read_result,
     unique_name,
 )
@@ -39,6 +39,7 @@ from runtime.files import write_json_atomic
 
 SYSTEM = "urn:cytoedge"  # the appliance's own identifier and code systems live under it
 UCUM = "http://unitsofmeasure.org"
+LOINC = "http://loinc.org"
 INTERPRETATION = "http://terminology.hl7.org/CodeSystem/v3-ObservationInterpretation"
 CALL_CODES = {
     "positive": ("POS", "Positive"),
@@ -47,6 +48,15 @@ CALL_CODES = {
 }
 # The sign-off decides what the laboratory system is told.
 REPORT_STATUS = {"accepted": "final", "sent_for_fish": "preliminary", "rejected": "cancelled"}
+# What the laboratory confirmed: (key, words, LOINC code and name, or None where LOINC has
+# no code for a finding named in free text: a FISH marker).
+CONFIRMED_CODES: dict[str, tuple[str, tuple[str, str] | None]] = {
+    "diagnosis": ("Diagnosis", ("29308-4", "Diagnosis")),
+    "fish": ("FISH", None),
+    "karyotype": ("Karyotype", ("62356-1", "Chromosome analysis result in ISCN expression")),
+    "mutation": ("Mutation", ("69548-6", "Genetic variant assessment")),
+}
+PRESENT = {"system": LOINC, "code": "LA9633-4", "display": "Present"}
 
 
 class FhirError(ValueError):
@@ -67,18 +77,14 @@ def write_fhir_report(result: CaseResult, folder: Path, fhir_outbox: Path) -> Pa
 def export_signed_off(target: str, outbox: Path, fhir_outbox: Path) -> Path:
     """``cytoedge fhir TARGET``: a case id, a case folder (its latest version) or a version
     folder, written to the FHIR outbox; FhirError with one line when it cannot be."""
-    path = Path(target)
-    by_case_id = not path.exists()
-    folder = case_folder(outbox, target) if by_case_id else path
-    if not (folder / RESULT_FILE).is_file():
-        latest = latest_in(folder)
-        if latest is None:
-            raise FhirError(f"{target}: no result found (a case id, a case folder or a version)")
-        folder = latest.path
+    found = find_version(target, outbox)
+    if found is None:
+        raise FhirError(f"{target}: no result found (a case id, a case folder or a version)")
+    folder, case_id = found
     try:
         result = read_result(folder)
-        if by_case_id:
-            check_case(result.case_id, target, folder)
+        if case_id is not None:
+            check_case(result.case_id, case_id, folder)
     except (ResultError, WrongCaseError) as exc:
         raise FhirError(str(exc)) from None
     return write_fhir_report(result, folder, fhir_outbox)
@@ -119,6 +125,18 @@ def fhir_bundle(result: CaseResult, folder: Path) -> dict[str, Any]:
                     _identifier_query(f"{SYSTEM}:observation", identifier),
                 )
             )
+    for key, number, text in _confirmed_rows(review):
+        # Three parts where a head's are two: no head's task shares its id.
+        part = f"confirmed/{key}/{number}"
+        identifier = f"{_result_id(result)}/{part}"
+        entries.append(
+            _entry(
+                _urn(result, part),
+                _confirmed_observation(key, text, identifier, review),
+                "Observation",
+                _identifier_query(f"{SYSTEM}:observation", identifier),
+            )
+        )
     report = _diagnostic_report(result, review, status, [e["fullUrl"] for e in entries[1:]])
     form = _presented_form(result, folder, review.signed_at)
     if form is not None:
@@ -238,6 +256,64 @@ def _observation(
             resource["note"] = [{"text": row.text}]
     else:
         resource["valueString"] = row.text
+    return resource
+
+
+def _confirmed_rows(review: ReviewRecord) -> list[tuple[str, int, str]]:
+    """(key, its number among its kind from 1, the text) of each finding confirmed at
+    sign-off, in the record's order."""
+    found = review.confirmed
+    if found is None:
+        return []
+    rows = [("diagnosis", 1, found.diagnosis)] if found.diagnosis else []
+    rows += [("fish", n, marker) for n, marker in enumerate(found.fish, 1)]
+    rows += [("karyotype", 1, found.karyotype)] if found.karyotype else []
+    rows += [("mutation", n, mutation) for n, mutation in enumerate(found.mutations, 1)]
+    return rows
+
+
+def _confirmed_observation(
+    key: str, text: str, identifier: str, review: ReviewRecord
+) -> dict[str, Any]:
+    """One finding the laboratory confirmed: the reviewer entered it, so it is final
+    whatever was decided about the screen's result, and no Device made it."""
+    words, loinc = CONFIRMED_CODES[key]
+    coding = [{"system": f"{SYSTEM}:confirmed", "code": key, "display": words}]
+    if loinc is not None:
+        coding.insert(0, {"system": LOINC, "code": loinc[0], "display": loinc[1]})
+    resource: dict[str, Any] = {
+        "resourceType": "Observation",
+        "identifier": [{"system": f"{SYSTEM}:observation", "value": identifier}],
+        "status": "final",
+        "category": [
+            {
+                "coding": [
+                    {
+                        "system": "http://terminology.hl7.org/CodeSystem/observation-category",
+                        "code": "laboratory",
+                    }
+                ]
+            }
+        ],
+        "code": {"coding": coding, "text": f"{words}: {text}"},
+        "issued": review.signed_at,
+        "performer": [{"display": review.reviewer}],
+    }
+    if key == "mutation":  # LOINC's answer is whether the variant is there; it is named apart
+        resource["valueCodeableConcept"] = {"coding": [PRESENT], "text": "Present"}
+        resource["component"] = [
+            {
+                "code": {
+                    "coding": [{"system": f"{SYSTEM}:confirmed", "code": "variant"}],
+                    "text": "Variant, as entered",
+                },
+                "valueString": text,
+            }
+        ]
+    else:
+        resource["valueString"] = text
+    if key == "fish":
+        resource["method"] = {"text": "Fluorescence in situ hybridization (FISH)"}
     return resource
 
 

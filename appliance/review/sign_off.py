@@ -6,11 +6,13 @@ a warning (below the plasma-cell burden the model was validated on), the cell he
 left cells unsure, or the bundle that scored it is not verified on this site
 (``appliance.site.verification``). Any result may be signed off; one that waits is
 not sent on until it is. The reviewer accepts it, rejects it with a reason, or
-sends it for FISH. A sign-off never edits the result it signs: it is version N+1
-of the case (version N's files with a ``review`` record, the report printed
-again), a ``signed_off`` line in the audit trail, and, where a FHIR outbox is set,
-the result written as FHIR for the laboratory system (``appliance.review.fhir``).
-docs/review.md has the rules.
+sends it for FISH, and may enter what the laboratory confirmed (the diagnosis, FISH
+markers, the karyotype, a panel's mutations): the labels similar-case retrieval and
+the next training learn from. A sign-off never edits the result it signs: it is
+version N+1 of the case (version N's files with a ``review`` record, the report
+printed again), a ``signed_off`` line in the audit trail, and, where a FHIR outbox
+is set, the result written as FHIR for the laboratory system
+(``appliance.review.fhir``). docs/review.md has the rules.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from pathlib import Path
 
 from appliance.results import (
     CaseResult,
+    ConfirmedFindings,
     ResultError,
     ResultFolder,
     ResultWriteError,
@@ -37,6 +40,7 @@ from appliance.results.schema import Decision
 from appliance.review.fhir import write_fhir_report
 from appliance.service.audit import AuditLog, result_file_hashes
 from appliance.site.verification import is_verified
+from runtime.typed_json import dump
 
 log = logging.getLogger(__name__)
 
@@ -94,11 +98,13 @@ def login_name() -> str:
 
 @dataclass(frozen=True)
 class SignOff:
-    """What the reviewer decided, in their name."""
+    """What the reviewer decided, in their name, with what the laboratory confirmed
+    (``ConfirmedFindings.entered`` reads what a person typed)."""
 
     decision: Decision
     reviewer: str
     reason: str = ""
+    confirmed: ConfirmedFindings | None = None
 
 
 @dataclass(frozen=True)
@@ -127,6 +133,9 @@ def sign_off(
         raise ReviewError("a sign-off needs the reviewer's name")
     if decision.decision == "rejected" and not reason:
         raise ReviewError("a rejection needs a reason")
+    problem = decision.confirmed.problem() if decision.confirmed is not None else None
+    if problem is not None:
+        raise ReviewError(f"confirmed findings: {problem}")
     try:
         seen = read_result(version_folder)
         if case_id is not None:
@@ -139,6 +148,7 @@ def sign_off(
             reviewed_version=seen.version,
             reason=reason,
             waited_for=waiting_reasons(seen, bundle_verified=verified),
+            confirmed=decision.confirmed,
         )
         folder, result = write_reviewed_version(version_folder, review, write_pdf=write_pdf)
     except (ResultError, ResultWriteError, WrongCaseError) as exc:
@@ -160,6 +170,7 @@ def sign_off(
             reviewer=review.reviewer,
             reason=review.reason,
             waited_for=list(review.waited_for),
+            **({"confirmed": dump(review.confirmed)} if review.confirmed is not None else {}),
             result_dir=str(folder.path),
             result_files=result_file_hashes(folder.path),
             bundle_sha256=result.bundle.sha256,
