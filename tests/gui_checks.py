@@ -80,7 +80,7 @@ def clipped(window: QWidget) -> list[tuple[str, str, int]]:
     return found
 
 
-def clipped_once_settled(window: QMainWindow, timeout_s: float = 3.0) -> list:
+def clipped_once_settled(window: QWidget, timeout_s: float = 3.0) -> list:
     """``clipped(window)`` once the window's layout has settled.
 
     A new result is laid out over several event-loop passes (a wrapping label reaches

@@ -336,7 +336,7 @@ def test_confirmed_findings_are_entered_in_the_dialog_and_shown_after(qtbot, dat
     assert dialog.problem.text().startswith("Confirmed findings: karyotype 46XY does not read")
     qtbot.keyClick(dialog.karyotype, Qt.Key.Key_Return)  # Enter signs nothing while it is wrong
     assert dialog.isVisible()
-    qtbot.waitUntil(lambda: clipped(dialog) == [], timeout=3000)  # the refusal drawn whole
+    assert clipped_once_settled(dialog) == []  # the refusal drawn whole
     dialog.karyotype.setText("46,XY,t(11;14)(q13;q32)[20]")
     dialog.mutations.setText("KRAS G12D")
     assert dialog.ok.isEnabled() and not dialog.problem.isVisible()

@@ -54,13 +54,13 @@ window.close()
 
 # The sign-off dialog on the same display: every field and the refusal line drawn whole.
 DIALOG_ON_X = """
-import sys, time
+import sys
 from pathlib import Path
 from cytoedge_demo.samples import write_sample_site
 from gui.app import SCREEN_SIZE, make_application
 from gui.main_window import MainWindow
 from gui.store_reader import StoreReader
-from tests.gui_checks import clipped
+from tests.gui_checks import clipped_once_settled
 
 app = make_application()
 store, outbox = write_sample_site(Path(sys.argv[1]))
@@ -73,23 +73,10 @@ dialog = window.ask_sign_off("sent_for_fish")
 dialog.name.setText("Dr Ana Reviewer")
 dialog.fish.setText("t(11;14), del(17p), 1q gain")
 dialog.mutations.setText("KRAS G12D, TP53 R273H")
-
-
-def settled():
-    # What is clipped once the layout has caught up (3 s at most on a loaded machine).
-    deadline = time.monotonic() + 3
-    while True:
-        app.processEvents()
-        found = clipped(dialog)
-        if not found or time.monotonic() > deadline:
-            return found
-        time.sleep(0.01)
-
-
 dialog.karyotype.setText("46,XY,t(11;14)(q13;q32)[20]/47,idem,+8[cp5")
-refused = (dialog.problem.isVisible(), dialog.ok.isEnabled(), settled())
+refused = (dialog.problem.isVisible(), dialog.ok.isEnabled(), clipped_once_settled(dialog))
 dialog.karyotype.setText("46,XY,t(11;14)(q13;q32)[20]")
-problems = settled()
+problems = clipped_once_settled(dialog)
 fits = dialog.width() <= SCREEN_SIZE[0] and dialog.height() <= SCREEN_SIZE[1]
 print(app.platformName(), refused, dialog.ok.isEnabled(), fits, problems)
 dialog.reject()
