@@ -13,6 +13,7 @@ from runtime.backends.registry import AUTO, backend_class, probe_backends
 log = logging.getLogger(__name__)
 
 
+REMOTE = "runs on a server: only when [runtime] backend names it"
 AVOIDED = "failed the GPU self-test on this machine (see cytoedge doctor --gpu-self-test)"
 
 
@@ -32,7 +33,9 @@ def plan_backends(
     for status in probe_backends():
         if backend not in (AUTO, status.name):
             continue
-        if status.name in avoid:
+        if backend == AUTO and backend_class(status.name).remote:
+            skipped.append(Fallback(status.name, REMOTE))
+        elif status.name in avoid:
             skipped.append(Fallback(status.name, AVOIDED))
         elif status.available:
             candidates.append(status.name)
@@ -82,7 +85,7 @@ def open_model(
             log.warning("not using %s for %s: %s", name, variants.fp32.name, fallback.reason)
             fallbacks.append(fallback)
             continue
-        loaded.fallbacks = fallbacks
+        loaded.fallbacks = fallbacks + loaded.fallbacks  # a remote one's local model has its own
         # The choice in one line; the reasons of the skipped backends are at DEBUG
         # above and in ``describe()``, which ``cytoedge doctor`` shows.
         skipped = f" (skipped {', '.join(f.backend for f in fallbacks)})" if fallbacks else ""
