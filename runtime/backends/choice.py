@@ -7,13 +7,19 @@ from collections.abc import Collection
 from dataclasses import replace
 from pathlib import Path
 
-from runtime.backends.base import Backend, BackendError, Fallback, ModelVariants, RuntimeSettings
+from runtime.backends.base import (
+    Backend,
+    BackendError,
+    BackendUnavailableError,
+    Fallback,
+    ModelVariants,
+    RuntimeSettings,
+)
 from runtime.backends.registry import AUTO, backend_class, probe_backends
 
 log = logging.getLogger(__name__)
 
 
-REMOTE = "runs on a server: only when [runtime] backend names it"
 AVOIDED = "failed the GPU self-test on this machine (see cytoedge doctor --gpu-self-test)"
 
 
@@ -34,8 +40,8 @@ def plan_backends(
         if backend not in (AUTO, status.name):
             continue
         if backend == AUTO and backend_class(status.name).remote:
-            skipped.append(Fallback(status.name, REMOTE))
-        elif status.name in avoid:
+            continue  # not a better backend skipped: one the site chooses by name
+        if status.name in avoid:
             skipped.append(Fallback(status.name, AVOIDED))
         elif status.available:
             candidates.append(status.name)
@@ -74,6 +80,7 @@ def open_model(
     for fallback in fallbacks:
         # Expected on most sites (no GPU, no TensorRT): every session would repeat them.
         log.debug("not using %s for %s: %s", fallback.backend, variants.fp32.name, fallback.reason)
+    unreachable = False  # the configured backend's server did not answer: a later try may
     for name in candidates:
         cls = backend_class(name)
         try:
@@ -84,6 +91,7 @@ def open_model(
             fallback = Fallback(name, str(exc))
             log.warning("not using %s for %s: %s", name, variants.fp32.name, fallback.reason)
             fallbacks.append(fallback)
+            unreachable = isinstance(exc, BackendUnavailableError)
             continue
         loaded.fallbacks = fallbacks + loaded.fallbacks  # a remote one's local model has its own
         # The choice in one line; the reasons of the skipped backends are at DEBUG
@@ -93,7 +101,8 @@ def open_model(
         return loaded
     reasons = "; ".join(str(f) for f in fallbacks)
     if settings.backend != AUTO:
-        raise BackendError(
+        error = BackendUnavailableError if unreachable else BackendError
+        raise error(
             f"configured backend {settings.backend} cannot run {variants.fp32.name}: {reasons}"
         )
     raise BackendError(f"no backend can run {variants.fp32.name}: {reasons}")

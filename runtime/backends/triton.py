@@ -157,7 +157,7 @@ def served_model(client: Any, url: str, name: str, timeout: float | None) -> Ser
 
 class TritonBackend(Backend):
     name = "triton"
-    priority = 5
+    priority = 100  # listed last; "auto" never picks it (``remote``)
     remote = True
 
     @classmethod

@@ -1,0 +1,279 @@
+"""The triton backend against a real ``tritonserver`` (the nvidia-pytriton wheel's, on
+the CPU, demo/cytoedge_demo/triton_server.py): scores equal local ONNX Runtime's within
+the fp32 gate, a bundle the server does not serve is refused in one line, inputs are
+checked before they are sent, a server killed mid-case is a temporary problem that
+ends once it is back (or runs locally with fallback = "local"), and several
+workstation processes share one server.
+
+Skipped, with the reason, where the wheel cannot run: not Linux x86-64, no
+nvidia-pytriton or tritonclient installed, or no stub for this Python.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from appliance.config import ConfigError, load_config
+from appliance.service.worker import classify, error_text
+from cytoedge_demo.triton_server import TritonServer, cpu_repository, server_files
+from runtime.backends import (
+    BackendError,
+    BackendUnavailableError,
+    RuntimeSettings,
+    TritonSettings,
+    backend_class,
+    open_model,
+    plan_backends,
+)
+from runtime.bundle_format import Bundle
+from runtime.encoder import Encoder
+from runtime.heads import HeadRunner
+from runtime.parity import ENCODER_MIN_COSINE, HEAD_MAX_PROBABILITY_DIFF
+from runtime.triton_repo import model_name, write_repository
+from tests.runtime_models import TinyBundle
+
+pytest.importorskip("tritonclient.grpc", reason="tritonclient[grpc] is not installed")
+
+
+@pytest.fixture(scope="module")
+def bundles(tmp_path_factory: pytest.TempPathFactory) -> tuple[Bundle, Bundle]:
+    """(the bundle the server serves, a later version it does not)."""
+    tiny = TinyBundle(tmp_path_factory.mktemp("tiny"))
+    served = tiny.write()
+    tiny.path = tiny.path.parent / "later"
+    return served, tiny.write(version="1.1")
+
+
+@pytest.fixture(scope="module")
+def server(
+    bundles: tuple[Bundle, Bundle], tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[TritonServer]:
+    files = server_files()
+    if isinstance(files, str):
+        pytest.skip(files)
+    work = tmp_path_factory.mktemp("triton")
+    write_repository(bundles[0], work / "written", gpu=False)
+    repository = cpu_repository(work / "written", work / "repository")
+    with TritonServer(repository, work, threads=1) as started:
+        yield started
+
+
+def on_server(server: TritonServer, fallback: str = "none") -> RuntimeSettings:
+    return RuntimeSettings(
+        "triton", threads=1, triton=TritonSettings(url=server.url, fallback=fallback)
+    )
+
+
+def patches(count: int, side: int = 32, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, (count, side, side, 3), dtype=np.uint8)
+
+
+def cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    return np.sum(a * b, axis=1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
+
+
+def inference_count(server: TritonServer, model: str) -> int:
+    import tritonclient.grpc as grpcclient
+
+    client = grpcclient.InferenceServerClient(server.url)
+    try:
+        stats = client.get_inference_statistics(model).model_stats
+    finally:
+        client.close()
+    return sum(entry.inference_count for entry in stats)
+
+
+def test_scores_through_the_server_equal_local_ones(
+    server: TritonServer, bundles: tuple[Bundle, Bundle]
+) -> None:
+    bundle = bundles[0]
+    remote = Encoder(bundle, on_server(server))
+    local = Encoder(bundle, RuntimeSettings("ort-cpu", threads=1))
+    assert remote.backend_name == "triton"
+    assert "version 1 (bundle 1.0" in remote.model.describe()
+    cells = patches(40)
+    embedded = remote.embed(cells)
+    assert cosines(embedded, local.embed(cells)).min() >= ENCODER_MIN_COSINE
+    for head in bundle.heads:
+        on_triton = HeadRunner(bundle, head.name, on_server(server)).predict(embedded)
+        here = HeadRunner(bundle, head.name, RuntimeSettings("ort-cpu", threads=1)).predict(
+            embedded
+        )
+        for output, probability in here.probabilities.items():
+            assert abs(on_triton.probabilities[output] - probability) <= HEAD_MAX_PROBABILITY_DIFF
+    remote.close()
+    local.close()
+
+
+def test_a_batch_beyond_the_models_limit_is_sent_in_parts(
+    server: TritonServer, bundles: tuple[Bundle, Bundle]
+) -> None:
+    bundle = bundles[0]
+    model = open_model(bundle.encoder_variants(), on_server(server))
+    local = open_model(bundle.encoder_variants(), RuntimeSettings("ort-cpu", threads=1))
+    assert model.max_batch == 256
+    name = model_name(bundle.name, "encoder.onnx")
+    before = inference_count(server, name)
+    pixels = np.random.default_rng(1).normal(size=(300, 3, 32, 32)).astype(np.float32)
+    got = model.run({"pixels": pixels})["embedding"]
+    assert got.shape == (300, 16)
+    assert cosines(got, local.run({"pixels": pixels})["embedding"]).min() >= ENCODER_MIN_COSINE
+    assert inference_count(server, name) - before == 300
+
+
+def test_a_bundle_version_the_server_does_not_serve_is_refused_in_one_line(
+    server: TritonServer, bundles: tuple[Bundle, Bundle]
+) -> None:
+    served, later = bundles
+    with pytest.raises(BackendError) as raised:
+        open_model(later.encoder_variants(), on_server(server))
+    message = str(raised.value)
+    assert "\n" not in message
+    assert f"1.0 ({served.sha256[:12]})" in message
+    assert f"1.1 ({later.sha256[:12]})" in message
+    assert not isinstance(raised.value, BackendUnavailableError)
+
+
+def test_inputs_are_checked_before_anything_is_sent(
+    server: TritonServer, bundles: tuple[Bundle, Bundle]
+) -> None:
+    bundle = bundles[0]
+    model = open_model(bundle.encoder_variants(), on_server(server))
+    name = model_name(bundle.name, "encoder.onnx")
+    before = inference_count(server, name)
+    with pytest.raises(BackendError, match="axis 2 must be 32"):
+        model.run({"pixels": np.zeros((2, 3, 30, 32), np.float32)})
+    with pytest.raises(BackendError, match="must be float32, got complex64"):
+        model.run({"pixels": np.zeros((2, 3, 32, 32), np.complex64)})
+    with pytest.raises(BackendError, match="missing"):
+        model.run({"crops": np.zeros((2, 32, 32, 3), np.uint8)})
+    assert inference_count(server, name) == before
+
+
+def embed_in_a_process(args: tuple[str, str, int]) -> np.ndarray:
+    bundle_path, url, seed = args
+    from runtime.bundle_format import load_bundle
+
+    settings = RuntimeSettings("triton", threads=1, triton=TritonSettings(url=url))
+    encoder = Encoder(load_bundle(bundle_path), settings)
+    try:
+        return encoder.embed(patches(24, seed=seed))
+    finally:
+        encoder.close()
+
+
+def test_several_workstation_processes_share_one_server(
+    server: TritonServer, bundles: tuple[Bundle, Bundle]
+) -> None:
+    bundle = bundles[0]
+    name = model_name(bundle.name, "encoder.onnx")
+    before = inference_count(server, name)
+    jobs = [(str(bundle.path), server.url, seed) for seed in range(3)]
+    with multiprocessing.get_context("spawn").Pool(3) as pool:
+        results = pool.map(embed_in_a_process, jobs)
+    local = Encoder(bundle, RuntimeSettings("ort-cpu", threads=1))
+    for seed, embedded in enumerate(results):
+        assert cosines(embedded, local.embed(patches(24, seed=seed))).min() >= ENCODER_MIN_COSINE
+    assert inference_count(server, name) - before == 3 * 24
+
+
+def test_doctor_names_the_server_its_versions_and_whether_they_match(
+    server: TritonServer, bundles: tuple[Bundle, Bundle]
+) -> None:
+    from runtime.backends.triton import check_server
+
+    served, later = bundles
+    report = check_server(served, TritonSettings(url=server.url), pings=2)
+    assert report.ok
+    assert "round trip" in report.lines[0]
+    assert "2.51" in report.lines[0]
+    encoder_line = next(line for line in report.lines if "__encoder" in line)
+    assert "1.0" in encoder_line and "version 1 is this bundle's" in encoder_line
+    mismatch = check_server(later, TritonSettings(url=server.url), pings=1)
+    assert not mismatch.ok
+    assert all("NOT this bundle" in line for line in mismatch.lines[1:])
+
+
+def test_a_server_killed_mid_case_is_a_temporary_problem_until_it_is_back(
+    server: TritonServer, bundles: tuple[Bundle, Bundle]
+) -> None:
+    bundle = bundles[0]
+    encoder = Encoder(bundle, on_server(server))
+    encoder.batch_size = 8
+    expected = encoder.embed(patches(32))
+
+    def kill_after_the_first_batch(done: int, total: int) -> None:
+        if done == 8:
+            server.kill()
+
+    try:
+        with pytest.raises(BackendUnavailableError) as raised:
+            encoder.embed(patches(32), progress=kill_after_the_first_batch)
+        assert classify(raised.value) == "transient"
+        assert error_text(raised.value) == (
+            "temporary problem: the inference server could not be reached"
+        )
+        with pytest.raises(BackendUnavailableError):  # a retry while it is down
+            encoder.embed(patches(32))
+    finally:
+        server.start()
+    # The retry once it is back: the same opened encoder, the same embeddings.
+    np.testing.assert_allclose(encoder.embed(patches(32)), expected, rtol=0, atol=1e-6)
+    assert encoder.backend_name == "triton"
+    encoder.close()
+
+
+def test_with_fallback_local_the_workstation_runs_the_networks_itself(
+    server: TritonServer, bundles: tuple[Bundle, Bundle]
+) -> None:
+    bundle = bundles[0]
+    local = Encoder(bundle, RuntimeSettings("ort-cpu", threads=1)).embed(patches(16))
+    encoder = Encoder(bundle, on_server(server, "local"))
+    assert encoder.embed(patches(16)).shape == (16, 16)
+    server.kill()
+    try:
+        # Mid-case: this job is retried (its first batches ran on the server) ...
+        with pytest.raises(BackendUnavailableError):
+            encoder.embed(patches(16))
+        # ... and the retry runs here, and the result says so.
+        np.testing.assert_allclose(encoder.embed(patches(16)), local, rtol=0, atol=1e-6)
+        assert encoder.backend_name == "ort-cpu (triton unreachable)"
+        # Opened while the server is down: the local backend in its place.
+        reopened = Encoder(bundle, on_server(server, "local"))
+        assert reopened.backend_name == "ort-cpu"
+        assert any(f.backend == "triton" for f in reopened.model.fallbacks)
+        with pytest.raises(BackendUnavailableError):
+            Encoder(bundle, on_server(server))  # without the fallback: retried later
+    finally:
+        server.start()
+
+
+def test_the_triton_section_of_the_configuration(tmp_path: Path) -> None:
+    path = tmp_path / "cytoedge.toml"
+    path.write_text(
+        '[runtime]\nbackend = "triton"\n[runtime.triton]\nurl = "gpu-server.lab:8001"\n'
+        'timeout_seconds = 20\nfallback = "local"\n'
+    )
+    settings = load_config(path).runtime.settings
+    assert settings.backend == "triton"
+    assert settings.triton == TritonSettings(
+        url="gpu-server.lab:8001", timeout_seconds=20.0, fallback="local"
+    )
+    path.write_text('[runtime.triton]\nfallback = "elsewhere"\n')
+    with pytest.raises(ConfigError, match=r"runtime\.triton\.fallback must be one of none, local"):
+        load_config(path)
+    path.write_text('[runtime.triton]\nhost = "x"\n')
+    with pytest.raises(ConfigError, match=r"unknown key runtime\.triton\.host"):
+        load_config(path)
+
+
+def test_auto_never_picks_the_server() -> None:
+    assert backend_class("triton").probe().available  # installed here, and still:
+    candidates, skipped = plan_backends("auto")
+    assert "triton" not in candidates + [f.backend for f in skipped]
+    assert plan_backends("triton") == (["triton"], [])
