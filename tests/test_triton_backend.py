@@ -36,6 +36,7 @@ from runtime.heads import HeadRunner
 from runtime.parity import ENCODER_MIN_COSINE, HEAD_MAX_PROBABILITY_DIFF
 from runtime.triton_repo import model_name, write_repository
 from tests.runtime_models import TinyBundle
+from tests.test_cli import cytoedge
 
 pytest.importorskip("tritonclient.grpc", reason="tritonclient[grpc] is not installed")
 
@@ -197,6 +198,23 @@ def test_doctor_names_the_server_its_versions_and_whether_they_match(
     mismatch = check_server(later, TritonSettings(url=server.url), pings=1)
     assert not mismatch.ok
     assert all("NOT this bundle" in line for line in mismatch.lines[1:])
+
+
+def test_cytoedge_doctor_runs_the_bundle_on_the_server(
+    server: TritonServer, bundles: tuple[Bundle, Bundle], tmp_path: Path
+) -> None:
+    served, later = bundles
+    config = tmp_path / "cytoedge.toml"
+    config.write_text(f'[runtime]\nbackend = "triton"\n[runtime.triton]\nurl = "{server.url}"\n')
+    result = cytoedge("doctor", "--config", str(config), "--bundle", str(served.path))
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "Triton: triton server" in result.stdout and "round trip" in result.stdout
+    encoder_row = next(line for line in result.stdout.splitlines() if "│ encoder" in line)
+    assert "triton" in encoder_row
+    refused = cytoedge("doctor", "--config", str(config), "--bundle", str(later.path))
+    assert refused.returncode == 1
+    assert "NOT this bundle" in refused.stdout
+    assert "cannot score this bundle on the server" in refused.stdout
 
 
 def test_a_server_killed_mid_case_is_a_temporary_problem_until_it_is_back(
