@@ -185,7 +185,10 @@ class TritonServer:
             "--log-verbose=0",
         ]
         log = (self.work / "server.log").open("ab")
-        self.process = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT)
+        # Its own process group: the Python backend's stub processes go with it.
+        self.process = subprocess.Popen(
+            command, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+        )
         client = grpcclient.InferenceServerClient(self.url)
         deadline = time.monotonic() + START_SECONDS
         try:
@@ -202,18 +205,21 @@ class TritonServer:
         raise RuntimeError(f"tritonserver not ready in {START_SECONDS:.0f} s; see server.log")
 
     def kill(self) -> None:
-        """The server gone at once, as when its machine loses power."""
-        if self.process is not None and self.process.poll() is None:
-            self.process.send_signal(signal.SIGKILL)
-            self.process.wait()
+        """The server and its stubs gone at once, as when its machine loses power."""
+        if self.process is None:
+            return
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.process.pid, signal.SIGKILL)
+        self.process.wait()
 
     def stop(self) -> None:
-        if self.process is not None and self.process.poll() is None:
+        if self.process is None:
+            return
+        if self.process.poll() is None:
             self.process.terminate()
-            try:
+            with contextlib.suppress(subprocess.TimeoutExpired):
                 self.process.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                self.kill()
+        self.kill()  # what is left of its group: stubs that outlived it
 
     def __enter__(self) -> TritonServer:
         return self.start()
