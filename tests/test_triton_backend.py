@@ -271,6 +271,47 @@ def test_with_fallback_local_the_workstation_runs_the_networks_itself(
         server.start()
 
 
+def test_the_service_retries_a_case_while_the_server_is_down_and_loses_no_scan(
+    server: TritonServer, bundles: tuple[Bundle, Bundle], tmp_path: Path
+) -> None:
+    from appliance.results import read_result
+    from appliance.service.store import DONE
+    from cytoedge_demo.synthetic import write_cell_folders
+    from tests.service_harness import ServiceProcess, copy_unit, result_versions, write_config
+
+    config = write_config(tmp_path, bundles[0].path, backend="triton")
+    with config.open("a") as toml:
+        toml.write(f'[runtime.triton]\nurl = "{server.url}"\n')
+    write_cell_folders(tmp_path / "cells", 1, 60, seed=5)
+    service = ServiceProcess(config, tmp_path / "data" / "state")
+    server.kill()
+    try:
+        service.start()
+        copy_unit(tmp_path / "cells" / "P0001", tmp_path / "inbox" / "P0001")
+        (tmp_path / "inbox" / "P0001" / ".ready").write_bytes(b"")
+        slide = service.wait_for(
+            lambda: next(
+                (s for s in service.read(lambda store: store.slides()) or [] if s.last_error),
+                None,
+            ),
+            60,
+            "a try while the server is down",
+        )
+        assert slide.last_error == "temporary problem: the inference server could not be reached"
+        assert result_versions(tmp_path / "outbox", "P0001") == []
+        server.start()
+        service.wait_for(lambda: service.case_state("P0001") == DONE, 90, "the case scored")
+    finally:
+        service.ensure_stopped()
+        if server.process is None or server.process.poll() is not None:
+            server.start()
+    (version,) = result_versions(tmp_path / "outbox", "P0001")
+    result = read_result(tmp_path / "outbox" / "P0001" / version)
+    assert result.backend == "triton"
+    scored = service.read(lambda store: store.slides()[0])
+    assert scored.attempts >= 2 and scored.n_cells == 60
+
+
 def test_the_triton_section_of_the_configuration(tmp_path: Path) -> None:
     path = tmp_path / "cytoedge.toml"
     path.write_text(

@@ -38,6 +38,7 @@ from runtime.backends.base import (
     BackendError,
     BackendStatus,
     BackendUnavailableError,
+    Fallback,
     ModelVariants,
     RuntimeSettings,
     TensorSpec,
@@ -51,6 +52,17 @@ LOCAL = "local"
 # gRPC status codes after which a later try may succeed: the server is down,
 # restarting or overloaded, or did not answer in time.
 _TEMPORARY = ("UNAVAILABLE", "DEADLINE_EXCEEDED", "RESOURCE_EXHAUSTED", "CANCELLED")
+# gRPC shares one connection per address among a process's clients and, once a server
+# went away, waits up to two minutes between reconnects: a retried job would meet the
+# old wait although the server is back. Each client connects on its own and retries
+# within seconds; messages as large as Triton's (a batch of cells is megabytes).
+CHANNEL_ARGS = [
+    ("grpc.max_send_message_length", 2**31 - 1),
+    ("grpc.max_receive_message_length", 2**31 - 1),
+    ("grpc.use_local_subchannel_pool", 1),
+    ("grpc.initial_reconnect_backoff_ms", 500),
+    ("grpc.max_reconnect_backoff_ms", 5000),
+]
 
 
 def _client_version() -> str | None:
@@ -73,6 +85,7 @@ def connect(remote: TritonSettings) -> Any:
     tls = bool(remote.ca_certificate)
     return grpcclient.InferenceServerClient(
         remote.url,
+        channel_args=CHANNEL_ARGS,
         ssl=tls,
         root_certificates=str(Path(remote.ca_certificate).expanduser()) if tls else None,
         private_key=str(Path(remote.client_key).expanduser()) if remote.client_key else None,
@@ -182,7 +195,9 @@ class TritonBackend(Backend):
             if not fallback:
                 raise
             log.warning("%s runs on this workstation: %s", variants.fp32.name, exc)
-            return local()
+            loaded = local()
+            loaded.fallbacks.insert(0, Fallback(cls.name, str(exc)))
+            return loaded
 
     def __init__(
         self, path: Path, remote: TritonSettings, local: Callable[[], Backend] | None = None
@@ -301,9 +316,14 @@ class TritonBackend(Backend):
             )
         except InferenceServerException as exc:
             error = server_error(exc, self.remote.url, f"{self.model} failed")
-            if isinstance(error, BackendUnavailableError) and self._open_local is not None:
-                log.warning("%s; its next inputs run on this workstation", error)
-                self._local = self._open_local()
+            if isinstance(error, BackendUnavailableError):
+                # A fresh connection for the retry: the old one waits out gRPC's
+                # reconnect back-off even once the server is back.
+                self._client.close()
+                self._client = connect(self.remote)
+                if self._open_local is not None:
+                    log.warning("%s; its next inputs run on this workstation", error)
+                    self._local = self._open_local()
             raise error from None
         return {spec.name: result.as_numpy(spec.name) for spec in self.outputs}
 
