@@ -111,8 +111,12 @@ def bundle_of(path: Path) -> tuple[Path, str, str, str]:
         manifest = folder / BUNDLE_FILE
         if manifest.is_file():
             raw = manifest.read_bytes()
-            data = json.loads(raw)
-            return folder, str(data["name"]), str(data["version"]), hashlib.sha256(raw).hexdigest()
+            try:
+                data = json.loads(raw)
+                name, version = str(data["name"]), str(data["version"])
+            except (ValueError, KeyError, TypeError):
+                raise BackendError(f"{manifest}: not a readable bundle.json") from None
+            return folder, name, version, hashlib.sha256(raw).hexdigest()
     raise BackendError(f"{path}: not inside a bundle folder (no {BUNDLE_FILE} above it)")
 
 
@@ -203,7 +207,7 @@ class TritonBackend(Backend):
         self, path: Path, remote: TritonSettings, local: Callable[[], Backend] | None = None
     ) -> None:
         super().__init__(path, "fp32")
-        self.remote = remote
+        self.server = remote
         self._open_local = local
         self._local: Backend | None = None
         self.version = 0  # the model version of this bundle on the server, set by _check
@@ -219,7 +223,7 @@ class TritonBackend(Backend):
     def _check(self, bundle: str, version: str, sha256: str) -> ServedModel:
         from tritonclient.utils import InferenceServerException
 
-        url, timeout = self.remote.url, self.remote.timeout_seconds or None
+        url, timeout = self.server.url, self.server.timeout_seconds or None
         try:
             live = self._client.is_server_live(client_timeout=timeout)
         except InferenceServerException as exc:
@@ -270,7 +274,7 @@ class TritonBackend(Backend):
     def describe(self) -> str:
         version, sha = self._served.versions[self.version]
         return (
-            f"{self.name} {self.remote.url} {self.model} version {self.version} "
+            f"{self.name} {self.server.url} {self.model} version {self.version} "
             f"(bundle {version}, {sha[:12]})"
         )
 
@@ -312,15 +316,15 @@ class TritonBackend(Backend):
                 inputs,
                 model_version=str(self.version),
                 outputs=wanted,
-                client_timeout=self.remote.timeout_seconds or None,
+                client_timeout=self.server.timeout_seconds or None,
             )
         except InferenceServerException as exc:
-            error = server_error(exc, self.remote.url, f"{self.model} failed")
+            error = server_error(exc, self.server.url, f"{self.model} failed")
             if isinstance(error, BackendUnavailableError):
                 # A fresh connection for the retry: the old one waits out gRPC's
                 # reconnect back-off even once the server is back.
                 self._client.close()
-                self._client = connect(self.remote)
+                self._client = connect(self.server)
                 if self._open_local is not None:
                     log.warning("%s; its next inputs run on this workstation", error)
                     self._local = self._open_local()
