@@ -336,3 +336,40 @@ def test_auto_never_picks_the_server() -> None:
     candidates, skipped = plan_backends("auto")
     assert "triton" not in candidates + [f.backend for f in skipped]
     assert plan_backends("triton") == (["triton"], [])
+
+
+def test_the_segmenter_runs_on_the_server_with_the_bundles_other_networks(
+    tiny_bundle: Path, tmp_path: Path
+) -> None:
+    """The suite's trained bundle (a StarDist segmenter, a ViT encoder, a cell head):
+    the slide networks open the segmenter on the server too, and its maps equal local ones."""
+    from appliance.pipeline.networks import SlideNetworks
+    from appliance.pipeline.segmentation import Segmenter
+    from cytoedge_demo.synthetic import SmearSpec, render_field
+    from runtime.bundle_format import load_bundle
+    from runtime.parity import SEGMENTER_DIST_TOLERANCE, SEGMENTER_PROB_TOLERANCE
+
+    files = server_files()
+    if isinstance(files, str):
+        pytest.skip(files)
+    bundle = load_bundle(tiny_bundle)
+    write_repository(bundle, tmp_path / "written", gpu=False)
+    repository = cpu_repository(tmp_path / "written", tmp_path / "repository")
+    image = render_field(SmearSpec(width=256, height=256, seed=3)).image
+    local = Segmenter.open(
+        bundle.path, bundle.segmenter, RuntimeSettings("ort-cpu", threads=1, precision="fp32")
+    )
+    with TritonServer(repository, tmp_path, threads=1) as server:
+        networks = SlideNetworks(bundle, on_server(server))
+        try:
+            segmenter = networks.segmenter()
+            assert networks.segmenter_backend == "triton"
+            prob, dist = segmenter.predict(image)
+            expected_prob, expected_dist = local.predict(image)
+            assert np.abs(prob - expected_prob).max() <= SEGMENTER_PROB_TOLERANCE
+            assert np.abs(dist - expected_dist).max() <= SEGMENTER_DIST_TOLERANCE
+            assert (
+                networks.classify(np.zeros((3, bundle.encoder.embed_dim), np.float32)).shape[0] == 3
+            )
+        finally:
+            networks.close()
