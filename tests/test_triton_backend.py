@@ -20,7 +20,7 @@ import pytest
 
 from appliance.config import ConfigError, load_config
 from appliance.service.worker import classify, error_text
-from cytoedge_demo.triton_server import TritonServer, cpu_repository, server_files
+from cytoedge_demo.triton_server import Tls, TritonServer, cpu_repository, server_files
 from runtime.backends import (
     BackendError,
     BackendUnavailableError,
@@ -310,6 +310,101 @@ def test_the_service_retries_a_case_while_the_server_is_down_and_loses_no_scan(
     assert result.backend == "triton"
     scored = service.read(lambda store: store.slides()[0])
     assert scored.attempts >= 2 and scored.n_cells == 60
+
+
+def certificates(folder: Path) -> Tls:
+    """A CA and a server certificate it signed, for 127.0.0.1 (PEM files)."""
+    import datetime
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    now = datetime.datetime.now(datetime.UTC)
+
+    def issue(
+        subject: str,
+        key: ec.EllipticCurvePrivateKey,
+        issuer: tuple[str, ec.EllipticCurvePrivateKey] | None,
+    ) -> x509.Certificate:
+        name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, subject)])
+        signer_name, signer_key = issuer or (subject, key)
+        builder = (
+            x509.CertificateBuilder()
+            .subject_name(name)
+            .issuer_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, signer_name)]))
+            .public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(minutes=5))
+            .not_valid_after(now + datetime.timedelta(days=1))
+        )
+        if issuer is None:
+            builder = builder.add_extension(x509.BasicConstraints(ca=True, path_length=0), True)
+        else:
+            builder = builder.add_extension(
+                x509.SubjectAlternativeName(
+                    [x509.IPAddress(ipaddress.ip_address("127.0.0.1")), x509.DNSName("localhost")]
+                ),
+                False,
+            )
+        return builder.sign(signer_key, hashes.SHA256())
+
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    server_key = ec.generate_private_key(ec.SECP256R1())
+    ca = issue("lab CA", ca_key, None)
+    server = issue("gpu-server", server_key, ("lab CA", ca_key))
+    folder.mkdir(parents=True, exist_ok=True)
+    tls = Tls(folder / "server.pem", folder / "server.key", folder / "ca.pem")
+    tls.ca.write_bytes(ca.public_bytes(serialization.Encoding.PEM))
+    tls.certificate.write_bytes(server.public_bytes(serialization.Encoding.PEM))
+    tls.key.write_bytes(
+        server_key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    return tls
+
+
+def test_a_server_speaking_tls_is_reached_with_the_labs_ca_only(
+    bundles: tuple[Bundle, Bundle], tmp_path: Path
+) -> None:
+    files = server_files()
+    if isinstance(files, str):
+        pytest.skip(files)
+    bundle = bundles[0]
+    encoder = model_name(bundle.name, "encoder.onnx")
+    write_repository(bundle, tmp_path / "written", gpu=False)
+    repository = cpu_repository(tmp_path / "written", tmp_path / "repository", [encoder])
+    tls = certificates(tmp_path / "certs")
+    with TritonServer(repository, tmp_path, threads=1, tls=tls) as server:
+        secure = TritonSettings(url=server.url, ca_certificate=str(tls.ca))
+        model = open_model(
+            bundle.encoder_variants(), RuntimeSettings("triton", threads=1, triton=secure)
+        )
+        pixels = np.random.default_rng(2).normal(size=(4, 3, 32, 32)).astype(np.float32)
+        assert model.run({"pixels": pixels})["embedding"].shape == (4, 16)
+        model.close()
+        with pytest.raises(BackendUnavailableError):  # plain gRPC to a TLS port
+            open_model(bundle.encoder_variants(), on_server(server))
+        other = certificates(tmp_path / "other")  # a CA that did not sign the server's
+        with pytest.raises(BackendUnavailableError):
+            open_model(
+                bundle.encoder_variants(),
+                RuntimeSettings(
+                    "triton", triton=TritonSettings(url=server.url, ca_certificate=str(other.ca))
+                ),
+            )
+    with pytest.raises(BackendError, match=r"ca_certificate: .* is not a file"):
+        open_model(
+            bundle.encoder_variants(),
+            RuntimeSettings(
+                "triton", triton=TritonSettings(url=server.url, ca_certificate="/nowhere.pem")
+            ),
+        )
 
 
 def test_the_triton_section_of_the_configuration(tmp_path: Path) -> None:

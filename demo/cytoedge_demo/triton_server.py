@@ -29,7 +29,7 @@ import subprocess
 import sys
 import sysconfig
 import time
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -89,6 +89,15 @@ class TritonPythonModel:
 
 
 @dataclass(frozen=True)
+class Tls:
+    """The server's certificate and key (PEM files), and the CA that signed it."""
+
+    certificate: Path
+    key: Path
+    ca: Path
+
+
+@dataclass(frozen=True)
 class ServerFiles:
     """What the wheel installed: the binary, its Python backend, the stub, its libraries."""
 
@@ -120,10 +129,13 @@ def server_files() -> ServerFiles | str:
     return files
 
 
-def cpu_repository(written: Path, target: Path) -> Path:
+def cpu_repository(written: Path, target: Path, models: Collection[str] = ()) -> Path:
     """``target`` as a copy of the repository ``written`` whose models run ONNX Runtime
-    in the Python backend on the CPU (same names, tensors, batching, versions)."""
+    in the Python backend on the CPU (same names, tensors, batching, versions); only
+    ``models`` when any are named."""
     for model in sorted(p for p in written.iterdir() if p.is_dir()):
+        if models and model.name not in models:
+            continue
         config = (model / "config.pbtxt").read_text(encoding="utf-8")
         config = config.replace('platform: "onnxruntime_onnx"', 'backend: "python"')
         config = config.replace("KIND_GPU", "KIND_CPU")
@@ -147,7 +159,9 @@ def free_port() -> int:
 class TritonServer:
     """One ``tritonserver`` process on a repository; ``url`` is its gRPC endpoint."""
 
-    def __init__(self, repository: Path, work: Path, *, threads: int = 0) -> None:
+    def __init__(
+        self, repository: Path, work: Path, *, threads: int = 0, tls: Tls | None = None
+    ) -> None:
         files = server_files()
         if isinstance(files, str):
             raise RuntimeError(files)
@@ -155,6 +169,7 @@ class TritonServer:
         self.repository = repository
         self.work = work
         self.threads = threads
+        self.tls = tls
         self.port = free_port()
         self.url = f"127.0.0.1:{self.port}"
         self.process: subprocess.Popen[bytes] | None = None
@@ -184,12 +199,22 @@ class TritonServer:
             "--allow-metrics=false",
             "--log-verbose=0",
         ]
+        if self.tls is not None:
+            command += [
+                "--grpc-use-ssl=true",
+                f"--grpc-server-cert={self.tls.certificate}",
+                f"--grpc-server-key={self.tls.key}",
+                f"--grpc-root-cert={self.tls.ca}",
+            ]
         log = (self.work / "server.log").open("ab")
         # Its own process group: the Python backend's stub processes go with it.
         self.process = subprocess.Popen(
             command, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
         )
-        client = grpcclient.InferenceServerClient(self.url)
+        ca = str(self.tls.ca) if self.tls is not None else None
+        client = grpcclient.InferenceServerClient(
+            self.url, ssl=ca is not None, root_certificates=ca
+        )
         deadline = time.monotonic() + START_SECONDS
         try:
             while time.monotonic() < deadline:
