@@ -2,8 +2,9 @@
 the CPU, demo/cytoedge_demo/triton_server.py): scores equal local ONNX Runtime's within
 the fp32 gate, a bundle the server does not serve is refused in one line, inputs are
 checked before they are sent, a server killed mid-case is a temporary problem that
-ends once it is back (or runs locally with fallback = "local"), and several
-workstation processes share one server.
+ends once it is back (or runs locally with fallback = "local"; the service retries
+the case and loses no scan), several workstation processes share one server, TLS
+with the lab's CA, and doctor's report.
 
 Skipped, with the reason, where the wheel cannot run: not Linux x86-64, no
 nvidia-pytriton or tritonclient installed, or no stub for this Python.
