@@ -16,6 +16,9 @@ $(BIN)/python:
 $(STAMP): $(BIN)/python pyproject.toml demo/pyproject.toml
 	bash packaging/system-deps.sh
 	$(BIN)/pip install -q -e '.[export,gui,dev]' -e ./demo
+	# The tritonserver binary for tests/test_triton_backend.py; without its dependencies,
+	# which would pin numpy below 2 (only the server's files are used, docs/triton.md).
+	$(BIN)/pip install -q --no-deps 'nvidia-pytriton==0.7.0'
 	rm -f $(VENV)/.installed-*
 	touch $@
 

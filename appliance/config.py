@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from runtime.backends import AUTO, RuntimeSettings, backend_names
+from runtime.backends import AUTO, RuntimeSettings, TritonSettings, backend_names
 
 if TYPE_CHECKING:  # the readers' package loads tifffile: not for every command's start
     from appliance.readers.pixel_size import Calibration
@@ -37,6 +37,8 @@ CAMERA_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
 # not check signatures at all. An installed site's file sets "require".
 SIGNATURE_POLICIES = ("require", "warn", "off")
 TRUSTED_KEYS = "trusted-keys"
+# What a workstation does when the Triton server cannot run a network (runtime.backends.triton).
+TRITON_FALLBACKS = ("none", "local")
 FINGERPRINT = re.compile(r"[0-9a-f]{16}|[0-9a-f]{64}")
 
 
@@ -69,11 +71,13 @@ class RuntimeConfig:
     threads: int = 0  # 0: one per core
     encoder_batch: int = 0  # 0: the backend's own best batch size
     measure_on_start: bool = True  # time the CPU paths before the first job with a bundle
+    # [runtime.triton]: the lab's inference server, for backend = "triton" (docs/triton.md)
+    triton: TritonSettings = field(default_factory=TritonSettings)
 
     @property
     def settings(self) -> RuntimeSettings:
         """What the runtime is given: one value for every network the site runs."""
-        return RuntimeSettings(self.backend, self.threads, self.encoder_batch)
+        return RuntimeSettings(self.backend, self.threads, self.encoder_batch, triton=self.triton)
 
 
 @dataclass(frozen=True)
@@ -227,6 +231,7 @@ _CHOICES: dict[tuple[str, str], Callable[[], tuple[str, ...]]] = {
     ("runtime", "backend"): lambda: (AUTO, *backend_names()),
     ("logging", "level"): lambda: LOG_LEVELS,
     ("bundles", "policy"): lambda: SIGNATURE_POLICIES,
+    ("runtime.triton", "fallback"): lambda: TRITON_FALLBACKS,
 }
 # Paths that, when set in the file, must already exist (defaults are created).
 _MUST_EXIST = {
@@ -314,11 +319,18 @@ def _build_cameras(tables: dict[str, Any], source: Path) -> dict[str, CameraConf
 
 def _build_section(name: str, cls: type, values: dict[str, Any], source: Path) -> Any:
     hints = typing.get_type_hints(cls)
+    built = dict(values)
     for key, value in values.items():
         if key not in hints:
             allowed = ", ".join(f.name for f in dataclasses.fields(cls))
             raise ConfigError(f"{source}: unknown key {name}.{key} (allowed: {allowed})")
         expected = hints[key]
+        if dataclasses.is_dataclass(expected) and isinstance(expected, type):
+            # A table inside the section ([runtime.triton]): its own keys, checked the same way.
+            if not isinstance(value, dict):
+                raise ConfigError(f"{source}: [{name}.{key}] must be a table")
+            built[key] = _build_section(f"{name}.{key}", expected, value, source)
+            continue
         if not _type_ok(value, expected):
             raise ConfigError(
                 f"{source}: {name}.{key} must be {_type_name(expected)}, "
@@ -332,7 +344,7 @@ def _build_section(name: str, cls: type, values: dict[str, Any], source: Path) -
             raise ConfigError(f"{source}: {name}.{key}: directory {value} does not exist")
         if isinstance(value, int | float) and not isinstance(value, bool) and value < 0:
             raise ConfigError(f"{source}: {name}.{key} must not be negative")
-    return cls(**{k: float(v) if hints[k] is float else v for k, v in values.items()})
+    return cls(**{k: float(v) if hints[k] is float else v for k, v in built.items()})
 
 
 def _type_ok(value: Any, expected: Any) -> bool:

@@ -64,9 +64,10 @@ class Role:
 
 
 ROLES = {
-    # OpenVINO: the CPU path the site's own measurement may choose (doctor --self-test).
-    "cpu": Role(extras=("openvino",)),
-    "gui": Role(extras=("gui", "openvino"), window=True),
+    # OpenVINO: the CPU path the site's own measurement may choose (doctor --self-test);
+    # tritonclient: a workstation whose networks run on the lab's server (docs/triton.md).
+    "cpu": Role(extras=("openvino", "triton")),
+    "gui": Role(extras=("gui", "openvino", "triton"), window=True),
     "gpu": Role(extras=("gui", "gpu"), leave_out=("onnxruntime",), window=True),
     "model-owner": Role(extras=("export",), demo=True, appliance=False),
 }

@@ -74,7 +74,7 @@ class Encoder:
 
     @property
     def backend_name(self) -> str:
-        return self.model.name
+        return self.model.ran_on
 
     @property
     def variant(self) -> str:

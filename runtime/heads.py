@@ -69,7 +69,7 @@ class HeadRunner:
 
     @property
     def backend_name(self) -> str:
-        return self.members[0].name
+        return self.members[0].ran_on
 
     def predict(self, features: np.ndarray) -> HeadResult:
         """Run every member on the bag (N, D), average their outputs, let the kind call them."""
@@ -179,7 +179,7 @@ class CellHeadRunner:
 
     @property
     def backend_name(self) -> str:
-        return self.members[0].name
+        return self.members[0].ran_on
 
     def close(self) -> None:
         for member in self.members:

@@ -134,7 +134,14 @@ def test_each_backend_chooses_its_own_file(tmp_path: Path) -> None:
 
 
 def test_the_registry_holds_every_backend_in_the_automatic_order() -> None:
-    assert backend_names() == ("tensorrt", "ort-tensorrt", "ort-cuda", "ort-cpu", "openvino")
+    assert backend_names() == (
+        "tensorrt",
+        "ort-tensorrt",
+        "ort-cuda",
+        "ort-cpu",
+        "openvino",
+        "triton",
+    )
 
 
 def test_the_measured_choice_comes_first_then_the_automatic_order(

@@ -5,6 +5,7 @@
 it, unpacks it beside the installed versions and switches to it once every network
 loads and runs here; ``use`` goes back (or forward) to an installed version;
 ``list`` shows them. A running service takes up the switch between jobs.
+``triton-repo`` writes a bundle's networks for a Triton inference server (docs/triton.md).
 """
 
 from __future__ import annotations
@@ -50,6 +51,30 @@ def pack(
         raise fail(f"cannot pack: {exc}", REFUSED_EXIT) from None
     size = written.stat().st_size / 1e6
     print(f"{written}  {size:.1f} MB  sha256 {sha256_file(written)}")
+
+
+@bundle_app.command("triton-repo")
+def triton_repo(
+    bundle: Annotated[Path, typer.Argument(help="The bundle folder (holds bundle.json).")],
+    out: Annotated[
+        Path, typer.Argument(help="The Triton model repository (created, or added to).")
+    ],
+    instances: Annotated[int, typer.Option(min=1, help="Instances of each model.")] = 1,
+    cpu: Annotated[bool, typer.Option("--cpu", help="Instances on the server's CPU.")] = False,
+) -> None:
+    """Write a bundle's networks as a Triton Inference Server model repository (one model
+    per network; a newer bundle adds version folders beside the ones there)."""
+    from runtime.bundle_format import BundleError, load_bundle
+    from runtime.triton_repo import RepositoryError, write_repository
+
+    try:
+        loaded = load_bundle(bundle)
+        number = write_repository(loaded, out, instances=instances, gpu=not cpu)
+    except (BundleError, RepositoryError) as exc:
+        raise fail(f"cannot write the Triton repository: {exc}", REFUSED_EXIT) from None
+    except OSError as exc:
+        raise fail(f"cannot write the Triton repository {out}: {exc}", REFUSED_EXIT) from None
+    print(f"{loaded.name} {loaded.version} is version {number} of the models in {out}")
 
 
 @bundle_app.command()

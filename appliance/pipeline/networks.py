@@ -8,7 +8,7 @@ from collections.abc import Callable
 import numpy as np
 
 from appliance.pipeline.segmentation import Segmenter
-from runtime.backends import RuntimeSettings
+from runtime.backends import AUTO, RuntimeSettings, backend_class
 from runtime.bundle_format import Bundle
 from runtime.encoder import Encoder
 from runtime.heads import CellHeadRunner
@@ -60,13 +60,17 @@ class SlideNetworks:
                 raise ValueError(
                     f"bundle {self.bundle.name} has no segmenter: it scores cell folders only"
                 )
-            # Always "auto": engines are built for the encoder and heads only, so a
-            # configured "tensorrt" could not load the segmenter. The site's measured
-            # choice and the backends its GPU self-test refused still hold.
+            # "auto" unless the networks run on a server: engines are built for the
+            # encoder and heads only, so a configured "tensorrt" could not load the
+            # segmenter. The site's measured choice and the backends its GPU self-test
+            # refused still hold.
+            remote = self.settings.backend != AUTO and backend_class(self.settings.backend).remote
             settings = RuntimeSettings(
+                backend=self.settings.backend if remote else AUTO,
                 threads=self.settings.threads,
                 avoid=self.settings.avoid,
                 prefer=self.settings.prefer,
+                triton=self.settings.triton,
             )
             self._segmenter = Segmenter.open(self.bundle.path, self.bundle.segmenter, settings)
         return self._segmenter
@@ -85,7 +89,7 @@ class SlideNetworks:
 
     @property
     def segmenter_backend(self) -> str:
-        return self._segmenter.network.name if self._segmenter is not None else ""
+        return self._segmenter.network.ran_on if self._segmenter is not None else ""
 
     def close(self) -> None:
         if self._encoder is not None:

@@ -54,6 +54,7 @@ from appliance.service.store import (
     JobStore,
     Slide,
 )
+from runtime.backends import BackendUnavailableError
 
 log = logging.getLogger(__name__)
 
@@ -213,6 +214,8 @@ def _transient_text(exc: BaseException) -> str | None:
         return "temporary problem: the result folder could not be written"
     if isinstance(exc, TimeoutError):
         return "temporary problem: an operation timed out"
+    if isinstance(exc, BackendUnavailableError):
+        return "temporary problem: the inference server could not be reached"
     cause = exc.__cause__ or exc.__context__
     if cause is not None and cause is not exc:
         from_cause = _transient_text(cause)

@@ -199,10 +199,12 @@ def run_self_test(
     networks: Collection[str] | None = None,
 ) -> SelfTestReport:
     """Every network of ``bundle`` (or those labelled in ``networks``: "encoder",
-    "segmenter", "head <name>") on each of ``backends`` (default: all registered), at
-    each precision the backend can run it at here (``Backend.precisions``)."""
+    "segmenter", "head <name>") on each of ``backends`` (default: all registered on this
+    machine, not the remote ones), at each precision the backend can run it at here
+    (``Backend.precisions``)."""
     report = progress or (lambda stage, fraction: None)
-    names = list(backends or backend_names())
+    # A remote backend's speed is its server's, not this machine's: never measured here.
+    names = list(backends or [n for n in backend_names() if not backend_class(n).remote])
     statuses = {status.name: status for status in probe_backends()}
     if statuses.get("tensorrt") and statuses["tensorrt"].available and "tensorrt" in names:
         build_engines(bundle, report)

@@ -212,6 +212,7 @@ def _bundle_check(
             "[bold red]No heads[/]: this bundle embeds cells but scores nothing; "
             f"train its heads with `cytoedge train CASES --bundle {path}`"
         )
+    served = _triton_server(config, bundle, out)
     models = Table(title="Bundle networks on this machine")
     for column in ("network", "runs on", "variant", "skipped (reason above unless given)"):
         models.add_column(column)
@@ -233,7 +234,28 @@ def _bundle_check(
     if bundle.segmenter is not None:
         out.print(f"Segmenter int8: {bundle.segmenter.int8_note or 'no note'}")
     usable = not any(check.problem for check in checks) and bool(bundle.heads) and trusted
-    return usable, True, bundle
+    return usable and served, True, bundle
+
+
+def _triton_server(config: Config, bundle: Bundle, out: Console) -> bool:
+    """With ``backend = "triton"``: the server, its round trip, and per network the
+    versions it serves and whether one is this bundle's. False when the server cannot
+    run this bundle and the workstation may not fall back to its own backends."""
+    if config.runtime.backend != "triton":
+        return True
+    from runtime.backends.triton import LOCAL, check_server
+
+    remote = config.runtime.triton
+    report = check_server(bundle, remote)
+    for line in report.lines:
+        out.print(f"Triton: {escape(line)}")
+    if report.ok:
+        return True
+    if remote.fallback == LOCAL:
+        out.print("Triton: [bold yellow]the networks run on this workstation[/] (fallback local)")
+        return True
+    out.print("Triton: [bold red]cannot score this bundle on the server[/]")
+    return False
 
 
 def _signature(config: Config, bundle: Bundle, out: Console) -> bool:

@@ -24,6 +24,30 @@ class BackendError(RuntimeError):
     """A model that cannot be loaded or run; the message is one line with the reason."""
 
 
+class BackendUnavailableError(BackendError):
+    """A backend on another machine (an inference server) that did not answer: a later
+    try may succeed, so a job that meets it is retried (appliance.service.worker)."""
+
+
+@dataclass(frozen=True)
+class TritonSettings:
+    """``[runtime.triton]``: the lab's Triton Inference Server (runtime.backends.triton).
+
+    ``url``: host:port of its gRPC endpoint; ``timeout_seconds``: the longest one
+    request may take (0: no limit); ``ca_certificate`` (with ``client_certificate`` and
+    ``client_key`` when the server asks for them): TLS, PEM files; ``fallback``:
+    "local" runs a network on this workstation's own backends when the server cannot
+    be reached or serves another bundle version, "none" makes that an error.
+    """
+
+    url: str = ""
+    timeout_seconds: float = 60.0
+    ca_certificate: str = ""
+    client_certificate: str = ""
+    client_key: str = ""
+    fallback: str = "none"
+
+
 @dataclass(frozen=True)
 class RuntimeSettings:
     """How a bundle's networks run, passed as one value from the configuration down.
@@ -46,6 +70,7 @@ class RuntimeSettings:
     avoid: tuple[str, ...] = ()
     prefer: tuple[tuple[str, str, str], ...] = ()
     precision: str = ""
+    triton: TritonSettings = TritonSettings()
 
 
 @dataclass(frozen=True)
@@ -107,6 +132,9 @@ class Backend(Registered, ABC):
     priority: ClassVar[int]  # the automatic choice tries lower numbers first
     # Which of a network's files it loads, best first (fp32 is the fallback of all).
     files: ClassVar[tuple[str, ...]] = ("fp32",)
+    # A backend on another machine: used only when configured by name, never by "auto"
+    # or the measured choice (what it runs on is not this machine's to measure).
+    remote: ClassVar[bool] = False
     registered: ClassVar[dict[str, type[Backend]]] = {}
 
     def __init__(self, path: Path, variant: str) -> None:
@@ -157,6 +185,12 @@ class Backend(Registered, ABC):
     def max_batch(self) -> int | None:
         """The largest first-axis size it accepts; None when unbounded."""
         return None
+
+    @property
+    def ran_on(self) -> str:
+        """The backend that ran the last inputs, as a result records it: a remote
+        backend that fell back to this machine names the local one."""
+        return self.name
 
     @abstractmethod
     def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]: ...

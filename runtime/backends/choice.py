@@ -7,7 +7,14 @@ from collections.abc import Collection
 from dataclasses import replace
 from pathlib import Path
 
-from runtime.backends.base import Backend, BackendError, Fallback, ModelVariants, RuntimeSettings
+from runtime.backends.base import (
+    Backend,
+    BackendError,
+    BackendUnavailableError,
+    Fallback,
+    ModelVariants,
+    RuntimeSettings,
+)
 from runtime.backends.registry import AUTO, backend_class, probe_backends
 
 log = logging.getLogger(__name__)
@@ -32,6 +39,8 @@ def plan_backends(
     for status in probe_backends():
         if backend not in (AUTO, status.name):
             continue
+        if backend == AUTO and backend_class(status.name).remote:
+            continue  # not a better backend skipped: one the site chooses by name
         if status.name in avoid:
             skipped.append(Fallback(status.name, AVOIDED))
         elif status.available:
@@ -71,6 +80,7 @@ def open_model(
     for fallback in fallbacks:
         # Expected on most sites (no GPU, no TensorRT): every session would repeat them.
         log.debug("not using %s for %s: %s", fallback.backend, variants.fp32.name, fallback.reason)
+    unreachable = False  # the configured backend's server did not answer: a later try may
     for name in candidates:
         cls = backend_class(name)
         try:
@@ -81,8 +91,9 @@ def open_model(
             fallback = Fallback(name, str(exc))
             log.warning("not using %s for %s: %s", name, variants.fp32.name, fallback.reason)
             fallbacks.append(fallback)
+            unreachable = isinstance(exc, BackendUnavailableError)
             continue
-        loaded.fallbacks = fallbacks
+        loaded.fallbacks = fallbacks + loaded.fallbacks  # a remote one's local model has its own
         # The choice in one line; the reasons of the skipped backends are at DEBUG
         # above and in ``describe()``, which ``cytoedge doctor`` shows.
         skipped = f" (skipped {', '.join(f.backend for f in fallbacks)})" if fallbacks else ""
@@ -90,7 +101,8 @@ def open_model(
         return loaded
     reasons = "; ".join(str(f) for f in fallbacks)
     if settings.backend != AUTO:
-        raise BackendError(
+        error = BackendUnavailableError if unreachable else BackendError
+        raise error(
             f"configured backend {settings.backend} cannot run {variants.fp32.name}: {reasons}"
         )
     raise BackendError(f"no backend can run {variants.fp32.name}: {reasons}")

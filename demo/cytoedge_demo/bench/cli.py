@@ -65,6 +65,20 @@ def crop_input(
 
 
 @bench_app.command()
+def triton(
+    bundle: Annotated[Path, typer.Argument(help="The bundle whose encoder is timed.")],
+    clients: Annotated[int, typer.Option(min=1, help="Workstation processes at once.")] = 1,
+    cells: Annotated[int, typer.Option(min=1, help="Cells each client embeds.")] = 64,
+    threads: Annotated[int, typer.Option(min=0, help="CPU threads in all; 0: one per core.")] = 0,
+) -> None:
+    """Cells/s of N clients through one Triton server (and the batch sizes it formed)
+    against the same N clients each scoring locally."""
+    from cytoedge_demo.bench.triton import run_triton_bench
+
+    run_triton_bench(bundle, clients, cells, threads)
+
+
+@bench_app.command()
 def pipeline(
     size: Annotated[int, typer.Option(help="Side of the bench slide, px at 0.25 um/px.")] = 8192,
     large: Annotated[
