@@ -38,7 +38,7 @@ from appliance.readers.pixel_size import Calibration, read_json, stated_um
 from appliance.readers.pixel_size import calibration as pixel_calibration
 
 LABELS = "instance labels"
-MASK = "binary mask"
+MASK = "binary masks"
 QUPATH = "QuPath GeoJSON"
 LABEL_SUFFIXES = (".labels.tif", ".labels.tiff", ".labels.png")
 MASK_SUFFIXES = (".mask.tif", ".mask.tiff", ".mask.png")

@@ -25,6 +25,7 @@ import hashlib
 import io
 import json
 import shutil
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -175,7 +176,9 @@ def _train(
     model.callbacks.append(_epoch_state(work, state, recipe, progress))
     keras.config.disable_interactive_logging()
     try:
-        with contextlib.redirect_stdout(io.StringIO()):
+        with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
+            # StarDist feeds Keras a generator that shuffles itself; Keras says so each run.
+            warnings.filterwarnings("ignore", message="`shuffle=True` was passed")
             model.train(
                 train[0],
                 train[1],

@@ -11,6 +11,7 @@ with one line for fields, a bundle or a start that cannot be used.
 
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -200,6 +201,7 @@ def _train_and_compare(
     if fit.resumed_at:
         console.print(f"Resumed after epoch {fit.resumed_at} from {work}", markup=False)
     trained = time.monotonic()
+    logging.getLogger("tf2onnx").setLevel(logging.WARNING)  # its steps are not the user's
     with console.status("Converting to ONNX and checking parity against TensorFlow..."):
         made = export_segmenter(fit.model_dir, work / "onnx", dict(spec.normalisation))
     new = score(open_fp32(work / "onnx", made.section, 0), held_out)
