@@ -167,22 +167,14 @@ def markdown(training: Mapping[str, Any], title: str) -> str:
         "|---|---|---|---|",
     ]
     for name in FIGURES:
-        before = "-" if current is None else f"{current[name]:.3f}"
-        change = "-" if current is None else f"{new[name] - current[name]:+.3f}"
-        lines.append(f"| {FIGURE_NAMES[name]} | {before} | {new[name]:.3f} | {change} |")
-    counts = "true positives, false positives, false negatives"
-    lines.append("")
-    lines.append(
-        f"Matched cells ({counts}): new {new['true_positives']}, {new['false_positives']}, "
-        f"{new['false_negatives']}"
-        + (
-            ""
-            if current is None
-            else f"; current {current['true_positives']}, {current['false_positives']}, "
-            f"{current['false_negatives']}"
-        )
-        + "."
-    )
+        was, now = current[name], new[name]
+        lines.append(f"| {FIGURE_NAMES[name]} | {was:.3f} | {now:.3f} | {now - was:+.3f} |")
+    lines += [
+        "",
+        "Matched cells (true positives, false positives, false negatives): new "
+        f"{new['true_positives']}, {new['false_positives']}, {new['false_negatives']}; current "
+        f"{current['true_positives']}, {current['false_positives']}, {current['false_negatives']}.",
+    ]
     layouts = ", ".join(f"{n} {name}" for name, n in data["layouts"].items())
     lines += [
         "",

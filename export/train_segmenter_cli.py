@@ -60,6 +60,7 @@ def train_segmenter_command(run: SegmenterRun) -> None:
 
     from appliance.site.derived_versions import next_version, version_folder
     from export.segmenter import SegmenterExportError
+    from export.segmenter_adopt import write_report
     from export.segmenter_fields import AnnotationError, read_annotated_fields
     from export.segmenter_fit import FitRecipe
     from runtime.bundle_format import BundleError, load_bundle
@@ -77,6 +78,7 @@ def train_segmenter_command(run: SegmenterRun) -> None:
         if run.pixel_size is not None:
             calibration = dataclasses.replace(calibration, pixel_size_um=run.pixel_size, camera="")
         annotated = read_annotated_fields(run.fields, calibration)
+        split = split_fields(annotated.fields, recipe.seed)
     except (BundleError, SegmenterExportError, AnnotationError) as exc:
         raise fail(str(exc)) from None
     version = run.version or next_version(base.version)
@@ -88,8 +90,8 @@ def train_segmenter_command(run: SegmenterRun) -> None:
     report = run.report or cfg.data_dir / "validation" / f"{base.name}-{version}" / "segmenter"
     _say_fields(annotated, console)
     try:
-        training, made = _train_and_compare(base, annotated, start, recipe, work, console)
-    except (SegmenterExportError, AnnotationError) as exc:
+        training, made = _train_and_compare(base, annotated, split, start, recipe, work, console)
+    except SegmenterExportError as exc:
         raise fail(str(exc), code=1) from None
     written = run.adopt or not training["worse_on"]
     worse = ", ".join(training["worse_on"])
@@ -101,9 +103,9 @@ def train_segmenter_command(run: SegmenterRun) -> None:
         training["decision"] = f"not written: worse than the current segmenter on {worse}"
     training["written"] = written
     title = f"Segmenter for {base.name} {version}" + ("" if written else " (not written)")
-    report_file = _write_report(report, training, title)
+    report_file = write_report(report, training, title)
     if not written:
-        console.print(f"Not written: {training['decision']}; report {report_file}")
+        console.print(f"{training['decision']}; report {report_file}", markup=False)
         raise fail("the new segmenter was not adopted (--adopt writes it anyway)", code=1)
     _write(base, destination, version, made, training, run, cfg, console, report_file)
 
@@ -165,6 +167,7 @@ def _say_fields(annotated: AnnotatedSet, console: Console) -> None:
 def _train_and_compare(
     base: Bundle,
     annotated: AnnotatedSet,
+    split: tuple[list[AnnotatedField], list[AnnotatedField]],
     start: Path | None,
     recipe: FitRecipe,
     work: Path,
@@ -180,7 +183,7 @@ def _train_and_compare(
 
     assert base.segmenter is not None
     spec = segmenter_spec(base.segmenter)
-    train, held_out = split_fields(annotated.fields, recipe.seed)
+    train, held_out = split
     began = time.monotonic()
     columns = (
         TextColumn("Epoch"),
@@ -249,12 +252,6 @@ def _say_figures(training: dict[str, Any], console: Console) -> None:
     console.print(f"On {new['fields']} held-out fields, current -> new:")
     for name, label in FIGURE_NAMES.items():
         console.print(f"  {label}: {current[name]:.3f} -> {new[name]:.3f}")
-
-
-def _write_report(folder: Path, training: dict[str, Any], title: str) -> Path:
-    from export.segmenter_adopt import write_report
-
-    return write_report(folder, training, title)
 
 
 def _write(

@@ -25,8 +25,11 @@ from export.segmenter_fields import (
     AnnotationError,
     read_annotated_fields,
 )
+from tests.conftest import SHARED_DATA
 
 TILE = 256
+BCCD = SHARED_DATA / "bccd-sample"  # real blood fields, MIT licence, white cells boxed
+BCCD_UM = 0.07  # tests/test_fields.py: test_bccd_pixel_size_estimate
 TINY_RECIPE = {
     "epochs": 2,
     "steps_per_epoch": 3,
@@ -241,6 +244,42 @@ def recipe_file(folder: Path, **changes: object) -> Path:
     return path
 
 
+def white_cells_found(bundle: Path) -> tuple[int, int]:
+    """(white-cell boxes of the BCCD photos, boxes holding a detection of the bundle's
+    segmenter): the photos have boxes, not outlines, so finding is all they can tell."""
+    from appliance.readers import open_scan
+    from appliance.readers.base import TARGET_UM_PER_PX
+    from cytoedge_demo.bench.fields import Annotations
+    from export.segmenter_adopt import open_fp32
+    from runtime.bundle_format import load_bundle
+
+    made = load_bundle(bundle)
+    assert made.segmenter is not None
+    segmenter = open_fp32(made.path, made.segmenter, 0)
+    given = found = 0
+    for name, boxes in Annotations.read(BCCD).wbc.items():
+        with open_scan(BCCD / name, BCCD_UM) as scan:
+            rgb = scan.read_region(0, 0, scan.width, scan.height)
+        rows, cols = (segmenter.detect(rgb).points * TARGET_UM_PER_PX / BCCD_UM).T
+        for x0, y0, x1, y1 in boxes:
+            given += 1
+            found += bool(np.any((cols >= x0) & (cols <= x1) & (rows >= y0) & (rows <= y1)))
+    return given, found
+
+
+def test_one_field_or_no_start_is_refused_before_any_training(
+    tmp_path: Path, current: tuple[Path, Path]
+) -> None:
+    base, _ = current
+    one = write_labels(tmp_path / "one", n=1)
+    code, output = train_command(one, "--bundle", base, "--from-scratch")
+    assert code == 2 and "at least 2 annotated fields are needed" in output, output
+    # The base was assembled from an export: it keeps no StarDist folder to fine-tune.
+    code, output = train_command(write_labels(tmp_path / "two", n=2), "--bundle", base)
+    assert code == 2 and "keeps no StarDist weights for its segmenter" in output, output
+    assert "--start-from MODEL_DIR" in output
+
+
 def test_fine_tuning_on_instance_labels_writes_a_version_that_can_be_fine_tuned_again(
     tmp_path: Path, current: tuple[Path, Path], isolated_data_dir: Path
 ) -> None:
@@ -267,6 +306,9 @@ def test_fine_tuning_on_instance_labels_writes_a_version_that_can_be_fine_tuned_
     assert made.segmenter is not None and made.segmenter.variants == {}
     assert made.file("segmenter.onnx").read_bytes() != (base / "segmenter.onnx").read_bytes()
     assert "segmenter-stardist/weights_best.h5" in made.files
+    if BCCD.is_dir():  # on real blood photos it still finds every white cell the current finds
+        given, found_before = white_cells_found(base)
+        assert white_cells_found(made.path) == (given, found_before) and found_before == given
     report = (isolated_data_dir / "validation" / "tiny-1.1" / "segmenter" / "report.md").read_text()
     assert "detection F1 at IoU 0.5" in report and "fine-tuned from" in report
 
