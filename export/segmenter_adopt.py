@@ -24,7 +24,6 @@ from pathlib import Path
 from typing import Any
 
 from appliance.pipeline.segmentation import Segmenter
-from appliance.site.derived_versions import derived_from
 from export.segmenter import NORMALISATION_FILE
 from export.segmenter_fields import AnnotatedField
 from export.segmenter_fit import BEST_WEIGHTS
@@ -35,6 +34,7 @@ from runtime.files import write_bytes_atomic
 STARDIST_DIR = "segmenter-stardist"  # the StarDist folder a version keeps for fine-tuning
 STARDIST_FILES = ("config.json", "thresholds.json", BEST_WEIGHTS, NORMALISATION_FILE)
 IOU = 0.5
+PROVENANCE_KEY = "segmenter_training"  # replaces the base's record of an earlier run
 FIGURES = ("f1", "precision", "recall", "mean_matched_iou")
 FIGURE_NAMES = {
     "f1": "detection F1 at IoU 0.5",
@@ -114,11 +114,7 @@ def write_version(
     for name in STARDIST_FILES:
         if (model_dir / name).is_file():
             sources[f"{STARDIST_DIR}/{name}"] = model_dir / name
-    provenance = {
-        **base.provenance,
-        "derived_from": derived_from(base),
-        "segmenter_training": dict(training),
-    }
+    provenance = {**base.provenance, PROVENANCE_KEY: dict(training)}
     return write_bundle(
         destination,
         name=base.name,

@@ -177,6 +177,7 @@ def _train_and_compare(
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 
     from appliance.pipeline.segmentation import segmenter_spec
+    from appliance.site.derived_versions import derived_from
     from export.segmenter import export_segmenter
     from export.segmenter_adopt import open_fp32, score, worse_on
     from export.segmenter_fit import fit_segmenter
@@ -211,7 +212,7 @@ def _train_and_compare(
     current = score(open_fp32(base.path, base.segmenter, 0), held_out)
     worse = worse_on(new, current)
     training = {
-        "derived_from": {"name": base.name, "version": base.version, "sha256": base.sha256},
+        "derived_from": derived_from(base),
         "start": "from scratch" if start is None else f"fine-tuned from {start}",
         "fields": {
             "folder": str(annotated.folder),
