@@ -122,12 +122,11 @@ def fit_segmenter(
     _quiet_tensorflow(threads)
     import keras
 
-    keras.utils.set_random_seed(recipe.seed + state["epochs_done"])
-    model = _open_model(work, state, spec, start, recipe, patch)
     resumed_at = state["epochs_done"]
-    if not state["finished"]:
-        remaining = recipe.epochs - resumed_at
-        if remaining > 0 and state["wait"] < recipe.patience:
+    if not state["finished"]:  # a finished run (refused, then asked to --adopt) is kept as is
+        keras.utils.set_random_seed(recipe.seed + resumed_at)
+        model = _open_model(work, state, spec, start, recipe, patch)
+        if resumed_at < recipe.epochs and state["wait"] < recipe.patience:
             _train(model, work, state, recipe, (x_train, y_train), (x_held, y_held), progress)
         model.load_weights(BEST_WEIGHTS)  # the best epoch's, wherever the run stopped
         keras.config.disable_interactive_logging()
@@ -244,6 +243,14 @@ def _augmenter(seed: int) -> Callable[[np.ndarray, np.ndarray], tuple[np.ndarray
         return np.ascontiguousarray(x, np.float32), np.ascontiguousarray(y)
 
     return augment
+
+
+def epochs_done(work: Path) -> int:
+    """Epochs a run in ``work`` has finished (0 for none, or an unreadable state)."""
+    try:
+        return int(json.loads((Path(work) / STATE_FILE).read_text(encoding="utf-8"))["epochs_done"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return 0
 
 
 def _open_model(

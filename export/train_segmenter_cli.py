@@ -180,7 +180,7 @@ def _train_and_compare(
     from appliance.site.derived_versions import derived_from
     from export.segmenter import export_segmenter
     from export.segmenter_adopt import open_fp32, score, worse_on
-    from export.segmenter_fit import fit_segmenter
+    from export.segmenter_fit import epochs_done, fit_segmenter
 
     assert base.segmenter is not None
     spec = segmenter_spec(base.segmenter)
@@ -192,8 +192,11 @@ def _train_and_compare(
         MofNCompleteColumn(),
         TextColumn("{task.fields[loss]}"),
     )
+    done_before = epochs_done(work)
+    if done_before:
+        console.print(f"Resuming after epoch {done_before} from {work}", markup=False)
     with Progress(*columns, console=console) as bar:
-        task = bar.add_task("epochs", total=recipe.epochs, loss="")
+        task = bar.add_task("epochs", total=recipe.epochs, completed=done_before, loss="")
 
         def progress(done: int, total: int, logs: dict[str, float]) -> None:
             losses = ", ".join(f"{k} {v:.4f}" for k, v in logs.items())
@@ -202,8 +205,6 @@ def _train_and_compare(
         fit = fit_segmenter(
             work, train, held_out, spec, start=start, recipe=recipe, progress=progress
         )
-    if fit.resumed_at:
-        console.print(f"Resumed after epoch {fit.resumed_at} from {work}", markup=False)
     trained = time.monotonic()
     logging.getLogger("tf2onnx").setLevel(logging.WARNING)  # its steps are not the user's
     with console.status("Converting to ONNX and checking parity against TensorFlow..."):

@@ -365,7 +365,8 @@ def test_qupath_fields_with_a_pixel_size_flag(
 
 def test_an_interrupted_run_resumes_after_its_last_epoch(tmp_path: Path, current: object) -> None:
     from appliance.pipeline.segmentation import segmenter_spec
-    from export.segmenter_fit import STATE_FILE, FitRecipe, fit_segmenter
+    from export.segmenter import SegmenterExportError
+    from export.segmenter_fit import STATE_FILE, FitRecipe, epochs_done, fit_segmenter
     from export.train_segmenter_cli import split_fields
 
     fields = read_annotated_fields(write_labels(tmp_path / "labels", n=3))
@@ -394,7 +395,7 @@ def test_an_interrupted_run_resumes_after_its_last_epoch(tmp_path: Path, current
             work, train, held_out, spec, start=None, recipe=recipe, progress=interrupt_after_first
         )
     state = json.loads((work / STATE_FILE).read_text(encoding="utf-8"))
-    assert state["epochs_done"] == 1 and not state["finished"]
+    assert state["epochs_done"] == 1 and not state["finished"] and epochs_done(work) == 1
     assert (work / "model" / "weights_now.h5").is_file()
 
     result = fit_segmenter(
@@ -410,5 +411,5 @@ def test_an_interrupted_run_resumes_after_its_last_epoch(tmp_path: Path, current
     assert seen == [1, 2, 3]
     assert (result.model_dir / "thresholds.json").is_file()
     # Other fields in the same folder are refused rather than mixed into the run.
-    with pytest.raises(Exception, match="holds a run of other fields"):
+    with pytest.raises(SegmenterExportError, match="holds a run of other fields"):
         fit_segmenter(work, held_out + train[:1], train[1:], spec, start=None, recipe=recipe)
