@@ -325,6 +325,8 @@ def test_fine_tuning_on_instance_labels_writes_a_version_that_can_be_fine_tuned_
 def test_from_scratch_on_masks_is_compared_and_not_written_when_worse(
     tmp_path: Path, current: tuple[Path, Path], isolated_data_dir: Path
 ) -> None:
+    from runtime.bundle_format import load_bundle
+
     base, _ = current
     fields = write_masks(tmp_path / "masks")
     code, output = train_command(
@@ -340,6 +342,17 @@ def test_from_scratch_on_masks_is_compared_and_not_written_when_worse(
     assert record["decision"].startswith("not written: worse than the current segmenter on f1")
     assert record["held_out"]["new"]["f1"] < record["held_out"]["current"]["f1"]
     assert "(not written)" in (folder / "report.md").read_text(encoding="utf-8")
+
+    # --adopt writes it all the same, from the finished run (no second training).
+    code, output = train_command(
+        fields, "--bundle", base, "--from-scratch", "--recipe", recipe_file(tmp_path), "--adopt"
+    )
+    assert code == 0, output
+    training = load_bundle(isolated_data_dir / "bundles" / "tiny-1.1").provenance[
+        "segmenter_training"
+    ]
+    assert training["decision"].startswith("written as asked (--adopt), although worse on f1")
+    assert training["fit"]["resumed_at"] == 2 and "Resuming after epoch 2" in output
 
 
 def test_qupath_fields_with_a_pixel_size_flag(
