@@ -1,5 +1,7 @@
 """``cytoedge train PATH``: heads from a labelled cases table, or a cell head from labelled
-cells (docs/training.md, docs/cells.md); torch is imported inside the command only."""
+cells (docs/training.md, docs/cells.md); torch is imported inside the command only.
+``cytoedge train segmenter FIELDS`` trains the segmenter instead
+(export/train_segmenter_cli.py; TensorFlow inside the command only)."""
 
 from __future__ import annotations
 
@@ -30,11 +32,20 @@ def train(
     path: Annotated[
         Path,
         typer.Argument(
-            metavar="CASES|CELLS",
+            metavar="CASES|CELLS|segmenter",
             help="Cases table (CSV; docs/training.md), or labelled cells: class folders, a "
-            "points table or images with QuPath GeoJSON (docs/cells.md).",
+            "points table or images with QuPath GeoJSON (docs/cells.md); or the word "
+            "`segmenter`, followed by FIELDS.",
         ),
     ],
+    fields: Annotated[
+        Path | None,
+        typer.Argument(
+            metavar="[FIELDS]",
+            help="After `segmenter`: a folder of field photos with their cells annotated "
+            "(instance labels, binary masks or QuPath GeoJSON; docs/training.md).",
+        ),
+    ] = None,
     bundle: Annotated[
         Path | None,
         typer.Option(help="Bundle whose encoder and segmenter to use (default: the configured)."),
@@ -82,10 +93,38 @@ def train(
             "(plasma_cells, white_cells) or comma-separated classes."
         ),
     ] = None,
+    from_scratch: Annotated[
+        bool, typer.Option(help="Segmenter: a new network instead of fine-tuning the bundle's.")
+    ] = False,
+    start_from: Annotated[
+        Path | None,
+        typer.Option(
+            help="Segmenter: the StarDist model folder to fine-tune (default: the one the "
+            "bundle keeps).",
+            file_okay=False,
+        ),
+    ] = None,
+    adopt: Annotated[
+        bool,
+        typer.Option(help="Segmenter: write the new version even if worse on a held-out figure."),
+    ] = False,
+    recipe: Annotated[
+        Path | None,
+        typer.Option(help="Segmenter: JSON of recipe fields to change (epochs, batch_size, ...)."),
+    ] = None,
+    work: Annotated[
+        Path | None,
+        typer.Option(
+            help="Segmenter: the run's folder, where an interrupted run resumes (default "
+            "<data_dir>/training/segmenter/<name>-<version>).",
+            file_okay=False,
+        ),
+    ] = None,
     config: ConfigOption = None,
 ) -> None:
     """Train heads on labelled cases, or a cell head on labelled cells: a new bundle version
-    and its out-of-fold figures.
+    and its out-of-fold figures. `cytoedge train segmenter FIELDS` trains the segmenter on
+    annotated fields and compares it with the current one before writing a version.
 
     Every scan, photo or crop is embedded by the base bundle's own cell path (cached: a
     second run embeds only what is new). Exit 0 when the new version is written; 1 when
@@ -99,6 +138,32 @@ def train(
     from appliance.validation.labelled_cells import is_labelled_cells
     from runtime.bundle_format import BundleError, load_bundle
 
+    if str(path) == "segmenter":
+        if fields is None:
+            raise fail("cytoedge train segmenter needs FIELDS: a folder of annotated fields")
+        from export.train_segmenter_cli import SegmenterRun, train_segmenter_command
+
+        train_segmenter_command(
+            SegmenterRun(
+                fields,
+                bundle,
+                version,
+                out,
+                report,
+                work,
+                pixel_size,
+                from_scratch,
+                start_from,
+                adopt,
+                recipe,
+                seed,
+                intended_use,
+                config,
+            )
+        )
+        return
+    if fields is not None:
+        raise fail(f"{fields}: a second path is for `cytoedge train segmenter FIELDS` only")
     cfg = setup(config)
     console = Console(stderr=True)
     try:

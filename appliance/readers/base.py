@@ -8,6 +8,11 @@ resampling only ever shrinks, never invents detail; a scan coarser than the
 target is read at level 0 and enlarged), then resampled with Pillow's
 antialiased bilinear filter using a sub-pixel box, so neighbouring regions
 line up exactly. Pixels outside the scan read as white (empty glass).
+
+A subclass may resample other rasters on exactly this geometry by changing
+``resample`` and ``_blank``: the segmenter's training reads an annotated field's
+label image with nearest-neighbour resampling and 0 outside, so that labels land
+on the pixels serving will see (export/segmenter_fields.py).
 """
 
 from __future__ import annotations
@@ -67,6 +72,7 @@ class Scan(ABC):
     """An open scan. Use as a context manager; all reads are bounded in memory."""
 
     format: str
+    resample = Image.Resampling.BILINEAR  # how ``_resampled`` filters (see module docstring)
 
     def __init__(
         self,
@@ -177,7 +183,7 @@ class Scan(ABC):
         if exact:
             return window[:h, :w]
         box = (fx0 - lx0, fy0 - ly0, fx1 - lx0, fy1 - ly0)
-        resized = Image.fromarray(window).resize((w, h), Image.Resampling.BILINEAR, box=box)
+        resized = Image.fromarray(window).resize((w, h), self.resample, box=box)
         return np.asarray(resized)
 
     def _padded_level_window(self, level: int, x: int, y: int, w: int, h: int) -> np.ndarray:
@@ -186,12 +192,16 @@ class Scan(ABC):
         cx1, cy1 = min(x + w, lvl.width), min(y + h, lvl.height)
         if cx0 == x and cy0 == y and cx1 == x + w and cy1 == y + h:
             return self._read_checked(level, x, y, w, h)
-        out = np.full((h, w, 3), WHITE, np.uint8)
+        out = self._blank(h, w)
         if cx1 > cx0 and cy1 > cy0:
             out[cy0 - y : cy1 - y, cx0 - x : cx1 - x] = self._read_checked(
                 level, cx0, cy0, cx1 - cx0, cy1 - cy0
             )
         return out
+
+    def _blank(self, h: int, w: int) -> np.ndarray:
+        """What lies outside the scan: white glass."""
+        return np.full((h, w, 3), WHITE, np.uint8)
 
     def _read_checked(self, level: int, x: int, y: int, w: int, h: int) -> np.ndarray:
         """``_read_level``; a decoder's failure on damaged data becomes a one-line reason."""
