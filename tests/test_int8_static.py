@@ -158,6 +158,7 @@ def test_the_self_test_measures_and_gates_it_beside_the_other_cpu_paths(
         encoder=dataclasses.replace(base.encoder, variants=variants),
         heads=base.heads,
         segmenter=base.segmenter,
+        cell_head=base.cell_head,
         stain_reference=base.stain_reference,
         qc=base.qc,
         cells=base.cells,
@@ -170,5 +171,5 @@ def test_the_self_test_measures_and_gates_it_beside_the_other_cpu_paths(
     assert {("ort-cpu", "fp32"), ("openvino", "fp32"), ("openvino", "int8")} <= set(rows)
     static_row = rows["openvino", "int8"]
     assert static_row.passed, static_row
-    assert static_row.limits["min_cosine"] == INT8_MIN_COSINE
+    assert static_row.limits["min_cosine"] == f">= {INT8_MIN_COSINE}"
     assert static_row.seconds_per_unit > 0
