@@ -241,23 +241,23 @@ def test_the_command_checks_gate_tiles_before_exporting(tmp_path: Path) -> None:
 
 @pytest.mark.slow
 @needs_tensorflow
-@pytest.mark.skipif(not (SHARED_DATA / "chula-sample").is_dir(), reason="shared data absent")
+@needs_bccd
 def test_int8_gated_on_real_photos_records_them(tmp_path: Path) -> None:
     from export.segmenter_int8 import INT8_FILE, add_int8_to_export, read_gate_tiles
 
     _, onnx_dir, _ = trained_stardist()
     folder = tmp_path / "export"
     shutil.copytree(onnx_dir, folder)
-    gate = read_gate_tiles(SHARED_DATA / "chula-sample", 0.2)  # red cells ~37 px (README)
+    gate = read_gate_tiles(BCCD, 0.07)
     outcome = add_int8_to_export(folder, threads=2, gate=gate)
     document = json.loads((folder / "export.json").read_text(encoding="utf-8"))
     record = document["provenance"]["int8"]
     assert record["gate_tiles"] == gate.description
-    assert record["gate_tiles"].startswith("12 field photos of chula-sample")
+    assert record["gate_tiles"].startswith("7 field photos of bccd-sample")
     assert record["gate"] == outcome.metrics and outcome.metrics["reference_detections"] > 0
     assert "F1" not in outcome.reason  # real photos come without instance masks
     if outcome.accepted:
-        assert "on 12 tiles" in outcome.reason and (folder / INT8_FILE).is_file()
+        assert "on 7 tiles" in outcome.reason and (folder / INT8_FILE).is_file()
     else:
         assert outcome.metrics["missing"] > 0 or outcome.metrics["extra"] > 0
         assert not (folder / INT8_FILE).exists()
