@@ -13,8 +13,8 @@ threshold away from a 2-cell border, drop candidates in the padding, then
 star-convex NMS and polygons from ``stardist.nms`` / ``stardist.geometry``
 (pure numpy + C: no TensorFlow is loaded; tests/test_layering.py checks it). The
 NMS starts from the local maxima of the probability grid and takes in only the
-candidates the objects it keeps do not clearly suppress (``star_nms.suppress``):
-what stardist's NMS on every candidate keeps, at a fraction of its cost.
+candidates the objects it keeps do not clearly suppress (``star_nms.suppress``),
+held to what stardist's NMS on every candidate keeps by the detection-parity rule.
 
 Tiles overlap; a cell whose StarDist centre lies in a tile's *core* (the tile
 minus half the overlap on each inner side) belongs to that tile only, so a cell
