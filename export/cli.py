@@ -227,9 +227,38 @@ def segmenter(
             "match fp32's (export/segmenter_int8.py)."
         ),
     ] = False,
+    gate_tiles: Annotated[
+        Path | None,
+        typer.Option(
+            help="With --int8: gate it on these held-out field photos of the site "
+            "(a folder of JPEG / PNG / TIFF) instead of synthetic tiles.",
+            file_okay=False,
+        ),
+    ] = None,
+    gate_pixel_size: Annotated[
+        float,
+        typer.Option(
+            help="um per pixel of the --gate-tiles photos without a sidecar or metadata.",
+            min=0,
+        ),
+    ] = 0.0,
 ) -> None:
     """StarDist network to ONNX with a parity gate (ONNX Runtime vs TensorFlow)."""
     from export.segmenter import run_export_command
+
+    gate = None
+    if gate_tiles is not None:
+        if not int8:
+            typer.echo("cytoedge: --gate-tiles gates the int8 network: add --int8", err=True)
+            raise typer.Exit(2)
+        from export.segmenter_int8 import GateTilesError, read_gate_tiles
+
+        try:  # read before the export, so a bad folder costs nothing
+            gate = read_gate_tiles(gate_tiles, gate_pixel_size)
+        except GateTilesError as error:
+            typer.echo(f"cytoedge: {error}", err=True)
+            raise typer.Exit(2) from None
+        typer.echo(f"int8 gate tiles: {gate.description}", err=True)
 
     status = run_export_command(
         model_dir,
@@ -246,7 +275,7 @@ def segmenter(
     if status == 0 and int8:
         from export.segmenter_int8 import add_int8_to_export
 
-        typer.echo(add_int8_to_export(out, threads).reason, err=True)
+        typer.echo(add_int8_to_export(out, threads, gate).reason, err=True)
     raise typer.Exit(status)
 
 

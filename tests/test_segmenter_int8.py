@@ -19,6 +19,7 @@ from appliance.pipeline.segmentation import (
 from runtime.backends import RuntimeSettings
 from runtime.bundle_format import BundleError, SegmenterSpec, segmenter_variants
 from runtime.typed_json import parse_section
+from tests.conftest import SHARED_DATA
 from tests.segmenter_model import tensorflow_available, trained_stardist
 
 needs_tensorflow = pytest.mark.skipif(
@@ -175,3 +176,88 @@ def test_export_records_the_int8_outcome_in_both_documents(tmp_path: Path) -> No
     listed = export_doc["section"].get("variants", {})
     assert listed == ({"int8": INT8_FILE} if outcome.accepted else {})
     assert (folder / INT8_FILE).is_file() is outcome.accepted
+
+
+BCCD = SHARED_DATA / "bccd-sample"
+needs_bccd = pytest.mark.skipif(not BCCD.is_dir(), reason="shared data (bccd-sample) absent")
+
+
+@needs_bccd
+def test_gate_tiles_are_the_folders_readable_photos_at_the_working_grid() -> None:
+    from export.segmenter_int8 import read_gate_tiles
+
+    gate = read_gate_tiles(BCCD, 0.07)  # 640 x 480 px at about 0.07 um/px (its README)
+    assert gate.names == [f"BloodImage_{n:05d}.jpg" for n in (300, 301, 302, 303, 304, 305, 307)]
+    assert [t.shape for t in gate.tiles] == [(134, 179, 3)] * 7  # 0.25 um/px
+    assert gate.tiles[0].dtype == np.uint8
+    (skipped,) = gate.skipped  # BloodImage_00306.jpg is an empty file
+    assert skipped.startswith("BloodImage_00306.jpg (")
+    assert gate.description.startswith("7 field photos of bccd-sample at 0.25 um/px")
+    assert "1 unreadable left out: BloodImage_00306.jpg" in gate.description
+
+
+@needs_bccd
+def test_a_folder_without_a_readable_photo_is_refused_in_one_line(tmp_path: Path) -> None:
+    from export.segmenter_int8 import GateTilesError, read_gate_tiles
+
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / "notes.txt").write_text("no photos here", encoding="utf-8")
+    with pytest.raises(GateTilesError, match="no image files") as raised:
+        read_gate_tiles(empty)
+    assert str(empty) in str(raised.value) and "\n" not in str(raised.value)
+
+    unknown = tmp_path / "no-pixel-size"
+    unknown.mkdir()
+    shutil.copy(BCCD / "BloodImage_00300.jpg", unknown)  # no sidecar, no metadata
+    (unknown / "broken.jpg").write_bytes(b"")
+    with pytest.raises(GateTilesError, match="2 image file") as raised:
+        read_gate_tiles(unknown)
+    assert "none readable" in str(raised.value) and "\n" not in str(raised.value)
+    assert read_gate_tiles(unknown, 0.07).names == ["BloodImage_00300.jpg"]  # the flag
+    with pytest.raises(GateTilesError, match="not a folder"):
+        read_gate_tiles(tmp_path / "missing")
+
+
+def test_the_command_checks_gate_tiles_before_exporting(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from appliance.cli.main import app
+
+    empty = tmp_path / "gate"
+    empty.mkdir()
+    model = tmp_path / "not-a-model"  # never reached: the gate folder is read first
+    model.mkdir()
+    out = tmp_path / "out"
+    base = ["export", "segmenter", str(model), "--out", str(out), "--gate-tiles", str(empty)]
+    result = CliRunner().invoke(app, base)
+    assert result.exit_code == 2 and "add --int8" in result.output
+    result = CliRunner().invoke(app, [*base, "--int8"])
+    assert result.exit_code == 2
+    assert "no field photo to gate int8 on" in result.output
+    assert len(result.output.strip().splitlines()) == 1
+    assert not out.exists()
+
+
+@pytest.mark.slow
+@needs_tensorflow
+@needs_bccd
+def test_int8_gated_on_real_photos_records_them(tmp_path: Path) -> None:
+    from export.segmenter_int8 import INT8_FILE, add_int8_to_export, read_gate_tiles
+
+    _, onnx_dir, _ = trained_stardist()
+    folder = tmp_path / "export"
+    shutil.copytree(onnx_dir, folder)
+    gate = read_gate_tiles(BCCD, 0.07)
+    outcome = add_int8_to_export(folder, threads=2, gate=gate)
+    document = json.loads((folder / "export.json").read_text(encoding="utf-8"))
+    record = document["provenance"]["int8"]
+    assert record["gate_tiles"] == gate.description
+    assert record["gate_tiles"].startswith("7 field photos of bccd-sample")
+    assert record["gate"] == outcome.metrics and outcome.metrics["reference_detections"] > 0
+    assert "F1" not in outcome.reason  # real photos come without instance masks
+    if outcome.accepted:
+        assert "on 7 tiles" in outcome.reason and (folder / INT8_FILE).is_file()
+    else:
+        assert outcome.metrics["missing"] > 0 or outcome.metrics["extra"] > 0
+        assert not (folder / INT8_FILE).exists()

@@ -11,7 +11,10 @@ reflect-pad at the end of each axis to a multiple of ``div_by`` (grid x 2^depth)
 run the network, clip distances at 1e-3, keep grid cells with prob above the
 threshold away from a 2-cell border, drop candidates in the padding, then
 star-convex NMS and polygons from ``stardist.nms`` / ``stardist.geometry``
-(pure numpy + C: no TensorFlow is loaded; tests/test_layering.py checks it).
+(pure numpy + C: no TensorFlow is loaded; tests/test_layering.py checks it). The
+NMS starts from the local maxima of the probability grid and takes in only the
+candidates the objects it keeps do not clearly suppress (``star_nms.suppress``),
+held to what stardist's NMS on every candidate keeps by the detection-parity rule.
 
 Tiles overlap; a cell whose StarDist centre lies in a tile's *core* (the tile
 minus half the overlap on each inner side) belongs to that tile only, so a cell
@@ -32,6 +35,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from appliance.pipeline import star_nms
 from runtime.backends import RuntimeSettings, open_model
 from runtime.bundle_format import SegmenterSpec, segmenter_variants
 from runtime.typed_json import SpecError, parse_section
@@ -41,6 +45,7 @@ INPUT_NAME = "input"
 DEFAULT_NORMALISATION: dict[str, Any] = {"kind": "percentile", "low": 1.0, "high": 99.8}
 DIST_MIN = 1e-3  # StarDist's own floor on predicted distances
 BORDER_CELLS = 2  # candidates this close (in grid cells) to the tile edge are dropped
+PEAK_CELLS = 3  # NMS starts from the grid cells whose prob is the highest of this square
 log = logging.getLogger(__name__)
 
 
@@ -139,11 +144,15 @@ class Segmenter:
         spec: SegmenterSpec | Mapping[str, Any],
         threads: int = 0,
         variant: str = "fp32",
+        *,
+        every_candidate: bool = False,
     ) -> None:
         self.network = network
         self.spec = segmenter_spec(spec)
         self.threads = threads
         self.variant = variant  # the file the backend loaded: fp32 | int8
+        # True: stardist's NMS over every candidate, the reference star_nms is held to.
+        self.every_candidate = every_candidate
 
     @classmethod
     def open(
@@ -182,7 +191,8 @@ class Segmenter:
     ) -> Detections:
         """Objects of one RGB tile; with ``core`` = (row0, col0, row1, col1), only those
         whose centre lies in [row0, row1) x [col0, col1)."""
-        from stardist.nms import _ind_prob_thresh, non_maximum_suppression_sparse
+        from scipy import ndimage
+        from stardist.nms import _ind_prob_thresh
 
         prob, dist = self.predict(image)
         candidates = _ind_prob_thresh(prob, self.spec.prob_thresh, b=BORDER_CELLS)
@@ -194,9 +204,13 @@ class Segmenter:
         probs = prob[candidates][inside]
         dists = dist[candidates][inside]
         set_openmp_threads(self.threads)
-        points, probs, dists, _ = non_maximum_suppression_sparse(
-            dists, probs, points, nms_thresh=self.spec.nms_thresh
-        )
+        if self.every_candidate:
+            kept = star_nms.suppress_all(points, probs, dists, self.spec.nms_thresh)
+        else:
+            peaks = prob >= ndimage.maximum_filter(prob, size=PEAK_CELLS, mode="nearest")
+            seeds = peaks[candidates][inside]
+            kept = star_nms.suppress(points, probs, dists, self.spec.nms_thresh, seeds)
+        points, probs, dists = points[kept], probs[kept], dists[kept]
         found = Detections(
             points.astype(np.int64), dists.astype(np.float32), probs.astype(np.float32)
         )

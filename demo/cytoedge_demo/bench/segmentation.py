@@ -139,6 +139,7 @@ def _figures(counts: MatchCounts) -> list[str]:
 SPEED_PX = 928  # the slide pipeline's tile with its margins (800 + 2 x 64)
 SPEED_SEED = 778  # held out like HELD_OUT_SEED, for the timed tiles
 VISITED_TILES = 28  # what the 8192 bench slide's budget visited (docs/BENCHMARKS.md)
+EVERY_CANDIDATE = "fp32 NMS all"  # stardist's NMS on every candidate: the parity reference
 
 
 class TimedNetwork:
@@ -193,11 +194,12 @@ def run_variants_bench(
     speed_tiles: int = 3,
     slide: Path | None = None,
 ) -> list[Variant]:
-    """fp32 against int8 candidates and a coarser working resolution: seconds per
-    megapixel on tiles of the pipeline's size, for the whole of ``detect`` and for its
-    network alone (the variants take turns on each tile, median of ``repeats``), F1 on
-    the held-out tiles, and detection parity with fp32
-    (fp32's objects matched at IoU 0.5, extra objects). With ``slide``: how much of
+    """fp32 against int8 candidates, a coarser working resolution and the NMS before
+    star_nms (stardist's on every candidate): seconds per megapixel on tiles of the
+    pipeline's size, for the whole of ``detect`` and for its network alone (the variants
+    take turns on each tile, median of ``repeats``), F1 on the held-out tiles, and
+    detection parity with fp32 and the NMS on every candidate (its objects matched at
+    IoU 0.5, extra objects). With ``slide``: how much of
     the tiles the pipeline visits first a glass skip could leave out."""
     from export.segmenter_int8 import QUANTISED_OPS, quantise_candidate
     from runtime.backends.ort_cpu import OrtCpuBackend
@@ -207,12 +209,14 @@ def run_variants_bench(
     fp32_path = segmenter_dir / section["file"]
     fp32_network = OrtCpuBackend(fp32_path, "fp32", threads=threads)
 
-    def make(name: str, network: Any, half: bool = False) -> Variant:
+    def make(name: str, network: Any, half: bool = False, every: bool = False) -> Variant:
         timed = TimedNetwork(network)
-        segmenter = Segmenter(timed, section, threads)
+        segmenter = Segmenter(timed, section, threads, every_candidate=every)
         return Variant(name, half_resolution(segmenter) if half else segmenter.detect, timed)
 
-    fp32 = Segmenter(fp32_network, section, threads)  # the reference detections
+    # The reference detections: fp32 with stardist's NMS on every candidate, as before
+    # appliance/pipeline/star_nms.py.
+    fp32 = Segmenter(fp32_network, section, threads, every_candidate=True)
     calibration, _ = segmentation_tiles(4, SPEED_PX, 1)  # the demo recipe's training seeds
     # int8: what export/segmenter_int8.py ships, then the choices it was preferred to.
     candidates = {
@@ -221,7 +225,7 @@ def run_variants_bench(
         "int8 Conv only": {"ops": ("Conv",)},
         "int8 cal 512": {"calibration": 512},
     }
-    variants = [make("fp32", fp32_network)]
+    variants = [make("fp32", fp32_network), make(EVERY_CANDIDATE, fp32_network, every=True)]
     with tempfile.TemporaryDirectory() as work:
         for index, (name, options) in enumerate(candidates.items()):
             path = Path(work) / f"candidate{index}.onnx"
@@ -245,7 +249,7 @@ def run_variants_bench(
         shape = (image.shape[0], image.shape[1])
         reference = fp32.detect(image)
         for variant in variants:
-            found = reference if variant.name == "fp32" else variant.detect(image)
+            found = reference if variant.name == EVERY_CANDIDATE else variant.detect(image)
             variant.counts = variant.counts + match_instances(truth, found.labels(shape), 0.5)
             variant.parity = variant.parity + match_detections(reference, found, shape)
     timed, _ = segmentation_tiles(speed_tiles, SPEED_PX, SPEED_SEED)
@@ -289,6 +293,7 @@ def run_variants_bench(
         f"calibrated on 4 tiles of {SPEED_PX} px); +1st Conv: the first Conv quantised too; "
         "Conv only: ReLU, MaxPool, Concat left in float; cal 512: calibrated on 6 tiles of "
         "512 px; half res: the tile at 0.5 um/px (2 x 2 mean), objects scaled back; "
+        f"{EVERY_CANDIDATE}: stardist's NMS on every candidate (the parity reference); "
         "OpenVINO: the fp32 network compiled at that inference precision"
     )
     load = ", ".join(f"{x:.2f}" for x in os.getloadavg())
