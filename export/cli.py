@@ -421,6 +421,10 @@ def bundle(
         Path | None,
         typer.Option(help="JSON with stain_reference, qc, cells and provenance sections."),
     ] = None,
+    patient_encoder: Annotated[
+        Path | None,
+        typer.Option(help="Folder written by `cytoedge export patient-encoder`."),
+    ] = None,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing bundle.")] = False,
 ) -> None:
     """Assemble a versioned, checksummed model bundle from gated exports."""
@@ -441,6 +445,7 @@ def bundle(
                 version=version,
                 intended_use=intended_use,
                 sections_file=sections,
+                patient_encoder_dir=patient_encoder,
                 overwrite=overwrite,
             )
     except (AssemblyError, BundleError) as exc:

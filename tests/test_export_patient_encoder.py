@@ -12,11 +12,15 @@ from typer.testing import CliRunner
 
 from appliance.cli.main import app
 from cytoedge_demo.genbloom import seeded_patient_encoder, write_genbloom_g, write_genbloom_v
+from export.bundle_assembly import assemble_bundle
 from export.encoder import CheckpointError
 from export.onnx_export import ort_session
 from export.patient_encoder import load_patient_encoder
+from runtime.bundle_format import BundleError
 from runtime.parity import bag_features, row_cosines
+from tests.runtime_models import encoder_model
 
+PASSED = {"passed": True, "min_cosine": 0.9999999, "max_abs_diff": 2e-6}
 CELL_DIM = 48  # a narrow encoder keeps the tests fast; GenBloom's is 768
 WIDTH = 48
 
@@ -38,12 +42,13 @@ def aligned() -> torch.nn.Module:
     return model
 
 
-def encoder_folder(root: Path, embed_dim: int = CELL_DIM) -> Path:
-    """What `cytoedge export encoder` leaves, as far as pairing reads it."""
-    folder = root / "encoder"
-    folder.mkdir()
-    section = {"architecture": "vit_tiny_test", "embed_dim": embed_dim, "variants": {}}
-    (folder / "export.json").write_text(json.dumps({"kind": "encoder", "section": section}))
+def encoder_folder(root: Path, embed_dim: int = CELL_DIM, arch: str = "vit_tiny_test") -> Path:
+    """What `cytoedge export encoder` leaves: a (small) encoder ONNX and its export.json."""
+    folder = root / f"encoder-{arch}-{embed_dim}"
+    encoder_model(folder / "encoder.onnx", np.random.default_rng(0).normal(size=(3, embed_dim)), 32)
+    section = {"architecture": arch, "embed_dim": embed_dim, "variants": {"fp32": "encoder.onnx"}}
+    document = {"kind": "encoder", "section": section, "parity": {"encoder.onnx": PASSED}}
+    (folder / "export.json").write_text(json.dumps(document))
     return folder
 
 
@@ -118,9 +123,10 @@ def test_twelve_blocks_are_not_genbloom(tmp_path: Path) -> None:
     assert {k.split(".")[1] for k in caught.value.unexpected} == {"6", "7", "8", "9", "10", "11"}
 
 
-def test_export_writes_gated_onnx_for_any_number_of_cells(
-    aligned: torch.nn.Module, tmp_path: Path
-) -> None:
+@pytest.fixture(scope="module")
+def exported(aligned: torch.nn.Module, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The CLI's own export of a GenBloom-G file, paired with a 48-d test encoder."""
+    tmp_path = tmp_path_factory.mktemp("patient")
     checkpoint = write_genbloom_g(aligned, tmp_path / "genbloom_g_fold0.pth")
     out = tmp_path / "patient"
     result = CliRunner().invoke(
@@ -132,6 +138,13 @@ def test_export_writes_gated_onnx_for_any_number_of_cells(
         ],
     )
     assert result.exit_code == 0, result.output
+    return out
+
+
+def test_export_writes_gated_onnx_for_any_number_of_cells(
+    aligned: torch.nn.Module, exported: Path
+) -> None:
+    out = exported
     document = json.loads((out / "export.json").read_text())
     section = document["section"]
     assert section["encoder"] == {"architecture": "vit_tiny_test", "embed_dim": CELL_DIM}
@@ -168,3 +181,30 @@ def test_export_refuses_a_wrong_width_in_one_line(tower: torch.nn.Module, tmp_pa
     lines = result.output.strip().splitlines()
     assert len(lines) == 1 and "takes 48-d cell embeddings" in lines[0], result.output
     assert not (out / "patient_encoder.onnx").exists()
+
+
+def test_the_bundle_keeps_the_pairing_and_refuses_another_encoder(
+    exported: Path, tmp_path: Path
+) -> None:
+    paired = dict(name="t", version="1.0.0", intended_use="research", head_dirs=[])
+    bundle = assemble_bundle(
+        tmp_path / "bundle",
+        encoder_dir=encoder_folder(tmp_path),
+        segmenter_dir=None,
+        patient_encoder_dir=exported,
+        **paired,
+    )
+    assert bundle.patient_encoder is not None
+    assert bundle.patient_encoder.embed_dim == 128
+    assert bundle.file(bundle.patient_encoder.variants["fp32"]).is_file()
+    with pytest.raises(BundleError) as caught:
+        assemble_bundle(
+            tmp_path / "other",
+            encoder_dir=encoder_folder(tmp_path, arch="vit_other"),
+            segmenter_dir=None,
+            patient_encoder_dir=exported,
+            **paired,
+        )
+    assert "patient_encoder was trained on vit_tiny_test (48-d)" in str(caught.value)
+    assert "this bundle's encoder is vit_other (48-d)" in str(caught.value)
+    assert not (tmp_path / "other").exists()
