@@ -367,7 +367,7 @@ class ResultPane(QWidget):
         self.similar = SimilarCases()
         self.similar.opened.connect(self.load)
         self.similar.install_keys(self)
-        self.tabs.addTab(self.similar, "Si&milar cases")
+        self.tabs.addTab(self.similar, "Si&milar")
         self.tabs.setMinimumHeight(260)  # the pictures stay usable; the page scrolls instead
         layout.addWidget(self.tabs, 1)
         self.scroll = QScrollArea()

@@ -126,6 +126,7 @@ class CaseIndex:
     vectors: np.ndarray = field(default_factory=lambda: np.zeros((0, 0), np.float32))
     _signed: np.ndarray | None = None  # each signed-off case's latest row, kept between queries
     _rows_bytes: int = -1  # how much of the rows file is read (-1: none yet)
+    _buffer: np.ndarray = field(default_factory=lambda: np.zeros((0, 0), np.float32))
 
     @classmethod
     def open(cls, data_dir: Path, outbox: Path, encoder_sha256: str, dim: int) -> CaseIndex:
@@ -173,10 +174,26 @@ class CaseIndex:
             log.warning("case index %s does not add up", self.directory)
             return False
         self.rows = [*self.rows, *new]
-        self.vectors = np.concatenate([self.vectors, vectors.reshape(len(new), self.dim)])
+        self._extend(vectors.reshape(len(new), self.dim))
         self._rows_bytes = offset + len(complete)
         self._signed = None
         return True
+
+    def _extend(self, new: np.ndarray) -> None:
+        """Rows after ``vectors``: into spare room, or a buffer a quarter larger (a case a
+        time must not copy the whole matrix; a first read takes the array as read)."""
+        count = len(self.vectors)
+        if not count:
+            self._buffer = new
+        elif count + len(new) > len(self._buffer):
+            rows = max(count + len(new), len(self._buffer) * 5 // 4 + 64)
+            grown = np.empty((rows, self.dim), np.float32)
+            grown[:count] = self.vectors
+            grown[count : count + len(new)] = new
+            self._buffer = grown
+        else:
+            self._buffer[count : count + len(new)] = new
+        self.vectors = self._buffer[: count + len(new)]
 
     def rebuild(self) -> int:
         """Every case's latest version with this encoder's embedding, from the result
@@ -195,6 +212,7 @@ class CaseIndex:
         self.vectors = (
             np.stack(vectors).astype(np.float32) if vectors else np.zeros((0, self.dim), np.float32)
         )
+        self._buffer = self.vectors
         self.directory.parent.mkdir(parents=True, exist_ok=True)
         staging = Path(
             tempfile.mkdtemp(prefix=f".{self.directory.name}.", dir=self.directory.parent)

@@ -346,3 +346,18 @@ def fuzz(
         raise typer.Exit(2) from None
     print_report(report, console)
     raise typer.Exit(1 if report.failures else 0)
+
+
+@bench_app.command("case-index")
+def case_index(
+    cases: Annotated[int, typer.Option(min=1, help="Signed-off cases in the index.")] = 100_000,
+    dim: Annotated[
+        list[int] | None,
+        typer.Option(help="Embedding width; repeatable (default 768 and 128, GenBloom's)."),
+    ] = None,
+    queries: Annotated[int, typer.Option(min=1, help="Timed queries; the median counts.")] = 50,
+) -> None:
+    """The case index's query time and memory at scale (a plain matrix product)."""
+    from cytoedge_demo.bench.case_index import run_case_index_bench
+
+    run_case_index_bench(cases, dim or [768, 128], queries)
