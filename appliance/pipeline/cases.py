@@ -40,6 +40,7 @@ from appliance.results import (
     write_case_result,
 )
 from appliance.results.case_index import CaseIndex
+from appliance.results.schema import SimilarCase
 from runtime.backends import RuntimeSettings
 from runtime.bundle_format import Bundle
 from runtime.bundle_signer import read_record
@@ -138,11 +139,12 @@ def score_case(
     if bundle.patient_encoder is not None:
         with timer.stage("patient embedding"):
             patient = embed_patient(bundle, kept, settings)
-    similar = (
-        case_index.similar(patient[0], exclude_case=case_id)
-        if case_index is not None and patient is not None
-        else ()
-    )
+    similar: tuple[SimilarCase, ...] = ()
+    if case_index is not None and patient is not None:
+        try:
+            similar = case_index.similar(patient[0], exclude_case=case_id)
+        except OSError as exc:  # derived data: the case is scored without its neighbours
+            log.error("case index %s unreadable: %s", case_index.directory, exc)
 
     records = tuple(head_record(h) for h in head_results)
     smallest = min(bag.sizes, key=bag.sizes.__getitem__)
@@ -193,7 +195,10 @@ def score_case(
     progress("write", 0.0)
     folder, result = write_case_result(outbox, content, write_pdf=write_pdf)
     if case_index is not None:
-        case_index.add(folder.path)
+        try:
+            case_index.add(folder.path)
+        except OSError as exc:  # the version stands; a rebuild of the index takes it in
+            log.error("case %s not added to the case index: %s", case_id, exc)
     progress("write", 1.0)
     log.info(
         "case %s scored: %s (version %d)",
