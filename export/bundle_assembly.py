@@ -20,6 +20,7 @@ from runtime.bundle_format import (
     CellsSpec,
     EncoderSpec,
     HeadSpec,
+    PatientEncoderSpec,
     QcSpec,
     SegmenterSpec,
     StainReference,
@@ -33,6 +34,7 @@ SECTION_TYPES: dict[str, type] = {
     "encoder": EncoderSpec,
     "head": HeadSpec,
     "segmenter": SegmenterSpec,
+    "patient_encoder": PatientEncoderSpec,
 }
 # What --sections may hold: the parts of bundle.json no export command writes.
 SECTION_KEYS = {"stain_reference": StainReference, "qc": QcSpec, "cells": CellsSpec}
@@ -85,7 +87,7 @@ def _document(folder: Path, kind: str) -> tuple[dict[str, Any], Path]:
     if kind == "segmenter" and not path.is_file() and (folder / SEGMENTER_FILE).is_file():
         return _segmenter_document(folder / SEGMENTER_FILE), folder / SEGMENTER_FILE
     if not path.is_file():
-        command = "heads" if kind == "head" else kind
+        command = {"head": "heads", "patient_encoder": "patient-encoder"}.get(kind, kind)
         raise AssemblyError(f"{folder}: no {EXPORT_FILE}; run `cytoedge export {command}` into it")
     return _load_json(path), path
 
@@ -126,7 +128,7 @@ def _load_json(path: Path) -> dict[str, Any]:
 
 
 def _model_files(section: Any) -> list[str]:
-    if isinstance(section, EncoderSpec):
+    if isinstance(section, EncoderSpec | PatientEncoderSpec):
         return list(section.variants.values())
     if isinstance(section, HeadSpec):
         return list(section.files)
@@ -152,6 +154,7 @@ def assemble_bundle(
     version: str,
     intended_use: str,
     sections_file: Path | None = None,
+    patient_encoder_dir: Path | None = None,
     overwrite: bool = False,
 ) -> Bundle:
     """Check every export folder's gates, then write the bundle with runtime.bundle_format.
@@ -163,6 +166,8 @@ def assemble_bundle(
     parts += [read_export(folder, "head") for folder in head_dirs]
     if segmenter_dir is not None:
         parts.append(read_export(segmenter_dir, "segmenter"))
+    if patient_encoder_dir is not None:
+        parts.append(read_export(patient_encoder_dir, "patient_encoder"))
     sources: dict[str, Path] = {}
     placed: dict[str, Any] = {}
     heads: list[HeadSpec] = []
@@ -193,6 +198,7 @@ def assemble_bundle(
         encoder=placed["encoder"],
         heads=heads,
         segmenter=placed.get("segmenter"),
+        patient_encoder=placed.get("patient_encoder"),
         provenance=provenance,
         overwrite=overwrite,
         **extra_sections,
@@ -200,7 +206,7 @@ def assemble_bundle(
 
 
 def _relocated(section: Any, prefix: str) -> Any:
-    if isinstance(section, EncoderSpec):
+    if isinstance(section, EncoderSpec | PatientEncoderSpec):
         variants = {k: _place(v, prefix) for k, v in section.variants.items()}
         return replace(section, variants=variants)
     if isinstance(section, HeadSpec):

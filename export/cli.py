@@ -86,6 +86,125 @@ def encoder(
     console.print(f"Encoder {arch} exported to {out} ({', '.join(job.variants)})")
 
 
+@export_app.command("patient-encoder")
+def patient_encoder(
+    checkpoint: Annotated[
+        Path, typer.Option(help="GenBloom-V (genbloom_v.pth) or GenBloom-G (genbloom_g_fold*.pth).")
+    ],
+    kind: Annotated[str, typer.Option(help="genbloom-v | genbloom-g")],
+    encoder: Annotated[
+        Path,
+        typer.Option(
+            help="Folder written by `cytoedge export encoder`: the cell encoder it pairs with.",
+            file_okay=False,
+        ),
+    ],
+    out: Annotated[
+        Path, typer.Option(help="Output folder (ONNX files and export.json).", file_okay=False)
+    ],
+    tower: Annotated[
+        Path | None,
+        typer.Option(help="GenBloom-V file under a GenBloom-G checkpoint without vision_model."),
+    ] = None,
+    output: Annotated[
+        str,
+        typer.Option(help="cls (the 768-d CLS) | projection (GenBloom-G's 128-d, L2-normalised)."),
+    ] = "cls",
+    width: Annotated[int, typer.Option(help="The aggregator's width (GenBloom: 768).")] = 768,
+    max_cells: Annotated[
+        int, typer.Option(help="Longer bags are evenly thinned to this many cells.", min=1)
+    ] = 2000,
+    int8: Annotated[
+        bool, typer.Option(help="Also try patient_encoder.int8.onnx for CPU sites (gated).")
+    ] = False,
+) -> None:
+    """GenBloom patient encoder to ONNX (fp32, int8) with parity gates."""
+    from rich.console import Console
+
+    from export.documents import parity_entry, write_document
+    from export.encoder import CheckpointError
+    from export.onnx_export import ParityError
+    from export.patient_encoder import KINDS, load_patient_encoder
+    from export.patient_export import (
+        FP32_FILE,
+        INT8_FILE,
+        export_document,
+        export_fp32,
+        quantize_int8,
+    )
+
+    console = Console(stderr=True)
+    try:
+        if kind not in KINDS or output not in ("cls", "projection"):
+            raise CheckpointError(
+                f"--kind must be one of {', '.join(KINDS)} and --output cls or projection"
+            )
+        paired = _encoder_section(encoder)
+        with console.status(f"Loading {checkpoint} ({kind}) strictly..."):
+            model = load_patient_encoder(
+                checkpoint,
+                kind,  # type: ignore[arg-type]
+                int(paired["embed_dim"]),
+                width=width,
+                output=output,  # type: ignore[arg-type]
+                tower=tower,
+            )
+        out.mkdir(parents=True, exist_ok=True)
+        with console.status(f"Exporting {FP32_FILE} and checking it against torch..."):
+            report = export_fp32(model, out / FP32_FILE, {"cytoedge.patient_kind": kind})
+        console.print(report.summary())
+        variants, parity = {"fp32": FP32_FILE}, {FP32_FILE: parity_entry(report)}
+        int8_note = "int8 not requested at export"
+        if int8:
+            with console.status("Quantising to int8 and checking it on bags..."):
+                outcome = quantize_int8(out / FP32_FILE, out / INT8_FILE, int(paired["embed_dim"]))
+            int8_note = outcome.note
+            console.print(outcome.note)
+            if outcome.accepted:
+                variants["int8"] = INT8_FILE
+                parity[INT8_FILE] = {"passed": True, **outcome.metrics}
+        sources = [checkpoint, *([tower] if tower is not None else [])]
+        write_document(
+            out,
+            export_document(
+                kind=kind,
+                output=output,
+                cell_dim=int(paired["embed_dim"]),
+                out_dim=model.out_dim,
+                encoder={
+                    "architecture": paired["architecture"],
+                    "embed_dim": paired["embed_dim"],
+                },
+                variants=variants,
+                int8_note=int8_note,
+                max_cells=max_cells,
+                parity=parity,
+                source_weights=sources,
+            ),
+        )
+    except (CheckpointError, ParityError) as error:
+        typer.echo(f"cytoedge: {error}", err=True)
+        raise typer.Exit(1) from None
+    console.print(f"Patient encoder {kind} ({output}) exported to {out} ({', '.join(variants)})")
+
+
+def _encoder_section(folder: Path) -> dict[str, Any]:
+    """The encoder section of an `export encoder` folder: what a patient encoder pairs with."""
+    import json
+
+    from export.encoder import CheckpointError
+
+    path = folder / "export.json"
+    try:
+        document = json.loads(path.read_text(encoding="utf-8"))
+        section = document["section"]
+        if document.get("kind") != "encoder":
+            raise KeyError("kind")
+        return {"architecture": section["architecture"], "embed_dim": int(section["embed_dim"])}
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        raise CheckpointError(f"{path}: not an encoder export ({error})") from None
+
+
 def _head_probes(folders: list[Path]) -> list[Any]:
     """int8 head checks from folders written by `export heads` (their export.json)."""
     import json
@@ -340,6 +459,10 @@ def bundle(
         Path | None,
         typer.Option(help="JSON with stain_reference, qc, cells and provenance sections."),
     ] = None,
+    patient_encoder: Annotated[
+        Path | None,
+        typer.Option(help="Folder written by `cytoedge export patient-encoder`."),
+    ] = None,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing bundle.")] = False,
 ) -> None:
     """Assemble a versioned, checksummed model bundle from gated exports."""
@@ -360,6 +483,7 @@ def bundle(
                 version=version,
                 intended_use=intended_use,
                 sections_file=sections,
+                patient_encoder_dir=patient_encoder,
                 overwrite=overwrite,
             )
     except (AssemblyError, BundleError) as exc:

@@ -22,6 +22,7 @@ numpy, scipy and Pillow only; deterministic by seed.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -373,10 +374,18 @@ def render_region(
 # --------------------------------------------------------------------------------------------
 # Single cells: the probes, and the demo's single-cell folders
 # --------------------------------------------------------------------------------------------
-def single_cell(rng: np.random.Generator, kind: str, side: int, seed: int) -> np.ndarray:
-    """A ``side``x``side`` crop centred on one nucleated cell with red cells around it."""
+def single_cell(
+    rng: np.random.Generator,
+    kind: str,
+    side: int,
+    seed: int,
+    change: Callable[[CellShape], CellShape] | None = None,
+) -> np.ndarray:
+    """A ``side``x``side`` crop centred on one nucleated cell with red cells around it;
+    ``change`` alters the drawn shape first (a marker's morphology, as on a smear)."""
     centre = side / 2
-    cell = place_cell(rng, draw_shape(rng, kind), 1, centre, centre)
+    shape = draw_shape(rng, kind)
+    cell = place_cell(rng, change(shape) if change else shape, 1, centre, centre)
     look = stain_look(seed)
     sprites = rbc_sprites(rng, 6)
     n_rbc = int(rng.integers(2, 8))

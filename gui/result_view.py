@@ -51,6 +51,7 @@ from gui.result_data import (
 )
 from gui.review_state import ReviewState
 from gui.review_view import ReviewBar
+from gui.similar_view import SimilarCases
 from gui.text import wrappable
 
 CALL_COLOURS = {"positive": "#b00020", "negative": "#1b5e20", "indeterminate": "#8a6d00"}
@@ -363,6 +364,10 @@ class ResultPane(QWidget):
         slides_layout.addWidget(self.slides_table, 1)
         slides_layout.addWidget(self.slide_picture, 2)
         self.tabs.addTab(slides_tab, "&Slides and QC")
+        self.similar = SimilarCases()
+        self.similar.opened.connect(self.load)
+        self.similar.install_keys(self)
+        self.tabs.addTab(self.similar, "Si&milar")
         self.tabs.setMinimumHeight(260)  # the pictures stay usable; the page scrolls instead
         layout.addWidget(self.tabs, 1)
         self.scroll = QScrollArea()
@@ -427,6 +432,7 @@ class ResultPane(QWidget):
         self.slide_choice.blockSignals(False)
         self._show_heatmap()
         self._fill_slides(view)
+        self.similar.show_view(view)
         # After the new rows are shown (Qt shows them from the event loop), not before.
         QTimer.singleShot(0, self, self._keep_page_whole)
         if result.status == "rejected" or (

@@ -111,6 +111,43 @@ class EncoderSpec:
 
 
 @dataclass(frozen=True)
+class PairedEncoder:
+    """The cell encoder a patient encoder was trained on (its ``architecture`` and width)."""
+
+    architecture: str
+    embed_dim: int
+
+
+@dataclass(frozen=True)
+class PatientEncoderSpec:
+    """A network from a case's cell embeddings (cells, cell_dim) to one patient embedding
+    (1, embed_dim), e.g. GenBloom (export/patient_encoder.py). It is paired with the
+    encoder it was trained on: a bundle whose encoder is another is refused."""
+
+    kind: str  # genbloom-v | genbloom-g
+    output: str  # cls | projection
+    cell_dim: int
+    embed_dim: int
+    encoder: PairedEncoder
+    variants: dict[str, str]  # fp32 always; int8 when it passed its gate
+    max_cells: int = 2000  # longer bags are evenly thinned to this many cells
+    int8_note: str = ""
+
+    def validate(self, where: str) -> None:
+        if min(self.cell_dim, self.embed_dim, self.max_cells) <= 0:
+            raise BundleError(f"{where}: cell_dim, embed_dim and max_cells must be positive")
+        if "fp32" not in self.variants:
+            raise BundleError(f"{where}.variants must name the fp32 model")
+        unknown = sorted(set(self.variants) - {"fp32", "int8"})
+        if unknown:
+            raise BundleError(f"{where}.variants: unknown {unknown} (allowed: fp32, int8)")
+
+    def model_variants(self, root: Path) -> ModelVariants:
+        int8 = self.variants.get("int8")
+        return ModelVariants(fp32=root / self.variants["fp32"], int8=root / int8 if int8 else None)
+
+
+@dataclass(frozen=True)
 class SegmenterSpec:
     """StarDist network (outputs prob, dist) and its post-processing parameters."""
 
@@ -329,6 +366,7 @@ class Bundle:
     qc: QcSpec = field(default_factory=QcSpec)
     cells: CellsSpec = field(default_factory=CellsSpec)
     provenance: dict[str, Any] = field(default_factory=dict)
+    patient_encoder: PatientEncoderSpec | None = None
 
     @property
     def engines_dir(self) -> Path:
@@ -438,6 +476,7 @@ _TOP_OPTIONAL = (
     "qc",
     "cells",
     "provenance",
+    "patient_encoder",
 )
 
 
@@ -513,6 +552,20 @@ def _check_cross_references(bundle: Bundle) -> None:
         if not bundle.cell_head.head_kind.per_cell:
             raise BundleError(f"cell_head: a {bundle.cell_head.kind} head is a case head")
         referenced += [("cell_head.files", f) for f in bundle.cell_head.files]
+    patient = bundle.patient_encoder
+    if patient is not None:
+        paired, encoder = patient.encoder, bundle.encoder
+        if (paired.architecture, paired.embed_dim) != (encoder.architecture, encoder.embed_dim):
+            raise BundleError(
+                f"patient_encoder was trained on {paired.architecture} ({paired.embed_dim}-d); "
+                f"this bundle's encoder is {encoder.architecture} ({encoder.embed_dim}-d)"
+            )
+        if patient.cell_dim != encoder.embed_dim:
+            raise BundleError(
+                f"patient_encoder.cell_dim {patient.cell_dim} != encoder.embed_dim "
+                f"{encoder.embed_dim}"
+            )
+        referenced += [(f"patient_encoder.variants.{k}", v) for k, v in patient.variants.items()]
     for where, relative in referenced:
         if relative not in bundle.files:
             raise BundleError(f"{where}: {relative} is not listed in files")
@@ -609,6 +662,7 @@ def write_bundle(
     qc: QcSpec | None = None,
     cells: CellsSpec | None = None,
     provenance: Mapping[str, Any] | None = None,
+    patient_encoder: PatientEncoderSpec | None = None,
     overwrite: bool = False,
 ) -> Bundle:
     """Copy ``sources`` ({path inside the bundle: file}) and write ``bundle.json``.
@@ -649,6 +703,7 @@ def write_bundle(
             qc=qc or QcSpec.current(),
             cells=cells or CellsSpec(),
             provenance=dict(provenance or {}),
+            patient_encoder=patient_encoder,
         )
         text = json.dumps(manifest.to_json(), indent=2, ensure_ascii=False) + "\n"
         (staging / BUNDLE_FILE).write_text(text, encoding="utf-8")

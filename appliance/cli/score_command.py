@@ -19,6 +19,7 @@ from appliance.config import Config
 from appliance.console import OUT_OF_MEMORY, StageBars, new_progress
 from appliance.pipeline.cases import ScoredCase, score_case
 from appliance.pipeline.networks import SlideNetworks
+from appliance.pipeline.patients import site_case_index
 from appliance.pipeline.slides import SlideResult, process_slide
 from appliance.readers import ScanError
 from appliance.results import CaseResult
@@ -53,6 +54,7 @@ def score_inputs(
     )
     # One encoder and one segmenter session for every scan of the run, opened on first use.
     networks = SlideNetworks(bundle, settings)
+    case_index = site_case_index(bundle, config.data_dir, config.outbox)
     with new_progress(console) as progress, networks:
         for case_id, paths in groups:
             slides: list[SlideResult] = []
@@ -75,7 +77,13 @@ def score_inputs(
             if slides:
                 bars = StageBars(progress, f"case {case_id[:18]}: ")
                 scored = score_case(
-                    case_id, slides, bundle, config.outbox, settings=settings, progress=bars
+                    case_id,
+                    slides,
+                    bundle,
+                    config.outbox,
+                    settings=settings,
+                    progress=bars,
+                    case_index=case_index,
                 )
                 run.cases.append(scored)
                 audit_scored(audit, scored)

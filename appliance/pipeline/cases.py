@@ -22,6 +22,7 @@ from appliance.pipeline.bags import CaseBag
 from appliance.pipeline.case_outputs import CaseViews
 from appliance.pipeline.cell_folders import CELL_FOLDER_FORMAT
 from appliance.pipeline.differential import burden, classify, differential
+from appliance.pipeline.patients import embed_patient
 from appliance.pipeline.progress import ProgressCallback, StageTimer, no_progress
 from appliance.pipeline.slides import SlideResult
 from appliance.results import (
@@ -38,6 +39,8 @@ from appliance.results import (
     cells_of,
     write_case_result,
 )
+from appliance.results.case_index import CaseIndex
+from appliance.results.schema import SimilarCase
 from runtime.backends import RuntimeSettings
 from runtime.bundle_format import Bundle
 from runtime.bundle_signer import read_record
@@ -79,8 +82,13 @@ def score_case(
     settings: RuntimeSettings | None = None,
     progress: ProgressCallback = no_progress,
     write_pdf: bool = True,
+    case_index: CaseIndex | None = None,
 ) -> ScoredCase:
-    """Run the bundle's heads over the cells of the case's slides; write version N+1."""
+    """Run the bundle's heads over the cells of the case's slides; write version N+1.
+
+    With a patient encoder the case gets its patient embedding, and with ``case_index``
+    (the site's, for that encoder) the signed-off cases nearest to it, then joins the
+    index itself."""
     if not slides:
         raise ValueError("a case needs at least one slide")
     timer = StageTimer(progress)
@@ -127,6 +135,17 @@ def score_case(
         attention = bag.attention()
     progress("heads", 1.0)
 
+    patient = None
+    if bundle.patient_encoder is not None:
+        with timer.stage("patient embedding"):
+            patient = embed_patient(bundle, kept, settings)
+    similar: tuple[SimilarCase, ...] = ()
+    if case_index is not None and patient is not None:
+        try:
+            similar = case_index.similar(patient[0], exclude_case=case_id)
+        except OSError as exc:  # derived data: the case is scored without its neighbours
+            log.error("case index %s unreadable: %s", case_index.directory, exc)
+
     records = tuple(head_record(h) for h in head_results)
     smallest = min(bag.sizes, key=bag.sizes.__getitem__)
     reason = abstain_reason(
@@ -161,6 +180,8 @@ def score_case(
         burden=load,
         warnings=warnings,
         cell_gallery=tuple(cell for cell, _ in gallery),
+        patient_embedding=patient[1] if patient is not None else None,
+        similar_cases=similar,
     )
     content = CaseContent(
         result=draft,
@@ -169,9 +190,15 @@ def score_case(
         gallery_captions=[caption for _, _, caption in top],
         cell_gallery_patches=[patch for _, patch in gallery],
         embeddings=views.embeddings(),
+        patient_embedding=patient[0] if patient is not None else None,
     )
     progress("write", 0.0)
     folder, result = write_case_result(outbox, content, write_pdf=write_pdf)
+    if case_index is not None:
+        try:
+            case_index.add(folder.path)
+        except OSError as exc:  # the version stands; a rebuild of the index takes it in
+            log.error("case %s not added to the case index: %s", case_id, exc)
     progress("write", 1.0)
     log.info(
         "case %s scored: %s (version %d)",

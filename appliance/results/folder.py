@@ -3,7 +3,8 @@
 Layout (docs/DESIGN.md "Result folders")::
 
     <outbox>/<case>/v<N>/   result.json report.html report.pdf gallery.png
-                            cells.geojson embeddings.npz top_cells/NN.png
+                            cells.geojson embeddings.npz patient_embedding.npy
+                            top_cells/NN.png
                             cells/<class or unsure>/NN.png
                             slides/<slide>/ cells.csv cells.geojson
                                             heatmap.png thumbnail.png
@@ -55,6 +56,7 @@ from runtime.files import group_readable, write_bytes_atomic, write_json_atomic,
 
 VERSION_DIR = re.compile(r"^v(\d+)$")
 LATEST_FILE = "latest.json"
+PATIENT_EMBEDDING_FILE = "patient_embedding.npy"
 # Rewritten for a reviewed version; every other file is carried over from the one reviewed.
 REPORT_FILES = frozenset({RESULT_FILE, "report.html", "report.pdf"})
 log = logging.getLogger(__name__)
@@ -91,6 +93,7 @@ class CaseContent:
     gallery_captions: list[str] = field(default_factory=list)
     cell_gallery_patches: list[np.ndarray] = field(default_factory=list)  # result.cell_gallery
     embeddings: dict[str, np.ndarray] = field(default_factory=dict)  # saved to embeddings.npz
+    patient_embedding: np.ndarray | None = None  # saved to patient_embedding.npy
 
 
 @dataclass(frozen=True)
@@ -293,6 +296,11 @@ def _write_version_files(
     if content.embeddings:
         outputs = dataclasses.replace(outputs, embeddings="embeddings.npz")
         write_npz_atomic(folder / "embeddings.npz", content.embeddings)
+    if content.patient_embedding is not None:
+        outputs = dataclasses.replace(outputs, patient_embedding=PATIENT_EMBEDDING_FILE)
+        buffer = io.BytesIO()
+        np.save(buffer, np.asarray(content.patient_embedding, np.float32))
+        write_bytes_atomic(folder / PATIENT_EMBEDDING_FILE, buffer.getvalue())
     if content.gallery_patches:
         # One crop per top cell (rank order), for the window's enlarged view.
         for cell, patch in zip(content.result.top_cells, content.gallery_patches, strict=True):

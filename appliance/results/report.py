@@ -91,6 +91,7 @@ def render_report_html(result: CaseResult, folder: Path | None = None) -> str:
         f"<td width='46%' valign='top'>{_scans_block(result)}</td></tr></table>"
     )
     parts.append(_differential_block(result))
+    parts.append(_similar_block(result))
     parts.append(_gallery_block(result, folder))
     parts.append(_heatmaps_block(result, folder))
     parts.append(_footer(result))
@@ -274,6 +275,27 @@ def _differential_block(result: CaseResult) -> str:
         + f"<table width='100%' cellspacing='0' cellpadding='0'><tr>{grid}</tr></table>"
         + burden
     )
+
+
+def _similar_block(result: CaseResult) -> str:
+    """The signed-off cases whose patient embedding was nearest when this case was scored,
+    with what was decided and confirmed for them: a short table (none without any)."""
+    if not result.similar_cases:
+        return ""
+    rows = [
+        _heading("Similar earlier cases", "signed off, nearest by patient embedding"),
+        "<table width='100%' border='1' cellspacing='0' cellpadding='2'>",
+        "<tr><th align='left'>case</th><th>similarity</th><th align='left'>decision</th>"
+        "<th align='left'>confirmed</th></tr>",
+    ]
+    for similar in result.similar_cases:
+        decision = DECISION_WORDS.get(similar.decision, similar.decision)
+        rows.append(
+            f"<tr><td>{_e(similar.case_id)}</td><td align='right'>{similar.similarity:.2f}</td>"
+            f"<td>{_e(decision)}</td><td>{_e(similar.confirmed() or '-')}</td></tr>"
+        )
+    rows.append("</table>")
+    return "".join(rows)
 
 
 def _picture_box(folder: Path | None, path: str, width: float, height: float) -> str:

@@ -21,7 +21,10 @@ rule (``burden``), case-level ``warnings``, the crops of classified cells
 who signed the bundle (``bundle.signer``) or the site's warning that no trusted key
 did (``bundle.signature_warning``). A version 2 document reads as version 3 without
 them. Added to 3 before it was released: the findings the laboratory confirmed, entered
-at sign-off (``review.confirmed``), absent where none were entered.
+at sign-off (``review.confirmed``), absent where none were entered; the case's patient
+embedding (``patient_embedding``, ``outputs.patient_embedding``) and the signed-off
+cases nearest to it when it was scored (``similar_cases``), for bundles with a patient
+encoder.
 """
 
 from __future__ import annotations
@@ -336,6 +339,7 @@ class CaseOutputs:
     report_pdf: str | None = None  # absent without PySide6 or when the printer failed
     gallery: str | None = None
     embeddings: str | None = None
+    patient_embedding: str | None = None  # with a patient encoder: (embed_dim,) float32 .npy
 
 
 # ISCN, loosely: each clone ("/" between clones, "//" before a donor's) is the chromosome
@@ -468,6 +472,45 @@ class ReviewRecord:
 
 
 @dataclass(frozen=True)
+class PatientEmbeddingRecord:
+    """The case's patient embedding (``outputs.patient_embedding``), and the network that
+    made it: the site's case index keeps one index per patient encoder."""
+
+    kind: str  # the bundle's patient_encoder.kind, e.g. genbloom-v
+    output: str  # cls | projection
+    dim: int
+    encoder_sha256: str  # of its fp32 ONNX file
+    cells: int  # the cells it read (after thinning to the section's max_cells)
+    variant: str = "fp32"  # fp32 | int8: what ran
+
+
+@dataclass(frozen=True)
+class SimilarCase:
+    """A signed-off case whose patient embedding is near this one's, with what was
+    confirmed for it (its review's decision and confirmed findings, when entered)."""
+
+    case_id: str
+    version: int  # its version the index held when this case was scored
+    similarity: float  # cosine of the two patient embeddings
+    decision: str
+    diagnosis: str = ""
+    fish: tuple[str, ...] = ()
+    karyotype: str = ""
+    mutations: tuple[str, ...] = ()
+
+    def confirmed(self) -> str:
+        """What was confirmed for it, in words ("" when nothing was entered)."""
+        parts = [self.diagnosis] if self.diagnosis else []
+        if self.fish:
+            parts.append(f"FISH: {', '.join(self.fish)}")
+        if self.karyotype:
+            parts.append(f"karyotype: {self.karyotype}")
+        if self.mutations:
+            parts.append(f"mutations: {', '.join(self.mutations)}")
+        return "; ".join(parts)
+
+
+@dataclass(frozen=True)
 class CaseResult:
     """The result of one case at one version: ``<outbox>/<case>/v<version>/result.json``."""
 
@@ -490,6 +533,8 @@ class CaseResult:
     burden: BurdenRecord | None = None  # a case of scans, when the cell head knows the group
     warnings: tuple[str, ...] = ()  # case-level, for a person (the inclusion rule's)
     cell_gallery: tuple[GalleryCell, ...] = ()
+    patient_embedding: PatientEmbeddingRecord | None = None  # with a patient encoder
+    similar_cases: tuple[SimilarCase, ...] = ()  # nearest signed-off cases when it was scored
 
     @property
     def predictions(self) -> tuple[PredictionRecord, ...]:

@@ -36,6 +36,7 @@ from appliance.results import (
     read_result,
     write_reviewed_version,
 )
+from appliance.results.case_index import add_to_case_index
 from appliance.results.schema import Decision
 from appliance.review.fhir import write_fhir_report
 from appliance.service.audit import AuditLog, result_file_hashes
@@ -180,6 +181,7 @@ def sign_off(
             f"the sign-off is version {result.version} of case {result.case_id}, but the audit "
             f"trail {audit.path} could not be written: {exc.strerror or exc}"
         ) from None
+    add_to_case_index(folder.path, data_dir)
     fhir = None
     if fhir_outbox is not None:
         try:

@@ -12,11 +12,13 @@ from appliance.config import Config
 from appliance.pipeline import slide_cache
 from appliance.pipeline.cases import score_case
 from appliance.pipeline.networks import SlideNetworks
+from appliance.pipeline.patients import site_case_index
 from appliance.pipeline.slides import SlideResult, process_slide
 from appliance.pipeline.tiles import TILE_PX
 from appliance.readers import probe, scan_fingerprint
 from appliance.readers.base import ScanInfo
 from appliance.readers.errors import ScanError
+from appliance.results.case_index import CaseIndex
 from appliance.service.worker import CaseOutcome, ProgressFn, SlideOutcome
 from runtime.backends import RuntimeSettings
 from runtime.bundle_format import Bundle, CellsSpec
@@ -44,6 +46,7 @@ class PipelineEngine:
         self.settings = settings
         # One encoder and one segmenter session for the engine's life, opened on first use.
         self.networks = SlideNetworks(bundle, settings)
+        self._case_index: CaseIndex | None = None  # opened by the first case scored
 
     def process_slide(
         self, path: Path, progress: ProgressFn, *, use_cache: bool, fingerprint: str | None = None
@@ -80,6 +83,8 @@ class PipelineEngine:
         self, case_key: str, slides: Sequence[object], outbox: Path, progress: ProgressFn
     ) -> CaseOutcome:
         results = [s for s in slides if isinstance(s, SlideResult)]
+        if self._case_index is None:
+            self._case_index = site_case_index(self.bundle, self.config.data_dir, outbox)
         case = score_case(
             case_key,
             results,
@@ -87,6 +92,7 @@ class PipelineEngine:
             outbox,
             settings=self.settings,
             progress=progress,
+            case_index=self._case_index,
         )
         return CaseOutcome.from_result(case.result, case.folder.path)
 

@@ -84,6 +84,7 @@ def write_bundle_version(
         qc=base.qc,
         cells=base.cells,
         provenance=provenance,
+        patient_encoder=base.patient_encoder,
     )
 
 

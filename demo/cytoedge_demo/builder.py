@@ -10,8 +10,11 @@ Built once and cached (``cytoedge demo`` reuses a bundle that loads and verifies
    seeded random weights. timm initialises LayerScale at 1e-5, which makes
    every block nearly the identity; it is re-drawn in [0.2, 1.0] so that all
    blocks shape the embedding (docs/ENVIRONMENT.md). Exported to ONNX (+ int8
-   when export.int8 accepts it). With the segmenter, the stain reference and
-   the slide parameters it makes a bundle without heads (version 0).
+   when export.int8 accepts it). A patient encoder: GenBloom's aggregator at the
+   encoder's width (384; GenBloom's is 768 on DinoBloom-B), seeded weights written
+   as a GenBloom-V checkpoint and read back by ``cytoedge export patient-encoder``'s
+   strict loader (``cytoedge_demo.genbloom``). With the segmenter, the stain
+   reference and the slide parameters they make a bundle without heads (version 0).
 3. Labelled synthetic cohorts, written as a site hands them over
    (``cytoedge_demo.cohort``: myeloma smears with hidden marker labels,
    peripheral-blood single-cell folders of the eight classes, a cases table for
@@ -145,6 +148,9 @@ def demo_bundle_is_current(path: Path) -> Bundle | None:
     if bundle.cell_head is None:
         log.warning("demo bundle at %s predates its cell head, rebuilding", path)
         return None
+    if bundle.patient_encoder is None:
+        log.warning("demo bundle at %s predates its patient encoder, rebuilding", path)
+        return None
     return bundle
 
 
@@ -180,8 +186,9 @@ def build_demo_bundle(
             else:
                 seg = exported_segmenter(Path(segmenter))
             encoder_info = export_demo_encoder(work / "encoder", recipe, progress)
+            patient = export_demo_patient_encoder(work / "patient", recipe, encoder_info)
             features = _write_features(
-                work / "features", recipe, seg, encoder_info, stain_reference(recipe)
+                work / "features", recipe, seg, encoder_info, stain_reference(recipe), patient
             )
             tables = write_demo_cohorts(work / "cohort", recipe, progress)
         with_cells = train_demo_cell_head(work, features, tables, recipe, console, reports)
@@ -322,6 +329,48 @@ def export_demo_encoder(out_dir: Path, recipe: DemoRecipe, progress: Progress) -
             "parity": report.metrics,
         },
     }
+
+
+def export_demo_patient_encoder(
+    out_dir: Path, recipe: DemoRecipe, encoder_info: dict[str, Any]
+) -> dict[str, Any]:
+    """GenBloom's aggregator at the demo encoder's width (GenBloom's own is 768, on
+    DinoBloom-B), seeded weights written as a GenBloom-V checkpoint and read back by
+    the export's own strict loader, then exported behind its gates."""
+    from cytoedge_demo.genbloom import seeded_patient_encoder, write_genbloom_v
+    from export.patient_encoder import load_patient_encoder
+    from export.patient_export import FP32_FILE, INT8_FILE, export_fp32, quantize_int8
+    from runtime.bundle_format import PairedEncoder, PatientEncoderSpec
+
+    width = int(encoder_info["embed_dim"])
+    seed = recipe.seed + 7
+    checkpoint = write_genbloom_v(
+        seeded_patient_encoder(width, width, seed), out_dir / "genbloom_v.pth"
+    )
+    model = load_patient_encoder(checkpoint, "genbloom-v", width, width=width)
+    report = export_fp32(model, out_dir / FP32_FILE, {"cytoedge.patient_kind": "genbloom-v"})
+    files = {"fp32": out_dir / FP32_FILE}
+    int8_note = "int8 not attempted"
+    if recipe.int8:
+        outcome = quantize_int8(out_dir / FP32_FILE, out_dir / INT8_FILE, width)
+        int8_note = outcome.note
+        if outcome.accepted:
+            files["int8"] = out_dir / INT8_FILE
+    spec = PatientEncoderSpec(
+        kind="genbloom-v",
+        output="cls",
+        cell_dim=width,
+        embed_dim=width,
+        encoder=PairedEncoder(encoder_info["architecture"], width),
+        variants={k: p.name for k, p in files.items()},
+        int8_note=int8_note,
+    )
+    provenance = {
+        "weights": f"seeded random (seed {seed}) written as genbloom_v.pth, LayerScale in "
+        "[0.2, 1.0]",
+        "parity": report.metrics,
+    }
+    return {"spec": spec, "files": files, "provenance": provenance}
 
 
 def _try_int8(fp32: Path, out_dir: Path, files: dict[str, Path]) -> tuple[dict[str, Path], str]:
@@ -638,8 +687,10 @@ def _write_features(
     seg: dict[str, Any],
     encoder_info: dict[str, Any],
     stain: StainReference,
+    patient: dict[str, Any],
 ) -> Bundle:
-    """Version 0: the encoder, segmenter and slide parameters, no heads yet."""
+    """Version 0: the encoder, patient encoder, segmenter and slide parameters, no heads
+    yet."""
     from runtime.bundle_format import (
         CellsSpec,
         EncoderSpec,
@@ -655,6 +706,7 @@ def _write_features(
         name = "encoder.onnx" if variant == "fp32" else f"encoder.{variant}.onnx"
         sources[name] = path
         variants[variant] = name
+    sources.update({path.name: path for path in patient["files"].values()})
     section = dict(seg["section"])
     section["file"] = "segmenter.onnx"
     return write_bundle(
@@ -678,7 +730,9 @@ def _write_features(
             "recipe": asdict(recipe),
             "segmenter": seg["provenance"],
             "encoder": encoder_info["provenance"],
+            "patient_encoder": patient["provenance"],
         },
+        patient_encoder=patient["spec"],
     )
 
 

@@ -181,11 +181,11 @@ def _nucleated(
     shape = draw_shape(rng, kind)
     affected = kind == "plasma" and any(labels.values()) and rng.random() < CLONE_FRACTION
     if affected:
-        shape = _clone_morphology(shape, labels)
+        shape = clone_morphology(shape, labels)
     return place_cell(rng, shape, cid, x, y, affected)
 
 
-def _clone_morphology(shape: CellShape, labels: dict[str, bool]) -> CellShape:
+def clone_morphology(shape: CellShape, labels: dict[str, bool]) -> CellShape:
     """The module docstring's table. Each marker moves its own feature (nucleus, cytoplasm
     blue, cell shape and Golgi zone, cytoplasm red), so that co-occurring markers do not
     mimic each other."""

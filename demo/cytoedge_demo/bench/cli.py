@@ -360,3 +360,51 @@ def fuzz(
         raise typer.Exit(2) from None
     print_report(report, console)
     raise typer.Exit(1 if report.failures else 0)
+
+
+@bench_app.command("case-index")
+def case_index(
+    cases: Annotated[int, typer.Option(min=1, help="Signed-off cases in the index.")] = 100_000,
+    dim: Annotated[
+        list[int] | None,
+        typer.Option(help="Embedding width; repeatable (default 768 and 128, GenBloom's)."),
+    ] = None,
+    queries: Annotated[int, typer.Option(min=1, help="Timed queries; the median counts.")] = 50,
+) -> None:
+    """The case index's query time and memory at scale (a plain matrix product)."""
+    from cytoedge_demo.bench.case_index import run_case_index_bench
+
+    run_case_index_bench(cases, dim or [768, 128], queries)
+
+
+@bench_app.command()
+def retrieval(
+    bundle: Annotated[
+        Path | None,
+        typer.Option(help="A bundle with a patient encoder (default: the demo's networks)."),
+    ] = None,
+    marker: Annotated[
+        list[str] | None, typer.Option(help="Hidden marker; repeatable (default: all four).")
+    ] = None,
+    patients: Annotated[int, typer.Option(min=4, help="Synthetic patients, half positive.")] = 24,
+    cells: Annotated[int, typer.Option(min=1, help="Plasma-cell crops per patient.")] = 12,
+    k: Annotated[int, typer.Option(min=1, help="Nearest patients compared.")] = 5,
+) -> None:
+    """precision@k of patient embeddings for the synthetic cohort's hidden marker vs chance."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from cytoedge_demo.retrieval import demo_networks, measure_retrieval
+    from runtime.labels import MYELOMA_MARKERS
+
+    embed_cells, embed_bag, networks = demo_networks(str(bundle) if bundle else None)
+    table = Table(title=f"Retrieval, {patients} patients of {cells} plasma cells; {networks}")
+    for column in ("marker", f"precision@{k}", "chance", "ratio"):
+        table.add_column(column, justify="right")
+    for name in marker or list(MYELOMA_MARKERS):
+        found = measure_retrieval(
+            embed_cells, embed_bag, marker=name, patients=patients, cells=cells, k=k
+        )
+        ratio = found.precision / found.chance
+        table.add_row(name, f"{found.precision:.3f}", f"{found.chance:.3f}", f"{ratio:.2f}x")
+    Console().print(table)
