@@ -16,12 +16,17 @@ which finds its pixel size (sidecar ``X.png.json``, the folder's ``manifest.json
 the file's metadata, or ``--pixel-size``) and resamples it to the 0.25 um/px working
 grid, exactly as serving reads a field. Its labels go through the same resampling
 geometry (``LabelScan``: nearest neighbour instead of bilinear), so a cell's label
-lands on the pixels the network is given. Anything unusable is ``AnnotationError``,
-one line naming the file.
+lands on the pixels the network is given. ``as_served`` then gives the photos the
+colour serving gives a field before StarDist sees it (``appliance.pipeline.fields``:
+white balance from each photo's own glass, the folder's stains estimated once over all
+its balanced photos, normalisation to the bundle's stain reference), through serving's
+own functions, so training and the held-out comparison see the pixels serving
+segments. Anything unusable is ``AnnotationError``, one line naming the file.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,7 +35,10 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from appliance.readers import open_scan
+from appliance.pipeline import fields as served
+from appliance.pipeline import stain
+from appliance.pipeline.cell_finding import SlideParams
+from appliance.readers import FieldFolder, open_scan
 from appliance.readers.base import Level, Scan
 from appliance.readers.errors import ScanError
 from appliance.readers.formats import FIELD_EXTENSIONS
@@ -75,6 +83,7 @@ class AnnotatedField:
 class AnnotatedSet:
     folder: Path
     fields: tuple[AnnotatedField, ...]
+    calibration: Calibration  # what the photos' pixel sizes fell back on
     sources: dict[str, Path] = field(default_factory=dict)  # every file read, by name
 
     def layouts(self) -> dict[str, int]:
@@ -147,10 +156,32 @@ def read_annotated_fields(folder: Path, calibration: Calibration | float = 0.0) 
         sources[annotation.name] = annotation
     for orphan in sorted(set(annotations) - claimed):
         raise AnnotationError(f"{orphan}: no photo of the same name beside it")
-    result = AnnotatedSet(folder, tuple(fields), sources)
+    result = AnnotatedSet(folder, tuple(fields), calibration, sources)
     if not result.cells:
         raise AnnotationError(f"{folder}: the annotations hold no cells")
     return result
+
+
+def as_served(annotated: AnnotatedSet, params: SlideParams) -> AnnotatedSet:
+    """``annotated`` with each photo's pixels as serving gives that photo, one of a
+    folder of fields, to StarDist under ``params`` (a bundle's ``SlideParams``): balanced
+    to the reference's glass, then normalised with the stains of the whole folder."""
+    photos = FieldFolder(
+        annotated.folder,
+        tuple(annotated.sources[item.name] for item in annotated.fields),
+        annotated.calibration,
+    )
+    target = served.glass_target(params.reference)
+    surveyed, samples = served.survey(photos, target)
+    try:
+        stains = stain.estimate_stains(samples)
+    except stain.StainError as exc:
+        raise AnnotationError(f"{annotated.folder}: {exc.reason}") from None
+    fields = []
+    for item, info in zip(annotated.fields, surveyed, strict=True):
+        balanced = served.white_balanced(item.rgb, info.taken.glass, target)
+        fields.append(dataclasses.replace(item, rgb=params.normalised(balanced, stains)))
+    return dataclasses.replace(annotated, fields=tuple(fields))
 
 
 def _with_manifest(folder: Path, calibration: Calibration) -> Calibration:

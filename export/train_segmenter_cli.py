@@ -58,10 +58,11 @@ def train_segmenter_command(run: SegmenterRun) -> None:
 
     from rich.console import Console
 
+    from appliance.pipeline.cell_finding import SlideParams
     from appliance.site.derived_versions import next_version, version_folder
     from export.segmenter import SegmenterExportError
     from export.segmenter_adopt import write_report
-    from export.segmenter_fields import AnnotationError, read_annotated_fields
+    from export.segmenter_fields import AnnotationError, as_served, read_annotated_fields
     from export.segmenter_fit import FitRecipe
     from runtime.bundle_format import BundleError, load_bundle
 
@@ -77,7 +78,7 @@ def train_segmenter_command(run: SegmenterRun) -> None:
         calibration = cfg.calibration
         if run.pixel_size is not None:
             calibration = dataclasses.replace(calibration, pixel_size_um=run.pixel_size, camera="")
-        annotated = read_annotated_fields(run.fields, calibration)
+        annotated = as_served(read_annotated_fields(run.fields, calibration), SlideParams.of(base))
         split = split_fields(annotated.fields, recipe.seed)
     except (BundleError, SegmenterExportError, AnnotationError) as exc:
         raise fail(str(exc)) from None

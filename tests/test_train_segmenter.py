@@ -128,6 +128,58 @@ def test_masks_at_another_pixel_size_land_on_the_working_grid(tmp_path: Path) ->
         assert overlap > 0.9
 
 
+class SeenSegmenter:
+    """Stands in for StarDist in serving's field path: keeps what it is given, finds nothing."""
+
+    def __init__(self) -> None:
+        self.seen: list[np.ndarray] = []
+
+    def detect(self, image: np.ndarray, core: tuple[int, int, int, int]) -> object:
+        from appliance.pipeline.segmentation import Detections
+
+        self.seen.append(image.copy())
+        return Detections(np.zeros((0, 2), np.int64), np.zeros((0, 16), np.float32), np.zeros(0))
+
+
+def test_training_fields_hold_what_serving_gives_the_segmenter_for_a_colour_cast(
+    tmp_path: Path, current_reference: object
+) -> None:
+    """Photos taken under a yellow cast: the training set holds, pixel for pixel, what
+    serving's field path hands StarDist for the same photos (balanced from their glass,
+    normalised to the bundle's stains), not the photos as they are."""
+    from appliance.pipeline.cell_finding import SlideParams
+    from appliance.pipeline.fields import process_fields
+    from appliance.pipeline.progress import StageTimer
+    from appliance.readers import FieldFolder
+    from export.segmenter_fields import as_served
+    from tests.runtime_models import TinyBundle
+
+    folder = write_labels(tmp_path / "labels", n=3)
+    for photo in sorted(folder.glob("field?.png")):
+        rgb = np.asarray(Image.open(photo), np.float32) * np.array([1.0, 0.93, 0.72])
+        Image.fromarray(rgb.round().astype(np.uint8)).save(photo)
+    bundle = TinyBundle(tmp_path / "bundle").write(stain_reference=current_reference)
+    raw = read_annotated_fields(folder)
+    annotated = as_served(raw, SlideParams.of(bundle))
+
+    segmenter = SeenSegmenter()
+
+    class Networks:
+        def __init__(self) -> None:
+            self.bundle = bundle
+
+        def segmenter(self) -> SeenSegmenter:
+            return segmenter
+
+    photos = FieldFolder(folder, tuple(folder / item.name for item in raw.fields), raw.calibration)
+    process_fields(photos, Networks(), StageTimer(), tmp_path / "spool")  # type: ignore[arg-type]
+    assert len(segmenter.seen) == len(annotated.fields) == 3  # one window each: all passed QC
+    for item, before, seen in zip(annotated.fields, raw.fields, segmenter.seen, strict=True):
+        assert np.array_equal(item.rgb, seen)
+        assert not np.array_equal(item.rgb, before.rgb)
+        assert np.array_equal(item.labels, before.labels)
+
+
 def test_touching_cells_in_a_mask_are_counted_as_merged(tmp_path: Path) -> None:
     from skimage.draw import disk
 
