@@ -80,5 +80,5 @@ def test_a_precision_the_device_lacks_is_refused_in_one_line(
     monkeypatch.setattr(ov, "device_and_precisions", lambda core: ("CPU", ("fp32",)))
     assert ov.OpenVinoBackend.precisions(bundle.encoder_variants()) == ("fp32",)
     settings = replace(RuntimeSettings("openvino"), precision="bf16")
-    with pytest.raises(BackendError, match="runs at fp32, not bf16"):
+    with pytest.raises(BackendError, match=r"runs encoder\.onnx at fp32, not bf16"):
         open_model(bundle.encoder_variants(), settings, engine_dir=tmp_path)

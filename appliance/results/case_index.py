@@ -36,6 +36,7 @@ import numpy as np
 from appliance.results.folder import PATIENT_EMBEDDING_FILE as EMBEDDING_FILE
 from appliance.results.folder import latest_in
 from appliance.results.schema import RESULT_FILE, SimilarCase
+from runtime.files import group_readable
 
 INDEX_DIR = "case-index"
 VECTORS = "vectors.f32"
@@ -218,6 +219,7 @@ class CaseIndex:
             tempfile.mkdtemp(prefix=f".{self.directory.name}.", dir=self.directory.parent)
         )
         try:
+            group_readable(staging)  # mkdtemp's 0700: the technicians' group reads the data dir
             self.vectors.tofile(staging / VECTORS)
             text = "".join(json.dumps(r.to_json()) + "\n" for r in rows)
             (staging / ROWS).write_text(text, encoding="utf-8")
