@@ -27,7 +27,6 @@ segments. Anything unusable is ``AnnotationError``, one line naming the file.
 from __future__ import annotations
 
 import dataclasses
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -44,6 +43,7 @@ from appliance.readers.errors import ScanError
 from appliance.readers.formats import FIELD_EXTENSIONS
 from appliance.readers.pixel_size import Calibration, read_json, stated_um
 from appliance.readers.pixel_size import calibration as pixel_calibration
+from appliance.validation.cell_layouts import geojson_features
 
 LABELS = "instance labels"
 MASK = "binary masks"
@@ -364,18 +364,7 @@ def _rasterise_geojson(path: Path, shape: tuple[int, int]) -> np.ndarray:
 
 def _polygons(path: Path) -> list[tuple[str, np.ndarray]]:
     """(where, outer ring as (x, y)) of every polygon of a QuPath GeoJSON export."""
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
-        raise AnnotationError(f"{path}: not a readable GeoJSON (JSON) file") from None
-    if isinstance(data, dict) and data.get("type") == "FeatureCollection":
-        features = data.get("features")
-    elif isinstance(data, dict) and data.get("type") == "Feature":
-        features = [data]
-    else:
-        features = data
-    if not isinstance(features, list):
-        raise AnnotationError(f"{path}: not a FeatureCollection or a list of features")
+    features = geojson_features(path, AnnotationError)
     rings = []
     for number, feature in enumerate(features, start=1):
         at = f"{path} feature {number}"

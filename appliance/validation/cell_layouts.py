@@ -329,13 +329,13 @@ def _qupath_folder(folder: Path, taxonomy: Taxonomy) -> Plan:
     return plan
 
 
-def _features(geojson: Path) -> Iterator[tuple[int, float, float, str | None, bool]]:
-    """(feature number, x, y, classification name or None, whether a polygon) of each
-    point of a QuPath export; a MultiPoint gives each of its points."""
+def geojson_features(path: Path, error: type[Exception]) -> list[Any]:
+    """The features of a QuPath GeoJSON export (a FeatureCollection, one Feature or a
+    bare list, as QuPath writes each); ``error`` with one line naming the file if not."""
     try:
-        data = json.loads(geojson.read_text(encoding="utf-8"))
+        data = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError):
-        raise LabelledCellsError(f"{geojson}: not a readable GeoJSON (JSON) file") from None
+        raise error(f"{path}: not a readable GeoJSON (JSON) file") from None
     if isinstance(data, dict) and data.get("type") == "FeatureCollection":
         features = data.get("features")
     elif isinstance(data, dict) and data.get("type") == "Feature":
@@ -343,7 +343,14 @@ def _features(geojson: Path) -> Iterator[tuple[int, float, float, str | None, bo
     else:
         features = data
     if not isinstance(features, list):
-        raise LabelledCellsError(f"{geojson}: not a FeatureCollection or a list of features")
+        raise error(f"{path}: not a FeatureCollection or a list of features")
+    return features
+
+
+def _features(geojson: Path) -> Iterator[tuple[int, float, float, str | None, bool]]:
+    """(feature number, x, y, classification name or None, whether a polygon) of each
+    point of a QuPath export; a MultiPoint gives each of its points."""
+    features = geojson_features(geojson, LabelledCellsError)
     for number, feature in enumerate(features, start=1):
         at = f"{geojson} feature {number}"
         if not isinstance(feature, dict):
