@@ -1,13 +1,14 @@
-"""Bag-level heads over cell embeddings (docs/METHOD.md A and B) and their checkpoint format.
+"""Case heads (docs/METHOD.md A and B) and their checkpoint format.
 
-Every head takes one bag ``features`` (N, D) and returns per-bag outputs plus one attention
-weight per cell that sums to 1. An ensemble is a list of members of the same kind; its
+A MIL head takes one bag ``features`` (N, D) and returns per-bag outputs plus one attention
+weight per cell that sums to 1; a patient probe takes the case's patient embedding (1, E)
+and returns its probabilities alone. An ensemble is a list of members of the same kind; its
 outputs are the mean of the members' outputs (attention included).
 
 Checkpoint file (``torch.save``, read back with ``weights_only=True``)::
 
     {"format": "cytoedge-head", "format_version": 1,
-     "kind": "gated_attention_mil" | "transformer_mil",
+     "kind": "gated_attention_mil" | "transformer_mil" | "patient_probe",
      "config": {...},              # the dataclass fields below, plain JSON-able values
      "members": [state_dict, ...], # one state dict per ensemble member (k >= 1)
      "thresholds": {name: float}}  # optional: decision thresholds chosen on validation
@@ -28,7 +29,7 @@ from runtime.labels import PB_CLASSES
 if TYPE_CHECKING:
     from collections.abc import Sequence
 
-HeadKind = Literal["gated_attention_mil", "transformer_mil"]
+HeadKind = Literal["gated_attention_mil", "transformer_mil", "patient_probe"]
 CHECKPOINT_FORMAT = "cytoedge-head"
 CHECKPOINT_VERSION = 1
 
@@ -64,6 +65,37 @@ class TransformerConfig:
     dropout: float = 0.1
     classifier_hidden: int = 128
     classes: tuple[str, ...] = field(default=PB_CLASSES)
+
+
+@dataclass(frozen=True)
+class PatientProbeConfig:
+    """GenBloom's evaluation recipe on the patient embedding: a linear probe per task
+    (``hidden_dim`` 0: logistic regression), or one hidden GELU layer (a small MLP)."""
+
+    in_dim: int = 768
+    hidden_dim: int = 0
+    dropout: float = 0.1
+    tasks: tuple[str, ...] = MYELOMA_TASKS
+
+
+class PatientProbeNetwork(nn.Module):
+    """The patient embedding (1, E) -> (probabilities (T,),): one sigmoid per task."""
+
+    def __init__(self, config: PatientProbeConfig) -> None:
+        super().__init__()
+        self.config = config
+        tasks = len(config.tasks)
+        layers: list[nn.Module] = [nn.Linear(config.in_dim, config.hidden_dim or tasks)]
+        if config.hidden_dim:
+            layers += [nn.GELU(), nn.Dropout(config.dropout), nn.Linear(config.hidden_dim, tasks)]
+        self.embed = nn.Sequential(*layers)  # ``embed[0]`` takes the standardisation
+
+    def forward(self, features: torch.Tensor) -> tuple[torch.Tensor]:
+        return (torch.sigmoid(self.embed(features)).reshape(-1),)
+
+    def forward_batch(self, features: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """(B, 1, E) patient embeddings as one-row bags -> (B, T)."""
+        return torch.sigmoid(self.embed(features[:, 0]))
 
 
 class GatedAttentionMIL(nn.Module):
@@ -213,9 +245,10 @@ class TransformerMIL(nn.Module):
 def build_head(kind: HeadKind, config: dict[str, Any] | None = None) -> nn.Module:
     """A head of ``kind`` from a plain config dict (missing fields take the defaults)."""
     config = dict(config or {})
-    config_type = {
+    config_type: dict[str, type] = {
         "gated_attention_mil": GatedAttentionConfig,
         "transformer_mil": TransformerConfig,
+        "patient_probe": PatientProbeConfig,
     }
     if kind not in config_type:
         raise HeadCheckpointError(f"unknown head kind {kind!r}; use one of {list(config_type)}")
@@ -227,8 +260,7 @@ def build_head(kind: HeadKind, config: dict[str, Any] | None = None) -> nn.Modul
     for name in ("tasks", "classes"):
         if name in config:
             config[name] = tuple(config[name])
-    model_type = GatedAttentionMIL if kind == "gated_attention_mil" else TransformerMIL
-    return model_type(cls(**config)).eval()
+    return _MODEL_TYPES[kind](cls(**config)).eval()
 
 
 def head_config(model: nn.Module) -> dict[str, Any]:
@@ -237,8 +269,18 @@ def head_config(model: nn.Module) -> dict[str, Any]:
     return {k: list(v) if isinstance(v, tuple) else v for k, v in config.items()}
 
 
+_MODEL_TYPES: dict[str, type[nn.Module]] = {
+    "gated_attention_mil": GatedAttentionMIL,
+    "transformer_mil": TransformerMIL,
+    "patient_probe": PatientProbeNetwork,
+}
+
+
 def head_kind(model: nn.Module) -> HeadKind:
-    return "gated_attention_mil" if isinstance(model, GatedAttentionMIL) else "transformer_mil"
+    for kind, model_type in _MODEL_TYPES.items():
+        if isinstance(model, model_type):
+            return kind  # type: ignore[return-value]
+    raise HeadCheckpointError(f"{type(model).__name__} is not a head network")
 
 
 @dataclass
@@ -253,7 +295,7 @@ class HeadSet:
     def outputs(self) -> tuple[str, ...]:
         """Task names (MIL) or class names (transformer), in output order."""
         config = self.members[0].config
-        return config.tasks if self.kind == "gated_attention_mil" else config.classes
+        return config.classes if self.kind == "transformer_mil" else config.tasks
 
     @property
     def config(self) -> dict[str, Any]:
@@ -332,4 +374,6 @@ def output_names(kind: HeadKind) -> tuple[str, ...]:
     """ONNX output names, in the order the module returns them (docs/DESIGN.md)."""
     if kind == "gated_attention_mil":
         return ("probabilities", "attention")
+    if kind == "patient_probe":
+        return ("probabilities",)
     return ("probabilities", "hemoglobin", "attention")

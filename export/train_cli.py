@@ -109,9 +109,20 @@ def train(
         typer.Option(help="Segmenter: write the new version even if worse on a held-out figure."),
     ] = False,
     recipe: Annotated[
-        Path | None,
-        typer.Option(help="Segmenter: JSON of recipe fields to change (epochs, batch_size, ...)."),
+        str | None,
+        typer.Option(
+            help="Cases: how the myeloma head learns, mil (gated attention on the cells; the "
+            "default), patient-linear or patient-mlp (a probe on the patient embedding). "
+            "Segmenter: a JSON file of recipe fields to change (epochs, batch_size, ...)."
+        ),
     ] = None,
+    compare_recipes: Annotated[
+        bool,
+        typer.Option(
+            help="Cases: cross-validate every myeloma recipe the bundle allows on the same "
+            "folds, in one report; --recipe's head is the one written."
+        ),
+    ] = False,
     work: Annotated[
         Path | None,
         typer.Option(
@@ -136,6 +147,7 @@ def train(
     from appliance.site.derived_versions import next_version, version_folder
     from appliance.validation.cohort import PipelineSettings
     from appliance.validation.labelled_cells import is_labelled_cells
+    from export.train_run import RECIPES
     from runtime.bundle_format import BundleError, load_bundle
 
     if str(path) == "segmenter":
@@ -155,7 +167,7 @@ def train(
                 from_scratch,
                 start_from,
                 adopt,
-                recipe,
+                Path(recipe) if recipe else None,
                 seed,
                 intended_use,
                 config,
@@ -164,6 +176,9 @@ def train(
         return
     if fields is not None:
         raise fail(f"{fields}: a second path is for `cytoedge train segmenter FIELDS` only")
+    recipe_name = recipe or "mil"
+    if recipe_name not in RECIPES:
+        raise fail(f"--recipe {recipe_name}: one of {', '.join(RECIPES)} for a cases table")
     cfg = setup(config)
     console = Console(stderr=True)
     try:
@@ -183,15 +198,19 @@ def train(
     check_signing_key(cfg)
     where = _Destination(destination, new_version, folder, intended_use, seed, folds, cfg)
     if path.is_dir() or is_labelled_cells(path):
-        if bag_classes is not None:
-            raise fail("--bag-classes is for case heads; labelled cells train the cell head")
+        if bag_classes is not None or recipe or compare_recipes:
+            raise fail(
+                "--bag-classes, --recipe and --compare-recipes are for case heads; labelled "
+                "cells train the cell head"
+            )
         if taxonomy is None:
             raise fail(f"{path}: labelled cells need --taxonomy (a shipped name or a file)")
         _train_cells(path, base, pipeline, console, where, taxonomy, target_accuracy)
     elif taxonomy is not None:
         raise fail(f"{path} is a cases table; --taxonomy names the classes of labelled cells")
     else:
-        _train_cases(path, base, pipeline, console, where, indeterminate_band, bag_classes)
+        how = _CaseRecipe(indeterminate_band, bag_classes, recipe_name, compare_recipes)
+        _train_cases(path, base, pipeline, console, where, how)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -207,14 +226,23 @@ class _Destination:
     config: Config  # the site's: its key signs the new version
 
 
+@dataclasses.dataclass(frozen=True)
+class _CaseRecipe:
+    """How the case heads learn: the command's options for a cases table."""
+
+    indeterminate_band: float
+    bag_classes: str | None
+    recipe: str
+    compare: bool
+
+
 def _train_cases(
     cases: Path,
     base: Bundle,
     pipeline: PipelineSettings,
     console: Console,
     where: _Destination,
-    indeterminate_band: float,
-    bag_classes: str | None,
+    how: _CaseRecipe,
 ) -> None:
     from rich.console import Console
 
@@ -226,15 +254,23 @@ def _train_cases(
 
     try:
         table = read_cases_table(cases)
-        bag = bag_classes_of(base, bag_classes) if bag_classes is not None else ()
+        bag = bag_classes_of(base, how.bag_classes) if how.bag_classes is not None else ()
     except (CasesTableError, TrainingError) as exc:
         raise fail(str(exc)) from None
     console.print(
         f"Training on {len(table)} cases of {cases} with the encoder and segmenter of "
-        f"{base.name} {base.version}" + (f", bags of {', '.join(bag)}" if bag else "")
+        f"{base.name} {base.version}"
+        + (f", bags of {', '.join(bag)}" if bag else "")
+        + f"; the myeloma head's recipe: {how.recipe}"
+        + (", every recipe compared on the same folds" if how.compare else "")
     )
     options = TrainOptions(
-        folds=where.folds, indeterminate_band=indeterminate_band, seed=where.seed, bag_classes=bag
+        folds=where.folds,
+        indeterminate_band=how.indeterminate_band,
+        seed=where.seed,
+        bag_classes=bag,
+        recipe=how.recipe,
+        compare=how.compare,
     )
     try:
         result = train_bundle(

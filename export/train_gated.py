@@ -65,6 +65,7 @@ class GatedObjective(Objective):
     kind = "gated_attention_mil"
     inputs = ("scans", "fields")  # smears scanned, or marrow photographed
     default_name = "myeloma"
+    replaces = ("gated_attention_mil", "patient_probe")
 
     def __init__(
         self, recipe: GatedRecipe | None = None, tasks: Sequence[str] = MYELOMA_MARKERS

@@ -65,6 +65,11 @@ class Objective(ABC):
     kind: ClassVar[str]
     inputs: ClassVar[tuple[str, ...]]  # the kinds of slide it learns from (INPUT_KINDS)
     default_name: ClassVar[str]
+    # What a case gives it: its bag of cells, or "patient": its patient embedding (1, E)
+    reads: ClassVar[str] = "cells"
+    # Kinds of the base's heads that predict what it predicts: the new head takes the
+    # name and the place of such a head (a probe replaces a MIL head of the same tasks)
+    replaces: ClassVar[tuple[str, ...]] = ()
     recipe: TrainingRecipe
 
     def scores(self, learnt_from: Collection[str]) -> tuple[str, ...]:

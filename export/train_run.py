@@ -38,6 +38,7 @@ from rich.console import Console
 from appliance.console import new_progress
 from appliance.pipeline.cases import abstain_reason, case_inputs, head_record, inputs_words
 from appliance.pipeline.networks import SlideNetworks
+from appliance.pipeline.patients import embed_patient, patient_encoder_sha256
 from appliance.results import BundleRecord, HeadRecord
 from appliance.site.derived_versions import derived_from, write_bundle_version
 from appliance.validation.cases_table import CasesTable
@@ -53,14 +54,21 @@ from export.cross_validate import CrossValidation, cross_validate
 from export.onnx_export import export_heads
 from export.train_gated import GatedObjective, GatedRecipe
 from export.train_heads import Objective, Targets
+from export.train_patient import PatientProbeObjective, PatientProbeRecipe
 from export.train_transformer import TransformerObjective, TransformerRecipe
 from runtime.bundle_format import Bundle, HeadSpec
+from runtime.head_kinds import Truth
 from runtime.heads import HeadResult
 
 PROVENANCE_KEY = "training"
 # Keys of the base's provenance that describe its heads, not carried into a new version.
 HEAD_PROVENANCE = ("training", "recalibration", "heads")
 FIGURES = ("auc", "auc_low", "auc_high", "ece")
+# How the myeloma marker head learns (``--recipe``): gated-attention MIL on the cell bag,
+# or a probe on the patient embedding (linear, or one hidden layer). The blood head is
+# the transformer in every recipe.
+RECIPES = ("mil", "patient-linear", "patient-mlp")
+PROBE_HIDDEN = 64  # patient-mlp's hidden layer
 
 
 class TrainingError(ValueError):
@@ -74,20 +82,27 @@ class TrainOptions:
     seed: int = 0
     gated: GatedRecipe = field(default_factory=GatedRecipe)
     transformer: TransformerRecipe = field(default_factory=TransformerRecipe)
+    patient: PatientProbeRecipe = field(default_factory=PatientProbeRecipe)
     resamples: int = 2000
-    # The cell-head classes every trained head reads (``HeadSpec.bag_classes``); none: all
+    # The cell-head classes every head on cells reads (``HeadSpec.bag_classes``); none: all
     bag_classes: tuple[str, ...] = ()
+    recipe: str = "mil"  # one of RECIPES
+    # Every marker recipe cross-validated on the same folds for the report; ``recipe``'s
+    # head is the one written
+    compare: bool = False
 
 
 @dataclass
 class TrainedHead:
     spec: HeadSpec
     objective: Objective
+    recipe: str
     cases: list[int]  # rows of the cohort it learnt from
     validation: CrossValidation
     targets: Targets
     parity: list[dict[str, Any]]
     bag_cells: dict[str, int]  # case id -> the cells of its bag
+    shipped: bool = True  # False: a recipe cross-validated for the report only
 
 
 @dataclass
@@ -136,28 +151,52 @@ def case_bag(
 
 
 def _visiting(base: Bundle, table: CasesTable, options: TrainOptions) -> Bundle:
-    """The base as the new version will visit a scan: each head the table trains reads
-    ``bag_classes``, so the scan's cell budget counts those classes
+    """The base as the new version will visit a scan: each head on cells the table trains
+    reads ``bag_classes``, so the scan's cell budget counts those classes
     (``Bundle.budget_classes``) and the bags learnt on are the bags scored."""
     if not options.bag_classes:
         return base
     trained = []
-    for objective in _objectives(options):
+    for objective, _ in _objectives(base, options):
         spec = objective.provisional_spec(_head_name(base, objective))
         if any(objective.usable(spec.head_kind.truth(spec, c.labels)) for c in table.cases):
-            trained.append(dataclasses.replace(spec, bag_classes=options.bag_classes))
+            bag = options.bag_classes if objective.reads == "cells" else ()
+            trained.append(dataclasses.replace(spec, bag_classes=bag))
     names = {spec.name for spec in trained}
     kept = tuple(head for head in base.heads if head.name not in names)
     return dataclasses.replace(base, heads=(*trained, *kept))
 
 
-def _objectives(options: TrainOptions) -> list[Objective]:
-    return [GatedObjective(options.gated), TransformerObjective(options.transformer)]
+def _marker_objective(base: Bundle, recipe: str, options: TrainOptions) -> Objective:
+    if recipe == "mil":
+        return GatedObjective(options.gated)
+    if base.patient_encoder is None:
+        raise TrainingError(
+            f"--recipe {recipe}: {base.name} {base.version} has no patient encoder; add one "
+            "with cytoedge export patient-encoder (docs/bundles.md)"
+        )
+    hidden = PROBE_HIDDEN if recipe == "patient-mlp" else 0
+    probe = dataclasses.replace(options.patient, hidden_dim=hidden)
+    return PatientProbeObjective(patient_encoder_sha256(base), probe)
+
+
+def _objectives(base: Bundle, options: TrainOptions) -> list[tuple[Objective, str]]:
+    """(objective, recipe) of every head this run fits: the chosen recipe's marker head
+    first, then (with ``compare``) the other marker recipes the base can train, then the
+    blood head."""
+    if options.recipe not in RECIPES:
+        raise TrainingError(f"--recipe {options.recipe!r}: one of {', '.join(RECIPES)}")
+    recipes = [options.recipe]
+    if options.compare:
+        usable = [r for r in RECIPES if r == "mil" or base.patient_encoder is not None]
+        recipes += [r for r in usable if r != options.recipe]
+    markers = [(_marker_objective(base, r, options), r) for r in recipes]
+    return [*markers, (TransformerObjective(options.transformer), "mil")]
 
 
 def _head_name(base: Bundle, objective: Objective) -> str:
-    """The base's head of the same kind keeps its name (this version replaces it)."""
-    same = [h.name for h in base.heads if h.kind == objective.kind]
+    """The base's head that predicts the same keeps its name (this version replaces it)."""
+    same = [h.name for h in base.heads if h.kind in (objective.kind, *objective.replaces)]
     return same[0] if same else objective.default_name
 
 
@@ -209,32 +248,35 @@ def train_bundle(
 ) -> TrainResult:
     """Embed, cross-validate, export and write the new version; then its report."""
     options = options or TrainOptions()
+    objectives = _objectives(base, options)
     started = time.perf_counter()
     with SlideNetworks(_visiting(base, table, options), pipeline.runtime) as networks:
         cohort = process_cohort(table, networks, pipeline, console)
+    patients: dict[str, np.ndarray] = {}
+    if any(objective.reads == "patient" for objective, _ in objectives):
+        patients = _patient_embeddings(base, cohort, pipeline, console)
     seconds = {"embedding": round(time.perf_counter() - started, 1)}
     left_out: dict[str, str] = {}
-    trained: list[TrainedHead] = []
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix=".train-", dir=destination.parent) as work:
-        for objective in _objectives(options):
-            head = _train_head(base, objective, cohort, options, Path(work), console, left_out)
-            if head is not None:
-                trained.append(head)
+        fitted = _fit_heads(base, objectives, cohort, patients, options, Path(work), console)
+        left_out = fitted.left_out
+        trained = [head for head in fitted.heads if head.shipped]
         if not trained:
             raise TrainingError(
                 f"{table.path}: no case can train a head "
                 + ("; ".join(f"{case}: {why}" for case, why in left_out.items()) or "")
             )
-        training = sum(t.validation.seconds for t in trained)
+        training = sum(t.validation.seconds for t in fitted.heads)
         seconds["heads"] = round(training, 1)
         seconds["export"] = round(time.perf_counter() - started - training, 1)
         replaced = {t.spec.name for t in trained}
         heads = [t.spec for t in trained] + [h for h in base.heads if h.name not in replaced]
+        compared = [t.spec for t in fitted.heads if not t.shipped]
         identity = BundleRecord(base.name, version, "", intended_use or base.intended_use)
-        cases = _out_of_fold_cases(cohort, trained, left_out)
+        cases = _out_of_fold_cases(cohort, fitted.heads, left_out)
         report = build_report(
-            heads,
+            [*heads, *compared],
             identity,
             cases,
             kind="out-of-fold",
@@ -242,9 +284,10 @@ def train_bundle(
             resamples=options.resamples,
             seed=options.seed,
         )
+        record = _provenance(base, table, fitted.heads, report, options, seconds, left_out)
         provenance = {
             **{k: v for k, v in base.provenance.items() if k not in HEAD_PROVENANCE},
-            PROVENANCE_KEY: _provenance(base, table, trained, report, options, seconds, left_out),
+            PROVENANCE_KEY: record,
         }
         files = {
             rel: Path(work) / "heads" / Path(rel).name for t in trained for rel in t.spec.files
@@ -272,21 +315,52 @@ def train_bundle(
     )
 
 
-def _train_head(
+def _patient_embeddings(
+    base: Bundle, cohort: Sequence[CohortCase], pipeline: PipelineSettings, console: Console
+) -> dict[str, np.ndarray]:
+    """Each case's patient embedding as scoring makes it (``embed_patient``), by case id;
+    a case without kept cells has none."""
+    embeddings = {}
+    with new_progress(console) as progress:
+        task = progress.add_task("patient embeddings", total=len(cohort))
+        for case in cohort:
+            kept = {s.slide_id: s.cells() for s in case.slides if s.qc_passed}
+            made = embed_patient(base, kept, pipeline.runtime)
+            if made is not None:
+                embeddings[case.case_id] = made[0]
+            progress.advance(task)
+    return embeddings
+
+
+@dataclass
+class _HeadInputs:
+    """What one objective can learn from: each usable case's row, truth and bag."""
+
+    name: str
+    truths: list[Truth]
+    bags: dict[int, np.ndarray]  # row of the cohort -> its bag (cells, or the patient row)
+    reasons: dict[str, str]  # case id -> why it is left out
+
+
+@dataclass
+class _Fitted:
+    heads: list[TrainedHead]
+    left_out: dict[str, str]
+
+
+def _head_inputs(
     base: Bundle,
     objective: Objective,
     cohort: Sequence[CohortCase],
+    patients: dict[str, np.ndarray],
     options: TrainOptions,
-    work: Path,
-    console: Console,
-    left_out: dict[str, str],
-) -> TrainedHead | None:
-    """Cross-validate and export one head; None when no case has its labels."""
+) -> _HeadInputs:
     name = _head_name(base, objective)
     provisional = objective.provisional_spec(name)
     kind = provisional.head_kind
     truths = [kind.truth(provisional, case.case.labels) for case in cohort]
-    rows, bags = [], []
+    bags: dict[int, np.ndarray] = {}
+    reasons: dict[str, str] = {}
     for row, (case, truth) in enumerate(zip(cohort, truths, strict=True)):
         if not objective.usable(truth):
             continue
@@ -294,19 +368,76 @@ def _train_head(
         if reason is None and not case_inputs(case.slides) <= set(objective.inputs):
             found = inputs_words(case_inputs(case.slides))
             reason = f"holds {found}; the {name} head learns from {inputs_words(objective.inputs)}"
-        if reason is None:
+        bag = None
+        if reason is None and objective.reads == "patient":
+            bag = patients[case.case_id][None] if case.case_id in patients else None
+            reason = None if bag is not None else "no kept cell for a patient embedding"
+        elif reason is None:
             bag, reason = case_bag(case, base, options.bag_classes)
-        if reason is None:
-            rows.append(row)
-            bags.append(bag)
+        if reason is None and bag is not None:
+            bags[row] = bag
         else:
-            left_out[case.case_id] = reason
-    if not any(objective.usable(t) for t in truths):
-        return None
-    targets = objective.targets([truths[r] for r in rows])
-    _check_enough(name, objective, targets, options.folds, left_out)
+            reasons[case.case_id] = reason or "no bag"
+    return _HeadInputs(name, truths, bags, reasons)
+
+
+def _fit_heads(
+    base: Bundle,
+    objectives: Sequence[tuple[Objective, str]],
+    cohort: Sequence[CohortCase],
+    patients: dict[str, np.ndarray],
+    options: TrainOptions,
+    work: Path,
+    console: Console,
+) -> _Fitted:
+    """Every objective cross-validated; the marker recipes compared learn from the same
+    cases, so ``stratified_folds`` (same strata, same seed) gives them the same folds."""
+    inputs = [_head_inputs(base, o, cohort, patients, options) for o, _ in objectives]
+    markers = [i for i, (o, _) in enumerate(objectives) if o.kind != "transformer_mil"]
+    if len(markers) > 1:
+        common = set.intersection(*(set(inputs[i].bags) for i in markers))
+        for i in markers:
+            for row in set(inputs[i].bags) - common:
+                case_id = cohort[row].case_id
+                why = next(
+                    inputs[j].reasons[case_id] for j in markers if case_id in inputs[j].reasons
+                )
+                inputs[i].reasons[case_id] = f"{why} (so no recipe compared learns from it)"
+                del inputs[i].bags[row]
+    left_out: dict[str, str] = {}
+    heads = []
+    shipped_marker = markers[0] if markers else -1
+    for index, ((objective, recipe), found) in enumerate(zip(objectives, inputs, strict=True)):
+        shipped = index not in markers or index == shipped_marker
+        if not any(objective.usable(t) for t in found.truths):
+            continue
+        name = found.name if shipped else f"{found.name}.{recipe}"
+        heads.append(
+            _train_head(objective, recipe, name, cohort, found, options, work, console, shipped)
+        )
+        for case_id, why in found.reasons.items():
+            left_out.setdefault(case_id, why)
+    return _Fitted(heads, left_out)
+
+
+def _train_head(
+    objective: Objective,
+    recipe: str,
+    name: str,
+    cohort: Sequence[CohortCase],
+    found: _HeadInputs,
+    options: TrainOptions,
+    work: Path,
+    console: Console,
+    shipped: bool,
+) -> TrainedHead:
+    """Cross-validate one head; export it when it is the one shipped."""
+    rows = sorted(found.bags)
+    bags = [found.bags[r] for r in rows]
+    targets = objective.targets([found.truths[r] for r in rows])
+    _check_enough(name, objective, targets, options.folds, found.reasons)
     with new_progress(console) as progress:
-        task = progress.add_task(f"head {name}: {options.folds} folds", total=1.0)
+        task = progress.add_task(f"head {name} ({recipe}): {options.folds} folds", total=1.0)
         validation = cross_validate(
             objective,
             bags,
@@ -315,19 +446,22 @@ def _train_head(
             seed=options.seed,
             progress=lambda fraction: progress.update(task, completed=fraction),
         )
-    with console.status(f"Exporting the {options.folds} members of {name} (parity-gated)..."):
-        paths, reports = export_heads(validation.members, work / "heads", name)
-    files = [f"heads/{p.name}" for p in paths]
+    files, parity = ["-"], []  # a recipe compared, not shipped: no files
+    if shipped:
+        with console.status(f"Exporting the {options.folds} members of {name} (parity-gated)..."):
+            paths, reports = export_heads(validation.members, work / "heads", name)
+        files = [f"heads/{p.name}" for p in paths]
+        parity = [r.metrics for r in reports]
     spec = objective.head_spec(
         name, files, validation.raw, validation.extra, targets, options.indeterminate_band
     )
     learnt_from = set().union(*(case_inputs(cohort[r].slides) for r in rows))
-    spec = dataclasses.replace(
-        spec, inputs=objective.scores(learnt_from), bag_classes=options.bag_classes
-    )
-    parity = [r.metrics for r in reports]
+    bag_classes = options.bag_classes if objective.reads == "cells" else ()
+    spec = dataclasses.replace(spec, inputs=objective.scores(learnt_from), bag_classes=bag_classes)
     bag_cells = {cohort[r].case_id: len(bag) for r, bag in zip(rows, bags, strict=True)}
-    return TrainedHead(spec, objective, rows, validation, targets, parity, bag_cells)
+    return TrainedHead(
+        spec, objective, recipe, rows, validation, targets, parity, bag_cells, shipped
+    )
 
 
 def _out_of_fold_records(head: TrainedHead) -> dict[int, HeadRecord]:
@@ -383,8 +517,10 @@ def _provenance(
     seconds: dict[str, float],
     left_out: dict[str, str],
 ) -> dict[str, Any]:
-    # A head this run keeps (one of a kind it does not train) keeps its training record.
+    # A head this run keeps (one of a kind it does not train) keeps its training record;
+    # a recipe cross-validated only for comparison is recorded beside the heads.
     replaced = {head.spec.name for head in trained}
+    compared: dict[str, Any] = {}
     earlier = base.provenance.get(PROVENANCE_KEY, {}).get("heads", {})
     heads = {
         name: record
@@ -402,10 +538,18 @@ def _provenance(
             for t in report.tasks
             if t.head == head.spec.name
         }
-        out_of_fold: dict[str, Any] = {"tasks": tasks}
+        # the fold each case was tested in: recipes compared share them
+        test_fold = {
+            case: int(fold)
+            for case, fold in zip(head.bag_cells, head.validation.folds, strict=True)
+        }
+        out_of_fold: dict[str, Any] = {"tasks": tasks, "test_fold": test_fold}
         for figures in report.classes:
             if figures.head == head.spec.name:
                 out_of_fold["classes"] = _class_figures(figures)
+        if not head.shipped:
+            compared[head.spec.name] = {"recipe_name": head.recipe, "out_of_fold": out_of_fold}
+            continue
         heads[head.spec.name] = {
             "kind": head.spec.kind,
             "inputs": head.spec.inputs,
@@ -414,6 +558,7 @@ def _provenance(
             **head.objective.describe(head.targets),
             "folds": options.folds,
             "epochs_run": head.validation.epochs,
+            "recipe_name": head.recipe,
             "recipe": asdict(head.objective.recipe),
             "out_of_fold": out_of_fold,
             "parity": head.parity,
@@ -425,6 +570,7 @@ def _provenance(
         "cases": len(table),
         "left_out": left_out,
         "heads": heads,
+        **({"recipes_compared": compared} if compared else {}),
         "seed": options.seed,
         "indeterminate_band": options.indeterminate_band,
         "seconds": seconds,

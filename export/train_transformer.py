@@ -56,6 +56,7 @@ class TransformerObjective(Objective):
     kind = "transformer_mil"
     inputs = ("cells", "fields")
     default_name = "peripheral-blood"
+    replaces = ("transformer_mil",)
 
     def __init__(
         self, recipe: TransformerRecipe | None = None, classes: Sequence[str] = PB_CLASSES

@@ -566,9 +566,27 @@ def _check_cross_references(bundle: Bundle) -> None:
                 f"{encoder.embed_dim}"
             )
         referenced += [(f"patient_encoder.variants.{k}", v) for k, v in patient.variants.items()]
+    _check_patient_heads(bundle)
     for where, relative in referenced:
         if relative not in bundle.files:
             raise BundleError(f"{where}: {relative} is not listed in files")
+
+
+def _check_patient_heads(bundle: Bundle) -> None:
+    """A head on the patient embedding needs the patient encoder it learnt on."""
+    patient = bundle.patient_encoder
+    for head in bundle.heads:
+        if head.head_kind.reads != "patient":
+            continue
+        if patient is None:
+            raise BundleError(f"heads[{head.name}]: a {head.kind} head needs a patient_encoder")
+        entry = bundle.files.get(patient.variants["fp32"])
+        learnt_on = head.params.patient_encoder_sha256
+        if entry is None or entry.sha256 != learnt_on:
+            raise BundleError(
+                f"heads[{head.name}] learnt on patient encoder {learnt_on[:12]}; this bundle's "
+                f"is {entry.sha256[:12] if entry else 'unlisted'}: train the head again"
+            )
 
 
 def verify_bundle_files(bundle: Bundle) -> None:

@@ -32,7 +32,7 @@ class HeadResult:
     head: str
     kind: str
     probabilities: dict[str, float]  # per output of the head, calibrated
-    attention: np.ndarray  # (N,) per cell, averaged over the ensemble
+    attention: np.ndarray  # (N,) per cell, averaged over the ensemble; (0,): none
     predictions: tuple[Prediction, ...]
     findings: tuple[Finding, ...]
     member_probabilities: np.ndarray  # (members, outputs), before calibration
@@ -44,7 +44,14 @@ class HeadRunner:
     def __init__(self, bundle: Bundle, name: str, settings: RuntimeSettings | None = None) -> None:
         self.spec: HeadSpec = bundle.head(name)
         self.kind = self.spec.head_kind
-        self.embed_dim = bundle.encoder.embed_dim
+        self.reads_patient = self.kind.reads == "patient"
+        if self.reads_patient and bundle.patient_encoder is None:
+            raise BackendError(f"head {name} reads the patient embedding; the bundle has none")
+        # a bag of cell embeddings, or the one patient embedding (1, E)
+        patient = bundle.patient_encoder
+        self.embed_dim = (
+            patient.embed_dim if patient and self.reads_patient else bundle.encoder.embed_dim
+        )
         self.members: list[Backend] = [
             open_model(bundle.file(relative), settings, engine_dir=bundle.engines_dir)
             for relative in self.spec.files
@@ -63,8 +70,9 @@ class HeadRunner:
             )
         width = inputs["features"].shape[-1]
         if isinstance(width, int) and width != self.embed_dim:
+            source = "patient encoder" if self.reads_patient else "encoder"
             raise BackendError(
-                f"{member.path.name}: takes {width}-d features, the encoder gives {self.embed_dim}"
+                f"{member.path.name}: takes {width}-d features, the {source} gives {self.embed_dim}"
             )
 
     @property
@@ -72,12 +80,15 @@ class HeadRunner:
         return self.members[0].ran_on
 
     def predict(self, features: np.ndarray) -> HeadResult:
-        """Run every member on the bag (N, D), average their outputs, let the kind call them."""
+        """Run every member on the bag (N, D), or on the patient embedding (1, E) for a
+        head that reads it; average their outputs, let the kind call them."""
         if features.ndim != 2 or features.shape[1] != self.embed_dim:
             raise BagError(f"a bag must be (N, {self.embed_dim}), got shape {features.shape}")
         cells = features.shape[0]
         if cells == 0:
             raise BagError("the bag is empty: no cells to score")
+        if self.reads_patient and cells != 1:
+            raise BagError(f"head {self.spec.name} takes one patient embedding, got {cells} rows")
         limits = [m.max_batch for m in self.members if m.max_batch is not None]
         if limits and cells > min(limits):
             raise BagError(f"the bag has {cells} cells; this backend takes at most {min(limits)}")
@@ -92,9 +103,16 @@ class HeadRunner:
                 f"head {self.spec.name}: {probabilities.shape[1]} probabilities, "
                 f"bundle.json lists {len(outputs)}"
             )
-        attention = np.mean([np.asarray(r["attention"], np.float64).reshape(-1) for r in runs], 0)
-        if attention.shape != (cells,):
-            raise BackendError(f"head {self.spec.name}: attention {attention.shape}, {cells} cells")
+        if "attention" in self.kind.model_outputs:
+            attention = np.mean(
+                [np.asarray(r["attention"], np.float64).reshape(-1) for r in runs], 0
+            )
+            if attention.shape != (cells,):
+                raise BackendError(
+                    f"head {self.spec.name}: attention {attention.shape}, {cells} cells"
+                )
+        else:  # a head on the patient embedding: no cell drove it more than another
+            attention = np.zeros(0)
         calibrated = self.kind.calibrate(self.spec, probabilities.mean(axis=0))
         by_name = {name: float(p) for name, p in zip(outputs, calibrated, strict=True)}
         extra = {

@@ -35,10 +35,10 @@ class CaseViews:
         bag: CaseBag,
         attention: np.ndarray,
         *,
-        scored: bool,
+        attended: bool,
     ) -> None:
         self.bundle, self.passed, self.kept, self.calls = bundle, passed, kept, calls
-        self.bag, self.attention, self.scored = bag, attention, scored
+        self.bag, self.attention, self.attended = bag, attention, attended
         self.classes = bundle.cell_classes
 
     def scan_record(self, slide: SlideResult) -> ScanRecord:
@@ -85,7 +85,7 @@ class CaseViews:
             share = self._bag_attention(sid)
             every = np.full(len(cells.embeddings), np.nan)  # NaN: outside the heads' bag
             every[union] = share
-            shown = every if self.scored else None
+            shown = every if self.attended else None
             labels = self._labels(sid)
             contents.append(
                 SlideContent(

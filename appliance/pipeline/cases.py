@@ -120,11 +120,19 @@ def score_case(
     )
     outside = load.sentence() if below and load.rule == "abstain" else None
     runnable = not no_head and not outside and len(qc_failures) < len(slides)
+    patient = None
+    if bundle.patient_encoder is not None:
+        with timer.stage("patient embedding"):
+            patient = embed_patient(bundle, kept, settings)
     if runnable and bag.smallest >= bundle.cells.min_cells:
         with timer.stage("heads"):
             runners = load_heads(bundle, settings, inputs)
             try:
                 for name, runner in runners.items():
+                    if runner.reads_patient:  # its bag's cells made the patient embedding
+                        assert patient is not None
+                        head_results.append(runner.predict(patient[0][None]))
+                        continue
                     result = runner.predict(bag.features(name))
                     head_results.append(result)
                     bag.add_attention(name, result.attention)
@@ -134,11 +142,6 @@ def score_case(
                     runner.close()
         attention = bag.attention()
     progress("heads", 1.0)
-
-    patient = None
-    if bundle.patient_encoder is not None:
-        with timer.stage("patient embedding"):
-            patient = embed_patient(bundle, kept, settings)
     similar: tuple[SimilarCase, ...] = ()
     if case_index is not None and patient is not None:
         try:
@@ -158,8 +161,9 @@ def score_case(
         outside=outside,
         of_classes=bundle.head(smallest).bag_classes if heads else (),
     )
-    views = CaseViews(bundle, passed, kept, calls, bag, attention, scored=bool(head_results))
-    top = views.top_cells() if head_results else []
+    attended = any(len(h.attention) for h in head_results)  # a patient probe attends none
+    views = CaseViews(bundle, passed, kept, calls, bag, attention, attended=attended)
+    top = views.top_cells() if attended else []
     gallery = views.cell_gallery()
     draft = CaseResult(
         schema_version=SCHEMA_VERSION,
@@ -173,7 +177,7 @@ def score_case(
         scans=tuple(views.scan_record(s) for s in slides),
         heads=records,
         top_cells=tuple(cell for cell, _, _ in top),
-        attention_top20_mass=top_attention_mass(attention) if bag.size else None,
+        attention_top20_mass=top_attention_mass(attention) if attended and bag.size else None,
         timings_s={**_slide_timings(slides), **timer.rounded()},
         outputs=CaseOutputs(report_html="report.html", cells_geojson="cells.geojson"),
         differential=found,

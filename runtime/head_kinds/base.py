@@ -111,6 +111,7 @@ class HeadKind(Registered, ABC):
     params_type: ClassVar[type]  # dataclass of the kind's own keys in the head object
     model_outputs: ClassVar[frozenset[str]] = BASE_OUTPUTS
     per_cell: ClassVar[bool] = False  # a cell head (CellHeadKind) rather than a case head
+    reads: ClassVar[str] = "cells"  # what its network takes: cell embeddings, or "patient"
     registered: ClassVar[dict[str, type[HeadKind]]] = {}
 
     def params(self, spec: HeadSpec, where: str = "") -> Any:
@@ -149,7 +150,8 @@ class HeadKind(Registered, ABC):
 
 class CaseHeadKind(HeadKind):
     """A head that reads a case's bag of cell embeddings: (N, D) -> its probabilities
-    (one per output) and an attention weight per cell."""
+    (one per output) and an attention weight per cell; or, with ``reads = "patient"``,
+    the case's patient embedding (1, E) -> its probabilities, with no attention."""
 
     @abstractmethod
     def interpret(
