@@ -14,6 +14,12 @@
    learns on the bag it will score, the kept cells the base's cell head puts in those
    classes (``CohortCase.bag``, as scoring takes it), and its section says so; a case
    with too few of them is left out, as scoring would abstain.
+   ``recipe`` (``--recipe``) chooses how the myeloma markers are learnt: gated-attention
+   MIL on the cell bag (``mil``), or a probe on each case's patient embedding
+   (``patient-linear``, ``patient-mlp``: export/train_patient.py, for sites with few
+   cases). With ``compare`` every marker recipe the base allows is cross-validated on
+   the same cases, hence the same folds, and reported side by side; only ``recipe``'s
+   head is written.
 3. The members are exported to ONNX behind their parity gates and written with
    the base's other files as a new version (``appliance.site.derived_versions``);
    ``bundle.json``'s provenance records the table's hash, the cases and positives
@@ -284,6 +290,13 @@ def train_bundle(
             resamples=options.resamples,
             seed=options.seed,
         )
+        if compared:
+            recipes = {
+                t.spec.name: t.recipe
+                for t in fitted.heads
+                if isinstance(t.objective, GatedObjective)  # a marker recipe
+            }
+            report = dataclasses.replace(report, recipes=recipes)
         record = _provenance(base, table, fitted.heads, report, options, seconds, left_out)
         provenance = {
             **{k: v for k, v in base.provenance.items() if k not in HEAD_PROVENANCE},
@@ -393,7 +406,8 @@ def _fit_heads(
     """Every objective cross-validated; the marker recipes compared learn from the same
     cases, so ``stratified_folds`` (same strata, same seed) gives them the same folds."""
     inputs = [_head_inputs(base, o, cohort, patients, options) for o, _ in objectives]
-    markers = [i for i, (o, _) in enumerate(objectives) if o.kind != "transformer_mil"]
+    # the marker recipes (a probe's objective is the gated head's on another network)
+    markers = [i for i, (o, _) in enumerate(objectives) if isinstance(o, GatedObjective)]
     if len(markers) > 1:
         common = set.intersection(*(set(inputs[i].bags) for i in markers))
         for i in markers:

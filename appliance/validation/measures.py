@@ -151,6 +151,9 @@ class ValidationReport:
     not_scored: tuple[CaseLine, ...]  # every case that got no call, with why
     lost_scans: tuple[CaseLine, ...]  # scored cases that lost a scan the reader rejected
     cells: CellReport | None = None  # the cell head on labelled cells
+    # Out of fold with recipes compared (``train --compare-recipes``): each head that
+    # predicts the markers, the written one first, by the recipe that made it
+    recipes: dict[str, str] = field(default_factory=dict)
 
 
 def _number(value: float) -> float | None:

@@ -123,6 +123,8 @@ def render_report_html(report: ValidationReport) -> str:
         )
     parts.append(f"<h2>{_e(TITLES[report.kind])}</h2>")
     parts.append(_header(report))
+    if report.recipes:
+        parts.append(_recipes_block(report))
     if report.tasks:
         parts.append(_tasks_table(report.tasks))
     for figures in report.classes:
@@ -216,6 +218,33 @@ def _tasks_table(tasks: tuple[TaskFigures, ...]) -> str:
             f"<td align='right'>{t.indeterminate}</td><td align='right'>{t.not_scored}</td>"
             f"<td align='right'>{_figure(t.ece)}</td></tr>"
         )
+    rows.append("</table>")
+    return "".join(rows)
+
+
+def _recipes_block(report: ValidationReport) -> str:
+    """Each marker's out-of-fold AUC by recipe, side by side: the same cases and folds."""
+    heads = list(report.recipes)
+    auc = {(t.head, t.task): t for t in report.tasks if t.head in report.recipes}
+    tasks = [t for t in report.tasks if t.head == heads[0]]
+    header = "".join(
+        f"<th>{_e(report.recipes[h])}{' (written)' if i == 0 else ''}</th>"
+        for i, h in enumerate(heads)
+    )
+    rows = [
+        "<h3>Recipes on the same folds</h3>",
+        "<p>Out-of-fold AUC (95 % CI) of each way of learning the markers, each trained "
+        "and tested on the same cases in the same folds; the first is the one this "
+        "version ships. Their other figures are in the table below, by head.</p>",
+        "<table border='1' cellspacing='0' cellpadding='3'>",
+        f"<tr><th align='left'>task</th>{header}</tr>",
+    ]
+    for task in tasks:
+        cells = []
+        for head in heads:
+            t = auc.get((head, task.task))
+            cells.append(f"<td>{_interval(t.auc, t.auc_low, t.auc_high) if t else '-'}</td>")
+        rows.append(f"<tr><td>{_e(task.label)}</td>{''.join(cells)}</tr>")
     rows.append("</table>")
     return "".join(rows)
 

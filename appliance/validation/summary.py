@@ -25,6 +25,9 @@ def print_summary(report: ValidationReport, console: Console) -> None:
     for head in dict.fromkeys(t.head for t in report.tasks):
         console.print()
         console.print(_tasks_table(report, head))
+    if report.recipes:
+        console.print()
+        console.print(_recipes_table(report))
     for c in report.classes:
         console.print(
             f"{c.head}: {c.scored} of {c.labelled} cases, top-1 {_figure(c.top1)}, "
@@ -107,4 +110,21 @@ def _tasks_table(report: ValidationReport, head: str) -> Table:
             str(t.indeterminate),
             str(t.not_scored),
         )
+    return table
+
+
+def _recipes_table(report: ValidationReport) -> Table:
+    """Each marker's out-of-fold AUC by recipe, on the same folds; the written one first."""
+    heads = list(report.recipes)
+    table = Table(
+        title="AUC by recipe, on the same folds", box=box.SIMPLE_HEAD, show_edge=False, padding=0
+    )
+    table.add_column("task", no_wrap=True)
+    for index, head in enumerate(heads):
+        written = "*" if index == 0 else ""
+        table.add_column(f"{report.recipes[head]}{written}", justify="right")
+    auc = {(t.head, t.task): t.auc for t in report.tasks}
+    for task in (t for t in report.tasks if t.head == heads[0]):
+        table.add_row(task.label, *(_figure(auc.get((head, task.task))) for head in heads))
+    table.caption = "* written to the new version"
     return table
