@@ -108,8 +108,9 @@ def test_patient_linear_is_trained_compared_on_the_same_folds_and_scored(
     scored = {t["task"]: t for t in figures["tasks"] if t["head"] == "myeloma"}
     assert set(scored) == set(probe.thresholds)
     assert all(t["scored"] == 4 for t in scored.values())
-    (case, *_) = sorted((tmp_path / "held-out" / "cases").glob("*/latest.json"))
-    result = json.loads(case.read_text())
+    (latest, *_) = sorted((tmp_path / "held-out" / "cases").glob("*/latest.json"))
+    pointer = json.loads(latest.read_text())
+    result = json.loads((latest.parent / pointer["path"] / "result.json").read_text())
     (head,) = result["heads"]
     assert head["name"] == "myeloma" and len(head["predictions"]) == len(probe.thresholds)
     # a probe reads the patient embedding: no cell drove it, so none is shown as if it had
