@@ -161,7 +161,7 @@ def quantize_int8(fp32_path: Path, out_path: Path, cell_dim: int) -> VariantOutc
 
 
 def _gate_numbers(report: ParityReport) -> str:
-    return f"min cosine {report.metrics['min_cosine']:.6f} on bags {PROBE_LENGTHS}"
+    return f"min cosine {report.metrics['min_cosine']:.7f} on bags {PROBE_LENGTHS}"
 
 
 def export_document(
