@@ -26,6 +26,7 @@ from runtime.bundle_format import BundleError, PairedEncoder, PatientEncoderSpec
 from runtime.parity import FP16_MIN_COSINE, bag_features, row_cosines
 from runtime.patient import PatientEncoder
 from tests.runtime_models import encoder_model
+from tests.test_cli import cytoedge
 
 PASSED = {"passed": True, "min_cosine": 0.9999999, "max_abs_diff": 2e-6}
 CELL_DIM = 48  # a narrow encoder keeps the tests fast; GenBloom's is 768
@@ -338,6 +339,10 @@ def test_a_bundle_with_fp16_validates_and_a_cpu_runs_int8_or_fp32(
         encoder.close()
     (fp32,) = ort_session(exported_v / "patient_encoder.onnx").run(["embedding"], {"features": bag})
     assert row_cosines(fp32, embedding[None])[0] >= 0.9  # the gate this int8 passed
+    doctor = cytoedge("doctor", "--bundle", str(bundle.path))  # no heads: not ready, but checked
+    row = next(line for line in doctor.stdout.splitlines() if "patient encoder" in line)
+    assert "ort-cpu" in row and "int8" in row, doctor.stdout
+    assert f"Patient encoder fp16: {spec.fp16_note}" in " ".join(doctor.stdout.split())
 
     fp16_only = assemble_bundle(  # int8 missed its gate here: fp32 and fp16
         tmp_path / "fp16",
