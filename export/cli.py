@@ -114,11 +114,14 @@ def patient_encoder(
     max_cells: Annotated[
         int, typer.Option(help="Longer bags are evenly thinned to this many cells.", min=1)
     ] = 2000,
+    fp16: Annotated[
+        bool, typer.Option(help="Also try patient_encoder.fp16.onnx for GPU sites (gated).")
+    ] = False,
     int8: Annotated[
         bool, typer.Option(help="Also try patient_encoder.int8.onnx for CPU sites (gated).")
     ] = False,
 ) -> None:
-    """GenBloom patient encoder to ONNX (fp32, int8) with parity gates."""
+    """GenBloom patient encoder to ONNX (fp32, fp16, int8) with parity gates."""
     from rich.console import Console
 
     from export.documents import parity_entry, write_document
@@ -126,8 +129,10 @@ def patient_encoder(
     from export.onnx_export import ParityError
     from export.patient_encoder import KINDS, load_patient_encoder
     from export.patient_export import (
+        FP16_FILE,
         FP32_FILE,
         INT8_FILE,
+        convert_fp16,
         export_document,
         export_fp32,
         quantize_int8,
@@ -154,15 +159,22 @@ def patient_encoder(
             report = export_fp32(model, out / FP32_FILE, {"cytoedge.patient_kind": kind})
         console.print(report.summary())
         variants, parity = {"fp32": FP32_FILE}, {FP32_FILE: parity_entry(report)}
-        int8_note = "int8 not requested at export"
-        if int8:
-            with console.status("Quantising to int8 and checking it on bags..."):
-                outcome = quantize_int8(out / FP32_FILE, out / INT8_FILE, int(paired["embed_dim"]))
-            int8_note = outcome.note
+        reduced = {
+            "fp16": (fp16, FP16_FILE, convert_fp16),
+            "int8": (int8, INT8_FILE, quantize_int8),
+        }
+        notes: dict[str, str] = {}
+        for variant, (wanted, file, make) in reduced.items():
+            notes[variant] = f"{variant} not requested at export"
+            if not wanted:
+                continue
+            with console.status(f"Writing {file} and checking it against fp32 on bags..."):
+                outcome = make(out / FP32_FILE, out / file, int(paired["embed_dim"]))
+            notes[variant] = outcome.note  # a miss is noted; the other variants stay
             console.print(outcome.note)
             if outcome.accepted:
-                variants["int8"] = INT8_FILE
-                parity[INT8_FILE] = {"passed": True, **outcome.metrics}
+                variants[variant] = file
+                parity[file] = {"passed": True, **outcome.metrics}
         sources = [checkpoint, *([tower] if tower is not None else [])]
         write_document(
             out,
@@ -176,7 +188,8 @@ def patient_encoder(
                     "embed_dim": paired["embed_dim"],
                 },
                 variants=variants,
-                int8_note=int8_note,
+                fp16_note=notes["fp16"],
+                int8_note=notes["int8"],
                 max_cells=max_cells,
                 parity=parity,
                 source_weights=sources,

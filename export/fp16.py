@@ -1,10 +1,12 @@
 """fp16 ONNX of a checked fp32 model, for ONNX Runtime's CUDA provider.
 
-Weights and most arithmetic go to fp16; LayerNormalization and Softmax stay fp32 (their
-reductions lose accuracy or overflow in fp16) and the graph keeps float32 inputs and
-outputs, so callers feed the same arrays as for fp32. On a CPU, ONNX Runtime runs fp16 by
-upcasting, so the gate here checks the conversion loosely (cosine >= 0.999); the
-precision that matters is measured on the GPU by ``cytoedge bench encoder``.
+The encoder's fp16 variant, and the patient encoder's (export/patient_export.py, which
+feeds its probe bags to the same conversion and gate). Weights and most arithmetic go to
+fp16; LayerNormalization and Softmax stay fp32 (their reductions lose accuracy or
+overflow in fp16) and the graph keeps float32 inputs and outputs, so callers feed the
+same arrays as for fp32. On a CPU, ONNX Runtime runs fp16 by upcasting, so the gate here
+checks the conversion loosely (cosine >= 0.999); the precision that matters is measured
+on the GPU by ``cytoedge bench encoder``.
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ KEEP_FP32_OPS = ("LayerNormalization", "Softmax")
 
 
 def convert_to_fp16(fp32_path: Path, out_path: Path) -> None:
-    """Write the fp16 version of ``fp32_path`` (no check: see :func:`export_encoder_fp16`)."""
+    """Write the fp16 version of ``fp32_path`` (no check: see :func:`export_fp16`)."""
     import onnx
     from onnxconverter_common import float16
 
@@ -70,32 +72,44 @@ def _fold_initializer_identities(model: onnx.ModelProto) -> onnx.ModelProto:
 
 
 def fp16_parity(
-    fp32_path: Path, fp16_path: Path, batches: Sequence[np.ndarray] | None = None
+    fp32_path: Path,
+    fp16_path: Path,
+    batches: Sequence[np.ndarray] | None = None,
+    *,
+    input_name: str = "pixels",
+    model: str = "encoder",
 ) -> ParityReport:
-    """fp16 vs fp32 ONNX embeddings on cell-like images (CPU execution)."""
+    """fp16 vs fp32 ONNX ``embedding`` (CPU execution) on ``batches`` fed as
+    ``input_name``; by default the encoder's cell-like images."""
     batches = list(batches) if batches is not None else default_encoder_probe()
     reference, candidate = ort_session(fp32_path), ort_session(fp16_path)
     return embedding_parity(
-        f"encoder {fp16_path.name} (fp16 ONNX vs fp32 ONNX, CPU)",
+        f"{model.replace('_', ' ')} {fp16_path.name} (fp16 ONNX vs fp32 ONNX, CPU)",
         (
             (
-                reference.run(["embedding"], {"pixels": pixels})[0],
-                candidate.run(["embedding"], {"pixels": pixels})[0],
+                reference.run(["embedding"], {input_name: batch})[0],
+                candidate.run(["embedding"], {input_name: batch})[0],
             )
-            for pixels in batches
+            for batch in batches
         ),
         FP16_MIN_COSINE,
     )
 
 
-def export_encoder_fp16(
-    fp32_path: str | Path, out_path: str | Path, batches: Sequence[np.ndarray] | None = None
+def export_fp16(
+    fp32_path: str | Path,
+    out_path: str | Path,
+    batches: Sequence[np.ndarray] | None = None,
+    *,
+    input_name: str = "pixels",
+    model: str = "encoder",
 ) -> ParityReport:
-    """Convert, check and only then write ``out_path``; raises ParityError on a failed gate."""
+    """Convert, check (:func:`fp16_parity`) and only then write ``out_path``; raises
+    ParityError on a failed gate. ``model`` is the file's ``cytoedge.model``."""
     fp32_path = Path(fp32_path)
     return gated_export(
         lambda path: convert_to_fp16(fp32_path, path),
-        lambda path: fp16_parity(fp32_path, path, batches),
+        lambda path: fp16_parity(fp32_path, path, batches, input_name=input_name, model=model),
         Path(out_path),
-        {"cytoedge.model": "encoder", "cytoedge.precision": "fp16"},
+        {"cytoedge.model": model, "cytoedge.precision": "fp16"},
     )

@@ -2,8 +2,11 @@
 
 Contract: ``features`` float32 (cells, cell_dim), any number of cells -> ``embedding``
 float32 (1, out_dim). The fp32 file is accepted when every probe bag's embedding keeps
-cosine >= ENCODER_MIN_COSINE against torch; int8 (ONNX Runtime dynamic quantisation)
-when it keeps INT8_MIN_COSINE against fp32, and otherwise a note says why there is none.
+cosine >= ENCODER_MIN_COSINE against torch. The reduced variants are the encoder's, held
+to the encoder's limits against fp32 on one further set of bags: fp16 (export/fp16.py's
+conversion, for ONNX Runtime's CUDA provider) when it keeps FP16_MIN_COSINE, int8 (ONNX
+Runtime dynamic quantisation, for CPUs) when it keeps INT8_MIN_COSINE. A variant that
+misses is no failure: the bundle keeps the others and a note says why there is none.
 The probes are embedding-like bags (runtime.parity.bag_features) of 1, 7 and 300 cells:
 one cell, an odd count, and a long bag.
 """
@@ -18,24 +21,29 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from export.fp16 import export_fp16
 from export.onnx_export import (
     OPSET,
+    ParityError,
     ParityReport,
     embedding_parity,
     gated_export,
     ort_session,
     traced_export,
 )
-from runtime.parity import ENCODER_MIN_COSINE, INT8_MIN_COSINE, bag_features
+from runtime.parity import ENCODER_MIN_COSINE, FP16_MIN_COSINE, INT8_MIN_COSINE, bag_features
 
 if TYPE_CHECKING:
     from collections.abc import Sequence
 
     from export.patient_encoder import PatientEncoder
 
+MODEL = "patient_encoder"  # the files' cytoedge.model
 FP32_FILE = "patient_encoder.onnx"
+FP16_FILE = "patient_encoder.fp16.onnx"
 INT8_FILE = "patient_encoder.int8.onnx"
 PROBE_LENGTHS = (1, 7, 300)
+VARIANT_PROBE_SEED = 57  # the fp16 and int8 gates' bags, other than the fp32 gate's
 # Longer bags are evenly thinned to this many cells before the network: attention is
 # quadratic in the cells, and GenBloom's own bags are hundreds of cells.
 DEFAULT_MAX_CELLS = 2000
@@ -88,22 +96,39 @@ def export_fp32(model: PatientEncoder, out_path: Path, metadata: dict[str, str])
         write,
         lambda path: patient_parity(model, path),
         out_path,
-        {"cytoedge.model": "patient_encoder", **metadata},
+        {"cytoedge.model": MODEL, **metadata},
     )
 
 
 @dataclass
-class Int8Outcome:
+class VariantOutcome:
+    """A reduced variant's gate: a miss is no error, the bundle keeps the other variants."""
+
     accepted: bool
-    note: str  # one line for the section's int8_note
+    note: str  # one line for the section's fp16_note or int8_note
     metrics: dict[str, float] = field(default_factory=dict)
 
 
-def quantize_int8(fp32_path: Path, out_path: Path, cell_dim: int) -> Int8Outcome:
+def convert_fp16(fp32_path: Path, out_path: Path, cell_dim: int) -> VariantOutcome:
+    """fp16 for GPU sites, the encoder's conversion and gate; written only if it passes."""
+    bags = probe_bags(cell_dim, seed=VARIANT_PROBE_SEED)
+    try:
+        report = export_fp16(fp32_path, out_path, bags, input_name="features", model=MODEL)
+    except ParityError as error:
+        report = error.report
+    numbers = _gate_numbers(report)
+    if not report.passed:
+        return VariantOutcome(
+            False, f"fp16 rejected: {numbers} (< {FP16_MIN_COSINE})", report.metrics
+        )
+    return VariantOutcome(True, f"fp16 accepted: {numbers}, run on a CPU", report.metrics)
+
+
+def quantize_int8(fp32_path: Path, out_path: Path, cell_dim: int) -> VariantOutcome:
     """Dynamic int8 (QInt8 weights per channel); written only if the gate passes."""
     from onnxruntime.quantization import QuantType, quant_pre_process, quantize_dynamic
 
-    bags = probe_bags(cell_dim, seed=57)
+    bags = probe_bags(cell_dim, seed=VARIANT_PROBE_SEED)
     reference = ort_session(fp32_path)
     staging = Path(tempfile.mkdtemp(prefix=f".{out_path.name}.", dir=out_path.parent))
     try:
@@ -124,15 +149,19 @@ def quantize_int8(fp32_path: Path, out_path: Path, cell_dim: int) -> Int8Outcome
             ),
             INT8_MIN_COSINE,
         )
-        numbers = f"min cosine {report.metrics['min_cosine']:.5f} on bags {PROBE_LENGTHS}"
+        numbers = _gate_numbers(report)
         if not report.passed:
-            return Int8Outcome(
+            return VariantOutcome(
                 False, f"int8 rejected: {numbers} (< {INT8_MIN_COSINE})", report.metrics
             )
         shutil.move(str(candidate), out_path)
-        return Int8Outcome(True, f"int8 (dynamic) accepted: {numbers}", report.metrics)
+        return VariantOutcome(True, f"int8 (dynamic) accepted: {numbers}", report.metrics)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+
+
+def _gate_numbers(report: ParityReport) -> str:
+    return f"min cosine {report.metrics['min_cosine']:.7f} on bags {PROBE_LENGTHS}"
 
 
 def export_document(
@@ -143,6 +172,7 @@ def export_document(
     out_dim: int,
     encoder: dict[str, Any],
     variants: dict[str, str],
+    fp16_note: str,
     int8_note: str,
     max_cells: int,
     parity: dict[str, Any],
@@ -162,6 +192,7 @@ def export_document(
             "encoder": encoder,
             "variants": variants,
             "max_cells": max_cells,
+            "fp16_note": fp16_note,
             "int8_note": int8_note,
         },
         "parity": parity,

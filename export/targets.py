@@ -122,10 +122,10 @@ def _fp32(job: EncoderExport, target: ExportTarget) -> None:
 
 
 def _fp16(job: EncoderExport, target: ExportTarget) -> None:
-    from export.fp16 import export_encoder_fp16
+    from export.fp16 import export_fp16
 
     with job.console.status("Converting to fp16 and checking it (CPU, loose)..."):
-        report = export_encoder_fp16(job.out / FP32.file, job.out / target.file)
+        report = export_fp16(job.out / FP32.file, job.out / target.file)
     job.record(target, report)
 
 

@@ -35,6 +35,7 @@ BUNDLE_FILE = "bundle.json"
 ENGINES_DIR = "engines"
 INTENDED_USES = ("demo", "research", "clinical")
 ENCODER_VARIANTS = ("fp32", "fp16", "int8", "int8_static")
+PATIENT_ENCODER_VARIANTS = ("fp32", "fp16", "int8")
 SEGMENTER_VARIANTS = ("int8",)  # fp32 is the section's ``file``
 DEFAULT_GLASS_RGB = (240.0, 240.0, 240.0)  # a stain reference written without its glass
 # What a head can score: slide scans and microscope-camera field photos (both segmented),
@@ -129,8 +130,9 @@ class PatientEncoderSpec:
     cell_dim: int
     embed_dim: int
     encoder: PairedEncoder
-    variants: dict[str, str]  # fp32 always; int8 when it passed its gate
+    variants: dict[str, str]  # fp32 always; fp16 and int8 when they passed their gates
     max_cells: int = 2000  # longer bags are evenly thinned to this many cells
+    fp16_note: str = ""  # why fp16 was accepted (its gate figures) or why there is none
     int8_note: str = ""
 
     def validate(self, where: str) -> None:
@@ -138,13 +140,21 @@ class PatientEncoderSpec:
             raise BundleError(f"{where}: cell_dim, embed_dim and max_cells must be positive")
         if "fp32" not in self.variants:
             raise BundleError(f"{where}.variants must name the fp32 model")
-        unknown = sorted(set(self.variants) - {"fp32", "int8"})
+        unknown = sorted(set(self.variants) - set(PATIENT_ENCODER_VARIANTS))
         if unknown:
-            raise BundleError(f"{where}.variants: unknown {unknown} (allowed: fp32, int8)")
+            raise BundleError(
+                f"{where}.variants: unknown {unknown} "
+                f"(allowed: {', '.join(PATIENT_ENCODER_VARIANTS)})"
+            )
 
     def model_variants(self, root: Path) -> ModelVariants:
-        int8 = self.variants.get("int8")
-        return ModelVariants(fp32=root / self.variants["fp32"], int8=root / int8 if int8 else None)
+        """Its files; each backend loads the one it prefers (``Backend.files``): fp16 on
+        ONNX Runtime's CUDA provider, int8 on its CPU provider, else fp32."""
+        optional = {
+            k: root / self.variants[k] if k in self.variants else None
+            for k in PATIENT_ENCODER_VARIANTS[1:]
+        }
+        return ModelVariants(fp32=root / self.variants["fp32"], **optional)
 
 
 @dataclass(frozen=True)

@@ -24,7 +24,8 @@ def thinned(features: np.ndarray, max_cells: int) -> np.ndarray:
 
 
 class PatientEncoder:
-    """One session of the bundle's patient encoder (fp32, or int8 on a CPU when accepted)."""
+    """One session of the bundle's patient encoder: fp32, or the variant its backend
+    prefers when the bundle has it (fp16 on ONNX Runtime's CUDA provider, int8 on a CPU)."""
 
     def __init__(self, bundle: Bundle, settings: RuntimeSettings | None = None) -> None:
         if bundle.patient_encoder is None:

@@ -1,4 +1,5 @@
-"""GenBloom patient encoder: strict loading of both checkpoint kinds, ONNX export, gates."""
+"""GenBloom patient encoder: strict loading of both checkpoint kinds, ONNX export, gates,
+the fp16 and int8 variants and which of them a CPU runs."""
 
 from __future__ import annotations
 
@@ -6,19 +7,26 @@ import json
 from pathlib import Path
 
 import numpy as np
+import onnx
 import pytest
 import torch
 from typer.testing import CliRunner
 
+import export.patient_export as patient_export
 from appliance.cli.main import app
 from cytoedge_demo.genbloom import seeded_patient_encoder, write_genbloom_g, write_genbloom_v
 from export.bundle_assembly import assemble_bundle
 from export.encoder import CheckpointError
 from export.onnx_export import ort_session
 from export.patient_encoder import load_patient_encoder
-from runtime.bundle_format import BundleError
-from runtime.parity import bag_features, row_cosines
+from runtime.backends import RuntimeSettings
+from runtime.backends.ort_cpu import OrtCpuBackend
+from runtime.backends.ort_cuda import OrtCudaBackend
+from runtime.bundle_format import BundleError, PairedEncoder, PatientEncoderSpec
+from runtime.parity import FP16_MIN_COSINE, bag_features, row_cosines
+from runtime.patient import PatientEncoder
 from tests.runtime_models import encoder_model
+from tests.test_cli import cytoedge
 
 PASSED = {"passed": True, "min_cosine": 0.9999999, "max_abs_diff": 2e-6}
 CELL_DIM = 48  # a narrow encoder keeps the tests fast; GenBloom's is 768
@@ -134,10 +142,40 @@ def exported(aligned: torch.nn.Module, tmp_path_factory: pytest.TempPathFactory)
         [
             *("export", "patient-encoder", "--checkpoint", str(checkpoint)),
             *("--kind", "genbloom-g", "--output", "projection", "--width", str(WIDTH)),
-            *("--encoder", str(encoder_folder(tmp_path)), "--out", str(out), "--int8"),
+            *("--encoder", str(encoder_folder(tmp_path)), "--out", str(out)),
+            *("--fp16", "--int8"),
         ],
     )
     assert result.exit_code == 0, result.output
+    return out
+
+
+def export_v(checkpoint: Path, tmp_path: Path, *variants: str) -> tuple[Path, dict]:
+    """`cytoedge export patient-encoder` of a GenBloom-V file: its folder and export.json."""
+    out = tmp_path / "patient-v"
+    result = CliRunner().invoke(
+        app,
+        [
+            *("export", "patient-encoder", "--checkpoint", str(checkpoint)),
+            *("--kind", "genbloom-v", "--width", str(WIDTH)),
+            *("--encoder", str(encoder_folder(tmp_path)), "--out", str(out), *variants),
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    return out, json.loads((out / "export.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def exported_v(tower: torch.nn.Module, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A GenBloom-V export with fp16 and int8. Seeded 48-d weights miss int8's 0.99 (their
+    lowest cosine is near 0.97), so its limit is lowered here to get a bundle holding
+    every variant."""
+    tmp_path = tmp_path_factory.mktemp("patient-v")
+    checkpoint = write_genbloom_v(tower, tmp_path / "genbloom_v.pth")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(patient_export, "INT8_MIN_COSINE", 0.9)
+        out, document = export_v(checkpoint, tmp_path, "--fp16", "--int8")
+    assert set(document["section"]["variants"]) == {"fp32", "fp16", "int8"}
     return out
 
 
@@ -208,3 +246,131 @@ def test_the_bundle_keeps_the_pairing_and_refuses_another_encoder(
     assert "patient_encoder was trained on vit_tiny_test (48-d)" in str(caught.value)
     assert "this bundle's encoder is vit_other (48-d)" in str(caught.value)
     assert not (tmp_path / "other").exists()
+
+
+@pytest.mark.parametrize("folder", ["exported", "exported_v"])
+def test_fp16_is_written_behind_the_encoders_fp16_gate(
+    folder: str, request: pytest.FixtureRequest
+) -> None:
+    out: Path = request.getfixturevalue(folder)
+    document = json.loads((out / "export.json").read_text())
+    section = document["section"]
+    assert section["variants"]["fp16"] == "patient_encoder.fp16.onnx"
+    assert section["fp16_note"].startswith("fp16 accepted: min cosine ")
+    gate = document["parity"]["patient_encoder.fp16.onnx"]
+    assert gate["passed"] is True and gate["min_cosine"] >= FP16_MIN_COSINE
+    model = onnx.load(str(out / "patient_encoder.fp16.onnx"))
+    metadata = {entry.key: entry.value for entry in model.metadata_props}
+    assert metadata["cytoedge.model"] == "patient_encoder"
+    assert metadata["cytoedge.precision"] == "fp16"
+    float32 = onnx.TensorProto.FLOAT
+    assert [i.type.tensor_type.elem_type for i in model.graph.input] == [float32]
+    assert [o.type.tensor_type.elem_type for o in model.graph.output] == [float32]
+    weights = {i.name: i.data_type for i in model.graph.initializer}
+    assert onnx.TensorProto.FLOAT16 in weights.values()
+    norms = [n for n in model.graph.node if n.op_type == "LayerNormalization"]
+    assert len(norms) == 13  # 6 blocks x 2 + the final norm, their scales kept fp32
+    assert all(weights[node.input[1]] == float32 for node in norms)
+    # bags the gate did not see, of other lengths
+    reference = ort_session(out / "patient_encoder.onnx")
+    candidate = ort_session(out / "patient_encoder.fp16.onnx")
+    for cells in (2, 64, 513):
+        bag = bag_features(cells, CELL_DIM, seed=100 + cells)
+        (fp32,) = reference.run(["embedding"], {"features": bag})
+        (fp16,) = candidate.run(["embedding"], {"features": bag})
+        assert row_cosines(fp32, fp16)[0] >= FP16_MIN_COSINE
+
+
+def test_a_drifting_fp16_is_refused_with_a_note_and_no_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A large offset common to every channel of the cell tokens: the LayerNorms remove it
+    exactly in fp32, but fp16's spacing at 3000 is 2, so the cells' signal is rounded
+    away before it is normalised."""
+    drifting = seeded_patient_encoder(CELL_DIM, WIDTH, seed=5)
+    with torch.no_grad():
+        drifting.patch_embed["project"].bias += 3000.0
+    checkpoint = write_genbloom_v(drifting, tmp_path / "genbloom_v.pth")
+    monkeypatch.setattr(patient_export, "INT8_MIN_COSINE", 0.9)  # as exported_v: keep int8
+    out, document = export_v(checkpoint, tmp_path, "--fp16", "--int8")
+    section = document["section"]
+    assert section["fp16_note"].startswith("fp16 rejected: min cosine ")
+    assert section["fp16_note"].endswith(f"(< {FP16_MIN_COSINE})")
+    lowest = float(section["fp16_note"].split()[4])
+    assert lowest < FP16_MIN_COSINE
+    assert section["variants"] == {
+        "fp32": "patient_encoder.onnx",
+        "int8": "patient_encoder.int8.onnx",
+    }
+    assert "patient_encoder.fp16.onnx" not in document["parity"]
+    assert sorted(p.name for p in out.iterdir()) == [
+        "export.json",
+        "patient_encoder.int8.onnx",
+        "patient_encoder.onnx",
+    ]
+
+
+def test_a_bundle_with_fp16_validates_and_a_cpu_runs_int8_or_fp32(
+    exported: Path, exported_v: Path, tmp_path: Path
+) -> None:
+    common = dict(name="t", version="1.0.0", intended_use="research", head_dirs=[])
+    bundle = assemble_bundle(
+        tmp_path / "every",
+        encoder_dir=encoder_folder(tmp_path),
+        segmenter_dir=None,
+        patient_encoder_dir=exported_v,
+        **common,
+    )
+    spec = bundle.patient_encoder
+    assert spec is not None and spec.fp16_note.startswith("fp16 accepted")
+    fp16_file = bundle.file("patient_encoder.fp16.onnx")
+    assert bundle.files["patient_encoder.fp16.onnx"].bytes == fp16_file.stat().st_size
+    variants = spec.model_variants(bundle.path)
+    assert variants.fp16 == fp16_file
+    assert OrtCudaBackend.choose_file(variants) == ("fp16", fp16_file)  # a GPU's choice
+    assert OrtCpuBackend.choose_file(variants)[0] == "int8"
+    on_cpu = RuntimeSettings(backend="ort-cpu")
+    bag = bag_features(40, CELL_DIM, seed=8)
+    encoder = PatientEncoder(bundle, on_cpu)
+    try:
+        assert (encoder.variant, encoder.model.path.name) == ("int8", "patient_encoder.int8.onnx")
+        embedding = encoder.embed(bag)
+    finally:
+        encoder.close()
+    (fp32,) = ort_session(exported_v / "patient_encoder.onnx").run(["embedding"], {"features": bag})
+    assert row_cosines(fp32, embedding[None])[0] >= 0.9  # the gate this int8 passed
+    doctor = cytoedge("doctor", "--bundle", str(bundle.path))  # no heads: not ready, but checked
+    row = next(line for line in doctor.stdout.splitlines() if "patient encoder" in line)
+    assert "ort-cpu" in row and "int8" in row, doctor.stdout
+    assert f"Patient encoder fp16: {spec.fp16_note}" in " ".join(doctor.stdout.split())
+
+    fp16_only = assemble_bundle(  # int8 missed its gate here: fp32 and fp16
+        tmp_path / "fp16",
+        encoder_dir=encoder_folder(tmp_path),
+        segmenter_dir=None,
+        patient_encoder_dir=exported,
+        **common,
+    )
+    assert fp16_only.patient_encoder is not None
+    assert set(fp16_only.patient_encoder.variants) == {"fp32", "fp16"}
+    encoder = PatientEncoder(fp16_only, on_cpu)
+    try:
+        assert (encoder.variant, encoder.model.path.name) == ("fp32", "patient_encoder.onnx")
+    finally:
+        encoder.close()
+
+
+def test_an_unknown_patient_encoder_variant_is_refused_in_one_line() -> None:
+    spec = PatientEncoderSpec(
+        kind="genbloom-v",
+        output="cls",
+        cell_dim=CELL_DIM,
+        embed_dim=WIDTH,
+        encoder=PairedEncoder("vit_tiny_test", CELL_DIM),
+        variants={"fp32": "patient_encoder.onnx", "bf16": "patient_encoder.bf16.onnx"},
+    )
+    with pytest.raises(BundleError) as caught:
+        spec.validate("patient_encoder")
+    assert str(caught.value) == (
+        "patient_encoder.variants: unknown ['bf16'] (allowed: fp32, fp16, int8)"
+    )

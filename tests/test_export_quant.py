@@ -15,7 +15,7 @@ import export.int8 as int8
 from export.attention_fusion import fuse_attention
 from export.cell_images import cell_pixels
 from export.encoder import MEAN, STD
-from export.fp16 import export_encoder_fp16
+from export.fp16 import export_fp16
 from export.heads import build_head
 from export.int8 import HeadProbe, quantize_encoder
 from export.onnx_export import export_encoder, export_head_member
@@ -51,7 +51,7 @@ def test_cell_pixels_are_deterministic_normalised_cells() -> None:
 
 def test_fp16_keeps_float32_io_and_fp32_layernorm_softmax(fp32_encoder: Path) -> None:
     out = fp32_encoder.with_name("encoder.fp16.onnx")
-    report = export_encoder_fp16(fp32_encoder, out, [cell_pixels(2, seed=13)])
+    report = export_fp16(fp32_encoder, out, [cell_pixels(2, seed=13)])
     print(report.summary())
     assert report.passed and report.metrics["min_cosine"] >= 0.999
     model = onnx.load(str(out))

@@ -481,7 +481,7 @@ class PatientEmbeddingRecord:
     dim: int
     encoder_sha256: str  # of its fp32 ONNX file
     cells: int  # the cells it read (after thinning to the section's max_cells)
-    variant: str = "fp32"  # fp32 | int8: what ran
+    variant: str = "fp32"  # fp32 | fp16 | int8: what ran
 
 
 @dataclass(frozen=True)

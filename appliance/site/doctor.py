@@ -115,6 +115,8 @@ def bundle_networks(bundle: Bundle) -> list[tuple[str, Path | ModelVariants]]:
     networks: list[tuple[str, Path | ModelVariants]] = [("encoder", bundle.encoder_variants())]
     if (segmenter := bundle.segmenter_variants()) is not None:
         networks.append(("segmenter", segmenter))
+    if bundle.patient_encoder is not None:
+        networks.append(("patient encoder", bundle.patient_encoder.model_variants(bundle.path)))
     networks += [
         (f"head {head.name} [{k}]", bundle.file(rel))
         for head in bundle.heads
@@ -233,6 +235,9 @@ def _bundle_check(
     out.print(f"Encoder int8: {bundle.encoder.int8_note or 'no note'}")
     if bundle.segmenter is not None:
         out.print(f"Segmenter int8: {bundle.segmenter.int8_note or 'no note'}")
+    if (patient := bundle.patient_encoder) is not None:
+        out.print(f"Patient encoder fp16: {patient.fp16_note or 'no note'}")
+        out.print(f"Patient encoder int8: {patient.int8_note or 'no note'}")
     usable = not any(check.problem for check in checks) and bool(bundle.heads) and trusted
     return usable and served, True, bundle
 
