@@ -163,7 +163,9 @@ def _visiting(base: Bundle, table: CasesTable, options: TrainOptions) -> Bundle:
     if not options.bag_classes:
         return base
     trained = []
-    for objective, _ in _objectives(base, options):
+    for objective, recipe in _objectives(base, options):
+        if not _written(objective, recipe, options):
+            continue  # compared only: the new version will not visit scans for it
         spec = objective.provisional_spec(_head_name(base, objective))
         if any(objective.usable(spec.head_kind.truth(spec, c.labels)) for c in table.cases):
             bag = options.bag_classes if objective.reads == "cells" else ()
@@ -198,6 +200,12 @@ def _objectives(base: Bundle, options: TrainOptions) -> list[tuple[Objective, st
         recipes += [r for r in usable if r != options.recipe]
     markers = [(_marker_objective(base, r, options), r) for r in recipes]
     return [*markers, (TransformerObjective(options.transformer), "mil")]
+
+
+def _written(objective: Objective, recipe: str, options: TrainOptions) -> bool:
+    """Whether the head goes into the new version: every head but the marker recipes
+    cross-validated for comparison only."""
+    return not isinstance(objective, GatedObjective) or recipe == options.recipe
 
 
 def _head_name(base: Bundle, objective: Objective) -> str:
@@ -420,9 +428,8 @@ def _fit_heads(
                 del inputs[i].bags[row]
     left_out: dict[str, str] = {}
     heads = []
-    shipped_marker = markers[0] if markers else -1
-    for index, ((objective, recipe), found) in enumerate(zip(objectives, inputs, strict=True)):
-        shipped = index not in markers or index == shipped_marker
+    for (objective, recipe), found in zip(objectives, inputs, strict=True):
+        shipped = _written(objective, recipe, options)
         if not any(objective.usable(t) for t in found.truths):
             continue
         name = found.name if shipped else f"{found.name}.{recipe}"
