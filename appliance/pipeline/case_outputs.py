@@ -81,8 +81,10 @@ class CaseViews:
         for slide in self.passed:
             sid = slide.slide_id
             cells = self.kept[sid]
-            union = self.bag.union[sid]
-            share = self._bag_attention(sid)
+            # No head attended (none ran, or a probe on the patient embedding): the
+            # heatmap is the bare thumbnail, not a field of cells all marked low.
+            union = self.bag.union[sid] if self.attended else np.zeros(0, np.int64)
+            share = self._bag_attention(sid) if self.attended else np.zeros(0, np.float32)
             every = np.full(len(cells.embeddings), np.nan)  # NaN: outside the heads' bag
             every[union] = share
             shown = every if self.attended else None
