@@ -119,16 +119,19 @@ class CaseView:
         return {row.name: row.label for row in found.classes} if found else {}
 
     def gallery_filters(self) -> tuple[GalleryFilter, ...]:
-        """The highest-attention cells (all classes), each class with crops (the surest
-        first), and the unsure cells (the least sure first), each with its crops out of
-        the case's cells."""
+        """The highest-attention cells (all classes; none when no head attends to cells),
+        each class with crops (the surest first), and the unsure cells (the least sure
+        first), each with its crops out of the case's cells."""
         top = GalleryFilter(
             TOP_CELLS, f"Highest attention, all classes ({len(self.top_cells)})", self.top_cells
         )
         found = self.result.differential
         if found is None:
             return (top,)
-        choices = [top]
+        # A scored case without top cells was called by a probe on its patient
+        # embedding, which attends to no cell: its gallery opens on the classes.
+        attended = bool(self.top_cells) or self.result.status != "scored"
+        choices = [top] if attended else []
         for row in found.classes:
             cells = tuple(
                 c for c in self.gallery_cells if c.cell.sure and c.cell.cell_class == row.name
@@ -141,7 +144,7 @@ class CaseView:
             choices.append(
                 GalleryFilter(UNSURE, f"Unsure ({len(unsure)} of {found.unsure})", unsure)
             )
-        return tuple(choices)
+        return tuple(choices) or (top,)
 
     @property
     def report(self) -> Path | None:

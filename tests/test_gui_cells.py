@@ -6,6 +6,7 @@ tests again on a real X display (Xvfb, the xcb platform) by the last test."""
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -32,7 +33,7 @@ from gui.app import make_application
 from gui.differential_view import ClassChip
 from gui.main_window import MainWindow
 from gui.relabel_view import RelabelDialog
-from gui.result_data import TOP_CELLS, UNSURE
+from gui.result_data import TOP_CELLS, UNSURE, CaseView
 from gui.store_reader import StoreReader
 from tests.cell_results import CELL_CASES, write_cell_site
 from tests.conftest import assert_technician_reason
@@ -115,6 +116,12 @@ def test_the_gallery_filter_shows_one_class_or_the_unsure_cells(qtbot, site) -> 
     filters = [pane.gallery.filter.itemData(i).key for i in range(pane.gallery.filter.count())]
     with_crops = [r.name for r in result.differential.classes if r.count]
     assert filters == [TOP_CELLS, *with_crops, UNSURE]
+
+    # Called by a probe on the patient embedding, a case has no top cells: no cell
+    # carries attention, so the gallery offers and opens on the classes instead.
+    probe = dataclasses.replace(result, top_cells=(), attention_top20_mass=None)
+    no_attention = CaseView(pane.loaded.view.folder, probe).gallery_filters()
+    assert [choice.key for choice in no_attention] == [*with_crops, UNSURE]
 
     def shown() -> list[GalleryCell]:
         items = (pane.gallery.cells.item(i) for i in range(pane.gallery.cells.count()))
