@@ -119,6 +119,8 @@ def matching_encoder(checkpoint: Path, base: Bundle, tower: Path | None = None) 
             "cytoedge export patient-encoder (docs/bundles.md)"
         )
     kind = spec.kind
+    # the width is the file's (a projection's 128-d embedding does not tell it): read once
+    # for it, then loaded strictly as the export loads it
     state = (
         read_genbloom_v(checkpoint) if kind == "genbloom-v" else read_genbloom_g(checkpoint, tower)
     )
@@ -331,7 +333,8 @@ def align_bundle(
     ):
         aligned, loss = aligned_encoder(model, train, found.groups[~held], recipe, seed)
     before = _base_embeddings(base, found.bags, pipeline)
-    after = embed(aligned, found.bags)
+    with torch_threads(recipe.threads):
+        after = embed(aligned, found.bags)
     k = min(recipe.k, int((~held).sum()))
     groups = found.groups
     retrieval = Retrieval(
@@ -386,7 +389,7 @@ def align_bundle(
             head_files={},
             provenance=_provenance(base, dropped, record),
             intended_use=intended_use,
-            patient_encoder=(new_spec, files),
+            patient_encoder=(new_spec, {path.name: path for path in files.values()}),
         )
     return AlignResult(bundle, retrieval, loss, dropped, found.left_out, int8_note)
 

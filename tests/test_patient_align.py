@@ -119,7 +119,8 @@ def test_train_aligns_the_patient_encoder_into_a_new_version(
         seed=11,
     )
     tables = write_cohorts(tmp_path / "cohort", sizes, lambda fraction: None)
-    # one marker: two profiles of four cases, enough to align on and to hold out from
+    # the probe learns every marker; the alignment one: two profiles of four cases, enough
+    # to align on and to hold out from (four markers give eight cases mostly one each)
     with tables["train"].open(newline="") as handle:
         rows = [r for r in csv.DictReader(handle) if r["case_id"].startswith("MM-")]
     table = tables["train"].with_name("del17p.csv")
@@ -131,7 +132,8 @@ def test_train_aligns_the_patient_encoder_into_a_new_version(
     base = load_bundle(tiny_bundle)
     assert base.patient_encoder is not None and base.patient_encoder.kind == "genbloom-v"
     code, output = _invoke(
-        "train", str(table), "--bundle", str(tiny_bundle), "--folds", "2", "--version", "5",
+        "train", str(tables["train"]), "--bundle", str(tiny_bundle), "--folds", "2",
+        "--version", "5",
         "--recipe", "patient-linear",
     )  # fmt: skip
     assert code == 0, output
