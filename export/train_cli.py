@@ -194,6 +194,13 @@ def train(
         return
     if fields is not None:
         raise fail(f"{fields}: a second path is for `cytoedge train segmenter FIELDS` only")
+    if align_patient_encoder is not None and (
+        bag_classes is not None or recipe or compare_recipes or taxonomy is not None
+    ):
+        raise fail(
+            "--align-patient-encoder aligns the patient encoder on a cases table; train heads "
+            "(--recipe, --compare-recipes, --bag-classes, --taxonomy) on the new version after"
+        )
     recipe_name = recipe or "mil"
     if recipe_name not in RECIPES:
         raise fail(f"--recipe {recipe_name}: one of {', '.join(RECIPES)} for a cases table")
@@ -216,11 +223,6 @@ def train(
     check_signing_key(cfg)
     where = _Destination(destination, new_version, folder, intended_use, seed, folds, cfg)
     if align_patient_encoder is not None:
-        if bag_classes is not None or recipe or compare_recipes or taxonomy is not None:
-            raise fail(
-                "--align-patient-encoder aligns the patient encoder on a cases table; train "
-                "heads (--recipe, --bag-classes, --taxonomy) on the new version afterwards"
-            )
         _align(path, base, pipeline, console, where, align_patient_encoder, align_tower)
     elif path.is_dir() or is_labelled_cells(path):
         if bag_classes is not None or recipe or compare_recipes:

@@ -8,7 +8,9 @@ learnt on the old embedding is dropped."""
 from __future__ import annotations
 
 import csv
+import json
 import math
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -26,7 +28,7 @@ from export.patient_align import (
     precision_at_k,
     supcon_loss,
 )
-from runtime.bundle_format import load_bundle
+from runtime.bundle_format import BUNDLE_FILE, load_bundle
 
 CELL_DIM, WIDTH = 32, 48  # a narrow GenBloom: 12 heads need a width divisible by 12
 
@@ -94,6 +96,43 @@ def test_alignment_brings_held_out_cases_of_a_profile_together() -> None:
     assert precision(after) > chance + 0.3
 
 
+def test_a_genbloom_g_head_is_where_alignment_starts() -> None:
+    from cytoedge_demo.genbloom import seeded_patient_encoder
+
+    bags, groups = _profile_bags(7)
+    model = seeded_patient_encoder(CELL_DIM, WIDTH, 4, projection=True)
+    model.output = "projection"
+    start = {k: v.clone() for k, v in model.projection_head.state_dict().items()}  # type: ignore[union-attr]
+    still = AlignRecipe(epochs=1, learning_rate=0.0)
+    aligned, _ = aligned_encoder(model, bags, groups, still, 0)
+    head = aligned.projection_head.state_dict()  # type: ignore[union-attr]
+    for key in ("net.0.weight", "net.0.bias", "net.4.weight", "net.4.bias"):
+        assert torch.equal(head[key], start[key]), key
+    # a GenBloom-V aggregator gets a new head, the same one for the same seed
+    plain = seeded_patient_encoder(CELL_DIM, WIDTH, 4)
+    first, _ = aligned_encoder(plain, bags, groups, still, 3)
+    again, _ = aligned_encoder(plain, bags, groups, still, 3)
+    assert torch.equal(
+        first.projection_head["net"][0].weight, again.projection_head["net"][0].weight
+    )  # type: ignore[index]
+    assert not torch.equal(first.projection_head["net"][0].weight, head["net.0.weight"])  # type: ignore[index]
+
+
+def test_alignment_trains_no_head_beside_it(tmp_path: Path) -> None:
+    table = tmp_path / "cases.csv"
+    table.write_text("case_id,scans,del(17p)\nA,a.tif,1\n")
+    for extra in (["--recipe", "patient-linear"], ["--bag-classes", "plasma_cells"]):
+        code, output = _invoke(
+            "train", str(table), "--align-patient-encoder", str(tmp_path / "v.pth"), *extra
+        )
+        assert code == 2
+        assert output == (
+            "cytoedge: --align-patient-encoder aligns the patient encoder on a cases table; "
+            "train heads (--recipe, --compare-recipes, --bag-classes, --taxonomy) on the new "
+            "version after"
+        )
+
+
 def _invoke(*args: str) -> tuple[int, str]:
     result = CliRunner().invoke(app, list(args))
     return result.exit_code, result.output.strip()
@@ -154,6 +193,19 @@ def test_train_aligns_the_patient_encoder_into_a_new_version(
     assert output.startswith(f"cytoedge: {wrong}: not the checkpoint the patient encoder of")
     assert len(output.splitlines()) == 1 and "min cosine" in output
     assert not (isolated_data_dir / "bundles" / f"{base.name}-6").exists()
+
+    bare = tmp_path / "bare"
+    shutil.copytree(tiny_bundle, bare)
+    manifest = json.loads((bare / BUNDLE_FILE).read_text())
+    del manifest["patient_encoder"]
+    (bare / BUNDLE_FILE).write_text(json.dumps(manifest))
+    code, output = _invoke(
+        "train", str(table), "--bundle", str(bare), "--align-patient-encoder", str(checkpoint)
+    )
+    assert code == 2 and output.endswith(
+        "has no patient encoder to align; add one with "
+        "cytoedge export patient-encoder (docs/bundles.md)"
+    )
 
     code, output = _invoke(
         "train", str(table), "--bundle", str(probed.path), "--version", "6",
