@@ -249,6 +249,8 @@ def aligned_encoder(
 
 
 def _views(bag: np.ndarray, recipe: AlignRecipe, rng: np.random.Generator) -> list[np.ndarray]:
+    """The bag and ``views - 1`` random subsets of its cells, in bag order: the same
+    patient seen through other samples of its cells, as GenBloom samples them."""
     size = max(1, round(recipe.view_fraction * len(bag)))
     halves = [np.sort(rng.choice(len(bag), size, replace=False)) for _ in range(recipe.views - 1)]
     return [np.ascontiguousarray(bag, np.float32)] + [
