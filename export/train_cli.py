@@ -123,6 +123,24 @@ def train(
             "folds, in one report; --recipe's head is the one written."
         ),
     ] = False,
+    align_patient_encoder: Annotated[
+        Path | None,
+        typer.Option(
+            metavar="CHECKPOINT",
+            help="Cases: instead of heads, align the bundle's patient encoder to the table's "
+            "marker profiles (GenBloom's contrastive second stage); CHECKPOINT is the GenBloom "
+            "file the bundle's patient encoder was exported from.",
+            dir_okay=False,
+        ),
+    ] = None,
+    align_tower: Annotated[
+        Path | None,
+        typer.Option(
+            help="With --align-patient-encoder: the GenBloom-V file under a GenBloom-G "
+            "checkpoint without vision_model.",
+            dir_okay=False,
+        ),
+    ] = None,
     work: Annotated[
         Path | None,
         typer.Option(
@@ -176,6 +194,13 @@ def train(
         return
     if fields is not None:
         raise fail(f"{fields}: a second path is for `cytoedge train segmenter FIELDS` only")
+    if align_patient_encoder is not None and (
+        bag_classes is not None or recipe or compare_recipes or taxonomy is not None
+    ):
+        raise fail(
+            "--align-patient-encoder aligns the patient encoder on a cases table; train heads "
+            "(--recipe, --compare-recipes, --bag-classes, --taxonomy) on the new version after"
+        )
     recipe_name = recipe or "mil"
     if recipe_name not in RECIPES:
         raise fail(f"--recipe {recipe_name}: one of {', '.join(RECIPES)} for a cases table")
@@ -197,7 +222,9 @@ def train(
     destination.parent.mkdir(parents=True, exist_ok=True)
     check_signing_key(cfg)
     where = _Destination(destination, new_version, folder, intended_use, seed, folds, cfg)
-    if path.is_dir() or is_labelled_cells(path):
+    if align_patient_encoder is not None:
+        _align(path, base, pipeline, console, where, align_patient_encoder, align_tower)
+    elif path.is_dir() or is_labelled_cells(path):
         if bag_classes is not None or recipe or compare_recipes:
             raise fail(
                 "--bag-classes, --recipe and --compare-recipes are for case heads; labelled "
@@ -299,6 +326,69 @@ def _train_cases(
     console.print(
         f"Bundle {made.name} {made.version} ({made.intended_use}) at {made.path}, heads "
         f"{', '.join(made.head_names)}; report {result.files.html}"
+    )
+    console.print(sign_written_version(where.config, made))
+
+
+def _align(
+    cases: Path,
+    base: Bundle,
+    pipeline: PipelineSettings,
+    console: Console,
+    where: _Destination,
+    checkpoint: Path,
+    tower: Path | None,
+) -> None:
+    """``--align-patient-encoder``: export/patient_align.py, then the figures and signing."""
+    from appliance.validation.cases_table import CasesTableError, read_cases_table
+    from export.encoder import CheckpointError
+    from export.onnx_export import ParityError
+    from export.patient_align import AlignmentError, align_bundle, matching_encoder
+    from runtime.bundle_format import BundleError
+
+    try:
+        table = read_cases_table(cases)
+        with console.status(f"Checking {checkpoint} against {base.name} {base.version}..."):
+            model = matching_encoder(checkpoint, base, tower)
+    except (CasesTableError, CheckpointError, AlignmentError) as exc:
+        raise fail(str(exc)) from None
+    console.print(
+        f"Aligning the patient encoder of {base.name} {base.version} to the marker profiles "
+        f"of {len(table)} cases of {cases}"
+    )
+    try:
+        result = align_bundle(
+            table,
+            base,
+            model,
+            checkpoint,
+            pipeline,
+            console,
+            destination=where.folder,
+            version=where.version,
+            seed=where.seed,
+            intended_use=where.intended_use,
+        )
+    except (AlignmentError, BundleError, ParityError) as exc:
+        raise fail(str(exc), code=1) from None
+    for case, reason in result.left_out.items():
+        console.print(f"[yellow]left out[/yellow] {case}: {reason}")
+    r = result.retrieval
+    console.print(
+        f"Held-out precision@{r.k} of the marker profile ({r.queries} cases against the "
+        f"others): before {r.before:.3f}, after {r.after:.3f}, chance {r.chance:.3f}; "
+        f"SupCon loss {result.loss[0]:.3f} -> {result.loss[1]:.3f}"
+    )
+    if result.dropped:
+        console.print(
+            f"Dropped {', '.join(result.dropped)}: probes learnt on the old patient embedding "
+            "(train them again on this version with --recipe patient-linear)"
+        )
+    made = result.bundle
+    console.print(
+        f"Bundle {made.name} {made.version} ({made.intended_use}) at {made.path}, patient "
+        f"encoder genbloom-g (projection, 128-d; {result.int8_note}), heads "
+        f"{', '.join(made.head_names) or 'none'}"
     )
     console.print(sign_written_version(where.config, made))
 

@@ -1,7 +1,8 @@
 """A new version of a bundle: the same encoder, segmenter and slide parameters, new or
-changed heads. ``cytoedge train`` (new case heads, or a new cell head) and ``cytoedge
-validate --recalibrate`` (new thresholds) both write one; the version they start
-from is never touched.
+changed heads. ``cytoedge train`` (new case heads, a new cell head, or with
+``--align-patient-encoder`` a new patient encoder) and ``cytoedge validate
+--recalibrate`` (new thresholds) both write one; the version they start from is never
+touched.
 
 Versions sit side by side as ``<data_dir>/bundles/<name>-<version>/`` unless the
 caller names another folder.
@@ -14,7 +15,13 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from runtime.bundle_format import Bundle, BundleError, HeadSpec, write_bundle
+from runtime.bundle_format import (
+    Bundle,
+    BundleError,
+    HeadSpec,
+    PatientEncoderSpec,
+    write_bundle,
+)
 
 _TRAILING_NUMBER = re.compile(r"^(.*?)(\d+)$")
 
@@ -42,14 +49,16 @@ def write_bundle_version(
     provenance: Mapping[str, Any],
     intended_use: str | None = None,
     cell_head: HeadSpec | None = None,
+    patient_encoder: tuple[PatientEncoderSpec, Mapping[str, Path]] | None = None,
 ) -> Bundle:
     """Write ``base`` with ``heads`` in place of its heads as ``version`` at ``destination``.
 
     ``head_files`` are the new heads' files by bundle path; a head that keeps its
     files (same paths as a head of ``base``) is copied from ``base``. ``cell_head``
     replaces the base's cell head (its files among ``head_files``); without it the
-    base's is kept. Refuses to write over an existing folder or to reuse ``base``'s
-    version.
+    base's is kept. ``patient_encoder`` (its section, its files by bundle path) replaces
+    the base's patient encoder and every file of it. Refuses to write over an existing
+    folder or to reuse ``base``'s version.
     """
     if version == base.version:
         raise BundleError(
@@ -62,6 +71,11 @@ def write_bundle_version(
     sources: dict[str, Path] = {
         rel: base.file(rel) for rel in base.files if rel not in kept
     }  # encoder, segmenter and whatever else the base ships beside its heads
+    if patient_encoder is not None:
+        if base.patient_encoder is not None:
+            for rel in base.patient_encoder.variants.values():
+                sources.pop(rel, None)
+        sources.update({rel: Path(path) for rel, path in patient_encoder[1].items()})
     for head in [*heads, *([cell_head] if cell_head is not None else [])]:
         for rel in head.files:
             if rel in head_files:
@@ -84,7 +98,7 @@ def write_bundle_version(
         qc=base.qc,
         cells=base.cells,
         provenance=provenance,
-        patient_encoder=base.patient_encoder,
+        patient_encoder=patient_encoder[0] if patient_encoder else base.patient_encoder,
     )
 
 
