@@ -23,7 +23,7 @@ contrastive loss so that cases with the same marker profile lie close together.
    index would hold them, is measured with the base's embeddings and the aligned ones,
    and recorded whatever it shows, with chance beside it.
 5. The aligned encoder (kind genbloom-g, output projection, 128-d) is exported behind
-   the fp32 gate (int8 tried when the base shipped one) and written as a new version
+   the fp32 gate (fp16 and int8 tried when the base shipped them) and written as a new version
    with the base's other files. Heads of kind ``patient_probe`` learnt on the old
    embedding are dropped: bundle loading refuses a probe tied to another encoder.
 """
@@ -53,7 +53,15 @@ from export.patient_encoder import (
     read_genbloom_g,
     read_genbloom_v,
 )
-from export.patient_export import FP32_FILE, INT8_FILE, export_fp32, probe_bags, quantize_int8
+from export.patient_export import (
+    FP16_FILE,
+    FP32_FILE,
+    INT8_FILE,
+    convert_fp16,
+    export_fp32,
+    probe_bags,
+    quantize_int8,
+)
 from export.train_heads import torch_threads
 from runtime.bundle_format import Bundle, PatientEncoderSpec
 from runtime.files import sha256_file
@@ -106,7 +114,7 @@ class AlignResult:
     loss: tuple[float, float]  # first and last epoch
     dropped: list[str]  # probe heads not carried into the new version
     left_out: dict[str, str] = field(default_factory=dict)  # case id -> why
-    int8_note: str = ""
+    notes: dict[str, str] = field(default_factory=dict)  # fp16 / int8: kept, or why not
 
 
 def matching_encoder(checkpoint: Path, base: Bundle, tower: Path | None = None) -> PatientEncoder:
@@ -348,7 +356,7 @@ def align_bundle(
     )
     dropped = [h.name for h in base.heads if h.kind == PROBE_KIND]
     with tempfile.TemporaryDirectory(prefix=".align-", dir=destination.parent) as work:
-        files, parity, int8_note = _export(aligned, Path(work), "int8" in spec.variants)
+        files, parity, notes = _export(aligned, Path(work), set(spec.variants))
         new_spec = PatientEncoderSpec(
             kind="genbloom-g",
             output="projection",
@@ -357,7 +365,8 @@ def align_bundle(
             encoder=spec.encoder,
             variants={variant: path.name for variant, path in files.items()},
             max_cells=spec.max_cells,
-            int8_note=int8_note,
+            int8_note=notes["int8"],
+            fp16_note=notes["fp16"],
         )
         record = {
             "derived_from": derived_from(base),
@@ -393,7 +402,7 @@ def align_bundle(
             intended_use=intended_use,
             patient_encoder=(new_spec, {path.name: path for path in files.values()}),
         )
-    return AlignResult(bundle, retrieval, loss, dropped, found.left_out, int8_note)
+    return AlignResult(bundle, retrieval, loss, dropped, found.left_out, notes)
 
 
 def _base_embeddings(
@@ -408,8 +417,10 @@ def _base_embeddings(
 
 
 def _export(
-    model: PatientEncoder, work: Path, int8: bool
-) -> tuple[dict[str, Path], dict[str, Any], str]:
+    model: PatientEncoder, work: Path, shipped: set[str]
+) -> tuple[dict[str, Path], dict[str, Any], dict[str, str]]:
+    """fp32 behind its gate, then each reduced variant the base shipped behind its own;
+    (files by variant, parity by file, a note per reduced variant)."""
     from export.documents import parity_entry
 
     report = export_fp32(
@@ -418,15 +429,19 @@ def _export(
         {"cytoedge.patient_kind": "genbloom-g", "cytoedge.aligned": "supcon"},
     )
     files, parity = {"fp32": work / FP32_FILE}, {FP32_FILE: parity_entry(report)}
-    if not int8:
-        return files, parity, "int8 not tried: the base shipped none"
-    outcome = quantize_int8(
-        work / FP32_FILE, work / INT8_FILE, model.patch_embed["project"].in_features
-    )
-    if outcome.accepted:
-        files["int8"] = work / INT8_FILE
-        parity[INT8_FILE] = {"passed": True, **outcome.metrics}
-    return files, parity, outcome.note
+    notes = {}
+    cell_dim = model.patch_embed["project"].in_features
+    reduced = {"fp16": (FP16_FILE, convert_fp16), "int8": (INT8_FILE, quantize_int8)}
+    for variant, (name, make) in reduced.items():
+        if variant not in shipped:
+            notes[variant] = f"{variant} not tried: the base shipped none"
+            continue
+        outcome = make(work / FP32_FILE, work / name, cell_dim)
+        if outcome.accepted:
+            files[variant] = work / name
+            parity[name] = {"passed": True, **outcome.metrics}
+        notes[variant] = outcome.note
+    return files, parity, notes
 
 
 def _provenance(base: Bundle, dropped: Sequence[str], record: dict[str, Any]) -> dict[str, Any]:

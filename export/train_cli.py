@@ -387,7 +387,7 @@ def _align(
     made = result.bundle
     console.print(
         f"Bundle {made.name} {made.version} ({made.intended_use}) at {made.path}, patient "
-        f"encoder genbloom-g (projection, 128-d; {result.int8_note}), heads "
+        f"encoder genbloom-g (projection, 128-d; {'; '.join(result.notes.values())}), heads "
         f"{', '.join(made.head_names) or 'none'}"
     )
     console.print(sign_written_version(where.config, made))
