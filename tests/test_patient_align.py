@@ -1,16 +1,12 @@
 """GenBloom's second stage on a site's labels (export/patient_align.py): the SupCon loss,
 the held-out split, the alignment itself on seeded bags whose marker profile is
-learnable, and ``cytoedge train --align-patient-encoder`` on the tiny bundle: the
-checkpoint it was exported from is accepted and another refused with one line, the new
-version's patient encoder is GenBloom-G's 128-d unit-length projection, and the probe
-learnt on the old embedding is dropped."""
+learnable, and the options it cannot be combined with. The command end to end on the
+tiny bundle (checkpoint accepted or refused, the new version, the probe dropped) runs in
+tests/test_patient_recipe.py, on the cases that test's probe learnt from."""
 
 from __future__ import annotations
 
-import csv
-import json
 import math
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -20,7 +16,6 @@ from typer.testing import CliRunner
 
 from appliance.cli.main import app
 from export.patient_align import (
-    PROVENANCE_KEY,
     AlignRecipe,
     aligned_encoder,
     embed,
@@ -28,7 +23,6 @@ from export.patient_align import (
     precision_at_k,
     supcon_loss,
 )
-from runtime.bundle_format import BUNDLE_FILE, load_bundle
 
 CELL_DIM, WIDTH = 32, 48  # a narrow GenBloom: 12 heads need a width divisible by 12
 
@@ -136,119 +130,3 @@ def test_alignment_trains_no_head_beside_it(tmp_path: Path) -> None:
 def _invoke(*args: str) -> tuple[int, str]:
     result = CliRunner().invoke(app, list(args))
     return result.exit_code, result.output.strip()
-
-
-@pytest.mark.slow
-def test_train_aligns_the_patient_encoder_into_a_new_version(
-    tiny_bundle: Path, tmp_path: Path, isolated_data_dir: Path
-) -> None:
-    from cytoedge_demo.cohort import CohortSizes, write_cohorts
-    from cytoedge_demo.genbloom import seeded_patient_encoder, write_genbloom_v
-    from export.patient_export import probe_bags
-    from runtime.patient import PatientEncoder
-    from tests.fixtures.tiny_bundle import tiny_recipe
-
-    sizes = CohortSizes(
-        mm_cases={"train": 8, "holdout": 0},
-        pb_patients={"train": 0, "holdout": 0},
-        pb_cells=10,
-        slide_px=768,
-        nucleated_per_mm2=2400.0,
-        plasma_fraction=0.6,
-        seed=11,
-    )
-    tables = write_cohorts(tmp_path / "cohort", sizes, lambda fraction: None)
-    # the probe learns every marker; the alignment one: two profiles of four cases, enough
-    # to align on and to hold out from (four markers give eight cases mostly one each)
-    with tables["train"].open(newline="") as handle:
-        rows = [r for r in csv.DictReader(handle) if r["case_id"].startswith("MM-")]
-    table = tables["train"].with_name("del17p.csv")
-    with table.open("w", newline="") as handle:
-        writer = csv.DictWriter(handle, ["case_id", "scans", "del(17p)"], extrasaction="ignore")
-        writer.writeheader()
-        writer.writerows(rows)
-
-    base = load_bundle(tiny_bundle)
-    assert base.patient_encoder is not None and base.patient_encoder.kind == "genbloom-v"
-    code, output = _invoke(
-        "train", str(tables["train"]), "--bundle", str(tiny_bundle), "--folds", "2",
-        "--version", "5",
-        "--recipe", "patient-linear",
-    )  # fmt: skip
-    assert code == 0, output
-    probed = load_bundle(isolated_data_dir / "bundles" / f"{base.name}-5")
-    assert probed.head("myeloma").kind == "patient_probe"
-
-    # The demo build's checkpoint, written again from its seed; another seed is refused.
-    width = base.patient_encoder.cell_dim
-    seed = tiny_recipe().seed + 7  # type: ignore[attr-defined]
-    checkpoint = write_genbloom_v(
-        seeded_patient_encoder(width, width, seed), tmp_path / "genbloom_v.pth"
-    )
-    wrong = write_genbloom_v(seeded_patient_encoder(width, width, seed + 1), tmp_path / "other.pth")
-    code, output = _invoke(
-        "train", str(table), "--bundle", str(probed.path), "--align-patient-encoder", str(wrong)
-    )
-    assert code == 2
-    assert output.startswith(f"cytoedge: {wrong}: not the checkpoint the patient encoder of")
-    assert len(output.splitlines()) == 1 and "min cosine" in output
-    assert not (isolated_data_dir / "bundles" / f"{base.name}-6").exists()
-
-    bare = tmp_path / "bare"
-    shutil.copytree(tiny_bundle, bare)
-    manifest = json.loads((bare / BUNDLE_FILE).read_text())
-    del manifest["patient_encoder"]
-    (bare / BUNDLE_FILE).write_text(json.dumps(manifest))
-    code, output = _invoke(
-        "train", str(table), "--bundle", str(bare), "--align-patient-encoder", str(checkpoint)
-    )
-    assert code == 2 and output.endswith(
-        "has no patient encoder to align; add one with "
-        "cytoedge export patient-encoder (docs/bundles.md)"
-    )
-
-    code, output = _invoke(
-        "train", str(table), "--bundle", str(probed.path), "--version", "6",
-        "--align-patient-encoder", str(checkpoint),
-    )  # fmt: skip
-    assert code == 0, output
-    words = " ".join(output.split())
-    assert "Held-out precision@" in words and "Dropped myeloma" in words
-    made = load_bundle(isolated_data_dir / "bundles" / f"{base.name}-6")
-    spec = made.patient_encoder
-    assert spec is not None
-    assert (spec.kind, spec.output, spec.embed_dim, spec.cell_dim) == (
-        "genbloom-g",
-        "projection",
-        128,
-        width,
-    )
-    assert spec.encoder == base.patient_encoder.encoder
-    assert all(h.kind != "patient_probe" for h in made.heads)
-    assert made.head_names == tuple(n for n in probed.head_names if n != "myeloma")
-    assert (
-        made.file(spec.variants["fp32"]).read_bytes()
-        != base.file(base.patient_encoder.variants["fp32"]).read_bytes()
-    )
-
-    record = made.provenance[PROVENANCE_KEY]
-    assert record["dropped_heads"] == ["myeloma"]
-    assert "myeloma" not in made.provenance["training"]["heads"]
-    assert record["checkpoint_kind"] == "genbloom-v" and record["markers"] == ["del(17p)"]
-    assert record["cases"] == 8 and len(record["held_out"]) == 2
-    assert record["derived_from"]["version"] == "5"
-    from runtime.files import sha256_file
-
-    assert record["checkpoint_sha256"] == sha256_file(checkpoint)
-    retrieval = record["retrieval"]
-    assert retrieval["queries"] == 2 and 0.0 <= retrieval["after"] <= 1.0
-
-    # The network itself returns unit-length 128-d embeddings, bag by bag.
-    encoder = PatientEncoder(made)
-    try:
-        for bag in probe_bags(width):
-            raw = encoder.model.run({"features": bag})["embedding"]
-            assert raw.shape == (1, 128)
-            assert float(np.linalg.norm(raw)) == pytest.approx(1.0, abs=1e-4)
-    finally:
-        encoder.close()
