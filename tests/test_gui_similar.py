@@ -11,13 +11,14 @@ import pytest
 pytest.importorskip("PySide6")
 pytest.importorskip("pytestqt")
 
-from PySide6.QtCore import Qt
+from PySide6.QtCore import QRect, Qt
 
 from appliance.results import write_case_result
 from appliance.results.schema import PatientEmbeddingRecord, SimilarCase
 from cytoedge_demo.samples import sample_content, write_sample_result
 from gui.result_view import ResultPane, read_folder
 
+WRAP = Qt.TextFlag.TextWordWrap
 SIMILAR = (
     SimilarCase("earlier-2", 1, 0.91, "sent_for_fish", fish=("t(4;14)",)),
     SimilarCase("earlier-1", 1, 0.74, "accepted", diagnosis="multiple myeloma"),
@@ -65,3 +66,34 @@ def test_a_result_without_a_patient_embedding_says_why_none_are_listed(
     pane.show_result(read_folder(write_sample_result(tmp_path, "plain", "mm_negative").path))
     assert pane.similar.table.rowCount() == 0
     assert "no patient encoder" in pane.similar.note.text()
+
+
+def test_long_confirmed_findings_wrap_instead_of_being_cut(qtbot, tmp_path: Path) -> None:
+    long = SimilarCase(
+        "earlier-3",
+        1,
+        0.88,
+        "accepted",
+        diagnosis="multiple myeloma (synthetic)",
+        fish=("del(17p)", "t(4;14)", "t(11;14)", "gain(1q)"),
+        karyotype="46,XY,t(11;14)(q13;q32)[20]",
+    )
+    content = sample_content("long", "mm_positive", ("s1.svs",), seed=5)
+    record = PatientEmbeddingRecord("genbloom-v", "cls", 384, "ab" * 32, 120)
+    content.result = dataclasses.replace(
+        content.result, patient_embedding=record, similar_cases=(long,)
+    )
+    folder, _ = write_case_result(tmp_path / "out", content, write_pdf=False)
+    pane = ResultPane()
+    qtbot.addWidget(pane)
+    pane.resize(450, 700)
+    pane.show()
+    pane.show_result(read_folder(folder.path))
+    pane.tabs.setCurrentWidget(pane.similar)
+    table = pane.similar.table
+    text = table.item(0, 4).text()
+    assert text == long.confirmed()
+    width = table.columnWidth(4) - 8  # the cell's margins
+    needed = table.fontMetrics().boundingRect(QRect(0, 0, width, 1000), WRAP, text).height()
+    assert needed > 2 * table.fontMetrics().height()  # more lines than a default row holds
+    qtbot.waitUntil(lambda: table.rowHeight(0) >= needed, timeout=3000)
