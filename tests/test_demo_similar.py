@@ -129,4 +129,6 @@ def show_in_window(qtbot, config: Config, similar: tuple) -> None:
     shown = [[table.item(r, c).text() for c in (1, 4)] for r in range(table.rowCount())]
     assert shown == [[case.case_id, case.confirmed()] for case in similar]
     assert all(DIAGNOSIS in confirmed for _, confirmed in shown)
+    for row in range(table.rowCount()):  # wrapped to their full height, never elided
+        assert table.rowHeight(row) >= table.sizeHintForRow(row), shown[row]
     assert clipped_once_settled(window) == []

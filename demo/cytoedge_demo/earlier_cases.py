@@ -55,7 +55,6 @@ class EarlierCase:
 
 @dataclass(frozen=True)
 class EarlierCases:
-    cases: tuple[EarlierCase, ...]
     signed: tuple[str, ...]  # signed off by this run
     kept: tuple[str, ...]  # signed off before, with this patient encoder
 
@@ -115,12 +114,12 @@ def add_earlier_cases(
     """Score the earlier cases not yet signed off with the bundle's patient encoder into
     the site's case index and sign each off, accepted, with its confirmed markers."""
     if bundle.patient_encoder is None:
-        return EarlierCases(tuple(cases), (), ())
+        return EarlierCases((), ())
     sha = patient_encoder_sha256(bundle)
     kept = tuple(c.case_id for c in cases if is_signed_off(config.outbox, c.case_id, sha))
     todo = [case for case in cases if case.case_id not in kept]
     if not todo:
-        return EarlierCases(tuple(cases), (), kept)
+        return EarlierCases((), kept)
     console.print(f"Scoring and signing off {len(todo)} earlier synthetic cases")
     run = score_inputs([(c.case_id, [c.scan]) for c in todo], bundle, config, console)
     audit = AuditLog(
@@ -147,7 +146,7 @@ def add_earlier_cases(
             console.print(f"{scored.case_id}: not signed off, so not a similar case: {exc}")
             continue
         signed.append(scored.case_id)
-    return EarlierCases(tuple(cases), tuple(signed), kept)
+    return EarlierCases(tuple(signed), kept)
 
 
 def similar_summary(run: ScoreRun, earlier: EarlierCases, case_id: str) -> str:
