@@ -44,6 +44,8 @@ class SimilarCases(QWidget):
         self.table.setHorizontalHeaderLabels(list(COLUMNS))
         self.table.setAccessibleName("Similar earlier cases, signed off")
         self.table.verticalHeader().setVisible(False)
+        # Rows as tall as their wrapped text: the confirmed findings are the point of a row.
+        self.table.verticalHeader().setSectionResizeMode(QHeaderView.ResizeMode.ResizeToContents)
         self.table.setEditTriggers(QAbstractItemView.EditTrigger.NoEditTriggers)
         self.table.setSelectionBehavior(QAbstractItemView.SelectionBehavior.SelectRows)
         self.table.setWordWrap(True)

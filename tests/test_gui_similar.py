@@ -65,3 +65,36 @@ def test_a_result_without_a_patient_embedding_says_why_none_are_listed(
     pane.show_result(read_folder(write_sample_result(tmp_path, "plain", "mm_negative").path))
     assert pane.similar.table.rowCount() == 0
     assert "no patient encoder" in pane.similar.note.text()
+
+
+def test_long_confirmed_findings_wrap_instead_of_being_cut(qtbot, tmp_path: Path) -> None:
+    from gui.app import make_application
+
+    make_application()  # the window's style and font
+    long = SimilarCase(
+        "earlier-3",
+        1,
+        0.88,
+        "accepted",
+        diagnosis="multiple myeloma (synthetic)",
+        fish=("del(17p)", "t(4;14)", "t(11;14)", "gain(1q)"),
+        karyotype="46,XY,t(11;14)(q13;q32)[20]",
+    )
+    content = sample_content("long", "mm_positive", ("s1.svs",), seed=5)
+    record = PatientEmbeddingRecord("genbloom-v", "cls", 384, "ab" * 32, 120)
+    content.result = dataclasses.replace(
+        content.result, patient_embedding=record, similar_cases=(long,)
+    )
+    folder, _ = write_case_result(tmp_path / "out", content, write_pdf=False)
+    pane = ResultPane()
+    qtbot.addWidget(pane)
+    pane.resize(700, 700)
+    pane.show()
+    pane.show_result(read_folder(folder.path))
+    pane.tabs.setCurrentWidget(pane.similar)
+    table = pane.similar.table
+    assert table.item(0, 4).text() == long.confirmed()
+    # The text needs more lines than a default row holds; the row grows to what the
+    # table's own delegate measures for it.
+    assert table.sizeHintForRow(0) > 2 * table.fontMetrics().lineSpacing() + 8
+    qtbot.waitUntil(lambda: table.rowHeight(0) >= table.sizeHintForRow(0), timeout=3000)

@@ -823,7 +823,9 @@ def out_of_fold_summary(bundle: Bundle) -> str:
 
 
 def run_demo(config: Config, *, rebuild: bool = False) -> int:
-    """Build (once) the demo bundle and scans, score them, say where the results are.
+    """Build (once) the demo bundle and scans, sign off earlier synthetic cases (once;
+    ``cytoedge_demo.earlier_cases``) so that the demo patient has similar earlier cases,
+    score the scans, say where the results are.
 
     The console shows the bars and tables; the log lines go to the log file only."""
     from appliance.logs import console_only_warnings
@@ -835,6 +837,11 @@ def run_demo(config: Config, *, rebuild: bool = False) -> int:
 def _run_demo(config: Config, rebuild: bool) -> int:
     from appliance.cli.score_command import print_table, score_inputs
     from appliance.service.store import StoreError
+    from cytoedge_demo.earlier_cases import (
+        add_earlier_cases,
+        similar_summary,
+        write_earlier_scans,
+    )
     from cytoedge_demo.queue_rows import record_demo_cases
 
     console = Console(stderr=True)
@@ -850,6 +857,16 @@ def _run_demo(config: Config, rebuild: bool) -> int:
         bundle = build_demo_bundle(target, console=console, reports=reports)
     console.print(f"Demo bundle {bundle.path}, out of fold: {out_of_fold_summary(bundle)}")
     console.print(f"Training and validation reports: {reports}")
+    earlier = add_earlier_cases(
+        write_earlier_scans(
+            config.data_dir / "demo" / "earlier",
+            nucleated_per_mm2=DemoRecipe.nucleated_per_mm2,
+            plasma_fraction=DemoRecipe.plasma_fraction,
+        ),
+        bundle,
+        config,
+        console,
+    )
     scans = write_demo_scans(config.data_dir / "demo")
     groups = [
         ("demo-patient-001", scans["case"]),
@@ -864,5 +881,6 @@ def _run_demo(config: Config, rebuild: bool) -> int:
         listed = f"The window's queue does not list these cases: {exc}"
     print_table(run, Console())
     console.print(listed)
+    console.print(similar_summary(run, earlier, groups[0][0]))
     console.print("Demo model, not for diagnosis.")
     return 1 if run.rejected else 0
