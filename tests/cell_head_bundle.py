@@ -6,7 +6,9 @@ part serves them as the head gives them (cells near the split come out unsure)."
 
 from __future__ import annotations
 
+import copy
 import dataclasses
+import hashlib
 from pathlib import Path
 
 import numpy as np
@@ -28,9 +30,24 @@ TWO_CLASSES = Taxonomy(
 )
 
 
+# Fitted heads by (reference digest, seed, steps): the fit is deterministic and costs
+# tens of seconds on CI's two cores, and a module makes many bundles from one reference.
+_FITTED: dict[tuple[str, int, int], CellHeadNet] = {}
+
+
 def fitted_head(reference: np.ndarray, seed: int = 0, steps: int = 150) -> CellHeadNet:
     """A head that calls a cell "plasma" when it lies on the far side of the median
-    along the reference embeddings' first principal axis."""
+    along the reference embeddings' first principal axis; fitted once per process for
+    the same reference, seed and steps, and each caller gets its own copy."""
+    digest = hashlib.sha256(np.ascontiguousarray(reference).tobytes())
+    digest.update(f"{reference.shape}{reference.dtype}".encode())
+    key = (digest.hexdigest(), seed, steps)
+    if key not in _FITTED:
+        _FITTED[key] = _fit(reference, seed, steps)
+    return copy.deepcopy(_FITTED[key])
+
+
+def _fit(reference: np.ndarray, seed: int, steps: int) -> CellHeadNet:
     centred = reference - reference.mean(0)
     axis = np.linalg.svd(centred, full_matrices=False)[2][0]
     labels = (centred @ axis > np.median(centred @ axis)).astype(np.int64)

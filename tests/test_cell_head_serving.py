@@ -164,6 +164,14 @@ def test_the_visit_counts_the_bag_s_classes_toward_the_slide_budget(
     assert "plasma cells kept" in examined.sentence()
 
 
+@pytest.fixture(scope="module")
+def rule_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One slide cache for the rule's cases: bundles that differ only in
+    ``qc.plasma_cell_rule`` share ``slide_sha256`` (the rule applies when a case is
+    scored), so the first case processes the scans and the others read its entries."""
+    return tmp_path_factory.mktemp("rule-cache")
+
+
 @pytest.mark.parametrize(
     ("rule", "status", "warned"),
     [("warn", "scored", True), ("abstain", "abstained", False), ("off", "scored", False)],
@@ -172,6 +180,7 @@ def test_the_plasma_cell_inclusion_rule(
     tiny_bundle: Path,
     scans: list[Path],
     reference: np.ndarray,
+    rule_cache: Path,
     tmp_path: Path,
     rule: str,
     status: str,
@@ -181,7 +190,7 @@ def test_the_plasma_cell_inclusion_rule(
     bundle = with_cell_head(
         tiny_bundle, tmp_path / "bundle", reference, plasma_rule=rule, min_plasma_fraction=1.0
     )
-    slides = processed(bundle, scans, tmp_path / "cache")
+    slides = processed(bundle, scans, rule_cache)
     result = score_case("C", slides, bundle, tmp_path / "out", write_pdf=False).result
     assert result.burden is not None and result.burden.below
     outside = "outside the burden the model was validated on"
@@ -196,6 +205,6 @@ def test_the_plasma_cell_inclusion_rule(
     within = with_cell_head(
         tiny_bundle, tmp_path / "within", reference, plasma_rule=rule, min_plasma_fraction=0.0
     )
-    again = processed(within, scans, tmp_path / "cache")
+    again = processed(within, scans, rule_cache)
     result = score_case("D", again, within, tmp_path / "out", write_pdf=False).result
     assert result.status == "scored" and result.warnings == ()

@@ -90,9 +90,12 @@ def test_openvino_runs_it_as_its_int8_precision(exported: tuple[Path, str], tmp_
 
 @pytest.mark.slow
 def test_a_drifting_static_int8_is_refused_and_nothing_is_written(
-    exported: tuple[Path, str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tiny_bundle: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    out, _ = exported
+    """The tiny bundle's encoder: the refusal is the gate's, whatever the network's size."""
+    from runtime.bundle_format import load_bundle
+
+    base = load_bundle(tiny_bundle)
     real_run = int8_static._run
 
     def drifting(path: Path, pixels: np.ndarray) -> np.ndarray:  # stands in for a bad int8
@@ -102,7 +105,7 @@ def test_a_drifting_static_int8_is_refused_and_nothing_is_written(
 
     monkeypatch.setattr(int8_static, "_run", drifting)
     target = tmp_path / "encoder.int8-static.onnx"
-    result = int8_static.quantize_encoder_static(out / "encoder.onnx", target)
+    result = int8_static.quantize_encoder_static(base.file(base.encoder.variants["fp32"]), target)
     assert not result.accepted
     assert result.reason.startswith("int8-static rejected: min cosine ")
     assert result.metrics["min_cosine"] < INT8_MIN_COSINE

@@ -332,7 +332,7 @@ def test_one_field_or_no_start_is_refused_before_any_training(
     assert "--start-from MODEL_DIR" in output
 
 
-def test_fine_tuning_on_instance_labels_writes_a_version_that_can_be_fine_tuned_again(
+def test_fine_tuning_on_instance_labels_writes_a_version_fine_tuned_again_on_qupath_fields(
     tmp_path: Path, current: tuple[Path, Path], isolated_data_dir: Path
 ) -> None:
     from runtime.bundle_format import load_bundle
@@ -364,14 +364,18 @@ def test_fine_tuning_on_instance_labels_writes_a_version_that_can_be_fine_tuned_
     report = (isolated_data_dir / "validation" / "tiny-1.1" / "segmenter" / "report.md").read_text()
     assert "detection F1 at IoU 0.5" in report and "fine-tuned from" in report
 
-    # Its next fine-tuning starts from the StarDist folder it keeps, without --start-from.
-    code, output = train_command(
-        fields, "--bundle", made.path, "--recipe", recipe, "--adopt", "--version", "9"
-    )
+    # Its next fine-tuning starts from the StarDist folder it keeps, without --start-from;
+    # on QuPath exports (JPEGs), whose pixel size only the flag gives.
+    qupath = write_geojson(tmp_path / "qupath")
+    args = ["--bundle", made.path, "--recipe", recipe, "--adopt", "--version", "9"]
+    code, output = train_command(qupath, *args)
+    assert code == 2 and "pixel size" in output  # JPEGs without a size are refused
+    code, output = train_command(qupath, *args, "--pixel-size", "0.25")
     assert code == 0, output
-    again = load_bundle(isolated_data_dir / "bundles" / "tiny-9")
-    start = again.provenance["segmenter_training"]["start"]
-    assert start == f"fine-tuned from {made.path / 'segmenter-stardist'}"
+    again = load_bundle(isolated_data_dir / "bundles" / "tiny-9").provenance["segmenter_training"]
+    assert again["start"] == f"fine-tuned from {made.path / 'segmenter-stardist'}"
+    assert again["fields"]["layouts"] == {QUPATH: 5}
+    assert set(again["fields"]["pixel_sizes_um"].values()) == {0.25}
 
 
 def test_from_scratch_on_masks_is_compared_and_not_written_when_worse(
@@ -405,27 +409,6 @@ def test_from_scratch_on_masks_is_compared_and_not_written_when_worse(
     ]
     assert training["decision"].startswith("written as asked (--adopt), although worse on f1")
     assert training["fit"]["resumed_at"] == 2 and "Resuming after epoch 2" in output
-
-
-def test_qupath_fields_with_a_pixel_size_flag(
-    tmp_path: Path, current: tuple[Path, Path], isolated_data_dir: Path
-) -> None:
-    from runtime.bundle_format import load_bundle
-
-    base, model_dir = current
-    fields = write_geojson(tmp_path / "qupath")
-    args = ["--bundle", base, "--start-from", model_dir, "--adopt", "--version", "2"]
-    code, output = train_command(fields, *args, "--recipe", recipe_file(tmp_path, epochs=1))
-    assert code == 2 and "pixel size" in output  # JPEGs without a size are refused
-    code, output = train_command(
-        fields, *args, "--recipe", recipe_file(tmp_path, epochs=1), "--pixel-size", "0.25"
-    )
-    assert code == 0, output
-    training = load_bundle(isolated_data_dir / "bundles" / "tiny-2").provenance[
-        "segmenter_training"
-    ]
-    assert training["fields"]["layouts"] == {QUPATH: 5}
-    assert set(training["fields"]["pixel_sizes_um"].values()) == {0.25}
 
 
 def test_an_interrupted_run_resumes_after_its_last_epoch(tmp_path: Path, current: object) -> None:
