@@ -36,7 +36,7 @@ testdata: $(STAMP)
 	$(BIN)/python -m tests.fixtures.openslide_files
 
 test: lint testdata
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q --durations=25
 
 # Every wheel a site needs for ROLE (cpu, gui, gpu, model-owner), with install.sh and a
 # manifest, in dist/wheelhouse-ROLE/ (docs/install.md). Needs PyPI, not the full dev setup.
