@@ -14,19 +14,19 @@ one training per machine, not one each per run.
 
 from __future__ import annotations
 
-import fcntl
 import functools
 import hashlib
 import importlib.util
 import json
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from scipy import ndimage
 from skimage.draw import disk
+
+from tests.fixtures.keyed_cache import keyed_cache
 
 GLASS = (226, 223, 228)
 N_RAYS = 32
@@ -109,11 +109,8 @@ def trained_stardist() -> tuple[Path, Path, dict[str, Any]]:
     from cytoedge_demo.synthetic import segmentation_tiles
     from export.segmenter import TrainingRecipe, export_segmenter, train_segmenter
 
-    root = Path(tempfile.gettempdir()) / f"cytoedge-test-stardist-{cache_key()}"
-    root.mkdir(parents=True, exist_ok=True)
-    model_dir, onnx_dir = root / "model", root / "onnx"
-    with open(root / ".lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)  # concurrent test sessions train it once
+    with keyed_cache("cytoedge-test-stardist", cache_key()) as root:
+        model_dir, onnx_dir = root / "model", root / "onnx"
         if not (onnx_dir / "segmenter.json").is_file():
             shutil.rmtree(model_dir, ignore_errors=True)
             shutil.rmtree(onnx_dir, ignore_errors=True)
