@@ -1,6 +1,6 @@
 """``cytoedge demo`` scores outside the service; its cases are recorded in the job store
-(``JobStore.record_finished_case``), so the window lists them the first time it opens,
-as the scored, abstained and rejected cases they are, with their results."""
+(``JobStore.record_finished_case``), so the window lists them the first time it opens
+(tests/test_demo_run.py opens it on a real demo run)."""
 
 from __future__ import annotations
 
@@ -8,8 +8,6 @@ from pathlib import Path
 
 import pytest
 
-from appliance.config import load_config
-from appliance.results import read_result
 from appliance.service.store import (
     DONE,
     REJECTED,
@@ -18,7 +16,6 @@ from appliance.service.store import (
     FinishedSlide,
     JobStore,
     StoreError,
-    store_path,
 )
 
 BUNDLE = BundleIdentity("cytoedge-demo", "1", "d" * 64)
@@ -82,62 +79,3 @@ def test_a_case_the_service_has_work_on_is_not_overwritten(store: JobStore) -> N
         with pytest.raises(StoreError, match="in the service's queue"):
             record(store, "P", [FinishedSlide("/demo/a.tif", DONE, fingerprint="fb")], 1, 20.0)
     assert store.slide(row.id).state == RUNNING and store.slide_by_path("/demo/a.tif") is None
-
-
-@pytest.mark.slow
-def test_the_window_shows_the_demo_s_cases_the_first_time_it_opens(
-    qtbot, tiny_bundle: Path, tmp_path: Path
-) -> None:
-    pytest.importorskip("PySide6")
-    from cytoedge_demo.builder import run_demo
-    from gui.app import make_application
-    from gui.main_window import MainWindow
-    from gui.store_reader import StoreReader
-
-    (tmp_path / "data").mkdir()
-    config_file = tmp_path / "cytoedge.toml"
-    config_file.write_text(
-        f'[paths]\ndata_dir = "{tmp_path / "data"}"\nbundle = "{tiny_bundle}"\n'
-        '[runtime]\nbackend = "ort-cpu"\n'
-    )
-    config = load_config(config_file)
-    config.ensure_dirs()
-    assert run_demo(config) == 0  # the demo bundle is the tiny one: nothing is built
-
-    make_application()
-    store = store_path(config.state_dir)
-    window = MainWindow(store, config.outbox, data_dir=config.data_dir)
-    qtbot.addWidget(window)
-    window.resize(1280, 800)
-    window.show()
-    snapshot = StoreReader(store).poll()
-    assert snapshot is not None  # before: "no job store ... (has the service run yet?)"
-    window.apply_snapshot(window.reviews.annotate(snapshot))
-    cases = {case.case_key: case for case in window.model.cases()}
-    assert set(cases) == {"demo-patient-001", "demo-blood-001", "demo-blurred"}
-    assert [s.name for s in cases["demo-patient-001"].slides] == [
-        "smear-1.tif",
-        "smear-2.tif",
-        "smear-3.tif",
-    ]
-    for key, case in cases.items():
-        result = read_result(Path(case.result_dir))
-        no_call = result.status == "rejected" or not result.predictions
-        assert case.state == (REJECTED if no_call else DONE), key
-        assert case.reason == (result.abstain_reason or ""), key
-        assert case.review is not None and case.review.to_review  # the demo bundle: unverified
-        window.select_case(key)
-        qtbot.waitUntil(
-            lambda k=key: (
-                window.pane.loaded is not None and window.pane.loaded.view.result.case_id == k
-            ),
-            timeout=10_000,
-        )
-        assert window.pane.loaded.view.result.version == case.result_version == 1
-        assert window.buttons["report"].isEnabled()
-    blurred = cases["demo-blurred"]
-    assert blurred.state == REJECTED and "slide QC failed" in blurred.reason
-    assert blurred.slides[0].state == REJECTED and blurred.slides[0].reason.startswith(
-        "slide QC failed"
-    )
-    assert cases["demo-blood-001"].state == DONE
