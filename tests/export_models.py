@@ -11,6 +11,7 @@ import json
 import math
 from pathlib import Path
 
+import onnx
 import torch
 from torch import nn
 
@@ -115,3 +116,16 @@ def peaky_head(model: nn.Module, seed: int) -> nn.Module:
                 scale = 0.1
             parameter.copy_(torch.randn(parameter.shape, generator=generator) * scale)
     return model.eval()
+
+
+def assert_fp16_keeps_fp32_edges(model: onnx.ModelProto, layer_norms: int) -> None:
+    """An fp16 conversion: fp16 weights, float32 inputs and outputs, and every one of the
+    ``layer_norms`` LayerNorms still present with an fp32 scale, so the op runs in fp32."""
+    float32 = onnx.TensorProto.FLOAT
+    assert [i.type.tensor_type.elem_type for i in model.graph.input] == [float32]
+    assert [o.type.tensor_type.elem_type for o in model.graph.output] == [float32]
+    weights = {i.name: i.data_type for i in model.graph.initializer}
+    assert onnx.TensorProto.FLOAT16 in weights.values()
+    norms = [n for n in model.graph.node if n.op_type == "LayerNormalization"]
+    assert len(norms) == layer_norms
+    assert all(weights[node.input[1]] == float32 for node in norms)

@@ -22,9 +22,10 @@ from export.patient_encoder import load_patient_encoder
 from runtime.backends import RuntimeSettings
 from runtime.backends.ort_cpu import OrtCpuBackend
 from runtime.backends.ort_cuda import OrtCudaBackend
-from runtime.bundle_format import BundleError, PairedEncoder, PatientEncoderSpec
+from runtime.bundle_format import Bundle, BundleError, PairedEncoder, PatientEncoderSpec
 from runtime.parity import FP16_MIN_COSINE, bag_features, row_cosines
 from runtime.patient import PatientEncoder
+from tests.export_models import assert_fp16_keeps_fp32_edges
 from tests.runtime_models import encoder_model
 from tests.test_cli import cytoedge
 
@@ -58,6 +59,20 @@ def encoder_folder(root: Path, embed_dim: int = CELL_DIM, arch: str = "vit_tiny_
     document = {"kind": "encoder", "section": section, "parity": {"encoder.onnx": PASSED}}
     (folder / "export.json").write_text(json.dumps(document))
     return folder
+
+
+def bundle_with(folder: Path, encoder_dir: Path, patient_encoder_dir: Path) -> Bundle:
+    """A bundle of just the cell encoder and the patient encoder (no segmenter, no heads)."""
+    return assemble_bundle(
+        folder,
+        encoder_dir=encoder_dir,
+        segmenter_dir=None,
+        patient_encoder_dir=patient_encoder_dir,
+        name="t",
+        version="1.0.0",
+        intended_use="research",
+        head_dirs=[],
+    )
 
 
 def test_genbloom_v_loads_strictly_into_the_same_network(
@@ -224,25 +239,12 @@ def test_export_refuses_a_wrong_width_in_one_line(tower: torch.nn.Module, tmp_pa
 def test_the_bundle_keeps_the_pairing_and_refuses_another_encoder(
     exported: Path, tmp_path: Path
 ) -> None:
-    paired = dict(name="t", version="1.0.0", intended_use="research", head_dirs=[])
-    bundle = assemble_bundle(
-        tmp_path / "bundle",
-        encoder_dir=encoder_folder(tmp_path),
-        segmenter_dir=None,
-        patient_encoder_dir=exported,
-        **paired,
-    )
+    bundle = bundle_with(tmp_path / "bundle", encoder_folder(tmp_path), exported)
     assert bundle.patient_encoder is not None
     assert bundle.patient_encoder.embed_dim == 128
     assert bundle.file(bundle.patient_encoder.variants["fp32"]).is_file()
     with pytest.raises(BundleError) as caught:
-        assemble_bundle(
-            tmp_path / "other",
-            encoder_dir=encoder_folder(tmp_path, arch="vit_other"),
-            segmenter_dir=None,
-            patient_encoder_dir=exported,
-            **paired,
-        )
+        bundle_with(tmp_path / "other", encoder_folder(tmp_path, arch="vit_other"), exported)
     assert "patient_encoder was trained on vit_tiny_test (48-d)" in str(caught.value)
     assert "this bundle's encoder is vit_other (48-d)" in str(caught.value)
     assert not (tmp_path / "other").exists()
@@ -263,14 +265,7 @@ def test_fp16_is_written_behind_the_encoders_fp16_gate(
     metadata = {entry.key: entry.value for entry in model.metadata_props}
     assert metadata["cytoedge.model"] == "patient_encoder"
     assert metadata["cytoedge.precision"] == "fp16"
-    float32 = onnx.TensorProto.FLOAT
-    assert [i.type.tensor_type.elem_type for i in model.graph.input] == [float32]
-    assert [o.type.tensor_type.elem_type for o in model.graph.output] == [float32]
-    weights = {i.name: i.data_type for i in model.graph.initializer}
-    assert onnx.TensorProto.FLOAT16 in weights.values()
-    norms = [n for n in model.graph.node if n.op_type == "LayerNormalization"]
-    assert len(norms) == 13  # 6 blocks x 2 + the final norm, their scales kept fp32
-    assert all(weights[node.input[1]] == float32 for node in norms)
+    assert_fp16_keeps_fp32_edges(model, layer_norms=13)  # 6 blocks x 2 + the final norm
     # bags the gate did not see, of other lengths
     reference = ort_session(out / "patient_encoder.onnx")
     candidate = ort_session(out / "patient_encoder.fp16.onnx")
@@ -313,14 +308,7 @@ def test_a_drifting_fp16_is_refused_with_a_note_and_no_file(
 def test_a_bundle_with_fp16_validates_and_a_cpu_runs_int8_or_fp32(
     exported: Path, exported_v: Path, tmp_path: Path
 ) -> None:
-    common = dict(name="t", version="1.0.0", intended_use="research", head_dirs=[])
-    bundle = assemble_bundle(
-        tmp_path / "every",
-        encoder_dir=encoder_folder(tmp_path),
-        segmenter_dir=None,
-        patient_encoder_dir=exported_v,
-        **common,
-    )
+    bundle = bundle_with(tmp_path / "every", encoder_folder(tmp_path), exported_v)
     spec = bundle.patient_encoder
     assert spec is not None and spec.fp16_note.startswith("fp16 accepted")
     fp16_file = bundle.file("patient_encoder.fp16.onnx")
@@ -344,13 +332,8 @@ def test_a_bundle_with_fp16_validates_and_a_cpu_runs_int8_or_fp32(
     assert "ort-cpu" in row and "int8" in row, doctor.stdout
     assert f"Patient encoder fp16: {spec.fp16_note}" in " ".join(doctor.stdout.split())
 
-    fp16_only = assemble_bundle(  # int8 missed its gate here: fp32 and fp16
-        tmp_path / "fp16",
-        encoder_dir=encoder_folder(tmp_path),
-        segmenter_dir=None,
-        patient_encoder_dir=exported,
-        **common,
-    )
+    # int8 missed its gate here: fp32 and fp16
+    fp16_only = bundle_with(tmp_path / "fp16", encoder_folder(tmp_path), exported)
     assert fp16_only.patient_encoder is not None
     assert set(fp16_only.patient_encoder.variants) == {"fp32", "fp16"}
     encoder = PatientEncoder(fp16_only, on_cpu)

@@ -9,7 +9,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
-from export_models import meaningful_encoder, peaky_head
+from export_models import assert_fp16_keeps_fp32_edges, meaningful_encoder, peaky_head
 
 import export.int8 as int8
 from export.attention_fusion import fuse_attention
@@ -55,15 +55,7 @@ def test_fp16_keeps_float32_io_and_fp32_layernorm_softmax(fp32_encoder: Path) ->
     print(report.summary())
     assert report.passed and report.metrics["min_cosine"] >= 0.999
     model = onnx.load(str(out))
-    float32 = onnx.TensorProto.FLOAT
-    assert [i.type.tensor_type.elem_type for i in model.graph.input] == [float32]
-    assert [o.type.tensor_type.elem_type for o in model.graph.output] == [float32]
-    weights = {i.name: i.data_type for i in model.graph.initializer}
-    assert onnx.TensorProto.FLOAT16 in weights.values()
-    norms = [n for n in model.graph.node if n.op_type == "LayerNormalization"]
-    assert len(norms) == 25  # 12 blocks x 2 + final norm, all still present
-    for node in norms:  # their scale and bias stay fp32, so the op runs in fp32
-        assert weights[node.input[1]] == float32
+    assert_fp16_keeps_fp32_edges(model, layer_norms=25)  # 12 blocks x 2 + the final norm
 
 
 def test_dynamic_int8_is_accepted_on_rendered_cells_with_unchanged_calls(
